@@ -1,0 +1,28 @@
+# histosynth: synthetic augmentation of histopathology datasets, end to end.
+# Run: snakemake --cores 8 --resources gpu=1   (see README.md; config/README.md documents every key)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    slide="|".join(map(re.escape, SLIDES.index)),
+
+
+include: "workflow/rules/slides.smk"
+include: "workflow/rules/patches.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

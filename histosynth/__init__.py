@@ -1,0 +1,1 @@
+"""histosynth: synthetic augmentation of histopathology datasets."""

@@ -1,0 +1,150 @@
+"""The `histosynth` command: standalone access to the workflow's stages.
+
+Defaults come from a config file (`--config`, else config/config.yaml in the working directory
+when present, else the schema's defaults); options override single keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from histosynth.config import ConfigError, load_config, validated
+
+log = logging.getLogger("histosynth")
+DEFAULT_CONFIG = Path("config/config.yaml")
+
+
+def _config(args) -> dict:
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    config = load_config(path)
+    log.info("defaults from %s", path or "the schema (no config file)")
+    return config
+
+
+def _parse_classes(text: str) -> dict[str, int]:
+    """'Blood vessel=1,Fat=3' -> {'Blood vessel': 1, 'Fat': 3}."""
+    classes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, index = item.rpartition("=")
+        if not sep or not name or not index.strip().isdigit() or not 1 <= int(index) <= 255:
+            raise argparse.ArgumentTypeError(f"--classes: {item!r} is not NAME=INDEX with INDEX in 1..255")
+        classes[name.strip()] = int(index)
+    if len(set(classes.values())) != len(classes):
+        raise argparse.ArgumentTypeError(f"--classes: indices must be unique, got {classes}")
+    return classes
+
+
+def cmd_inspect(args) -> None:
+    from histosynth.slides import Slide
+
+    for path in args.slides:
+        with Slide(path, fallback_mpp=args.fallback_mpp) as slide:
+            info = slide.describe()
+        if args.json:
+            print(json.dumps(info))
+            continue
+        print(f"{info['path']}\n  vendor: {info['vendor']}\n  dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
+        print(f"  mpp: {info['mpp']:.4f}   objective: {info['objective_power'] or 'unknown'}")
+        for level in info["levels"]:
+            w, h = level["dimensions"]
+            print(f"  level {level['level']}: {w} x {h} px, downsample {level['downsample']:.3f}, {level['mpp']:.3f} mpp")
+        print(f"  associated images: {', '.join(info['associated_images']) or 'none'}")
+
+
+def cmd_demo_slides(args) -> None:
+    from histosynth.demo import generate_demo_slide
+    from histosynth.device import derive_seed
+
+    config = _config(args)
+    demo = config["demo"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.names:
+        summary = generate_demo_slide(
+            out / f"{name}.tiff", out / f"{name}.geojson", out / f"{name}.nuclei.geojson",
+            size=args.size or demo["size"], mpp=demo["mpp"], tile_size=demo["tile_size"], levels=demo["levels"],
+            seed=derive_seed(config["seed"], "demo", name), jpeg_quality=demo["jpeg_quality"],
+        )
+        log.info("%s: %s", name, summary)
+
+
+def cmd_patches(args) -> None:
+    from histosynth.patches import class_indices, extract_slide
+
+    config = _config(args)
+    overrides = {
+        "size": args.size, "stride": args.stride, "mpp": args.mpp, "min_tissue": args.min_tissue,
+        "min_label": args.min_label, "target_class": args.target_class,
+    }
+    config["patches"].update({k: v for k, v in overrides.items() if v is not None})
+    if args.classes is not None:
+        config["classes"] = sorted(args.classes, key=args.classes.get)
+    config = validated(config, "command-line options")
+    classes = args.classes or class_indices(config["classes"])
+    slide = Path(args.slide)
+    index = extract_slide(
+        slide, args.annotations, args.out, slide_name=args.name or slide.stem, split=args.split,
+        config=config, classes=classes, mpp=args.slide_mpp,
+    )
+    stem = Path(args.out) / (args.name or slide.stem)
+    print(f"{len(index)} patches in {stem}/, index {stem}.parquet, QC thumbnail {stem}.qc.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histosynth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print vendor, dimensions, levels, downsamples and mpp of slides")
+    p.add_argument("slides", nargs="+", help="slide files (any format OpenSlide reads)")
+    p.add_argument("--fallback-mpp", type=float, default=0.5, help="mpp shown when the slide records none")
+    p.add_argument("--json", action="store_true", help="one JSON object per slide")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo-slides", help="generate procedural H&E-like demo slides with GeoJSON annotations")
+    p.add_argument("out", help="output folder: <name>.tiff, <name>.geojson, <name>.nuclei.geojson")
+    p.add_argument("--names", nargs="+", default=["demo_a"], help="slide names (each gets its own seed)")
+    p.add_argument("--size", type=int, help="level-0 edge in pixels (default: config demo.size)")
+    p.add_argument("--config", help="config file for defaults")
+    p.set_defaults(func=cmd_demo_slides)
+
+    p = sub.add_parser("patches", help="cut one slide into patches, label masks, an index and a QC thumbnail")
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--annotations", help="QuPath GeoJSON of region annotations")
+    p.add_argument("--out", required=True, help="output folder: <name>/images, <name>/masks, <name>.parquet, <name>.qc.png")
+    p.add_argument("--name", help="slide name in outputs (default: file stem)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split recorded in the index")
+    p.add_argument("--config", help="config file for defaults")
+    p.add_argument("--size", type=int, help="patch edge in pixels (config patches.size)")
+    p.add_argument("--stride", type=int, help="window step in pixels (config patches.stride)")
+    p.add_argument("--mpp", type=float, help="target microns per pixel (config patches.mpp)")
+    p.add_argument("--slide-mpp", type=float, help="override the slide's recorded microns per pixel")
+    p.add_argument("--min-tissue", type=float, help="minimum tissue fraction (config patches.min_tissue)")
+    p.add_argument("--min-label", type=float, help="minimum target-class fraction (config patches.min_label)")
+    p.add_argument("--target-class", help="class that must reach --min-label (config patches.target_class)")
+    p.add_argument("--classes", type=_parse_classes, help="label classes as NAME=INDEX,... (config classes)")
+    p.set_defaults(func=cmd_patches)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from histosynth.annotations import AnnotationError
+    from histosynth.patches import PatchError
+    from histosynth.slides import SlideError
+
+    try:
+        args.func(args)
+    except (ConfigError, SlideError, AnnotationError, PatchError) as err:
+        print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

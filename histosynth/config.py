@@ -1,0 +1,73 @@
+"""Configuration: the JSON schema in workflow/schemas is the single source of defaults and types,
+for the Snakemake workflow and for the standalone `histosynth` commands alike."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+SLIDES_SCHEMA = SCHEMA_DIR / "slides.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration or slide sheet that does not match the schema."""
+
+
+def validated(config: dict, source: str = "config") -> dict:
+    """A copy of `config` checked against the schema, with every default filled in."""
+    config = copy.deepcopy(config)
+    try:
+        validate(config, str(CONFIG_SCHEMA))
+    except WorkflowError as err:
+        raise ConfigError(f"{source}: {err}\nSee config/README.md for every key, its type and default.") from err
+    return config
+
+
+def load_config(path: str | Path | None = None) -> dict:
+    """Read a YAML config (or none, giving all defaults) and validate it."""
+    if path is None:
+        return validated({}, "defaults")
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from err
+    return validated(data, str(path))
+
+
+def read_slide_sheet(path: str | Path) -> pd.DataFrame:
+    """Read and validate the slide sheet (TSV): one row per slide with image, annotations, split, mpp."""
+    path = Path(path)
+    try:
+        sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
+    except (OSError, pd.errors.ParserError) as err:
+        raise ConfigError(f"{path}: cannot read the slide sheet ({err})") from err
+    for column in ("annotations", "mpp"):
+        if column not in sheet:
+            sheet[column] = ""
+    try:
+        validate(sheet, str(SLIDES_SCHEMA))
+    except WorkflowError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    duplicated = sheet["slide"][sheet["slide"].duplicated()].tolist()
+    if duplicated:
+        raise ConfigError(f"{path}: slide names must be unique; repeated: {', '.join(duplicated)}")
+    bad_mpp = [m for m in sheet["mpp"] if m and not _is_positive_number(m)]
+    if bad_mpp:
+        raise ConfigError(f"{path}: column mpp must be empty or a positive number; got {bad_mpp}")
+    return sheet.set_index("slide", drop=False)
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False

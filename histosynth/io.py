@@ -1,0 +1,57 @@
+"""Dataset readers and writers shared by the stages: atomic outputs and patch indexes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `final` only if the block succeeds,
+    so a failed stage leaves no half-written output."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that is renamed to `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial{final.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a parquet table atomically."""
+    with atomic_file(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_patch_index(path: str | Path) -> pd.DataFrame:
+    """Read a patch index and make its image/mask paths absolute (they are stored relative to it)."""
+    path = Path(path)
+    df = pd.read_parquet(path)
+    for column in ("image", "mask"):
+        df[column] = [str(path.parent / p) for p in df[column]]
+    return df

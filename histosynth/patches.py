@@ -1,0 +1,281 @@
+"""Patch extraction: a sliding window over the tissue of one slide at a target mpp, keeping
+windows with enough tissue (and enough target label), writing image and label-mask PNGs, an
+index table and a QC thumbnail. Streams: only one window's pixels are in memory at a time."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from histosynth.annotations import Region, RegionRasterizer, load_regions
+from histosynth.io import atomic_dir, atomic_file, write_table
+from histosynth.slides import Slide, TissueParams, detect_tissue
+
+log = logging.getLogger(__name__)
+
+PNG_COMPRESSION = 3  # zlib level: patches are written often and read rarely
+QC_MAX_SIDE = 1600  # longest side of the QC thumbnail in pixels
+QC_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+
+
+class PatchError(RuntimeError):
+    """A slide that yields no patches; the message says which threshold removed them."""
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    """Window geometry and keep thresholds (config `patches`)."""
+
+    size: int = 64
+    stride: int = 64
+    mpp: float = 1.0
+    min_tissue: float = 0.5
+    target_class: str | None = None
+    min_label: float = 0.1
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    @classmethod
+    def from_config(cls, section: dict) -> PatchParams:
+        """Build from the validated `patches` config section."""
+        keys = ("size", "stride", "mpp", "min_tissue", "target_class", "min_label")
+        return cls(**{k: section[k] for k in keys}, tissue=TissueParams(**section["tissue"]))
+
+
+def class_indices(names: list[str]) -> dict[str, int]:
+    """Mask value of each label class: the n-th configured name gets n (0 is background)."""
+    return {name: i + 1 for i, name in enumerate(names)}
+
+
+def fraction_column(class_name: str) -> str:
+    """Index column holding a class's pixel fraction, e.g. 'Blood vessel' -> 'frac_blood_vessel'."""
+    return "frac_" + re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
+
+
+def keep_window(tissue_fraction: float, label_fraction: float | None, min_tissue: float, min_label: float) -> bool:
+    """The thesis rule: keep when tissue >= min_tissue and, with a target class, its fraction >= min_label."""
+    if tissue_fraction < min_tissue:
+        return False
+    return label_fraction is None or label_fraction >= min_label
+
+
+def window_origins(extent: int, window: float, stride: float) -> np.ndarray:
+    """Level-0 offsets of the windows along one axis that fit entirely inside [0, extent)."""
+    if window > extent:
+        return np.empty(0)
+    count = int(math.floor((extent - window) / stride + 1e-9)) + 1
+    return np.arange(count) * stride
+
+
+class TissueMap:
+    """A low-resolution tissue mask and the lookups the window loop needs."""
+
+    def __init__(self, mask: np.ndarray, scale: float):
+        self.mask = mask
+        self.scale = scale  # mask pixels per level-0 pixel
+        self._integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def any_in(self, x: float, y: float, extent: float) -> bool:
+        """Whether any tissue lies in the square level-0 window (cheap, used to skip background)."""
+        h, w = self.mask.shape
+        r0, c0 = int(y * self.scale), int(x * self.scale)
+        r1, c1 = min(h, math.ceil((y + extent) * self.scale)), min(w, math.ceil((x + extent) * self.scale))
+        ii = self._integral
+        return ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0] > 0
+
+    def sample(self, x: float, y: float, extent: float, size: int) -> np.ndarray:
+        """The tissue mask at the centres of a size x size patch over the level-0 window."""
+        centres = (np.arange(size) + 0.5) * (extent / size)
+        h, w = self.mask.shape
+        rows = np.minimum(((y + centres) * self.scale).astype(np.int64), h - 1)
+        cols = np.minimum(((x + centres) * self.scale).astype(np.int64), w - 1)
+        return self.mask[np.ix_(rows, cols)]
+
+
+def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None) -> tuple[TissueMap, np.ndarray]:
+    """Detect tissue on a rendering at params.mpp (restricted to the annotated outline if given);
+    returns the map and the rendering (for the QC thumbnail)."""
+    mask_mpp = max(params.mpp, slide.mpp)
+    thumb = slide.render(mask_mpp)
+    mask, threshold = detect_tissue(thumb, mask_mpp, params)
+    scale = thumb.shape[1] / slide.dimensions[0]
+    if outline is not None:
+        width0, height0 = slide.dimensions
+        inside = outline.rasterize(0, 0, width0, height0, mask.shape) > 0
+        log.info("%s: tissue restricted to the annotated outline (%.1f%% of the slide)", slide.path, 100 * inside.mean())
+        mask &= inside
+    if not mask.any():
+        raise PatchError(
+            f"{slide.path}: no tissue detected (saturation threshold {threshold:.3f} at {mask_mpp} mpp"
+            f"{', inside the annotated tissue outline' if outline is not None else ''}); check the slide, "
+            "or lower patches.tissue.min_saturation / patches.tissue.min_object_um2"
+        )
+    log.info("%s: tissue covers %.1f%% of the slide (saturation threshold %.3f)", slide.path, 100 * mask.mean(), threshold)
+    return TissueMap(mask, scale), thumb
+
+
+def extract_slide(
+    image: str | Path,
+    annotations: str | Path | None,
+    out_root: str | Path,
+    *,
+    slide_name: str,
+    split: str,
+    config: dict,
+    classes: dict[str, int] | None = None,
+    mpp: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Cut one slide into patches under out_root/<slide>/ (images/, masks/), write the index
+    out_root/<slide>.parquet and the QC thumbnail out_root/<slide>.qc.png; return the index.
+    `config` is the validated workflow config (sections patches, classes, priority, annotations);
+    `classes` maps label names to mask values (default: config `classes` in order, from 1);
+    `mpp` overrides the slide's recorded resolution."""
+    out_root = Path(out_root)
+    params = PatchParams.from_config(config["patches"])
+    classes = classes or class_indices(config["classes"])
+    if params.target_class is not None and params.target_class not in classes:
+        raise PatchError(f"patches.target_class {params.target_class!r} is not one of classes: {', '.join(classes)}")
+    started = time.perf_counter()
+    with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
+        regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
+        tissue, thumb = build_tissue_map(slide, params.tissue, outline)
+        extent = params.size * params.mpp / slide.mpp
+        step = params.stride * params.mpp / slide.mpp
+        if extent / params.size < 1 - 1e-6:
+            log.warning("%s: target %.3f mpp is finer than the slide's %.3f mpp; patches are upsampled", image, params.mpp, slide.mpp)
+        xs = window_origins(slide.dimensions[0], extent, step)
+        ys = window_origins(slide.dimensions[1], extent, step)
+        if not len(xs) or not len(ys):
+            raise PatchError(f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)")
+        with atomic_dir(out_root / slide_name) as tmp_dir:
+            rows, counts = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, slide_name, progress)
+            if not rows:
+                raise PatchError(_no_patch_message(image, params, counts))
+        index = pd.DataFrame(rows)
+        index["slide_mpp"] = slide.mpp
+        index["split"] = split
+        write_table(index, out_root / f"{slide_name}.parquet")
+        with atomic_file(out_root / f"{slide_name}.qc.png") as qc_tmp:
+            qc_thumbnail(thumb, tissue, index, regions, slide.dimensions, extent, classes).save(qc_tmp, format="PNG")
+    seconds = time.perf_counter() - started
+    log.info(
+        "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
+        slide_name, len(index), counts["windows"], counts["tissue"], params.min_tissue, seconds, len(index) / seconds,
+    )
+    return index
+
+
+def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], config: dict):
+    """Regions of the slide, a rasterizer for label classes and one for the tissue outline (or None)."""
+    if not annotations:
+        return [], None, None
+    settings = config["annotations"]
+    regions = load_regions(annotations, class_key=settings["class_key"])
+    tissue_class = settings["tissue_class"]
+    ignore = [*settings["ignore_classes"], *([tissue_class] if tissue_class else [])]
+    labels = RegionRasterizer(
+        regions, classes, slide_size=slide.dimensions, ignore=ignore, priority=config["priority"], source=str(annotations)
+    )
+    outline_regions = [r for r in regions if tissue_class and r.class_name == tissue_class]
+    outline = (
+        RegionRasterizer(outline_regions, {tissue_class: 1}, slide_size=slide.dimensions, source=str(annotations))
+        if outline_regions
+        else None
+    )
+    return regions, labels, outline
+
+
+def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, slide_name, progress):
+    """Slide the window over the grid; write kept patches into out_dir; return index rows and counts."""
+    counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
+    target = classes.get(params.target_class) if params.target_class else None
+    level = slide.level_for(params.mpp)
+    (out_dir / "images").mkdir()
+    (out_dir / "masks").mkdir()
+    rows = []
+    empty_mask = np.zeros((params.size, params.size), np.uint8)
+    for y in tqdm(ys, desc=f"{slide_name}: window rows", unit="row", disable=not progress, mininterval=2):
+        for x in xs:
+            if not tissue.any_in(x, y, extent):
+                continue
+            tissue_fraction = float(tissue.sample(x, y, extent, params.size).mean())
+            counts["max_tissue"] = max(counts["max_tissue"], tissue_fraction)
+            if tissue_fraction < params.min_tissue:
+                continue
+            counts["tissue"] += 1
+            mask = labels.rasterize(x, y, extent, extent, (params.size, params.size)) if labels else empty_mask
+            label_fraction = float((mask == target).mean()) if target else None
+            if label_fraction is not None:
+                counts["max_label"] = max(counts["max_label"], label_fraction)
+            if not keep_window(tissue_fraction, label_fraction, params.min_tissue, params.min_label):
+                continue
+            x0, y0 = int(round(x)), int(round(y))
+            name = f"{slide_name}_x{x0}_y{y0}"
+            pixels = slide.read(x0, y0, extent, extent, (params.size, params.size))
+            Image.fromarray(pixels).save(out_dir / "images" / f"{name}.png", compress_level=PNG_COMPRESSION)
+            Image.fromarray(mask).save(out_dir / "masks" / f"{name}.png", compress_level=PNG_COMPRESSION)
+            row = {
+                "patch_id": name,
+                "slide": slide_name,
+                "x": x0,
+                "y": y0,
+                "level": level,
+                "mpp": params.mpp,
+                "size": params.size,
+                "image": f"{slide_name}/images/{name}.png",
+                "mask": f"{slide_name}/masks/{name}.png",
+                "tissue_fraction": tissue_fraction,
+            }
+            row.update({fraction_column(c): float((mask == i).mean()) for c, i in classes.items()})
+            rows.append(row)
+    return rows, counts
+
+
+def _no_patch_message(image, params: PatchParams, counts: dict) -> str:
+    message = (
+        f"{image}: 0 of {counts['windows']} windows kept. {counts['tissue']} had tissue >= patches.min_tissue="
+        f"{params.min_tissue} (highest tissue fraction {counts['max_tissue']:.2f})"
+    )
+    if params.target_class and counts["tissue"]:
+        message += (
+            f"; none of those had {params.target_class!r} >= patches.min_label={params.min_label} "
+            f"(highest {counts['max_label']:.2f}). Lower patches.min_label or check the annotations"
+        )
+    else:
+        message += ". Lower patches.min_tissue or check the tissue detection settings (patches.tissue)"
+    return message + "."
+
+
+def qc_thumbnail(thumb: np.ndarray, tissue: TissueMap, index: pd.DataFrame, regions: list[Region],
+                 slide_size: tuple[int, int], extent: float, classes: dict[str, int]) -> Image.Image:
+    """Slide thumbnail with detected tissue tinted, kept windows outlined and annotations drawn."""
+    zoom = min(4.0, QC_MAX_SIDE / max(thumb.shape[:2]))
+    size = (max(1, round(thumb.shape[1] * zoom)), max(1, round(thumb.shape[0] * zoom)))
+    base = Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS)
+    tint = Image.fromarray(np.where(tissue.mask[..., None], [0, 200, 0], [255, 255, 255]).astype(np.uint8)).resize(size)
+    canvas = Image.blend(base, tint, 0.2)
+    draw = ImageDraw.Draw(canvas)
+    to_px = size[0] / slide_size[0]
+    for x, y in zip(index["x"], index["y"]):
+        draw.rectangle([x * to_px, y * to_px, (x + extent) * to_px, (y + extent) * to_px], outline=(255, 200, 0))
+    colour_of = {name: QC_COLOURS[(i - 1) % len(QC_COLOURS)] for name, i in classes.items()}
+    for region in regions:
+        colour = colour_of.get(region.class_name, (40, 40, 40))
+        polygons = getattr(region.geometry, "geoms", [region.geometry])
+        for polygon in polygons:
+            for ring in [polygon.exterior, *polygon.interiors]:
+                draw.line([(px * to_px, py * to_px) for px, py in ring.coords], fill=colour, width=2)
+    legend = [("kept window", (255, 200, 0)), ("tissue", (0, 160, 0))] + [(n, c) for n, c in colour_of.items()]
+    for i, (label, colour) in enumerate(legend):
+        draw.rectangle([6, 6 + 14 * i, 16, 16 + 14 * i], fill=colour)
+        draw.text((20, 5 + 14 * i), label, fill=(0, 0, 0))
+    return canvas

@@ -1,0 +1,17 @@
+"""Rule extract_patches: cut one slide into patches, masks, an index and a QC thumbnail."""
+
+from pathlib import Path
+
+from histosynth.logs import log_to
+from histosynth.patches import extract_slide
+
+log_to(snakemake.log[0])
+extract_slide(
+    snakemake.input.image,
+    snakemake.input.annotations[0] if snakemake.input.annotations else None,
+    Path(snakemake.output.index).parent,
+    slide_name=snakemake.wildcards.slide,
+    split=snakemake.params.split,
+    config=snakemake.params.config,
+    mpp=snakemake.params.mpp,
+)

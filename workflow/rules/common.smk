@@ -1,0 +1,54 @@
+# Config validation, the slide sheet and the input functions the rules share.
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
+
+from histosynth.config import ConfigError, read_slide_sheet, validated
+from histosynth.device import derive_seed
+
+
+def _resolve(path):
+    """A config path relative to the working directory, else relative to the workflow."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    return str(Path(workflow.basedir) / candidate)
+
+
+try:
+    config.update(validated(config, "config"))
+    SLIDES = read_slide_sheet(_resolve(config["slides"]))
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+for _split in ("train", "test"):
+    if not (SLIDES["split"] == _split).any():
+        raise WorkflowError(f"{config['slides']}: no slide has split '{_split}'; every run needs train and test slides.")
+
+DEMO_DIR = "results/demo"
+
+
+def slide_row(wildcards):
+    return SLIDES.loc[wildcards.slide]
+
+
+def slide_image(wildcards):
+    return slide_row(wildcards)["image"]
+
+
+def slide_annotations(wildcards):
+    """The slide's GeoJSON, or nothing when the sheet leaves it empty."""
+    path = slide_row(wildcards)["annotations"]
+    return [path] if path else []
+
+
+def slide_mpp(wildcards):
+    mpp = slide_row(wildcards)["mpp"]
+    return float(mpp) if mpp else None
+
+
+def all_outputs():
+    """The final targets of the workflow: one entry per stage that exists."""
+    return expand("results/patches/{slide}.parquet", slide=SLIDES.index)
