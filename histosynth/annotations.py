@@ -93,7 +93,8 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
         counts = ", ".join(f"{n} {t}" for t, n in sorted(skipped.items()))
         log.warning("%s: skipped %d point/line features (%s); only polygons are regions", path, sum(skipped.values()), counts)
     if repaired:
-        log.warning("%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), repaired)
+        shown = ", ".join(map(str, repaired[:10])) + (", ..." if len(repaired) > 10 else "")
+        log.warning("%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), shown)
     return regions
 
 
@@ -111,7 +112,7 @@ def _features(data, path: Path) -> list[dict]:
             f"{path}: expected a GeoJSON FeatureCollection, a list of Features or a Feature, found {found}; {_EXPORT_HINT}"
         )
     if not isinstance(features, list):
-        raise AnnotationError(f"{path}: 'features' is not a list; {_EXPORT_HINT}")
+        raise AnnotationError(f"{path}: the FeatureCollection's 'features' is not a list; {_EXPORT_HINT}")
     for index, feature in enumerate(features):
         if not isinstance(feature, dict) or feature.get("type") != "Feature":
             raise AnnotationError(f"{path}: feature[{index}] is not a GeoJSON Feature object; {_EXPORT_HINT}")
@@ -159,7 +160,7 @@ def class_fractions(mask: np.ndarray, classes: dict[str, int]) -> dict[str, floa
     """Fraction of the mask's pixels carrying each class's label."""
     counts = np.bincount(np.asarray(mask, np.uint8).ravel(), minlength=256)
     total = max(int(mask.size), 1)
-    return {name: counts[index] / total for name, index in classes.items()}
+    return {name: float(counts[index] / total) for name, index in classes.items()}
 
 
 class RegionRasterizer:
@@ -180,7 +181,7 @@ class RegionRasterizer:
             raise ValueError(f"class indices must be integers 1..255, got {bad}")
         unlisted = [n for n in priority if n not in classes]
         if unlisted:
-            raise ValueError(f"priority names {unlisted} that are not label classes {sorted(classes)}")
+            raise ValueError(f"`priority` lists {unlisted}, which are not label classes {sorted(classes)}")
         ignore = set(ignore)
         regions = [r for r in regions if r.class_name not in ignore]
         unknown = sorted({r.class_name for r in regions} - set(classes))
@@ -281,7 +282,7 @@ def _scanline_fill(edges, x, y, sx, sy, rows, cols) -> np.ndarray | None:
     row, u = row[order][0::2], u[order]
     start = np.clip(np.ceil(u[0::2] - 0.5), 0, cols).astype(np.intp)
     end = np.clip(np.ceil(u[1::2] - 0.5), 0, cols).astype(np.intp)
-    width = cols + 1
-    size = rows * width
-    diff = np.bincount(row * width + start, minlength=size) - np.bincount(row * width + end, minlength=size)
-    return np.cumsum(diff.reshape(rows, width)[:, :cols], axis=1) > 0
+    diff = np.zeros((rows, cols + 1), np.int8)  # +1 where a span starts, -1 where it ends
+    np.add.at(diff, (row, start), 1)
+    np.add.at(diff, (row, end), -1)
+    return np.cumsum(diff[:, :cols], axis=1, dtype=np.int8) > 0  # spans of a row never overlap

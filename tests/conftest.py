@@ -1,0 +1,56 @@
+"""Shared fixtures: small slides written with tifffile, so tests need no external data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+REPO = Path(__file__).resolve().parents[1]
+STROMA = (214, 120, 170)  # eosin pink
+GLASS = (242, 242, 242)
+
+
+def write_tiled_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, levels: int = 2, tile: int = 128) -> Path:
+    """A generic pyramidal tiled JPEG TIFF that OpenSlide opens (mpp via the TIFF resolution tags)."""
+    with tifffile.TiffWriter(path) as tw:
+        for level in range(levels):
+            ds = 4**level
+            extra = {}
+            if mpp is not None:
+                extra = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
+            tw.write(np.ascontiguousarray(rgb[::ds, ::ds]), tile=(tile, tile), compression="jpeg",
+                     photometric="rgb", subfiletype=1 if level else 0, **extra)
+    return path
+
+
+def write_geojson(path: Path, features: list[dict], bare_list: bool = False) -> Path:
+    payload = features if bare_list else {"type": "FeatureCollection", "features": features}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def feature(class_name: str, geometry: dict) -> dict:
+    return {"type": "Feature", "geometry": geometry,
+            "properties": {"objectType": "annotation", "classification": {"name": class_name}}}
+
+
+def square(x0, y0, x1, y1) -> dict:
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+@pytest.fixture
+def square_slide(tmp_path) -> tuple[Path, Path]:
+    """1024 px slide at 0.5 mpp: glass with a stroma square [256, 768)^2, and a GeoJSON with a
+    'Blood vessel' square [256, 384)^2 and a 'Tissue' outline around the stroma."""
+    rgb = np.full((1024, 1024, 3), GLASS, np.uint8)
+    rgb[256:768, 256:768] = STROMA
+    slide = write_tiled_tiff(tmp_path / "square.tiff", rgb)
+    geojson = write_geojson(tmp_path / "square.geojson", [
+        feature("Tissue", square(240, 240, 784, 784)),
+        feature("Blood vessel", square(256, 256, 384, 384)),
+    ])
+    return slide, geojson

@@ -1,0 +1,226 @@
+"""Tests for histosynth.annotations: reading QuPath GeoJSON and rasterising label masks."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box, mapping
+
+from histosynth.annotations import (
+    AnnotationError,
+    Region,
+    RegionRasterizer,
+    class_fractions,
+    load_regions,
+    union_of_class,
+)
+
+# A polygon with a hole and a two-part MultiPolygon, neither axis-aligned, in level-0 pixels.
+HOLED = Polygon(
+    [(20.3, 10.7), (180.2, 30.1), (170.6, 170.4), (30.9, 150.2)],
+    [[(70.2, 60.4), (120.7, 65.3), (110.1, 110.9), (65.5, 100.2)]],
+)
+MULTI = MultiPolygon([shapely.Point(60.3, 60.8).buffer(40.2), shapely.Point(150.1, 140.6).buffer(30.4)])
+
+
+def feature(geometry, class_name=None, **extra_properties):
+    """A QuPath-style GeoJSON Feature."""
+    properties = dict(extra_properties)
+    if class_name is not None:
+        properties["classification"] = {"name": class_name, "color": [255, 0, 0]}
+    geom = mapping(geometry) if hasattr(geometry, "geom_type") else geometry
+    return {"type": "Feature", "id": "f", "geometry": geom, "properties": properties}
+
+
+def write(tmp_path, data, name="ann.geojson"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def rasterizer(regions, classes, **kwargs):
+    kwargs.setdefault("slide_size", (1000, 1000))
+    return RegionRasterizer(regions, classes, **kwargs)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def test_collection_list_and_single_feature_parse_alike(tmp_path):
+    features = [feature(HOLED, "Tumor"), feature(MULTI, "Stroma")]
+    from_collection = load_regions(write(tmp_path, {"type": "FeatureCollection", "features": features}, "a.geojson"))
+    from_list = load_regions(write(tmp_path, features, "b.json"))
+    assert from_collection == from_list
+    assert [r.class_name for r in from_list] == ["Tumor", "Stroma"]
+    assert from_list[0].geometry.equals(HOLED) and from_list[1].geometry.equals(MULTI)
+    assert load_regions(write(tmp_path, features[0], "c.json")) == from_list[:1]
+
+
+def test_old_style_string_classification_and_other_class_keys(tmp_path):
+    old = {"type": "Feature", "geometry": mapping(HOLED), "properties": {"classification": "Tumor"}}
+    assert [r.class_name for r in load_regions(write(tmp_path, [old]))] == ["Tumor"]
+    named = {"type": "Feature", "geometry": mapping(HOLED), "properties": {"name": "Vessel"}}
+    path = write(tmp_path, [named], "named.json")
+    assert [r.class_name for r in load_regions(path, class_key="name")] == ["Vessel"]
+    with pytest.raises(AnnotationError, match="classification.name"):
+        load_regions(path)  # properties.name is only used when class_key says so
+
+
+def test_not_json_names_file_and_position(tmp_path):
+    path = write(tmp_path, '{"type": "FeatureCollection",\n "features": [oops]}')
+    with pytest.raises(AnnotationError) as err:
+        load_regions(path)
+    assert str(err.value).startswith(str(path)) and "line 2" in str(err.value)
+
+
+@pytest.mark.parametrize("data", [mapping(HOLED), 42, {"type": "FeatureCollection", "features": {}}, [mapping(HOLED)]])
+def test_json_that_is_not_features_names_file(tmp_path, data):
+    path = write(tmp_path, data)
+    with pytest.raises(AnnotationError) as err:
+        load_regions(path)
+    assert str(err.value).startswith(str(path)) and "Feature" in str(err.value)
+
+
+def test_missing_class_names_feature_index_and_key(tmp_path):
+    path = write(tmp_path, [feature(HOLED, "Tumor"), feature(MULTI)])
+    with pytest.raises(AnnotationError) as err:
+        load_regions(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "feature[1]" in message and "properties.classification.name" in message
+
+
+def test_feature_without_geometry_or_with_bad_geometry_errors(tmp_path):
+    with pytest.raises(AnnotationError, match=r"feature\[0\].*no geometry"):
+        load_regions(write(tmp_path, [feature(None, "Tumor")], "a.json"))
+    collection = {"type": "GeometryCollection", "geometries": [mapping(HOLED)]}
+    with pytest.raises(AnnotationError, match="unsupported geometry type 'GeometryCollection'"):
+        load_regions(write(tmp_path, [feature(collection, "Tumor")], "b.json"))
+    malformed = {"type": "Polygon", "coordinates": [[1, 2]]}
+    with pytest.raises(AnnotationError, match=r"feature\[1\].*malformed Polygon"):
+        load_regions(write(tmp_path, [feature(HOLED, "Tumor"), feature(malformed, "Tumor")], "c.json"))
+
+
+def test_points_and_lines_are_skipped_with_a_warning(tmp_path, caplog):
+    features = [feature(shapely.Point(1, 2)), feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"), feature(HOLED, "Tumor")]
+    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+        regions = load_regions(write(tmp_path, features))
+    assert [r.class_name for r in regions] == ["Tumor"]
+    assert "skipped 2 point/line features" in caplog.text
+
+
+def test_invalid_polygon_is_repaired_and_a_collapsed_one_rejected(tmp_path, caplog):
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
+    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+        (region,) = load_regions(write(tmp_path, [feature(bowtie, "Tumor")], "a.json"))
+    assert region.geometry.is_valid and region.geometry.geom_type in ("Polygon", "MultiPolygon")
+    assert region.geometry.area == pytest.approx(50.0)
+    assert "repaired 1 invalid polygon" in caplog.text
+    flat = {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [20, 0], [0, 0]]]}
+    with pytest.raises(AnnotationError, match=r"feature\[0\].*no area left"):
+        load_regions(write(tmp_path, [feature(flat, "Tumor")], "b.json"))
+
+
+def test_empty_file_and_empty_collection_give_no_regions(tmp_path):
+    assert load_regions(write(tmp_path, "", "a.json")) == []
+    assert load_regions(write(tmp_path, {"type": "FeatureCollection", "features": []}, "b.json")) == []
+    assert load_regions(write(tmp_path, [], "c.json")) == []
+
+
+def test_union_of_class():
+    regions = [Region("A", box(0, 0, 10, 10)), Region("A", box(5, 0, 15, 10)), Region("B", box(50, 50, 60, 60))]
+    assert union_of_class(regions, "A").area == pytest.approx(150.0)
+    assert union_of_class(regions, "C") is None
+
+
+# --- rasterising -------------------------------------------------------------------------------
+
+
+def test_unknown_class_lists_known_ones():
+    regions = [Region("Tumor", HOLED), Region("Tissue", MULTI), Region("Necrosis", MULTI)]
+    with pytest.raises(AnnotationError) as err:
+        rasterizer(regions, {"Tumor": 1, "Stroma": 2}, ignore=["Tissue"], source="slide1.geojson")
+    message = str(err.value)
+    assert message.startswith("slide1.geojson") and "Necrosis" in message
+    for known in ("Tumor", "Stroma", "Tissue", "`classes`", "annotations.ignore_classes"):
+        assert known in message
+    mask = rasterizer(regions[:2], {"Tumor": 1}, ignore=["Tissue"]).rasterize(0, 0, 200, 200, (200, 200))
+    assert set(np.unique(mask)) == {0, 1}  # the ignored class paints nothing
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize("geometry", [HOLED, MULTI], ids=["holed", "multipolygon"])
+def test_labelled_area_matches_geometry_area(geometry, downsample):
+    side = 200 // downsample
+    mask = rasterizer([Region("A", geometry)], {"A": 3}).rasterize(0, 0, 200, 200, (side, side))
+    pixels = np.count_nonzero(mask == 3)
+    assert np.count_nonzero(mask) == pixels
+    # Only pixels cut by the boundary can be wrong: at most about one per pixel length of boundary.
+    assert abs(pixels - geometry.area / downsample**2) <= geometry.length / downsample + 4
+
+
+def test_axis_aligned_square_is_exact_and_hole_pixels_are_zero():
+    square = box(10, 20, 50, 40).difference(box(20, 25, 30, 35))
+    mask = rasterizer([Region("A", square)], {"A": 1}).rasterize(0, 0, 64, 64, (64, 64))
+    assert np.count_nonzero(mask) == square.area
+    assert not mask[25:35, 20:30].any() and mask[20:40, 10:50].sum() == square.area
+    holed = rasterizer([Region("A", HOLED)], {"A": 1}).rasterize(0, 0, 200, 200, (100, 100))
+    assert holed[40, 45] == 0 and holed[20, 50] == 1  # inside the hole / inside the shell, near (90, 80), (100, 40)
+
+
+def test_pixels_follow_point_in_polygon_at_their_centres():
+    regions = [Region("A", HOLED), Region("A", MULTI)]
+    x, y, w, h, rows, cols = 13.7, -5.2, 150.3, 170.9, 37, 53
+    mask = rasterizer(regions, {"A": 1}).rasterize(x, y, w, h, (rows, cols))
+    cx, cy = np.meshgrid(x + (np.arange(cols) + 0.5) * w / cols, y + (np.arange(rows) + 0.5) * h / rows)
+    expected = shapely.contains_xy(shapely.union_all([HOLED, MULTI]), cx, cy)
+    np.testing.assert_array_equal(mask == 1, expected)
+
+
+def test_adjacent_windows_tile_the_full_window():
+    raster = rasterizer([Region("A", HOLED), Region("B", MULTI)], {"A": 1, "B": 2})
+    full = raster.rasterize(0, 0, 200, 200, (100, 100))
+    left, right = raster.rasterize(0, 0, 100, 200, (100, 50)), raster.rasterize(100, 0, 100, 200, (100, 50))
+    np.testing.assert_array_equal(np.hstack([left, right]), full)
+
+
+@pytest.mark.parametrize("priority, winner", [(["A", "B"], 1), (["B", "A"], 2)])
+def test_priority_decides_overlaps(priority, winner):
+    regions = [Region("A", box(0, 0, 60, 60)), Region("B", box(40, 40, 100, 100))]
+    mask = rasterizer(regions, {"A": 1, "B": 2}, priority=priority).rasterize(0, 0, 100, 100, (100, 100))
+    assert (mask[40:60, 40:60] == winner).all()
+    assert (mask[:40, :40] == 1).all() and (mask[60:, 60:] == 2).all()
+
+
+def test_unlisted_classes_rank_below_listed_and_by_index():
+    regions = [Region(name, box(0, 0, 10, 10)) for name in ("A", "B", "C")]
+    classes = {"A": 1, "B": 2, "C": 3}
+    assert rasterizer(regions, classes).rasterize(0, 0, 10, 10, (4, 4))[0, 0] == 3
+    assert rasterizer(regions, classes, priority=["A"]).rasterize(0, 0, 10, 10, (4, 4))[0, 0] == 1
+    assert rasterizer(regions[:2], classes).rasterize(0, 0, 10, 10, (4, 4))[0, 0] == 2
+
+
+def test_regions_outside_the_slide_are_clipped_or_dropped(caplog):
+    regions = [Region("A", box(80, 10, 120, 30)), Region("B", box(200, 200, 220, 220)), Region("A", box(10, 10, 20, 20))]
+    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+        raster = rasterizer(regions, {"A": 1, "B": 2}, slide_size=(100, 50), source="s.geojson")
+    assert "s.geojson: clipped 1 region" in caplog.text and "s.geojson: dropped 1 region" in caplog.text
+    mask = raster.rasterize(60, 0, 80, 40, (40, 80))  # window reaching past the slide's right edge
+    assert (mask[10:30, 20:40] == 1).all() and not mask[:, 40:].any()
+    assert not raster.rasterize(190, 190, 40, 40, (8, 8)).any()
+
+
+def test_window_without_regions_is_all_zero():
+    mask = rasterizer([Region("A", HOLED)], {"A": 1}).rasterize(500, 500, 256, 256, (64, 64))
+    assert mask.shape == (64, 64) and mask.dtype == np.uint8 and not mask.any()
+    assert not rasterizer([], {"A": 1}).rasterize(0, 0, 100, 100, (10, 10)).any()
+
+
+def test_class_fractions_match_counts():
+    mask = rasterizer([Region("A", HOLED), Region("B", MULTI)], {"A": 1, "B": 2}).rasterize(0, 0, 200, 200, (80, 80))
+    fractions = class_fractions(mask, {"A": 1, "B": 2, "C": 7})
+    assert 0 < sum(fractions.values()) <= 1
+    assert fractions["A"] == np.count_nonzero(mask == 1) / mask.size
+    assert fractions["B"] == np.count_nonzero(mask == 2) / mask.size
+    assert fractions["C"] == 0

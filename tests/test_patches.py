@@ -1,0 +1,106 @@
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import feature, square, write_geojson, write_tiled_tiff
+from histosynth.config import load_config
+from histosynth.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
+
+
+@pytest.fixture
+def config():
+    config = load_config()
+    config["patches"].update(size=32, stride=32, mpp=1.0)  # 64 level-0 px windows on a 0.5 mpp slide
+    config["patches"]["tissue"]["mpp"] = 2.0  # tissue mask straight from pyramid level 1
+    return config
+
+
+def test_keep_window_thresholds_are_inclusive():
+    assert keep_window(0.5, None, 0.5, 0.1)
+    assert not keep_window(np.nextafter(0.5, 0), None, 0.5, 0.1)
+    assert keep_window(0.5, 0.1, 0.5, 0.1)
+    assert not keep_window(0.5, np.nextafter(0.1, 0), 0.5, 0.1)
+    assert not keep_window(0.4, 1.0, 0.5, 0.1)
+
+
+def test_window_origins_fit_inside_the_extent():
+    assert window_origins(256, 64, 64).tolist() == [0, 64, 128, 192]
+    assert window_origins(255, 64, 64).tolist() == [0, 64, 128]
+    assert window_origins(256, 64, 48).tolist() == [0, 48, 96, 144, 192]
+    assert window_origins(50, 64, 64).size == 0
+
+
+def test_fraction_column_names():
+    assert fraction_column("Blood vessel") == "frac_blood_vessel"
+    assert fraction_column("Tumor_vital") == "frac_tumor_vital"
+
+
+def test_extraction_keeps_tissue_windows_and_labels_them(square_slide, config, tmp_path):
+    slide, geojson = square_slide
+    out = tmp_path / "patches"
+    index = extract_slide(slide, geojson, out, slide_name="sq", split="val", config=config, progress=False)
+    # stroma square [256, 768)^2 at 64 px windows: an 8 x 8 grid, every window all tissue
+    assert len(index) == 64
+    assert index["x"].between(256, 768 - 64).all() and index["y"].between(256, 768 - 64).all()
+    assert (index["tissue_fraction"] == 1.0).all()
+    assert set(index["split"]) == {"val"} and set(index["level"]) == {0}
+    vessel = index[index["frac_blood_vessel"] > 0]
+    assert sorted(zip(vessel["x"], vessel["y"])) == [(256, 256), (256, 320), (320, 256), (320, 320)]
+    assert (vessel["frac_blood_vessel"] == 1.0).all()
+    # the index agrees with the files it points at
+    stored = pd.read_parquet(out / "sq.parquet")
+    for row in stored.itertuples():
+        mask = np.asarray(Image.open(out / row.mask))
+        image = np.asarray(Image.open(out / row.image))
+        assert mask.shape == (32, 32) and image.shape == (32, 32, 3)
+        assert (mask == 1).mean() == pytest.approx(row.frac_blood_vessel)
+    assert (out / "sq.qc.png").is_file()
+    assert not list(out.glob(".*partial*"))
+
+
+def test_min_tissue_boundary_in_extraction(square_slide, config, tmp_path):
+    config["patches"]["stride"] = 16  # 32 level-0 px steps: windows straddling the edge hold exactly half tissue
+    index = extract_slide(*square_slide, tmp_path / "a", slide_name="sq", split="train", config=config, progress=False)
+    assert index["tissue_fraction"].min() == 0.5
+    config["patches"]["min_tissue"] = 0.51
+    stricter = extract_slide(*square_slide, tmp_path / "b", slide_name="sq", split="train", config=config, progress=False)
+    assert stricter["tissue_fraction"].min() > 0.5
+    assert len(stricter) == (index["tissue_fraction"] > 0.5).sum()
+
+
+def test_target_class_filter(square_slide, config, tmp_path):
+    config["patches"].update(target_class="Blood vessel", min_label=0.1)
+    index = extract_slide(*square_slide, tmp_path, slide_name="sq", split="train", config=config, progress=False)
+    assert len(index) == 4 and (index["frac_blood_vessel"] >= 0.1).all()
+
+
+def test_zero_patches_explains_which_threshold(square_slide, config, tmp_path):
+    config["patches"].update(target_class="Fat", min_label=0.1)
+    with pytest.raises(PatchError, match=r"0 of 256 windows kept\. 64 had tissue.*'Fat' >= patches.min_label"):
+        extract_slide(*square_slide, tmp_path / "out", slide_name="sq", split="train", config=config, progress=False)
+    assert not list((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_slide_without_tissue_is_an_error(tmp_path, config):
+    blank = write_tiled_tiff(tmp_path / "blank.tiff", np.full((512, 512, 3), 242, np.uint8))
+    with pytest.raises(PatchError, match="blank.tiff: no tissue detected"):
+        extract_slide(blank, None, tmp_path / "out", slide_name="blank", split="train", config=config, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_target_class(square_slide, config, tmp_path):
+    config["patches"]["target_class"] = "Tumour"
+    with pytest.raises(PatchError, match="'Tumour' is not one of classes"):
+        extract_slide(*square_slide, tmp_path, slide_name="sq", split="train", config=config, progress=False)
+
+
+def test_annotations_outside_the_slide_are_clipped(tmp_path, config, caplog):
+    rgb = np.full((512, 512, 3), 242, np.uint8)
+    rgb[:, 256:] = (214, 120, 170)
+    slide = write_tiled_tiff(tmp_path / "edge.tiff", rgb)
+    geojson = write_geojson(tmp_path / "edge.geojson", [feature("Fat", square(448, 0, 700, 512))])
+    index = extract_slide(slide, geojson, tmp_path / "out", slide_name="edge", split="train", config=config, progress=False)
+    assert "clip" in caplog.text.lower()
+    assert (index["x"] + 64 <= 512).all() and (index["y"] + 64 <= 512).all()
+    assert index.loc[index["x"] == 448, "frac_fat"].eq(1.0).all()

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from conftest import GLASS, STROMA, write_tiled_tiff
+from histosynth.slides import Slide, SlideError, TissueParams, detect_tissue
+
+
+def test_reads_mpp_levels_and_best_level(square_slide):
+    with Slide(square_slide[0]) as slide:
+        assert slide.mpp == pytest.approx(0.5)
+        assert slide.dimensions == (1024, 1024)
+        assert slide.level_for(0.5) == 0
+        assert slide.level_for(1.9) == 0  # level 1 (2.0 mpp) would be coarser than asked
+        assert slide.level_for(2.0) == 1
+        assert slide.level_for(16.0) == 1
+
+
+def test_read_resamples_to_the_requested_size(square_slide):
+    with Slide(square_slide[0]) as slide:
+        inside = slide.read(300, 300, 200, 200, (50, 50))
+        outside = slide.read(0, 0, 200, 200, (50, 50))
+    assert inside.shape == (50, 50, 3) and inside.dtype == np.uint8
+    assert np.abs(inside.mean((0, 1)) - STROMA).max() < 8
+    assert np.abs(outside.mean((0, 1)) - GLASS).max() < 8
+
+
+def test_missing_mpp_uses_fallback_with_a_warning(tmp_path, caplog):
+    path = write_tiled_tiff(tmp_path / "nompp.tiff", np.full((256, 256, 3), 200, np.uint8), mpp=None, levels=1)
+    with Slide(path, fallback_mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+    assert "nompp.tiff" in caplog.text and "fallback_mpp" in caplog.text
+
+
+def test_mpp_override_wins(square_slide):
+    with Slide(square_slide[0], mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+
+
+def test_not_a_slide_names_the_file(tmp_path):
+    path = tmp_path / "notes.svs"
+    path.write_text("not an image")
+    with pytest.raises(SlideError, match="notes.svs"):
+        Slide(path)
+
+
+def test_truncated_slide_fails_with_a_clear_error(square_slide, tmp_path):
+    data = square_slide[0].read_bytes()
+    path = tmp_path / "truncated.tiff"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(SlideError, match="truncated"):
+        with Slide(path) as slide:
+            slide.render(2.0)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SlideError, match="no such slide file"):
+        Slide(tmp_path / "absent.svs")
+
+
+def test_tissue_detection_rejects_glass_and_pen():
+    rgb = np.full((100, 100, 3), GLASS, np.uint8)
+    rgb[20:60, 20:60] = STROMA
+    rgb[70:90, 10:90] = (40, 60, 200)  # blue marker
+    mask, threshold = detect_tissue(rgb, 8.0, TissueParams(min_object_um2=0, max_hole_um2=0))
+    assert mask[20:60, 20:60].all()
+    assert not mask[70:90, 10:90].any()
+    assert mask.sum() == 40 * 40
+    assert threshold >= TissueParams().min_saturation
+
+
+def test_blank_glass_has_no_tissue():
+    rgb = np.random.default_rng(0).integers(236, 246, (64, 64, 3)).astype(np.uint8)
+    mask, _ = detect_tissue(rgb, 8.0, TissueParams())
+    assert not mask.any()
+
+
+def test_small_holes_filled_and_debris_removed():
+    rgb = np.full((100, 100, 3), GLASS, np.uint8)
+    rgb[10:90, 10:90] = STROMA
+    rgb[40:43, 40:43] = GLASS  # hole of 9 px = 576 um2 at 8 mpp
+    rgb[95:97, 95:97] = STROMA  # debris of 4 px = 256 um2
+    mask, _ = detect_tissue(rgb, 8.0, TissueParams(min_object_um2=300, max_hole_um2=600))
+    assert mask[40:43, 40:43].all()
+    assert not mask[95:97, 95:97].any()
