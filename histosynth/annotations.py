@@ -225,7 +225,7 @@ class RegionRasterizer:
             edges = np.concatenate([self._edges[i] for i in group])
             inside = _scanline_fill(edges, x, y, cols / width, rows / height, rows, cols)
             if inside is not None:
-                mask[inside] = self._labels[self._ranks[group[0]]]
+                np.copyto(mask, self._labels[self._ranks[group[0]]], where=inside)
         return mask
 
 
@@ -279,10 +279,9 @@ def _scanline_fill(edges, x, y, sx, sy, rows, cols) -> np.ndarray | None:
     t = (row + 0.5 - v0[edge]) / (v1[edge] - v0[edge])
     u = u0[edge] + t * (u1[edge] - u0[edge])
     order = np.lexsort((u, row))
-    row, u = row[order][0::2], u[order]
-    start = np.clip(np.ceil(u[0::2] - 0.5), 0, cols).astype(np.intp)
-    end = np.clip(np.ceil(u[1::2] - 0.5), 0, cols).astype(np.intp)
-    diff = np.zeros((rows, cols + 1), np.int8)  # +1 where a span starts, -1 where it ends
-    np.add.at(diff, (row, start), 1)
-    np.add.at(diff, (row, end), -1)
-    return np.cumsum(diff[:, :cols], axis=1, dtype=np.int8) > 0  # spans of a row never overlap
+    # Span ends as flat pixel indices; non-decreasing because a row's spans are sorted and disjoint.
+    bounds = row[order] * cols + np.clip(np.ceil(u[order] - 0.5), 0, cols).astype(np.intp)
+    runs = np.diff(bounds, prepend=0, append=rows * cols)
+    inside = np.zeros(len(runs), bool)
+    inside[1::2] = True  # runs alternate outside, inside, outside, ...
+    return np.repeat(inside, runs).reshape(rows, cols)

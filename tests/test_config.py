@@ -1,0 +1,57 @@
+import pytest
+import yaml
+
+from conftest import REPO
+from histosynth.config import CONFIG_SCHEMA, ConfigError, load_config, read_slide_sheet, validated
+
+
+def schema_keys(properties, prefix=""):
+    for key, sub in properties.items():
+        if sub.get("type") == "object" and "properties" in sub:
+            yield from schema_keys(sub["properties"], f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_every_key_has_a_default_a_description_and_documentation():
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    readme = (REPO / "config/README.md").read_text()
+    for key in schema_keys(schema["properties"]):
+        assert f"`{key}`" in readme, f"config/README.md does not document {key}"
+    defaults = load_config()
+    assert defaults["patches"]["tissue"]["mpp"] == 8.0 and defaults["classes"][0] == "Blood vessel"
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml"])
+def test_shipped_presets_validate(preset):
+    assert load_config(REPO / "config" / preset)["run_id"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"patches": {"size": "big"}}, "'big' is not of type 'integer'"),
+        ({"patches": {"min_tissue": 1.5}}, "1.5 is greater than the maximum of 1"),
+        ({"classes": "Fat"}, "'Fat' is not of type 'array'"),
+        ({"patchez": {}}, "Additional properties are not allowed"),
+    ],
+)
+def test_wrong_types_are_schema_errors(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        validated(bad, "my.yaml")
+
+
+def test_slide_sheet_validation(tmp_path):
+    sheet = tmp_path / "slides.tsv"
+    sheet.write_text("slide\timage\tannotations\tsplit\na\ta.svs\t\ttrain\nb\tb.svs\tb.geojson\ttest\n")
+    table = read_slide_sheet(sheet)
+    assert table.loc["b", "annotations"] == "b.geojson" and table.loc["a", "mpp"] == ""
+    sheet.write_text("slide\timage\tsplit\na\ta.svs\ttraining\n")
+    with pytest.raises(ConfigError, match="'training' is not one of"):
+        read_slide_sheet(sheet)
+    sheet.write_text("slide\timage\tsplit\na\ta.svs\ttrain\na\tb.svs\ttest\n")
+    with pytest.raises(ConfigError, match="repeated: a"):
+        read_slide_sheet(sheet)
+    sheet.write_text("slide\timage\tsplit\tmpp\na\ta.svs\ttrain\tfast\n")
+    with pytest.raises(ConfigError, match="mpp must be empty or a positive number"):
+        read_slide_sheet(sheet)
