@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 # Geometry types QuPath writes for points and lines (detections, rulers): not regions, skipped.
 _NON_AREA_TYPES = {"Point", "MultiPoint", "LineString", "MultiLineString"}
+# QuPath object types that are not region annotations (an "export all objects" includes them): skipped.
+_NON_REGION_OBJECTS = {"detection", "cell", "tile"}
 _AREA_TYPES = {"Polygon", "MultiPolygon"}
 _EXPORT_HINT = "export region annotations from QuPath with File > Export objects as GeoJSON"
 
@@ -38,8 +40,8 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
 
     class_key is a dotted path inside each feature's `properties` (QuPath: classification.name).
     Older QuPath's `classification` given as a plain string is accepted for classification.name;
-    a top-level `properties.name` is used only with class_key="name". Point and line features
-    are skipped with a warning; invalid polygons are repaired. An empty file or collection gives [].
+    a top-level `properties.name` is used only with class_key="name". Point and line features,
+    and QuPath detections/cells/tiles, are skipped with a warning; invalid polygons are repaired. An empty file or collection gives [].
     """
     path = Path(path)
     try:
@@ -60,6 +62,10 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
     repaired: list[int] = []
     for index, feature in enumerate(_features(data, path)):
         where = _describe(path, index, feature)
+        object_type = (feature.get("properties") or {}).get("objectType")
+        if object_type in _NON_REGION_OBJECTS:
+            skipped[f"{object_type} object"] = skipped.get(f"{object_type} object", 0) + 1
+            continue
         geometry = feature.get("geometry")
         if not isinstance(geometry, dict):
             raise AnnotationError(f"{where} has no geometry; delete it or redraw it as an area annotation")
@@ -91,7 +97,7 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
 
     if skipped:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(skipped.items()))
-        log.warning("%s: skipped %d point/line features (%s); only polygons are regions", path, sum(skipped.values()), counts)
+        log.warning("%s: skipped %d features (%s); only polygon annotations are regions", path, sum(skipped.values()), counts)
     if repaired:
         shown = ", ".join(map(str, repaired[:10])) + (", ..." if len(repaired) > 10 else "")
         log.warning("%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), shown)

@@ -28,7 +28,18 @@ def validated(config: dict, source: str = "config") -> dict:
         validate(config, str(CONFIG_SCHEMA))
     except WorkflowError as err:
         raise ConfigError(f"{source}: {err}\nSee config/README.md for every key, its type and default.") from err
+    _check_class_references(config, source)
     return config
+
+
+def _check_class_references(config: dict, source: str) -> None:
+    """Keys that name label classes must name configured ones."""
+    classes = config["classes"]
+    references = {"priority": config["priority"], "patches.target_class": [config["patches"]["target_class"]]}
+    for key, names in references.items():
+        unknown = [name for name in names if name is not None and name not in classes]
+        if unknown:
+            raise ConfigError(f"{source}: {key} names {unknown}, which are not in classes {classes}")
 
 
 def load_config(path: str | Path | None = None) -> dict:

@@ -68,11 +68,11 @@ def keep_window(tissue_fraction: float, label_fraction: float | None, min_tissue
 
 
 def window_origins(extent: int, window: float, stride: float) -> np.ndarray:
-    """Level-0 offsets of the windows along one axis that fit entirely inside [0, extent)."""
+    """Whole-pixel level-0 offsets of the windows along one axis that fit entirely inside [0, extent)."""
     if window > extent:
-        return np.empty(0)
+        return np.empty(0, np.int64)
     count = int(math.floor((extent - window) / stride + 1e-9)) + 1
-    return np.arange(count) * stride
+    return np.floor(np.arange(count) * stride + 1e-9).astype(np.int64)
 
 
 class TissueMap:
@@ -142,8 +142,6 @@ def extract_slide(
     out_root = Path(out_root)
     params = PatchParams.from_config(config["patches"])
     classes = classes or class_indices(config["classes"])
-    if params.target_class is not None and params.target_class not in classes:
-        raise PatchError(f"patches.target_class {params.target_class!r} is not one of classes: {', '.join(classes)}")
     started = time.perf_counter()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
@@ -218,16 +216,15 @@ def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_di
                 counts["max_label"] = max(counts["max_label"], label_fraction)
             if not keep_window(tissue_fraction, label_fraction, params.min_tissue, params.min_label):
                 continue
-            x0, y0 = int(round(x)), int(round(y))
-            name = f"{slide_name}_x{x0}_y{y0}"
-            pixels = slide.read(x0, y0, extent, extent, (params.size, params.size))
+            name = f"{slide_name}_x{x}_y{y}"
+            pixels = slide.read(x, y, extent, extent, (params.size, params.size))
             Image.fromarray(pixels).save(out_dir / "images" / f"{name}.png", compress_level=PNG_COMPRESSION)
             Image.fromarray(mask).save(out_dir / "masks" / f"{name}.png", compress_level=PNG_COMPRESSION)
             row = {
                 "patch_id": name,
                 "slide": slide_name,
-                "x": x0,
-                "y": y0,
+                "x": int(x),
+                "y": int(y),
                 "level": level,
                 "mpp": params.mpp,
                 "size": params.size,

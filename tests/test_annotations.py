@@ -102,12 +102,14 @@ def test_feature_without_geometry_or_with_bad_geometry_errors(tmp_path):
         load_regions(write(tmp_path, [feature(HOLED, "Tumor"), feature(malformed, "Tumor")], "c.json"))
 
 
-def test_points_and_lines_are_skipped_with_a_warning(tmp_path, caplog):
-    features = [feature(shapely.Point(1, 2)), feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"), feature(HOLED, "Tumor")]
+def test_points_lines_and_detections_are_skipped_with_a_warning(tmp_path, caplog):
+    cell = feature(HOLED, "Tumor")
+    cell["properties"]["objectType"] = "cell"
+    features = [feature(shapely.Point(1, 2)), feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"), cell, feature(HOLED, "Tumor")]
     with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
         regions = load_regions(write(tmp_path, features))
     assert [r.class_name for r in regions] == ["Tumor"]
-    assert "skipped 2 point/line features" in caplog.text
+    assert "skipped 3 features (1 LineString, 1 Point, 1 cell object)" in caplog.text
 
 
 def test_invalid_polygon_is_repaired_and_a_collapsed_one_rejected(tmp_path, caplog):

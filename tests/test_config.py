@@ -34,6 +34,8 @@ def test_shipped_presets_validate(preset):
         ({"patches": {"min_tissue": 1.5}}, "1.5 is greater than the maximum of 1"),
         ({"classes": "Fat"}, "'Fat' is not of type 'array'"),
         ({"patchez": {}}, "Additional properties are not allowed"),
+        ({"patches": {"target_class": "Tumour"}}, r"patches.target_class names \['Tumour'\], which are not in classes"),
+        ({"priority": ["Fat", "Tissue"]}, r"priority names \['Tissue'\]"),
     ],
 )
 def test_wrong_types_are_schema_errors(bad, message):
