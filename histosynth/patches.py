@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from histosynth.annotations import Region, RegionRasterizer, load_regions
@@ -100,9 +101,8 @@ class TissueMap:
         return self.mask[np.ix_(rows, cols)]
 
 
-def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None) -> tuple[TissueMap, np.ndarray]:
-    """Detect tissue on a rendering at params.mpp (restricted to the annotated outline if given);
-    returns the map and the rendering (for the QC thumbnail)."""
+def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None) -> TissueMap:
+    """Detect tissue on a rendering at params.mpp, restricted to the annotated outline if given."""
     mask_mpp = max(params.mpp, slide.mpp)
     thumb = slide.render(mask_mpp)
     mask, threshold = detect_tissue(thumb, mask_mpp, params)
@@ -119,7 +119,7 @@ def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasteriz
             "or lower patches.tissue.min_saturation / patches.tissue.min_object_um2"
         )
     log.info("%s: tissue covers %.1f%% of the slide (saturation threshold %.3f)", slide.path, 100 * mask.mean(), threshold)
-    return TissueMap(mask, scale), thumb
+    return TissueMap(mask, scale)
 
 
 def extract_slide(
@@ -145,7 +145,7 @@ def extract_slide(
     started = time.perf_counter()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
-        tissue, thumb = build_tissue_map(slide, params.tissue, outline)
+        tissue = build_tissue_map(slide, params.tissue, outline)
         extent = params.size * params.mpp / slide.mpp
         step = params.stride * params.mpp / slide.mpp
         if extent / params.size < 1 - 1e-6:
@@ -163,7 +163,7 @@ def extract_slide(
         index["split"] = split
         write_table(index, out_root / f"{slide_name}.parquet")
         with atomic_file(out_root / f"{slide_name}.qc.png") as qc_tmp:
-            qc_thumbnail(thumb, tissue, index, regions, slide.dimensions, extent, classes).save(qc_tmp, format="PNG")
+            qc_thumbnail(slide, tissue, index, regions, extent, classes).save(qc_tmp, format="PNG")
     seconds = time.perf_counter() - started
     log.info(
         "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
@@ -179,7 +179,7 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     settings = config["annotations"]
     regions = load_regions(annotations, class_key=settings["class_key"])
     tissue_class = settings["tissue_class"]
-    ignore = [*settings["ignore_classes"], *([tissue_class] if tissue_class else [])]
+    ignore = [*settings["ignore_classes"], *([tissue_class] if tissue_class and tissue_class not in classes else [])]
     labels = RegionRasterizer(
         regions, classes, slide_size=slide.dimensions, ignore=ignore, priority=config["priority"], source=str(annotations)
     )
@@ -252,26 +252,29 @@ def _no_patch_message(image, params: PatchParams, counts: dict) -> str:
     return message + "."
 
 
-def qc_thumbnail(thumb: np.ndarray, tissue: TissueMap, index: pd.DataFrame, regions: list[Region],
-                 slide_size: tuple[int, int], extent: float, classes: dict[str, int]) -> Image.Image:
-    """Slide thumbnail with detected tissue tinted, kept windows outlined and annotations drawn."""
-    zoom = min(4.0, QC_MAX_SIDE / max(thumb.shape[:2]))
-    size = (max(1, round(thumb.shape[1] * zoom)), max(1, round(thumb.shape[0] * zoom)))
-    base = Image.fromarray(thumb).resize(size, Image.Resampling.LANCZOS)
-    tint = Image.fromarray(np.where(tissue.mask[..., None], [0, 200, 0], [255, 255, 255]).astype(np.uint8)).resize(size)
-    canvas = Image.blend(base, tint, 0.2)
+def qc_thumbnail(slide: Slide, tissue: TissueMap, index: pd.DataFrame, regions: list[Region],
+                 extent: float, classes: dict[str, int]) -> Image.Image:
+    """Slide thumbnail (longest side QC_MAX_SIDE at most) with the detected tissue's contour,
+    kept windows and annotated regions drawn over it, and a legend."""
+    width0, height0 = slide.dimensions
+    canvas = Image.fromarray(slide.render(max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE)))
+    to_px = canvas.width / width0
+    contour = find_boundaries(tissue.mask, mode="inner")
+    contour_layer = Image.fromarray(contour).resize(canvas.size, Image.Resampling.NEAREST)
+    canvas.paste((0, 160, 0), mask=contour_layer)
     draw = ImageDraw.Draw(canvas)
-    to_px = size[0] / slide_size[0]
     for x, y in zip(index["x"], index["y"]):
         draw.rectangle([x * to_px, y * to_px, (x + extent) * to_px, (y + extent) * to_px], outline=(255, 200, 0))
     colour_of = {name: QC_COLOURS[(i - 1) % len(QC_COLOURS)] for name, i in classes.items()}
     for region in regions:
         colour = colour_of.get(region.class_name, (40, 40, 40))
-        polygons = getattr(region.geometry, "geoms", [region.geometry])
-        for polygon in polygons:
+        for polygon in getattr(region.geometry, "geoms", [region.geometry]):
             for ring in [polygon.exterior, *polygon.interiors]:
                 draw.line([(px * to_px, py * to_px) for px, py in ring.coords], fill=colour, width=2)
-    legend = [("kept window", (255, 200, 0)), ("tissue", (0, 160, 0))] + [(n, c) for n, c in colour_of.items()]
+    present = {region.class_name for region in regions}
+    legend = [("kept window", (255, 200, 0)), ("detected tissue", (0, 160, 0))]
+    legend += [(name, colour) for name, colour in colour_of.items() if name in present]
+    legend += [(f"{name} (not a label)", (40, 40, 40)) for name in sorted(present - set(colour_of))]
     for i, (label, colour) in enumerate(legend):
         draw.rectangle([6, 6 + 14 * i, 16, 16 + 14 * i], fill=colour)
         draw.text((20, 5 + 14 * i), label, fill=(0, 0, 0))
