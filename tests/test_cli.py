@@ -1,0 +1,48 @@
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import feature, square, write_geojson
+from histosynth.cli import main
+
+
+def test_inspect_prints_levels_and_mpp(square_slide, capsys):
+    assert main(["inspect", str(square_slide[0]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vendor"] == "generic-tiff" and info["mpp"] == pytest.approx(0.5)
+    assert [level["downsample"] for level in info["levels"]] == [1.0, 4.0]
+    assert info["levels"][1]["mpp"] == pytest.approx(2.0)
+
+
+def test_patches_command_with_options(square_slide, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no config/config.yaml here: schema defaults
+    slide, geojson = square_slide
+    argv = ["patches", str(slide), "--annotations", str(geojson), "--out", "out", "--size", "32", "--stride", "32",
+            "--mpp", "1.0", "--min-tissue", "0.5", "--target-class", "Blood vessel", "--min-label", "0.1",
+            "--classes", "Blood vessel=7,Fat=2"]
+    assert main(argv) == 0
+    index = pd.read_parquet(tmp_path / "out/square.parquet")
+    assert len(index) == 4 and set(index.columns) >= {"frac_blood_vessel", "frac_fat", "tissue_fraction"}
+    assert "4 patches" in capsys.readouterr().out
+
+
+def test_unknown_class_is_reported_with_known_ones(square_slide, tmp_path, capsys):
+    slide, _ = square_slide
+    geojson = write_geojson(tmp_path / "odd.geojson", [feature("Necrosis", square(300, 300, 400, 400))])
+    assert main(["patches", str(slide), "--annotations", str(geojson), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "odd.geojson" in err and "Necrosis" in err and "Blood vessel" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_geojson_names_the_file(square_slide, tmp_path, capsys):
+    bad = tmp_path / "broken.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": [')
+    assert main(["patches", str(square_slide[0]), "--annotations", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "broken.geojson: not JSON" in capsys.readouterr().err
+
+
+def test_bad_classes_option():
+    with pytest.raises(SystemExit):
+        main(["patches", "x.svs", "--out", "o", "--classes", "Fat=0"])
