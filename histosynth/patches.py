@@ -101,14 +101,18 @@ class TissueMap:
         return self.mask[np.ix_(rows, cols)]
 
 
-def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None) -> TissueMap:
-    """Detect tissue on a rendering at params.mpp, restricted to the annotated outline if given."""
+def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None,
+                     labels: RegionRasterizer | None) -> TissueMap:
+    """Detect tissue on a rendering at params.mpp. Annotated label regions count as tissue (fat and
+    vessel lumens are pale but annotated tissue); an annotated outline bounds the result."""
     mask_mpp = max(params.mpp, slide.mpp)
     thumb = slide.render(mask_mpp)
     mask, threshold = detect_tissue(thumb, mask_mpp, params)
     scale = thumb.shape[1] / slide.dimensions[0]
+    width0, height0 = slide.dimensions
+    if labels is not None:
+        mask |= labels.rasterize(0, 0, width0, height0, mask.shape) > 0
     if outline is not None:
-        width0, height0 = slide.dimensions
         inside = outline.rasterize(0, 0, width0, height0, mask.shape) > 0
         log.info("%s: tissue restricted to the annotated outline (%.1f%% of the slide)", slide.path, 100 * inside.mean())
         mask &= inside
@@ -145,7 +149,7 @@ def extract_slide(
     started = time.perf_counter()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
-        tissue = build_tissue_map(slide, params.tissue, outline)
+        tissue = build_tissue_map(slide, params.tissue, outline, labels)
         extent = params.size * params.mpp / slide.mpp
         step = params.stride * params.mpp / slide.mpp
         if extent / params.size < 1 - 1e-6:

@@ -99,3 +99,14 @@ def test_annotations_outside_the_slide_are_clipped(tmp_path, config, caplog):
     assert "clip" in caplog.text.lower()
     assert (index["x"] + 64 <= 512).all() and (index["y"] + 64 <= 512).all()
     assert index.loc[index["x"] == 448, "frac_fat"].eq(1.0).all()
+
+
+def test_annotated_pale_regions_count_as_tissue(tmp_path, config):
+    rgb = np.full((512, 512, 3), 242, np.uint8)
+    rgb[:, :256] = (214, 120, 170)  # stroma on the left; the right half is pale like fat
+    slide = write_tiled_tiff(tmp_path / "fat.tiff", rgb)
+    geojson = write_geojson(tmp_path / "fat.geojson", [feature("Fat", square(256, 0, 384, 512))])
+    index = extract_slide(slide, geojson, tmp_path / "out", slide_name="fat", split="train", config=config, progress=False)
+    fat = index[index["x"].between(256, 320)]
+    assert len(fat) == 16 and (fat["tissue_fraction"] == 1.0).all() and (fat["frac_fat"] == 1.0).all()
+    assert not (index["x"] >= 384).any()  # unannotated glass stays out

@@ -1,0 +1,147 @@
+"""Conditioning maps for synthesis: per patch, the region label mask plus nuclei (class map and
+instance boundaries), stored compactly as an RGB uint8 PNG and expanded into float channels
+for the diffusion model.
+
+Encoded map: channel 0 = region class index (0 = none), channel 1 = nucleus class index
+(histosynth.nuclei.NUCLEUS_CLASSES position + 1, 0 = none), channel 2 = 255 on instance
+boundary pixels, else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from skimage.segmentation import find_boundaries
+from tqdm import tqdm
+
+from histosynth.io import atomic_dir
+from histosynth.nuclei import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
+from histosynth.patches import PNG_COMPRESSION, QC_COLOURS
+
+log = logging.getLogger(__name__)
+
+BOUNDARY = 255
+PREVIEW_BACKGROUND = (245, 240, 245)
+PREVIEW_BOUNDARY = (40, 40, 40)
+REGION_TINT = 0.35  # weight of the region colour over the preview background
+
+
+def encode_conditioning(region_mask: np.ndarray | None, instances: np.ndarray, instance_classes: dict[int, int]) -> np.ndarray:
+    """The encoded (H, W, 3) uint8 map of a patch from its region mask (None: no region
+    annotations, channel 0 stays 0), its instance mask and {instance_id: nucleus class index}."""
+    instances = np.asarray(instances)
+    if region_mask is not None and region_mask.shape != instances.shape:
+        raise ValueError(f"region mask {region_mask.shape} and instance mask {instances.shape} differ in shape")
+    present = np.unique(instances[instances > 0])
+    missing = sorted(set(present.tolist()) - set(instance_classes))
+    if missing:
+        raise ValueError(f"instances {missing[:10]} have no class in instance_classes; every nucleus needs one")
+    lut = np.zeros(int(instances.max(initial=0)) + 1, np.uint8)
+    for instance_id, index in instance_classes.items():
+        if instance_id < len(lut):
+            lut[instance_id] = index
+    encoded = np.zeros((*instances.shape, 3), np.uint8)
+    if region_mask is not None:
+        encoded[..., 0] = region_mask
+    encoded[..., 1] = lut[instances]
+    encoded[..., 2] = find_boundaries(instances, mode="inner") * BOUNDARY
+    return encoded
+
+
+def channel_names(region_classes: Sequence[str], nucleus_classes: Sequence[str] = NUCLEUS_CLASSES, *,
+                  use_regions: bool = True, use_nuclei: bool = True, use_boundaries: bool = True) -> list[str]:
+    """Names of the channels conditioning_channels makes, in order: region:background and
+    region:<class> per region class, nucleus:<class> per nucleus class, then nucleus_boundary."""
+    names = []
+    if use_regions:
+        names += ["region:background"] + [f"region:{name}" for name in region_classes]
+    if use_nuclei:
+        names += [f"nucleus:{name}" for name in nucleus_classes]
+    if use_boundaries:
+        names.append("nucleus_boundary")
+    return names
+
+
+def conditioning_channels(encoded: np.ndarray, n_region_classes: int, n_nucleus_classes: int = len(NUCLEUS_CLASSES), *,
+                          use_regions: bool = True, use_nuclei: bool = True, use_boundaries: bool = True) -> np.ndarray:
+    """Float32 channels of an encoded map (H, W, 3) -> (C, H, W), or a batch (N, H, W, 3) ->
+    (N, C, H, W): one-hot regions including background (n_region_classes + 1), one-hot nucleus
+    classes without background (n_nucleus_classes), and the boundary (1), each when enabled;
+    the order is channel_names'."""
+    encoded = np.asarray(encoded)
+    if encoded.ndim not in (3, 4) or encoded.shape[-1] != 3:
+        raise ValueError(f"expected an encoded map (H, W, 3) or a batch (N, H, W, 3), got shape {encoded.shape}")
+    parts = []
+    if use_regions:
+        parts.append(_one_hot(encoded[..., 0], n_region_classes + 1, 0, f"region class index above n_region_classes={n_region_classes}"))
+    if use_nuclei:
+        parts.append(_one_hot(encoded[..., 1], n_nucleus_classes, 1, f"nucleus class index above n_nucleus_classes={n_nucleus_classes}"))
+    if use_boundaries:
+        parts.append((encoded[..., 2:3] > 0).astype(np.float32))
+    stacked = np.concatenate(parts, axis=-1) if parts else np.zeros((*encoded.shape[:-1], 0), np.float32)
+    return np.ascontiguousarray(np.moveaxis(stacked, -1, -3))
+
+
+def _one_hot(labels: np.ndarray, n: int, first: int, too_high: str) -> np.ndarray:
+    """(..., n) float32 one-hot of the labels first .. first + n - 1; labels below `first` give all zeros."""
+    if labels.size and int(labels.max()) >= first + n:
+        raise ValueError(f"the map holds {too_high}: {int(labels.max())}; the map and the class settings disagree")
+    table = np.zeros((first + n, n), np.float32)
+    table[first:] = np.eye(n, dtype=np.float32)
+    return table[labels]
+
+
+def write_conditioning(encoded: np.ndarray, path: str | Path) -> None:
+    """Save an encoded map as an RGB PNG."""
+    Image.fromarray(encoded).save(path, compress_level=PNG_COMPRESSION)
+
+
+def read_conditioning(path: str | Path) -> np.ndarray:
+    """Read an encoded map (H, W, 3) uint8."""
+    with Image.open(path) as image:
+        if image.mode != "RGB":
+            raise ValueError(f"{path}: a conditioning map is an RGB PNG, found mode {image.mode}; rebuild it with the conditioning rule")
+        return np.asarray(image)
+
+
+def preview(encoded: np.ndarray) -> np.ndarray:
+    """A human-viewable RGB rendering of an encoded map: regions tinted (colours of the patch QC
+    thumbnail), nuclei filled with their class colour, boundaries dark."""
+    regions, nuclei, boundary = encoded[..., 0], encoded[..., 1], encoded[..., 2] > 0
+    region_lut = np.array([PREVIEW_BACKGROUND] + [QC_COLOURS[i % len(QC_COLOURS)] for i in range(255)], np.float32)
+    tinted = (1 - REGION_TINT) * np.array(PREVIEW_BACKGROUND, np.float32) + REGION_TINT * region_lut
+    out = tinted[regions]
+    nucleus_lut = np.array([PREVIEW_BACKGROUND] + [NUCLEUS_COLOURS[name] for name in NUCLEUS_CLASSES], np.float32)
+    has_nucleus = (nuclei > 0) & (nuclei <= len(NUCLEUS_CLASSES))
+    out[has_nucleus] = nucleus_lut[nuclei[has_nucleus]]
+    out[boundary] = PREVIEW_BOUNDARY
+    return out.astype(np.uint8)
+
+
+def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei_table: pd.DataFrame, out_dir: str | Path, *,
+                             use_regions: bool = True, progress: bool = True) -> int:
+    """Write out_dir/<patch_id>.png, the encoded map of every patch in a slide's index
+    (histosynth.io.read_patch_index), from its label mask (when use_regions) and its nuclei
+    (nuclei_dir/<patch_id>.png and the nuclei table of the slide). Returns the patch count."""
+    nuclei_dir = Path(nuclei_dir)
+    by_patch = {patch_id: rows for patch_id, rows in nuclei_table.groupby("patch_id")}
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp_dir:
+        for row in tqdm(index.itertuples(index=False), total=len(index), desc="conditioning", unit="patch",
+                        disable=not progress, mininterval=2):
+            path = nuclei_dir / f"{row.patch_id}.png"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no nuclei mask for patch {row.patch_id}; rerun the nuclei stage for this slide")
+            instances = read_instances(path)
+            rows = by_patch.get(row.patch_id)
+            classes = instance_class_indices(rows) if rows is not None else {}
+            regions = np.asarray(Image.open(row.mask)) if use_regions else None
+            write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
+    log.info("%d conditioning maps in %.1f s", len(index), time.perf_counter() - started)
+    return len(index)

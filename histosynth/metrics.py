@@ -1,0 +1,145 @@
+"""Scores for instance segmentation: one-to-one matching at an IoU threshold, detection
+precision/recall/F1, the Aggregated Jaccard Index and pixel Dice, per image and pooled."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class _Overlaps:
+    """Areas of the instances of a truth/prediction pair and their non-zero intersections."""
+
+    truth_ids: np.ndarray  # instance ids present in truth (ascending)
+    pred_ids: np.ndarray
+    truth_area: np.ndarray
+    pred_area: np.ndarray
+    pair_truth: np.ndarray  # positions into truth_ids / pred_ids of each overlapping pair
+    pair_pred: np.ndarray
+    intersection: np.ndarray
+
+    @property
+    def iou(self) -> np.ndarray:
+        union = self.truth_area[self.pair_truth] + self.pred_area[self.pair_pred] - self.intersection
+        return self.intersection / union
+
+
+def _overlaps(truth: np.ndarray, pred: np.ndarray) -> _Overlaps:
+    """Instance areas and pairwise intersections from a joint histogram of the label pairs:
+    O(pixels log pixels), never a loop over instance pairs."""
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth and prediction differ in shape: {truth.shape} vs {pred.shape}")
+    truth_ids, truth_index = np.unique(truth.ravel(), return_inverse=True)
+    pred_ids, pred_index = np.unique(pred.ravel(), return_inverse=True)
+    truth_area = np.bincount(truth_index, minlength=len(truth_ids))
+    pred_area = np.bincount(pred_index, minlength=len(pred_ids))
+    both = (truth.ravel() > 0) & (pred.ravel() > 0)
+    keys, intersection = np.unique(truth_index[both] * len(pred_ids) + pred_index[both], return_counts=True)
+    pair_truth, pair_pred = np.divmod(keys, len(pred_ids))
+    # Drop the background (id 0) from the instance lists and renumber the pairs accordingly.
+    t0, p0 = int(truth_ids.size > 0 and truth_ids[0] == 0), int(pred_ids.size > 0 and pred_ids[0] == 0)
+    return _Overlaps(truth_ids[t0:], pred_ids[p0:], truth_area[t0:], pred_area[p0:], pair_truth - t0, pair_pred - p0, intersection)
+
+
+def match_instances(truth: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> tuple[int, int, int, list[tuple[int, int, float]]]:
+    """One-to-one matching of truth and predicted instances (integer label images, 0 = none).
+
+    Pairs with IoU > iou_threshold are matched greedily from the highest IoU down. For a
+    threshold of 0.5 or more this is the unique optimal matching, since an instance can have
+    IoU > 0.5 with at most one other. Returns (tp, fp, fn, [(truth_id, pred_id, iou), ...]).
+    """
+    overlaps = _overlaps(truth, pred)
+    iou = overlaps.iou
+    candidates = np.flatnonzero(iou > iou_threshold)
+    candidates = candidates[np.argsort(-iou[candidates], kind="stable")]
+    used_truth, used_pred, pairs = set(), set(), []
+    for k in candidates:
+        t, p = int(overlaps.pair_truth[k]), int(overlaps.pair_pred[k])
+        if t in used_truth or p in used_pred:
+            continue
+        used_truth.add(t)
+        used_pred.add(p)
+        pairs.append((int(overlaps.truth_ids[t]), int(overlaps.pred_ids[p]), float(iou[k])))
+    tp = len(pairs)
+    return tp, len(overlaps.pred_ids) - tp, len(overlaps.truth_ids) - tp, pairs
+
+
+def _detection_scores(tp: int, fp: int, fn: int) -> dict:
+    """Precision, recall and F1 from counts. With neither truth nor predictions all three are 1.0
+    (nothing to find, nothing wrongly found); an undefined ratio otherwise (e.g. recall with no
+    truth) is 0.0."""
+    if tp + fp + fn == 0:
+        return {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "tp": tp, "fp": fp, "fn": fn,
+    }
+
+
+def detection_f1(truth: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
+    """Detection precision, recall and F1 with tp/fp/fn counts (match_instances at iou_threshold);
+    both images empty gives 1.0, exactly one empty gives F1 0."""
+    tp, fp, fn, _ = match_instances(truth, pred, iou_threshold)
+    return _detection_scores(tp, fp, fn)
+
+
+def _aji_sums(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
+    """The AJI's accumulated intersection and union for one image."""
+    o = _overlaps(truth, pred)
+    iou = o.iou
+    # Best prediction per truth instance: sort pairs by truth, then IoU descending; keep each truth's first.
+    order = np.lexsort((-iou, o.pair_truth))
+    first = order[np.r_[True, o.pair_truth[order][1:] != o.pair_truth[order][:-1]]] if len(order) else order
+    best_pred = o.pair_pred[first]
+    intersection = int(o.intersection[first].sum())
+    union = int((o.truth_area[o.pair_truth[first]] + o.pred_area[best_pred] - o.intersection[first]).sum())
+    unmatched_truth = np.ones(len(o.truth_ids), bool)
+    unmatched_truth[o.pair_truth[first]] = False
+    unused_pred = np.ones(len(o.pred_ids), bool)
+    unused_pred[best_pred] = False
+    union += int(o.truth_area[unmatched_truth].sum()) + int(o.pred_area[unused_pred].sum())
+    return intersection, union
+
+
+def aggregated_jaccard_index(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017): each truth instance takes the prediction of
+    highest IoU with it (ties: the lowest id); their intersections are summed into C and unions
+    into U; truth instances overlapping nothing add their area to U, and so do predictions no
+    truth took (as HoVer-Net's get_fast_aji). AJI = C / U. As in the original, one prediction
+    may serve several truth instances (its area then counts in U each time). Both empty gives 1.0."""
+    intersection, union = _aji_sums(truth, pred)
+    return intersection / union if union else 1.0
+
+
+def pixel_dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Dice of the foregrounds (> 0): 2|A ∩ B| / (|A| + |B|); both empty gives 1.0."""
+    a, b = np.asarray(truth) > 0, np.asarray(pred) > 0
+    total = int(a.sum()) + int(b.sum())
+    return 2 * int((a & b).sum()) / total if total else 1.0
+
+
+def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> dict:
+    """Scores pooled over many (truth, pred) images: tp/fp/fn summed before precision, recall
+    and F1; AJI from summed intersections and unions; Dice from summed pixel counts."""
+    tp = fp = fn = aji_c = aji_u = overlap = total = images = 0
+    for truth, pred in pairs:
+        t, f, n, _ = match_instances(truth, pred, iou_threshold)
+        tp, fp, fn = tp + t, fp + f, fn + n
+        c, u = _aji_sums(truth, pred)
+        aji_c, aji_u = aji_c + c, aji_u + u
+        a, b = np.asarray(truth) > 0, np.asarray(pred) > 0
+        overlap += int((a & b).sum())
+        total += int(a.sum()) + int(b.sum())
+        images += 1
+    return {
+        **_detection_scores(tp, fp, fn),
+        "aji": aji_c / aji_u if aji_u else 1.0,
+        "dice": 2 * overlap / total if total else 1.0,
+        "images": images,
+    }

@@ -1,0 +1,520 @@
+"""The training loop shared by the autoencoder and diffusion stages.
+
+`fit` reads top to bottom: data, optimiser, EMA, resume, then the loop with its NaN guard, loss
+CSV, progress bar and checkpoints. It runs unchanged on one CPU, one GPU, or several GPUs under
+`accelerate launch` (each process trains on its shard of every epoch; `batch_size` is per process).
+
+Resuming follows the same trajectory as an uninterrupted run: a checkpoint holds the model, EMA,
+optimiser, LR schedule, step counter and the RNG states of every process, and the data order is
+a function of (seed, epoch) alone, so a resumed run skips the batches already consumed in the
+current epoch and goes on with the same ones. A checkpoint made with a different training config
+is refused, naming the differing keys; keys in `RESUME_IGNORED` (run length and bookkeeping) may
+differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
+
+from histosynth.device import derive_seed, pick_device, prepare_model
+from histosynth.io import atomic_dir, atomic_file
+
+log = logging.getLogger(__name__)
+
+TRAIN_DEFAULTS: dict = {
+    "steps": 1000,             # optimiser steps in all (not epochs)
+    "batch_size": 8,           # per process
+    "lr": 2e-4,
+    "optimizer": "adam",       # adam | adamw
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.999],
+    "grad_clip": 1.0,          # max gradient norm; 0 or null: no clipping
+    "lr_warmup": 0,            # steps of linear LR warm-up, then constant
+    "ema_decay": 0.999,        # null: no EMA
+    "ema_warmup": True,        # decay_t = min(decay, (1 + t) / (10 + t))
+    "mixed_precision": "auto",  # auto (bf16 on CUDA, no on CPU) | bf16 | no
+    "device": "auto",          # auto | cpu | cuda
+    "checkpoint_every": 500,
+    "keep_checkpoints": 2,
+    "log_every": 10,
+    "num_workers": 0,
+}
+
+# Dotted keys of the run config that may change between a checkpoint and its resumption: how far
+# to train and how to report it, not what is trained.
+RESUME_IGNORED = frozenset({
+    "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.num_workers", "train.device", "train.sample_every", "train.sample_count",
+    "train.sample_steps", "train.sample_sampler", "autoencoder.path",
+})
+BASE_COLUMNS = ("step", "epoch", "loss", "lr", "seconds", "samples_per_s")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on."""
+
+
+class DatasetError(TrainingError, ValueError):
+    """The training data is empty or inconsistent."""
+
+
+class ConfigMismatchError(TrainingError):
+    """A checkpoint was made with a different training config."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+
+def merged(defaults: Mapping, config: Mapping | None) -> dict:
+    """`config` over a deep copy of `defaults` (nested dicts merged key by key)."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in (config or {}).items():
+        out[key] = merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+# ----------------------------------------------------------------------------- EMA
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in a frozen copy of the model:
+    ema = d * ema + (1 - d) * param after each `update`, with d = decay, or during warm-up
+    d = min(decay, (1 + n) / (10 + n)) after n updates. Buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for ema, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema.copy_(d * ema + (1 - d) * param.detach())
+        for ema, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema.copy_(buffer)
+        self.updates += 1
+
+
+# ----------------------------------------------------------------------------- data
+
+def check_dataset(dataset: Dataset, name: str = "training") -> dict:
+    """Fail clearly on an empty dataset or items without an image; return the first item's shapes."""
+    if dataset is None or len(dataset) == 0:
+        raise DatasetError(f"the {name} dataset is empty (0 items): no patches reached this split; check the "
+                           "patch index, the split assignment and the patch filters (min_tissue, min_label)")
+    item = dataset[0]
+    if not isinstance(item, Mapping) or "image" not in item:
+        raise DatasetError(f"{name} dataset items must be dicts with 'image' (and 'cond', 'label'); got {type(item).__name__}")
+    return {key: tuple(value.shape) for key, value in item.items() if torch.is_tensor(value) and value.ndim}
+
+
+def _size(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape))
+
+
+def collate(items: list[dict]) -> dict:
+    """default_collate, after checking that every image (and cond map) has one size."""
+    for key in ("image", "cond"):
+        if key in items[0]:
+            first = items[0][key]
+            for item in items[1:]:
+                if item[key].shape != first.shape:
+                    raise DatasetError(f"training {key}s of different sizes: {_size(first)} and {_size(item[key])}; "
+                                       "all patches must share one size (config patches.size)")
+    return default_collate(items)
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This process's item order for one epoch: a permutation fixed by (seed, epoch), padded by
+    wrap-around to a multiple of the process count and dealt out round-robin."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+    order = torch.randperm(n, generator=generator).tolist()
+    order += order[: (-n) % world]
+    return order[rank::world]
+
+
+def _loader(dataset, order: list[int], batch_size: int, num_workers: int, seed: int, epoch: int) -> DataLoader:
+    # The explicit generator keeps the worker base seed off the global RNG (resumes stay identical).
+    generator = torch.Generator().manual_seed(derive_seed(seed, "loader", epoch))
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=num_workers,
+                      generator=generator, pin_memory=torch.cuda.is_available(), drop_last=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    directory = Path(directory)
+    found = [p for p in directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _flatten(config: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(config: Mapping) -> dict:
+    """As JSON would give it back (tuples become lists), so saved and current configs compare."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def config_differences(saved: Mapping, current: Mapping, ignore=RESUME_IGNORED) -> list[str]:
+    """Dotted keys whose values differ between two run configs, ignoring `ignore`."""
+    a, b = _flatten(_plain(saved)), _flatten(_plain(current))
+    missing = object()
+    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k, missing) != b.get(k, missing))
+
+
+def _weights_file(model_dir: Path) -> Path:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if len(files) != 1:
+        raise TrainingError(f"{model_dir}: expected one .safetensors weights file, found {[f.name for f in files]}")
+    return files[0]
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(_weights_file(model_dir), device="cpu"))
+
+
+def all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    seconds: float = 0.0  # training wall time over all runs
+
+
+def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizer, lr_schedule, run_config, rngs, loss_csv, keep):
+    """Write `directory/step-<n>/` atomically (model/ and ema/ by save_pretrained, trainer.pt, config.json,
+    loss.csv); then drop all but the newest `keep`."""
+    if not all_finite(model):
+        raise NonFiniteLossError(f"refusing to checkpoint step {progress.step}: the model has non-finite weights")
+    with atomic_dir(directory / f"step-{progress.step}") as tmp:
+        model.save_pretrained(tmp / "model")
+        if ema is not None:
+            ema.model.save_pretrained(tmp / "ema")
+        torch.save({"step": progress.step, "seconds": progress.seconds, "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(), "ema_updates": ema.updates if ema else 0, "rng": rngs},
+                   tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps(_plain(run_config), indent=2, sort_keys=True))
+        if Path(loss_csv).is_file():
+            shutil.copy2(loss_csv, tmp / "loss.csv")
+    for old in checkpoints(directory)[: -max(1, int(keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory / f"step-{progress.step}"
+
+
+def load_checkpoint(path: Path, run_config, model, ema, optimizer, lr_schedule, rank: int) -> Progress:
+    """Restore everything `save_checkpoint` wrote, after checking the run config matches."""
+    saved = json.loads((path / "config.json").read_text())
+    differing = config_differences(saved, run_config)
+    if differing:
+        details = "; ".join(f"{k}: {_flatten(saved).get(k, '<absent>')!r} -> {_flatten(_plain(run_config)).get(k, '<absent>')!r}"
+                            for k in differing)
+        raise ConfigMismatchError(f"checkpoint {path} was made with a different config; differing keys: "
+                                  f"{', '.join(differing)} ({details}). Restore those values, or delete "
+                                  f"{path.parent} to start over.")
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    load_weights(model, path / "model")
+    if ema is not None:
+        load_weights(ema.model, path / "ema")
+        ema.updates = state["ema_updates"]
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    rngs = state["rng"]
+    if rank >= len(rngs):
+        raise TrainingError(f"{path} holds RNG states of {len(rngs)} processes; cannot resume process {rank} "
+                            "(resume with the same number of processes)")
+    set_rng_state(rngs[rank])
+    return Progress(step=state["step"], seconds=state["seconds"])
+
+
+# ----------------------------------------------------------------------------- loss log
+
+class LossLog:
+    """The loss CSV, appended as training runs. On resume, rows after the checkpoint's step are
+    dropped (they belong to the interrupted run and will be recomputed)."""
+
+    def __init__(self, path: Path, extra_columns=(), resume_step: int | None = None):
+        self.path, self.columns = Path(path), [*BASE_COLUMNS, *extra_columns]
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            keep = [r for r in rows if resume_step is not None and int(r["step"]) <= resume_step]
+            with atomic_file(self.path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(keep)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, self.columns).writeheader()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def make_accelerator(settings: Mapping):
+    """An Accelerator for one CPU, one GPU or a multi-GPU launch: bf16 only on CUDA."""
+    from accelerate import Accelerator
+
+    device = pick_device(settings.get("device", "auto"))
+    precision = settings.get("mixed_precision", "auto")
+    if precision == "auto" or device.type != "cuda":
+        if precision == "bf16" and device.type != "cuda":
+            log.info("mixed_precision bf16 needs CUDA; training in fp32 on %s", device)
+        precision = "bf16" if device.type == "cuda" else "no"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, step_scheduler_with_optimizer=False)
+
+
+def _optimizer(params, s: Mapping) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if s["optimizer"] not in kinds:
+        raise TrainingError(f"train.optimizer must be one of {sorted(kinds)}, got {s['optimizer']!r}")
+    return kinds[s["optimizer"]](params, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
+
+
+@dataclass
+class FitResult:
+    model: nn.Module          # the trained model (unwrapped, on the training device)
+    ema: EMA | None
+    step: int
+    checkpoint: Path | None   # the last checkpoint written or loaded
+    loss_csv: Path
+
+
+def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, *, settings: Mapping,
+        run_config: Mapping, seed: int, accelerator=None, checkpoint_dir: str | Path | None = None,
+        extra_columns=(), on_step: Callable | None = None, desc: str = "train") -> FitResult:
+    """Train `model` (a diffusers ModelMixin, so save_pretrained works) on `dataset`.
+
+    loss_fn(model, batch) -> (loss, {name: value}) gets the batch on the device; the named values
+    become `extra_columns` of `out/loss.csv`. on_step(step, eval_model) runs on the main process
+    after each step (eval_model: the EMA model, else the model). `run_config` is what a resume
+    must match (see RESUME_IGNORED); checkpoints go to checkpoint_dir (default out/checkpoints)."""
+    from accelerate.utils import gather_object
+
+    s = merged(TRAIN_DEFAULTS, settings)
+    out = Path(out)
+    checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
+    accelerator = accelerator or make_accelerator(s)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+
+    # data
+    check_dataset(dataset)
+    steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / s["batch_size"])
+
+    # model, optimiser, LR schedule (stepped here, once per step whatever the process count), EMA
+    model = prepare_model(model, accelerator.device)
+    optimizer = _optimizer(model.parameters(), s)
+    warmup = max(0, int(s["lr_warmup"]))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+    ema = EMA(model, s["ema_decay"], s["ema_warmup"]) if s["ema_decay"] else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    # resume, or start from the seed (each process its own stream for noise and dropout)
+    found = checkpoints(checkpoint_dir)
+    if found:
+        progress = load_checkpoint(found[-1], run_config, raw, ema, optimizer, lr_schedule, rank)
+        log.info("resuming from %s (step %d of %d)", found[-1], progress.step, s["steps"])
+        if progress.step > s["steps"]:
+            raise TrainingError(f"checkpoint {found[-1]} is at step {progress.step}, beyond train.steps={s['steps']}; "
+                                f"raise train.steps or delete {checkpoint_dir}")
+    else:
+        progress = Progress()
+        torch.manual_seed(derive_seed(seed, "train", rank))
+        random.seed(derive_seed(seed, "python", rank))
+        np.random.seed(derive_seed(seed, "numpy", rank))
+    last_checkpoint = found[-1] if found else None
+    loss_log = LossLog(out / "loss.csv", extra_columns, resume_step=progress.step if found else None) if main else None
+
+    # the loop
+    bar = tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    window_start, window_samples, first_size = time.perf_counter(), 0, None
+    model.train()
+    while progress.step < s["steps"]:
+        epoch, done = divmod(progress.step, steps_per_epoch)
+        order = epoch_order(len(dataset), seed, epoch, rank, world)[done * s["batch_size"]:]
+        for batch in _loader(dataset, order, s["batch_size"], s["num_workers"], seed, epoch):
+            size = _size(batch["image"][0])
+            if first_size is None:
+                first_size = size
+            elif size != first_size:
+                raise DatasetError(f"training images of different sizes: {first_size} and {size}; "
+                                   "all patches must share one size (config patches.size)")
+            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            step = progress.step + 1
+            loss, extras = loss_fn(model, batch)
+            mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(f"non-finite loss ({mean_loss}) at step {step} (epoch {epoch}); training stopped, "
+                                         f"nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if s["grad_clip"]:
+                norm = accelerator.clip_grad_norm_(model.parameters(), s["grad_clip"])
+                if not math.isfinite(float(norm)):
+                    raise NonFiniteLossError(f"non-finite gradient norm at step {step} (epoch {epoch}); training "
+                                             f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
+            optimizer.step()
+            lr_schedule.step()
+            if ema is not None:
+                ema.update(raw)
+            progress.step = step
+
+            # logging
+            now = time.perf_counter()
+            window_samples += len(batch["image"]) * world
+            for key, value in {"loss": mean_loss, **extras}.items():
+                window.setdefault(key, []).append(float(value))
+            if step % s["log_every"] == 0 or step == s["steps"]:
+                progress.seconds += now - window_start
+                rate = window_samples / max(now - window_start, 1e-9)
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                if main:
+                    loss_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                                    "seconds": progress.seconds, "samples_per_s": rate, **means})
+                bar.set_postfix(loss=f"{means['loss']:.4g}", samples_s=f"{rate:.1f}")
+                window, window_start, window_samples = {}, time.perf_counter(), 0
+            bar.update(1)
+
+            # checkpoints (every process hands over its RNG state) and periodic hooks
+            if step % s["checkpoint_every"] == 0 or step == s["steps"]:
+                rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+                if main:
+                    last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizer, lr_schedule,
+                                                      run_config, rngs, loss_log.path, s["keep_checkpoints"])
+                accelerator.wait_for_everyone()
+                last_checkpoint = checkpoint_dir / f"step-{step}"
+            if on_step is not None and main:
+                on_step(step, ema.model if ema is not None else raw)
+            if progress.step >= s["steps"]:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    return FitResult(raw, ema, progress.step, last_checkpoint, out / "loss.csv")
+
+
+# ----------------------------------------------------------------------------- grids and the CLI
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path: str | Path, pad: int = 2) -> Path:
+    """Write rows of images in [-1, 1] (each (N, 3, H, W), same H and W) as one PNG grid, atomically."""
+    from PIL import Image
+
+    rows = [to_uint8(r) for r in rows]
+    n, (h, w) = max(len(r) for r in rows), rows[0].shape[1:3]
+    canvas = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y:y + h, x:x + w] = image
+    with atomic_file(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return Path(path)
+
+
+def _factory(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--dataset must be MODULE:FUNCTION, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
+    """`python -m histosynth.<stage> train ...`, shared by the autoencoder and diffusion modules.
+
+    The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
+    import yaml
+
+    parser = argparse.ArgumentParser(prog=f"python -m histosynth.{stage}", description=f"train the {stage} model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
+    p.add_argument("--config", required=True, help="full workflow config (YAML or JSON); section '%s' is used" % stage)
+    p.add_argument("--out", required=True, help="output folder: model/, loss.csv and the stage's reports")
+    p.add_argument("--dataset", required=True, help="MODULE:FUNCTION building a Dataset from (indexes, split, config)")
+    p.add_argument("--index", nargs="+", required=True, help="patch index parquet files")
+    p.add_argument("--checkpoints", help="checkpoint folder (default OUT/checkpoints); keep it outside "
+                                         "Snakemake outputs so that a rerun can resume")
+    p.add_argument("--log", help="log file (default: stderr)")
+    if stage == "diffusion":
+        p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
+    args = parser.parse_args(argv)
+    if args.log:
+        from histosynth.logs import log_to
+
+        log_to(args.log)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    factory = _factory(args.dataset)
+    data = factory(args.index, "train", config)
+    val = factory(args.index, "val", config)
+    extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
+    try:
+        summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
+                        val_dataset=val if val is not None and len(val) else None,
+                        checkpoint_dir=args.checkpoints, **extra)
+    except TrainingError as err:
+        print(f"histosynth.{stage} train: error: {err}", file=sys.stderr)
+        return 2
+    log.info("%s", json.dumps(summary, default=str))
+    return 0

@@ -1,0 +1,107 @@
+"""Autoencoder stage: model building from config, scaled encode/decode, a short real training run
+with its outputs, and the LPIPS loader (weights from a file only, never downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from histosynth.autoencoder import (
+    build_autoencoder, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, train_autoencoder,
+)
+from histosynth.training import TrainingError
+from test_training import Shapes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**over) -> dict:
+    config = {"channels": [8, 16, 16], "norm_groups": 4, "codebook_size": 32, "latent_channels": 4, "factor": 4,
+              "scale_items": 8, "val_items": 8,
+              "train": {"steps": 30, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100}}
+    return {**config, **over}
+
+
+@pytest.mark.parametrize("kind,factor,latent", [("vq", 4, 4), ("vq", 8, 8), ("kl", 4, 4), ("kl", 8, 8)])
+def test_encode_decode_shapes(kind, factor, latent):
+    channels = [8] * (len(bin(factor)) - 2)  # log2(factor) + 1 blocks
+    ae = build_autoencoder(tiny(kind=kind, factor=factor, latent_channels=latent, channels=channels), 3, 32).eval()
+    assert latent_factor(ae) == factor
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = encode(ae, images)
+        assert z.shape == (2, latent, 32 // factor, 32 // factor)
+        out = decode(ae, z)
+    assert out.shape == images.shape and out.abs().max() <= 1
+
+
+def test_vq_encode_returns_codebook_entries_scaled():
+    ae = build_autoencoder(tiny(), 3, 16).eval()
+    ae.register_to_config(scaling_factor=2.0)
+    with torch.no_grad():
+        z = encode(ae, torch.rand(1, 3, 16, 16)) / 2.0
+    codes = ae.quantize.embedding.weight
+    vectors = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    assert torch.cdist(vectors, codes).min(dim=1).values.max() < 1e-4
+
+
+def test_block_widths_must_match_the_factor():
+    with pytest.raises(TrainingError, match=r"log2\(factor\) \+ 1 = 4"):
+        build_autoencoder(tiny(factor=8, channels=[8, 16, 16]))
+
+
+def test_training_reduces_the_loss_and_writes_model_csv_metrics_grid(tmp_path):
+    summary = train_autoencoder(Shapes(n=12), tmp_path, tiny(), seed=0, val_dataset=Shapes(n=4))
+    with open(tmp_path / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 30 and {"recon", "vq"} <= set(rows[0])
+    first = sum(float(r["loss"]) for r in rows[:3]) / 3
+    last = sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["n_images"] == 4
+    assert metrics["psnr"] > 0 and -1 <= metrics["ssim"] <= 1
+    assert summary["psnr"] == metrics["psnr"]
+    grid = Image.open(tmp_path / "reconstructions.png")
+    assert grid.size[1] == 2 * 16 + 3 * 2  # two rows (real, reconstruction) of 16 px with padding
+
+    ae = load_autoencoder(tmp_path / "model")
+    assert ae.config.scaling_factor == pytest.approx(metrics["scaling_factor"]) and ae.config.scaling_factor != 1.0
+    assert len(content_hash(tmp_path / "model")) == 64
+
+
+def test_kl_training_logs_the_kl_term(tmp_path):
+    train_autoencoder(Shapes(n=4), tmp_path, tiny(kind="kl", train={"steps": 2, "batch_size": 2, "log_every": 1}), seed=0)
+    with open(tmp_path / "loss.csv") as f:
+        assert {"recon", "kl"} <= set(next(csv.DictReader(f)))
+    assert load_autoencoder(tmp_path / "model").__class__.__name__ == "AutoencoderKL"
+
+
+def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    backbone = {f"features.{k}": v for k, v in torchvision.models.alexnet(weights=None).features.state_dict().items()}
+    torch.save(backbone, tmp_path / "alex.pth")
+    lpips = load_lpips(tmp_path / "alex.pth")
+    assert torch.equal(lpips.net.slice1[0].weight, backbone["features.0.weight"])
+
+    config = tiny(channels=[8, 16, 16], lpips_weights=str(tmp_path / "alex.pth"),
+                  train={"steps": 1, "batch_size": 2, "log_every": 1})
+    train_autoencoder(Shapes(n=2, size=32), tmp_path / "run", config, seed=0)
+    with open(tmp_path / "run" / "loss.csv") as f:
+        assert float(next(csv.DictReader(f))["lpips"]) >= 0
+
+
+def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(TrainingError, match="does not exist"):
+        load_lpips(tmp_path / "missing.pth")

@@ -1,0 +1,118 @@
+"""Tests for histosynth.metrics on hand-made masks whose answers are worked out in the comments."""
+
+import time
+
+import numpy as np
+import pytest
+
+from histosynth.metrics import aggregated_jaccard_index, detection_f1, match_instances, pixel_dice, score_instances
+
+
+def canvas(shape=(10, 10)):
+    return np.zeros(shape, np.int32)
+
+
+def test_shifted_square_has_iou_one_third():
+    truth, pred = canvas(), canvas()
+    truth[0:6, 0:6] = 1  # 36 px
+    pred[0:6, 3:9] = 4  # 36 px, overlap 6 x 3 = 18, union 36 + 36 - 18 = 54: IoU 1/3
+    assert match_instances(truth, pred) == (0, 1, 1, [])
+    tp, fp, fn, pairs = match_instances(truth, pred, iou_threshold=0.3)
+    assert (tp, fp, fn) == (1, 0, 0)
+    assert pairs[0][:2] == (1, 4) and pairs[0][2] == pytest.approx(1 / 3)
+
+
+def test_matching_ignores_label_values_and_is_one_to_one():
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4], truth[6:9, 6:9] = 1, 2
+    pred[0:4, 0:4], pred[6:9, 6:9] = 7, 3
+    assert match_instances(truth, pred) == (2, 0, 0, [(1, 7, 1.0), (2, 3, 1.0)])
+    # one 4x4 truth, two 4x2 halves: each half has IoU 8/16 = 0.5; at 0.3 only one may match it
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4] = 1
+    pred[0:4, 0:2], pred[0:4, 2:4] = 1, 2
+    tp, fp, fn, pairs = match_instances(truth, pred, iou_threshold=0.3)
+    assert (tp, fp, fn) == (1, 1, 0) and pairs == [(1, 1, 0.5)]
+    assert match_instances(truth, pred)[:3] == (0, 2, 1)  # IoU 0.5 is not > 0.5
+
+
+def test_detection_f1_counts():
+    truth, pred = canvas(), canvas()
+    truth[0:3, 0:3], truth[0:3, 5:8], truth[6:9, 0:3] = 1, 2, 3
+    pred[0:3, 0:3], pred[0:3, 5:8], pred[6:9, 6:9] = 1, 2, 3  # 2 matched, 1 missed, 1 spurious
+    scores = detection_f1(truth, pred)
+    assert (scores["tp"], scores["fp"], scores["fn"]) == (2, 1, 1)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["f1"] == pytest.approx(2 / 3)  # 2*2 / (2*2 + 1 + 1)
+
+
+def test_empty_cases():
+    empty, one = canvas(), canvas()
+    one[2:5, 2:5] = 1
+    both_empty = detection_f1(empty, empty)
+    assert both_empty == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0}
+    spurious = detection_f1(empty, one)
+    assert spurious["f1"] == 0.0 and spurious["fp"] == 1 and spurious["precision"] == 0.0
+    missed = detection_f1(one, empty)
+    assert missed["f1"] == 0.0 and missed["fn"] == 1 and missed["recall"] == 0.0
+    assert aggregated_jaccard_index(empty, empty) == 1.0
+    assert aggregated_jaccard_index(empty, one) == 0.0 and aggregated_jaccard_index(one, empty) == 0.0
+    assert pixel_dice(empty, empty) == 1.0 and pixel_dice(one, empty) == 0.0
+
+
+def test_aji_of_a_split_prediction():
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4] = 1  # 16 px
+    pred[0:4, 0:2], pred[0:4, 2:4] = 1, 2  # halves of 8 px, IoU 0.5 each; the tie goes to pred 1
+    # C = |T ∩ P1| = 8; U = |T ∪ P1| = 16, plus the unused P2's 8 px = 24: AJI = 8/24
+    assert aggregated_jaccard_index(truth, pred) == pytest.approx(1 / 3)
+    assert aggregated_jaccard_index(truth, truth) == 1.0
+
+
+def test_aji_counts_unmatched_instances_and_shared_predictions():
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4] = 1  # 16 px, matched exactly by pred 1
+    truth[8:10, 8:10] = 2  # 4 px, overlapping nothing
+    pred[0:4, 0:4] = 1
+    pred[5:8, 0:3] = 2  # 9 px, overlapping nothing
+    # C = 16; U = 16 + 4 (lone truth) + 9 (lone prediction) = 29
+    assert aggregated_jaccard_index(truth, pred) == pytest.approx(16 / 29)
+    # two 2x2 truths side by side, one 2x4 prediction over both: each truth picks it (IoU 4/8)
+    truth, pred = canvas(), canvas()
+    truth[0:2, 0:2], truth[0:2, 2:4] = 1, 2
+    pred[0:2, 0:4] = 1
+    # C = 4 + 4 = 8; U = 8 + 8 = 16 (the shared prediction counts once per truth)
+    assert aggregated_jaccard_index(truth, pred) == pytest.approx(0.5)
+
+
+def test_pixel_dice_of_half_overlap():
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4] = 1  # 16 px
+    pred[0:4, 2:6] = 9  # 16 px, 8 shared: Dice = 2*8 / 32
+    assert pixel_dice(truth, pred) == pytest.approx(0.5)
+
+
+def test_score_instances_pools_counts_before_dividing():
+    truth_a, pred_a = canvas(), canvas()
+    truth_a[0:4, 0:4] = pred_a[0:4, 0:4] = 1  # perfect, 16 px
+    truth_b, pred_b = canvas(), canvas()
+    truth_b[0:2, 0:2] = 1  # 4 px, missed
+    scores = score_instances([(truth_a, pred_a), (truth_b, pred_b)])
+    # tp 1, fp 0, fn 1: precision 1, recall 1/2, F1 2/3
+    assert (scores["tp"], scores["fp"], scores["fn"], scores["images"]) == (1, 0, 1, 2)
+    assert scores["precision"] == 1.0 and scores["recall"] == 0.5 and scores["f1"] == pytest.approx(2 / 3)
+    assert scores["aji"] == pytest.approx(16 / 20)  # C = 16; U = 16 + 4
+    assert scores["dice"] == pytest.approx(32 / 36)  # 2*16 / (16 + 16 + 4)
+    assert score_instances([])["f1"] == 1.0
+
+
+def test_many_instances_are_matched_sparsely():
+    # 16384 8x8 instances; a dense IoU matrix would hold 2.7e8 entries
+    rows, cols = np.indices((1024, 1024))
+    truth = ((rows // 8) * 128 + cols // 8 + 1).astype(np.int32)
+    pred = np.roll(truth, 1, axis=1)  # each shifted by one column: IoU 56 / 72
+    started = time.perf_counter()
+    tp, fp, fn, pairs = match_instances(truth, pred)
+    assert (tp, fp, fn) == (16384, 0, 0)
+    assert pairs[0][2] == pytest.approx(56 / 72)
+    assert time.perf_counter() - started < 2
