@@ -169,19 +169,17 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     n_nuclei = int(nuclei.max())
     # Nuclei keep ids 1..n_nuclei (they win pixels both claim); red cells follow.
     instances = np.where(nuclei > 0, nuclei, np.where(blood > 0, blood + n_nuclei, 0))
-    instances = relabel_sequential(instances)[0].astype(np.uint16)
     table = _shape_table(instances)
     if table.empty:
-        return instances, table
+        return instances.astype(np.uint16), table
     table["hematoxylin"] = _mean_per_instance(instances, hematoxylin, table["instance_id"])
     table["class"] = _heuristic_classes(table, table["instance_id"].to_numpy() > n_nuclei, mpp, params)
-    table["score"] = 1.0
-    return instances, table[list(TABLE_COLUMNS)]
+    return _renumber(instances, table[table["solidity"] >= params.min_solidity])
 
 
 def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min_um2: float, max_um2: float) -> np.ndarray:
-    """Label image of the foreground's objects, touching ones split by a marker-controlled
-    watershed of the distance map, filtered by area and solidity."""
+    """Label image (1..N) of the foreground's objects, touching ones split by a marker-controlled
+    watershed of the distance map, without those outside [min_um2, max_um2]."""
     px_area = mpp * mpp
     foreground = remove_small_holes(foreground, max_size=int(params.max_hole_um2 / px_area))
     if not foreground.any():
@@ -193,11 +191,15 @@ def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min
     area_um2 = np.bincount(labels.ravel()) * px_area
     sized = (area_um2 >= min_um2) & (area_um2 <= max_um2)
     sized[0] = False
-    labels = relabel_sequential(np.where(sized[labels], labels, 0))[0]
-    props = regionprops_table(labels, properties=("label", "solidity"))
-    lut = np.arange(labels.max() + 1)
-    lut[props["label"][props["solidity"] < params.min_solidity]] = 0
-    return relabel_sequential(lut[labels])[0]
+    return relabel_sequential(np.where(sized[labels], labels, 0))[0]
+
+
+def _renumber(instances: np.ndarray, table: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Keep only the instances listed in `table`, numbered 1..N in table order (uint16), with the table to match."""
+    lut = np.zeros(int(instances.max()) + 1, np.uint16)
+    lut[table["instance_id"].to_numpy()] = np.arange(1, len(table) + 1)
+    table = table.assign(instance_id=np.arange(1, len(table) + 1))
+    return lut[instances], table[list(TABLE_COLUMNS)]
 
 
 def _heuristic_classes(table: pd.DataFrame, is_blood: np.ndarray, mpp: float, params: NucleiParams) -> list[str]:
@@ -315,11 +317,7 @@ def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: NucleiParams)
     table["class"] = [classes[i] for i in positions]
     table["score"] = np.asarray(scores, np.float64)[positions]
     table["hematoxylin"] = _mean_per_instance(instances, rgb2hed(rgb)[..., 0], table["instance_id"])
-    # Number the instances 1..N again: stitching drops the ids whose pixels a neighbour took.
-    lut = np.zeros(len(classes) + 1, np.uint16)
-    lut[table["instance_id"]] = np.arange(1, len(table) + 1)
-    table["instance_id"] = np.arange(1, len(table) + 1)
-    return lut[instances], table[list(TABLE_COLUMNS)]
+    return _renumber(instances, table)  # stitching drops the ids whose pixels a neighbour took
 
 
 def _centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -65,5 +65,6 @@ def test_second_run_has_nothing_to_do(tiny_run):
 
 def test_config_of_wrong_type_is_a_schema_error(tmp_path):
     result = snakemake(tmp_path, "--dry-run", "--config", "patches={'size': 'big'}")
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "'big' is not of type 'integer'" in result.stderr and "patches" in result.stderr
+    assert "'big' is not of type 'integer'" in output and "instance['patches']['size']" in output

@@ -18,7 +18,7 @@ def _resolve(path):
 
 
 try:
-    config.update(validated(config, "config"))
+    config.update(validated(config, " + ".join(map(str, workflow.configfiles)) or "config"))
     SLIDES = read_slide_sheet(_resolve(config["slides"]))
 except ConfigError as err:
     raise WorkflowError(str(err)) from None

@@ -1,0 +1,154 @@
+"""Diffusion stage: SpadeUNet and concat U-Net shapes, save/load round trips, the sampling loop
+with each scheduler, determinism, latent space with its autoencoder, preview grids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from histosynth.autoencoder import build_autoencoder
+from histosynth.diffusion import (
+    SAMPLERS, SpadeUNet, build_model, guided_noise, load_diffusion, make_sampler, parameter_count, predict_noise, sample,
+    train_diffusion, train_scheduler,
+)
+from histosynth.training import TrainingError
+from test_training import Shapes, tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(conditioning="spade", image_channels=3, cond_channels=3, num_classes=0):
+    torch.manual_seed(0)
+    return build_model({**tiny(), "conditioning": conditioning, "num_classes": num_classes},
+                       image_channels, cond_channels, 16).eval()
+
+
+@pytest.mark.parametrize("conditioning", ["spade", "concat"])
+@pytest.mark.parametrize("channels,num_classes", [(3, 0), (4, 0), (3, 2), (8, 2)])
+def test_forward_shapes_pixel_and_latent_with_and_without_classes(conditioning, channels, num_classes):
+    model = tiny_model(conditioning, channels, 3, num_classes)
+    x, cond = torch.randn(2, channels, 16, 16), torch.rand(2, 3, 16, 16)
+    labels = torch.tensor([0, 1]) if num_classes else None
+    with torch.no_grad():
+        eps = predict_noise(model, x, torch.tensor([3, 999]), cond, labels)
+        eps_scalar_t = predict_noise(model, x, 10, cond)  # scalar timestep, null class
+    assert eps.shape == eps_scalar_t.shape == x.shape
+
+
+@pytest.mark.parametrize("conditioning", ["spade", "concat"])
+def test_conditioning_and_class_change_the_prediction(conditioning):
+    model = tiny_model(conditioning, num_classes=2)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
+    cond = Shapes(n=2)[0]["cond"].expand(2, -1, -1, -1)
+    with torch.no_grad():
+        base = predict_noise(model, x, t, cond, torch.tensor([0, 0]))
+        assert not torch.allclose(base, predict_noise(model, x, t, torch.zeros_like(cond), torch.tensor([0, 0])))
+        assert not torch.allclose(base, predict_noise(model, x, t, cond, torch.tensor([1, 1])))
+
+
+def test_spade_unet_gradients_reach_encoder_and_spade_convs():
+    model = tiny_model().train()
+    predict_noise(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)).square().mean().backward()
+    assert model.conv_in.weight.grad.abs().sum() > 0
+    assert model.up[0][0].norm1.gamma.weight.grad.abs().sum() > 0
+    assert model.mid_attention.to_q.weight.grad.abs().sum() > 0
+
+
+def test_spade_unet_rejects_sizes_it_cannot_halve():
+    with pytest.raises(ValueError, match="divisible by 2"):
+        tiny_model()(torch.randn(1, 3, 15, 15), 1, torch.rand(1, 3, 15, 15))
+
+
+def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_model(num_classes=2)
+    model.save_pretrained(tmp_path)
+    loaded = SpadeUNet.from_pretrained(tmp_path).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["out_channels"] == 3
+    x, cond, t, labels = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.tensor([5, 700]), torch.tensor([1, 0])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond, labels), loaded(x, t, cond, labels))
+
+
+def test_thesis_preset_is_about_90m_parameters():
+    thesis = {"channels": 128, "multipliers": [1, 1, 2, 2, 4], "layers_per_block": 2, "attention_head_dim": 64,
+              "spade_hidden": 96}
+    with torch.device("meta"):
+        model = build_model(thesis, 3, 5, 256)
+    assert 85e6 < parameter_count(model) < 95e6
+    assert len(model.down) == 5 and model.mid_attention is not None  # 4 downsamplings, attention at the bottleneck
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_each_sampler_runs_through_sample_with_guidance(sampler):
+    model, cond = tiny_model(num_classes=2), torch.rand(2, 3, 16, 16)
+    scheduler = make_sampler(sampler, train_scheduler({}).config)
+    out = sample(model, scheduler, cond, torch.tensor([0, 1]), steps=3, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+def test_same_generator_seed_gives_identical_samples_and_other_seeds_differ():
+    model, cond = tiny_model("concat"), torch.rand(2, 3, 16, 16)
+    scheduler = make_sampler("ddpm", train_scheduler({}).config)
+    run = lambda seed: sample(model, scheduler, cond, steps=4, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_guidance_one_is_the_conditional_prediction():
+    model, x, cond = tiny_model(num_classes=2), torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(guided_noise(model, x, 5, cond, None, 1.0), predict_noise(model, x, 5, cond))
+        eps = guided_noise(model, x, 5, cond, torch.tensor([1, 0]), 3.0)
+        c, u = predict_noise(model, x, 5, cond, torch.tensor([1, 0])), predict_noise(model, x, 5, torch.zeros_like(cond))
+    torch.testing.assert_close(eps, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_training_writes_model_previews_and_loads_for_sampling(tmp_path):
+    config = {**tiny(steps=2, sample_every=2, sample_steps=2, sample_count=3), "conditioning": "concat"}
+    summary = train_diffusion(Shapes(n=4), tmp_path, config, seed=0, val_dataset=Shapes(n=3))
+    assert summary["steps"] == 2
+    grid = Image.open(tmp_path / "samples" / "step-2.png")
+    assert grid.size == (3 * 18 + 2, 2 * 18 + 2)  # real row + sample row, 3 columns of 16 px + padding
+    loaded = load_diffusion(tmp_path / "model")
+    assert loaded.meta["conditioning"] == "concat" and loaded.autoencoder is None and loaded.meta["weights"] == "ema"
+    assert loaded.scheduler.config.beta_start == 1e-4 and loaded.scheduler.config.num_train_timesteps == 1000
+    out = sample(loaded.model, make_sampler("ddim", loaded.scheduler.config), Shapes(n=1)[0]["cond"][None], steps=2)
+    assert out.shape == (1, 3, 16, 16)
+
+
+def test_latent_training_records_its_autoencoder_and_needs_it_to_load(tmp_path):
+    ae = build_autoencoder({"channels": [8, 8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 4}, 3, 32)
+    ae.register_to_config(scaling_factor=3.0)
+    ae.save_pretrained(tmp_path / "ae")
+    config = {**tiny(steps=1, sample_every=1, sample_steps=2, sample_count=2), "space": "latent", "multipliers": [1, 1]}
+    with pytest.raises(TrainingError, match="no autoencoder"):
+        train_diffusion(Shapes(n=2, size=32), tmp_path / "d", config)
+    train_diffusion(Shapes(n=2, size=32), tmp_path / "d", config, autoencoder=tmp_path / "ae")
+
+    meta = json.loads((tmp_path / "d" / "model" / "histosynth.json").read_text())
+    assert meta["space"] == "latent" and len(meta["autoencoder"]["sha256"]) == 64
+    loaded = load_diffusion(tmp_path / "d" / "model")
+    assert loaded.model.config.in_channels == 4 and loaded.autoencoder is not None
+    out = sample(loaded.model, make_sampler("dpmsolver++", loaded.scheduler.config), Shapes(n=1, size=32)[0]["cond"][None],
+                 steps=2, autoencoder=loaded.autoencoder)
+    assert out.shape == (1, 3, 32, 32)  # decoded back to pixels
+    assert Image.open(tmp_path / "d" / "samples" / "step-1.png").size[0] == 2 * 34 + 2
+
+    shutil.move(tmp_path / "ae", tmp_path / "moved")
+    with pytest.raises(TrainingError, match="latent-space model trained on the autoencoder"):
+        load_diffusion(tmp_path / "d" / "model")
+    assert load_diffusion(tmp_path / "d" / "model", autoencoder=tmp_path / "moved").autoencoder is not None
+    other = build_autoencoder({"channels": [8, 8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 4}, 3, 32)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(TrainingError, match="sha256"):
+        load_diffusion(tmp_path / "d" / "model", autoencoder=tmp_path / "other")
