@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from histosynth.training import (
     TRAIN_DEFAULTS, TrainingError, check_dataset, cli, fit, make_accelerator, merged, save_grid,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("histosynth.autoencoder")  # not __main__ under python -m
 
 DEFAULTS: dict = {
     "kind": "vq",              # vq (VQModel) | kl (AutoencoderKL)
@@ -35,7 +36,7 @@ DEFAULTS: dict = {
     "factor": 4,               # spatial downsampling 4 or 8: log2(factor) + 1 blocks
     "channels": [32, 64, 64],  # block widths, one per block
     "layers_per_block": 1,
-    "norm_groups": 32,         # GroupNorm groups; must divide every width
+    "norm_groups": 8,          # GroupNorm groups; must divide every width
     "mid_attention": True,     # self-attention in the middle block
     "codebook_size": 256,      # vq: codebook entries
     "loss": "l1",              # reconstruction loss: l1 | l2
@@ -46,7 +47,20 @@ DEFAULTS: dict = {
     "lpips_weight": 1.0,
     "scale_items": 256,        # training items used to measure the latent scaling factor
     "val_items": 256,          # validation items for PSNR/SSIM
-    "train": merged(TRAIN_DEFAULTS, {"lr": 1e-4, "ema_decay": None, "batch_size": 8}),
+    "train": merged(TRAIN_DEFAULTS, {"steps": 200, "lr": 2e-4, "ema_decay": None, "batch_size": 8,
+                                     "checkpoint_every": 100, "log_every": 10}),
+}
+
+# Section overrides of the three config presets (DEFAULTS is demo). thesis follows seed 002 ch. 6:
+# VQ-VAE, 4 latent channels, factor 8 (512 px -> 4x64x64).
+PRESETS: dict = {
+    "tiny": {"channels": [8, 16, 16], "norm_groups": 4, "codebook_size": 32, "scale_items": 16, "val_items": 8,
+             "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1}},
+    "demo": {},
+    "thesis": {"factor": 8, "channels": [128, 128, 256, 512], "layers_per_block": 2, "codebook_size": 8192,
+               "norm_groups": 32,
+               "train": {"steps": 375_000, "batch_size": 16, "lr": 1e-4, "checkpoint_every": 5000, "keep_checkpoints": 3,
+                         "log_every": 50, "num_workers": 8}},
 }
 
 
@@ -150,9 +164,9 @@ def load_lpips(path: str | Path, net: str = "alex") -> nn.Module:
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    if any(k.startswith("features.") for k in state):
-        state = {name: state[f"features.{name.split('.', 3)[2]}.{name.split('.', 3)[3]}"]
-                 for name in lpips.state_dict() if name.startswith("net.slice")}
+    if any(k.startswith("features.") for k in state):  # torchvision `features` -> LPIPS slices
+        layer = re.compile(r"^net\.(?:slice\d+|slices\.\d+)\.(\d+)\.(.+)$")
+        state = {name: state[f"features.{m[1]}.{m[2]}"] for name in lpips.state_dict() if (m := layer.match(name))}
     missing = [k for k in lpips.load_state_dict(state, strict=False).missing_keys if k.startswith("net.")]
     if missing:
         raise TrainingError(f"{path}: not LPIPS/{net} weights; missing {missing[:3]}...")

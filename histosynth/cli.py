@@ -73,6 +73,8 @@ def cmd_demo_slides(args) -> None:
 
 
 def cmd_patches(args) -> None:
+    import pyarrow.parquet as pq
+
     from histosynth.patches import class_indices, extract_slide
 
     config = _config(args)
@@ -86,12 +88,13 @@ def cmd_patches(args) -> None:
     config = validated(config, "command-line options")
     classes = args.classes or class_indices(config["classes"])
     slide = Path(args.slide)
-    index = extract_slide(
+    index_path = extract_slide(
         slide, args.annotations, args.out, slide_name=args.name or slide.stem, split=args.split,
         config=config, classes=classes, mpp=args.slide_mpp,
     )
-    stem = Path(args.out) / (args.name or slide.stem)
-    print(f"{len(index)} patches in {stem}/, index {stem}.parquet, QC thumbnail {stem}.qc.png")
+    stem = index_path.with_suffix("")
+    count = pq.read_metadata(index_path).num_rows
+    print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,22 +79,22 @@ def conditioning_channels(encoded: np.ndarray, n_region_classes: int, n_nucleus_
         raise ValueError(f"expected an encoded map (H, W, 3) or a batch (N, H, W, 3), got shape {encoded.shape}")
     parts = []
     if use_regions:
-        parts.append(_one_hot(encoded[..., 0], n_region_classes + 1, 0, f"region class index above n_region_classes={n_region_classes}"))
+        parts.append(_one_hot(encoded[..., 0], 0, n_region_classes, f"region class index above n_region_classes={n_region_classes}"))
     if use_nuclei:
-        parts.append(_one_hot(encoded[..., 1], n_nucleus_classes, 1, f"nucleus class index above n_nucleus_classes={n_nucleus_classes}"))
+        parts.append(_one_hot(encoded[..., 1], 1, n_nucleus_classes, f"nucleus class index above n_nucleus_classes={n_nucleus_classes}"))
     if use_boundaries:
-        parts.append((encoded[..., 2:3] > 0).astype(np.float32))
-    stacked = np.concatenate(parts, axis=-1) if parts else np.zeros((*encoded.shape[:-1], 0), np.float32)
-    return np.ascontiguousarray(np.moveaxis(stacked, -1, -3))
+        parts.append((encoded[..., None, :, :, 2] > 0).astype(np.float32))
+    if not parts:
+        return np.zeros((*encoded.shape[:-3], 0, *encoded.shape[-3:-1]), np.float32)
+    return np.concatenate(parts, axis=-3)
 
 
-def _one_hot(labels: np.ndarray, n: int, first: int, too_high: str) -> np.ndarray:
-    """(..., n) float32 one-hot of the labels first .. first + n - 1; labels below `first` give all zeros."""
-    if labels.size and int(labels.max()) >= first + n:
+def _one_hot(labels: np.ndarray, first: int, last: int, too_high: str) -> np.ndarray:
+    """(..., C, H, W) float32 one-hot of (..., H, W) labels first..last; labels below `first` give all zeros."""
+    if labels.size and int(labels.max()) > last:
         raise ValueError(f"the map holds {too_high}: {int(labels.max())}; the map and the class settings disagree")
-    table = np.zeros((first + n, n), np.float32)
-    table[first:] = np.eye(n, dtype=np.float32)
-    return table[labels]
+    classes = np.arange(first, last + 1, dtype=labels.dtype).reshape(-1, 1, 1)
+    return (labels[..., None, :, :] == classes).astype(np.float32)
 
 
 def write_conditioning(encoded: np.ndarray, path: str | Path) -> None:
@@ -141,7 +141,10 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
             instances = read_instances(path)
             rows = by_patch.get(row.patch_id)
             classes = instance_class_indices(rows) if rows is not None else {}
-            regions = np.asarray(Image.open(row.mask)) if use_regions else None
+            regions = None
+            if use_regions:
+                with Image.open(row.mask) as mask:
+                    regions = np.asarray(mask)
             write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
     log.info("%d conditioning maps in %.1f s", len(index), time.perf_counter() - started)
     return len(index)

@@ -10,9 +10,11 @@ haematoxylin, eosin and blood) and streamed into the TIFF, so memory stays flat 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,7 @@ class _Scene:
 
 
 def _build_scene(size: int, mpp: float, seed: int) -> _Scene:
+    """Draw the whole scene from `seed`: regions placed apart from each other, then their nuclei."""
     rng = np.random.default_rng(seed)
     um = 1.0 / mpp
     tissue = _tissue_outline(rng, size)
@@ -308,11 +311,18 @@ def _drop_overlaps(nuclei: np.ndarray) -> np.ndarray:
     area = nuclei["a"] * nuclei["b"]
     small = np.where(area[i] <= area[j], i, j)
     big = i + j - small
-    s, g = nuclei[small][:, None], nuclei[big][:, None]
+    step = 2**13  # pairs per pass, bounding memory
+    covered = np.concatenate([[]] + [_share_inside(nuclei[small[k:k + step]], nuclei[big[k:k + step]])
+                                     for k in range(0, len(small), step)])
+    return np.delete(nuclei, np.unique(j[covered > _MAX_OVERLAP]))
+
+
+def _share_inside(inner: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """For each pair, the share of the `inner` ellipse's area that lies inside the `outer` ellipse."""
+    s, g = inner[:, None], outer[:, None]
     points = (s["x"] + 1j * s["y"]) + (s["a"] * _DISC.real + 1j * s["b"] * _DISC.imag) * np.exp(1j * s["angle"])
     local = (points - (g["x"] + 1j * g["y"])) * np.exp(-1j * g["angle"])
-    covered = ((local.real / g["a"]) ** 2 + (local.imag / g["b"]) ** 2 <= 1).mean(1)
-    return np.delete(nuclei, np.unique(j[covered > _MAX_OVERLAP]))
+    return ((local.real / g["a"]) ** 2 + (local.imag / g["b"]) ** 2 <= 1).mean(1)
 
 
 def _outlines(nuclei: np.ndarray) -> np.ndarray:
@@ -329,6 +339,7 @@ def _outlines(nuclei: np.ndarray) -> np.ndarray:
 
 
 def _write_regions(path: Path, scene: _Scene) -> None:
+    """The region annotations as a QuPath-style FeatureCollection: tissue, vessels, inflammation, fat."""
     named = [("Tissue", scene.tissue), *(("Blood vessel", v) for v, _ in scene.vessels),
              ("Inflammation", scene.inflammation), *(("Fat", f) for f in scene.fat)]
     features = [{"type": "Feature", "geometry": _geometry(geom),
@@ -371,12 +382,11 @@ def _write_tiff(path: Path, scene: _Scene, *, seed: int, levels: int, tile_size:
             ds = 4**level
             width = math.ceil(scene.size / ds)
             across = math.ceil(width / tile_size)
-            bar = tqdm(total=across**2, desc=f"{progress_name} level {level}", unit="tile", disable=progress_name is None)
-            tiles = (renderer.tile(level, tx, ty, bar) for ty in range(across) for tx in range(across))
-            tif.write(tiles, shape=(width, width, 3), dtype=np.uint8, tile=(tile_size, tile_size), photometric="rgb",
-                      compression="jpeg", compressionargs={"level": jpeg_quality}, subfiletype=1 if level else 0,
-                      resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER", metadata=None)
-            bar.close()
+            with tqdm(total=across**2, desc=f"{progress_name} level {level}", unit="tile", disable=progress_name is None) as bar:
+                tif.write(renderer.tiles(level, across, bar), shape=(width, width, 3), dtype=np.uint8,
+                          tile=(tile_size, tile_size), photometric="rgb", compression="jpeg",
+                          compressionargs={"level": jpeg_quality}, subfiletype=1 if level else 0,
+                          resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER", metadata=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +468,14 @@ class _Renderer:
         for geom in (scene.tissue, scene.inflammation, *scene.fat, *(g for v in scene.vessels for g in v)):
             shapely.prepare(geom)
 
-    def tile(self, level: int, tx: int, ty: int, bar) -> np.ndarray:
+    def tiles(self, level: int, across: int, bar: tqdm) -> Iterator[np.ndarray]:
+        """The tiles of `level` (`across` x `across`) in TIFF order, row by row, advancing `bar`."""
+        for ty, tx in itertools.product(range(across), repeat=2):
+            tile = self.tile(level, tx, ty)
+            bar.update()
+            yield tile
+
+    def tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         """RGB uint8 tile (tx, ty) of `level`."""
         n, ds = self.n, 4**level
         x0, y0 = tx * n, ty * n
@@ -469,7 +486,6 @@ class _Renderer:
             eosin, haem, blood = self._stains(tissue, box, x0, y0, ds)
             od += eosin[..., None] * _EOSIN + haem[..., None] * _HAEMATOXYLIN + blood[..., None] * _RED_CELL
         noise = np.random.default_rng([self.seed, level, ty, tx]).normal(0, 1.5, (n, n, 3))
-        bar.update()
         return np.clip(255 * np.exp(-od) + noise, 0, 255).round().astype(np.uint8)
 
     def _stains(self, tissue, box, x0, y0, ds):

@@ -39,7 +39,7 @@ from histosynth.training import (
     TRAIN_DEFAULTS, TrainingError, check_dataset, cli, collate, fit, make_accelerator, merged, save_grid,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("histosynth.diffusion")  # not __main__ under python -m
 META_FILE = "histosynth.json"
 
 DEFAULTS: dict = {
@@ -50,15 +50,30 @@ DEFAULTS: dict = {
     "layers_per_block": 1,          # encoder res blocks per level (decoder: one more)
     "attention": True,              # self-attention at the bottleneck
     "attention_head_dim": 32,
-    "norm_groups": 32,
-    "spade_hidden": 64,             # SPADE's hidden conv width
+    "norm_groups": 8,
+    "spade_hidden": 32,             # SPADE's hidden conv width
     "dropout": 0.0,
     "num_classes": 0,               # class embedding for labels 0..num_classes-1 (+ a null class); 0: none
     "cond_dropout": 0.1,            # p of dropping cond (and label) for classifier-free guidance
     "scheduler": {"timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02, "beta_schedule": "linear"},
     "train": merged(TRAIN_DEFAULTS, {
-        "sample_every": 500, "sample_count": 8, "sample_steps": 50, "sample_sampler": "ddim", "sample_guidance": 1.0,
+        "steps": 300, "batch_size": 4, "lr": 2e-4, "checkpoint_every": 100, "log_every": 10,
+        "sample_every": 100, "sample_count": 8, "sample_steps": 25, "sample_sampler": "ddim", "sample_guidance": 1.0,
     }),
+}
+
+# Section overrides of the three config presets (DEFAULTS is demo). thesis follows seed 002 ch. 6:
+# ~90M parameters, 4 downsamplings, attention only at the bottleneck, batch 16, lr 2e-4, Adam.
+PRESETS: dict = {
+    "tiny": {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8,
+             "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
+                       "sample_every": 4, "sample_count": 4, "sample_steps": 2, "ema_decay": 0.9}},
+    "demo": {},
+    "thesis": {"channels": 128, "multipliers": [1, 1, 2, 2, 4], "layers_per_block": 2, "attention_head_dim": 64,
+               "norm_groups": 32, "spade_hidden": 96,
+               "train": {"steps": 940_000, "batch_size": 16, "lr": 2e-4, "ema_decay": 0.9999, "checkpoint_every": 5000,
+                         "keep_checkpoints": 3, "log_every": 50, "num_workers": 8, "sample_every": 10_000,
+                         "sample_steps": 50}},
 }
 
 
@@ -324,6 +339,8 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     shapes = check_dataset(dataset)
     if "cond" not in shapes:
         raise TrainingError("diffusion training items need a 'cond' conditioning map")
+    if c["num_classes"] and "label" not in dataset[0]:
+        raise TrainingError(f"diffusion.num_classes={c['num_classes']} needs a 'label' in every training item")
     (channels, height, width), cond_channels = shapes["image"], shapes["cond"][0]
     if c["space"] not in ("pixel", "latent"):
         raise TrainingError(f"diffusion.space must be 'pixel' or 'latent', got {c['space']!r}")

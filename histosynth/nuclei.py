@@ -47,9 +47,6 @@ TABLE_COLUMNS = (
 PNG_COMPRESSION = 3
 # Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
 MODEL_STRIDE = 32
-# Contours are simplified by this fraction of a mask pixel: below the 0.35 px that separates a
-# find_contours outline from the nearest pixel centre, so rasterising the polygon gives the mask back.
-CONTOUR_TOLERANCE = 0.25
 
 
 class NucleiError(RuntimeError):
@@ -62,17 +59,17 @@ class NucleiParams:
 
     mpp: float = 0.5  # resolution the classical detector runs at (never finer than the slide)
     min_hematoxylin: float = 0.03  # floor of the Otsu threshold on hematoxylin optical density
-    hysteresis: float = 0.6  # pixels above this fraction of the threshold join the nuclei they touch
-    smoothing_um: float = 0.5  # Gaussian sigma applied to the hematoxylin channel
-    max_hole_um2: float = 30.0  # holes up to this area inside a nucleus (pale chromatin) are filled
-    marker_h_um: float = 1.0  # h-maxima height on the distance map: a saddle this deep splits nuclei
+    hysteresis: float = 0.8  # pixels above this fraction of the threshold join the nuclei they touch
+    smoothing_um: float = 0.25  # Gaussian sigma applied to the hematoxylin channel
+    max_hole_um2: float = 1.0  # holes up to this area are filled (larger: gaps between packed nuclei)
+    marker_h_um: float = 0.5  # h-maxima height on the distance map: a saddle this deep splits nuclei
     min_area_um2: float = 8.0
     max_area_um2: float = 250.0
-    min_solidity: float = 0.8  # less solid objects (clumps the watershed could not split) are dropped
-    immune_max_area_um2: float = 40.0  # heuristic: small, round, darker than the median -> immune
+    min_solidity: float = 0.75  # less solid objects (clumps the watershed could not split) are dropped
+    immune_max_area_um2: float = 40.0  # heuristic: small and round -> immune
     immune_max_eccentricity: float = 0.8
-    stromal_min_eccentricity: float = 0.93  # heuristic: elongated -> stromal
-    blood_min_redness: float = 0.3  # mean (R - B) / 255 of red-cell candidates, eosinophilic and hematoxylin-free
+    stromal_min_eccentricity: float = 0.85  # heuristic: elongated (axis ratio below about 0.5) -> stromal
+    blood_min_redness: float = 0.45  # (R - B) / 255 of red-cell pixels; eosin-pink stroma is about 0.35
     blood_min_area_um2: float = 12.0
     blood_max_area_um2: float = 80.0
     model: str | None = None  # TorchScript detector; None uses the classical detector
@@ -99,7 +96,7 @@ class NucleiModel:
     """A loaded TorchScript nuclei detector and the device it runs on."""
 
     path: Path
-    module: object
+    module: object  # a torch.jit.ScriptModule; torch is imported only when a model is used
     device: str
 
 
@@ -138,13 +135,13 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     filled; touching nuclei are split by a watershed of the distance map from h-maxima markers (a
     saddle deeper than marker_h_um separates two nuclei); objects outside [min_area_um2,
     max_area_um2] or less solid than min_solidity are dropped. Red blood cells, which carry no
-    hematoxylin, are found the same way on red-dominant pixels (mean (R - B) / 255 of at least
+    hematoxylin, are found the same way on red pixels (smoothed (R - B) / 255 of at least
     blood_min_redness) with their own area limits.
 
     Classes come from a morphology heuristic, not a trained classifier: red cells are `blood`;
-    nuclei no larger than immune_max_area_um2, no more eccentric than immune_max_eccentricity
-    and at least as dark as the image's median nucleus are `immune`; nuclei at least
-    stromal_min_eccentricity eccentric are `stromal`; the rest `other`. `score` is 1.0 (the
+    nuclei no larger than immune_max_area_um2 and no more eccentric than immune_max_eccentricity
+    are `immune` (lymphocytes are small and round); nuclei at least stromal_min_eccentricity
+    eccentric are `stromal` (spindle-shaped); the rest `other`. `score` is 1.0 (the
     heuristic has no confidence); `hematoxylin` is the mean hematoxylin optical density.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -153,9 +150,12 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
         return np.zeros(rgb.shape[:2], np.uint16), empty_table()
     hematoxylin = rgb2hed(rgb)[..., 0].astype(np.float32)
     smooth = ndi.gaussian_filter(hematoxylin, params.smoothing_um / mpp)
+    # Otsu ignores the darkest 0.5%: black debris or ink (optical density above 1) would squeeze
+    # every nucleus into the histogram's first bins.
+    clipped = np.minimum(smooth, np.quantile(smooth, 0.995))
     threshold = params.min_hematoxylin
-    if np.ptp(smooth) > 0:
-        threshold = max(threshold, float(threshold_otsu(smooth)))
+    if np.ptp(clipped) > 0:
+        threshold = max(threshold, float(threshold_otsu(clipped)))
     cores = smooth > threshold
     grown, _ = ndi.label(apply_hysteresis_threshold(smooth, max(params.min_hematoxylin, params.hysteresis * threshold), threshold))
     bled = np.bincount(grown.ravel()) * mpp * mpp > params.max_area_um2  # grew into cytoplasm
@@ -170,11 +170,12 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     # Nuclei keep ids 1..n_nuclei (they win pixels both claim); red cells follow.
     instances = np.where(nuclei > 0, nuclei, np.where(blood > 0, blood + n_nuclei, 0))
     table = _shape_table(instances)
+    table = table[table["solidity"] >= params.min_solidity]
     if table.empty:
-        return instances.astype(np.uint16), table
-    table["hematoxylin"] = _mean_per_instance(instances, hematoxylin, table["instance_id"])
-    table["class"] = _heuristic_classes(table, table["instance_id"].to_numpy() > n_nuclei, mpp, params)
-    return _renumber(instances, table[table["solidity"] >= params.min_solidity])
+        return np.zeros(instances.shape, np.uint16), empty_table()
+    table = table.assign(score=1.0, hematoxylin=_mean_per_instance(instances, hematoxylin, table["instance_id"]))
+    table = table.assign(**{"class": _heuristic_classes(table, table["instance_id"].to_numpy() > n_nuclei, mpp, params)})
+    return _renumber(instances, table)
 
 
 def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min_um2: float, max_um2: float) -> np.ndarray:
@@ -206,9 +207,7 @@ def _heuristic_classes(table: pd.DataFrame, is_blood: np.ndarray, mpp: float, pa
     """Class names by the morphology heuristic documented in detect_nuclei."""
     area_um2 = table["area"].to_numpy() * mpp * mpp
     eccentricity = table["eccentricity"].to_numpy()
-    dark = table["hematoxylin"].to_numpy()
-    median_dark = np.median(dark[~is_blood]) if (~is_blood).any() else 0.0
-    immune = (area_um2 <= params.immune_max_area_um2) & (eccentricity <= params.immune_max_eccentricity) & (dark >= median_dark)
+    immune = (area_um2 <= params.immune_max_area_um2) & (eccentricity <= params.immune_max_eccentricity)
     stromal = eccentricity >= params.stromal_min_eccentricity
     return list(np.select([is_blood, immune, stromal], ["blood", "immune", "stromal"], "other"))
 
@@ -218,26 +217,41 @@ def _shape_table(instances: np.ndarray) -> pd.DataFrame:
     placeholders for the caller to fill."""
     if not instances.any():
         return empty_table()
-    props = regionprops_table(
-        instances.astype(np.int32),
-        properties=("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "bbox"),
-    )
+    props = regionprops_table(instances.astype(np.int32), properties=("label", "area", "perimeter", "solidity", "bbox"))
+    centroid_y, centroid_x, eccentricity = _moment_shape(instances, props["label"])
     return pd.DataFrame({
         "instance_id": props["label"].astype(np.int64),
         "class": "other",
         "score": 1.0,
         "hematoxylin": 0.0,
-        "centroid_x": props["centroid-1"],
-        "centroid_y": props["centroid-0"],
+        "centroid_x": centroid_x,
+        "centroid_y": centroid_y,
         "area": props["area"].astype(np.float64),
         "perimeter": props["perimeter"],
-        "eccentricity": props["eccentricity"],
+        "eccentricity": eccentricity,
         "solidity": props["solidity"],
         "bbox_x0": props["bbox-1"],
         "bbox_y0": props["bbox-0"],
         "bbox_x1": props["bbox-3"],
         "bbox_y1": props["bbox-2"],
     })
+
+
+def _moment_shape(instances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid row, column and eccentricity of each instance in `ids`, from image moments summed
+    for all instances at once (regionprops computes them one region at a time, much slower)."""
+    rows, cols = np.indices(instances.shape, dtype=np.float64)
+    flat, size = instances.ravel(), int(instances.max()) + 1
+    m00 = np.bincount(flat, minlength=size)[ids]
+    def mean(values):
+        return np.bincount(flat, values.ravel(), size)[ids] / m00
+    cy, cx = mean(rows), mean(cols)
+    mu20, mu02, mu11 = mean(rows * rows) - cy * cy, mean(cols * cols) - cx * cx, mean(rows * cols) - cy * cx
+    spread = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
+    major, minor = (mu20 + mu02 + spread) / 2, np.maximum((mu20 + mu02 - spread) / 2, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eccentricity = np.where(major > 0, np.sqrt(1 - minor / major), 0.0)
+    return cy, cx, eccentricity
 
 
 def _mean_per_instance(instances: np.ndarray, values: np.ndarray, ids) -> np.ndarray:
@@ -285,8 +299,8 @@ def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: NucleiParams)
     multiples of 32; white beyond the image). A tile keeps the instances whose centroid lies in
     its core; where kept instances of neighbouring tiles overlap, the earlier tile's pixels stay."""
     h, w = rgb.shape[:2]
-    core_h = min(params.tile, _round_up(h, MODEL_STRIDE))
-    core_w = min(params.tile, _round_up(w, MODEL_STRIDE))
+    tile = _round_up(params.tile, MODEL_STRIDE)
+    core_h, core_w = min(tile, _round_up(h, MODEL_STRIDE)), min(tile, _round_up(w, MODEL_STRIDE))
     pad = _round_up(params.pad, MODEL_STRIDE)
     n_rows, n_cols = math.ceil(h / core_h), math.ceil(w / core_w)
     canvas = np.full((n_rows * core_h + 2 * pad, n_cols * core_w + 2 * pad, 3), 255, np.uint8)
@@ -438,12 +452,12 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
         x0, y0, x1, y1 = (int(row[k]) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
         crop = np.pad(instances[y0:y1, x0:x1] == row["instance_id"], 1)  # padded: outlines close
         geometry = _outline(crop, x + (x0 - 1) * scale, y + (y0 - 1) * scale, scale)
-        if geometry.is_empty:
+        if geometry is None:
             continue
         name = row["class"]
         features.append({
             "type": "Feature",
-            "geometry": mapping(geometry),
+            "geometry": geometry,
             "properties": {
                 "objectType": "detection",
                 "classification": {"name": name, "color": list(NUCLEUS_COLOURS.get(name, (128, 128, 128)))},
@@ -460,18 +474,25 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
     return features
 
 
-def _outline(mask: np.ndarray, x: float, y: float, scale: float):
-    """(Multi)Polygon of a boolean mask with a background border, whose pixel (r, c) has its
-    centre at level-0 (x + (c + 0.5)*scale, y + (r + 0.5)*scale); rings combine by the even-odd
-    rule, so holes and separate parts come out right."""
-    geometry = Polygon()
-    for contour in find_contours(mask.astype(np.uint8), 0.5):
-        if len(contour) < 4:
-            continue
-        coords = np.column_stack([x + (contour[:, 1] + 0.5) * scale, y + (contour[:, 0] + 0.5) * scale])
-        ring = Polygon(np.round(coords, 3))
-        geometry = geometry.symmetric_difference(shapely.make_valid(ring))
-    return shapely.simplify(geometry, CONTOUR_TOLERANCE * scale)
+def _outline(mask: np.ndarray, x: float, y: float, scale: float) -> dict | None:
+    """GeoJSON (Multi)Polygon of a boolean mask with a background border, whose pixel (r, c) has
+    its centre at level-0 (x + (c + 0.5)*scale, y + (r + 0.5)*scale); None if it has no area.
+    Several rings (holes, separate parts) combine by the even-odd rule."""
+    rings = [_ring(contour, x, y, scale) for contour in find_contours(mask.astype(np.uint8), 0.5)]
+    rings = [ring for ring in rings if len(ring) >= 4]
+    if len(rings) <= 1:
+        return {"type": "Polygon", "coordinates": [rings[0].tolist()]} if rings else None
+    parts = [shapely.make_valid(Polygon(ring)) for ring in rings]
+    geometry = functools.reduce(lambda a, b: a.symmetric_difference(b), parts)
+    return None if geometry.is_empty else mapping(geometry)
+
+
+def _ring(contour: np.ndarray, x: float, y: float, scale: float) -> np.ndarray:
+    """A closed find_contours ring in level-0 (x, y) without its collinear vertices (lossless)."""
+    points = contour[:-1, ::-1]  # (col, row); the last point repeats the first
+    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    corners = points[np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9]
+    return np.round((np.vstack([corners, corners[:1]]) + 0.5) * scale + (x, y), 3)
 
 
 def nuclei_geojson(features: Iterable[dict]) -> dict:
@@ -569,7 +590,7 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
             table.insert(0, "patch_id", row.patch_id)
             table["slide_x"] = row.x + (table["centroid_x"] + 0.5) * scale
             table["slide_y"] = row.y + (table["centroid_y"] + 0.5) * scale
-            table["primary"] = nearest.query(table[["slide_x", "slide_y"]].to_numpy().reshape(-1, 2), p=np.inf)[1] == position
+            table["primary"] = nearest.query(table[["slide_x", "slide_y"]].to_numpy(), p=np.inf)[1] == position
             features += nucleus_features(instances, table[table["primary"]], row.x, row.y, scale, row.mpp)
             tables.append(table)
     seconds = time.perf_counter() - started
@@ -585,6 +606,8 @@ def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path,
     (uint16 instances on each image's grid) and returns the per-nucleus table with an `image`
     column holding the stem."""
     paths = [Path(p) for p in paths]
+    if not paths:
+        raise NucleiError(f"no images to segment for {out_dir}; give PNG or TIFF files")
     stems = [p.stem for p in paths]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
@@ -594,7 +617,8 @@ def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path,
     with atomic_dir(out_dir) as tmp_dir:
         for path in tqdm(paths, desc="nuclei", unit="image", disable=not progress, mininterval=2):
             try:
-                rgb = np.asarray(Image.open(path).convert("RGB"))
+                with Image.open(path) as image:
+                    rgb = np.asarray(image.convert("RGB"))
             except OSError as err:
                 raise NucleiError(f"{path}: cannot read the image ({err}); give RGB PNG or TIFF files") from err
             instances, table = segment_patch(rgb, mpp, rgb.shape[:2], params, model)
@@ -602,8 +626,8 @@ def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path,
             table.insert(0, "image", path.stem)
             tables.append(table)
     seconds = time.perf_counter() - started
-    log.info("%d images segmented in %.1f s (%.1f images/s)", len(paths), seconds, len(paths) / max(seconds, 1e-9))
-    return pd.concat(tables, ignore_index=True) if tables else empty_table().assign(image=pd.Series(dtype=object))
+    log.info("%d images segmented in %.1f s (%.1f images/s)", len(paths), seconds, len(paths) / seconds)
+    return pd.concat(tables, ignore_index=True)
 
 
 def _write_instances(instances: np.ndarray, path: Path) -> None:
@@ -612,4 +636,5 @@ def _write_instances(instances: np.ndarray, path: Path) -> None:
 
 def read_instances(path: str | Path) -> np.ndarray:
     """A uint16 instance mask written by this module."""
-    return np.asarray(Image.open(path), dtype=np.uint16)
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.uint16)

@@ -12,17 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from histosynth.annotations import Region, RegionRasterizer, load_regions
-from histosynth.io import atomic_dir, atomic_file, write_table
+from histosynth.io import atomic_dir, atomic_file
 from histosynth.slides import Slide, TissueParams, detect_tissue
 
 log = logging.getLogger(__name__)
 
+INDEX_BATCH = 4096  # index rows per parquet row group
 PNG_COMPRESSION = 3  # zlib level: patches are written often and read rarely
 QC_MAX_SIDE = 1600  # longest side of the QC thumbnail in pixels
 QC_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
@@ -77,20 +79,11 @@ def window_origins(extent: int, window: float, stride: float) -> np.ndarray:
 
 
 class TissueMap:
-    """A low-resolution tissue mask and the lookups the window loop needs."""
+    """A low-resolution tissue mask and the per-window lookup the scan needs."""
 
     def __init__(self, mask: np.ndarray, scale: float):
         self.mask = mask
         self.scale = scale  # mask pixels per level-0 pixel
-        self._integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-
-    def any_in(self, x: float, y: float, extent: float) -> bool:
-        """Whether any tissue lies in the square level-0 window (cheap, used to skip background)."""
-        h, w = self.mask.shape
-        r0, c0 = int(y * self.scale), int(x * self.scale)
-        r1, c1 = min(h, math.ceil((y + extent) * self.scale)), min(w, math.ceil((x + extent) * self.scale))
-        ii = self._integral
-        return ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0] > 0
 
     def sample(self, x: float, y: float, extent: float, size: int) -> np.ndarray:
         """The tissue mask at the centres of a size x size patch over the level-0 window."""
@@ -137,9 +130,9 @@ def extract_slide(
     classes: dict[str, int] | None = None,
     mpp: float | None = None,
     progress: bool = True,
-) -> pd.DataFrame:
+) -> Path:
     """Cut one slide into patches under out_root/<slide>/ (images/, masks/), write the index
-    out_root/<slide>.parquet and the QC thumbnail out_root/<slide>.qc.png; return the index.
+    out_root/<slide>.parquet and the QC thumbnail out_root/<slide>.qc.png; return the index path.
     `config` is the validated workflow config (sections patches, classes, priority, annotations);
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
     `mpp` overrides the slide's recorded resolution."""
@@ -158,22 +151,48 @@ def extract_slide(
         ys = window_origins(slide.dimensions[1], extent, step)
         if not len(xs) or not len(ys):
             raise PatchError(f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)")
-        with atomic_dir(out_root / slide_name) as tmp_dir:
-            rows, counts = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, slide_name, progress)
-            if not rows:
+        index_path = out_root / f"{slide_name}.parquet"
+        with atomic_dir(out_root / slide_name) as tmp_dir, atomic_file(index_path) as index_tmp:
+            counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
+            rows = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, slide_name, progress, counts)
+            kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, split=split)
+            if not len(kept_xy):
                 raise PatchError(_no_patch_message(image, params, counts))
-        index = pd.DataFrame(rows)
-        index["slide_mpp"] = slide.mpp
-        index["split"] = split
-        write_table(index, out_root / f"{slide_name}.parquet")
         with atomic_file(out_root / f"{slide_name}.qc.png") as qc_tmp:
-            qc_thumbnail(slide, tissue, index, regions, extent, classes).save(qc_tmp, format="PNG")
+            qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes).save(qc_tmp, format="PNG")
     seconds = time.perf_counter() - started
     log.info(
         "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
-        slide_name, len(index), counts["windows"], counts["tissue"], params.min_tissue, seconds, len(index) / seconds,
+        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params.min_tissue, seconds, len(kept_xy) / seconds,
     )
-    return index
+    return index_path
+
+
+def _write_index(rows, path: Path, **constant_columns) -> np.ndarray:
+    """Stream index rows (plus constant columns) into a parquet file in row groups, so memory
+    does not grow with the number of patches; return the kept windows' (x, y) origins."""
+    writer, batch, kept = None, [], []
+    try:
+        for row in rows:
+            row.update(constant_columns)
+            batch.append(row)
+            kept.append((row["x"], row["y"]))
+            if len(batch) == INDEX_BATCH:
+                writer = _flush(writer, batch, path)
+        if batch:
+            writer = _flush(writer, batch, path)
+    finally:
+        if writer is not None:
+            writer.close()
+    return np.asarray(kept, np.int64).reshape(-1, 2)
+
+
+def _flush(writer, batch: list[dict], path: Path):
+    table = pa.Table.from_pylist(batch)
+    writer = writer or pq.ParquetWriter(path, table.schema)
+    writer.write_table(table)
+    batch.clear()
+    return writer
 
 
 def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], config: dict):
@@ -196,19 +215,16 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     return regions, labels, outline
 
 
-def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, slide_name, progress):
-    """Slide the window over the grid; write kept patches into out_dir; return index rows and counts."""
-    counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
+def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, slide_name, progress, counts):
+    """Slide the window over the grid, write kept patches into out_dir and yield their index rows;
+    `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
     target = classes.get(params.target_class) if params.target_class else None
     level = slide.level_for(params.mpp)
     (out_dir / "images").mkdir()
     (out_dir / "masks").mkdir()
-    rows = []
     empty_mask = np.zeros((params.size, params.size), np.uint8)
     for y in tqdm(ys, desc=f"{slide_name}: window rows", unit="row", disable=not progress, mininterval=2):
         for x in xs:
-            if not tissue.any_in(x, y, extent):
-                continue
             tissue_fraction = float(tissue.sample(x, y, extent, params.size).mean())
             counts["max_tissue"] = max(counts["max_tissue"], tissue_fraction)
             if tissue_fraction < params.min_tissue:
@@ -237,8 +253,7 @@ def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_di
                 "tissue_fraction": tissue_fraction,
             }
             row.update({fraction_column(c): float((mask == i).mean()) for c, i in classes.items()})
-            rows.append(row)
-    return rows, counts
+            yield row
 
 
 def _no_patch_message(image, params: PatchParams, counts: dict) -> str:
@@ -256,7 +271,7 @@ def _no_patch_message(image, params: PatchParams, counts: dict) -> str:
     return message + "."
 
 
-def qc_thumbnail(slide: Slide, tissue: TissueMap, index: pd.DataFrame, regions: list[Region],
+def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: list[Region],
                  extent: float, classes: dict[str, int]) -> Image.Image:
     """Slide thumbnail (longest side QC_MAX_SIDE at most) with the detected tissue's contour,
     kept windows and annotated regions drawn over it, and a legend."""
@@ -267,7 +282,7 @@ def qc_thumbnail(slide: Slide, tissue: TissueMap, index: pd.DataFrame, regions: 
     contour_layer = Image.fromarray(contour).resize(canvas.size, Image.Resampling.NEAREST)
     canvas.paste((0, 160, 0), mask=contour_layer)
     draw = ImageDraw.Draw(canvas)
-    for x, y in zip(index["x"], index["y"]):
+    for x, y in kept_xy:
         draw.rectangle([x * to_px, y * to_px, (x + extent) * to_px, (y + extent) * to_px], outline=(255, 200, 0))
     colour_of = {name: QC_COLOURS[(i - 1) % len(QC_COLOURS)] for name, i in classes.items()}
     for region in regions:

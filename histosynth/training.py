@@ -64,7 +64,8 @@ TRAIN_DEFAULTS: dict = {
 RESUME_IGNORED = frozenset({
     "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.num_workers", "train.device", "train.sample_every", "train.sample_count",
-    "train.sample_steps", "train.sample_sampler", "autoencoder.path",
+    "train.sample_steps", "train.sample_sampler", "train.sample_guidance", "autoencoder.path",
+    "scale_items", "val_items",
 })
 BASE_COLUMNS = ("step", "epoch", "loss", "lr", "seconds", "samples_per_s")
 
@@ -381,7 +382,8 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
     loss_log = LossLog(out / "loss.csv", extra_columns, resume_step=progress.step if found else None) if main else None
 
     # the loop
-    bar = tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     window: dict[str, list[float]] = {}
     window_start, window_samples, first_size = time.perf_counter(), 0, None
     model.train()
@@ -495,6 +497,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", help="checkpoint folder (default OUT/checkpoints); keep it outside "
                                          "Snakemake outputs so that a rerun can resume")
     p.add_argument("--log", help="log file (default: stderr)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
     if stage == "diffusion":
         p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
     args = parser.parse_args(argv)
@@ -504,6 +507,8 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
         log_to(args.log)
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = yaml.safe_load(Path(args.config).read_text()) or {}
     factory = _factory(args.dataset)
     data = factory(args.index, "train", config)

@@ -8,6 +8,11 @@ from histosynth.config import load_config
 from histosynth.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
 
 
+def extract(*args, **kwargs) -> pd.DataFrame:
+    """Run the extraction and read back the index it wrote."""
+    return pd.read_parquet(extract_slide(*args, **kwargs))
+
+
 @pytest.fixture
 def config():
     config = load_config()
@@ -40,7 +45,7 @@ def test_fraction_column_names():
 def test_extraction_keeps_tissue_windows_and_labels_them(square_slide, config, tmp_path):
     slide, geojson = square_slide
     out = tmp_path / "patches"
-    index = extract_slide(slide, geojson, out, slide_name="sq", split="val", config=config, progress=False)
+    index = extract(slide, geojson, out, slide_name="sq", split="val", config=config, progress=False)
     # stroma square [256, 768)^2 at 64 px windows: an 8 x 8 grid, every window all tissue
     assert len(index) == 64
     assert index["x"].between(256, 768 - 64).all() and index["y"].between(256, 768 - 64).all()
@@ -62,17 +67,17 @@ def test_extraction_keeps_tissue_windows_and_labels_them(square_slide, config, t
 
 def test_min_tissue_boundary_in_extraction(square_slide, config, tmp_path):
     config["patches"]["stride"] = 16  # 32 level-0 px steps: windows straddling the edge hold exactly half tissue
-    index = extract_slide(*square_slide, tmp_path / "a", slide_name="sq", split="train", config=config, progress=False)
+    index = extract(*square_slide, tmp_path / "a", slide_name="sq", split="train", config=config, progress=False)
     assert index["tissue_fraction"].min() == 0.5
     config["patches"]["min_tissue"] = 0.51
-    stricter = extract_slide(*square_slide, tmp_path / "b", slide_name="sq", split="train", config=config, progress=False)
+    stricter = extract(*square_slide, tmp_path / "b", slide_name="sq", split="train", config=config, progress=False)
     assert stricter["tissue_fraction"].min() > 0.5
     assert len(stricter) == (index["tissue_fraction"] > 0.5).sum()
 
 
 def test_target_class_filter(square_slide, config, tmp_path):
     config["patches"].update(target_class="Blood vessel", min_label=0.1)
-    index = extract_slide(*square_slide, tmp_path, slide_name="sq", split="train", config=config, progress=False)
+    index = extract(*square_slide, tmp_path, slide_name="sq", split="train", config=config, progress=False)
     assert len(index) == 4 and (index["frac_blood_vessel"] >= 0.1).all()
 
 
@@ -95,7 +100,7 @@ def test_annotations_outside_the_slide_are_clipped(tmp_path, config, caplog):
     rgb[:, 256:] = (214, 120, 170)
     slide = write_tiled_tiff(tmp_path / "edge.tiff", rgb)
     geojson = write_geojson(tmp_path / "edge.geojson", [feature("Fat", square(448, 0, 700, 512))])
-    index = extract_slide(slide, geojson, tmp_path / "out", slide_name="edge", split="train", config=config, progress=False)
+    index = extract(slide, geojson, tmp_path / "out", slide_name="edge", split="train", config=config, progress=False)
     assert "clip" in caplog.text.lower()
     assert (index["x"] + 64 <= 512).all() and (index["y"] + 64 <= 512).all()
     assert index.loc[index["x"] == 448, "frac_fat"].eq(1.0).all()
@@ -106,7 +111,7 @@ def test_annotated_pale_regions_count_as_tissue(tmp_path, config):
     rgb[:, :256] = (214, 120, 170)  # stroma on the left; the right half is pale like fat
     slide = write_tiled_tiff(tmp_path / "fat.tiff", rgb)
     geojson = write_geojson(tmp_path / "fat.geojson", [feature("Fat", square(256, 0, 384, 512))])
-    index = extract_slide(slide, geojson, tmp_path / "out", slide_name="fat", split="train", config=config, progress=False)
+    index = extract(slide, geojson, tmp_path / "out", slide_name="fat", split="train", config=config, progress=False)
     fat = index[index["x"].between(256, 320)]
     assert len(fat) == 16 and (fat["tissue_fraction"] == 1.0).all() and (fat["frac_fat"] == 1.0).all()
     assert not (index["x"] >= 384).any()  # unannotated glass stays out
