@@ -79,9 +79,9 @@ def conditioning_channels(encoded: np.ndarray, n_region_classes: int, n_nucleus_
         raise ValueError(f"expected an encoded map (H, W, 3) or a batch (N, H, W, 3), got shape {encoded.shape}")
     parts = []
     if use_regions:
-        parts.append(_one_hot(encoded[..., 0], 0, n_region_classes, f"region class index above n_region_classes={n_region_classes}"))
+        parts.append(_one_hot(encoded[..., 0], 0, n_region_classes, f"a region class above n_region_classes={n_region_classes}"))
     if use_nuclei:
-        parts.append(_one_hot(encoded[..., 1], 1, n_nucleus_classes, f"nucleus class index above n_nucleus_classes={n_nucleus_classes}"))
+        parts.append(_one_hot(encoded[..., 1], 1, n_nucleus_classes, f"a nucleus class above n_nucleus_classes={n_nucleus_classes}"))
     if use_boundaries:
         parts.append((encoded[..., None, :, :, 2] > 0).astype(np.float32))
     if not parts:
@@ -106,7 +106,7 @@ def read_conditioning(path: str | Path) -> np.ndarray:
     """Read an encoded map (H, W, 3) uint8."""
     with Image.open(path) as image:
         if image.mode != "RGB":
-            raise ValueError(f"{path}: a conditioning map is an RGB PNG, found mode {image.mode}; rebuild it with the conditioning rule")
+            raise ValueError(f"{path}: a conditioning map is an RGB PNG, found mode {image.mode}; rebuild it (rule conditioning)")
         return np.asarray(image)
 
 

@@ -196,6 +196,8 @@ def guided_noise(model, x_t, t, cond, labels=None, guidance: float = 1.0) -> tor
     if num_classes(model):
         null = torch.full((len(x_t),), num_classes(model), device=x_t.device, dtype=torch.long)
         labels = null if labels is None else labels
+    t = torch.as_tensor(t, device=x_t.device)
+    t = t.repeat(2) if t.numel() > 1 else t
     eps = predict_noise(model, torch.cat([x_t, x_t]), t, torch.cat([cond, torch.zeros_like(cond)]),
                         None if null is None else torch.cat([labels, null]))
     conditional, unconditional = eps.chunk(2)

@@ -42,10 +42,12 @@ def _overlaps(truth: np.ndarray, pred: np.ndarray) -> _Overlaps:
     pair_truth, pair_pred = np.divmod(keys, len(pred_ids))
     # Drop the background (id 0) from the instance lists and renumber the pairs accordingly.
     t0, p0 = int(truth_ids.size > 0 and truth_ids[0] == 0), int(pred_ids.size > 0 and pred_ids[0] == 0)
-    return _Overlaps(truth_ids[t0:], pred_ids[p0:], truth_area[t0:], pred_area[p0:], pair_truth - t0, pair_pred - p0, intersection)
+    return _Overlaps(truth_ids[t0:], pred_ids[p0:], truth_area[t0:], pred_area[p0:],
+                     pair_truth - t0, pair_pred - p0, intersection)
 
 
-def match_instances(truth: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> tuple[int, int, int, list[tuple[int, int, float]]]:
+def match_instances(truth: np.ndarray, pred: np.ndarray,
+                    iou_threshold: float = 0.5) -> tuple[int, int, int, list[tuple[int, int, float]]]:
     """One-to-one matching of truth and predicted instances (integer label images, 0 = none).
 
     Pairs with IoU > iou_threshold are matched greedily from the highest IoU down. For a

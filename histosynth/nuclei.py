@@ -157,7 +157,8 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     if np.ptp(clipped) > 0:
         threshold = max(threshold, float(threshold_otsu(clipped)))
     cores = smooth > threshold
-    grown, _ = ndi.label(apply_hysteresis_threshold(smooth, max(params.min_hematoxylin, params.hysteresis * threshold), threshold))
+    low = max(params.min_hematoxylin, params.hysteresis * threshold)
+    grown, _ = ndi.label(apply_hysteresis_threshold(smooth, low, threshold))
     bled = np.bincount(grown.ravel()) * mpp * mpp > params.max_area_um2  # grew into cytoplasm
     bled[0] = False
     nuclear = np.where(bled[grown], cores, grown > 0)
@@ -243,6 +244,7 @@ def _moment_shape(instances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, n
     rows, cols = np.indices(instances.shape, dtype=np.float64)
     flat, size = instances.ravel(), int(instances.max()) + 1
     m00 = np.bincount(flat, minlength=size)[ids]
+
     def mean(values):
         return np.bincount(flat, values.ravel(), size)[ids] / m00
     cy, cx = mean(rows), mean(cols)
@@ -279,7 +281,9 @@ def load_detector(path: str | Path, device: str = "cpu") -> NucleiModel:
 
     path = Path(path)
     if not path.is_file():
-        raise NucleiError(f"{path}: no such nuclei model file; set nuclei.model to a TorchScript file, or to null for the classical detector")
+        raise NucleiError(
+            f"{path}: no such nuclei model file; set nuclei.model to a TorchScript file, or to null for the classical detector"
+        )
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
@@ -359,7 +363,7 @@ def _run_model(model: NucleiModel, window: np.ndarray) -> tuple[np.ndarray, list
     except (RuntimeError, TypeError, ValueError, AttributeError) as err:
         raise NucleiError(
             f"{model.path}: failed on a (1, 3, {window.shape[0]}, {window.shape[1]}) input or returned something other "
-            f"than (instances, classes, scores) ({str(err).splitlines()[0]}); see histosynth.nuclei.load_detector for the contract"
+            f"than (instances, classes, scores) ({str(err).splitlines()[0]}); the contract is in histosynth.nuclei.load_detector"
         ) from err
     if instances.shape != window.shape[:2] or len(scores) != len(classes) or instances.max(initial=0) > len(classes):
         raise NucleiError(
@@ -394,14 +398,16 @@ def _note_classical_detector() -> None:
     log.info("nuclei.model is not set: using the classical detector (colour deconvolution + watershed, heuristic classes)")
 
 
-def detect(rgb: np.ndarray, mpp: float, params: NucleiParams, model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def detect(rgb: np.ndarray, mpp: float, params: NucleiParams,
+           model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Instances and table for an RGB image at `mpp`: the learned model when given (the image
     should then be at params.model_mpp), else the classical detector."""
     if model is None:
         _note_classical_detector()
         return detect_nuclei(rgb, mpp, params)
     if not math.isclose(mpp, params.model_mpp, rel_tol=0.05):
-        log.warning("%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample", model.path, params.model_mpp, mpp)
+        log.warning("%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample",
+                    model.path, params.model_mpp, mpp)
     return detect_with_model(rgb, model, params)
 
 
@@ -521,13 +527,15 @@ class NucleusRasterizer:
                 continue
             self._shapes.append(geometry)
             classification = (feature.get("properties") or {}).get("classification") or {}
-            self.classes.append(classification.get("name", "other") if isinstance(classification, dict) else str(classification))
+            name = classification.get("name", "other") if isinstance(classification, dict) else str(classification)
+            self.classes.append(name)
         if skipped:
             log.warning("skipped %d nucleus feature(s) without polygon geometry", skipped)
         shapely.prepare(self._shapes)
         self._tree = shapely.STRtree(self._shapes)
 
-    def rasterize(self, x: float, y: float, width: float, height: float, out_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    def rasterize(self, x: float, y: float, width: float, height: float,
+                  out_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
         """uint16 instances of shape out_shape = (rows, cols) for the level-0 window
         [x, x+width) x [y, y+height), and the class name of each instance id (position id - 1).
         Pixel (r, c) belongs to the polygon containing its centre (as in RegionRasterizer); the

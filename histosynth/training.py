@@ -351,6 +351,7 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
     checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
     accelerator = accelerator or make_accelerator(s)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    run_config = {**run_config, "processes": world}  # the data shards and RNG streams depend on it
 
     # data
     check_dataset(dataset)

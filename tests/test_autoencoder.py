@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from histosynth.autoencoder import (
-    build_autoencoder, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, train_autoencoder,
+    build_autoencoder, main, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, train_autoencoder,
 )
 from histosynth.training import TrainingError
 from test_training import Shapes
@@ -28,7 +28,7 @@ def one_thread():
 def tiny(**over) -> dict:
     config = {"channels": [8, 16, 16], "norm_groups": 4, "codebook_size": 32, "latent_channels": 4, "factor": 4,
               "scale_items": 8, "val_items": 8,
-              "train": {"steps": 20, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100}}
+              "train": {"steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100}}
     return {**config, **over}
 
 
@@ -64,7 +64,7 @@ def test_training_reduces_the_loss_and_writes_model_csv_metrics_grid(tmp_path):
     summary = train_autoencoder(Shapes(n=12), tmp_path, tiny(), seed=0, val_dataset=Shapes(n=4))
     with open(tmp_path / "loss.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 20 and {"recon", "vq"} <= set(rows[0])
+    assert len(rows) == 12 and {"recon", "vq"} <= set(rows[0])
     first = sum(float(r["loss"]) for r in rows[:3]) / 3
     last = sum(float(r["loss"]) for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
@@ -107,3 +107,16 @@ def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
 def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(TrainingError, match="does not exist"):
         load_lpips(tmp_path / "missing.pth")
+
+
+def test_command_line_entry_point(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"seed": 1, "autoencoder": tiny(train={"steps": 1, "batch_size": 2})}))
+    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "test_training:shapes_factory",
+            "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt"), "--threads", "1"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["split"] == "val"
+    assert (tmp_path / "ckpt" / "step-1" / "trainer.pt").is_file() and not (tmp_path / "out" / "checkpoints").exists()
+    config.write_text(json.dumps({"autoencoder": tiny(norm_groups=5)}))
+    assert main(args) == 2
+    assert "norm_groups=5 must divide" in capsys.readouterr().err

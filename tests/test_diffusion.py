@@ -108,8 +108,9 @@ def test_guidance_one_is_the_conditional_prediction():
     model, x, cond = tiny_model(num_classes=2), torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(guided_noise(model, x, 5, cond, None, 1.0), predict_noise(model, x, 5, cond))
-        eps = guided_noise(model, x, 5, cond, torch.tensor([1, 0]), 3.0)
-        c, u = predict_noise(model, x, 5, cond, torch.tensor([1, 0])), predict_noise(model, x, 5, torch.zeros_like(cond))
+        t = torch.tensor([5, 800])
+        eps = guided_noise(model, x, t, cond, torch.tensor([1, 0]), 3.0)
+        c, u = predict_noise(model, x, t, cond, torch.tensor([1, 0])), predict_noise(model, x, t, torch.zeros_like(cond))
     torch.testing.assert_close(eps, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
 
 

@@ -106,7 +106,8 @@ def test_heuristic_classes():
     rgb, _ = draw(shape, [disk((20, 20), 9, shape=shape), ellipse(20, 65, 3, 16, shape=shape)])
     rgb, _ = draw(shape, [disk((70, 40), 12, shape=shape)], colour=RED_CELL, base=rgb)
     instances, table = detect_nuclei(rgb, 0.25, NucleiParams())
-    by_position = {(round(y / 10), round(x / 10)): c for y, x, c in zip(table["centroid_y"], table["centroid_x"], table["class"])}
+    centres = zip(table["centroid_y"] / 10, table["centroid_x"] / 10, table["class"])
+    by_position = {(round(y), round(x)): name for y, x, name in centres}
     assert by_position == {(2, 2): "immune", (2, 6): "stromal", (7, 4): "blood"}
 
 
@@ -301,7 +302,8 @@ def test_segment_images(tmp_path):
     rgb, truth = draw((128, 128), discs(FIELD, 8, (128, 128)))
     Image.fromarray(rgb).save(tmp_path / "a.png")
     Image.fromarray(draw((64, 64), [])[0]).save(tmp_path / "b.tif")
-    table = segment_images([tmp_path / "a.png", tmp_path / "b.tif"], 0.25, tmp_path / "out", NucleiParams(mpp=0.25), progress=False)
+    paths = [tmp_path / "a.png", tmp_path / "b.tif"]
+    table = segment_images(paths, 0.25, tmp_path / "out", NucleiParams(mpp=0.25), progress=False)
     assert detection_f1(truth, read_instances(tmp_path / "out" / "a.png"))["f1"] >= 0.9
     assert not read_instances(tmp_path / "out" / "b.png").any()
     assert set(table["image"]) == {"a"} and len(table) == read_instances(tmp_path / "out" / "a.png").max()
