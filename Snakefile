@@ -20,6 +20,7 @@ wildcard_constraints:
 
 include: "workflow/rules/slides.smk"
 include: "workflow/rules/patches.smk"
+include: "workflow/rules/nuclei.smk"
 
 
 rule all:

@@ -10,6 +10,7 @@ boundary pixels, else 0.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.io import atomic_dir
+from histosynth.io import atomic_dir, write_table
 from histosynth.nuclei import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
 from histosynth.patches import PNG_COMPRESSION, QC_COLOURS
 
@@ -148,3 +149,15 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
             write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
     log.info("%d conditioning maps in %.1f s", len(index), time.perf_counter() - started)
     return len(index)
+
+
+def write_conditioning_index(index: pd.DataFrame, maps_dir: str | Path, path: str | Path) -> None:
+    """Write the conditioning index: the slide's patch index rows (absolute paths, as
+    histosynth.io.read_patch_index gives them) plus a `conditioning` column, every path stored
+    relative to the new table's folder."""
+    path = Path(path)
+    table = index.copy()
+    table["conditioning"] = [str(Path(maps_dir) / f"{patch_id}.png") for patch_id in table["patch_id"]]
+    for column in ("image", "mask", "conditioning"):
+        table[column] = [os.path.relpath(p, path.parent) for p in table[column]]
+    write_table(table, path)

@@ -48,10 +48,11 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
-def read_patch_index(path: str | Path) -> pd.DataFrame:
-    """Read a patch index and make its image/mask paths absolute (they are stored relative to it)."""
+def read_patch_index(path: str | Path, columns: tuple[str, ...] = ("image", "mask")) -> pd.DataFrame:
+    """Read a patch index (or a table derived from one) and make its file columns absolute:
+    they are stored relative to the table's folder."""
     path = Path(path)
     df = pd.read_parquet(path)
-    for column in ("image", "mask"):
+    for column in columns:
         df[column] = [str(path.parent / p) for p in df[column]]
     return df

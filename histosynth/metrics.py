@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from histosynth.nuclei import NucleusRasterizer, read_instances
 
 
 @dataclass(frozen=True)
@@ -145,3 +149,20 @@ def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshol
         "dice": 2 * overlap / total if total else 1.0,
         "images": images,
     }
+
+
+def score_nuclei_stage(index: pd.DataFrame, pred_dir: str | Path, truth: dict, iou_threshold: float = 0.5) -> dict:
+    """Score the nuclei stage's instance masks (pred_dir/<patch_id>.png) of one slide's patches
+    (histosynth.io.read_patch_index) against ground-truth nucleus polygons in level-0
+    coordinates (a GeoJSON FeatureCollection, e.g. a demo slide's or a QuPath export), each
+    rasterised on the patch grid with the same pixel-centre rule; pooled as score_instances."""
+    rasterizer = NucleusRasterizer(truth)
+    pred_dir = Path(pred_dir)
+
+    def pairs():
+        for row in index.itertuples(index=False):
+            extent = row.size * row.mpp / row.slide_mpp
+            expected, _ = rasterizer.rasterize(row.x, row.y, extent, extent, (row.size, row.size))
+            yield expected, read_instances(pred_dir / f"{row.patch_id}.png")
+
+    return score_instances(pairs(), iou_threshold)

@@ -49,6 +49,23 @@ def slide_mpp(wildcards):
     return float(mpp) if mpp else None
 
 
+def nuclei_inputs(wildcards):
+    """The patch index, the slide, and the learned detector when one is configured."""
+    inputs = {"index": f"results/patches/{wildcards.slide}.parquet", "image": slide_image(wildcards)}
+    if config["nuclei"]["model"]:
+        inputs["model"] = config["nuclei"]["model"]
+    return inputs
+
+
+def demo_slides():
+    """Slides rendered by rule demo_slides (their sheet row points at results/demo/<slide>.tiff)."""
+    return [name for name in SLIDES.index if SLIDES.loc[name, "image"] == f"{DEMO_DIR}/{name}.tiff"]
+
+
 def all_outputs():
     """The final targets of the workflow: one entry per stage that exists."""
-    return expand("results/patches/{slide}.parquet", slide=SLIDES.index)
+    return [
+        *expand("results/conditioning/{slide}.parquet", slide=SLIDES.index),
+        *expand("results/nuclei/{slide}.geojson", slide=SLIDES.index),
+        *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
+    ]

@@ -1,0 +1,61 @@
+"""Torch datasets over the workflow's tables: patches with their conditioning maps, as the
+autoencoder and diffusion trainings consume them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from histosynth.conditioning import conditioning_channels, read_conditioning
+from histosynth.io import read_patch_index
+from histosynth.patches import fraction_column
+
+
+def read_conditioning_index(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:
+    """Rows of conditioning indexes (patch index rows plus a `conditioning` path), paths made
+    absolute, restricted to one split when given."""
+    tables = [read_patch_index(path, columns=("image", "mask", "conditioning")) for path in paths]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return table[table["split"] == split].reset_index(drop=True) if split and len(table) else table
+
+
+def dominant_class(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Per row, 1 + the position of the region class covering most of the patch, 0 when none does;
+    the label of the diffusion model's class embedding (num_classes = len(classes) + 1)."""
+    fractions = table[[fraction_column(name) for name in classes]].to_numpy()
+    return np.where(fractions.max(axis=1) > 0, fractions.argmax(axis=1) + 1, 0)
+
+
+class PatchDataset(Dataset):
+    """Items {'image': (3, H, W) float in [-1, 1], 'cond': (C, H, W) float, 'label': int64}."""
+
+    def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict):
+        self.table = table.reset_index(drop=True)
+        self.n_regions = len(classes)
+        self.channels = {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")}
+        self.labels = dominant_class(self.table, classes) if len(self.table) else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.iloc[i]
+        with Image.open(row["image"]) as image:
+            pixels = np.asarray(image.convert("RGB"), np.float32)
+        cond = conditioning_channels(read_conditioning(row["conditioning"]), self.n_regions, **self.channels)
+        return {
+            "image": torch.from_numpy(pixels.transpose(2, 0, 1) / 127.5 - 1.0),
+            "cond": torch.from_numpy(cond),
+            "label": torch.tensor(self.labels[i], dtype=torch.int64),
+        }
+
+
+def patch_dataset(indexes: Sequence[str | Path], split: str, config: dict) -> PatchDataset:
+    """The training entry points' dataset factory: one split of the conditioning indexes."""
+    return PatchDataset(read_conditioning_index(indexes, split), config["classes"], config["conditioning"])

@@ -1,0 +1,15 @@
+"""Rule nuclei_masks: instance masks, per-nucleus table and GeoJSON for one slide's patches."""
+
+from histosynth.device import pick_device
+from histosynth.io import read_patch_index, write_table
+from histosynth.logs import log_to
+from histosynth.nuclei import NucleiParams, load_detector, segment_slide_patches, write_geojson
+
+log_to(snakemake.log[0])
+params = NucleiParams.from_config(snakemake.params.nuclei)
+model = load_detector(params.model, str(pick_device())) if params.model else None
+table, geojson = segment_slide_patches(
+    read_patch_index(snakemake.input.index), snakemake.input.image, snakemake.output.masks, params, model
+)
+write_table(table, snakemake.output.table)
+write_geojson(geojson, snakemake.output.geojson)

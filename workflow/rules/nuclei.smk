@@ -1,0 +1,71 @@
+rule nuclei_masks:
+    """Segment nuclei in every patch of a slide: instance masks, a per-nucleus table and a QuPath GeoJSON."""
+    input:
+        unpack(nuclei_inputs),
+    output:
+        masks=directory("results/nuclei/{slide}"),
+        table="results/nuclei/{slide}.parquet",
+        geojson="results/nuclei/{slide}.geojson",
+    log:
+        "logs/nuclei_masks/{slide}.log",
+    benchmark:
+        "results/benchmarks/nuclei_masks/{slide}.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=1 if config["nuclei"]["model"] else 0,
+        mem_mb=4000,
+        runtime=120,
+    params:
+        nuclei=config["nuclei"],
+    script:
+        "../../scripts/nuclei_masks.py"
+
+
+rule nuclei_quality:
+    """Score the nuclei stage against a slide's ground-truth nuclei (demo slides know where they drew them)."""
+    input:
+        index="results/patches/{slide}.parquet",
+        masks="results/nuclei/{slide}",
+        truth=f"{DEMO_DIR}/{{slide}}.nuclei.geojson",
+    output:
+        "results/nuclei/{slide}.quality.csv",
+    log:
+        "logs/nuclei_quality/{slide}.log",
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    script:
+        "../../scripts/nuclei_quality.py"
+
+
+rule conditioning_maps:
+    """Combine each patch's region labels and nuclei into the encoded conditioning map for synthesis."""
+    input:
+        index="results/patches/{slide}.parquet",
+        patches="results/patches/{slide}",
+        nuclei="results/nuclei/{slide}",
+        table="results/nuclei/{slide}.parquet",
+    output:
+        maps=directory("results/conditioning/{slide}"),
+        index="results/conditioning/{slide}.parquet",
+    log:
+        "logs/conditioning_maps/{slide}.log",
+    benchmark:
+        "results/benchmarks/conditioning_maps/{slide}.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    params:
+        conditioning=config["conditioning"],
+    script:
+        "../../scripts/conditioning_maps.py"
