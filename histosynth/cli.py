@@ -16,6 +16,7 @@ from histosynth.config import ConfigError, load_config, validated
 
 log = logging.getLogger("histosynth")
 DEFAULT_CONFIG = Path("config/config.yaml")
+IMAGE_SUFFIXES = {".png", ".tif", ".tiff"}
 
 
 def _config(args) -> dict:
@@ -97,6 +98,32 @@ def cmd_patches(args) -> None:
     print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
 
 
+def cmd_nuclei(args) -> None:
+    from histosynth.device import pick_device
+    from histosynth.io import read_patch_index, write_table
+    from histosynth.nuclei import NucleiError, NucleiParams, load_detector, segment_images
+
+    config = _config(args)
+    if args.model:
+        config["nuclei"]["model"] = args.model
+    params = NucleiParams.from_config(config["nuclei"])
+    source = Path(args.input)
+    if source.suffix == ".parquet":
+        index = read_patch_index(source)
+        paths, mpp = index["image"].tolist(), args.mpp or float(index["mpp"].iloc[0])
+    elif source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if args.mpp is None:
+            raise NucleiError(f"{source}: give the images' resolution with --mpp (microns per pixel)")
+        mpp = args.mpp
+    else:
+        raise NucleiError(f"{source}: expected a folder of PNG/TIFF images or a patch index (.parquet)")
+    model = load_detector(params.model, str(pick_device())) if params.model else None
+    table = segment_images(paths, mpp, args.out, params, model)
+    write_table(table, Path(args.out) / "nuclei.parquet")
+    print(f"{len(table)} nuclei in {len(paths)} images -> {args.out}/<stem>.png, {args.out}/nuclei.parquet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histosynth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-class", help="class that must reach --min-label (config patches.target_class)")
     p.add_argument("--classes", type=_parse_classes, help="label classes as NAME=INDEX,... (config classes)")
     p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("nuclei", help="segment nuclei: uint16 instance masks per image and a per-nucleus table")
+    p.add_argument("input", help="a folder of RGB images (PNG/TIFF) or a patch index (.parquet)")
+    p.add_argument("--out", required=True, help="output folder: <stem>.png per image and nuclei.parquet")
+    p.add_argument("--mpp", type=float, help="microns per pixel of the images (a patch index knows its own)")
+    p.add_argument("--model", help="TorchScript detector (config nuclei.model); default: the classical detector")
+    p.add_argument("--config", help="config file for defaults (section nuclei)")
+    p.set_defaults(func=cmd_nuclei)
     return parser
 
 
@@ -138,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from histosynth.annotations import AnnotationError
+    from histosynth.nuclei import NucleiError
     from histosynth.patches import PatchError
     from histosynth.slides import SlideError
 
     try:
         args.func(args)
-    except (ConfigError, SlideError, AnnotationError, PatchError) as err:
+    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError) as err:
         print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

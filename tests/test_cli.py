@@ -46,3 +46,30 @@ def test_invalid_geojson_names_the_file(square_slide, tmp_path, capsys):
 def test_bad_classes_option():
     with pytest.raises(SystemExit):
         main(["patches", "x.svs", "--out", "o", "--classes", "Fat=0"])
+
+
+def test_nuclei_command_on_a_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from histosynth.nuclei import read_instances
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rgb = np.full((64, 64, 3), (214, 120, 170), np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in [(16, 16), (44, 40)]:
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = (80, 40, 130)  # 12 px discs: 6 um at 0.5 mpp
+    Image.fromarray(rgb).save(images / "p1.png")
+    Image.fromarray(np.full((64, 64, 3), (214, 120, 170), np.uint8)).save(images / "empty.png")
+    assert main(["nuclei", str(images), "--out", str(tmp_path / "out"), "--mpp", "0.5"]) == 0
+    assert read_instances(tmp_path / "out/p1.png").max() == 2
+    assert read_instances(tmp_path / "out/empty.png").max() == 0
+    table = pd.read_parquet(tmp_path / "out/nuclei.parquet")
+    assert set(table["image"]) == {"p1"} and len(table) == 2
+    assert "2 nuclei in 2 images" in capsys.readouterr().out
+
+
+def test_nuclei_command_needs_mpp_for_a_folder(tmp_path, capsys):
+    assert main(["nuclei", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "--mpp" in capsys.readouterr().err

@@ -51,6 +51,27 @@ def test_every_label_class_appears_somewhere(tiny_run):
         assert index[column].max() > 0.5, column
 
 
+def test_nuclei_and_conditioning_maps(tiny_run):
+    import json
+
+    from histosynth.conditioning import read_conditioning
+    from histosynth.nuclei import read_instances
+
+    patches = pd.read_parquet(tiny_run / "results/patches/tiny_a.parquet")
+    nuclei = pd.read_parquet(tiny_run / "results/nuclei/tiny_a.parquet")
+    assert set(nuclei["patch_id"]) <= set(patches["patch_id"]) and len(nuclei) > 100
+    for patch_id in patches["patch_id"][:5]:
+        assert read_instances(tiny_run / f"results/nuclei/tiny_a/{patch_id}.png").shape == (32, 32)
+    geojson = json.loads((tiny_run / "results/nuclei/tiny_a.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) > 100
+    conditioning = pd.read_parquet(tiny_run / "results/conditioning/tiny_a.parquet")
+    assert len(conditioning) == len(patches)
+    encoded = read_conditioning(tiny_run / "results/conditioning" / conditioning["conditioning"].iloc[0])
+    assert encoded.shape == (32, 32, 3)
+    quality = pd.read_csv(tiny_run / "results/nuclei/tiny_a.quality.csv").set_index("metric")["value"]
+    assert quality["f1"] > 0.3 and quality["images"] == len(patches)
+
+
 def test_logs_and_benchmarks_written(tiny_run):
     log = (tiny_run / "logs/extract_patches/tiny_a.log").read_text()
     assert "kept" in log and "patches/s" in log

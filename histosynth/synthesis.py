@@ -1,0 +1,468 @@
+"""Stages synthesize and inpaint: synthetic patches from a trained diffusion model, with provenance.
+
+synthesize: n images generated from the conditioning maps of training patches (optionally only
+patches containing a target class), with DDPM, DDIM or DPM-Solver++ through diffusion.sample.
+
+inpaint: RePaint (Lugmayr et al. 2022; seed 002, 6.3.3 and 6.6.1.2). A target-class region is
+taken from a donor patch's mask (a random training patch containing the class; the region keeps
+its location) and pasted into a clean-tissue patch (no target class): into its label mask, and
+into its conditioning map, where the region channel becomes the class inside the region and the
+nucleus channels (class, boundary) are cleared there, so the model draws new nuclei for the new
+tissue. Only the region is regenerated: at every step the known pixels come from the source
+noised to that step, the unknown from the model, with resampling jumps (jump_length steps back
+in time, jump_n_sample times) so both parts harmonise. In latent space the region is
+downsampled to the latent grid (any covered pixel) and dilated by `latent_dilation` latent
+pixels, so the seam lies inside the regenerated area; after decoding, the source pixels are
+pasted back outside the pixel-space region. In both spaces the pixels outside the region are
+the source's bytes.
+
+Outputs in out_dir: images/<id>.png (RGB), masks/<id>.png (uint8 region classes),
+conditioning/<id>.png (encoded map), manifest.parquet (one row per image; paths relative to it),
+grid_<class>.png (rows: real patch, conditioning preview, synthetic patch).
+Deterministic given the seed: image i uses its own generator seeded derive_seed(seed, mode, i).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from histosynth.autoencoder import content_hash, decode, encode, latent_factor
+from histosynth.conditioning import conditioning_channels, preview, read_conditioning, write_conditioning
+from histosynth.datasets import dominant_class
+from histosynth.device import autocast, derive_seed
+from histosynth.diffusion import Diffusion, guided_noise, make_sampler, num_classes, resize_cond, sample
+from histosynth.io import atomic_dir, write_table
+from histosynth.patches import PNG_COMPRESSION, fraction_column
+from histosynth.training import merged, save_grid, to_uint8
+
+log = logging.getLogger("histosynth.synthesis")
+
+MODES = ("synth", "inpaint")
+MANIFEST = "manifest.parquet"
+SPLIT = "synthetic"
+DONORS = ("random",)
+
+# The `synthesis` config section (demo values); PRESETS hold the tiny and thesis overrides.
+DEFAULTS: dict = {
+    "batch_size": 8,            # images per sampling batch
+    "grid_per_class": 8,        # columns of each grid_<class>.png (0: no grids)
+    "synthesize": {
+        "n": 64,                # images to generate
+        "target_class": None,   # only from training patches containing this class; null: any patch
+        "sampler": "ddim",      # ddpm | ddim | dpmsolver++
+        "steps": 50,
+        "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
+    },
+    "inpaint": {
+        "n": 32,
+        "target_class": None,   # class painted into clean-tissue patches (required)
+        "steps": 50,            # denoising steps before resampling (RePaint's T)
+        "jump_length": 10,      # RePaint j: steps re-noised per jump
+        "jump_n_sample": 5,     # RePaint r: times each jump is taken (1: no resampling)
+        "eta": 1.0,             # 1: DDPM posterior noise (RePaint); 0: DDIM-like
+        "guidance": 1.0,
+        "donor": "random",      # random: a random training patch containing the class, region at the same location
+        "donor_min_fraction": 0.0,  # donors need frac_<target_class> above this
+        "grow": 0,              # pixels the regenerated area extends beyond the pasted region
+        "latent_dilation": 1,   # latent space: latent pixels the regenerated area is dilated by
+    },
+}
+
+PRESETS: dict = {
+    "tiny": {"batch_size": 4, "grid_per_class": 2,
+             "synthesize": {"n": 4, "steps": 2},
+             "inpaint": {"n": 4, "steps": 4, "jump_length": 2, "jump_n_sample": 2}},
+    "demo": {},
+    "thesis": {"batch_size": 16, "synthesize": {"n": 10_000, "sampler": "ddpm", "steps": 1000},
+               "inpaint": {"n": 10_000, "steps": 250, "jump_length": 10, "jump_n_sample": 10}},
+}
+
+
+class SynthesisError(ValueError):
+    """Sources, classes or model that cannot produce the requested synthetic set."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+def classes_present(sources: pd.DataFrame, classes: Sequence[str]) -> list[str]:
+    """The classes with pixels in at least one source mask."""
+    return [name for name in classes if fraction_column(name) in sources and (sources[fraction_column(name)] > 0).any()]
+
+
+def _class_index(sources: pd.DataFrame, classes: Sequence[str], target_class: str) -> int:
+    """1 + the position of target_class; an error when it is not configured or in no source mask."""
+    if target_class not in classes:
+        raise SynthesisError(f"target class {target_class!r} is not one of the configured classes {list(classes)}")
+    if not classes_present(sources, [target_class]):
+        raise SynthesisError(f"target class {target_class!r} is absent from all {len(sources)} training masks; "
+                             f"classes present: {classes_present(sources, classes) or 'none'}")
+    return list(classes).index(target_class) + 1
+
+
+def _choose(rng: np.random.Generator, n: int, available: int, what: str) -> np.ndarray:
+    """n row positions: without replacement when there are enough, else with (and a warning)."""
+    if available == 0:
+        raise SynthesisError(f"no {what} to synthesize from")
+    if n <= available:
+        return rng.permutation(available)[:n]
+    log.warning("%d images requested but only %d %s: sampling them with replacement", n, available, what)
+    return rng.integers(available, size=n)
+
+
+def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
+    needed = ["patch_id", "image", "mask", "conditioning", *map(fraction_column, classes)]
+    missing = [c for c in needed if c not in sources]
+    if missing:
+        raise SynthesisError(f"the source table lacks columns {missing}; pass conditioning index rows "
+                             "(histosynth.datasets.read_conditioning_index)")
+
+
+def _read_array(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def _read_rgb(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _to_model(pixels: np.ndarray, device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+
+
+# ----------------------------------------------------------------------------- model
+
+def model_record(model_path: str | Path | None) -> tuple[str, str]:
+    """(path, content hash) of a saved model folder for the manifest; ('', '') without one."""
+    if model_path is None:
+        return "", ""
+    path = Path(model_path)
+    return str(model_path), content_hash(path) if path.is_dir() else ""
+
+
+class _Runner:
+    """What both modes need from a loaded model: device, space, conditioning channels, labels."""
+
+    def __init__(self, diffusion: Diffusion, classes: Sequence[str], conditioning_cfg: Mapping):
+        self.model, self.autoencoder, meta = diffusion.model, diffusion.autoencoder, diffusion.meta
+        self.space = meta.get("space", "pixel")
+        if self.space == "latent" and self.autoencoder is None:
+            raise SynthesisError("this is a latent-space diffusion model but no autoencoder was loaded with it; "
+                                 "load it with histosynth.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)")
+        self.device = next(self.model.parameters()).device
+        self.n_regions = len(classes)
+        self.channels = {f"use_{key}": bool(conditioning_cfg.get(key, True)) for key in ("regions", "nuclei", "boundaries")}
+        self.expected = meta.get("cond_channels")
+        self.size = meta.get("image_size")
+        self.num_classes = num_classes(self.model)
+        self.autoencoder_hash = (meta.get("autoencoder") or {}).get("sha256", "") if self.space == "latent" else ""
+
+    def cond(self, encoded: list[np.ndarray]) -> torch.Tensor:
+        cond = torch.from_numpy(conditioning_channels(np.stack(encoded), self.n_regions, **self.channels))
+        if self.expected is not None and cond.shape[1] != self.expected:
+            raise SynthesisError(f"the conditioning settings give {cond.shape[1]} channels {self.channels} for "
+                                 f"{self.n_regions} region classes, but the model was trained on {self.expected}; "
+                                 "use the classes and conditioning settings the model was trained with")
+        if self.size is not None and list(cond.shape[-2:]) != list(self.size):
+            raise SynthesisError(f"source patches are {tuple(cond.shape[-2:])} px but the model was trained on "
+                                 f"{tuple(self.size)} px patches")
+        return cond.to(self.device)
+
+    def labels(self, labels: np.ndarray) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        if labels.max(initial=0) >= self.num_classes:
+            raise SynthesisError(f"dominant-class label {int(labels.max())} is outside the model's class embedding "
+                                 f"(num_classes={self.num_classes}); the model was trained with other classes")
+        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so image i's noise depends only on its seed (on any device)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+# ----------------------------------------------------------------------------- RePaint
+
+@torch.no_grad()
+def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: torch.Tensor,
+            labels: torch.Tensor | None = None, *, steps: int, jump_length: int, jump_n_sample: int,
+            guidance: float = 1.0, generator=None) -> torch.Tensor:
+    """RePaint sampling with diffusers' RePaintScheduler, in pixel or latent space alike: `known`
+    (N, C, h, w) is kept where `keep` (N, 1, h, w) is 1, regenerated where it is 0; `cond` has
+    the size of `known`. Returns the final x_0 (not clamped, not decoded)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler.set_timesteps(steps, jump_length, jump_n_sample)  # CPU timesteps: they index the CPU schedule
+    x = randn_tensor(known.shape, generator=generator, device=known.device) * scheduler.init_noise_sigma
+    t_last = scheduler.timesteps[0] + 1
+    for t in scheduler.timesteps:
+        if t < t_last:  # one denoising step; the known part is the source noised to t - 1
+            eps = guided_noise(model, x, t, cond, labels, guidance)
+            x = scheduler.step(eps.float(), t, x, known, keep, generator=generator).prev_sample
+        else:  # a jump back in time: re-noise by one step
+            x = scheduler.undo_step(x, t_last, generator=generator)
+        t_last = t
+    return x
+
+
+def repaint_scheduler(scheduler_config, eta: float = 1.0):
+    """A RePaintScheduler on the training noise schedule (clip_sample as trained: off in latent space)."""
+    from diffusers import RePaintScheduler
+
+    return RePaintScheduler.from_config(scheduler_config, eta=eta)
+
+
+def unet_evaluations(steps: int, jump_length: int, jump_n_sample: int) -> int:
+    """Model evaluations of one RePaint run (times two with guidance != 1)."""
+    jumps = len(range(0, steps - jump_length, jump_length)) if jump_length < steps else 0
+    return steps + jumps * (jump_n_sample - 1) * jump_length
+
+
+def paste_region(clean_mask: np.ndarray, clean_encoded: np.ndarray, donor_mask: np.ndarray,
+                 target_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The donor's target-class region pasted at the same location: (label mask, encoded map,
+    region bool mask). In the map the region channel is the class inside the region and the
+    nucleus class and boundary channels are cleared there (pixel-wise), for the model to draw
+    new nuclei."""
+    if clean_mask.shape != donor_mask.shape or clean_encoded.shape[:2] != clean_mask.shape:
+        raise SynthesisError(f"patch sizes differ: clean mask {clean_mask.shape}, its map {clean_encoded.shape[:2]}, "
+                             f"donor mask {donor_mask.shape}")
+    region = donor_mask == target_index
+    mask = np.where(region, np.uint8(target_index), clean_mask).astype(np.uint8)
+    encoded = clean_encoded.copy()
+    encoded[region, 0] = target_index
+    encoded[region, 1:] = 0
+    return mask, encoded, region
+
+
+def _grow(region: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Binary dilation of (N, 1, H, W) by `pixels` (square structuring element)."""
+    return F.max_pool2d(region, 2 * pixels + 1, 1, pixels) if pixels > 0 else region
+
+
+def latent_region(region: torch.Tensor, factor: int, dilation: int = 1) -> torch.Tensor:
+    """A pixel-space region (N, 1, H, W) on the latent grid: every latent pixel covering a region
+    pixel, dilated by `dilation` latent pixels so the seam falls inside the regenerated area."""
+    return _grow(F.max_pool2d(region, factor, factor), dilation)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _fractions(mask: np.ndarray, classes: Sequence[str]) -> dict:
+    return {fraction_column(name): float((mask == i).mean()) for i, name in enumerate(classes, start=1)}
+
+
+def _write(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray, encoded: np.ndarray) -> dict:
+    Image.fromarray(image).save(root / "images" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
+    Image.fromarray(mask).save(root / "masks" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
+    write_conditioning(encoded, root / "conditioning" / f"{image_id}.png")
+    return {"image": f"images/{image_id}.png", "mask": f"masks/{image_id}.png",
+            "conditioning": f"conditioning/{image_id}.png"}
+
+
+def _manifest(rows: list[dict], classes: Sequence[str]) -> pd.DataFrame:
+    manifest = pd.DataFrame(rows)
+    fractions = manifest[[fraction_column(name) for name in classes]]
+    manifest.insert(manifest.columns.get_loc("created_at"), "label", dominant_class(fractions, classes).astype(np.int64))
+    for column in ("jump_length", "jump_n_sample"):
+        manifest[column] = manifest[column].astype("Int64")
+    manifest["split"] = SPLIT
+    return manifest
+
+
+def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner: _Runner, sampler: str, steps: int,
+         guidance: float, seed: int, source: pd.Series, donor_id: str | None, target_class: str | None,
+         jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str]) -> dict:
+    return {"id": image_id, **paths, "mode": mode, "model_path": record[0], "model_hash": record[1],
+            "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
+            "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
+            "target_class": target_class, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **_fractions(mask, classes), "source_slide": str(source.get("slide", "")),
+            "jump_length": jumps[0], "jump_n_sample": jumps[1], "autoencoder_hash": runner.autoencoder_hash}
+
+
+def _finish(tmp: Path, rows: list[dict], classes: Sequence[str], sources: pd.DataFrame, grid_per_class: int) -> pd.DataFrame:
+    manifest = _manifest(rows, classes)
+    write_table(manifest, tmp / MANIFEST)
+    if grid_per_class:
+        class_grids(manifest, tmp, sources, classes, tmp, per_class=grid_per_class)
+    return manifest
+
+
+def comparison_grid(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, path: str | Path) -> Path:
+    """One PNG of manifest rows side by side: the real source patch, the preview of the map the
+    image was generated from, the synthetic (or inpainted) patch."""
+    root = Path(root)
+    images = sources.drop_duplicates("patch_id").set_index("patch_id")["image"]
+    as_tensor = lambda arrays: _to_model(np.stack(arrays), "cpu")  # noqa: E731
+    real = as_tensor([_read_rgb(images[pid]) for pid in manifest["source_patch_id"]])
+    maps = as_tensor([preview(read_conditioning(root / p)) for p in manifest["conditioning"]])
+    synthetic = as_tensor([_read_rgb(root / p) for p in manifest["image"]])
+    return save_grid([real, maps, synthetic], path)
+
+
+def grid_name(class_name: str | None) -> str:
+    return f"grid_{fraction_column(class_name)[5:] if class_name else 'none'}.png"
+
+
+def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, classes: Sequence[str],
+                out_dir: str | Path, per_class: int = 8) -> list[Path]:
+    """grid_<class>.png per class (the target class, else the dominant class of the output mask;
+    'none' for masks without a class), each with the first `per_class` images."""
+    names = [None, *classes]
+    key = manifest["target_class"].where(manifest["target_class"].notna(),
+                                         manifest["label"].map(lambda label: names[label]))
+    paths = []
+    for name in [n for n in names if (key == n).any() or (n is None and key.isna().any())]:
+        rows = manifest[key.isna()] if name is None else manifest[key == name]
+        paths.append(comparison_grid(rows.head(per_class), root, sources, Path(out_dir) / grid_name(name)))
+    return paths
+
+
+# ----------------------------------------------------------------------------- the two modes
+
+def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
+               conditioning_cfg: Mapping, target_class: str | None = None, sampler: str = "ddim", steps: int = 50,
+               guidance: float = 1.0, batch_size: int = 8, seed: int = 0, model_path: str | Path | None = None,
+               grid_per_class: int = 8) -> pd.DataFrame:
+    """Generate n images from the conditioning maps of `sources` (conditioning index rows of the
+    training split, absolute paths), only those containing `target_class` when given; with
+    replacement (and a warning) when n exceeds them. Writes out_dir (atomically) and returns
+    the manifest."""
+    _check_sources(sources, classes)
+    runner = _Runner(diffusion, classes, conditioning_cfg)
+    pool = sources.reset_index(drop=True)
+    if target_class is not None:
+        _class_index(pool, classes, target_class)
+        pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
+    rng = np.random.default_rng(derive_seed(seed, "synth", "sources"))
+    picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""))
+    scheduler = make_sampler(sampler, diffusion.scheduler.config)
+    record = model_record(model_path)
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for folder in ("images", "masks", "conditioning"):
+            (tmp / folder).mkdir()
+        for start in range(0, n, batch_size):
+            batch = pool.iloc[picks[start:start + batch_size]]
+            ids = range(start, start + len(batch))
+            seeds = [derive_seed(seed, "synth", i) for i in ids]
+            encoded = [read_conditioning(p) for p in batch["conditioning"]]
+            masks = [_read_array(p).astype(np.uint8) for p in batch["mask"]]
+            labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
+            with autocast(runner.device):
+                images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(labels), steps=steps,
+                                guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder)
+            for i, s, (_, source), image, mask, enc in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks, encoded):
+                image_id = f"synth-{i:06d}"
+                paths = _write(tmp, image_id, image, mask, enc)
+                rows.append(_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, s, source, None,
+                                 target_class, (None, None), mask, classes))
+            log.info("synthesize: %d/%d images", len(rows), n)
+        return _finish(tmp, rows, classes, sources, grid_per_class)
+
+
+def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, target_class: str,
+            classes: Sequence[str], conditioning_cfg: Mapping, steps: int = 50, jump_length: int = 10,
+            jump_n_sample: int = 5, eta: float = 1.0, guidance: float = 1.0, donor: str = "random",
+            donor_min_fraction: float = 0.0, grow: int = 0, latent_dilation: int = 1, batch_size: int = 8,
+            seed: int = 0, model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
+    """Paint a donor's target_class region into n clean-tissue patches (frac_<target_class> == 0)
+    with RePaint, in the model's space; pixels outside the region keep the source's bytes.
+    Writes out_dir (atomically) and returns the manifest."""
+    if target_class is None:
+        raise SynthesisError(f"inpainting needs a target class (one of {list(classes)})")
+    if donor not in DONORS:
+        raise SynthesisError(f"donor must be one of {DONORS}, got {donor!r}")
+    if jump_length < 1 or jump_n_sample < 1 or steps < 1:
+        raise SynthesisError(f"steps, jump_length and jump_n_sample must be >= 1, got {steps}, {jump_length}, {jump_n_sample}")
+    _check_sources(sources, classes)
+    runner = _Runner(diffusion, classes, conditioning_cfg)
+    if not runner.channels["use_regions"]:
+        log.warning("conditioning.regions is off: the model cannot see the pasted %r region; it is only redrawn", target_class)
+    target = _class_index(sources, classes, target_class)
+    column = fraction_column(target_class)
+    clean = sources[sources[column] == 0].reset_index(drop=True)
+    donors = sources[sources[column] > donor_min_fraction].reset_index(drop=True)
+    if donors.empty:
+        raise SynthesisError(f"no donor patch has {column} > {donor_min_fraction} (max {sources[column].max():.3f}); "
+                             "lower donor_min_fraction")
+    if clean.empty:
+        raise SynthesisError(f"every training patch contains {target_class!r}: no clean-tissue patch to paint into")
+    rng = np.random.default_rng(derive_seed(seed, "inpaint", "sources"))
+    picks = _choose(rng, n, len(clean), f"clean-tissue patches (without {target_class!r})")
+    donor_picks = rng.integers(len(donors), size=n)
+    scheduler = repaint_scheduler(diffusion.scheduler.config, eta)
+    ae = runner.autoencoder
+    record = model_record(model_path)
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for folder in ("images", "masks", "conditioning"):
+            (tmp / folder).mkdir()
+        for start in range(0, n, batch_size):
+            batch, donor_rows = clean.iloc[picks[start:start + batch_size]], donors.iloc[donor_picks[start:start + batch_size]]
+            ids = range(start, start + len(batch))
+            seeds = [derive_seed(seed, "inpaint", i) for i in ids]
+            pixels = np.stack([_read_rgb(p) for p in batch["image"]])
+            edits = [paste_region(_read_array(m).astype(np.uint8), read_conditioning(c), _read_array(d), target)
+                     for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
+            masks, encoded, regions = map(list, zip(*edits))
+            labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
+            cond = runner.cond(encoded)
+            region = _grow(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
+            known = _to_model(pixels, runner.device)
+            if ae is not None:
+                known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
+                cond = resize_cond(cond, known.shape[-2:])
+            else:
+                keep = 1 - region
+            with autocast(runner.device):
+                x = repaint(runner.model, scheduler, known, keep, cond, runner.labels(labels), steps=steps,
+                            jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance,
+                            generator=_generators(seeds))
+                x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
+            regenerated = region[:, 0].bool().cpu().numpy()[..., None]
+            images = np.where(regenerated, to_uint8(x), pixels)  # the source's bytes outside the region
+            for i, s, (_, source), (_, d), image, mask, enc in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
+                                                                    images, masks, encoded):
+                image_id = f"inpaint-{i:06d}"
+                paths = _write(tmp, image_id, image, mask, enc)
+                rows.append(_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, s, source,
+                                 str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes))
+            log.info("inpaint: %d/%d images", len(rows), n)
+        return _finish(tmp, rows, classes, sources, grid_per_class)
+
+
+def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
+              settings: Mapping, classes: Sequence[str], conditioning_cfg: Mapping, seed: int,
+              autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
+    """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
+    `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings`."""
+    from histosynth.datasets import read_conditioning_index
+    from histosynth.device import pick_device
+    from histosynth.diffusion import load_diffusion
+
+    if mode not in MODES:
+        raise SynthesisError(f"mode must be one of {MODES}, got {mode!r}")
+    s = merged(DEFAULTS, settings)
+    diffusion = load_diffusion(model_path, autoencoder=autoencoder, device=pick_device(device))
+    sources = read_conditioning_index(indexes, split)
+    if sources.empty:
+        raise SynthesisError(f"no {split!r} patches in the conditioning indexes {[str(p) for p in indexes]}")
+    common = dict(classes=classes, conditioning_cfg=conditioning_cfg, batch_size=s["batch_size"], seed=seed,
+                  model_path=model_path, grid_per_class=s["grid_per_class"])
+    if mode == "synth":
+        return synthesize(diffusion, sources, out_dir, **s["synthesize"], **common)
+    return inpaint(diffusion, sources, out_dir, **s["inpaint"], **common)
