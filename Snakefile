@@ -21,6 +21,8 @@ wildcard_constraints:
 include: "workflow/rules/slides.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/nuclei.smk"
+include: "workflow/rules/autoencoder.smk"
+include: "workflow/rules/diffusion.smk"
 
 
 rule all:

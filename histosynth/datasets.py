@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -17,10 +18,13 @@ from histosynth.io import read_patch_index
 from histosynth.patches import fraction_column
 
 
-def read_conditioning_index(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:
-    """Rows of conditioning indexes (patch index rows plus a `conditioning` path), paths made
-    absolute, restricted to one split when given."""
-    tables = [read_patch_index(path, columns=("image", "mask", "conditioning")) for path in paths]
+def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:
+    """Rows of patch indexes or conditioning indexes (patch rows plus a `conditioning` path),
+    file paths made absolute, restricted to one split when given."""
+    tables = []
+    for path in paths:
+        columns = tuple(c for c in ("image", "mask", "conditioning") if c in pq.read_schema(path).names)
+        tables.append(read_patch_index(path, columns=columns))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return table[table["split"] == split].reset_index(drop=True) if split and len(table) else table
 
@@ -33,7 +37,8 @@ def dominant_class(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
 
 
 class PatchDataset(Dataset):
-    """Items {'image': (3, H, W) float in [-1, 1], 'cond': (C, H, W) float, 'label': int64}."""
+    """Items {'image': (3, H, W) float in [-1, 1], 'label': int64} plus 'cond': (C, H, W) float
+    when the table has conditioning maps (conditioning indexes do, patch indexes do not)."""
 
     def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict):
         self.table = table.reset_index(drop=True)
@@ -48,14 +53,16 @@ class PatchDataset(Dataset):
         row = self.table.iloc[i]
         with Image.open(row["image"]) as image:
             pixels = np.asarray(image.convert("RGB"), np.float32)
-        cond = conditioning_channels(read_conditioning(row["conditioning"]), self.n_regions, **self.channels)
-        return {
+        item = {
             "image": torch.from_numpy(pixels.transpose(2, 0, 1) / 127.5 - 1.0),
-            "cond": torch.from_numpy(cond),
             "label": torch.tensor(self.labels[i], dtype=torch.int64),
         }
+        if "conditioning" in row:
+            encoded = read_conditioning(row["conditioning"])
+            item["cond"] = torch.from_numpy(conditioning_channels(encoded, self.n_regions, **self.channels))
+        return item
 
 
 def patch_dataset(indexes: Sequence[str | Path], split: str, config: dict) -> PatchDataset:
-    """The training entry points' dataset factory: one split of the conditioning indexes."""
-    return PatchDataset(read_conditioning_index(indexes, split), config["classes"], config["conditioning"])
+    """The training entry points' dataset factory: one split of the given indexes."""
+    return PatchDataset(read_indexes(indexes, split), config["classes"], config["conditioning"])

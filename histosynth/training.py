@@ -25,7 +25,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -524,3 +524,26 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
         return 2
     log.info("%s", json.dumps(summary, default=str))
     return 0
+
+
+def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
+           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
+    """Run `python -m histosynth.<stage> train` for a Snakemake job: in this process on one device,
+    under `accelerate launch` with one process per GPU when the job was given gpus > 1."""
+    import importlib
+    import subprocess
+
+    run_config = Path(checkpoints) / "workflow-config.json"
+    run_config.parent.mkdir(parents=True, exist_ok=True)
+    run_config.write_text(json.dumps(config, indent=1, default=str))
+    argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.datasets:patch_dataset",
+            "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log), "--threads", str(threads)]
+    if autoencoder:
+        argv += ["--autoencoder", str(autoencoder)]
+    if gpus > 1:
+        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", f"histosynth.{stage}", *argv]
+        code = subprocess.run(command).returncode
+    else:
+        code = importlib.import_module(f"histosynth.{stage}").main(argv)
+    if code:
+        raise TrainingError(f"{stage} training failed (exit {code}); see {log}")

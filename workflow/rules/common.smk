@@ -57,6 +57,28 @@ def nuclei_inputs(wildcards):
     return inputs
 
 
+def training_slides():
+    """Slides whose patches may train models: the train and val splits, never test."""
+    return list(SLIDES.index[SLIDES["split"].isin(["train", "val"])])
+
+
+def training_config(stage):
+    """What a training job reads of the config: its own section and the keys its data depends on.
+    Only these are rule params, so editing another stage's keys does not rerun the training."""
+    return {key: config[key] for key in (stage, "seed", "classes", "conditioning")}
+
+
+def diffusion_inputs(wildcards):
+    """Conditioning indexes (and maps) of the training slides; the autoencoder in latent space."""
+    inputs = {
+        "indexes": expand("results/conditioning/{slide}.parquet", slide=training_slides()),
+        "maps": expand("results/conditioning/{slide}", slide=training_slides()),
+    }
+    if config["diffusion"]["space"] == "latent":
+        inputs["autoencoder"] = "results/autoencoder/model"
+    return inputs
+
+
 def demo_slides():
     """Slides rendered by rule demo_slides (their sheet row points at results/demo/<slide>.tiff)."""
     return [name for name in SLIDES.index if SLIDES.loc[name, "image"] == f"{DEMO_DIR}/{name}.tiff"]
@@ -68,4 +90,6 @@ def all_outputs():
         *expand("results/conditioning/{slide}.parquet", slide=SLIDES.index),
         *expand("results/nuclei/{slide}.geojson", slide=SLIDES.index),
         *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
+        "results/autoencoder/metrics.json",
+        "results/diffusion/model",
     ]

@@ -1,0 +1,153 @@
+"""Benchmark (not a test): sampling throughput of one diffusion model through the project's
+`histosynth.diffusion.sample` against a bare diffusers loop on the same model, per sampler.
+
+    .venv/bin/python benchmarks/sampling.py                        # demo-sized SpadeUNet, random weights, CPU
+    .venv/bin/python benchmarks/sampling.py --skip-ddpm --batch 4  # without the 1000-step row
+    .venv/bin/python benchmarks/sampling.py --model results/diffusion/model --batch 16 --repaint   # on a GPU
+
+The bare loop uses no project code: set_timesteps; for t: eps = model(x, t, cond); x = step(eps, t, x).
+U-Net calls are counted with a forward hook (evaluations per image: every call sees the whole
+batch). project/bare is the time ratio (min over --repeats, runs interleaved); it should be
+<= 1.05. --repaint adds histosynth.synthesis.repaint (no bare counterpart) for its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20))
+
+
+def bare_scheduler(name: str, config):
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+
+
+@torch.no_grad()
+def bare_loop(model, scheduler, cond, steps: int, generator, channels: int):
+    scheduler.set_timesteps(steps, device=cond.device)
+    x = torch.randn((len(cond), channels, *cond.shape[-2:]), generator=generator).to(cond.device)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = model(scheduler.scale_model_input(x, t), t, cond)
+        eps = eps.sample if hasattr(eps, "sample") else eps
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x.clamp(-1, 1)
+
+
+def load_or_build(args):
+    """(model, training scheduler config, cond channels, image size) on the device, eval mode."""
+    from histosynth import diffusion
+    from histosynth.training import merged
+
+    if args.model:
+        loaded = diffusion.load_diffusion(args.model)
+        if loaded.autoencoder is not None or loaded.meta["conditioning"] != "spade":
+            raise SystemExit("the bare loop compares a pixel-space SpadeUNet; this model is latent or concat")
+        return loaded.model, loaded.scheduler.config, loaded.meta["cond_channels"], loaded.meta["image_size"][0]
+    torch.manual_seed(0)
+    config = merged(diffusion.DEFAULTS, diffusion.PRESETS[args.preset])
+    model = diffusion.build_model(config, 3, args.cond_channels, args.size).eval().requires_grad_(False)
+    return model, diffusion.train_scheduler(config).config, args.cond_channels, args.size
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a trained model folder (pixel-space SpadeUNet); default: random weights")
+    parser.add_argument("--preset", default="demo", choices=["tiny", "demo", "thesis"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--cond-channels", type=int, default=12, help="demo: 3 classes + background, 7 nuclei, boundary")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop and sampler (DDPM-1000: 1)")
+    parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000")
+    parser.add_argument("--repaint", action="store_true", help="also time RePaint (50 steps, jump 10, 5 samples)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    from histosynth.device import pick_device
+    from histosynth.diffusion import make_sampler, sample
+    from histosynth.synthesis import repaint, repaint_scheduler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model, config, cond_channels, size = load_or_build(args)
+    model = model.to(device)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    cond = (torch.rand(args.batch, cond_channels, size, size, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    cond = cond.to(device)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    channels = model.config.out_channels
+
+    def project(name, steps):
+        return lambda: sample(model, make_sampler(name, config), cond, steps=steps, generator=gen())
+
+    def bare(name, steps):
+        return lambda: bare_loop(model, bare_scheduler(name, config), cond, steps, gen(), channels)
+
+    project("ddim", 3)(), bare("ddim", 3)()  # warm-up
+    print(f"device {device}, threads {torch.get_num_threads()}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {size} px, {cond_channels} cond channels, batch {args.batch}")
+    header = f"{'sampler':<16}{'evals/img':>10}{'project img/s':>15}{'bare img/s':>12}{'project/bare':>14}"
+    print(header + "\n" + "-" * len(header))
+    rows = []
+    for name, steps in SAMPLERS:
+        if args.skip_ddpm and steps == 1000:
+            continue
+        times = {"project": [], "bare": []}
+        evals = {}
+        for _ in range(1 if steps >= 1000 else args.repeats):
+            for loop, fn in (("bare", bare(name, steps)), ("project", project(name, steps))):
+                calls.clear()
+                times[loop].append(timed(fn, device))
+                evals[loop] = len(calls)
+        assert evals["project"] == evals["bare"], evals
+        best = {loop: min(t) for loop, t in times.items()}
+        row = {"sampler": f"{name}-{steps}", "evals_per_image": evals["project"], "batch": args.batch,
+               "project_images_per_s": args.batch / best["project"], "bare_images_per_s": args.batch / best["bare"],
+               "ratio": best["project"] / best["bare"]}
+        rows.append(row)
+        print(f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}"
+              f"{row['bare_images_per_s']:>12.3f}{row['ratio']:>14.3f}" + ("" if row["ratio"] <= 1.05 else "  > 1.05"))
+    if args.repaint:
+        scheduler = repaint_scheduler(config)
+        keep = torch.ones(args.batch, 1, size, size, device=device)
+        keep[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0
+        known = torch.zeros(args.batch, channels, size, size, device=device)
+        calls.clear()
+        seconds = timed(lambda: repaint(model, scheduler, known, keep, cond, steps=50, jump_length=10, jump_n_sample=5,
+                                        generator=gen()), device)
+        row = {"sampler": "repaint-50-j10-r5", "evals_per_image": len(calls), "batch": args.batch,
+               "project_images_per_s": args.batch / seconds, "bare_images_per_s": None, "ratio": None}
+        rows.append(row)
+        print(f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}{'-':>12}{'-':>14}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

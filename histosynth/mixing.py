@@ -1,0 +1,188 @@
+"""Mixing: the training set of one ratio, real training patches plus k synthetic ones, written as
+a manifest of rows (no copies), and the class-pixel share of every mixed set (thesis Table 6.1).
+
+A ratio is `{name, synthetic, real}`: `synthetic` an int (a count of synthetic images) or a float
+(a fraction of the real training set's size, 0.25 = a quarter as many synthetic as real images);
+`real: false` leaves the real rows out (synthetic-only).
+
+Sampling: the synthetic pool (the configured sources' manifests, in source order) is shuffled
+once with a permutation fixed by the seed alone, and a ratio takes the first k images of it, so
+for one seed the ratios are nested (real + 2.5k is a subset of real + 5k) and differ only in how
+much synthetic data they add. Asking for more images than the pool holds takes every image once
+and draws the rest with replacement (logged as a warning); an empty pool for a ratio that asks
+for synthetic images is an error naming the stage that produced none.
+
+The manifest's image and mask paths are stored relative to the manifest's folder, like the patch
+indexes; `read_mix` (histosynth.io.read_patch_index) makes them absolute again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from histosynth.device import derive_seed
+from histosynth.io import read_patch_index, write_table
+from histosynth.patches import fraction_column
+
+log = logging.getLogger(__name__)
+
+# The rule that writes each synthetic source's manifest, for error messages.
+SOURCE_STAGES = {"synth": "synthesize", "inpaint": "inpaint"}
+MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide")
+
+
+class MixingError(ValueError):
+    """A ratio that cannot be built from the data at hand."""
+
+
+def synthetic_count(ratio: Mapping, n_real: int) -> int:
+    """Synthetic images a ratio asks for: an int is a count, a float a fraction of n_real (rounded)."""
+    amount = ratio["synthetic"]
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+        raise MixingError(f"ratio {ratio.get('name')!r}: synthetic must be a count (int) or a fraction (float) >= 0, got {amount!r}")
+    return int(amount) if isinstance(amount, int) else int(math.floor(amount * n_real + 0.5))
+
+
+def read_synthetic(manifests: Mapping[str, str | Path]) -> pd.DataFrame:
+    """The synthetic pool: the manifests of the configured sources ({mode: path}, e.g. synth,
+    inpaint), paths made absolute, in the given order, with a `mode` column."""
+    tables = []
+    for mode, path in manifests.items():
+        table = read_patch_index(path, columns=("image", "mask"))
+        table["mode"] = mode
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["id", "image", "mask", "mode"])
+
+
+def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *,
+        classes: Sequence[str] = (), sources: Sequence[str] | None = None) -> pd.DataFrame:
+    """The training manifest of one ratio: columns source (real|synthetic), mode (real|synth|
+    inpaint), image, mask, split ("train"), origin_id (patch_id or synthetic id), slide (None for
+    synthetic rows), plus frac_<class> for `classes`. `real` holds patch-index rows (only split ==
+    "train" is used); `synthetic` the pool (read_synthetic); `sources` the configured modes, named
+    in the error when the pool is empty. Deterministic given the seed."""
+    name = ratio["name"]
+    train = real[real["split"] == "train"] if "split" in real else real
+    use_real = bool(ratio.get("real", True))
+    wanted = synthetic_count(ratio, len(train))
+    if use_real and train.empty:
+        raise MixingError(f"ratio {name!r}: no real patches with split 'train'; check the slide sheet's split column")
+    _check_leakage(real, synthetic)
+
+    picked = _pick_synthetic(synthetic, wanted, seed, name, sources)
+    frames = []
+    if use_real:
+        frames.append(_rows(train, "real", train["patch_id"], train["slide"], ["real"] * len(train), classes))
+    if len(picked):
+        modes = picked["mode"] if "mode" in picked else ["synthetic"] * len(picked)
+        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), modes, classes))
+    if not frames:
+        raise MixingError(f"ratio {name!r}: real is false and synthetic is 0, so the training set would be empty")
+    manifest = pd.concat(frames, ignore_index=True)
+    log.info("ratio %s: %d real + %d synthetic images", name, int(use_real) * len(train), len(picked))
+    return manifest
+
+
+def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sources: Sequence[str] | None) -> pd.DataFrame:
+    if wanted == 0:
+        return pool.iloc[:0]
+    if pool.empty:
+        modes = list(sources) if sources else ["synth", "inpaint"]
+        stages = ", ".join(f"{m} (rule {SOURCE_STAGES.get(m, m)})" for m in modes)
+        raise MixingError(
+            f"ratio {name!r} asks for {wanted} synthetic images but the synthetic sources [{stages}] produced none; "
+            "check that stage's log and its manifest.parquet, or set this ratio's synthetic to 0"
+        )
+    generator = np.random.default_rng(derive_seed(seed, "mixing"))
+    order = generator.permutation(len(pool))
+    if wanted > len(pool):
+        extra = np.random.default_rng(derive_seed(seed, "mixing", "replacement")).integers(0, len(pool), wanted - len(pool))
+        log.warning("ratio %s asks for %d synthetic images but only %d exist: every image is used once and %d are "
+                    "drawn again with replacement (duplicates); generate more (synthesis counts) to avoid this",
+                    name, wanted, len(pool), wanted - len(pool))
+        order = np.concatenate([order, order[extra]])
+    return pool.iloc[order[:wanted]].reset_index(drop=True)
+
+
+def _rows(table: pd.DataFrame, source: str, origin, slide, mode, classes: Sequence[str]) -> pd.DataFrame:
+    rows = pd.DataFrame({
+        "source": source, "mode": list(mode), "image": table["image"].to_numpy(), "mask": table["mask"].to_numpy(),
+        "split": "train", "origin_id": list(origin), "slide": list(slide),
+    })
+    for name in classes:
+        column = fraction_column(name)
+        rows[column] = table[column].to_numpy(float) if column in table else np.nan
+    return rows
+
+
+def _check_leakage(real: pd.DataFrame, synthetic: pd.DataFrame) -> None:
+    """Synthetic images made from test-slide patches would leak the test set into training."""
+    if "source_patch_id" not in synthetic or "split" not in real or synthetic.empty:
+        return
+    test_ids = set(real.loc[real["split"] == "test", "patch_id"])
+    leaked = synthetic["source_patch_id"].isin(test_ids)
+    if leaked.any():
+        raise MixingError(f"{int(leaked.sum())} synthetic images were made from test-slide patches "
+                          f"(e.g. {synthetic.loc[leaked, 'source_patch_id'].iloc[0]}); test slides must feed no training")
+
+
+def class_share(manifest: pd.DataFrame, classes: Sequence[str], ratio: str) -> pd.DataFrame:
+    """Tidy class-pixel share of a mixed training set (thesis Table 6.1): one row per class and
+    background with columns ratio, class, share (fraction of all training pixels), n_real,
+    n_synthetic. Patches are weighted equally (every patch has the configured size); synthetic
+    rows without a frac_<class> column are read from their masks."""
+    fractions = _fractions(manifest, classes)
+    shares = fractions.mean(axis=0) if len(fractions) else np.full(len(classes), np.nan)
+    n_real = int((manifest["source"] == "real").sum())
+    rows = [{"ratio": ratio, "class": "background", "share": float(1 - np.sum(shares))}]
+    rows += [{"ratio": ratio, "class": c, "share": float(s)} for c, s in zip(classes, shares, strict=True)]
+    table = pd.DataFrame(rows)
+    table["n_real"], table["n_synthetic"] = n_real, len(manifest) - n_real
+    return table
+
+
+def _fractions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    columns = [fraction_column(c) for c in classes]
+    values = manifest.reindex(columns=columns).to_numpy(float)
+    missing = np.isnan(values).any(axis=1)
+    for i in np.flatnonzero(missing):
+        from PIL import Image
+
+        with Image.open(manifest["mask"].iloc[i]) as image:
+            mask = np.asarray(image)
+        values[i] = [(mask == k + 1).mean() for k in range(len(classes))]
+    return values
+
+
+def write_mix(manifest: pd.DataFrame, path: str | Path) -> None:
+    """Write a manifest with image and mask paths relative to its folder (atomically)."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    out = manifest.copy()
+    for column in ("image", "mask"):
+        out[column] = [os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
+    write_table(out, path)
+
+
+def read_mix(path: str | Path) -> pd.DataFrame:
+    """Read a manifest written by write_mix, paths made absolute."""
+    return read_patch_index(path, columns=("image", "mask"))
+
+
+def mix_dataset(real_indexes: Sequence[str | Path], synthetic_manifests: Mapping[str, str | Path], ratio: Mapping,
+                seed: int, classes: Sequence[str], manifest_out: str | Path, share_out: str | Path) -> pd.DataFrame:
+    """Entry of rule mix_dataset: read the patch indexes and the configured synthetic manifests
+    ({mode: path}), mix one ratio and write its manifest and class-share table; return the manifest."""
+    real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
+    pool = read_synthetic(synthetic_manifests)
+    manifest = mix(real, pool, ratio, seed, classes=classes, sources=list(synthetic_manifests))
+    write_mix(manifest, manifest_out)
+    write_table(class_share(manifest, classes, ratio["name"]), share_out)
+    return manifest

@@ -1,0 +1,518 @@
+"""Segmentation: an smp U-Net (attention decoder) trained on one mixed training set with one seed,
+and its evaluation on the held-out slides.
+
+Targets are multilabel: one sigmoid channel per segmented class, no background channel (the
+thesis' binary blood-vessel set-up, generalised), trained with BCE + Dice (smp.losses,
+mode "multilabel"); a pixel belongs to class c when its channel-c probability >= threshold. The
+label masks are single-label (0 = background, n = n-th configured class), so the one-hot targets
+never overlap; predictions may, and every class is scored on its own (binary TP/FP/FN).
+
+Training: Adam, the LR multiplied by `lr_decay` after every epoch (ExponentialLR), early stopping
+on the validation loss (`patience` epochs without improvement), the best-validation model kept.
+The initial weights depend on the seed alone (not on the ratio), so runs of the same seed on
+different ratios start from the same network and can be compared pairwise; data order and
+augmentation (the 8 flips/rotations) are fixed by (seed, epoch).
+
+A run folder holds model/ (smp save_pretrained: config.json + model.safetensors, plus
+histosynth.json with classes, mask values, threshold and normalisation), loss.csv (one row per
+epoch: step, epoch, train_loss, val_loss, val_dice, lr, seconds) and summary.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import heapq
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
+from histosynth.io import atomic_dir, read_patch_index, write_table
+from histosynth.patches import class_indices
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_DEFAULTS: dict = {
+    "encoder": "resnet18",
+    "encoder_depth": 5,
+    "decoder_channels": [256, 128, 64, 32, 16],
+    "attention": "scse",             # decoder_attention_type; null: plain U-Net decoder
+    "encoder_weights": "imagenet",   # imagenet (used only when available offline) | null
+    "encoder_weights_path": None,    # state dict of the smp encoder (.safetensors / .pt)
+    "classes": None,                 # segmented classes; null: every configured class
+    "epochs": 100,
+    "batch_size": 16,
+    "lr": 2e-4,
+    "lr_decay": 0.98,                # ExponentialLR gamma, per epoch
+    "patience": 10,                  # epochs without a better validation loss before stopping
+    "min_delta": 0.0,
+    "threshold": 0.5,
+    "augment": True,                 # random flips and 90-degree rotations
+    "bce_weight": 1.0,
+    "dice_weight": 1.0,
+    "device": "auto",
+    "num_workers": 0,
+    "overlays": 4,                   # test patches drawn with TP/FP/FN colours
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OVERLAY_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (0, 90, 255)}
+OVERLAY_ALPHA = 0.55
+OVERLAY_MIN_SIDE = 256  # overlays of small patches are enlarged (nearest) to at least this side
+LOSS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
+
+
+class SegmentationError(RuntimeError):
+    """A segmentation run that cannot start: empty data, unknown classes, missing weights."""
+
+
+# ----------------------------------------------------------------------------- data
+
+def settings_from(config: Mapping | None) -> dict:
+    """SEGMENTATION_DEFAULTS overridden by a (validated) `segmentation` config section."""
+    return {**SEGMENTATION_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in SEGMENTATION_DEFAULTS}}
+
+
+def target_classes(all_classes: Sequence[str], selected: Sequence[str] | None) -> dict[str, int]:
+    """{class: mask value} of the segmented classes (config `segmentation.classes`, default all)."""
+    values = class_indices(list(all_classes))
+    selected = list(selected) if selected else list(all_classes)
+    unknown = [c for c in selected if c not in values]
+    if unknown:
+        raise SegmentationError(f"segmentation.classes names {unknown}, which are not in classes {list(all_classes)}")
+    return {c: values[c] for c in selected}
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def one_hot(mask: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """(C, H, W) float32 one-hot of a label mask for the given mask values (no background)."""
+    return (mask[None] == np.asarray(values, mask.dtype).reshape(-1, 1, 1)).astype(np.float32)
+
+
+class SegmentationDataset(Dataset):
+    """Items {'image': (3, H, W) uint8, 'target': (C, H, W) float32, 'index': int} of manifest rows
+    (absolute image and mask paths); normalisation happens on the device."""
+
+    def __init__(self, table: pd.DataFrame, mask_values: Sequence[int]):
+        self.images = table["image"].tolist()
+        self.masks = table["mask"].tolist()
+        self.values = list(mask_values)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        image = read_rgb(self.images[i])
+        mask = read_mask(self.masks[i])
+        if mask.shape != image.shape[:2]:
+            raise SegmentationError(f"{self.masks[i]}: mask {mask.shape} and image {image.shape[:2]} differ in size")
+        return {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
+                "target": torch.from_numpy(one_hot(mask, self.values)), "index": i}
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, ImageNet mean/std (the encoders' convention)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def dihedral(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one of the 8 flips/90-degree rotations per sample, drawn from `generator`."""
+    ops = torch.randint(0, 8, (len(images),), generator=generator).tolist()
+    out_i, out_t = [], []
+    for image, target, op in zip(images, targets, ops, strict=True):
+        if op & 4:
+            image, target = image.flip(-1), target.flip(-1)
+        out_i.append(torch.rot90(image, op & 3, (-2, -1)))
+        out_t.append(torch.rot90(target, op & 3, (-2, -1)))
+    return torch.stack(out_i), torch.stack(out_t)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(settings: Mapping, n_classes: int):
+    """The smp U-Net of the settings with random weights (pretrained ones are loaded separately,
+    so a saved config never asks smp to download)."""
+    import segmentation_models_pytorch as smp
+
+    depth = int(settings["encoder_depth"])
+    channels = list(settings["decoder_channels"])
+    if len(channels) != depth:
+        raise SegmentationError(f"segmentation.decoder_channels needs encoder_depth={depth} entries, got {channels}")
+    if settings["attention"] == "scse" and min(channels) < 16:
+        raise SegmentationError(f"segmentation.attention 'scse' needs decoder_channels >= 16 (its squeeze divides by 16), got {channels}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return smp.Unet(encoder_name=settings["encoder"], encoder_depth=depth, encoder_weights=None,
+                        decoder_channels=channels, decoder_attention_type=settings["attention"], classes=n_classes)
+
+
+def encoder_weights_file(settings: Mapping) -> tuple[Path | None, str]:
+    """The encoder state-dict file to start from and a line saying what was chosen: the configured
+    encoder_weights_path, else (encoder_weights: imagenet) smp's ImageNet file when already in the
+    Hugging Face cache, else None (random init) with the file that would enable it."""
+    configured = settings.get("encoder_weights_path")
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise SegmentationError(f"segmentation.encoder_weights_path={configured} does not exist")
+        return path, f"encoder weights from {path}"
+    encoder = settings["encoder"]
+    if settings.get("encoder_weights") != "imagenet":
+        return None, f"encoder {encoder}: random init (segmentation.encoder_weights is {settings.get('encoder_weights')!r})"
+    if encoder.startswith("tu-"):
+        return None, (f"encoder {encoder}: ImageNet weights for timm encoders are not looked up offline; random init. "
+                      "To use them, save smp's encoder state dict (model.encoder.state_dict()) to a file and set "
+                      "segmentation.encoder_weights_path to it")
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+    if spec is None:
+        return None, f"encoder {encoder} has no ImageNet weights in smp; random init"
+    cached = try_to_load_from_cache(spec["repo_id"], "model.safetensors", revision=spec["revision"])
+    if isinstance(cached, str):
+        return Path(cached), f"encoder {encoder}: ImageNet weights from the Hugging Face cache ({cached})"
+    return None, (
+        f"encoder {encoder}: ImageNet weights not available offline; random init. To enable them, download "
+        f"model.safetensors of {spec['repo_id']} (revision {spec['revision']}) into the Hugging Face cache "
+        f"(huggingface-cli download {spec['repo_id']} model.safetensors config.json --revision {spec['revision']}) "
+        "or set segmentation.encoder_weights_path to that file"
+    )
+
+
+def load_encoder_weights(model, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    loaded = len(model.encoder.state_dict()) - len(missing)
+    if loaded == 0:
+        raise SegmentationError(f"{path}: none of its tensors match encoder {type(model.encoder).__name__}; "
+                                "it must be an smp encoder state dict (model.encoder.state_dict())")
+    log.info("loaded %d encoder tensors from %s (%d missing, %d unused)", loaded, path, len(missing), len(unexpected))
+
+
+class BceDiceLoss(torch.nn.Module):
+    """bce_weight * BCE + dice_weight * soft Dice over the multilabel channels."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__()
+        from segmentation_models_pytorch.losses import DiceLoss, SoftBCEWithLogitsLoss
+
+        self.bce, self.dice = SoftBCEWithLogitsLoss(), DiceLoss(mode="multilabel", from_logits=True)
+        self.weights = (float(bce_weight), float(dice_weight))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return self.weights[0] * self.bce(logits, target) + self.weights[1] * self.dice(logits, target)
+
+
+@dataclass
+class SegmentationModel:
+    """A trained network with what is needed to apply it."""
+
+    net: torch.nn.Module
+    classes: dict[str, int]  # {class: mask value}, in channel order
+    threshold: float
+    device: torch.device
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float (N, C, H, W) on the CPU. Sides must be multiples of 2**encoder_depth."""
+        x = normalise(images.to(self.device))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            return torch.sigmoid(self.net(x).float()).cpu()
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """Label mask (H, W) uint8 of one RGB image: the mask value of the most probable class
+        whose probability passes the threshold, 0 elsewhere (for mask-consistency checks)."""
+        probs = self.probabilities(torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None])[0]
+        values = torch.tensor(list(self.classes.values()), dtype=torch.uint8)
+        best = probs.argmax(0)
+        return torch.where(probs.max(0).values >= self.threshold, values[best], 0).numpy().astype(np.uint8)
+
+
+def save_model(net, directory: Path, classes: Mapping[str, int], settings: Mapping, extra: Mapping) -> None:
+    net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format)
+    net.save_pretrained(str(directory))
+    meta = {"classes": dict(classes), "threshold": settings["threshold"], "normalisation":
+            {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input": "RGB uint8 / 255"}, "settings": dict(settings), **extra}
+    (directory / "histosynth.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "auto") -> SegmentationModel:
+    """Load a run's model/ folder (or the run folder holding it)."""
+    import segmentation_models_pytorch as smp
+
+    directory = Path(directory)
+    if (directory / "model").is_dir():
+        directory = directory / "model"
+    meta_path = directory / "histosynth.json"
+    if not meta_path.is_file():
+        raise SegmentationError(f"{directory}: not a segmentation model folder (no histosynth.json); rerun rule train_segmentation")
+    meta = json.loads(meta_path.read_text())
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    net = prepare_model(smp.from_pretrained(str(directory)).eval(), device)
+    return SegmentationModel(net, dict(meta["classes"]), float(meta["threshold"]), device)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None, num_workers: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=generator,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def _evaluate_loss(net, loader, loss_fn, device) -> tuple[float, float]:
+    """Mean loss and mean per-class Dice (pooled counts) over a loader."""
+    net.eval()
+    total, count, inter, sums = 0.0, 0, None, None
+    with torch.no_grad():
+        for batch in loader:
+            x = normalise(batch["image"].to(device))
+            y = batch["target"].to(device)
+            with autocast(device):
+                logits = net(x)
+            total += float(loss_fn(logits, y)) * len(x)
+            count += len(x)
+            pred = (torch.sigmoid(logits.float()) >= 0.5).float()
+            i, s = (pred * y).sum((0, 2, 3)), (pred + y).sum((0, 2, 3))
+            inter, sums = (i, s) if inter is None else (inter + i, sums + s)
+    dice = torch.where(sums > 0, 2 * inter / sums.clamp(min=1), torch.nan)
+    return total / max(count, 1), float(torch.nanmean(dice)) if torch.isfinite(dice).any() else math.nan
+
+
+def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequence[str], out_dir: str | Path, *,
+          settings: Mapping, seed: int, progress: bool = True) -> dict:
+    """Train one model on manifest rows (absolute image/mask paths) and write the run folder
+    out_dir (model/, loss.csv, summary.json) atomically; return the summary."""
+    s = settings_from(settings)
+    classes = target_classes(all_classes, s["classes"])
+    if train_rows.empty:
+        raise SegmentationError("the training manifest is empty; check rule mix_dataset's output")
+    device = pick_device(s["device"])
+    weights, note = encoder_weights_file(s)
+    log.info(note)
+    seed_everything(derive_seed(seed, "segmentation", "init"))
+    net = build_model(s, len(classes))
+    if weights is not None:
+        load_encoder_weights(net, weights)
+    net = prepare_model(net, device)
+    loss_fn = BceDiceLoss(s["bce_weight"], s["dice_weight"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=float(s["lr"]))
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(s["lr_decay"]))
+    values = list(classes.values())
+    train_set = SegmentationDataset(train_rows, values)
+    val_loader = _loader(SegmentationDataset(val_rows, values), s["batch_size"], None, s["num_workers"]) if len(val_rows) else None
+    if val_loader is None:
+        log.warning("no validation rows: early stopping is off and the last epoch's model is kept")
+    augment = torch.Generator().manual_seed(derive_seed(seed, "segmentation", "augment"))
+
+    out_dir = Path(out_dir)
+    best = {"val_loss": math.inf, "epoch": 0, "state": None}
+    history, step, started, waited = [], 0, time.perf_counter(), 0
+    epochs = tqdm(range(1, int(s["epochs"]) + 1), desc="segmentation", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        net.train()
+        loader = _loader(train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"])
+        total, count = 0.0, 0
+        for batch in loader:
+            images, targets = batch["image"], batch["target"]
+            if s["augment"]:
+                images, targets = dihedral(images, targets, augment)
+            x, y = normalise(images.to(device)), targets.to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                logits = net(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise SegmentationError(f"non-finite loss at epoch {epoch}, step {step}; lower segmentation.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count, step = total + float(loss) * len(x), count + len(x), step + 1
+        lr = optimizer.param_groups[0]["lr"]
+        schedule.step()
+        val_loss, val_dice = _evaluate_loss(net, val_loader, loss_fn, device) if val_loader else (math.nan, math.nan)
+        row = {"step": step, "epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_dice": val_dice,
+               "lr": lr, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        epochs.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}")
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.3f (%.1f s)", epoch, row["train_loss"], val_loss, val_dice, row["seconds"])
+        if val_loader is None or val_loss < best["val_loss"] - float(s["min_delta"]):
+            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(net.state_dict())}
+            waited = 0
+        else:
+            waited += 1
+            if waited >= int(s["patience"]):
+                log.info("early stop after epoch %d: no better validation loss for %d epochs (best epoch %d)", epoch, waited, best["epoch"])
+                break
+    net.load_state_dict(best["state"])
+    seconds = time.perf_counter() - started
+    summary = {"seed": seed, "epochs_run": len(history), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+               "n_train": len(train_rows), "n_val": len(val_rows), "seconds": seconds,
+               "seconds_per_epoch": seconds / max(len(history), 1), "device": str(device), "encoder_weights": note}
+    with atomic_dir(out_dir) as tmp:
+        save_model(net, tmp / "model", classes, s, {"seed": seed, "best_epoch": best["epoch"]})
+        _write_csv(history, tmp / "loss.csv")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def scores_from_counts(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """Dice, precision, recall from pixel counts; undefined ratios (0/0) are NaN."""
+    def ratio(a, b):
+        return a / b if b > 0 else math.nan
+    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+
+
+def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
+             batch_size: int = 16, overlays_dir: str | Path | None = None, n_overlays: int = 4) -> pd.DataFrame:
+    """Dice, precision and recall per class on test rows (absolute image/mask paths, a slide
+    column), per slide and pooled over all slides (slide 'all', from summed pixel counts).
+    Tidy columns: slide, class, metric, value, tp, fp, fn, n_patches. A class without test
+    pixels gets NaN Dice and recall (precision too unless it was predicted) and a warning.
+    With overlays_dir, writes TP/FP/FN overlays (TP green, FP red, FN blue over the image) of
+    the n_overlays test patches with most labelled pixels."""
+    from torchmetrics.functional.classification import multilabel_stat_scores
+
+    names = list(classes) if classes else list(model.classes)
+    unknown = [c for c in names if c not in model.classes]
+    if unknown:
+        raise SegmentationError(f"the model does not segment {unknown}; it was trained on {list(model.classes)}")
+    channels = [list(model.classes).index(c) for c in names]
+    values = [model.classes[c] for c in names]
+    if rows.empty:
+        raise SegmentationError("no test rows: no slide has split 'test'; set one in the slide sheet")
+    slides = rows["slide"].astype(str).to_numpy() if "slide" in rows else np.full(len(rows), "all")
+    counts = {}  # slide -> (n_patches, (C, 3) tp/fp/fn)
+    candidates: list = []
+    loader = _loader(SegmentationDataset(rows, values), batch_size, None, 0)
+    for batch in loader:
+        probs = model.probabilities(batch["image"])[:, channels]
+        target = batch["target"].int()
+        stats = multilabel_stat_scores(probs, target, num_labels=len(names), threshold=model.threshold,
+                                       average="none", multidim_average="samplewise")  # (N, C, 5)
+        for k, i in enumerate(batch["index"].tolist()):
+            n, c = counts.get(slides[i], (0, np.zeros((len(names), 3))))
+            counts[slides[i]] = (n + 1, c + stats[k][:, [0, 1, 3]].numpy())
+            if overlays_dir is not None and n_overlays > 0:
+                item = (float(target[k].sum()), -i, batch["image"][k].numpy(), target[k].numpy(), (probs[k] >= model.threshold).numpy())
+                (heapq.heappush if len(candidates) < n_overlays else heapq.heappushpop)(candidates, item)
+    pooled = (sum(n for n, _ in counts.values()), sum(c for _, c in counts.values()))
+    table = _score_rows({**counts, "all": pooled}, names)
+    if overlays_dir is not None:
+        ids = rows["patch_id"].astype(str).tolist() if "patch_id" in rows else [f"patch{i}" for i in range(len(rows))]
+        write_overlays(sorted(candidates, reverse=True), ids, names, Path(overlays_dir))
+    return table
+
+
+def _score_rows(counts: Mapping[str, tuple[int, np.ndarray]], names: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for slide, (n, c) in counts.items():
+        for j, name in enumerate(names):
+            tp, fp, fn = (float(v) for v in c[j])
+            if tp + fn == 0:
+                warnings.warn(f"class {name!r} has no pixels in the test patches of {'all slides' if slide == 'all' else slide}: "
+                              "Dice and recall are NaN", stacklevel=3)
+            for metric, value in scores_from_counts(tp, fp, fn).items():
+                rows.append({"slide": slide, "class": name, "metric": metric, "value": value,
+                             "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_patches": int(n)})
+    return pd.DataFrame(rows)
+
+
+def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the image with TP pixels tinted green, FP red, FN blue."""
+    out = image.astype(np.float32).copy()
+    for mask, key in ((truth & pred, "tp"), (~truth & pred, "fp"), (truth & ~pred, "fn")):
+        out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * np.array(OVERLAY_COLOURS[key], np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def write_overlays(items, ids: Sequence[str], names: Sequence[str], out_dir: Path) -> list[Path]:
+    """One PNG per patch: the image, then one TP/FP/FN overlay per class, side by side."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for _, neg_i, image, target, pred in items:
+        rgb = image.transpose(1, 2, 0)
+        panels = [rgb] + [overlay(rgb, target[j].astype(bool), pred[j].astype(bool)) for j in range(len(names))]
+        strip = np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], axis=1)
+        scale = max(1, math.ceil(OVERLAY_MIN_SIDE / rgb.shape[0]))
+        path = out_dir / f"{ids[-neg_i]}.png"
+        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- rule entries
+
+def test_rows(indexes: Sequence[str | Path], split: str = "test") -> pd.DataFrame:
+    """Rows of one split of the patch indexes, paths absolute."""
+    tables = [read_patch_index(p) for p in indexes]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return table[table["split"] == split].reset_index(drop=True) if len(table) else table
+
+
+def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
+                       config: Mapping, seed: int) -> dict:
+    """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch indexes."""
+    from histosynth.mixing import read_mix
+
+    return train(read_mix(manifest), test_rows(indexes, "val"), config["classes"], out_dir,
+                 settings=config.get("segmentation", {}), seed=seed)
+
+
+def evaluate_segmentation(run_dir: str | Path, indexes: Sequence[str | Path], out: str | Path, overlays_dir: str | Path, *,
+                          config: Mapping, ratio: str, seed: int) -> pd.DataFrame:
+    """Entry of rule evaluate_segmentation: score one run on the test slides; write a tidy parquet
+    (evaluate's columns plus ratio and seed) and the overlays folder."""
+    s = settings_from(config.get("segmentation", {}))
+    model = load_model(run_dir, s["device"])
+    with atomic_dir(overlays_dir) as tmp:
+        table = evaluate(model, test_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp, n_overlays=s["overlays"])
+    table.insert(0, "seed", seed)
+    table.insert(0, "ratio", ratio)
+    write_table(table, out)
+    return table

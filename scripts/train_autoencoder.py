@@ -1,0 +1,16 @@
+"""Rule train_autoencoder: one process on one device, accelerate launch on several GPUs."""
+
+from pathlib import Path
+
+from histosynth.training import launch
+
+launch(
+    "autoencoder",
+    snakemake.params.config,
+    snakemake.input.indexes,
+    Path(snakemake.output.model).parent,
+    checkpoints=snakemake.params.checkpoints,
+    log=snakemake.log[0],
+    gpus=snakemake.resources.gpu,
+    threads=snakemake.threads,
+)

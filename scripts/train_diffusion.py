@@ -1,0 +1,17 @@
+"""Rule train_diffusion: one process on one device, accelerate launch on several GPUs."""
+
+from pathlib import Path
+
+from histosynth.training import launch
+
+launch(
+    "diffusion",
+    snakemake.params.config,
+    snakemake.input.indexes,
+    Path(snakemake.output.model).parent,
+    checkpoints=snakemake.params.checkpoints,
+    log=snakemake.log[0],
+    gpus=snakemake.resources.gpu,
+    threads=snakemake.threads,
+    autoencoder=snakemake.input.get("autoencoder"),
+)

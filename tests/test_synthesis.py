@@ -1,0 +1,316 @@
+"""Synthesis stage: synthesize and inpaint (RePaint) with tiny random-weight models in pixel and
+latent space; determinism, provenance manifest, source selection, error messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from histosynth.autoencoder import build_autoencoder, content_hash
+from histosynth.conditioning import read_conditioning, write_conditioning
+from histosynth.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
+from histosynth.nuclei import NUCLEUS_CLASSES
+from histosynth.patches import fraction_column
+from histosynth.synthesis import (
+    SynthesisError, class_grids, inpaint, latent_region, paste_region, repaint, repaint_scheduler, synthesize,
+    unet_evaluations,
+)
+from histosynth.training import TrainingError
+
+CLASSES = ["Blood vessel", "Inflammation"]
+CONDITIONING = {"regions": True, "nuclei": True, "boundaries": True}
+COND_CHANNELS = len(CLASSES) + 1 + len(NUCLEUS_CLASSES) + 1
+TINY = {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8}
+SIZE = 16
+MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "model_path", "model_hash", "space", "sampler", "steps",
+                    "guidance", "seed", "source_patch_id", "donor_patch_id", "target_class", "label", "created_at",
+                    "frac_blood_vessel", "frac_inflammation", "split"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- tiny data and models
+
+def write_sources(folder, n_vessel: int = 2, n_clean: int = 3, size: int = SIZE) -> pd.DataFrame:
+    """Training patches: n_vessel with a 'Blood vessel' square (class 1), n_clean without one
+    (some with 'Inflammation', class 2); random pixels, two nuclei per map."""
+    for sub in ("images", "masks", "cond"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_vessel + n_clean):
+        pid = f"s{i % 2}_p{i}"
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(0, size // 2, 2)
+        if i < n_vessel:
+            mask[y:y + size // 2, x:x + size // 2] = 1
+        elif i % 2:
+            mask[: size // 4] = 2
+        encoded = np.zeros((size, size, 3), np.uint8)
+        encoded[..., 0] = mask
+        for k, (cy, cx) in enumerate(rng.integers(2, size - 3, (2, 2))):
+            encoded[cy - 1:cy + 2, cx - 1:cx + 2, 1] = k + 1
+            encoded[cy - 1:cy + 2, cx - 1:cx + 2, 2] = 255
+            encoded[cy, cx, 2] = 0
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "images" / f"{pid}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"{pid}.png")
+        write_conditioning(encoded, folder / "cond" / f"{pid}.png")
+        rows.append({"patch_id": pid, "slide": f"s{i % 2}", "image": str(folder / "images" / f"{pid}.png"),
+                     "mask": str(folder / "masks" / f"{pid}.png"), "conditioning": str(folder / "cond" / f"{pid}.png"),
+                     **{fraction_column(c): float((mask == j).mean()) for j, c in enumerate(CLASSES, 1)},
+                     "split": "train"})
+    return pd.DataFrame(rows)
+
+
+def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditioning="spade", size=SIZE):
+    """A random-weight model folder as train_diffusion writes it."""
+    torch.manual_seed(0)
+    channels, inner = 3, size
+    if space == "latent":
+        config = json.loads((ae_dir / "config.json").read_text())
+        channels, inner = config["latent_channels"], size // 2 ** (len(config["block_out_channels"]) - 1)
+    model = build_model({**TINY, "conditioning": conditioning, "num_classes": num_classes}, channels, COND_CHANNELS, inner)
+    model.save_pretrained(folder)
+    train_scheduler({"space": space}).save_pretrained(folder)
+    ae = {"path": str(ae_dir), "sha256": content_hash(ae_dir)} if space == "latent" else None
+    meta = {"conditioning": conditioning, "space": space, "image_channels": 3, "image_size": [size, size],
+            "cond_channels": COND_CHANNELS, "num_classes": num_classes, "autoencoder": ae}
+    (folder / "histosynth.json").write_text(json.dumps(meta))
+    return folder
+
+
+def save_autoencoder(folder):
+    torch.manual_seed(0)
+    ae = build_autoencoder({"channels": [8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 2, "kind": "kl",
+                            "mid_attention": False}, 3, SIZE)
+    ae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return write_sources(tmp_path / "patches")
+
+
+@pytest.fixture
+def pixel_model(tmp_path):
+    return save_model(tmp_path / "model", num_classes=len(CLASSES) + 1)
+
+
+@pytest.fixture
+def latent_model(tmp_path):
+    return save_model(tmp_path / "latent", space="latent", ae_dir=save_autoencoder(tmp_path / "ae"))
+
+
+def run_synth(model_dir, sources, out, **kw):
+    settings = dict(n=3, classes=CLASSES, conditioning_cfg=CONDITIONING, sampler="ddim", steps=2, batch_size=2,
+                    seed=1, model_path=model_dir, grid_per_class=2)
+    return synthesize(load_diffusion(model_dir), sources, out, **{**settings, **kw})
+
+
+def run_inpaint(model_dir, sources, out, **kw):
+    settings = dict(n=3, target_class="Blood vessel", classes=CLASSES, conditioning_cfg=CONDITIONING, steps=4,
+                    jump_length=2, jump_n_sample=2, batch_size=2, seed=1, model_path=model_dir, grid_per_class=2)
+    return inpaint(load_diffusion(model_dir), sources, out, **{**settings, **kw})
+
+
+def read(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def assert_manifest_matches_files(manifest: pd.DataFrame, out):
+    assert list(manifest.columns[:len(MANIFEST_COLUMNS) - 1]) == MANIFEST_COLUMNS[:-1] and "split" in manifest
+    on_disk = pd.read_parquet(out / "manifest.parquet")
+    pd.testing.assert_frame_equal(on_disk, manifest)
+    for row in manifest.itertuples():
+        image, mask, encoded = read(out / row.image), read(out / row.mask), read_conditioning(out / row.conditioning)
+        assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 and mask.dtype == np.uint8
+        assert encoded.shape == (SIZE, SIZE, 3)
+        for j, name in enumerate(CLASSES, 1):
+            assert getattr(row, fraction_column(name)) == pytest.approx((mask == j).mean())
+        fractions = [(mask == j).mean() for j in range(1, len(CLASSES) + 1)]
+        assert row.label == (int(np.argmax(fractions)) + 1 if max(fractions) > 0 else 0)
+    assert (manifest["split"] == "synthetic").all() and manifest["id"].is_unique
+
+
+# ----------------------------------------------------------------------------- synthesize
+
+def test_synthesize_writes_images_masks_maps_manifest_and_grids(tmp_path, sources, pixel_model):
+    manifest = run_synth(pixel_model, sources, tmp_path / "out")
+    out = tmp_path / "out"
+    assert_manifest_matches_files(manifest, out)
+    assert (manifest["mode"] == "synth").all() and (manifest["sampler"] == "ddim").all()
+    assert (manifest["model_hash"] == content_hash(pixel_model)).all() and (manifest["space"] == "pixel").all()
+    assert manifest["donor_patch_id"].isna().all() and manifest["source_patch_id"].is_unique  # 3 of 5: no replacement
+    for row in manifest.itertuples():  # the source's label mask and map, unchanged
+        source = sources.set_index("patch_id").loc[row.source_patch_id]
+        assert np.array_equal(read(out / row.mask), read(source["mask"]))
+        assert np.array_equal(read_conditioning(out / row.conditioning), read_conditioning(source["conditioning"]))
+    grids = sorted(p.name for p in out.glob("grid_*.png"))
+    assert grids and set(grids) <= {"grid_none.png", "grid_blood_vessel.png", "grid_inflammation.png"}
+    width, height = Image.open(out / grids[0]).size
+    assert height == 3 * (SIZE + 2) + 2  # real, conditioning preview, synthetic
+    assert not list(tmp_path.glob(".out.partial"))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_each_sampler_runs_with_guidance(tmp_path, sources, pixel_model, sampler):
+    manifest = run_synth(pixel_model, sources, tmp_path / sampler, n=2, sampler=sampler, guidance=2.0, grid_per_class=0)
+    assert (manifest["sampler"] == sampler).all() and (manifest["guidance"] == 2.0).all()
+    images = [read(tmp_path / sampler / p) for p in manifest["image"]]
+    assert all(image.std() > 0 for image in images)
+    assert not list((tmp_path / sampler).glob("grid_*.png"))
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, sources, pixel_model):
+    a = run_synth(pixel_model, sources, tmp_path / "a", sampler="ddpm", grid_per_class=0)
+    b = run_synth(pixel_model, sources, tmp_path / "b", sampler="ddpm", grid_per_class=0)
+    c = run_synth(pixel_model, sources, tmp_path / "c", sampler="ddpm", seed=2, grid_per_class=0)
+    for rel in a["image"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert any((tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes() for rel in a["image"])
+    pd.testing.assert_frame_equal(a.drop(columns="created_at"), b.drop(columns="created_at"))
+    assert a["seed"].is_unique and not set(a["seed"]) & set(c["seed"])
+
+
+def test_more_images_than_target_sources_samples_with_replacement_and_warns(tmp_path, sources, pixel_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="histosynth.synthesis"):
+        manifest = run_synth(pixel_model, sources, tmp_path / "out", n=5, target_class="Blood vessel", grid_per_class=0)
+    assert "with replacement" in caplog.text and "only 2" in caplog.text
+    vessel = set(sources.loc[sources["frac_blood_vessel"] > 0, "patch_id"])
+    assert len(manifest) == 5 and set(manifest["source_patch_id"]) <= vessel
+    assert (manifest["frac_blood_vessel"] > 0).all() and (manifest["target_class"] == "Blood vessel").all()
+
+
+def test_a_target_class_in_no_training_mask_is_an_error_naming_the_classes(tmp_path, sources, pixel_model):
+    no_vessels = sources[sources["frac_blood_vessel"] == 0]
+    with pytest.raises(SynthesisError, match=r"'Blood vessel' is absent from all 3 training masks.*Inflammation"):
+        run_synth(pixel_model, no_vessels, tmp_path / "out", target_class="Blood vessel")
+    with pytest.raises(SynthesisError, match="absent from all"):
+        run_inpaint(pixel_model, no_vessels, tmp_path / "out")
+    with pytest.raises(SynthesisError, match="not one of the configured classes"):
+        run_synth(pixel_model, sources, tmp_path / "out", target_class="Tumour")
+    assert not (tmp_path / "out").exists()
+
+
+def test_latent_model_without_its_autoencoder_fails_clearly(tmp_path, sources, latent_model):
+    diffusion = load_diffusion(latent_model)
+    bare = Diffusion(diffusion.model, diffusion.scheduler, None, diffusion.meta)
+    with pytest.raises(SynthesisError, match="latent-space diffusion model but no autoencoder"):
+        synthesize(bare, sources, tmp_path / "out", n=1, classes=CLASSES, conditioning_cfg=CONDITIONING, steps=1)
+    shutil.rmtree(tmp_path / "ae")
+    with pytest.raises(TrainingError, match="latent-space model trained on the autoencoder"):
+        run_synth(latent_model, sources, tmp_path / "out")
+
+
+def test_latent_synthesis_decodes_to_pixels(tmp_path, sources, latent_model):
+    manifest = run_synth(latent_model, sources, tmp_path / "out", n=2, sampler="dpmsolver++", grid_per_class=0)
+    assert_manifest_matches_files(manifest, tmp_path / "out")
+    assert (manifest["space"] == "latent").all() and (manifest["autoencoder_hash"] == content_hash(tmp_path / "ae")).all()
+
+
+def test_conditioning_settings_other_than_the_models_are_an_error(tmp_path, sources, pixel_model):
+    with pytest.raises(SynthesisError, match="trained on 11"):
+        run_synth(pixel_model, sources, tmp_path / "out", conditioning_cfg={**CONDITIONING, "boundaries": False})
+
+
+# ----------------------------------------------------------------------------- inpaint
+
+def test_paste_region_sets_the_class_and_clears_nuclei_inside_only():
+    clean = np.zeros((8, 8), np.uint8)
+    clean[:, :2] = 2
+    encoded = np.stack([clean, np.full((8, 8), 3, np.uint8), np.full((8, 8), 255, np.uint8)], -1)
+    donor = np.zeros((8, 8), np.uint8)
+    donor[1:4, 1:5] = 1
+    mask, edited, region = paste_region(clean, encoded, donor, 1)
+    assert region.sum() == 12 and (mask[region] == 1).all() and np.array_equal(mask[~region], clean[~region])
+    assert (edited[region] == [1, 0, 0]).all() and np.array_equal(edited[~region], encoded[~region])
+    assert encoded[1, 1, 1] == 3  # the input map is not modified
+
+
+def test_latent_region_covers_every_touched_latent_pixel_plus_a_margin():
+    region = torch.zeros(1, 1, 16, 16)
+    region[0, 0, 5, 9] = 1  # latent pixel (1, 2) at factor 4
+    assert latent_region(region, 4, 0)[0, 0].nonzero().tolist() == [[1, 2]]
+    assert latent_region(region, 4, 1)[0, 0].sum() == 9
+
+
+def test_repaint_keeps_known_pixels_exactly_and_counts_resampling_evaluations():
+    torch.manual_seed(0)
+    model = build_model(TINY, 3, 4, 16).eval()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    scheduler = repaint_scheduler(train_scheduler({}).config)
+    known = torch.rand(2, 3, 16, 16) * 2 - 1
+    keep = torch.ones(2, 1, 16, 16)
+    keep[:, :, 4:10, 4:10] = 0
+    out = repaint(model, scheduler, known, keep, torch.rand(2, 4, 16, 16), steps=6, jump_length=2, jump_n_sample=3,
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    assert torch.equal(out[keep.expand_as(out) == 1], known[keep.expand_as(known) == 1])
+    assert not torch.allclose(out[:, :, 4:10, 4:10], known[:, :, 4:10, 4:10])
+    assert len(calls) == unet_evaluations(6, 2, 3) == 6 + 2 * 2 * 2
+    assert len(scheduler.timesteps) == len(calls) + 2 * 2 * 2  # denoising steps + re-noising (jump) steps
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_inpainting_changes_only_the_pasted_region(tmp_path, sources, space):
+    model_dir = (save_model(tmp_path / "m", num_classes=len(CLASSES) + 1) if space == "pixel"
+                 else save_model(tmp_path / "m", space="latent", ae_dir=save_autoencoder(tmp_path / "ae")))
+    manifest = run_inpaint(model_dir, sources, tmp_path / "out", guidance=1.5 if space == "pixel" else 1.0)
+    out = tmp_path / "out"
+    assert_manifest_matches_files(manifest, out)
+    by_id = sources.set_index("patch_id")
+    assert (manifest["mode"] == "inpaint").all() and (manifest["sampler"] == "repaint").all()
+    assert (manifest["jump_length"] == 2).all() and (manifest["space"] == space).all()
+    for row in manifest.itertuples():
+        clean, donor = by_id.loc[row.source_patch_id], by_id.loc[row.donor_patch_id]
+        assert clean["frac_blood_vessel"] == 0 and donor["frac_blood_vessel"] > 0
+        region = read(donor["mask"]) == 1
+        mask, encoded, image = read(out / row.mask), read_conditioning(out / row.conditioning), read(out / row.image)
+        assert (mask[region] == 1).all() and np.array_equal(mask[~region], read(clean["mask"])[~region])
+        assert (encoded[region] == [1, 0, 0]).all()
+        source = read(clean["image"])
+        assert np.array_equal(image[~region], source[~region])  # the source's bytes outside the region
+        assert (image[region] != source[region]).any()
+        assert row.frac_blood_vessel == pytest.approx(region.mean())
+
+
+def test_inpainting_is_deterministic_given_the_seed(tmp_path, sources, pixel_model):
+    a = run_inpaint(pixel_model, sources, tmp_path / "a", grid_per_class=0)
+    b = run_inpaint(pixel_model, sources, tmp_path / "b", grid_per_class=0)
+    c = run_inpaint(pixel_model, sources, tmp_path / "c", seed=5, grid_per_class=0)
+    assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in a["image"])
+    assert [(tmp_path / "a" / p).read_bytes() for p in a["image"]] != [(tmp_path / "c" / p).read_bytes() for p in c["image"]]
+    pd.testing.assert_frame_equal(a.drop(columns="created_at"), b.drop(columns="created_at"))
+
+
+def test_inpainting_needs_clean_patches_and_a_target_class(tmp_path, sources, pixel_model, caplog):
+    with pytest.raises(SynthesisError, match="needs a target class"):
+        run_inpaint(pixel_model, sources, tmp_path / "out", target_class=None)
+    with pytest.raises(SynthesisError, match="no clean-tissue patch"):
+        run_inpaint(pixel_model, sources[sources["frac_blood_vessel"] > 0], tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="histosynth.synthesis"):
+        manifest = run_inpaint(pixel_model, sources, tmp_path / "out", n=4, steps=2, jump_n_sample=1, grid_per_class=0)
+    assert "only 3 clean-tissue patches" in caplog.text and len(manifest) == 4
+
+
+def test_class_grids_are_written_per_target_class(tmp_path, sources, pixel_model):
+    manifest = run_inpaint(pixel_model, sources, tmp_path / "out", grid_per_class=0)
+    paths = class_grids(manifest, tmp_path / "out", sources, CLASSES, tmp_path / "grids", per_class=2)
+    assert [p.name for p in paths] == ["grid_blood_vessel.png"]
+    assert Image.open(paths[0]).size == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
+

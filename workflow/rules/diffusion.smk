@@ -1,0 +1,24 @@
+rule train_diffusion:
+    """Train the mask-conditioned diffusion U-Net on the training split's patches and conditioning maps."""
+    input:
+        unpack(diffusion_inputs),
+    output:
+        model=directory("results/diffusion/model"),
+        losses="results/diffusion/loss.csv",
+        samples=directory("results/diffusion/samples"),
+    log:
+        "logs/train_diffusion.log",
+    benchmark:
+        "results/benchmarks/train_diffusion.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=1440,
+    params:
+        config=lambda wc: training_config("diffusion"),
+        checkpoints="results/checkpoints/diffusion",
+    script:
+        "../../scripts/train_diffusion.py"
