@@ -21,10 +21,10 @@ import torch
 
 def build(stage: str, preset: str, image_size: int, cond_channels: int):
     from histosynth import autoencoder, diffusion
-    from histosynth.training import merged
+    from histosynth.config import load_preset
 
+    config = load_preset(preset)[stage]
     if stage == "diffusion":
-        config = merged(diffusion.DEFAULTS, diffusion.PRESETS[preset])
         model = diffusion.build_model(config, 3, cond_channels, image_size)
 
         def loss(model, x, cond):
@@ -32,7 +32,6 @@ def build(stage: str, preset: str, image_size: int, cond_channels: int):
             noise = torch.randn_like(x)
             return torch.nn.functional.mse_loss(diffusion.predict_noise(model, x + noise, t, cond).float(), noise)
     else:
-        config = merged(autoencoder.DEFAULTS, autoencoder.PRESETS[preset])
         model = autoencoder.build_autoencoder(config, 3, image_size)
 
         def loss(model, x, cond):
@@ -86,13 +85,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
     from histosynth.device import pick_device
-    from histosynth.diffusion import DEFAULTS, PRESETS, build_model, parameter_count
-    from histosynth.training import merged
+    from histosynth.config import load_preset
+    from histosynth.diffusion import build_model, parameter_count
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with torch.device("meta"):
-        thesis = build_model(merged(DEFAULTS, PRESETS["thesis"]), 3, args.cond_channels, 256)
+        thesis = build_model(load_preset("thesis")["diffusion"], 3, args.cond_channels, 256)
     print(json.dumps({"thesis_diffusion_parameters": parameter_count(thesis),
                       "thesis_diffusion_parameters_M": round(parameter_count(thesis) / 1e6, 2)}))
 

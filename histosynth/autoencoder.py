@@ -30,6 +30,8 @@ from histosynth.training import (
 
 log = logging.getLogger("histosynth.autoencoder")  # not __main__ under python -m
 
+# The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults
+# (a test keeps them equal), config/tiny.yaml and config/thesis.yaml the other presets.
 DEFAULTS: dict = {
     "kind": "vq",              # vq (VQModel) | kl (AutoencoderKL)
     "latent_channels": 4,      # 4 or 8
@@ -51,17 +53,6 @@ DEFAULTS: dict = {
                                      "checkpoint_every": 100, "log_every": 10}),
 }
 
-# Section overrides of the three config presets (DEFAULTS is demo). thesis follows seed 002 ch. 6:
-# VQ-VAE, 4 latent channels, factor 8 (512 px -> 4x64x64).
-PRESETS: dict = {
-    "tiny": {"channels": [8, 16, 16], "norm_groups": 4, "codebook_size": 32, "scale_items": 16, "val_items": 8,
-             "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1}},
-    "demo": {},
-    "thesis": {"factor": 8, "channels": [128, 128, 256, 512], "layers_per_block": 2, "codebook_size": 8192,
-               "norm_groups": 32,
-               "train": {"steps": 375_000, "batch_size": 16, "lr": 1e-4, "checkpoint_every": 5000, "keep_checkpoints": 3,
-                         "log_every": 50, "num_workers": 8}},
-}
 
 
 # ----------------------------------------------------------------------------- model

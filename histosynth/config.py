@@ -4,12 +4,13 @@ for the Snakemake workflow and for the standalone `histosynth` commands alike.""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pandas as pd
 import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
@@ -40,6 +41,10 @@ def _check_class_references(config: dict, source: str) -> None:
         unknown = [name for name in names if name is not None and name not in classes]
         if unknown:
             raise ConfigError(f"{source}: {key} names {unknown}, which are not in classes {classes}")
+    num_classes = config["diffusion"]["num_classes"]
+    if num_classes not in (0, len(classes) + 1):
+        raise ConfigError(f"{source}: diffusion.num_classes must be 0 (no class embedding) or len(classes) + 1 = "
+                          f"{len(classes) + 1} (none + each class), got {num_classes}")
 
 
 def load_config(path: str | Path | None = None) -> dict:
@@ -52,6 +57,18 @@ def load_config(path: str | Path | None = None) -> dict:
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the config ({err})") from err
     return validated(data, str(path))
+
+
+def load_preset(name: str) -> dict:
+    """The shipped config/config.yaml with config/<name>.yaml layered on top ('demo': none),
+    merged as `snakemake --configfile config/config.yaml config/<name>.yaml` merges them."""
+    config = yaml.safe_load((REPO_ROOT / "config/config.yaml").read_text())
+    if name != "demo":
+        preset = REPO_ROOT / "config" / f"{name}.yaml"
+        if not preset.is_file():
+            raise ConfigError(f"{preset}: no such preset")
+        update_config(config, yaml.safe_load(preset.read_text()) or {})
+    return validated(config, f"preset {name}")
 
 
 def read_slide_sheet(path: str | Path) -> pd.DataFrame:
@@ -82,3 +99,29 @@ def _is_positive_number(text: str) -> bool:
         return float(text) > 0
     except ValueError:
         return False
+
+
+def key_table() -> str:
+    """The markdown table of every config key (type, default, description) that config/README.md
+    carries; regenerate it with `python -m histosynth.config` after changing the schema."""
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(properties: dict, prefix: str) -> None:
+        for key, sub in properties.items():
+            if sub.get("type") == "object" and "properties" in sub:
+                walk(sub["properties"], f"{prefix}{key}.")
+                continue
+            kind = sub.get("type", "")
+            kind = "/".join(kind) if isinstance(kind, list) else kind
+            if "enum" in sub:
+                kind += " (" + ", ".join(map(str, sub["enum"])) + ")"
+            meaning = " ".join(sub.get("description", "").split())
+            rows.append(f"| `{prefix}{key}` | {kind} | `{json.dumps(sub.get('default'))}` | {meaning} |")
+
+    walk(schema["properties"], "")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(key_table(), end="")

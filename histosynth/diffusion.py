@@ -42,6 +42,8 @@ from histosynth.training import (
 log = logging.getLogger("histosynth.diffusion")  # not __main__ under python -m
 META_FILE = "histosynth.json"
 
+# The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults
+# (a test keeps them equal), config/tiny.yaml and config/thesis.yaml the other presets.
 DEFAULTS: dict = {
     "conditioning": "spade",        # spade | concat
     "space": "pixel",               # pixel | latent (needs the autoencoder)
@@ -62,19 +64,6 @@ DEFAULTS: dict = {
     }),
 }
 
-# Section overrides of the three config presets (DEFAULTS is demo). thesis follows seed 002 ch. 6:
-# ~90M parameters, 4 downsamplings, attention only at the bottleneck, batch 16, lr 2e-4, Adam.
-PRESETS: dict = {
-    "tiny": {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8,
-             "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
-                       "sample_every": 4, "sample_count": 4, "sample_steps": 2, "ema_decay": 0.9}},
-    "demo": {},
-    "thesis": {"channels": 128, "multipliers": [1, 1, 2, 2, 4], "layers_per_block": 2, "attention_head_dim": 64,
-               "norm_groups": 32, "spade_hidden": 96,
-               "train": {"steps": 940_000, "batch_size": 16, "lr": 2e-4, "ema_decay": 0.9999, "checkpoint_every": 5000,
-                         "keep_checkpoints": 3, "log_every": 50, "num_workers": 8, "sample_every": 10_000,
-                         "sample_steps": 50}},
-}
 
 
 # ----------------------------------------------------------------------------- the SPADE U-Net

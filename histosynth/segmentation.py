@@ -212,12 +212,15 @@ def load_encoder_weights(model, path: Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    loaded = len(model.encoder.state_dict()) - len(missing)
-    if loaded == 0:
+    own = model.encoder.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
         raise SegmentationError(f"{path}: none of its tensors match encoder {type(model.encoder).__name__}; "
                                 "it must be an smp encoder state dict (model.encoder.state_dict())")
-    log.info("loaded %d encoder tensors from %s (%d missing, %d unused)", loaded, path, len(missing), len(unexpected))
+    # smp encoders override load_state_dict (and some return None), so match keys here.
+    torch.nn.Module.load_state_dict(model.encoder, matching, strict=False)
+    log.info("loaded %d of the encoder's %d tensors from %s (%d in the file unused)",
+             len(matching), len(own), path, len(state) - len(matching))
 
 
 class BceDiceLoss(torch.nn.Module):
@@ -363,7 +366,7 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, count, step = total + float(loss) * len(x), count + len(x), step + 1
+            total, count, step = total + float(loss.detach()) * len(x), count + len(x), step + 1
         lr = optimizer.param_groups[0]["lr"]
         schedule.step()
         val_loss, val_dice = _evaluate_loss(net, val_loader, loss_fn, device) if val_loader else (math.nan, math.nan)

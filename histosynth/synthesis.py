@@ -221,7 +221,10 @@ def repaint_scheduler(scheduler_config, eta: float = 1.0):
     """A RePaintScheduler on the training noise schedule (clip_sample as trained: off in latent space)."""
     from diffusers import RePaintScheduler
 
-    return RePaintScheduler.from_config(scheduler_config, eta=eta)
+    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise SynthesisError(f"RePaint needs a noise-predicting model; this one predicts {scheduler_config['prediction_type']}")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample")
+    return RePaintScheduler(**{key: scheduler_config[key] for key in keys if key in scheduler_config}, eta=eta)
 
 
 def unet_evaluations(steps: int, jump_length: int, jump_n_sample: int) -> int:
@@ -256,6 +259,23 @@ def latent_region(region: torch.Tensor, factor: int, dilation: int = 1) -> torch
     """A pixel-space region (N, 1, H, W) on the latent grid: every latent pixel covering a region
     pixel, dilated by `dilation` latent pixels so the seam falls inside the regenerated area."""
     return _grow(F.max_pool2d(region, factor, factor), dilation)
+
+
+def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndarray], encoded: list[np.ndarray],
+           labels: np.ndarray, generators, *, steps: int, jump_length: int, jump_n_sample: int, guidance: float,
+           grow: int, latent_dilation: int) -> np.ndarray:
+    """RePaint one batch of sources (N, H, W, 3) uint8 inside their regions (grown by `grow` px)
+    under the edited maps, in the model's space; (N, H, W, 3) uint8 with the source's bytes outside."""
+    region = _grow(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
+    known, keep, cond, ae = _to_model(pixels, runner.device), 1 - region, runner.cond(encoded), runner.autoencoder
+    if ae is not None:
+        known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
+        cond = resize_cond(cond, known.shape[-2:])
+    with autocast(runner.device):
+        x = repaint(runner.model, scheduler, known, keep, cond, runner.labels(labels), steps=steps, jump_length=jump_length,
+                    jump_n_sample=jump_n_sample, guidance=guidance, generator=generators)
+        x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
+    return np.where(region[:, 0].bool().cpu().numpy()[..., None], to_uint8(x), pixels)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -405,7 +425,6 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
     picks = _choose(rng, n, len(clean), f"clean-tissue patches (without {target_class!r})")
     donor_picks = rng.integers(len(donors), size=n)
     scheduler = repaint_scheduler(diffusion.scheduler.config, eta)
-    ae = runner.autoencoder
     record = model_record(model_path)
     rows = []
     with atomic_dir(out_dir) as tmp:
@@ -420,21 +439,9 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
                      for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
             masks, encoded, regions = map(list, zip(*edits))
             labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
-            cond = runner.cond(encoded)
-            region = _grow(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
-            known = _to_model(pixels, runner.device)
-            if ae is not None:
-                known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
-                cond = resize_cond(cond, known.shape[-2:])
-            else:
-                keep = 1 - region
-            with autocast(runner.device):
-                x = repaint(runner.model, scheduler, known, keep, cond, runner.labels(labels), steps=steps,
-                            jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance,
-                            generator=_generators(seeds))
-                x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
-            regenerated = region[:, 0].bool().cpu().numpy()[..., None]
-            images = np.where(regenerated, to_uint8(x), pixels)  # the source's bytes outside the region
+            images = _paint(runner, scheduler, pixels, regions, encoded, labels, _generators(seeds), steps=steps,
+                            jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance, grow=grow,
+                            latent_dilation=latent_dilation)
             for i, s, (_, source), (_, d), image, mask, enc in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
                                                                     images, masks, encoded):
                 image_id = f"inpaint-{i:06d}"

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from histosynth.config import CONFIG_SCHEMA, ConfigError, load_config, read_slide_sheet, validated
+from histosynth.config import CONFIG_SCHEMA, ConfigError, key_table, load_config, read_slide_sheet, validated
 
 
 def schema_keys(properties, prefix=""):
@@ -15,14 +15,15 @@ def schema_keys(properties, prefix=""):
 
 def test_every_key_has_a_default_a_description_and_documentation():
     schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
-    readme = (REPO / "config/README.md").read_text()
     for key in schema_keys(schema["properties"]):
-        assert f"`{key}`" in readme, f"config/README.md does not document {key}"
+        assert f"| `{key}` |" in key_table()
+    assert key_table() in (REPO / "config/README.md").read_text(), "regenerate: python -m histosynth.config"
+    assert "| `` |" not in key_table() and "|  |" not in key_table()  # every key has a description
     defaults = load_config()
     assert defaults["patches"]["tissue"]["mpp"] == 8.0 and defaults["classes"][0] == "Blood vessel"
 
 
-@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "thesis.yaml"])
 def test_shipped_presets_validate(preset):
     assert load_config(REPO / "config" / preset)["run_id"]
 
@@ -57,3 +58,34 @@ def test_slide_sheet_validation(tmp_path):
     sheet.write_text("slide\timage\tsplit\tmpp\na\ta.svs\ttrain\tfast\n")
     with pytest.raises(ConfigError, match="mpp must be empty or a positive number"):
         read_slide_sheet(sheet)
+
+
+def test_model_defaults_in_code_match_the_schema():
+    from histosynth import autoencoder, diffusion
+
+    schema_defaults = validated({}, "defaults")
+    assert schema_defaults["autoencoder"] == autoencoder.DEFAULTS
+    assert schema_defaults["diffusion"] == diffusion.DEFAULTS
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny", "thesis"])
+def test_presets_layer_on_the_default(preset):
+    from histosynth.config import load_preset
+
+    config = load_preset(preset)
+    assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"]
+    assert config["diffusion"]["num_classes"] == 4
+
+
+def test_thesis_preset_is_the_thesis():
+    from histosynth.config import load_preset
+
+    thesis = load_preset("thesis")
+    assert (thesis["patches"]["size"], thesis["patches"]["stride"], thesis["patches"]["min_tissue"]) == (256, 128, 0.5)
+    assert thesis["diffusion"]["train"]["batch_size"] == 16 and thesis["diffusion"]["train"]["lr"] == 2e-4
+    assert len(thesis["diffusion"]["multipliers"]) - 1 == 4  # four downsamplings
+
+
+def test_num_classes_must_fit_the_classes():
+    with pytest.raises(ConfigError, match=r"diffusion.num_classes must be 0 .* or len\(classes\) \+ 1 = 4"):
+        validated({"diffusion": {"num_classes": 3}}, "my.yaml")
