@@ -1,7 +1,7 @@
 """Benchmark (not a test): sampling throughput of one diffusion model through the project's
 `histosynth.diffusion.sample` against a bare diffusers loop on the same model, per sampler.
 
-    .venv/bin/python benchmarks/sampling.py                        # demo-sized SpadeUNet, random weights, CPU
+    .venv/bin/python benchmarks/sampling.py                        # demo preset's SpadeUNet, random weights, CPU
     .venv/bin/python benchmarks/sampling.py --skip-ddpm --batch 4  # without the 1000-step row
     .venv/bin/python benchmarks/sampling.py --model results/diffusion/model --batch 16 --repaint   # on a GPU
 
@@ -45,19 +45,22 @@ def bare_loop(model, scheduler, cond, steps: int, generator, channels: int):
 
 
 def load_or_build(args):
-    """(model, training scheduler config, cond channels, image size) on the device, eval mode."""
+    """(model, training scheduler config, cond channels, image size), eval mode."""
     from histosynth import diffusion
-    from histosynth.training import merged
+    from histosynth.conditioning import channel_names
+    from histosynth.config import load_preset
 
     if args.model:
         loaded = diffusion.load_diffusion(args.model)
         if loaded.autoencoder is not None or loaded.meta["conditioning"] != "spade":
             raise SystemExit("the bare loop compares a pixel-space SpadeUNet; this model is latent or concat")
         return loaded.model, loaded.scheduler.config, loaded.meta["cond_channels"], loaded.meta["image_size"][0]
+    config = load_preset(args.preset)
+    cond_channels = len(channel_names(config["classes"], **{f"use_{k}": v for k, v in config["conditioning"].items()}))
+    size = args.size or config["patches"]["size"]
     torch.manual_seed(0)
-    config = merged(diffusion.DEFAULTS, diffusion.PRESETS[args.preset])
-    model = diffusion.build_model(config, 3, args.cond_channels, args.size).eval().requires_grad_(False)
-    return model, diffusion.train_scheduler(config).config, args.cond_channels, args.size
+    model = diffusion.build_model(config["diffusion"], 3, cond_channels, size).eval().requires_grad_(False)
+    return model, diffusion.train_scheduler(config["diffusion"]).config, cond_channels, size
 
 
 def timed(fn, device) -> float:
@@ -73,11 +76,10 @@ def timed(fn, device) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model folder (pixel-space SpadeUNet); default: random weights")
-    parser.add_argument("--preset", default="demo", choices=["tiny", "demo", "thesis"])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--cond-channels", type=int, default=12, help="demo: 3 classes + background, 7 nuclei, boundary")
+    parser.add_argument("--preset", default="demo", help="config preset (config/<name>.yaml over config.yaml) for the model size")
+    parser.add_argument("--size", type=int, default=0, help="patch size (default: the preset's patches.size)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop and sampler (DDPM-1000: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per loop and sampler (DDPM-1000: 1)")
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000")
     parser.add_argument("--repaint", action="store_true", help="also time RePaint (50 steps, jump 10, 5 samples)")
     parser.add_argument("--device", default="auto")

@@ -13,10 +13,15 @@ from conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def snakemake(workdir, *args):
+def snakemake(workdir, *args, overlay: str | None = None):
+    """Run the workflow on the tiny preset in workdir; `overlay` is YAML layered on top."""
+    configs = [str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml")]
+    if overlay:
+        (workdir / "overlay.yaml").write_text(overlay)
+        configs.append(str(workdir / "overlay.yaml"))
     command = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml"),
+        "--configfile", *configs,
         "--cores", "2", "--resources", "gpu=1", *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=1200)
@@ -72,6 +77,36 @@ def test_nuclei_and_conditioning_maps(tiny_run):
     assert quality["f1"] > 0.3 and quality["images"] == len(patches)
 
 
+def test_models_trained_with_their_reports(tiny_run):
+    import json
+
+    metrics = json.loads((tiny_run / "results/autoencoder/metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["psnr"] > 0
+    assert (tiny_run / "results/autoencoder/reconstructions.png").is_file()
+    for stage in ("autoencoder", "diffusion"):
+        assert (tiny_run / f"results/{stage}/model/config.json").is_file()
+        losses = pd.read_csv(tiny_run / f"results/{stage}/loss.csv")
+        assert len(losses) == 4 and losses["loss"].notna().all()
+    assert list((tiny_run / "results/diffusion/samples").glob("step-*.png"))
+
+
+def planned_jobs(output: str) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run."""
+    if "Job stats:" not in output:
+        return set()
+    table = output.split("Job stats:")[1].strip().split("\n\n")[0]
+    return {line.split()[0] for line in table.splitlines()[2:] if line.split()[0] != "total"}
+
+
+def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
+    result = snakemake(tiny_run, "--dry-run", overlay="diffusion: {cond_dropout: 0.2}")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "all"}
+    result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
+    assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
+                                                           "train_diffusion", "all"}
+
+
 def test_logs_and_benchmarks_written(tiny_run):
     log = (tiny_run / "logs/extract_patches/tiny_a.log").read_text()
     assert "kept" in log and "patches/s" in log
@@ -85,7 +120,7 @@ def test_second_run_has_nothing_to_do(tiny_run):
 
 
 def test_config_of_wrong_type_is_a_schema_error(tmp_path):
-    result = snakemake(tmp_path, "--dry-run", "--config", "patches={'size': 'big'}")
+    result = snakemake(tmp_path, "--dry-run", overlay="patches: {size: big}")
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "'big' is not of type 'integer'" in output and "instance['patches']['size']" in output

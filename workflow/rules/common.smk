@@ -1,4 +1,5 @@
 # Config validation, the slide sheet and the input functions the rules share.
+import json
 import re
 import sys
 from pathlib import Path
@@ -62,10 +63,16 @@ def training_slides():
     return list(SLIDES.index[SLIDES["split"].isin(["train", "val"])])
 
 
+def config_params(*keys):
+    """The config sections a job reads, as a rule param with keys sorted at every level: Snakemake
+    compares params by their text, so only a changed value (not a reordered file) reruns a job,
+    and only the sections named here count."""
+    return json.loads(json.dumps({key: config[key] for key in keys}, sort_keys=True))
+
+
 def training_config(stage):
-    """What a training job reads of the config: its own section and the keys its data depends on.
-    Only these are rule params, so editing another stage's keys does not rerun the training."""
-    return {key: config[key] for key in (stage, "seed", "classes", "conditioning")}
+    """What a training job reads: its own section and the keys its data depends on."""
+    return config_params(stage, "seed", "classes", "conditioning")
 
 
 def diffusion_inputs(wildcards):

@@ -18,7 +18,7 @@ rule nuclei_masks:
         mem_mb=4000,
         runtime=120,
     params:
-        nuclei=config["nuclei"],
+        nuclei=config_params("nuclei")["nuclei"],
     script:
         "../../scripts/nuclei_masks.py"
 
@@ -66,6 +66,6 @@ rule conditioning_maps:
         mem_mb=2000,
         runtime=30,
     params:
-        conditioning=config["conditioning"],
+        conditioning=config_params("conditioning")["conditioning"],
     script:
         "../../scripts/conditioning_maps.py"

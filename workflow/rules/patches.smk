@@ -26,6 +26,6 @@ rule extract_patches:
     params:
         split=lambda wc: slide_row(wc)["split"],
         mpp=slide_mpp,
-        config={key: config[key] for key in ("patches", "classes", "priority", "annotations")},
+        config=config_params("patches", "classes", "priority", "annotations"),
     script:
         "../../scripts/extract_patches.py"

@@ -16,7 +16,7 @@ rule demo_slides:
         mem_mb=2000,
         runtime=30,
     params:
-        demo=config["demo"],
+        demo=config_params("demo")["demo"],
         seed=lambda wc: derive_seed(config["seed"], "demo", wc.slide),
     script:
         "../../scripts/demo_slides.py"

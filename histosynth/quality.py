@@ -1,0 +1,458 @@
+"""Image quality of the synthetic sets: FID, KID and IS (Inception features), LPIPS diversity, and
+mask consistency (re-segment synthetic images, compare with the masks they were made from),
+overall and per class, as tidy rows (set, metric, class, value, n_real, n_synthetic, status, note).
+
+Pretrained weights are never downloaded here. Each network's file comes from its config key or,
+when that is null, from the torch hub cache where torch-fidelity/torchvision would have put it
+(`fetch_weights`, run by rule fetch_weights, fills that cache). When a file is missing, the metrics
+needing it get rows with status "skipped" and a note naming the file, the config key and the rule;
+the weight-free metrics still run.
+
+- FID/KID/IS: torch-fidelity's InceptionV3 (the 2015-12-05 TF weights every FID paper uses), one
+  pass per image giving pool features (quality.feature: 64/192/768/2048) and unbiased logits.
+  FID is the closed form on the features' Gaussians (fid_from_features, float64); KID the unbiased
+  polynomial-kernel MMD averaged over random subsets (torchmetrics' poly_mmd); IS on the synthetic
+  images' logits in splits (torchmetrics' formula). Real images are the training split's patches.
+- LPIPS diversity: mean LPIPS (torchmetrics' AlexNet LPIPS; its linear layers ship with
+  torchmetrics, the AlexNet backbone is torchvision's ImageNet file) over random pairs of distinct
+  synthetic images; higher = more diverse. Images under 64 px are upsampled to 64 for AlexNet.
+- Mask consistency: the segmentation model (normally the ratio-0 one, trained on real data only)
+  re-segments the synthetic images; IoU and Dice per region class, pooled over images. The nuclei
+  detector (histosynth.nuclei) re-detects nuclei; IoU and Dice of the nucleus foreground and per
+  nucleus class against the conditioning map's nucleus channel.
+
+Classes: a synthetic image's class is its manifest `label` (the diffusion class label: 0 = none,
+n = n-th configured class), else its dominant class by frac_<class>; real images get their
+dominant class. Class "all" is every image of the set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from histosynth.device import derive_seed, pick_device
+from histosynth.io import read_patch_index, write_table
+from histosynth.patches import fraction_column
+
+log = logging.getLogger(__name__)
+
+QUALITY_DEFAULTS: dict = {
+    "inception_weights": None,  # torch-fidelity InceptionV3 state dict; null: the torch hub cache
+    "lpips_weights": None,      # torchvision AlexNet state dict (features.* used); null: the torch hub cache
+    "feature": 2048,            # Inception pool features for FID/KID: 64 | 192 | 768 | 2048
+    "max_images": 2000,         # images per set (real, each synthetic source), sampled when more
+    "min_images": 10,           # a class with fewer real or synthetic images is skipped
+    "kid_subsets": 100,
+    "kid_subset_size": 1000,    # capped at the smaller set's size
+    "is_splits": 10,
+    "lpips_pairs": 500,
+    "batch_size": 32,
+    "device": "auto",
+    "consistency": True,        # mask consistency with the segmentation model and the nuclei detector
+    "seed": 0,
+}
+COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note")
+LPIPS_MIN_SIDE = 64
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    key: str       # config key
+    url: str       # where fetch_weights downloads it from
+    use: str       # which metrics need it
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints" / Path(self.url).name
+
+
+WEIGHTS = {
+    "inception": WeightsSpec(
+        "quality.inception_weights",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        "FID, KID and IS"),
+    "lpips": WeightsSpec("quality.lpips_weights", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "LPIPS"),
+}
+
+
+def settings_from(config: Mapping | None) -> dict:
+    return {**QUALITY_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in QUALITY_DEFAULTS}}
+
+
+def weights_file(name: str, configured: str | Path | None) -> tuple[Path | None, str]:
+    """The weights file for network `name` (inception | lpips) and a note: the configured path
+    (which must exist), else the torch hub cache file when present, else None and how to provide it."""
+    spec = WEIGHTS[name]
+    if configured:
+        path = Path(configured)
+        if path.is_file():
+            return path, f"weights {path}"
+        return None, (f"{spec.use} skipped: {spec.key}={configured} does not exist; point {spec.key} at a copy of "
+                      f"{spec.url} or set it to null and run `snakemake fetch_weights`")
+    if spec.cache_path.is_file():
+        return spec.cache_path, f"weights {spec.cache_path}"
+    return None, (f"{spec.use} skipped: missing {spec.cache_path}; run `snakemake fetch_weights` (downloads {spec.url} "
+                  f"there) or set {spec.key} to a local copy of that file")
+
+
+def fetch_weights(names: Sequence[str] = tuple(WEIGHTS), progress: bool = True) -> list[Path]:
+    """Download the missing weight files into the torch hub cache (rule fetch_weights; needs network)."""
+    paths = []
+    for name in names:
+        spec = WEIGHTS[name]
+        if not spec.cache_path.is_file():
+            spec.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("downloading %s -> %s", spec.url, spec.cache_path)
+            torch.hub.download_url_to_file(spec.url, str(spec.cache_path), progress=progress)
+        paths.append(spec.cache_path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- maths
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of (N, D) features, float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+
+
+def fid_from_features(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance of N(mu1, sigma1) and N(mu2, sigma2):
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), the trace of the square
+    root taken as the sum of square roots of the eigenvalues of sigma1 @ sigma2 (real and >= 0 for
+    covariance matrices; tiny negative round-off is clipped), in float64."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(min=0)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eigenvalues).sum())
+
+
+def fid(real: np.ndarray, synthetic: np.ndarray) -> float:
+    return fid_from_features(*gaussian_stats(real), *gaussian_stats(synthetic))
+
+
+def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID mean and std over `subsets` random subsets (without replacement) of min(subset_size, n)
+    images per set: the unbiased MMD^2 with the kernel (x.y / d + 1)^3 (torchmetrics' poly_mmd)."""
+    from torchmetrics.image.kid import poly_mmd
+
+    real_t, syn_t = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(synthetic, dtype=torch.float64)
+    size = min(subset_size, len(real_t), len(syn_t))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 images per set, got {len(real_t)} real and {len(syn_t)} synthetic")
+    generator = torch.Generator().manual_seed(seed)
+    scores = [poly_mmd(real_t[torch.randperm(len(real_t), generator=generator)[:size]],
+                       syn_t[torch.randperm(len(syn_t), generator=generator)[:size]]) for _ in range(subsets)]
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """IS mean and std over splits: exp(E_x KL(p(y|x) || p(y))) per split (torchmetrics' formula)."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    logits = logits[torch.randperm(len(logits), generator=torch.Generator().manual_seed(seed))]
+    splits = max(1, min(splits, len(logits)))
+    values = []
+    for part in logits.chunk(splits):
+        prob, log_prob = part.softmax(1), part.log_softmax(1)
+        kl = (prob * (log_prob - prob.mean(0, keepdim=True).log())).sum(1).mean()
+        values.append(kl.exp())
+    values = torch.stack(values)
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- networks
+
+def load_inception(path: str | Path, feature: int = 2048):
+    """torch-fidelity's InceptionV3 with weights from `path`, giving (pool features, unbiased logits)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    if str(feature) not in ("64", "192", "768", "2048"):
+        raise ValueError(f"quality.feature must be 64, 192, 768 or 2048, got {feature}")
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", [str(feature), "logits_unbiased"],
+                                          feature_extractor_weights_path=str(path))
+    except RuntimeError as err:
+        raise RuntimeError(f"{path}: not an InceptionV3 state dict for torch-fidelity ({err}); "
+                           f"replace it with {WEIGHTS['inception'].url}") from err
+    return net.eval()
+
+
+def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) of same-sized RGB images."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB")))
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+
+
+@torch.no_grad()
+def inception_features(paths: Sequence[str | Path], net, batch_size: int = 32, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) float64 arrays for the images at `paths`."""
+    device = device or torch.device("cpu")
+    net = net.to(device)
+    features, logits = [], []
+    for start in range(0, len(paths), batch_size):
+        f, lg = net(read_images(paths[start:start + batch_size]).to(device))
+        features.append(f.double().cpu().numpy())
+        logits.append(lg.double().cpu().numpy())
+    if not features:
+        return np.empty((0, 0)), np.empty((0, 0))
+    return np.concatenate(features), np.concatenate(logits)
+
+
+def load_lpips(path: str | Path):
+    """torchmetrics' AlexNet LPIPS: its shipped linear layers, the AlexNet backbone from `path`
+    (a torchvision alexnet state dict; only features.* are used)."""
+    from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+    net = _NoTrainLpips(net="alex", pretrained=True, pnet_rand=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = {}
+    for slice_name, block in net.net.named_children():
+        for index, layer in block.named_children():
+            for param, _ in layer.named_parameters():
+                own[f"{slice_name}.{index}.{param}"] = f"features.{index}.{param}"
+    missing = [k for k in own.values() if k not in state]
+    if missing:
+        raise RuntimeError(f"{path}: not a torchvision AlexNet state dict (missing {missing[:3]}); replace it with {WEIGHTS['lpips'].url}")
+    net.net.load_state_dict({k: state[v] for k, v in own.items()})
+    return net.eval()
+
+
+@torch.no_grad()
+def lpips_diversity(paths: Sequence[str | Path], net, pairs: int = 500, seed: int = 0, batch_size: int = 32, device=None) -> float:
+    """Mean LPIPS over `pairs` random pairs of distinct images (all pairs when fewer exist)."""
+    device = device or torch.device("cpu")
+    n = len(paths)
+    if n < 2:
+        raise ValueError("LPIPS diversity needs at least 2 images")
+    every = [(i, j) for i in range(n) for j in range(i + 1, n)] if n * (n - 1) // 2 <= pairs else None
+    if every is None:
+        rng = np.random.default_rng(seed)
+        first = rng.integers(0, n, pairs)
+        second = (first + rng.integers(1, n, pairs)) % n  # never the same image
+        every = list(zip(first.tolist(), second.tolist(), strict=True))
+    net = net.to(device)
+    cache: dict[int, torch.Tensor] = {}
+
+    def image(i):
+        if i not in cache:
+            x = read_images([paths[i]]).float() / 127.5 - 1
+            if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
+                x = torch.nn.functional.interpolate(x, size=(LPIPS_MIN_SIDE, LPIPS_MIN_SIDE), mode="bilinear", align_corners=False)
+            cache[i] = x[0]
+        return cache[i]
+
+    scores = []
+    for start in range(0, len(every), batch_size):
+        chunk = every[start:start + batch_size]
+        a = torch.stack([image(i) for i, _ in chunk]).to(device)
+        b = torch.stack([image(j) for _, j in chunk]).to(device)
+        scores.append(net(a, b).flatten().cpu())
+    return float(torch.cat(scores).mean())
+
+
+# ----------------------------------------------------------------------------- consistency
+
+def overlap_scores(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
+    """Pixel intersection, |truth|, |pred| of two boolean masks."""
+    return int(np.sum(truth & pred)), int(truth.sum()), int(pred.sum())
+
+
+def _iou_dice(inter: int, a: int, b: int) -> tuple[float, float]:
+    union = a + b - inter
+    return (inter / union if union else math.nan), (2 * inter / (a + b) if a + b else math.nan)
+
+
+def region_consistency(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray]) -> list[dict]:
+    """IoU/Dice per region class between each image's `mask` and segment(image) (a label mask of
+    the same values), pooled over images."""
+    sums = np.zeros((len(classes), 3), np.int64)
+    for image_path, mask_path in zip(rows["image"], rows["mask"], strict=True):
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            rgb, truth = np.asarray(image.convert("RGB")), np.asarray(mask)
+        pred = segment(rgb)
+        for k in range(len(classes)):
+            sums[k] += overlap_scores(truth == k + 1, pred == k + 1)
+    out = []
+    for name, (inter, a, b) in zip(classes, sums, strict=True):
+        iou, dice = _iou_dice(inter, a, b)
+        note = "" if a else "class absent from the conditioning masks"
+        out += [{"metric": "mask_iou", "class": name, "value": iou, "note": note},
+                {"metric": "mask_dice", "class": name, "value": dice, "note": note}]
+    return out
+
+
+def nuclei_consistency(rows: pd.DataFrame, mpp: float, params) -> list[dict]:
+    """IoU/Dice of re-detected nuclei (histosynth.nuclei) against the conditioning maps' nucleus
+    channel: the foreground ('nuclei') and per nucleus class, pooled over images."""
+    from histosynth.conditioning import read_conditioning
+    from histosynth.nuclei import NUCLEUS_CLASSES, segment_patch
+
+    lookup = {name: i + 1 for i, name in enumerate(NUCLEUS_CLASSES)}
+    sums = np.zeros((len(NUCLEUS_CLASSES) + 1, 3), np.int64)
+    for image_path, cond_path in zip(rows["image"], rows["conditioning"], strict=True):
+        with Image.open(image_path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        truth = read_conditioning(cond_path)[..., 1]
+        instances, table = segment_patch(rgb, mpp, rgb.shape[:2], params)
+        lut = np.zeros(int(instances.max(initial=0)) + 1, np.uint8)
+        for instance_id, name in zip(table.get("instance_id", []), table.get("class", []), strict=True):
+            lut[int(instance_id)] = lookup.get(name, 0)
+        pred = lut[instances]
+        sums[0] += overlap_scores(truth > 0, pred > 0)
+        for k in range(1, len(NUCLEUS_CLASSES) + 1):
+            sums[k] += overlap_scores(truth == k, pred == k)
+    out = []
+    for k, name in enumerate(["nuclei", *NUCLEUS_CLASSES]):
+        inter, a, b = sums[k]
+        if k and not (a or b):
+            continue  # a nucleus class neither drawn nor found
+        iou, dice = _iou_dice(inter, a, b)
+        out += [{"metric": "nuclei_iou", "class": name, "value": iou, "note": ""},
+                {"metric": "nuclei_dice", "class": name, "value": dice, "note": ""}]
+    return out
+
+
+# ----------------------------------------------------------------------------- the table
+
+def image_classes(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Class name per row: `label` (0 = none, n = n-th class) when present, else the dominant
+    frac_<class>, else 'none'."""
+    names = np.array(["none", *classes], dtype=object)
+    if "label" in table and table["label"].notna().all():
+        return names[table["label"].astype(int).clip(0, len(classes)).to_numpy()]
+    columns = [fraction_column(c) for c in classes]
+    if not classes or any(c not in table for c in columns):
+        return np.full(len(table), "none", dtype=object)
+    fractions = table[columns].to_numpy(float)
+    return names[np.where(fractions.max(axis=1) > 0, fractions.argmax(axis=1) + 1, 0)]
+
+
+def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    if len(table) <= n:
+        return table.reset_index(drop=True)
+    keep = np.sort(np.random.default_rng(seed).choice(len(table), n, replace=False))
+    return table.iloc[keep].reset_index(drop=True)
+
+
+def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], classes: Sequence[str], *,
+                  settings: Mapping | None = None, segment: Callable[[np.ndarray], np.ndarray] | None = None,
+                  nuclei_params=None, mpp: float | None = None) -> pd.DataFrame:
+    """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
+    the real training rows. `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables
+    region mask consistency; nuclei_params (histosynth.nuclei.NucleiParams) and mpp enable nuclei
+    consistency for sets with a conditioning column."""
+    s = settings_from(settings)
+    device = pick_device(s["device"])
+    real = _sample(real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real"))
+    real_classes = image_classes(real, classes)
+    rows: list[dict] = []
+
+    inception_path, inception_note = weights_file("inception", s["inception_weights"])
+    lpips_path, lpips_note = weights_file("lpips", s["lpips_weights"])
+    real_features = real_logits = None
+    if inception_path is not None:
+        net = load_inception(inception_path, s["feature"])
+        log.info("Inception features of %d real images (%s)", len(real), inception_note)
+        real_features, real_logits = inception_features(real["image"].tolist(), net, s["batch_size"], device)
+    lpips_net = load_lpips(lpips_path) if lpips_path is not None else None
+
+    for mode, table in synthetic.items():
+        table = _sample(table, s["max_images"], derive_seed(s["seed"], "synthetic", mode))
+        syn_classes = image_classes(table, classes)
+        groups = ["all", *[c for c in ["none", *classes] if (syn_classes == c).any() or (real_classes == c).any()]]
+
+        def add(metric, name, value, n_real, n_syn, status="ok", note="", mode=mode):
+            rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
+                         "n_synthetic": n_syn, "status": status, "note": note})
+
+        if table.empty:
+            add("images", "all", 0.0, len(real), 0, "skipped", f"synthetic set {mode} is empty")
+            continue
+        features = logits = None
+        if inception_path is not None:
+            log.info("Inception features of %d %s images", len(table), mode)
+            features, logits = inception_features(table["image"].tolist(), net, s["batch_size"], device)
+        for group in groups:
+            r = np.ones(len(real), bool) if group == "all" else real_classes == group
+            g = np.ones(len(table), bool) if group == "all" else syn_classes == group
+            n_r, n_g = int(r.sum()), int(g.sum())
+            few = n_r < s["min_images"] or n_g < s["min_images"]
+            few_note = f"{n_r} real and {n_g} synthetic images; quality.min_images={s['min_images']}"
+            if features is None:
+                for metric in ("fid", "kid", "kid_std", "is", "is_std"):
+                    add(metric, group, math.nan, n_r, n_g, "skipped", inception_note)
+            elif few:
+                for metric in ("fid", "kid", "kid_std", "is", "is_std"):
+                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note)
+            else:
+                add("fid", group, fid(real_features[r], features[g]), n_r, n_g)
+                kid_mean, kid_std = kid(real_features[r], features[g], s["kid_subsets"], s["kid_subset_size"], s["seed"])
+                add("kid", group, kid_mean, n_r, n_g)
+                add("kid_std", group, kid_std, n_r, n_g)
+                is_mean, is_std = inception_score(logits[g], s["is_splits"], s["seed"])
+                add("is", group, is_mean, n_r, n_g)
+                add("is_std", group, is_std, n_r, n_g)
+            if lpips_net is None:
+                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", lpips_note)
+            elif n_g < max(2, s["min_images"]):
+                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", few_note)
+            else:
+                paths = table.loc[g, "image"].tolist()
+                add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device), n_r, n_g)
+        if s["consistency"]:
+            _consistency_rows(table, classes, segment, nuclei_params, mpp, lambda **kw: add(n_real=0, n_syn=len(table), **kw))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _consistency_rows(table, classes, segment, nuclei_params, mpp, add) -> None:
+    if segment is None:
+        add(metric="mask_iou", name="all", value=math.nan, status="skipped",
+            note="no segmentation model given (the ratio-0 model of rule train_segmentation)")
+    else:
+        for row in region_consistency(table, classes, segment):
+            add(metric=row["metric"], name=row["class"], value=row["value"], note=row["note"])
+    if nuclei_params is None or mpp is None or "conditioning" not in table:
+        why = "no conditioning maps in the manifest" if "conditioning" not in table else "nuclei settings not given"
+        add(metric="nuclei_iou", name="nuclei", value=math.nan, status="skipped", note=why)
+    else:
+        for row in nuclei_consistency(table, mpp, nuclei_params):
+            add(metric=row["metric"], name=row["class"], value=row["value"], note=row["note"])
+
+
+def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], out: str | Path, *,
+                        config: Mapping, segmentation_model: str | Path | None = None) -> pd.DataFrame:
+    """Entry of rule image_quality: real training patches vs each synthetic manifest ({mode: path});
+    the optional segmentation run folder (ratio 0) enables region mask consistency. Writes `out`."""
+    from histosynth.nuclei import NucleiParams
+
+    real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
+    synthetic = {}
+    for mode, path in manifests.items():
+        names = pq.read_schema(path).names
+        columns = tuple(c for c in ("image", "mask", "conditioning") if c in names)
+        synthetic[mode] = read_patch_index(path, columns=columns)
+    segment = None
+    s = settings_from(config.get("quality"))
+    if segmentation_model is not None and s["consistency"]:
+        from histosynth.segmentation import load_model
+
+        segment = load_model(segmentation_model, s["device"]).predict
+    nuclei_params = NucleiParams.from_config(config["nuclei"]) if "nuclei" in config else NucleiParams()
+    table = image_quality(real, synthetic, config["classes"], settings=s, segment=segment,
+                          nuclei_params=nuclei_params, mpp=config["patches"]["mpp"])
+    write_table(table, out)
+    return table

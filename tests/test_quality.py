@@ -1,0 +1,188 @@
+"""Image quality: FID/KID/IS maths on features, the weights loading path with random-weight
+Inception and AlexNet files, the skip records when weights are missing, mask consistency."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from histosynth import quality
+from histosynth.quality import (
+    fid, fid_from_features, gaussian_stats, image_quality, inception_score, kid, load_inception, load_lpips,
+    lpips_diversity, region_consistency, weights_file,
+)
+
+CLASSES = ["Blood vessel", "Fat"]
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A random-init torch-fidelity InceptionV3 state dict (its constructor would download the
+    real weights, so the download and the load are bypassed once to get a fresh network)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    class Fresh(fx.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # skip loading the (fake) download
+            return None
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(fx, "load_state_dict_from_url", lambda *a, **k: {})
+    torch.manual_seed(0)
+    net = Fresh("inception-v3-compat", ["2048"])
+    patch.undo()
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(torch.nn.Module.state_dict(net), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(0)
+    features = torchvision.models.alexnet(weights=None).features
+    path = tmp_path_factory.mktemp("weights") / "alexnet.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture
+def no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
+def write_images(folder, n, colour, label=None, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        image = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:16] = 1
+        Image.fromarray(image).save(folder / f"{i}.png")
+        Image.fromarray(mask).save(folder / f"{i}_m.png")
+        rows.append({"image": str(folder / f"{i}.png"), "mask": str(folder / f"{i}_m.png"), "split": "train",
+                     "frac_blood_vessel": 0.5, "frac_fat": 0.0, **({"label": label} if label is not None else {})})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- maths
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).normal(size=(200, 8))
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_fid_matches_the_closed_form_for_known_gaussians():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, -1.0])
+    s1, s2 = np.diag([1.0, 2.0, 3.0]), np.diag([4.0, 2.0, 0.5])
+    # Diagonal covariances: tr(sqrt(s1 s2)) = sum sqrt(a_i b_i).
+    expected = 1 + 4 + 1 + (1 + 2 + 3) + (4 + 2 + 0.5) - 2 * (2 + 2 + math.sqrt(1.5))
+    assert fid_from_features(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    # Non-diagonal: rotate both by one orthogonal matrix (FID is rotation invariant).
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    assert fid_from_features(q @ mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T) == pytest.approx(expected, rel=1e-8)
+    # Sampled features converge to the closed form.
+    a = rng.multivariate_normal(mu1, s1, 200_000)
+    b = rng.multivariate_normal(mu2, s2, 200_000)
+    assert fid(a, b) == pytest.approx(expected, rel=0.02)
+    mu, sigma = gaussian_stats(a)
+    assert np.allclose(sigma, s1, atol=0.05)
+
+
+def test_kid_and_is():
+    rng = np.random.default_rng(2)
+    x = rng.gamma(1.0, 0.3, size=(200, 64))  # non-negative, like pooled post-ReLU Inception features
+    mean, _ = kid(x, x, subsets=20, subset_size=100)
+    assert abs(mean) < 0.01
+    far, _ = kid(x, x + 0.5, subsets=20, subset_size=100)
+    assert far > 20 * abs(mean) and far > 0.1
+    # Full sets, one subset: the unbiased MMD^2 of a set with itself is -2 mean(k(x, x)) / m <= 0 and tiny.
+    assert kid(x, x, subsets=1, subset_size=200)[0] == pytest.approx(0.0, abs=0.05)
+    # IS: confident, uniformly spread predictions over 4 classes give 4; identical ones give 1.
+    confident = np.full((40, 4), -30.0)
+    confident[np.arange(40), np.arange(40) % 4] = 30.0
+    assert inception_score(confident, splits=1)[0] == pytest.approx(4.0, rel=1e-6)  # one split: balanced
+    assert inception_score(np.zeros((40, 4)), splits=2)[0] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_weights_lookup_and_skip_notes(tmp_path, no_cache):
+    path, note = weights_file("inception", None)
+    assert path is None
+    assert "weights-inception-2015-12-05-6726825d.pth" in note and "quality.inception_weights" in note and "fetch_weights" in note
+    path, note = weights_file("lpips", str(tmp_path / "nope.pth"))
+    assert path is None and "nope.pth" in note and "quality.lpips_weights" in note
+    cached = quality.WEIGHTS["inception"].cache_path
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert weights_file("inception", None)[0] == cached
+
+
+def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path, no_cache):
+    real = write_images(tmp_path / "real", 3, (200, 120, 170))
+    syn = write_images(tmp_path / "syn", 3, (200, 120, 170), label=1, seed=1)
+    table = image_quality(real, {"inpaint": syn}, CLASSES, settings={"min_images": 2, "device": "cpu"},
+                          segment=lambda rgb: np.where(np.arange(32)[:, None] < 16, 1, 0).repeat(32, 1).astype(np.uint8))
+    skipped = table[table.status == "skipped"]
+    assert {"fid", "kid", "is", "lpips_diversity"} <= set(skipped.metric)
+    assert skipped[skipped.metric == "fid"]["note"].str.contains("weights-inception-2015-12-05").all()
+    assert skipped[skipped.metric == "lpips_diversity"]["note"].str.contains("alexnet-owt").all()
+    ok = table[table.status == "ok"].set_index(["metric", "class"])["value"]
+    assert ok[("mask_iou", "Blood vessel")] == 1.0 and ok[("mask_dice", "Blood vessel")] == 1.0
+    assert list(table.columns) == list(quality.COLUMNS)
+
+
+def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_file, no_cache):
+    torch.manual_seed(0)
+    real = write_images(tmp_path / "real", 3, (200, 120, 170))
+    syn = real.assign(label=1)  # the same images on both sides: FID ~ 0 through the whole feature path
+    settings = {"inception_weights": str(inception_file), "lpips_weights": str(alexnet_file), "min_images": 2,
+                "kid_subsets": 5, "feature": 64, "device": "cpu", "consistency": False}
+    table = image_quality(real, {"synth": syn}, CLASSES, settings=settings)
+    ok = table[(table.status == "ok") & (table["class"] == "all")].set_index("metric")["value"]
+    assert {"fid", "kid", "is", "lpips_diversity"} <= set(ok.index)
+    assert ok["fid"] == pytest.approx(0.0, abs=1e-6) and abs(ok["kid"]) < 0.05 and ok["is"] >= 1
+    assert ok["lpips_diversity"] > 0  # distinct noisy images
+    assert set(table["class"]) >= {"all", "Blood vessel"}
+    feats, logits = quality.inception_features(real["image"].tolist()[:1], load_inception(inception_file, 64))
+    assert feats.shape == (1, 64) and logits.shape == (1, 1008)
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="AlexNet"):
+        load_lpips(tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="InceptionV3"):
+        load_inception(tmp_path / "bad.pth")
+
+
+def test_nuclei_consistency_runs_the_detector(tmp_path):
+    from histosynth.conditioning import write_conditioning
+    from histosynth.nuclei import NucleiParams
+
+    image = np.full((32, 32, 3), (225, 160, 200), np.uint8)
+    cond = np.zeros((32, 32, 3), np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    for cy, cx in ((8, 8), (22, 20)):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+        image[disc], cond[disc, 1] = (70, 40, 130), 1
+    Image.fromarray(image).save(tmp_path / "i.png")
+    write_conditioning(cond, tmp_path / "c.png")
+    rows = pd.DataFrame({"image": [str(tmp_path / "i.png")], "conditioning": [str(tmp_path / "c.png")]})
+    out = {(r["metric"], r["class"]): r["value"] for r in quality.nuclei_consistency(rows, 0.5, NucleiParams())}
+    assert 0 <= out[("nuclei_iou", "nuclei")] <= 1 and 0 <= out[("nuclei_dice", "nuclei")] <= 1
+
+
+def test_region_consistency_maths(tmp_path):
+    rows = write_images(tmp_path / "imgs", 2, (200, 120, 170))
+    # Predict the top 8 rows as vessel: intersection 8 rows, truth 16 rows, prediction 8 rows, per image.
+    out = region_consistency(rows, CLASSES, lambda rgb: np.where(np.arange(32)[:, None] < 8, 1, 0).repeat(32, 1).astype(np.uint8))
+    values = {(r["metric"], r["class"]): r["value"] for r in out}
+    assert values[("mask_iou", "Blood vessel")] == pytest.approx(0.5)
+    assert values[("mask_dice", "Blood vessel")] == pytest.approx(2 * 8 / 24)
+    assert math.isnan(values[("mask_iou", "Fat")])
