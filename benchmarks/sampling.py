@@ -19,7 +19,7 @@ import time
 
 import torch
 
-SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpmsolver++", 20))
+SAMPLERS = "ddpm-1000,ddim-50,ddim-20,dpmsolver++-20"
 
 
 def bare_scheduler(name: str, config):
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=0, help="patch size (default: the preset's patches.size)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per loop and sampler (DDPM-1000: 1)")
-    parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000")
+    parser.add_argument("--samplers", default=SAMPLERS, help="comma-separated NAME-STEPS (NAME: ddpm, ddim, dpmsolver++)")
+    parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (the long row)")
     parser.add_argument("--repaint", action="store_true", help="also time RePaint (50 steps, jump 10, 5 samples)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -115,8 +116,10 @@ def main(argv=None) -> int:
     header = f"{'sampler':<16}{'evals/img':>10}{'project img/s':>15}{'bare img/s':>12}{'project/bare':>14}"
     print(header + "\n" + "-" * len(header))
     rows = []
-    for name, steps in SAMPLERS:
-        if args.skip_ddpm and steps == 1000:
+    for spec in args.samplers.split(","):
+        name, steps = spec.rsplit("-", 1)
+        steps = int(steps)
+        if args.skip_ddpm and (name, steps) == ("ddpm", 1000):
             continue
         times = {"project": [], "bare": []}
         evals = {}

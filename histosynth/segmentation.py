@@ -204,6 +204,19 @@ def encoder_weights_file(settings: Mapping) -> tuple[Path | None, str]:
     )
 
 
+def fetch_encoder_weights(settings: Mapping) -> Path | None:
+    """Download smp's ImageNet encoder file into the Hugging Face cache (rule fetch_weights; needs
+    network), so later trainings find it offline. None for encoders smp has no such file for."""
+    import segmentation_models_pytorch as smp
+    from huggingface_hub import hf_hub_download
+
+    spec = smp.encoders.encoders.get(settings["encoder"], {}).get("pretrained_settings", {}).get("imagenet")
+    if spec is None:
+        return None
+    hf_hub_download(spec["repo_id"], "config.json", revision=spec["revision"])
+    return Path(hf_hub_download(spec["repo_id"], "model.safetensors", revision=spec["revision"]))
+
+
 def load_encoder_weights(model, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -66,9 +66,9 @@ DEFAULTS: dict = {
     "inpaint": {
         "n": 32,
         "target_class": None,   # class painted into clean-tissue patches (required)
-        "steps": 50,            # denoising steps before resampling (RePaint's T)
-        "jump_length": 10,      # RePaint j: steps re-noised per jump
-        "jump_n_sample": 5,     # RePaint r: times each jump is taken (1: no resampling)
+        "steps": 25,            # denoising steps before resampling (RePaint's T)
+        "jump_length": 5,       # RePaint j: steps re-noised per jump
+        "jump_n_sample": 3,     # RePaint r: times each jump is taken (1: no resampling); 65 evaluations at these values
         "eta": 1.0,             # 1: DDPM posterior noise (RePaint); 0: DDIM-like
         "guidance": 1.0,
         "donor": "random",      # random: a random training patch containing the class, region at the same location
@@ -102,6 +102,8 @@ def _class_index(sources: pd.DataFrame, classes: Sequence[str], target_class: st
 
 def _choose(rng: np.random.Generator, n: int, available: int, what: str) -> np.ndarray:
     """n row positions: without replacement when there are enough, else with (and a warning)."""
+    if n < 1:
+        raise SynthesisError(f"the number of images n must be at least 1, got {n}")
     if available == 0:
         raise SynthesisError(f"no {what} to synthesize from")
     if n <= available:
@@ -115,7 +117,7 @@ def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
     missing = [c for c in needed if c not in sources]
     if missing:
         raise SynthesisError(f"the source table lacks columns {missing}; pass conditioning index rows "
-                             "(histosynth.datasets.read_conditioning_index)")
+                             "(histosynth.datasets.read_indexes)")
 
 
 def _read_array(path) -> np.ndarray:
@@ -449,7 +451,7 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
               autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
     `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings`."""
-    from histosynth.datasets import read_conditioning_index
+    from histosynth.datasets import read_indexes
     from histosynth.device import pick_device
     from histosynth.diffusion import load_diffusion
 
@@ -457,7 +459,7 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
         raise SynthesisError(f"mode must be one of {MODES}, got {mode!r}")
     s = merged(DEFAULTS, settings)
     diffusion = load_diffusion(model_path, autoencoder=autoencoder, device=pick_device(device))
-    sources = read_conditioning_index(indexes, split)
+    sources = read_indexes(indexes, split)
     if sources.empty:
         raise SynthesisError(f"no {split!r} patches in the conditioning indexes {[str(p) for p in indexes]}")
     common = dict(classes=classes, conditioning_cfg=conditioning_cfg, batch_size=s["batch_size"], seed=seed,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from histosynth.diffusion import Diffusion, build_model, load_diffusion, train_s
 from histosynth.nuclei import NUCLEUS_CLASSES
 from histosynth.patches import fraction_column
 from histosynth.synthesis import (
-    SynthesisError, class_grids, inpaint, latent_region, paste_region, repaint, repaint_scheduler, synthesize,
+    SynthesisError, class_grids, inpaint, latent_region, paste_region, repaint, repaint_scheduler, run_stage, synthesize,
     unet_evaluations,
 )
 from histosynth.training import TrainingError
@@ -314,3 +315,19 @@ def test_class_grids_are_written_per_target_class(tmp_path, sources, pixel_model
     assert [p.name for p in paths] == ["grid_blood_vessel.png"]
     assert Image.open(paths[0]).size == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
 
+
+
+def test_run_stage_reads_conditioning_indexes_and_runs_both_modes(tmp_path, sources, pixel_model):
+    index = sources.copy()
+    for column in ("image", "mask", "conditioning"):  # stored relative to the index, as the workflow writes them
+        index[column] = [str(Path(p).relative_to(tmp_path / "patches")) for p in index[column]]
+    index.loc[0, "split"] = "test"  # a held-out patch is never a source
+    index.to_parquet(tmp_path / "patches" / "index.parquet")
+    settings = {"batch_size": 2, "grid_per_class": 1, "synthesize": {"n": 2, "steps": 1},
+                "inpaint": {"n": 2, "target_class": "Blood vessel", "steps": 2, "jump_length": 1, "jump_n_sample": 2}}
+    for mode in ("synth", "inpaint"):
+        manifest = run_stage(mode, pixel_model, [tmp_path / "patches" / "index.parquet"], tmp_path / mode, settings=settings,
+                             classes=CLASSES, conditioning_cfg=CONDITIONING, seed=0, device="cpu")
+        assert (manifest["mode"] == mode).all() and len(manifest) == 2
+        assert index.loc[0, "patch_id"] not in set(manifest["source_patch_id"]) | set(manifest["donor_patch_id"].dropna())
+        assert (tmp_path / mode / "manifest.parquet").is_file() and list((tmp_path / mode).glob("grid_*.png"))

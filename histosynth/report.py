@@ -1,0 +1,286 @@
+"""Report: one tidy table of every metric, the plots across ratios, paired tests against the
+real-only baseline, loss curves, class-share and sample-grid figures. Every plotting function
+writes a PNG (matplotlib, Agg) and returns its path, so rules can flag them with report().
+
+Paired test: for each ratio, class and metric, the ratio's value is paired with the baseline's
+for the same seed and test slide (per-slide rows; the pooled 'all' rows when there is only one test
+slide). Same-seed runs start from the same initial weights (histosynth.segmentation), so
+the pairing removes the initialisation's share of the variance. Reported: the mean difference
+(ratio - baseline) with its 95% t interval, the paired t-test p-value (primary; scipy.stats.ttest_rel)
+and the Wilcoxon signed-rank p-value (exact for small n; needs >= 6 pairs to go below 0.05, so with
+3 seeds x 1 slide it can only say "not significant"). Pairs with a NaN on either side are dropped.
+No multiple-comparison correction is applied; the table lists every test made.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from histosynth.io import atomic_file, write_table  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_METRICS = ("dice", "precision", "recall")
+QUALITY_METRICS = ("fid", "kid", "is", "lpips_diversity")
+TABLE_COLUMNS = ("kind", "ratio", "seed", "slide", "set", "class", "metric", "value", "status", "note")
+DPI = 120
+
+
+# ----------------------------------------------------------------------------- tables
+
+def read_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    tables = [pd.read_parquet(p) for p in paths]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def metrics_table(segmentation: pd.DataFrame, quality: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy table: segmentation rows (kind 'segmentation': ratio, seed, slide or 'all', class,
+    metric, value) and image-quality rows (kind 'quality': set, class, metric, value, status, note)."""
+    parts = []
+    if len(segmentation):
+        seg = segmentation.assign(kind="segmentation", set=None, status="ok", note="")
+        seg.loc[seg["value"].isna(), "status"] = "nan"
+        parts.append(seg.reindex(columns=TABLE_COLUMNS))
+    if quality is not None and len(quality):
+        parts.append(quality.assign(kind="quality", ratio=None, seed=None, slide=None).reindex(columns=TABLE_COLUMNS))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TABLE_COLUMNS)
+
+
+def seed_summary(segmentation: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, sd and count over seeds of the pooled ('all') scores per ratio, class and metric."""
+    pooled = segmentation[segmentation["slide"] == "all"]
+    out = (pooled.groupby(["ratio", "class", "metric"], sort=False)["value"]
+           .agg(mean="mean", sd=lambda v: v.std(ddof=1) if v.notna().sum() > 1 else math.nan, n="count").reset_index())
+    if order:
+        out["ratio"] = pd.Categorical(out["ratio"], categories=_order(out["ratio"], order), ordered=True)
+        out = out.sort_values(["ratio", "class", "metric"]).reset_index(drop=True)
+        out["ratio"] = out["ratio"].astype(str)
+    return out
+
+
+def _order(values, order: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [r for r in (order or []) if r in present] + [r for r in present if r not in (order or [])]
+
+
+def paired_tests(segmentation: pd.DataFrame, baseline: str, metrics: Sequence[str] = SEGMENTATION_METRICS) -> pd.DataFrame:
+    """Per ratio != baseline, class and metric: paired comparison with the baseline over
+    (seed, test slide) pairs (see the module docstring)."""
+    from scipy import stats
+
+    per_slide = segmentation[segmentation["slide"] != "all"]
+    if per_slide["slide"].nunique() <= 1:  # one test slide: its rows and the pooled ones agree
+        per_slide = segmentation[segmentation["slide"] == "all"]
+    keys = ["seed", "slide", "class", "metric"]
+    base = per_slide[per_slide["ratio"] == baseline].set_index(keys)["value"]
+    if base.empty:
+        raise ValueError(f"no segmentation results for the baseline ratio {baseline!r}; ratios present: {sorted(segmentation['ratio'].unique())}")
+    rows = []
+    for ratio in _order(per_slide["ratio"], None):
+        if ratio == baseline:
+            continue
+        other = per_slide[per_slide["ratio"] == ratio].set_index(keys)["value"]
+        joined = pd.concat({"baseline": base, "ratio": other}, axis=1, join="inner").dropna().reset_index()
+        for (name, metric), group in joined.groupby(["class", "metric"], sort=False):
+            if metric not in metrics:
+                continue
+            rows.append({"ratio": ratio, "baseline": baseline, "class": name, "metric": metric,
+                         **_paired(group["ratio"].to_numpy(float), group["baseline"].to_numpy(float), stats)})
+    return pd.DataFrame(rows, columns=["ratio", "baseline", "class", "metric", "n_pairs", "mean_baseline", "mean_ratio",
+                                       "mean_diff", "ci_low", "ci_high", "t", "p_ttest", "p_wilcoxon"])
+
+
+def _paired(x: np.ndarray, y: np.ndarray, stats) -> dict:
+    d = x - y
+    n = len(d)
+    out = {"n_pairs": n, "mean_baseline": float(np.mean(y)) if n else math.nan, "mean_ratio": float(np.mean(x)) if n else math.nan,
+           "mean_diff": float(np.mean(d)) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "t": math.nan, "p_ttest": math.nan, "p_wilcoxon": math.nan}
+    if n < 2:
+        return out
+    sd = float(np.std(d, ddof=1))
+    if sd > 0:
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        out.update(ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
+        result = stats.ttest_rel(x, y)
+        out.update(t=float(result.statistic), p_ttest=float(result.pvalue))
+    elif out["mean_diff"] == 0:
+        out.update(ci_low=0.0, ci_high=0.0, p_ttest=1.0)
+    if np.any(d != 0):
+        out["p_wilcoxon"] = float(stats.wilcoxon(x, y, zero_method="wilcox").pvalue)
+    else:
+        out["p_wilcoxon"] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(segmentation: pd.DataFrame, out: str | Path, order: Sequence[str] | None = None,
+                 amounts: Mapping[str, int] | None = None, metrics: Sequence[str] = SEGMENTATION_METRICS) -> Path:
+    """Dice, precision and recall (pooled over test slides) per ratio: mean +- sd over seeds, one
+    line per class, one panel per metric; ratios in config order, labelled with their synthetic count."""
+    summary = seed_summary(segmentation, order)
+    ratios = _order(summary["ratio"], order)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False, sharey=True)
+    x = np.arange(len(ratios))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        part = summary[summary["metric"] == metric]
+        for name, group in part.groupby("class", sort=False):
+            g = group.set_index("ratio").reindex(ratios)
+            ax.errorbar(x, g["mean"], yerr=g["sd"].fillna(0), marker="o", capsize=3, label=name)
+        ax.set_title(metric.capitalize())
+        ax.set_xticks(x, [f"{r}\n({amounts[r]})" if amounts and r in amounts else r for r in ratios], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (mean ± sd over seeds)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.supxlabel("training set (synthetic images)" if amounts else "training set")
+    return _save(fig, out)
+
+
+def plot_loss_curve(csv_path: str | Path, out: str | Path, title: str | None = None) -> Path:
+    """Train and validation loss against optimiser steps of one training (its loss.csv)."""
+    table = pd.read_csv(csv_path)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    x = table["step"] if "step" in table else np.arange(1, len(table) + 1)
+    for column, label in (("train_loss", "train"), ("val_loss", "validation"), ("loss", "loss")):
+        if column in table and table[column].notna().any():
+            ax.plot(x, table[column], marker="." if len(table) < 50 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or Path(csv_path).parent.name, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_loss_curves(csv_paths: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
+    """One loss-curve PNG per training, named after `names` (default: the CSV's folder)."""
+    out_dir = Path(out_dir)
+    names = list(names) if names else [Path(p).parent.name for p in csv_paths]
+    return [plot_loss_curve(p, out_dir / f"{n}.png", title=n) for p, n in zip(csv_paths, names, strict=True)]
+
+
+def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str] | None = None) -> Path:
+    """Stacked bars: the pixel share of each class per mixed training set (thesis Table 6.1)."""
+    ratios = _order(shares["ratio"], order)
+    wide = shares.pivot_table(index="ratio", columns="class", values="share", sort=False).reindex(ratios)
+    fig, ax = plt.subplots(figsize=(1.2 * len(ratios) + 2.5, 3.6))
+    bottom = np.zeros(len(ratios))
+    for name in wide.columns:
+        values = wide[name].fillna(0).to_numpy()
+        ax.bar(ratios, 100 * values, bottom=100 * bottom, label=name)
+        bottom += values
+    ax.set_ylabel("% of training pixels")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.tick_params(axis="x", labelsize=8)
+    return _save(fig, out)
+
+
+def plot_quality(quality: pd.DataFrame, out: str | Path) -> Path:
+    """Bar charts of FID, KID, IS and LPIPS diversity (class 'all') per synthetic set; metrics that
+    were skipped are listed with the reason instead."""
+    ok = quality[(quality["status"] == "ok") & (quality["class"] == "all") & quality["metric"].isin(QUALITY_METRICS)]
+    metrics = [m for m in QUALITY_METRICS if m in set(ok["metric"])]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        part = ok[ok["metric"] == metric]
+        ax.bar(part["set"].astype(str), part["value"])
+        ax.set_title(metric)
+    if not metrics:
+        skipped = quality[(quality["status"] == "skipped") & quality["metric"].isin(QUALITY_METRICS)]
+        notes = sorted(set(skipped["note"])) or ["no image-quality metrics"]
+        axes[0][0].axis("off")
+        axes[0][0].text(0, 0.5, "\n".join(_wrap(n, 70) for n in notes), fontsize=7, va="center")
+    return _save(fig, out)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def sample_grid(images: Sequence[str | Path], out: str | Path, masks: Sequence[str | Path] | None = None,
+                ncols: int = 8, titles: Sequence[str] | None = None, max_images: int = 32) -> Path:
+    """A grid of images (first max_images), each above its mask (label colours) when masks are given."""
+    images = list(images)[:max_images]
+    n = max(1, len(images))
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols) * (2 if masks else 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.6 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, path in enumerate(images):
+        r, c = divmod(i, ncols)
+        r *= 2 if masks else 1
+        with Image.open(path) as image:
+            axes[r][c].imshow(np.asarray(image.convert("RGB")))
+        if titles:
+            axes[r][c].set_title(str(titles[i]), fontsize=6)
+        if masks:
+            with Image.open(masks[i]) as mask:
+                axes[r + 1][c].imshow(np.asarray(mask), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    return _save(fig, out)
+
+
+# ----------------------------------------------------------------------------- rule entry
+
+def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, ratios: Sequence[Mapping],
+              quality_paths: Sequence[str | Path] = (), share_paths: Sequence[str | Path] = (),
+              loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
+              baseline: str | None = None) -> dict:
+    """Entry of rule summarize: write into out_dir metrics.parquet (+ .csv), seed_summary.csv,
+    paired_tests.csv, class_share.csv, and the PNGs metrics.png, class_share.png, quality.png,
+    loss/<run>.png. The baseline is the first ratio with synthetic 0 and real true (override with
+    `baseline`). Returns {name: path or list of paths}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = [r["name"] for r in ratios]
+    if baseline is None:
+        baseline = next((r["name"] for r in ratios if not r["synthetic"] and r.get("real", True)), order[0] if order else None)
+    seg = read_tables(segmentation_paths)
+    quality = read_tables(quality_paths) if quality_paths else None
+    shares = read_tables(share_paths) if share_paths else None
+    amounts = (dict(shares.groupby("ratio")["n_synthetic"].first()) if shares is not None and len(shares)
+               else {r["name"]: r["synthetic"] for r in ratios})
+    table = metrics_table(seg, quality)
+    outputs = {"metrics": out_dir / "metrics.parquet"}
+    write_table(table, outputs["metrics"])
+    _write_csv(table, out_dir / "metrics.csv")
+    outputs["seed_summary"] = _write_csv(seed_summary(seg, order), out_dir / "seed_summary.csv")
+    outputs["paired_tests"] = _write_csv(paired_tests(seg, baseline), out_dir / "paired_tests.csv")
+    outputs["metrics_plot"] = plot_metrics(seg, out_dir / "metrics.png", order, amounts)
+    if shares is not None:
+        outputs["class_share"] = _write_csv(shares, out_dir / "class_share.csv")
+        outputs["class_share_plot"] = plot_class_share(shares, out_dir / "class_share.png", order)
+    if quality is not None:
+        outputs["quality_plot"] = plot_quality(quality, out_dir / "quality.png")
+    if loss_csvs:
+        outputs["loss_curves"] = plot_loss_curves(loss_csvs, out_dir / "loss", loss_names)
+    return outputs
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return path

@@ -1,0 +1,108 @@
+"""Report: the tidy table, seed summaries, the paired test on numbers with a known answer, and
+every plot written as a non-empty PNG."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from histosynth.io import write_table
+from histosynth.report import (
+    metrics_table, paired_tests, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, sample_grid,
+    seed_summary, summarize,
+)
+
+RATIOS = [{"name": "real", "synthetic": 0, "real": True}, {"name": "k2", "synthetic": 2, "real": True},
+          {"name": "syn", "synthetic": 1.0, "real": False}]
+
+
+def seg_rows(values: dict[str, list[float]], slides=("t1",), classes=("Blood vessel",)) -> pd.DataFrame:
+    """Per-slide dice/precision/recall rows: values[ratio][seed] (the same for every slide/metric),
+    plus pooled 'all' rows equal to the slide mean."""
+    rows = []
+    for ratio, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            for name in classes:
+                for metric in ("dice", "precision", "recall"):
+                    for slide in slides:
+                        rows.append({"ratio": ratio, "seed": seed, "slide": slide, "class": name, "metric": metric, "value": v})
+                    rows.append({"ratio": ratio, "seed": seed, "slide": "all", "class": name, "metric": metric, "value": v})
+    return pd.DataFrame(rows)
+
+
+def is_png(path) -> bool:
+    with Image.open(path) as image:
+        return image.format == "PNG" and image.width > 10 and image.height > 10
+
+
+def test_paired_test_known_answer():
+    seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7]})
+    tests = paired_tests(seg, "real")
+    row = tests[(tests.metric == "dice")].iloc[0]
+    # differences 0.1, 0.2, 0.0: mean 0.1, sd 0.1, t = 0.1 / (0.1 / sqrt 3) = sqrt 3; with 2 degrees of
+    # freedom the two-sided p is 1 - sqrt(3 / 5) (Student t with nu = 2 has a closed-form CDF).
+    assert row.n_pairs == 3 and row.mean_diff == pytest.approx(0.1)
+    assert row.t == pytest.approx(math.sqrt(3))
+    assert row.p_ttest == pytest.approx(1 - math.sqrt(3 / 5))
+    assert row.ci_low < 0.1 < row.ci_high
+    assert 0 < row.p_wilcoxon <= 1
+
+
+def test_paired_over_seeds_and_slides():
+    seg = seg_rows({"real": [0.5, 0.5], "k2": [0.7, 0.7]}, slides=("t1", "t2"))
+    row = paired_tests(seg, "real").iloc[0]
+    assert row.n_pairs == 4 and row.mean_diff == pytest.approx(0.2)
+    assert math.isnan(row.t) and math.isnan(row.p_ttest)  # zero spread: no t statistic
+    with pytest.raises(ValueError, match="baseline"):
+        paired_tests(seg, "nope")
+
+
+def test_seed_summary_and_table():
+    seg = seg_rows({"real": [0.5, 0.7], "k2": [0.6, 0.6]})
+    summary = seed_summary(seg, ["real", "k2"]).set_index(["ratio", "metric"])
+    assert summary.loc[("real", "dice"), "mean"] == pytest.approx(0.6)
+    assert summary.loc[("real", "dice"), "sd"] == pytest.approx(math.sqrt(0.02))
+    quality = pd.DataFrame([{"set": "inpaint", "metric": "fid", "class": "all", "value": np.nan, "n_real": 3,
+                             "n_synthetic": 3, "status": "skipped", "note": "missing weights"}])
+    table = metrics_table(seg, quality)
+    assert set(table.kind) == {"segmentation", "quality"} and len(table) == len(seg) + 1
+
+
+def test_plots_are_written(tmp_path):
+    seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7], "syn": [0.3, 0.2, 0.25]}, classes=("Blood vessel", "Fat"))
+    assert is_png(plot_metrics(seg, tmp_path / "m.png", ["real", "k2", "syn"], {"real": 0, "k2": 2, "syn": 10}))
+    shares = pd.DataFrame({"ratio": ["real", "real", "k2", "k2"], "class": ["background", "Fat"] * 2, "share": [0.9, 0.1, 0.8, 0.2]})
+    assert is_png(plot_class_share(shares, tmp_path / "s.png", ["real", "k2"]))
+    quality = pd.DataFrame({"set": ["synth", "inpaint"], "metric": ["fid", "fid"], "class": "all", "value": [50.0, 30.0],
+                            "status": "ok", "note": ""})
+    assert is_png(plot_quality(quality, tmp_path / "q.png"))
+    assert is_png(plot_quality(quality.assign(status="skipped", note="missing x"), tmp_path / "q2.png"))
+    csv = tmp_path / "run" / "loss.csv"
+    csv.parent.mkdir()
+    pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(csv, index=False)
+    [curve] = plot_loss_curves([csv], tmp_path / "loss")
+    assert curve.name == "run.png" and is_png(curve)
+    image, mask = tmp_path / "i.png", tmp_path / "k.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    Image.fromarray(np.ones((16, 16), np.uint8)).save(mask)
+    assert is_png(sample_grid([image] * 3, tmp_path / "g.png", masks=[mask] * 3, ncols=2, titles=["a", "b", "c"]))
+
+
+def test_summarize_writes_everything(tmp_path):
+    seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7], "syn": [0.3, 0.2, 0.25]})
+    paths = []
+    for (ratio, seed), part in seg.groupby(["ratio", "seed"]):
+        paths.append(tmp_path / f"{ratio}_{seed}.parquet")
+        write_table(part, paths[-1])
+    shares = pd.DataFrame({"ratio": ["real", "k2", "syn"], "class": "Blood vessel", "share": [0.1, 0.2, 0.5],
+                           "n_real": [8, 8, 0], "n_synthetic": [0, 2, 8]})
+    write_table(shares, tmp_path / "share.parquet")
+    out = summarize(paths, tmp_path / "summary", ratios=RATIOS, share_paths=[tmp_path / "share.parquet"])
+    assert set(out) >= {"metrics", "paired_tests", "metrics_plot", "class_share_plot", "seed_summary"}
+    tests = pd.read_csv(out["paired_tests"])
+    assert set(tests.ratio) == {"k2", "syn"} and set(tests.baseline) == {"real"}
+    assert is_png(out["metrics_plot"]) and pd.read_parquet(out["metrics"]).shape[0] == len(seg)
