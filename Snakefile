@@ -23,6 +23,7 @@ include: "workflow/rules/patches.smk"
 include: "workflow/rules/nuclei.smk"
 include: "workflow/rules/autoencoder.smk"
 include: "workflow/rules/diffusion.smk"
+include: "workflow/rules/synthesis.smk"
 
 
 rule all:

@@ -36,7 +36,12 @@ def validated(config: dict, source: str = "config") -> dict:
 def _check_class_references(config: dict, source: str) -> None:
     """Keys that name label classes must name configured ones."""
     classes = config["classes"]
-    references = {"priority": config["priority"], "patches.target_class": [config["patches"]["target_class"]]}
+    references = {
+        "priority": config["priority"],
+        "patches.target_class": [config["patches"]["target_class"]],
+        "synthesis.synthesize.target_class": [config["synthesis"]["synthesize"]["target_class"]],
+        "synthesis.inpaint.target_class": [config["synthesis"]["inpaint"]["target_class"]],
+    }
     for key, names in references.items():
         unknown = [name for name in names if name is not None and name not in classes]
         if unknown:

@@ -60,7 +60,7 @@ DEFAULTS: dict = {
     "scheduler": {"timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02, "beta_schedule": "linear"},
     "train": merged(TRAIN_DEFAULTS, {
         "steps": 300, "batch_size": 4, "lr": 2e-4, "checkpoint_every": 100, "log_every": 10,
-        "sample_every": 100, "sample_count": 8, "sample_steps": 25, "sample_sampler": "ddim", "sample_guidance": 1.0,
+        "sample_every": 300, "sample_count": 8, "sample_steps": 100, "sample_sampler": "ddpm", "sample_guidance": 1.0,
     }),
 }
 

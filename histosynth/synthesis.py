@@ -59,8 +59,8 @@ DEFAULTS: dict = {
     "synthesize": {
         "n": 64,                # images to generate
         "target_class": None,   # only from training patches containing this class; null: any patch
-        "sampler": "ddim",      # ddpm | ddim | dpmsolver++
-        "steps": 50,
+        "sampler": "ddpm",      # ddpm | ddim | dpmsolver++ (the CPU demo model is too briefly trained for ddim)
+        "steps": 100,
         "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
     },
     "inpaint": {

@@ -90,6 +90,23 @@ def test_models_trained_with_their_reports(tiny_run):
     assert list((tiny_run / "results/diffusion/samples").glob("step-*.png"))
 
 
+def test_synthetic_sets_with_manifests(tiny_run):
+    from histosynth.io import read_patch_index
+
+    for mode in ("synth", "inpaint"):
+        folder = tiny_run / "results/synthetic" / mode
+        manifest = read_patch_index(folder / "manifest.parquet", columns=("image", "mask", "conditioning"))
+        assert len(manifest) == 4 and set(manifest["mode"]) == {mode} and set(manifest["split"]) == {"synthetic"}
+        assert manifest["model_hash"].str.len().min() > 0 and manifest["seed"].is_unique
+        for row in manifest.itertuples():
+            image, mask = np.asarray(Image.open(row.image)), np.asarray(Image.open(row.mask))
+            assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+            assert (mask == 1).mean() == pytest.approx(row.frac_blood_vessel)
+        assert list(folder.glob("grid_*.png"))
+    inpainted = read_patch_index(tiny_run / "results/synthetic/inpaint/manifest.parquet", columns=("mask",))
+    assert (inpainted["frac_blood_vessel"] > 0).all() and inpainted["donor_patch_id"].notna().all()
+
+
 def planned_jobs(output: str) -> set[str]:
     """Rule names in the 'Job stats' table of a dry run."""
     if "Job stats:" not in output:
@@ -101,10 +118,10 @@ def planned_jobs(output: str) -> set[str]:
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="diffusion: {cond_dropout: 0.2}")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "all"}
+    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", "all"}
     result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
     assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                                           "train_diffusion", "all"}
+                                                           "train_diffusion", "synthesize", "inpaint", "all"}
 
 
 def test_logs_and_benchmarks_written(tiny_run):

@@ -86,6 +86,14 @@ def diffusion_inputs(wildcards):
     return inputs
 
 
+def synthesis_inputs(wildcards):
+    """The diffusion model, the training slides' conditioning indexes (and maps), and the
+    autoencoder in latent space; synthesis draws from the train split only."""
+    inputs = diffusion_inputs(wildcards)
+    inputs["model"] = "results/diffusion/model"
+    return inputs
+
+
 def demo_slides():
     """Slides rendered by rule demo_slides (their sheet row points at results/demo/<slide>.tiff)."""
     return [name for name in SLIDES.index if SLIDES.loc[name, "image"] == f"{DEMO_DIR}/{name}.tiff"]
@@ -99,4 +107,6 @@ def all_outputs():
         *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
         "results/autoencoder/metrics.json",
         "results/diffusion/model",
+        "results/synthetic/synth",
+        *(["results/synthetic/inpaint"] if config["synthesis"]["inpaint"]["target_class"] else []),
     ]

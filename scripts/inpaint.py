@@ -1,0 +1,18 @@
+"""Rule inpaint: the synthetic set, its manifest and grids (histosynth.synthesis.run_stage)."""
+
+from histosynth.logs import log_to
+from histosynth.synthesis import run_stage
+
+log_to(snakemake.log[0])
+config = snakemake.params.config
+run_stage(
+    "inpaint",
+    snakemake.input.model,
+    snakemake.input.indexes,
+    snakemake.output[0],
+    settings=config["synthesis"],
+    classes=config["classes"],
+    conditioning_cfg=config["conditioning"],
+    seed=config["seed"],
+    autoencoder=snakemake.input.get("autoencoder"),
+)
