@@ -42,6 +42,17 @@ def square(x0, y0, x1, y1) -> dict:
     return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and leave the other core to the rest of the suite."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def square_slide(tmp_path) -> tuple[Path, Path]:
     """1024 px slide at 0.5 mpp: glass with a stroma square [256, 768)^2, and a GeoJSON with a

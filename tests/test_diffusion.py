@@ -19,12 +19,7 @@ from histosynth.training import TrainingError
 from test_training import Shapes, tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(conditioning="spade", image_channels=3, cond_channels=3, num_classes=0):

@@ -23,12 +23,7 @@ TINY = {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [32, 
         "epochs": 2, "batch_size": 4, "lr": 1e-3, "patience": 5, "device": "cpu", "overlays": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_rows(folder, n, slide="s", seed=0, with_fat=True) -> pd.DataFrame:

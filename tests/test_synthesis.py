@@ -35,12 +35,7 @@ MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "model_path",
                     "frac_blood_vessel", "frac_inflammation", "split"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- tiny data and models

@@ -141,3 +141,8 @@ def test_config_of_wrong_type_is_a_schema_error(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "'big' is not of type 'integer'" in output and "instance['patches']['size']" in output
+
+
+def test_workflow_passes_snakemake_lint(tmp_path):
+    result = snakemake(tmp_path, "--lint")
+    assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout[-3000:]

@@ -28,4 +28,4 @@ rule train_autoencoder:
         config=lambda wc: training_config("autoencoder"),
         checkpoints="results/checkpoints/autoencoder",
     script:
-        "../../scripts/train_autoencoder.py"
+        "../../scripts/train_model.py"

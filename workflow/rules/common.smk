@@ -64,7 +64,7 @@ def training_slides():
 
 
 def config_params(*keys):
-    """The config sections a job reads, as a rule param with keys sorted at every level: Snakemake
+    """The config sections a job reads, as a job parameter with keys sorted at every level. Snakemake
     compares params by their text, so only a changed value (not a reordered file) reruns a job,
     and only the sections named here count."""
     return json.loads(json.dumps({key: config[key] for key in keys}, sort_keys=True))

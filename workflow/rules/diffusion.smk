@@ -21,4 +21,4 @@ rule train_diffusion:
         config=lambda wc: training_config("diffusion"),
         checkpoints="results/checkpoints/diffusion",
     script:
-        "../../scripts/train_diffusion.py"
+        "../../scripts/train_model.py"

@@ -18,7 +18,7 @@ rule synthesize:
     params:
         config=config_params("synthesis", "classes", "conditioning", "seed"),
     script:
-        "../../scripts/synthesize.py"
+        "../../scripts/synthesis.py"
 
 
 rule inpaint:
@@ -41,4 +41,4 @@ rule inpaint:
     params:
         config=config_params("synthesis", "classes", "conditioning", "seed"),
     script:
-        "../../scripts/inpaint.py"
+        "../../scripts/synthesis.py"

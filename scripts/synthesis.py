@@ -1,4 +1,4 @@
-"""Rule synthesize: the synthetic set, its manifest and grids (histosynth.synthesis.run_stage)."""
+"""Rules synthesize and inpaint: a synthetic set, its manifest and grids (histosynth.synthesis.run_stage)."""
 
 from histosynth.logs import log_to
 from histosynth.synthesis import run_stage
@@ -6,7 +6,7 @@ from histosynth.synthesis import run_stage
 log_to(snakemake.log[0])
 config = snakemake.params.config
 run_stage(
-    "synth",
+    {"synthesize": "synth", "inpaint": "inpaint"}[snakemake.rule],
     snakemake.input.model,
     snakemake.input.indexes,
     snakemake.output[0],

@@ -1,11 +1,12 @@
-"""Rule train_autoencoder: one process on one device, accelerate launch on several GPUs."""
+"""Rules train_autoencoder and train_diffusion: one process on one device, accelerate launch on
+several GPUs (histosynth.training.launch)."""
 
 from pathlib import Path
 
 from histosynth.training import launch
 
 launch(
-    "autoencoder",
+    snakemake.rule.removeprefix("train_"),
     snakemake.params.config,
     snakemake.input.indexes,
     Path(snakemake.output.model).parent,
@@ -13,4 +14,5 @@ launch(
     log=snakemake.log[0],
     gpus=snakemake.resources.gpu,
     threads=snakemake.threads,
+    autoencoder=snakemake.input.get("autoencoder"),
 )
