@@ -25,7 +25,8 @@ Deterministic given the seed: image i uses its own generator seeded derive_seed(
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -347,6 +348,22 @@ def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame,
 
 # ----------------------------------------------------------------------------- the two modes
 
+@contextmanager
+def _output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """The synthetic set's folder, written atomically, with its images/, masks/ and conditioning/."""
+    with atomic_dir(out_dir) as tmp:
+        for folder in ("images", "masks", "conditioning"):
+            (tmp / folder).mkdir()
+        yield tmp
+
+
+def _batches(n: int, batch_size: int, seed: int, mode: str) -> Iterator[tuple[slice, range, list[int]]]:
+    """Per sampling batch: the slice of the n picks, the image numbers and their seeds."""
+    for start in range(0, n, batch_size):
+        ids = range(start, min(n, start + batch_size))
+        yield slice(start, start + batch_size), ids, [derive_seed(seed, mode, i) for i in ids]
+
+
 def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
                conditioning_cfg: Mapping, target_class: str | None = None, sampler: str = "ddim", steps: int = 50,
                guidance: float = 1.0, batch_size: int = 8, seed: int = 0, model_path: str | Path | None = None,
@@ -366,13 +383,9 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
     scheduler = make_sampler(sampler, diffusion.scheduler.config)
     record = model_record(model_path)
     rows = []
-    with atomic_dir(out_dir) as tmp:
-        for folder in ("images", "masks", "conditioning"):
-            (tmp / folder).mkdir()
-        for start in range(0, n, batch_size):
-            batch = pool.iloc[picks[start:start + batch_size]]
-            ids = range(start, start + len(batch))
-            seeds = [derive_seed(seed, "synth", i) for i in ids]
+    with _output_dir(out_dir) as tmp:
+        for chunk, ids, seeds in _batches(n, batch_size, seed, "synth"):
+            batch = pool.iloc[picks[chunk]]
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
             masks = [_read_array(p).astype(np.uint8) for p in batch["mask"]]
             labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
@@ -421,13 +434,9 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
     scheduler = repaint_scheduler(diffusion.scheduler.config, eta)
     record = model_record(model_path)
     rows = []
-    with atomic_dir(out_dir) as tmp:
-        for folder in ("images", "masks", "conditioning"):
-            (tmp / folder).mkdir()
-        for start in range(0, n, batch_size):
-            batch, donor_rows = clean.iloc[picks[start:start + batch_size]], donors.iloc[donor_picks[start:start + batch_size]]
-            ids = range(start, start + len(batch))
-            seeds = [derive_seed(seed, "inpaint", i) for i in ids]
+    with _output_dir(out_dir) as tmp:
+        for chunk, ids, seeds in _batches(n, batch_size, seed, "inpaint"):
+            batch, donor_rows = clean.iloc[picks[chunk]], donors.iloc[donor_picks[chunk]]
             pixels = np.stack([_read_rgb(p) for p in batch["image"]])
             edits = [paste_region(_read_array(m).astype(np.uint8), read_conditioning(c), _read_array(d), target)
                      for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
