@@ -3,7 +3,13 @@ rule synthesize:
     input:
         unpack(synthesis_inputs),
     output:
-        directory("results/synthetic/synth"),
+        report(
+            directory("results/synthetic/synth"),
+            patterns=["grid_{name}.png"],
+            caption="../report/synthetic_grid.rst",
+            category="5. Synthetic patches",
+            labels={"set": "synth", "class": "{name}"},
+        ),
     log:
         "logs/synthesize.log",
     benchmark:
@@ -26,7 +32,13 @@ rule inpaint:
     input:
         unpack(synthesis_inputs),
     output:
-        directory("results/synthetic/inpaint"),
+        report(
+            directory("results/synthetic/inpaint"),
+            patterns=["grid_{name}.png"],
+            caption="../report/synthetic_grid.rst",
+            category="5. Synthetic patches",
+            labels={"set": "inpaint", "class": "{name}"},
+        ),
     log:
         "logs/inpaint.log",
     benchmark:
