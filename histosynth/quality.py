@@ -213,22 +213,15 @@ def inception_features(paths: Sequence[str | Path], net, batch_size: int = 32, d
 
 
 def load_lpips(path: str | Path):
-    """torchmetrics' AlexNet LPIPS: its shipped linear layers, the AlexNet backbone from `path`
-    (a torchvision alexnet state dict; only features.* are used)."""
-    from torchmetrics.functional.image.lpips import _NoTrainLpips
+    """torchmetrics' AlexNet LPIPS with the backbone from `path` (a torchvision alexnet state dict,
+    or a full LPIPS one), loaded by histosynth.autoencoder.load_lpips, which never downloads."""
+    from histosynth.autoencoder import load_lpips as load_lpips_network
+    from histosynth.training import TrainingError
 
-    net = _NoTrainLpips(net="alex", pretrained=True, pnet_rand=True)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = {}
-    for slice_name, block in net.net.named_children():
-        for index, layer in block.named_children():
-            for param, _ in layer.named_parameters():
-                own[f"{slice_name}.{index}.{param}"] = f"features.{index}.{param}"
-    missing = [k for k in own.values() if k not in state]
-    if missing:
-        raise RuntimeError(f"{path}: not a torchvision AlexNet state dict (missing {missing[:3]}); replace it with {WEIGHTS['lpips'].url}")
-    net.net.load_state_dict({k: state[v] for k, v in own.items()})
-    return net.eval()
+    try:
+        return load_lpips_network(path, "alex")
+    except TrainingError as err:
+        raise RuntimeError(f"{err}; expected a torchvision AlexNet state dict such as {WEIGHTS['lpips'].url}") from err
 
 
 @torch.no_grad()
