@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from histosynth.conditioning import conditioning_channels, read_conditioning
-from histosynth.io import read_patch_index
+from histosynth.io import read_patch_index, read_rgb
 from histosynth.patches import fraction_column
 
 
@@ -51,8 +50,7 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.table.iloc[i]
-        with Image.open(row["image"]) as image:
-            pixels = np.asarray(image.convert("RGB"), np.float32)
+        pixels = read_rgb(row["image"]).astype(np.float32)
         item = {
             "image": torch.from_numpy(pixels.transpose(2, 0, 1) / 127.5 - 1.0),
             "label": torch.tensor(self.labels[i], dtype=torch.int64),

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
 
 @contextmanager
@@ -40,6 +42,18 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A label or instance mask PNG as stored (uint8 class indices, uint16 instance ids)."""
+    with Image.open(path) as image:
+        return np.asarray(image)
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:

@@ -38,10 +38,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from histosynth.device import derive_seed, pick_device
-from histosynth.io import read_patch_index, write_table
+from histosynth.io import read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import fraction_column
 
 log = logging.getLogger(__name__)
@@ -190,10 +189,7 @@ def load_inception(path: str | Path, feature: int = 2048):
 
 def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
     """uint8 (N, 3, H, W) of same-sized RGB images."""
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+    arrays = [read_rgb(path) for path in paths]
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
 
 
@@ -274,8 +270,7 @@ def region_consistency(rows: pd.DataFrame, classes: Sequence[str], segment: Call
     the same values), pooled over images."""
     sums = np.zeros((len(classes), 3), np.int64)
     for image_path, mask_path in zip(rows["image"], rows["mask"], strict=True):
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            rgb, truth = np.asarray(image.convert("RGB")), np.asarray(mask)
+        rgb, truth = read_rgb(image_path), read_mask(mask_path)
         pred = segment(rgb)
         for k in range(len(classes)):
             sums[k] += overlap_scores(truth == k + 1, pred == k + 1)
@@ -297,8 +292,7 @@ def nuclei_consistency(rows: pd.DataFrame, mpp: float, params) -> list[dict]:
     lookup = {name: i + 1 for i, name in enumerate(NUCLEUS_CLASSES)}
     sums = np.zeros((len(NUCLEUS_CLASSES) + 1, 3), np.int64)
     for image_path, cond_path in zip(rows["image"], rows["conditioning"], strict=True):
-        with Image.open(image_path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        rgb = read_rgb(image_path)
         truth = read_conditioning(cond_path)[..., 1]
         instances, table = segment_patch(rgb, mpp, rgb.shape[:2], params)
         lut = np.zeros(int(instances.max(initial=0)) + 1, np.uint8)

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
-from histosynth.io import atomic_dir, read_patch_index, write_table
+from histosynth.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import class_indices
 
 log = logging.getLogger(__name__)
@@ -94,16 +94,6 @@ def target_classes(all_classes: Sequence[str], selected: Sequence[str] | None) -
     if unknown:
         raise SegmentationError(f"segmentation.classes names {unknown}, which are not in classes {list(all_classes)}")
     return {c: values[c] for c in selected}
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
 
 
 def one_hot(mask: np.ndarray, values: Sequence[int]) -> np.ndarray:

@@ -41,7 +41,7 @@ from histosynth.conditioning import conditioning_channels, preview, read_conditi
 from histosynth.datasets import dominant_class
 from histosynth.device import autocast, derive_seed
 from histosynth.diffusion import Diffusion, guided_noise, make_sampler, num_classes, resize_cond, sample
-from histosynth.io import atomic_dir, write_table
+from histosynth.io import atomic_dir, read_mask, read_rgb, write_table
 from histosynth.patches import PNG_COMPRESSION, fraction_column
 from histosynth.training import merged, save_grid, to_uint8
 
@@ -119,16 +119,6 @@ def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
     if missing:
         raise SynthesisError(f"the source table lacks columns {missing}; pass conditioning index rows "
                              "(histosynth.datasets.read_indexes)")
-
-
-def _read_array(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
-def _read_rgb(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def _to_model(pixels: np.ndarray, device) -> torch.Tensor:
@@ -322,9 +312,9 @@ def comparison_grid(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFr
     root = Path(root)
     images = sources.drop_duplicates("patch_id").set_index("patch_id")["image"]
     as_tensor = lambda arrays: _to_model(np.stack(arrays), "cpu")  # noqa: E731
-    real = as_tensor([_read_rgb(images[pid]) for pid in manifest["source_patch_id"]])
+    real = as_tensor([read_rgb(images[pid]) for pid in manifest["source_patch_id"]])
     maps = as_tensor([preview(read_conditioning(root / p)) for p in manifest["conditioning"]])
-    synthetic = as_tensor([_read_rgb(root / p) for p in manifest["image"]])
+    synthetic = as_tensor([read_rgb(root / p) for p in manifest["image"]])
     return save_grid([real, maps, synthetic], path)
 
 
@@ -387,7 +377,7 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
         for chunk, ids, seeds in _batches(n, batch_size, seed, "synth"):
             batch = pool.iloc[picks[chunk]]
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
-            masks = [_read_array(p).astype(np.uint8) for p in batch["mask"]]
+            masks = [read_mask(p).astype(np.uint8) for p in batch["mask"]]
             labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
             with autocast(runner.device):
                 images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(labels), steps=steps,
@@ -437,8 +427,8 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
     with _output_dir(out_dir) as tmp:
         for chunk, ids, seeds in _batches(n, batch_size, seed, "inpaint"):
             batch, donor_rows = clean.iloc[picks[chunk]], donors.iloc[donor_picks[chunk]]
-            pixels = np.stack([_read_rgb(p) for p in batch["image"]])
-            edits = [paste_region(_read_array(m).astype(np.uint8), read_conditioning(c), _read_array(d), target)
+            pixels = np.stack([read_rgb(p) for p in batch["image"]])
+            edits = [paste_region(read_mask(m).astype(np.uint8), read_conditioning(c), read_mask(d), target)
                      for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
             masks, encoded, regions = map(list, zip(*edits))
             labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)

@@ -14,7 +14,7 @@ from PIL import Image
 from histosynth import quality
 from histosynth.quality import (
     fid, fid_from_features, gaussian_stats, image_quality, inception_score, kid, load_inception, load_lpips,
-    lpips_diversity, region_consistency, weights_file,
+    region_consistency, weights_file,
 )
 
 CLASSES = ["Blood vessel", "Fat"]
