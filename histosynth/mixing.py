@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histosynth.annotations import class_fractions
 from histosynth.device import derive_seed
-from histosynth.io import read_patch_index, write_table
-from histosynth.patches import fraction_column
+from histosynth.io import read_mask, read_patch_index, write_table
+from histosynth.patches import class_indices, fraction_column
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,7 @@ def _fractions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     values = manifest.reindex(columns=columns).to_numpy(float)
     missing = np.isnan(values).any(axis=1)
     for i in np.flatnonzero(missing):
-        from PIL import Image
-
-        with Image.open(manifest["mask"].iloc[i]) as image:
-            mask = np.asarray(image)
-        values[i] = [(mask == k + 1).mean() for k in range(len(classes))]
+        values[i] = list(class_fractions(read_mask(manifest["mask"].iloc[i]), class_indices(classes)).values())
     return values
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.annotations import Region, RegionRasterizer, load_regions
+from histosynth.annotations import Region, RegionRasterizer, class_fractions, load_regions
 from histosynth.io import atomic_dir, atomic_file
 from histosynth.slides import Slide, TissueParams, detect_tissue
 
@@ -61,6 +61,11 @@ def class_indices(names: list[str]) -> dict[str, int]:
 def fraction_column(class_name: str) -> str:
     """Index column holding a class's pixel fraction, e.g. 'Blood vessel' -> 'frac_blood_vessel'."""
     return "frac_" + re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
+
+
+def fraction_columns(mask: np.ndarray, classes: dict[str, int]) -> dict[str, float]:
+    """A label mask's frac_<class> index values (annotations.class_fractions under their column names)."""
+    return {fraction_column(name): value for name, value in class_fractions(mask, classes).items()}
 
 
 def keep_window(tissue_fraction: float, label_fraction: float | None, min_tissue: float, min_label: float) -> bool:
@@ -252,7 +257,7 @@ def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_di
                 "mask": f"{slide_name}/masks/{name}.png",
                 "tissue_fraction": tissue_fraction,
             }
-            row.update({fraction_column(c): float((mask == i).mean()) for c, i in classes.items()})
+            row.update(fraction_columns(mask, classes))
             yield row
 
 

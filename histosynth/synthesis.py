@@ -42,7 +42,7 @@ from histosynth.datasets import dominant_class
 from histosynth.device import autocast, derive_seed
 from histosynth.diffusion import Diffusion, guided_noise, make_sampler, num_classes, resize_cond, sample
 from histosynth.io import atomic_dir, read_mask, read_rgb, write_table
-from histosynth.patches import PNG_COMPRESSION, fraction_column
+from histosynth.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
 from histosynth.training import merged, save_grid, to_uint8
 
 log = logging.getLogger("histosynth.synthesis")
@@ -265,10 +265,6 @@ def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndar
 
 # ----------------------------------------------------------------------------- outputs
 
-def _fractions(mask: np.ndarray, classes: Sequence[str]) -> dict:
-    return {fraction_column(name): float((mask == i).mean()) for i, name in enumerate(classes, start=1)}
-
-
 def _write(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray, encoded: np.ndarray) -> dict:
     Image.fromarray(image).save(root / "images" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
     Image.fromarray(mask).save(root / "masks" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
@@ -294,7 +290,7 @@ def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner:
             "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
             "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
             "target_class": target_class, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **_fractions(mask, classes), "source_slide": str(source.get("slide", "")),
+            **fraction_columns(mask, class_indices(classes)), "source_slide": str(source.get("slide", "")),
             "jump_length": jumps[0], "jump_n_sample": jumps[1], "autoencoder_hash": runner.autoencoder_hash}
 
 
@@ -378,7 +374,7 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             batch = pool.iloc[picks[chunk]]
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
             masks = [read_mask(p).astype(np.uint8) for p in batch["mask"]]
-            labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
+            labels = dominant_class(pd.DataFrame([fraction_columns(m, class_indices(classes)) for m in masks]), classes)
             with autocast(runner.device):
                 images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(labels), steps=steps,
                                 guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder)
@@ -431,7 +427,7 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
             edits = [paste_region(read_mask(m).astype(np.uint8), read_conditioning(c), read_mask(d), target)
                      for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
             masks, encoded, regions = map(list, zip(*edits))
-            labels = dominant_class(pd.DataFrame([_fractions(m, classes) for m in masks]), classes)
+            labels = dominant_class(pd.DataFrame([fraction_columns(m, class_indices(classes)) for m in masks]), classes)
             images = _paint(runner, scheduler, pixels, regions, encoded, labels, _generators(seeds), steps=steps,
                             jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance, grow=grow,
                             latent_dilation=latent_dilation)
