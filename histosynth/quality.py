@@ -42,6 +42,7 @@ import torch
 from histosynth.device import derive_seed, pick_device
 from histosynth.io import read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import fraction_column
+from histosynth.training import merged
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ WEIGHTS = {
 
 
 def settings_from(config: Mapping | None) -> dict:
-    return {**QUALITY_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in QUALITY_DEFAULTS}}
+    """QUALITY_DEFAULTS overridden by a (validated) `quality` config section."""
+    return merged(QUALITY_DEFAULTS, config)
 
 
 def weights_file(name: str, configured: str | Path | None) -> tuple[Path | None, str]:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
 from histosynth.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import class_indices
+from histosynth.training import merged
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SegmentationError(RuntimeError):
 
 def settings_from(config: Mapping | None) -> dict:
     """SEGMENTATION_DEFAULTS overridden by a (validated) `segmentation` config section."""
-    return {**SEGMENTATION_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in SEGMENTATION_DEFAULTS}}
+    return merged(SEGMENTATION_DEFAULTS, config)
 
 
 def target_classes(all_classes: Sequence[str], selected: Sequence[str] | None) -> dict[str, int]:
