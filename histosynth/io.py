@@ -62,6 +62,13 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a CSV table atomically; return its path."""
+    with atomic_file(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
 def read_patch_index(path: str | Path, columns: tuple[str, ...] = ("image", "mask")) -> pd.DataFrame:
     """Read a patch index (or a table derived from one) and make its file columns absolute:
     they are stored relative to the table's folder."""

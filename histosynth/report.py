@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from histosynth.io import atomic_file, write_table  # noqa: E402
+from histosynth.io import atomic_file, write_csv, write_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -266,21 +266,15 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
     table = metrics_table(seg, quality)
     outputs = {"metrics": out_dir / "metrics.parquet"}
     write_table(table, outputs["metrics"])
-    _write_csv(table, out_dir / "metrics.csv")
-    outputs["seed_summary"] = _write_csv(seed_summary(seg, order), out_dir / "seed_summary.csv")
-    outputs["paired_tests"] = _write_csv(paired_tests(seg, baseline), out_dir / "paired_tests.csv")
+    write_csv(table, out_dir / "metrics.csv")
+    outputs["seed_summary"] = write_csv(seed_summary(seg, order), out_dir / "seed_summary.csv")
+    outputs["paired_tests"] = write_csv(paired_tests(seg, baseline), out_dir / "paired_tests.csv")
     outputs["metrics_plot"] = plot_metrics(seg, out_dir / "metrics.png", order, amounts)
     if shares is not None:
-        outputs["class_share"] = _write_csv(shares, out_dir / "class_share.csv")
+        outputs["class_share"] = write_csv(shares, out_dir / "class_share.csv")
         outputs["class_share_plot"] = plot_class_share(shares, out_dir / "class_share.png", order)
     if quality is not None:
         outputs["quality_plot"] = plot_quality(quality, out_dir / "quality.png")
     if loss_csvs:
         outputs["loss_curves"] = plot_loss_curves(loss_csvs, out_dir / "loss", loss_names)
     return outputs
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    with atomic_file(path) as tmp:
-        table.to_csv(tmp, index=False)
-    return path

@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from histosynth.io import atomic_file, read_patch_index
+from histosynth.io import read_patch_index, write_csv
 from histosynth.logs import log_to
 from histosynth.metrics import score_nuclei_stage
 
@@ -13,5 +13,4 @@ truth = json.loads(open(snakemake.input.truth).read())
 scores = score_nuclei_stage(read_patch_index(snakemake.input.index), snakemake.input.masks, truth)
 log.info("%s: %s", snakemake.wildcards.slide, scores)
 table = pd.DataFrame({"slide": snakemake.wildcards.slide, "metric": list(scores), "value": list(scores.values())})
-with atomic_file(snakemake.output[0]) as tmp:
-    table.to_csv(tmp, index=False)
+write_csv(table, snakemake.output[0])
