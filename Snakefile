@@ -16,6 +16,8 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     slide="|".join(map(re.escape, SLIDES.index)),
+    ratio="|".join(map(re.escape, RATIOS)),
+    seed=r"\d+",
 
 
 include: "workflow/rules/slides.smk"
@@ -24,6 +26,10 @@ include: "workflow/rules/nuclei.smk"
 include: "workflow/rules/autoencoder.smk"
 include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/synthesis.smk"
+include: "workflow/rules/mixing.smk"
+include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -28,9 +28,19 @@ def validated(config: dict, source: str = "config") -> dict:
     try:
         validate(config, str(CONFIG_SCHEMA))
     except WorkflowError as err:
-        raise ConfigError(f"{source}: {err}\nSee config/README.md for every key, its type and default.") from err
+        raise ConfigError(f"{source}: {_schema_message(err)}\nSee config/README.md for every key, its type and default.") from err
     _check_class_references(config, source)
+    _check_evaluation(config, source)
     return config
+
+
+def _schema_message(err: WorkflowError) -> str:
+    """The key path and the reason of a schema violation, without the schema dump jsonschema appends."""
+    cause = err.__context__  # snakemake.utils.validate raises WorkflowError while handling jsonschema's error
+    if not hasattr(cause, "absolute_path"):
+        return str(err)
+    key = ".".join(map(str, cause.absolute_path)) or "(top level)"
+    return f"{key}: {cause.message}"
 
 
 def _check_class_references(config: dict, source: str) -> None:
@@ -41,6 +51,7 @@ def _check_class_references(config: dict, source: str) -> None:
         "patches.target_class": [config["patches"]["target_class"]],
         "synthesis.synthesize.target_class": [config["synthesis"]["synthesize"]["target_class"]],
         "synthesis.inpaint.target_class": [config["synthesis"]["inpaint"]["target_class"]],
+        "segmentation.classes": config["segmentation"]["classes"] or [],
     }
     for key, names in references.items():
         unknown = [name for name in names if name is not None and name not in classes]
@@ -50,6 +61,31 @@ def _check_class_references(config: dict, source: str) -> None:
     if num_classes not in (0, len(classes) + 1):
         raise ConfigError(f"{source}: diffusion.num_classes must be 0 (no class embedding) or len(classes) + 1 = "
                           f"{len(classes) + 1} (none + each class), got {num_classes}")
+
+
+def _check_evaluation(config: dict, source: str) -> None:
+    """Mixing ratios, segmentation shape and report baseline that the schema alone cannot check."""
+    names = [ratio["name"] for ratio in config["mixing"]["ratios"]]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{source}: mixing.ratios names must be unique; repeated: {', '.join(repeated)}")
+    if "inpaint" in config["mixing"]["sources"] and not config["synthesis"]["inpaint"]["target_class"]:
+        raise ConfigError(f"{source}: mixing.sources includes inpaint but synthesis.inpaint.target_class is null; "
+                          "set the class to paint or drop inpaint from mixing.sources")
+    baseline = config["report"]["baseline"]
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"{source}: report.baseline {baseline!r} is not one of mixing.ratios {names}")
+    seg = config["segmentation"]
+    if len(seg["decoder_channels"]) != seg["encoder_depth"]:
+        raise ConfigError(f"{source}: segmentation.decoder_channels needs one entry per encoder stage "
+                          f"(encoder_depth = {seg['encoder_depth']}), got {seg['decoder_channels']}")
+    if seg["attention"] == "scse" and min(seg["decoder_channels"]) < 16:
+        raise ConfigError(f"{source}: segmentation.attention scse needs decoder_channels >= 16 (its squeeze divides "
+                          f"by 16), got {seg['decoder_channels']}; raise them or set attention to null")
+    size = config["patches"]["size"]
+    if size % 2 ** seg["encoder_depth"]:
+        raise ConfigError(f"{source}: patches.size {size} is not divisible by 2^segmentation.encoder_depth = "
+                          f"{2 ** seg['encoder_depth']}; lower segmentation.encoder_depth or change the patch size")
 
 
 def load_config(path: str | Path | None = None) -> dict:

@@ -153,7 +153,7 @@ def plot_metrics(segmentation: pd.DataFrame, out: str | Path, order: Sequence[st
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score (mean ± sd over seeds)")
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.supxlabel("training set (synthetic images)" if amounts else "training set")
+    fig.supxlabel("training set (synthetic images)" if amounts else "training set", y=-0.04)
     return _save(fig, out)
 
 
@@ -243,6 +243,43 @@ def sample_grid(images: Sequence[str | Path], out: str | Path, masks: Sequence[s
     return _save(fig, out)
 
 
+def read_rule_graph(dot: str):
+    """The rule graph of `snakemake --rulegraph` (dot text) as a networkx DiGraph of rule names."""
+    import re
+
+    import networkx as nx
+
+    labels = dict(re.findall(r'^\s*(\d+)\s*\[\s*label\s*=\s*"([^"]+)"', dot, flags=re.M))
+    graph = nx.DiGraph()
+    graph.add_nodes_from(labels.values())
+    graph.add_edges_from((labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+)\s*->\s*(\d+)", dot, flags=re.M))
+    if not labels:
+        raise ValueError("no rules found in the dot text; is it the output of `snakemake --rulegraph`?")
+    return graph
+
+
+def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
+    """Draw a rule graph (dot file) top to bottom, one row per dependency generation, without graphviz."""
+    import networkx as nx
+
+    graph = read_rule_graph(Path(dot_path).read_text())
+    layers = list(nx.topological_generations(graph))
+    for depth, layer in enumerate(layers):
+        for node in layer:
+            graph.nodes[node]["layer"] = depth
+    positions = nx.multipartite_layout(graph, subset_key="layer", align="horizontal", scale=1.0)
+    positions = {node: (x, -y) for node, (x, y) in positions.items()}
+    width = max(len(layer) for layer in layers)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.3 * width), 0.8 * len(layers) + 1))
+    nx.draw_networkx_edges(graph, positions, ax=ax, arrowsize=10, edge_color="#777777", node_size=0,
+                           min_source_margin=9, min_target_margin=14)
+    for node, (x, y) in positions.items():
+        ax.text(x, y, node, ha="center", va="center", fontsize=8,
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": "#dbe9f6", "edgecolor": "#3b6ea5"})
+    ax.axis("off")
+    return _save(fig, out)
+
+
 # ----------------------------------------------------------------------------- rule entry
 
 def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, ratios: Sequence[Mapping],
@@ -278,3 +315,15 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
     if loss_csvs:
         outputs["loss_curves"] = plot_loss_curves(loss_csvs, out_dir / "loss", loss_names)
     return outputs
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m histosynth.report", description="Report figures outside rule summarize.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    rulegraph = commands.add_parser("rulegraph", help="draw `snakemake --rulegraph` output as a PNG")
+    rulegraph.add_argument("dot", help="dot file written by snakemake --rulegraph")
+    rulegraph.add_argument("png", help="PNG to write")
+    args = parser.parse_args()
+    print(plot_rule_graph(args.dot, args.png))

@@ -441,7 +441,8 @@ def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str
         probs = model.probabilities(batch["image"])[:, channels]
         target = batch["target"].int()
         stats = multilabel_stat_scores(probs, target, num_labels=len(names), threshold=model.threshold,
-                                       average="none", multidim_average="samplewise")  # (N, C, 5)
+                                       average="none", multidim_average="samplewise")
+        stats = stats.reshape(len(target), len(names), 5)  # torchmetrics squeezes a batch of one to (C, 5)
         for k, i in enumerate(batch["index"].tolist()):
             n, c = counts.get(slides[i], (0, np.zeros((len(names), 3))))
             counts[slides[i]] = (n + 1, c + stats[k][:, [0, 1, 3]].numpy())

@@ -61,11 +61,14 @@ def test_slide_sheet_validation(tmp_path):
 
 
 def test_model_defaults_in_code_match_the_schema():
-    from histosynth import autoencoder, diffusion
+    from histosynth import autoencoder, diffusion, quality, segmentation
 
     schema_defaults = validated({}, "defaults")
     assert schema_defaults["autoencoder"] == autoencoder.DEFAULTS
     assert schema_defaults["diffusion"] == diffusion.DEFAULTS
+    runs = schema_defaults["segmentation"].pop("seeds")  # the workflow's run wildcards, not a model setting
+    assert runs == [0, 1, 2] and schema_defaults["segmentation"] == segmentation.SEGMENTATION_DEFAULTS
+    assert schema_defaults["quality"] == quality.QUALITY_DEFAULTS
 
 
 @pytest.mark.parametrize("preset", ["demo", "tiny", "thesis"])
@@ -89,3 +92,23 @@ def test_thesis_preset_is_the_thesis():
 def test_num_classes_must_fit_the_classes():
     with pytest.raises(ConfigError, match=r"diffusion.num_classes must be 0 .* or len\(classes\) \+ 1 = 4"):
         validated({"diffusion": {"num_classes": 3}}, "my.yaml")
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"mixing": {"ratios": [{"name": "a", "synthetic": 1}, {"name": "a", "synthetic": 0}]}}, "repeated: a"),
+        ({"mixing": {"ratios": [{"name": "a b", "synthetic": 1}]}}, r"mixing.ratios.0.name: 'a b' does not match"),
+        ({"mixing": {"ratios": [{"name": "a", "synthetic": -1}]}}, "mixing.ratios.0.synthetic: -1 is less than the minimum"),
+        ({"mixing": {"sources": ["inpaint"]}}, "synthesis.inpaint.target_class is null"),
+        ({"report": {"baseline": "nope"}}, r"report.baseline 'nope' is not one of mixing.ratios \['real', 'syn50', 'syn100'\]"),
+        ({"segmentation": {"encoder_depth": 3}}, "one entry per encoder stage"),
+        ({"segmentation": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}}, "scse needs decoder_channels >= 16"),
+        ({"patches": {"size": 48}}, "48 is not divisible by 2\\^segmentation.encoder_depth = 32"),
+        ({"segmentation": {"classes": ["Tumour"]}}, r"segmentation.classes names \['Tumour'\]"),
+        ({"segmentation": {"seeds": [1, 1]}}, "segmentation.seeds: \\[1, 1\\] has non-unique elements"),
+    ],
+)
+def test_evaluation_settings_are_checked(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        validated(bad, "my.yaml")

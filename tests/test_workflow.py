@@ -13,14 +13,14 @@ from conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def snakemake(workdir, *args, overlay: str | None = None):
+def snakemake(workdir, *args, overlay: str | None = None, snakefile=REPO / "Snakefile"):
     """Run the workflow on the tiny preset in workdir; `overlay` is YAML layered on top."""
     configs = [str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml")]
     if overlay:
         (workdir / "overlay.yaml").write_text(overlay)
         configs.append(str(workdir / "overlay.yaml"))
     command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
         "--configfile", *configs,
         "--cores", "2", "--resources", "gpu=1", *args,
     ]
@@ -115,13 +115,93 @@ def planned_jobs(output: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[2:] if line.split()[0] != "total"}
 
 
+EVALUATION = {"mix_dataset", "train_segmentation", "evaluate_segmentation", "image_quality", "summarize", "all"}
+
+
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="diffusion: {cond_dropout: 0.2}")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", "all"}
+    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", *EVALUATION}
     result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
     assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                                           "train_diffusion", "synthesize", "inpaint", "all"}
+                                                           "train_diffusion", "synthesize", "inpaint", *EVALUATION}
+    result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {lr: 1.0e-3}")
+    assert planned_jobs(result.stdout + result.stderr) == {"train_segmentation", "evaluate_segmentation",
+                                                           "image_quality", "summarize", "all"}
+
+
+def test_seeds_and_run_ids_cause_no_spurious_reruns(tiny_run):
+    result = snakemake(tiny_run, "--dry-run", overlay="run_id: another_name")
+    assert "Nothing to be done" in result.stdout + result.stderr
+    # A third seed trains and scores the new runs only; the report gathers them.
+    result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {seeds: [0, 1, 2]}")
+    output = result.stdout + result.stderr
+    assert planned_jobs(output) == {"train_segmentation", "evaluate_segmentation", "summarize", "all"}
+    assert "seed=0" not in output and "seed=1" not in output and output.count("rule train_segmentation") == 3
+
+
+def test_editing_a_script_reruns_its_rules(tiny_run, tmp_path):
+    """A copy of the workflow with one script edited: the jobs of that script's rules rerun, nothing else."""
+    import shutil
+
+    copy = tmp_path / "workflow"
+    copy.mkdir()
+    for name in ("Snakefile", "workflow", "scripts", "config", "envs"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, copy / name)
+    unchanged = snakemake(tiny_run, "--dry-run", snakefile=copy / "Snakefile")
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout[-2000:]
+    with open(copy / "scripts/summarize.py", "a") as script:
+        script.write("# edited\n")
+    edited = snakemake(tiny_run, "--dry-run", snakefile=copy / "Snakefile")
+    output = edited.stdout + edited.stderr
+    assert planned_jobs(output) == {"summarize", "all"} and "Code has changed since last execution" in output
+
+
+def test_replacing_one_slides_annotations_reruns_only_that_slides_chain(tiny_run):
+    """New annotations for the test slide tiny_c: its patches, nuclei and maps, then the evaluation;
+    no model is retrained (test slides feed no training) and no other slide is touched."""
+    import json
+
+    annotations = json.loads((tiny_run / "results/demo/tiny_c.geojson").read_text())
+    annotations["features"] = annotations["features"][:-1]
+    (tiny_run / "tiny_c.edited.geojson").write_text(json.dumps(annotations))
+    sheet = pd.read_csv(REPO / "config/slides.tiny.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet.loc[sheet["slide"] == "tiny_c", "annotations"] = "tiny_c.edited.geojson"
+    sheet.to_csv(tiny_run / "slides.edited.tsv", sep="\t", index=False)
+    result = snakemake(tiny_run, "--dry-run", overlay="slides: slides.edited.tsv")
+    output = result.stdout + result.stderr
+    assert planned_jobs(output) == {"extract_patches", "nuclei_masks", "nuclei_quality", "conditioning_maps",
+                                    "evaluate_segmentation", "summarize", "all"}, output[-3000:]
+    assert "slide=tiny_c" in output and "slide=tiny_a" not in output and "slide=tiny_b" not in output
+
+
+def test_evaluation_table_and_report(tiny_run):
+    table = pd.read_parquet(tiny_run / "results/report/metrics.parquet")
+    seg = table[table["kind"] == "segmentation"]
+    # 3 ratios x 2 seeds x (1 test slide + pooled) x 3 classes x 3 metrics
+    assert len(seg) == 3 * 2 * 2 * 3 * 3 and set(seg["ratio"]) == {"real", "syn4", "synonly"}
+    assert seg["value"].between(0, 1).all()
+    quality = table[table["kind"] == "quality"]
+    skipped = quality[quality["status"] == "skipped"]
+    assert set(skipped["metric"]) >= {"fid", "kid", "is", "lpips_diversity"}  # no weights here
+    assert skipped["note"].str.contains("fetch_weights").all()
+    consistency = quality[quality["metric"].str.contains("iou") & (quality["status"] == "ok")]
+    assert len(consistency) and consistency["value"].between(0, 1).all()
+    shares = pd.read_csv(tiny_run / "results/report/class_share.csv")
+    counts = shares.groupby("ratio")[["n_real", "n_synthetic"]].first()
+    assert counts.loc["syn4", "n_synthetic"] == 4 and counts.loc["synonly", "n_real"] == 0
+    assert counts.loc["real", "n_real"] == counts.loc["syn4", "n_real"] > 0
+    tests = pd.read_csv(tiny_run / "results/report/paired_tests.csv")
+    assert set(tests["baseline"]) == {"real"} and set(tests["ratio"]) == {"syn4", "synonly"}
+    for png in ("metrics", "class_share", "quality", "rulegraph"):
+        assert (tiny_run / f"results/report/{png}.png").stat().st_size > 5000
+    assert len(list((tiny_run / "results/report/loss").glob("*.png"))) == 3 * 2 + 2
+    assert list((tiny_run / "results/evaluation/real/seed0_overlays").glob("*.png"))
+    result = snakemake(tiny_run, "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (tiny_run / "report.html").read_text()
+    for text in ("8. Results", "9. Training curves", "rulegraph.png", "paired per test slide"):
+        assert text in html
 
 
 def test_logs_and_benchmarks_written(tiny_run):
@@ -140,7 +220,7 @@ def test_config_of_wrong_type_is_a_schema_error(tmp_path):
     result = snakemake(tmp_path, "--dry-run", overlay="patches: {size: big}")
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "'big' is not of type 'integer'" in output and "instance['patches']['size']" in output
+    assert "patches.size: 'big' is not of type 'integer'" in output
 
 
 def test_workflow_passes_snakemake_lint(tmp_path):

@@ -70,6 +70,14 @@ def config_params(*keys):
     return json.loads(json.dumps({key: config[key] for key in keys}, sort_keys=True))
 
 
+def segmentation_config():
+    """What a segmentation job reads: its settings without the seed list, which only names the runs
+    (adding a seed must not rerun the others)."""
+    params = config_params("segmentation", "classes", "seed")
+    del params["segmentation"]["seeds"]
+    return params
+
+
 def training_config(stage):
     """What a training job reads: its own section and the keys its data depends on."""
     return config_params(stage, "seed", "classes", "conditioning")
@@ -94,6 +102,50 @@ def synthesis_inputs(wildcards):
     return inputs
 
 
+def split_slides(split):
+    return list(SLIDES.index[SLIDES["split"] == split])
+
+
+def patch_indexes(split):
+    return expand("results/patches/{slide}.parquet", slide=split_slides(split))
+
+
+RATIOS = {ratio["name"]: ratio for ratio in config["mixing"]["ratios"]}
+SEGMENTATION_SEEDS = config["segmentation"]["seeds"]
+
+
+def synthetic_sets():
+    """The synthetic sets this config makes: synth always, inpaint when it has a target class."""
+    return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else [])]
+
+
+def mixing_inputs(wildcards):
+    """The train slides' patch indexes, and the synthetic sets only when the ratio draws from them."""
+    inputs = {"indexes": patch_indexes("train")}
+    if RATIOS[wildcards.ratio]["synthetic"] > 0:
+        inputs["synthetic"] = expand("results/synthetic/{mode}", mode=config["mixing"]["sources"])
+    return inputs
+
+
+def baseline_ratio():
+    """The ratio the report compares against: report.baseline, else the first real-only one."""
+    if config["report"]["baseline"]:
+        return config["report"]["baseline"]
+    return next((name for name, r in RATIOS.items() if r["synthetic"] == 0 and r["real"]), next(iter(RATIOS)))
+
+
+def segmentation_runs(pattern):
+    return expand(pattern, ratio=RATIOS, seed=SEGMENTATION_SEEDS)
+
+
+def quality_inputs(wildcards):
+    """Real training patches, every synthetic set, and the baseline's first model for mask consistency."""
+    inputs = {"indexes": patch_indexes("train"), "synthetic": expand("results/synthetic/{mode}", mode=synthetic_sets())}
+    if config["quality"]["consistency"]:
+        inputs["segmentation"] = f"results/segmentation/{baseline_ratio()}/seed{SEGMENTATION_SEEDS[0]}"
+    return inputs
+
+
 def demo_slides():
     """Slides rendered by rule demo_slides (their sheet row points at results/demo/<slide>.tiff)."""
     return [name for name in SLIDES.index if SLIDES.loc[name, "image"] == f"{DEMO_DIR}/{name}.tiff"]
@@ -107,6 +159,7 @@ def all_outputs():
         *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
         "results/autoencoder/metrics.json",
         "results/diffusion/model",
-        "results/synthetic/synth",
-        *(["results/synthetic/inpaint"] if config["synthesis"]["inpaint"]["target_class"] else []),
+        *expand("results/synthetic/{mode}", mode=synthetic_sets()),
+        "results/report/metrics.csv",
+        "results/report/rulegraph.png",
     ]

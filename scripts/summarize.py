@@ -1,0 +1,19 @@
+"""Rule summarize: the tidy metrics table, plots and paired tests (histosynth.report.summarize)."""
+
+from pathlib import Path
+
+from histosynth.logs import log_to
+from histosynth.report import summarize
+
+log_to(snakemake.log[0])
+runs = [Path(run) / "loss.csv" for run in snakemake.input.runs]
+summarize(
+    snakemake.input.evaluations,
+    Path(snakemake.output.table).parent,
+    ratios=snakemake.params.ratios,
+    quality_paths=[snakemake.input.quality],
+    share_paths=snakemake.input.shares,
+    loss_csvs=[*runs, *snakemake.input.generative_losses],
+    loss_names=[*snakemake.params.run_names, "autoencoder", "diffusion"],
+    baseline=snakemake.params.baseline,
+)

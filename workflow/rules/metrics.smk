@@ -1,0 +1,38 @@
+rule image_quality:
+    """FID, KID, IS, LPIPS diversity and mask consistency of every synthetic set against the real training patches."""
+    input:
+        unpack(quality_inputs),
+    output:
+        "results/quality/metrics.parquet",
+    log:
+        "logs/image_quality.log",
+    benchmark:
+        "results/benchmarks/image_quality.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=240,
+    params:
+        config=config_params("quality", "classes", "nuclei", "patches"),
+    script:
+        "../../scripts/image_quality.py"
+
+
+rule fetch_weights:
+    """Download Inception (FID/KID/IS), AlexNet (LPIPS) and the ImageNet encoder into the torch hub cache. Needs network."""
+    log:
+        "logs/fetch_weights.log",
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    params:
+        config=config_params("segmentation"),
+    script:
+        "../../scripts/fetch_weights.py"

@@ -1,0 +1,59 @@
+rule summarize:
+    """One tidy table of every metric, plots across ratios (mean ± sd over seeds), paired tests against the baseline."""
+    input:
+        evaluations=segmentation_runs("results/evaluation/{ratio}/seed{seed}.parquet"),
+        runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}"),
+        shares=expand("results/mixing/{ratio}.share.parquet", ratio=RATIOS),
+        quality="results/quality/metrics.parquet",
+        generative_losses=["results/autoencoder/loss.csv", "results/diffusion/loss.csv"],
+    output:
+        table=report("results/report/metrics.csv", caption="../report/metrics_table.rst", category="8. Results", labels={"table": "all metrics"}),
+        parquet="results/report/metrics.parquet",
+        seed_summary=report("results/report/seed_summary.csv", caption="../report/seed_summary.rst", category="8. Results", labels={"table": "mean ± sd over seeds"}),
+        paired_tests=report("results/report/paired_tests.csv", caption="../report/paired_tests.rst", category="8. Results", labels={"table": "paired tests vs baseline"}),
+        class_share=report("results/report/class_share.csv", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"table": "class-pixel share"}),
+        metrics_plot=report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="8. Results", labels={"figure": "segmentation vs synthetic amount"}),
+        class_share_plot=report("results/report/class_share.png", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"figure": "class-pixel share"}),
+        quality_plot=report("results/report/quality.png", caption="../report/quality.rst", category="8. Results", labels={"figure": "image quality"}),
+        loss=report(
+            directory("results/report/loss"),
+            patterns=["{run}.png"],
+            caption="../report/loss.rst",
+            category="9. Training curves",
+            labels={"run": "{run}"},
+        ),
+    log:
+        "logs/summarize.log",
+    benchmark:
+        "results/benchmarks/summarize.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=30,
+    params:
+        ratios=list(RATIOS.values()),
+        baseline=baseline_ratio(),
+        run_names=segmentation_runs("segmentation_{ratio}_seed{seed}"),
+    script:
+        "../../scripts/summarize.py"
+
+
+rule rule_graph:
+    """The workflow's rule graph as a PNG for the report (snakemake --rulegraph, drawn with networkx)."""
+    output:
+        dot="results/report/rulegraph.dot",
+        png=report("results/report/rulegraph.png", caption="../report/rulegraph.rst", category="1. Workflow", labels={"figure": "rule graph"}),
+    log:
+        "logs/rule_graph.log",
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=1000,
+        runtime=10,
+    script:
+        "../../scripts/rule_graph.py"
