@@ -24,7 +24,7 @@ report: venv
 	$(BIN)/snakemake --report results/report.html
 
 dag: venv
-	$(BIN)/snakemake --rulegraph | dot -Tpng > results/rulegraph.png
+	$(BIN)/snakemake --cores 1 results/report/rulegraph.png
 
 clean:
 	rm -rf results logs .snakemake

@@ -40,10 +40,13 @@ def pick_device(requested: str = "auto"):
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use 'auto' or 'cpu'")
     device = torch.device(requested)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if device.type == "cuda":
-        log.info("device: %s (%s), bf16 autocast and channels_last on", device, torch.cuda.get_device_name(device))
+        log.info("device: %s (%s; CUDA_VISIBLE_DEVICES=%s), bf16 autocast and channels_last on",
+                 device, torch.cuda.get_device_name(device), visible)
     else:
-        log.info("device: cpu (%d threads), fp32", torch.get_num_threads())
+        note = f"; CUDA_VISIBLE_DEVICES={visible} but torch sees no CUDA device" if visible else ""
+        log.info("device: cpu (%d threads), fp32%s", torch.get_num_threads(), note)
     return device
 
 

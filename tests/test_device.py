@@ -1,0 +1,26 @@
+"""Device choice inside a job: what SLURM/Snakemake gave it (CUDA_VISIBLE_DEVICES), else CPU, logged."""
+
+import logging
+
+import pytest
+import torch
+
+from histosynth.device import derive_seed, pick_device
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of a job whose GPU is not usable")
+
+
+@no_cuda
+def test_a_gpu_job_without_a_usable_device_runs_on_cpu_and_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what sbatch --gpus=1 sets, here with no device behind it
+    with caplog.at_level(logging.INFO, logger="histosynth.device"):
+        assert pick_device("auto").type == "cpu"
+    assert "CUDA_VISIBLE_DEVICES=0 but torch sees no CUDA device" in caplog.text
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES='0'"):
+        pick_device("cuda")
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derive_seed(2025, "segmentation", 0) == derive_seed(2025, "segmentation", 0)
+    assert len({derive_seed(2025, "segmentation", s) for s in range(100)}) == 100
+    assert derive_seed(2025, "a") != derive_seed(2026, "a")
