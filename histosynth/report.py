@@ -197,20 +197,37 @@ def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str]
 
 
 def plot_quality(quality: pd.DataFrame, out: str | Path) -> Path:
-    """Bar charts of FID, KID, IS and LPIPS diversity (class 'all') per synthetic set; metrics that
-    were skipped are listed with the reason instead."""
-    ok = quality[(quality["status"] == "ok") & (quality["class"] == "all") & quality["metric"].isin(QUALITY_METRICS)]
-    metrics = [m for m in QUALITY_METRICS if m in set(ok["metric"])]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3.2 * max(1, len(metrics)), 3.2), squeeze=False)
+    """One panel per image-quality metric that was computed (FID, KID, IS, LPIPS diversity; class
+    'all', one bar per synthetic set) and one of mask consistency (Dice of the re-segmented region
+    classes and of the re-detected nuclei against the conditioning masks, per class and set).
+    Metrics that were skipped are listed under the panels with the reason."""
+    ok = quality[quality["status"] == "ok"]
+    overall = ok[(ok["class"] == "all") & ok["metric"].isin(QUALITY_METRICS)]
+    metrics = [m for m in QUALITY_METRICS if m in set(overall["metric"])]
+    consistency = ok[ok["metric"].isin(["mask_dice", "nuclei_dice"])]
+    panels = len(metrics) + (1 if len(consistency) else 0)
+    width = 3.2 * len(metrics) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
+    fig, axes = plt.subplots(1, max(1, panels), figsize=(max(6.0, width), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=False):
-        part = ok[ok["metric"] == metric]
+        part = overall[overall["metric"] == metric]
         ax.bar(part["set"].astype(str), part["value"])
         ax.set_title(metric)
-    if not metrics:
-        skipped = quality[(quality["status"] == "skipped") & quality["metric"].isin(QUALITY_METRICS)]
-        notes = sorted(set(skipped["note"])) or ["no image-quality metrics"]
+    if len(consistency):
+        ax = axes[0][len(metrics)]
+        wide = consistency.pivot_table(index="class", columns="set", values="value", sort=False)
+        x = np.arange(len(wide))
+        for k, name in enumerate(wide.columns):
+            ax.bar(x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns), wide[name], 0.8 / len(wide.columns), label=name)
+        ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("mask consistency (Dice)")
+        ax.legend(fontsize=8)
+    if not panels:
         axes[0][0].axis("off")
-        axes[0][0].text(0, 0.5, "\n".join(_wrap(n, 70) for n in notes), fontsize=7, va="center")
+    skipped = quality[(quality["status"] == "skipped") & quality["metric"].isin(QUALITY_METRICS)]
+    notes = sorted(set(skipped["note"]))
+    if notes:
+        fig.text(0.01, -0.12, "\n".join(_wrap(n, 140) for n in notes), fontsize=7, va="top")
     return _save(fig, out)
 
 

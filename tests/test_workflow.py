@@ -223,6 +223,22 @@ def test_config_of_wrong_type_is_a_schema_error(tmp_path):
     assert "patches.size: 'big' is not of type 'integer'" in output
 
 
+def test_every_rule_declares_its_resources():
+    """threads, mem_mb, runtime and gpu on every rule, so profiles can size and place each job."""
+    import re
+
+    blocks, declared = [], 0
+    for path in sorted((REPO / "workflow/rules").glob("*.smk")):
+        text = path.read_text()
+        blocks += re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, flags=re.M | re.S)
+        declared += len(re.findall(r"^rule ", text, flags=re.M))
+    assert len(blocks) == declared >= 16
+    for name, body in blocks:
+        assert re.search(r"^    threads: \d+", body, flags=re.M), name
+        for resource in ("gpu", "mem_mb", "runtime"):
+            assert re.search(rf"^        {resource}=", body, flags=re.M), f"{name}: {resource}"
+
+
 def test_workflow_passes_snakemake_lint(tmp_path):
     result = snakemake(tmp_path, "--lint")
     assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout[-3000:]
