@@ -62,16 +62,18 @@ CONF
 echo "Name=gpu File=/dev/null Count=1" > /etc/slurm/gres.conf   # Count alone drains the node
 
 started=()
+started_munged=false
 stop() {
     for pid in "${started[@]}"; do kill "$pid" 2> /dev/null || true; done
     wait 2> /dev/null || true
+    if $started_munged; then kill "$(cat /run/munge/munged.pid)" 2> /dev/null || true; fi
 }
 trap stop EXIT
 
 mkdir -p /run/munge && chown munge:munge /run/munge
 if ! pgrep -x munged > /dev/null; then
-    runuser -u munge -- munged
-    started+=("$(pgrep -x munged)")
+    runuser -u munge -- munged   # daemonises; its pid file is /run/munge/munged.pid
+    started_munged=true
 fi
 slurmctld -D > "$WORK/logs/slurmctld.out" 2>&1 & started+=($!)
 sleep 2
@@ -100,11 +102,23 @@ planned=$(awk '/^Job stats:/ {on=1; next} on && $1 == "total" {print $2; exit}' 
 submitted=$(grep -c "has been submitted with SLURM jobid" "$WORK/logs/snakemake.log" || true)
 scontrol show job -o > "$WORK/logs/jobs.txt"
 completed=$(grep -c "JobState=COMPLETED" "$WORK/logs/jobs.txt" || true)
-gpu_jobs=$(grep -c "gres/gpu" "$WORK/logs/jobs.txt" || true)
+gpu_jobs=$(grep -cE "gres[:/]gpu" "$WORK/logs/jobs.txt" || true)
 gpu_sbatch=$(grep "sbatch call" "$WORK/logs/snakemake.log" | grep -c -- "--gpus=1" || true)
 on_gpu_partition=$(grep "JobState=COMPLETED" "$WORK/logs/jobs.txt" | grep -c "Partition=gpu" || true)
 say "jobs planned $planned (incl. rule all), submitted $submitted, COMPLETED $completed, with a GPU $gpu_jobs (sbatch --gpus=1: $gpu_sbatch, on partition gpu: $on_gpu_partition)"
-grep "JobState=" "$WORK/logs/jobs.txt" | sed -E 's/.*JobName=([^ ]+).*JobState=([A-Z]+).*Partition=([^ ]+).*/  \1 \2 \3/' | sort | uniq -c
+say "SLURM jobs per rule (count, rule, state, partition, GPUs):"
+awk '{
+    gres = "no-gpu"
+    for (i = 1; i <= NF; i++) {
+        split($i, kv, "=")
+        if (kv[1] == "JobState") state = kv[2]
+        if (kv[1] == "Partition") partition = kv[2]
+        if (kv[1] == "Comment") rule = kv[2]
+        if (kv[1] == "TresPerJob") gres = kv[2]
+    }
+    sub(/^rule_/, "", rule); sub(/_wildcards.*/, "", rule)
+    print rule, state, partition, gres
+}' "$WORK/logs/jobs.txt" | sort | uniq -c
 [[ $submitted -gt 0 && $submitted == $((planned - 1)) ]] || die "$submitted sbatch submissions for $planned planned jobs"
 [[ $completed == "$submitted" ]] || die "only $completed of $submitted SLURM jobs COMPLETED; see $WORK/logs/jobs.txt"
 [[ $gpu_sbatch -gt 0 && $gpu_sbatch == "$gpu_jobs" && $on_gpu_partition == "$gpu_jobs" ]] \
