@@ -383,70 +383,69 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
     loss_log = LossLog(out / "loss.csv", extra_columns, resume_step=progress.step if found else None) if main else None
 
     # the loop
-    bar = tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-    window: dict[str, list[float]] = {}
-    window_start, window_samples, first_size = time.perf_counter(), 0, None
-    model.train()
-    while progress.step < s["steps"]:
-        epoch, done = divmod(progress.step, steps_per_epoch)
-        order = epoch_order(len(dataset), seed, epoch, rank, world)[done * s["batch_size"]:]
-        for batch in _loader(dataset, order, s["batch_size"], s["num_workers"], seed, epoch):
-            size = _size(batch["image"][0])
-            if first_size is None:
-                first_size = size
-            elif size != first_size:
-                raise DatasetError(f"training images of different sizes: {first_size} and {size}; "
-                                   "all patches must share one size (config patches.size)")
-            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            step = progress.step + 1
-            loss, extras = loss_fn(model, batch)
-            mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"non-finite loss ({mean_loss}) at step {step} (epoch {epoch}); training stopped, "
-                                         f"nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if s["grad_clip"]:
-                norm = accelerator.clip_grad_norm_(model.parameters(), s["grad_clip"])
-                if not math.isfinite(float(norm)):
-                    raise NonFiniteLossError(f"non-finite gradient norm at step {step} (epoch {epoch}); training "
-                                             f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
-            optimizer.step()
-            lr_schedule.step()
-            if ema is not None:
-                ema.update(raw)
-            progress.step = step
+    with tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:  # a log file: a line every 30 s
+        window: dict[str, list[float]] = {}
+        window_start, window_samples, first_size = time.perf_counter(), 0, None
+        model.train()
+        while progress.step < s["steps"]:
+            epoch, done = divmod(progress.step, steps_per_epoch)
+            order = epoch_order(len(dataset), seed, epoch, rank, world)[done * s["batch_size"]:]
+            for batch in _loader(dataset, order, s["batch_size"], s["num_workers"], seed, epoch):
+                size = _size(batch["image"][0])
+                if first_size is None:
+                    first_size = size
+                elif size != first_size:
+                    raise DatasetError(f"training images of different sizes: {first_size} and {size}; "
+                                       "all patches must share one size (config patches.size)")
+                batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                step = progress.step + 1
+                loss, extras = loss_fn(model, batch)
+                mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLossError(f"non-finite loss ({mean_loss}) at step {step} (epoch {epoch}); training stopped, "
+                                             f"nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if s["grad_clip"]:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), s["grad_clip"])
+                    if not math.isfinite(float(norm)):
+                        raise NonFiniteLossError(f"non-finite gradient norm at step {step} (epoch {epoch}); training "
+                                                 f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
+                optimizer.step()
+                lr_schedule.step()
+                if ema is not None:
+                    ema.update(raw)
+                progress.step = step
 
-            # logging
-            now = time.perf_counter()
-            window_samples += len(batch["image"]) * world
-            for key, value in {"loss": mean_loss, **extras}.items():
-                window.setdefault(key, []).append(float(value))
-            if step % s["log_every"] == 0 or step == s["steps"]:
-                progress.seconds += now - window_start
-                rate = window_samples / max(now - window_start, 1e-9)
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                if main:
-                    loss_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                                    "seconds": progress.seconds, "samples_per_s": rate, **means})
-                bar.set_postfix(loss=f"{means['loss']:.4g}", samples_s=f"{rate:.1f}")
-                window, window_start, window_samples = {}, time.perf_counter(), 0
-            bar.update(1)
+                # logging
+                now = time.perf_counter()
+                window_samples += len(batch["image"]) * world
+                for key, value in {"loss": mean_loss, **extras}.items():
+                    window.setdefault(key, []).append(float(value))
+                if step % s["log_every"] == 0 or step == s["steps"]:
+                    progress.seconds += now - window_start
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    means = {k: sum(v) / len(v) for k, v in window.items()}
+                    if main:
+                        loss_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                                        "seconds": progress.seconds, "samples_per_s": rate, **means})
+                    bar.set_postfix(loss=f"{means['loss']:.4g}", samples_s=f"{rate:.1f}")
+                    window, window_start, window_samples = {}, time.perf_counter(), 0
+                bar.update(1)
 
-            # checkpoints (every process hands over its RNG state) and periodic hooks
-            if step % s["checkpoint_every"] == 0 or step == s["steps"]:
-                rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
-                if main:
-                    last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizer, lr_schedule,
-                                                      run_config, rngs, loss_log.path, s["keep_checkpoints"])
-                accelerator.wait_for_everyone()
-                last_checkpoint = checkpoint_dir / f"step-{step}"
-            if on_step is not None and main:
-                on_step(step, ema.model if ema is not None else raw)
-            if progress.step >= s["steps"]:
-                break
-    bar.close()
+                # checkpoints (every process hands over its RNG state) and periodic hooks
+                if step % s["checkpoint_every"] == 0 or step == s["steps"]:
+                    rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+                    if main:
+                        last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizer, lr_schedule,
+                                                          run_config, rngs, loss_log.path, s["keep_checkpoints"])
+                    accelerator.wait_for_everyone()
+                    last_checkpoint = checkpoint_dir / f"step-{step}"
+                if on_step is not None and main:
+                    on_step(step, ema.model if ema is not None else raw)
+                if progress.step >= s["steps"]:
+                    break
     accelerator.wait_for_everyone()
     return FitResult(raw, ema, progress.step, last_checkpoint, out / "loss.csv")
 
