@@ -92,7 +92,7 @@ set +e
     --workflow-profile "$REPO/profiles/slurm" \
     --configfile "$REPO/config/config.yaml" "$REPO/config/tiny.yaml" \
     --slurm-status-command squeue --slurm-no-account --slurm-init-seconds-before-status-checks 5 \
-    --jobs 4 --verbose > "$WORK/logs/snakemake.log" 2>&1
+    --jobs 4 --max-threads "$CPUS" --verbose > "$WORK/logs/snakemake.log" 2>&1
 status=$?
 set -e
 [[ $status == 0 ]] || { tail -50 "$WORK/logs/snakemake.log"; die "snakemake exited with $status; see $WORK/logs/snakemake.log"; }

@@ -19,7 +19,7 @@ rule train_autoencoder:
         "results/benchmarks/train_autoencoder.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,

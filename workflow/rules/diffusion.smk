@@ -12,7 +12,7 @@ rule train_diffusion:
         "results/benchmarks/train_diffusion.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=16000,

@@ -10,7 +10,7 @@ rule image_quality:
         "results/benchmarks/image_quality.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,

@@ -12,7 +12,7 @@ rule train_segmentation:
         "results/benchmarks/train_segmentation/{ratio}/seed{seed}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,
@@ -45,7 +45,7 @@ rule evaluate_segmentation:
         "results/benchmarks/evaluate_segmentation/{ratio}/seed{seed}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,

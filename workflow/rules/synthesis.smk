@@ -16,7 +16,7 @@ rule synthesize:
         "results/benchmarks/synthesize.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,
@@ -45,7 +45,7 @@ rule inpaint:
         "results/benchmarks/inpaint.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1,
         mem_mb=8000,
