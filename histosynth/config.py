@@ -88,6 +88,15 @@ def _check_evaluation(config: dict, source: str) -> None:
                           f"{2 ** seg['encoder_depth']}; lower segmentation.encoder_depth or change the patch size")
 
 
+def baseline_ratio(ratios: list[dict], configured: str | None = None) -> str | None:
+    """The ratio the report compares against: `configured` (report.baseline), else the first ratio
+    with no synthetic images and real ones, else the first ratio."""
+    if configured:
+        return configured
+    names = [ratio["name"] for ratio in ratios]
+    return next((r["name"] for r in ratios if not r["synthetic"] and r.get("real", True)), names[0] if names else None)
+
+
 def load_config(path: str | Path | None = None) -> dict:
     """Read a YAML config (or none, giving all defaults) and validate it."""
     if path is None:

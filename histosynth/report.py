@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from histosynth.config import baseline_ratio  # noqa: E402
 from histosynth.io import atomic_file, write_csv, write_table  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -310,8 +311,7 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     order = [r["name"] for r in ratios]
-    if baseline is None:
-        baseline = next((r["name"] for r in ratios if not r["synthetic"] and r.get("real", True)), order[0] if order else None)
+    baseline = baseline_ratio(list(ratios), baseline)
     seg = read_tables(segmentation_paths)
     quality = read_tables(quality_paths) if quality_paths else None
     shares = read_tables(share_paths) if share_paths else None

@@ -112,3 +112,13 @@ def test_num_classes_must_fit_the_classes():
 def test_evaluation_settings_are_checked(bad, message):
     with pytest.raises(ConfigError, match=message):
         validated(bad, "my.yaml")
+
+
+def test_baseline_is_the_configured_ratio_else_the_first_real_only_one():
+    from histosynth.config import baseline_ratio
+
+    ratios = [{"name": "synonly", "synthetic": 8, "real": False}, {"name": "syn4", "synthetic": 4},
+              {"name": "real", "synthetic": 0}]
+    assert baseline_ratio(ratios) == "real"
+    assert baseline_ratio(ratios, "syn4") == "syn4"
+    assert baseline_ratio(ratios[:2]) == "synonly"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
-from histosynth.config import ConfigError, read_slide_sheet, validated
+from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
 from histosynth.device import derive_seed
 
 
@@ -111,6 +111,7 @@ def patch_indexes(split):
 
 
 RATIOS = {ratio["name"]: ratio for ratio in config["mixing"]["ratios"]}
+BASELINE = baseline_ratio(config["mixing"]["ratios"], config["report"]["baseline"])
 SEGMENTATION_SEEDS = config["segmentation"]["seeds"]
 
 
@@ -127,13 +128,6 @@ def mixing_inputs(wildcards):
     return inputs
 
 
-def baseline_ratio():
-    """The ratio the report compares against: report.baseline, else the first real-only one."""
-    if config["report"]["baseline"]:
-        return config["report"]["baseline"]
-    return next((name for name, r in RATIOS.items() if r["synthetic"] == 0 and r["real"]), next(iter(RATIOS)))
-
-
 def segmentation_runs(pattern):
     return expand(pattern, ratio=RATIOS, seed=SEGMENTATION_SEEDS)
 
@@ -142,7 +136,7 @@ def quality_inputs(wildcards):
     """Real training patches, every synthetic set, and the baseline's first model for mask consistency."""
     inputs = {"indexes": patch_indexes("train"), "synthetic": expand("results/synthetic/{mode}", mode=synthetic_sets())}
     if config["quality"]["consistency"]:
-        inputs["segmentation"] = f"results/segmentation/{baseline_ratio()}/seed{SEGMENTATION_SEEDS[0]}"
+        inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     return inputs
 
 

@@ -35,7 +35,7 @@ rule summarize:
         runtime=30,
     params:
         ratios=list(RATIOS.values()),
-        baseline=baseline_ratio(),
+        baseline=BASELINE,
         run_names=segmentation_runs("segmentation_{ratio}_seed{seed}"),
     script:
         "../../scripts/summarize.py"
