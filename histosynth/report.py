@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -263,8 +264,6 @@ def sample_grid(images: Sequence[str | Path], out: str | Path, masks: Sequence[s
 
 def read_rule_graph(dot: str):
     """The rule graph of `snakemake --rulegraph` (dot text) as a networkx DiGraph of rule names."""
-    import re
-
     import networkx as nx
 
     labels = dict(re.findall(r'^\s*(\d+)\s*\[\s*label\s*=\s*"([^"]+)"', dot, flags=re.M))

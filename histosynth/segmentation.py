@@ -21,7 +21,6 @@ epoch: step, epoch, train_loss, val_loss, val_dice, lr, seconds) and summary.jso
 from __future__ import annotations
 
 import copy
-import csv
 import heapq
 import json
 import logging
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
-from histosynth.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_table
+from histosynth.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv, write_table
 from histosynth.patches import class_indices
 from histosynth.training import merged
 
@@ -394,16 +393,9 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
                "seconds_per_epoch": seconds / max(len(history), 1), "device": str(device), "encoder_weights": note}
     with atomic_dir(out_dir) as tmp:
         save_model(net, tmp / "model", classes, s, {"seed": seed, "best_epoch": best["epoch"]})
-        _write_csv(history, tmp / "loss.csv")
+        write_csv(pd.DataFrame(history, columns=LOSS_COLUMNS), tmp / "loss.csv")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------- evaluation

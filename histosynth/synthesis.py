@@ -52,6 +52,13 @@ MANIFEST = "manifest.parquet"
 SPLIT = "synthetic"
 DONORS = ("random",)
 
+
+def set_manifests(folders) -> dict[str, Path]:
+    """{mode: manifest path} of synthetic-set folders, which are named after their mode
+    (results/synthetic/synth, results/synthetic/inpaint)."""
+    return {Path(folder).name: Path(folder) / MANIFEST for folder in folders}
+
+
 # The `synthesis` config section's demo values (the schema holds the same defaults; config/tiny.yaml and
 # config/thesis.yaml the other presets).
 DEFAULTS: dict = {
