@@ -24,7 +24,7 @@ report: venv
 	$(BIN)/snakemake --report results/report.html
 
 dag: venv
-	$(BIN)/snakemake --cores 1 results/report/rulegraph.png
+	$(BIN)/snakemake results/report/rulegraph.png --cores 1 --forcerun rule_graph
 
 clean:
 	rm -rf results logs .snakemake
