@@ -1,9 +1,17 @@
 """Benchmark (not a test): sampling throughput of one diffusion model through the project's
-`histosynth.diffusion.sample` against a bare diffusers loop on the same model, per sampler.
+`histosynth.diffusion.sample` against a bare diffusers loop on the same model, per sampler; with
+--curve, the sampler quality curve of a trained model instead.
 
     .venv/bin/python benchmarks/sampling.py                        # demo preset's SpadeUNet, random weights, CPU
     .venv/bin/python benchmarks/sampling.py --skip-ddpm --batch 4  # without the 1000-step row
     .venv/bin/python benchmarks/sampling.py --model results/diffusion/model --batch 16 --repaint   # on a GPU
+    .venv/bin/python benchmarks/sampling.py --curve --model results/diffusion/model \
+        --samplers ddpm-100,ddpm-50,ddim-50,ddim-20,dpmsolver++-20,dpmsolver++-10 --n 32
+
+The curve synthesises --n images per sampler from the demo's training maps (the same maps and
+seeds for every sampler) and prints steps -> U-Net evaluations per image -> seconds -> mask
+consistency (real-only segmenter, nuclei detector) and offline FD/KD (the segmenter's encoder),
+as the workflow's quality stage measures them (benchmarks/diffusion_recipe.py's evaluate).
 
 The bare loop uses no project code: set_timesteps; for t: eps = model(x, t, cond); x = step(eps, t, x).
 U-Net calls are counted with a forward hook (evaluations per image: every call sees the whole
@@ -17,6 +25,7 @@ import argparse
 import json
 import time
 
+import pandas as pd
 import torch
 
 SAMPLERS = "ddpm-1000,ddim-50,ddim-20,dpmsolver++-20"
@@ -86,7 +95,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--curve", action="store_true", help="quality per sampler of the trained --model (see above)")
+    parser.add_argument("--n", type=int, default=32, help="--curve: images per sampler")
+    parser.add_argument("--guidance", type=float, default=1.0, help="--curve: classifier-free guidance scale")
+    parser.add_argument("--results", default="results", help="--curve: the workflow's results folder")
+    parser.add_argument("--out", default="results/benchmarks/sampler_curve", help="--curve: output folder")
     args = parser.parse_args(argv)
+    if args.curve:
+        return curve(args)
 
     from histosynth.device import pick_device
     from histosynth.diffusion import make_sampler, sample
@@ -151,6 +167,46 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    return 0
+
+
+def curve(args) -> int:
+    """Rows sampler, steps, evals/image, seconds, consistency and FD/KD for each --samplers entry."""
+    from pathlib import Path
+
+    from diffusion_recipe import append_row, demo_inputs, evaluate
+
+    from histosynth.config import load_preset
+    from histosynth.datasets import read_indexes
+    from histosynth.device import pick_device
+    from histosynth.diffusion import load_diffusion
+    from histosynth.synthesis import synthesize
+
+    if not args.model:
+        raise SystemExit("--curve needs --model (a trained model folder, e.g. results/diffusion/model)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = load_preset(args.preset)
+    results, out = Path(args.results), Path(args.out)
+    indexes, real = demo_inputs(config, results)
+    diffusion = load_diffusion(args.model, device=pick_device(args.device))
+    calls = []
+    diffusion.model.register_forward_hook(lambda *_: calls.append(1))
+    sources = read_indexes(indexes, "train")
+    for spec in args.samplers.split(","):
+        name, steps = spec.rsplit("-", 1)
+        calls.clear()
+        start = time.perf_counter()
+        synthesize(diffusion, sources, out / spec, n=args.n, classes=config["classes"], conditioning_cfg=config["conditioning"],
+                   sampler=name, steps=int(steps), guidance=args.guidance, batch_size=config["synthesis"]["batch_size"],
+                   seed=config["seed"], grid_per_class=4)
+        seconds = time.perf_counter() - start
+        batches = -(-args.n // config["synthesis"]["batch_size"])
+        row = {"sampler": name, "steps": int(steps), "guidance": args.guidance, "evals_per_image": len(calls) // batches,
+               "seconds": round(seconds, 1), "images_per_s": round(args.n / seconds, 3)}
+        row.update(evaluate(config, results, real, {"synth": out / spec / "manifest.parquet"}, out / spec))
+        append_row(row, out / "curve.csv")
+    print(pd.read_csv(out / "curve.csv").to_string(index=False))
     return 0
 
 

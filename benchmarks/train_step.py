@@ -30,7 +30,7 @@ def build(stage: str, preset: str, image_size: int, cond_channels: int):
         def loss(model, x, cond):
             t = torch.randint(0, 1000, (len(x),), device=x.device)
             noise = torch.randn_like(x)
-            return torch.nn.functional.mse_loss(diffusion.predict_noise(model, x + noise, t, cond).float(), noise)
+            return torch.nn.functional.mse_loss(diffusion.model_output(model, x + noise, t, cond).float(), noise)
     else:
         model = autoencoder.build_autoencoder(config, 3, image_size)
 

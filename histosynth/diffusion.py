@@ -2,7 +2,7 @@
 
 `conditioning: spade` -> SpadeUNet (diffusers ResnetBlock2D encoder, self-attention at the
 bottleneck, SPADE decoder); `conditioning: concat` -> diffusers UNet2DModel on [x_t, cond]
-(segmentation-guided diffusion). Both sit behind `predict_noise`, and `sample` is the one sampling
+(segmentation-guided diffusion). Both sit behind `model_output`, and `sample` is the one sampling
 loop (DDPM, DDIM, DPM-Solver++) that training previews and the synthesis stage use.
 
     python -m histosynth.diffusion train --config CONFIG --out DIR --dataset MODULE:FUNC --index ... [--autoencoder AE]
@@ -57,6 +57,8 @@ DEFAULTS: dict = {
     "dropout": 0.0,
     "num_classes": 0,               # class embedding for labels 0..num_classes-1 (+ a null class); 0: none
     "cond_dropout": 0.1,            # p of dropping cond (and label) for classifier-free guidance
+    "prediction": "epsilon",        # what the U-Net predicts: epsilon (noise) | v_prediction
+    "min_snr_gamma": None,          # Min-SNR-gamma loss weighting (Hang et al. 2023); null: uniform
     "scheduler": {"timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02, "beta_schedule": "linear"},
     "train": merged(TRAIN_DEFAULTS, {
         "steps": 300, "batch_size": 4, "lr": 2e-4, "checkpoint_every": 100, "log_every": 10,
@@ -165,9 +167,9 @@ def num_classes(model) -> int:
     return (core.config.num_class_embeds or 1) - 1
 
 
-def predict_noise(model, x_t: torch.Tensor, t, cond: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's noise estimate for x_t at t given the mask `cond` (same spatial size as x_t)
-    and optional class labels (None: the null class)."""
+def model_output(model, x_t: torch.Tensor, t, cond: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's prediction (noise, or v under v-prediction) for x_t at t given the mask `cond`
+    (same spatial size as x_t) and optional class labels (None: the null class)."""
     if labels is None and num_classes(model):
         labels = torch.full((len(x_t),), num_classes(model), device=x_t.device, dtype=torch.long)
     if isinstance(_core(model), SpadeUNet):
@@ -176,21 +178,33 @@ def predict_noise(model, x_t: torch.Tensor, t, cond: torch.Tensor, labels: torch
     return model(torch.cat([x_t, cond.to(x_t.dtype)], 1), t, class_labels=labels).sample
 
 
-def guided_noise(model, x_t, t, cond, labels=None, guidance: float = 1.0) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + g (eps_c - eps_u), the unconditional pass with the mask
-    zeroed and the null label (as in training's condition dropout); g = 1: one conditional pass."""
+def guided_output(model, x_t, t, cond, labels=None, guidance: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance on the model output: out_u + g (out_c - out_u), the unconditional
+    pass with the mask zeroed and the null label (as in training's condition dropout); g = 1: one
+    conditional pass."""
     if guidance == 1.0:
-        return predict_noise(model, x_t, t, cond, labels)
+        return model_output(model, x_t, t, cond, labels)
     null = None
     if num_classes(model):
         null = torch.full((len(x_t),), num_classes(model), device=x_t.device, dtype=torch.long)
         labels = null if labels is None else labels
     t = torch.as_tensor(t, device=x_t.device)
     t = t.repeat(2) if t.numel() > 1 else t
-    eps = predict_noise(model, torch.cat([x_t, x_t]), t, torch.cat([cond, torch.zeros_like(cond)]),
-                        None if null is None else torch.cat([labels, null]))
-    conditional, unconditional = eps.chunk(2)
+    out = model_output(model, torch.cat([x_t, x_t]), t, torch.cat([cond, torch.zeros_like(cond)]),
+                       None if null is None else torch.cat([labels, null]))
+    conditional, unconditional = out.chunk(2)
     return unconditional + guidance * (conditional - unconditional)
+
+
+def noise_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The noise estimate behind a model output: the output itself for epsilon prediction, and
+    sqrt(a) v + sqrt(1 - a) x_t for v-prediction (a = alpha_cumprod at the step)."""
+    if prediction == "epsilon":
+        return output
+    if prediction == "v_prediction":
+        a = alpha_cumprod.to(x_t.device, x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return a.sqrt() * output + (1 - a).sqrt() * x_t
+    raise ValueError(f"prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
 
 
 def resize_cond(cond: torch.Tensor, size) -> torch.Tensor:
@@ -199,20 +213,34 @@ def resize_cond(cond: torch.Tensor, size) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, scheduler, cond: torch.Tensor, labels: torch.Tensor | None = None, *, steps: int = 50,
-           guidance: float = 1.0, generator: torch.Generator | None = None, autoencoder=None) -> torch.Tensor:
+           guidance: float = 1.0, generator: torch.Generator | None = None, autoencoder=None,
+           init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Images in [-1, 1] for the masks `cond` (N, C, H, W) with any diffusers scheduler (DDPM,
     DDIM, DPMSolverMultistep); in latent space pass the autoencoder: cond is resized to the latent
-    size and the result decoded."""
+    size and the result decoded. With `init` (N, 3, H, W images in [-1, 1]) and strength < 1 the
+    run starts from init noised to that level (SDEdit): only the last round(steps * strength)
+    steps are taken; strength 1 starts from pure noise."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     size = cond.shape[-2:] if autoencoder is None else [s // latent_factor(autoencoder) for s in cond.shape[-2:]]
     cond = resize_cond(cond, size)
     scheduler.set_timesteps(steps, device=cond.device)
     x = randn_tensor((len(cond), _core(model).config.out_channels, *size), generator=generator, device=cond.device)
-    x = x * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = guided_noise(model, scheduler.scale_model_input(x, t), t, cond, labels, guidance)
-        x = scheduler.step(eps.float(), t, x, generator=generator).prev_sample
+    timesteps = scheduler.timesteps
+    if init is not None and strength < 1:
+        skipped = (steps - max(1, round(steps * strength))) * scheduler.order
+        timesteps = timesteps[skipped:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skipped)
+        start = encode(autoencoder, init).float() if autoencoder is not None else init.to(x.dtype)
+        x = scheduler.add_noise(start, x, timesteps[:1].repeat(len(x)))
+    else:
+        x = x * scheduler.init_noise_sigma
+    for t in timesteps:
+        out = guided_output(model, scheduler.scale_model_input(x, t), t, cond, labels, guidance)
+        x = scheduler.step(out.float(), t, x, generator=generator).prev_sample
     return decode(autoencoder, x) if autoencoder is not None else x.clamp(-1, 1)
 
 
@@ -242,14 +270,20 @@ def build_model(config: Mapping, image_channels: int, cond_channels: int, sample
     raise TrainingError(f"diffusion.conditioning must be 'spade' or 'concat', got {c['conditioning']!r}")
 
 
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
 def train_scheduler(config: Mapping):
-    """The DDPM noise schedule of training (linear betas 1e-4..0.02 over 1000 steps by default)."""
+    """The DDPM noise schedule of training (linear betas 1e-4..0.02 over 1000 steps by default) and
+    what the model predicts (its prediction_type, which every sampler built from it inherits)."""
     from diffusers import DDPMScheduler
 
     c = merged(DEFAULTS, config)
     s = c["scheduler"]
+    if c["prediction"] not in PREDICTIONS:
+        raise TrainingError(f"diffusion.prediction must be one of {PREDICTIONS}, got {c['prediction']!r}")
     return DDPMScheduler(num_train_timesteps=s["timesteps"], beta_start=s["beta_start"], beta_end=s["beta_end"],
-                         beta_schedule=s["beta_schedule"], prediction_type="epsilon", clip_sample=c["space"] == "pixel")
+                         beta_schedule=s["beta_schedule"], prediction_type=c["prediction"], clip_sample=c["space"] == "pixel")
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
@@ -319,6 +353,16 @@ def _preview_batch(dataset, n: int) -> dict:
     return collate([dataset[i] for i in range(min(max(n, 1), len(dataset)))])
 
 
+def loss_weights(alpha_cumprod: torch.Tensor, prediction: str, min_snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights: 1 (uniform), or Min-SNR-gamma, min(SNR, gamma) / SNR for epsilon
+    prediction and min(SNR, gamma) / (SNR + 1) for v-prediction, which caps the weight of the
+    nearly noise-free steps so the high-noise steps that lay out the mask's structure count more."""
+    if min_snr_gamma is None:
+        return torch.ones_like(alpha_cumprod)
+    snr = alpha_cumprod / (1 - alpha_cumprod)
+    return snr.clamp(max=min_snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+
+
 def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, seed: int = 0, val_dataset=None,
                     checkpoint_dir: str | Path | None = None, autoencoder: str | Path | None = None,
                     accelerator=None) -> dict:
@@ -374,7 +418,9 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
         drop = torch.rand(n, device=x.device) < c["cond_dropout"]
         cond = cond * (~drop).view(n, 1, 1, 1).to(cond.dtype)
         labels = torch.where(drop, null_class, batch["label"].long()) if null_class else None
-        return F.mse_loss(predict_noise(model, x_t, t, cond, labels).float(), noise), {}
+        target = noise if c["prediction"] == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x
+        error = (model_output(model, x_t, t, cond, labels).float() - target).pow(2).mean(dim=(1, 2, 3))
+        return (error * loss_weights(alphas[t], c["prediction"], c["min_snr_gamma"])).mean(), {}
 
     preview = _preview_batch(val_dataset if val_dataset is not None and len(val_dataset) else dataset, c["train"]["sample_count"])
     preview_sampler = make_sampler(c["train"]["sample_sampler"], scheduler.config)

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from histosynth.device import derive_seed, pick_device
+from histosynth.features import FeatureError, FeatureExtractor, build_extractor, image_features, pairwise_diversity
 from histosynth.io import read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import fraction_column
 from histosynth.training import merged
@@ -59,9 +60,11 @@ QUALITY_DEFAULTS: dict = {
     "batch_size": 32,
     "device": "auto",
     "consistency": True,        # mask consistency with the segmentation model and the nuclei detector
+    "extractor": "segmentation",  # offline feature space for FD/KD: segmentation (real-only encoder) | a timm model
+    "extractor_weights": None,  # the timm model's local weights file
     "seed": 0,
 }
-COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note")
+COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note", "extractor")
 LPIPS_MIN_SIDE = 64
 
 
@@ -262,56 +265,78 @@ def overlap_scores(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:
     return int(np.sum(truth & pred)), int(truth.sum()), int(pred.sum())
 
 
-def _iou_dice(inter: int, a: int, b: int) -> tuple[float, float]:
-    union = a + b - inter
-    return (inter / union if union else math.nan), (2 * inter / (a + b) if a + b else math.nan)
+def _iou_dice(inter, a, b):
+    """IoU and Dice from intersection and the two sizes (scalars or arrays); NaN where both are empty."""
+    inter, a, b = (np.asarray(v, np.float64) for v in (inter, a, b))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(a + b - inter > 0, inter / (a + b - inter), np.nan)
+        dice = np.where(a + b > 0, 2 * inter / (a + b), np.nan)
+    return (float(iou), float(dice)) if iou.ndim == 0 else (iou, dice)
 
 
-def region_consistency(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray]) -> list[dict]:
-    """IoU/Dice per region class between each image's `mask` and segment(image) (a label mask of
-    the same values), pooled over images."""
-    sums = np.zeros((len(classes), 3), np.int64)
-    for image_path, mask_path in zip(rows["image"], rows["mask"], strict=True):
-        rgb, truth = read_rgb(image_path), read_mask(mask_path)
-        pred = segment(rgb)
-        for k in range(len(classes)):
-            sums[k] += overlap_scores(truth == k + 1, pred == k + 1)
-    out = []
-    for name, (inter, a, b) in zip(classes, sums, strict=True):
-        iou, dice = _iou_dice(inter, a, b)
-        note = "" if a else "class absent from the conditioning masks"
-        out += [{"metric": "mask_iou", "class": name, "value": iou, "note": note},
-                {"metric": "mask_dice", "class": name, "value": dice, "note": note}]
-    return out
+SCORE_COLUMNS = ("id", "kind", "class", "intersection", "truth_pixels", "predicted_pixels", "iou", "dice")
 
 
-def nuclei_consistency(rows: pd.DataFrame, mpp: float, params) -> list[dict]:
-    """IoU/Dice of re-detected nuclei (histosynth.nuclei) against the conditioning maps' nucleus
-    channel: the foreground ('nuclei') and per nucleus class, pooled over images."""
+def _scores(records: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(records, columns=SCORE_COLUMNS[:-2])
+    table["iou"], table["dice"] = _iou_dice(table["intersection"], table["truth_pixels"], table["predicted_pixels"])
+    return table
+
+
+def _ids(rows: pd.DataFrame) -> list[str]:
+    return rows["id"].astype(str).tolist() if "id" in rows else [str(i) for i in range(len(rows))]
+
+
+def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray]) -> pd.DataFrame:
+    """Per image and region class (kind 'region'): pixel intersection, truth and predicted pixel
+    counts, IoU and Dice between the image's `mask` and segment(image) (a label mask of the same
+    values). NaN IoU/Dice where the class is neither drawn nor found."""
+    records = []
+    for image_id, image_path, mask_path in zip(_ids(rows), rows["image"], rows["mask"], strict=True):
+        truth, pred = read_mask(mask_path), segment(read_rgb(image_path))
+        for k, name in enumerate(classes, 1):
+            inter, a, b = overlap_scores(truth == k, pred == k)
+            records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
+                            "truth_pixels": a, "predicted_pixels": b})
+    return _scores(records)
+
+
+def nuclei_scores(rows: pd.DataFrame, mpp: float, params, model=None) -> pd.DataFrame:
+    """Per image (kind 'nuclei'): the same counts for the re-detected nuclei (histosynth.nuclei
+    with `params`, a learned model when params.model is set) against the conditioning map's
+    nucleus channel: the foreground (class 'nuclei') and each nucleus class drawn or found."""
     from histosynth.conditioning import read_conditioning
     from histosynth.nuclei import NUCLEUS_CLASSES, segment_patch
 
     lookup = {name: i + 1 for i, name in enumerate(NUCLEUS_CLASSES)}
-    sums = np.zeros((len(NUCLEUS_CLASSES) + 1, 3), np.int64)
-    for image_path, cond_path in zip(rows["image"], rows["conditioning"], strict=True):
+    records = []
+    for image_id, image_path, cond_path in zip(_ids(rows), rows["image"], rows["conditioning"], strict=True):
         rgb = read_rgb(image_path)
         truth = read_conditioning(cond_path)[..., 1]
-        instances, table = segment_patch(rgb, mpp, rgb.shape[:2], params)
+        instances, table = segment_patch(rgb, mpp, rgb.shape[:2], params, model)
         lut = np.zeros(int(instances.max(initial=0)) + 1, np.uint8)
         for instance_id, name in zip(table.get("instance_id", []), table.get("class", []), strict=True):
             lut[int(instance_id)] = lookup.get(name, 0)
         pred = lut[instances]
-        sums[0] += overlap_scores(truth > 0, pred > 0)
-        for k in range(1, len(NUCLEUS_CLASSES) + 1):
-            sums[k] += overlap_scores(truth == k, pred == k)
+        for k, name in enumerate(["nuclei", *NUCLEUS_CLASSES]):
+            inter, a, b = overlap_scores(truth > 0, pred > 0) if k == 0 else overlap_scores(truth == k, pred == k)
+            if k == 0 or a or b:
+                records.append({"id": image_id, "kind": "nuclei", "class": name, "intersection": inter,
+                                "truth_pixels": a, "predicted_pixels": b})
+    return _scores(records)
+
+
+def pooled_consistency(scores: pd.DataFrame) -> list[dict]:
+    """Quality rows from per-image scores: IoU and Dice per kind and class from the pixel counts
+    summed over images (mask_iou/mask_dice for regions, nuclei_iou/nuclei_dice for nuclei)."""
     out = []
-    for k, name in enumerate(["nuclei", *NUCLEUS_CLASSES]):
-        inter, a, b = sums[k]
-        if k and not (a or b):
-            continue  # a nucleus class neither drawn nor found
+    for (kind, name), part in scores.groupby(["kind", "class"], sort=False):
+        inter, a, b = (int(part[c].sum()) for c in ("intersection", "truth_pixels", "predicted_pixels"))
         iou, dice = _iou_dice(inter, a, b)
-        out += [{"metric": "nuclei_iou", "class": name, "value": iou, "note": ""},
-                {"metric": "nuclei_dice", "class": name, "value": dice, "note": ""}]
+        prefix = "mask" if kind == "region" else "nuclei"
+        note = "class absent from the conditioning masks" if kind == "region" and not a else ""
+        out += [{"metric": f"{prefix}_iou", "class": name, "value": iou, "note": note},
+                {"metric": f"{prefix}_dice", "class": name, "value": dice, "note": note}]
     return out
 
 
@@ -339,94 +364,128 @@ def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], classes: Sequence[str], *,
                   settings: Mapping | None = None, segment: Callable[[np.ndarray], np.ndarray] | None = None,
-                  nuclei_params=None, mpp: float | None = None) -> pd.DataFrame:
+                  nuclei_params=None, nuclei_model=None, mpp: float | None = None,
+                  extractor: FeatureExtractor | None = None, extractor_note: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
-    the real training rows. `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables
-    region mask consistency; nuclei_params (histosynth.nuclei.NucleiParams) and mpp enable nuclei
-    consistency for sets with a conditioning column."""
+    the real training rows, and the per-image consistency scores (set, id, kind, class, counts,
+    IoU, Dice). `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region mask
+    consistency; nuclei_params (histosynth.nuclei.NucleiParams, with nuclei_model when a learned
+    detector is configured) and mpp enable nuclei consistency for sets with a conditioning
+    column; `extractor` (histosynth.features) gives the offline Fréchet distance, KID and
+    feature diversity (extractor_note says why it is missing when it is None)."""
     s = settings_from(settings)
     device = pick_device(s["device"])
     real = _sample(real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real"))
     real_classes = image_classes(real, classes)
     rows: list[dict] = []
+    scores: list[pd.DataFrame] = []
 
     inception_path, inception_note = weights_file("inception", s["inception_weights"])
     lpips_path, lpips_note = weights_file("lpips", s["lpips_weights"])
+    inception_name, lpips_name = f"inception-v3 pool {s['feature']} (torch-fidelity)", "lpips alexnet (torchmetrics)"
     real_features = real_logits = None
     if inception_path is not None:
         net = load_inception(inception_path, s["feature"])
         log.info("Inception features of %d real images (%s)", len(real), inception_note)
         real_features, real_logits = inception_features(real["image"].tolist(), net, s["batch_size"], device)
     lpips_net = load_lpips(lpips_path) if lpips_path is not None else None
+    real_embedded = None
+    if extractor is not None:
+        log.info("%s features of %d real images", extractor.name, len(real))
+        real_embedded = image_features(real["image"].tolist(), extractor, s["batch_size"])
 
     for mode, table in synthetic.items():
         table = _sample(table, s["max_images"], derive_seed(s["seed"], "synthetic", mode))
         syn_classes = image_classes(table, classes)
         groups = ["all", *[c for c in ["none", *classes] if (syn_classes == c).any() or (real_classes == c).any()]]
 
-        def add(metric, name, value, n_real, n_syn, status="ok", note="", mode=mode):
+        def add(metric, name, value, n_real, n_syn, status="ok", note="", used="", mode=mode):
             rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
-                         "n_synthetic": n_syn, "status": status, "note": note})
+                         "n_synthetic": n_syn, "status": status, "note": note, "extractor": used})
 
         if table.empty:
             add("images", "all", 0.0, len(real), 0, "skipped", f"synthetic set {mode} is empty")
             continue
-        features = logits = None
+        features = logits = embedded = None
         if inception_path is not None:
             log.info("Inception features of %d %s images", len(table), mode)
             features, logits = inception_features(table["image"].tolist(), net, s["batch_size"], device)
+        if extractor is not None:
+            embedded = image_features(table["image"].tolist(), extractor, s["batch_size"])
         for group in groups:
             r = np.ones(len(real), bool) if group == "all" else real_classes == group
             g = np.ones(len(table), bool) if group == "all" else syn_classes == group
             n_r, n_g = int(r.sum()), int(g.sum())
             few = n_r < s["min_images"] or n_g < s["min_images"]
             few_note = f"{n_r} real and {n_g} synthetic images; quality.min_images={s['min_images']}"
-            if features is None:
+            if features is None or few:
                 for metric in ("fid", "kid", "kid_std", "is", "is_std"):
-                    add(metric, group, math.nan, n_r, n_g, "skipped", inception_note)
-            elif few:
-                for metric in ("fid", "kid", "kid_std", "is", "is_std"):
-                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note)
+                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note if features is not None else inception_note,
+                        inception_name)
             else:
-                add("fid", group, fid(real_features[r], features[g]), n_r, n_g)
+                add("fid", group, fid(real_features[r], features[g]), n_r, n_g, used=inception_name)
                 kid_mean, kid_std = kid(real_features[r], features[g], s["kid_subsets"], s["kid_subset_size"], s["seed"])
-                add("kid", group, kid_mean, n_r, n_g)
-                add("kid_std", group, kid_std, n_r, n_g)
+                add("kid", group, kid_mean, n_r, n_g, used=inception_name)
+                add("kid_std", group, kid_std, n_r, n_g, used=inception_name)
                 is_mean, is_std = inception_score(logits[g], s["is_splits"], s["seed"])
-                add("is", group, is_mean, n_r, n_g)
-                add("is_std", group, is_std, n_r, n_g)
-            if lpips_net is None:
-                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", lpips_note)
-            elif n_g < max(2, s["min_images"]):
-                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", few_note)
+                add("is", group, is_mean, n_r, n_g, used=inception_name)
+                add("is_std", group, is_std, n_r, n_g, used=inception_name)
+            if embedded is None or few:
+                for metric in ("fd", "kd", "kd_std", "feature_diversity"):
+                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note if embedded is not None else extractor_note,
+                        extractor.name if extractor is not None else "")
+            else:
+                add("fd", group, fid(real_embedded[r], embedded[g]), n_r, n_g, used=extractor.name)
+                kd_mean, kd_std = kid(real_embedded[r], embedded[g], s["kid_subsets"], s["kid_subset_size"], s["seed"])
+                add("kd", group, kd_mean, n_r, n_g, used=extractor.name)
+                add("kd_std", group, kd_std, n_r, n_g, used=extractor.name)
+                real_diversity = pairwise_diversity(real_embedded[r], s["lpips_pairs"], s["seed"])
+                add("feature_diversity", group, pairwise_diversity(embedded[g], s["lpips_pairs"], s["seed"]), n_r, n_g,
+                    note=f"real images: {real_diversity:.4f}", used=extractor.name)
+            if lpips_net is None or n_g < max(2, s["min_images"]):
+                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", lpips_note if lpips_net is None else few_note,
+                    lpips_name)
             else:
                 paths = table.loc[g, "image"].tolist()
-                add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device), n_r, n_g)
+                add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device),
+                    n_r, n_g, used=lpips_name)
         if s["consistency"]:
-            _consistency_rows(table, classes, segment, nuclei_params, mpp, lambda **kw: add(n_real=0, n_syn=len(table), **kw))
-    return pd.DataFrame(rows, columns=COLUMNS)
+            found = _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp,
+                                 lambda **kw: add(n_real=0, n_syn=len(table), **kw))
+            scores.append(found.assign(set=mode))
+    per_image = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS), per_image.reindex(columns=["set", *SCORE_COLUMNS])
 
 
-def _consistency_rows(table, classes, segment, nuclei_params, mpp, add) -> None:
+def _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp, add) -> pd.DataFrame:
+    """Per-image scores of one set; adds the pooled rows (or skip rows) through `add`."""
+    found = []
     if segment is None:
         add(metric="mask_iou", name="all", value=math.nan, status="skipped",
             note="no segmentation model given (the ratio-0 model of rule train_segmentation)")
     else:
-        for row in region_consistency(table, classes, segment):
-            add(metric=row["metric"], name=row["class"], value=row["value"], note=row["note"])
+        found.append(region_scores(table, classes, segment))
     if nuclei_params is None or mpp is None or "conditioning" not in table:
         why = "no conditioning maps in the manifest" if "conditioning" not in table else "nuclei settings not given"
         add(metric="nuclei_iou", name="nuclei", value=math.nan, status="skipped", note=why)
     else:
-        for row in nuclei_consistency(table, mpp, nuclei_params):
-            add(metric=row["metric"], name=row["class"], value=row["value"], note=row["note"])
+        found.append(nuclei_scores(table, mpp, nuclei_params, nuclei_model))
+    scores = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=SCORE_COLUMNS)
+    detector = "nuclei detector " + (str(nuclei_model.path) if nuclei_model is not None else "(classical)")
+    for row in pooled_consistency(scores):
+        add(**{"name" if k == "class" else k: v for k, v in row.items()},
+            used="segmentation model" if row["metric"].startswith("mask") else detector)
+    return scores
 
 
 def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], out: str | Path, *,
-                        config: Mapping, segmentation_model: str | Path | None = None) -> pd.DataFrame:
+                        scores_out: str | Path | None = None, config: Mapping,
+                        segmentation_model: str | Path | None = None) -> pd.DataFrame:
     """Entry of rule image_quality: real training patches vs each synthetic manifest ({mode: path});
-    the optional segmentation run folder (ratio 0) enables region mask consistency. Writes `out`."""
-    from histosynth.nuclei import NucleiParams
+    the segmentation run folder (ratio 0) enables region mask consistency and, with
+    quality.extractor 'segmentation', the offline feature space. Writes `out` (the quality table)
+    and `scores_out` (per-image consistency scores)."""
+    from histosynth.nuclei import NucleiParams, load_detector
 
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     synthetic = {}
@@ -434,14 +493,25 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
         names = pq.read_schema(path).names
         columns = tuple(c for c in ("image", "mask", "conditioning") if c in names)
         synthetic[mode] = read_patch_index(path, columns=columns)
-    segment = None
     s = settings_from(config.get("quality"))
+    segment = None
     if segmentation_model is not None and s["consistency"]:
         from histosynth.segmentation import load_model
 
         segment = load_model(segmentation_model, s["device"]).predict
-    nuclei_params = NucleiParams.from_config(config["nuclei"]) if "nuclei" in config else NucleiParams()
-    table = image_quality(real, synthetic, config["classes"], settings=s, segment=segment,
-                          nuclei_params=nuclei_params, mpp=config["patches"]["mpp"])
+    extractor, extractor_note = None, ""
+    try:
+        extractor = build_extractor(s["extractor"], s["extractor_weights"], segmentation_model, s["device"])
+    except FeatureError as err:
+        extractor_note = f"offline FD/KD skipped: {err}"
+        log.warning("%s", extractor_note)
+    nuclei = config.get("nuclei", {})
+    nuclei_params = NucleiParams.from_config(nuclei) if nuclei else NucleiParams()
+    nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei.get("model") else None
+    table, scores = image_quality(real, synthetic, config["classes"], settings=s, segment=segment,
+                                  nuclei_params=nuclei_params, nuclei_model=nuclei_model, mpp=config["patches"]["mpp"],
+                                  extractor=extractor, extractor_note=extractor_note)
     write_table(table, out)
+    if scores_out is not None:
+        write_table(scores, scores_out)
     return table

@@ -34,8 +34,8 @@ from histosynth.io import atomic_file, write_csv, write_table  # noqa: E402
 log = logging.getLogger(__name__)
 
 SEGMENTATION_METRICS = ("dice", "precision", "recall")
-QUALITY_METRICS = ("fid", "kid", "is", "lpips_diversity")
-TABLE_COLUMNS = ("kind", "ratio", "seed", "slide", "set", "class", "metric", "value", "status", "note")
+QUALITY_METRICS = ("fd", "kd", "feature_diversity", "fid", "kid", "is", "lpips_diversity")
+TABLE_COLUMNS = ("kind", "ratio", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
 DPI = 120
 
 
@@ -198,22 +198,27 @@ def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str]
     return _save(fig, out)
 
 
-def plot_quality(quality: pd.DataFrame, out: str | Path) -> Path:
-    """One panel per image-quality metric that was computed (FID, KID, IS, LPIPS diversity; class
-    'all', one bar per synthetic set) and one of mask consistency (Dice of the re-segmented region
-    classes and of the re-detected nuclei against the conditioning masks, per class and set).
+def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | None = None) -> Path:
+    """Top row: one panel per image-quality metric that was computed (offline FD/KD and feature
+    diversity, FID, KID, IS, LPIPS diversity; class 'all', one bar per synthetic set, the feature
+    space in the title) and one of mask consistency (pooled Dice of the re-segmented region classes
+    and of the re-detected nuclei against the conditioning masks, per class and set). With the
+    per-image `scores`, a second row shows each class's per-image Dice as box plots per set.
     Metrics that were skipped are listed under the panels with the reason."""
     ok = quality[quality["status"] == "ok"]
     overall = ok[(ok["class"] == "all") & ok["metric"].isin(QUALITY_METRICS)]
     metrics = [m for m in QUALITY_METRICS if m in set(overall["metric"])]
     consistency = ok[ok["metric"].isin(["mask_dice", "nuclei_dice"])]
+    per_image = scores.dropna(subset=["dice"]) if scores is not None and len(scores) else None
     panels = len(metrics) + (1 if len(consistency) else 0)
-    width = 3.2 * len(metrics) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
-    fig, axes = plt.subplots(1, max(1, panels), figsize=(max(6.0, width), 3.4), squeeze=False)
+    width = 2.8 * len(metrics) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
+    rows = 2 if per_image is not None and len(per_image) else 1
+    fig, axes = plt.subplots(rows, max(1, panels), figsize=(max(6.0, width), 3.4 * rows), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=False):
         part = overall[overall["metric"] == metric]
         ax.bar(part["set"].astype(str), part["value"])
-        ax.set_title(metric)
+        space = part["extractor"].iloc[0] if "extractor" in part and len(part) else ""
+        ax.set_title(f"{metric}\n{_wrap(_short_extractor(space), 28)}" if space else metric, fontsize=9)
     if len(consistency):
         ax = axes[0][len(metrics)]
         wide = consistency.pivot_table(index="class", columns="set", values="value", sort=False)
@@ -222,15 +227,42 @@ def plot_quality(quality: pd.DataFrame, out: str | Path) -> Path:
             ax.bar(x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns), wide[name], 0.8 / len(wide.columns), label=name)
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title("mask consistency (Dice)")
+        ax.set_title("mask consistency (pooled Dice)", fontsize=9)
         ax.legend(fontsize=8)
     if not panels:
         axes[0][0].axis("off")
+    if rows == 2:
+        for ax in axes[1]:
+            ax.axis("off")
+        ax = fig.add_subplot(2, 1, 2)
+        classes = list(dict.fromkeys(per_image["class"]))
+        sets = list(dict.fromkeys(per_image["set"]))
+        step = 0.8 / len(sets)
+        for k, name in enumerate(sets):
+            data = [per_image[(per_image["class"] == c) & (per_image["set"] == name)]["dice"].to_numpy() for c in classes]
+            where = np.arange(len(classes)) + (k - (len(sets) - 1) / 2) * step
+            keep = [i for i, d in enumerate(data) if len(d)]
+            box = ax.boxplot([data[i] for i in keep], positions=where[keep], widths=step * 0.9, patch_artist=True,
+                             manage_ticks=False)
+            for patch in box["boxes"]:
+                patch.set_facecolor(f"C{k}")
+            ax.plot([], [], color=f"C{k}", lw=6, label=name)
+        ax.set_xticks(np.arange(len(classes)), classes, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("Dice per image")
+        ax.set_title("mask consistency per synthetic image (images where the class is drawn or found)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     skipped = quality[(quality["status"] == "skipped") & quality["metric"].isin(QUALITY_METRICS)]
     notes = sorted(set(skipped["note"]))
     if notes:
-        fig.text(0.01, -0.12, "\n".join(_wrap(n, 140) for n in notes), fontsize=7, va="top")
+        fig.text(0.01, -0.02 * rows, "\n".join(_wrap(n, 140) for n in notes), fontsize=7, va="top")
     return _save(fig, out)
+
+
+def _short_extractor(name: str) -> str:
+    """'segmentation encoder (u-resnet18, results/...)' -> 'segmentation encoder (u-resnet18)'."""
+    return re.sub(r",\s[^,()]*\)$", ")", name)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -300,8 +332,8 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- rule entry
 
 def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, ratios: Sequence[Mapping],
-              quality_paths: Sequence[str | Path] = (), share_paths: Sequence[str | Path] = (),
-              loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
+              quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
+              share_paths: Sequence[str | Path] = (), loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
               baseline: str | None = None) -> dict:
     """Entry of rule summarize: write into out_dir metrics.parquet (+ .csv), seed_summary.csv,
     paired_tests.csv, class_share.csv, and the PNGs metrics.png, class_share.png, quality.png,
@@ -327,7 +359,8 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
         outputs["class_share"] = write_csv(shares, out_dir / "class_share.csv")
         outputs["class_share_plot"] = plot_class_share(shares, out_dir / "class_share.png", order)
     if quality is not None:
-        outputs["quality_plot"] = plot_quality(quality, out_dir / "quality.png")
+        scores = read_tables(scores_paths) if scores_paths else None
+        outputs["quality_plot"] = plot_quality(quality, out_dir / "quality.png", scores)
     if loss_csvs:
         outputs["loss_curves"] = plot_loss_curves(loss_csvs, out_dir / "loss", loss_names)
     return outputs

@@ -40,7 +40,9 @@ from histosynth.autoencoder import content_hash, decode, encode, latent_factor
 from histosynth.conditioning import conditioning_channels, preview, read_conditioning, write_conditioning
 from histosynth.datasets import dominant_class
 from histosynth.device import autocast, derive_seed
-from histosynth.diffusion import Diffusion, guided_noise, make_sampler, num_classes, resize_cond, sample
+from histosynth.diffusion import (
+    Diffusion, guided_output, make_sampler, noise_from_output, num_classes, resize_cond, sample,
+)
 from histosynth.io import atomic_dir, read_mask, read_rgb, write_table
 from histosynth.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
 from histosynth.training import merged, save_grid, to_uint8
@@ -70,6 +72,7 @@ DEFAULTS: dict = {
         "sampler": "ddpm",      # ddpm | ddim | dpmsolver++ (the CPU demo model is too briefly trained for ddim)
         "steps": 100,
         "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
+        "strength": 1.0,        # 1: start from pure noise; < 1: from the source patch noised to that level (SDEdit)
     },
     "inpaint": {
         "n": 32,
@@ -158,6 +161,7 @@ class _Runner:
         self.expected = meta.get("cond_channels")
         self.size = meta.get("image_size")
         self.num_classes = num_classes(self.model)
+        self.prediction = diffusion.scheduler.config.get("prediction_type", "epsilon")
         self.autoencoder_hash = (meta.get("autoencoder") or {}).get("sha256", "") if self.space == "latent" else ""
 
     def cond(self, encoded: list[np.ndarray]) -> torch.Tensor:
@@ -190,10 +194,11 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
 @torch.no_grad()
 def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: torch.Tensor,
             labels: torch.Tensor | None = None, *, steps: int, jump_length: int, jump_n_sample: int,
-            guidance: float = 1.0, generator=None) -> torch.Tensor:
+            guidance: float = 1.0, generator=None, prediction: str = "epsilon") -> torch.Tensor:
     """RePaint sampling with diffusers' RePaintScheduler, in pixel or latent space alike: `known`
     (N, C, h, w) is kept where `keep` (N, 1, h, w) is 1, regenerated where it is 0; `cond` has
-    the size of `known`. Returns the final x_0 (not clamped, not decoded)."""
+    the size of `known`; `prediction` is what the model predicts (RePaint steps on the noise
+    estimate, so v is converted). Returns the final x_0 (not clamped, not decoded)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     scheduler.set_timesteps(steps, jump_length, jump_n_sample)  # CPU timesteps: they index the CPU schedule
@@ -201,7 +206,8 @@ def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: tor
     t_last = scheduler.timesteps[0] + 1
     for t in scheduler.timesteps:
         if t < t_last:  # one denoising step; the known part is the source noised to t - 1
-            eps = guided_noise(model, x, t, cond, labels, guidance)
+            out = guided_output(model, x, t, cond, labels, guidance)
+            eps = noise_from_output(out.float(), x, scheduler.alphas_cumprod[t], prediction)
             x = scheduler.step(eps.float(), t, x, known, keep, generator=generator).prev_sample
         else:  # a jump back in time: re-noise by one step
             x = scheduler.undo_step(x, t_last, generator=generator)
@@ -213,8 +219,6 @@ def repaint_scheduler(scheduler_config, eta: float = 1.0):
     """A RePaintScheduler on the training noise schedule (clip_sample as trained: off in latent space)."""
     from diffusers import RePaintScheduler
 
-    if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise SynthesisError(f"RePaint needs a noise-predicting model; this one predicts {scheduler_config['prediction_type']}")
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample")
     return RePaintScheduler(**{key: scheduler_config[key] for key in keys if key in scheduler_config}, eta=eta)
 
@@ -265,7 +269,7 @@ def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndar
         cond = resize_cond(cond, known.shape[-2:])
     with autocast(runner.device):
         x = repaint(runner.model, scheduler, known, keep, cond, runner.labels(labels), steps=steps, jump_length=jump_length,
-                    jump_n_sample=jump_n_sample, guidance=guidance, generator=generators)
+                    jump_n_sample=jump_n_sample, guidance=guidance, generator=generators, prediction=runner.prediction)
         x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
     return np.where(region[:, 0].bool().cpu().numpy()[..., None], to_uint8(x), pixels)
 
@@ -291,10 +295,11 @@ def _manifest(rows: list[dict], classes: Sequence[str]) -> pd.DataFrame:
 
 
 def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner: _Runner, sampler: str, steps: int,
-         guidance: float, seed: int, source: pd.Series, donor_id: str | None, target_class: str | None,
+         guidance: float, strength: float, seed: int, source: pd.Series, donor_id: str | None, target_class: str | None,
          jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str]) -> dict:
     return {"id": image_id, **paths, "mode": mode, "model_path": record[0], "model_hash": record[1],
             "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
+            "strength": float(strength),
             "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
             "target_class": target_class, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **fraction_columns(mask, class_indices(classes)), "source_slide": str(source.get("slide", "")),
@@ -359,12 +364,15 @@ def _batches(n: int, batch_size: int, seed: int, mode: str) -> Iterator[tuple[sl
 
 def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
                conditioning_cfg: Mapping, target_class: str | None = None, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, batch_size: int = 8, seed: int = 0, model_path: str | Path | None = None,
-               grid_per_class: int = 8) -> pd.DataFrame:
+               guidance: float = 1.0, strength: float = 1.0, batch_size: int = 8, seed: int = 0,
+               model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
     """Generate n images from the conditioning maps of `sources` (conditioning index rows of the
     training split, absolute paths), only those containing `target_class` when given; with
-    replacement (and a warning) when n exceeds them. Writes out_dir (atomically) and returns
-    the manifest."""
+    replacement (and a warning) when n exceeds them. strength < 1 starts each image from its
+    source patch noised to that level instead of pure noise. Writes out_dir (atomically) and
+    returns the manifest."""
+    if not 0 < strength <= 1:
+        raise SynthesisError(f"synthesize.strength must be in (0, 1], got {strength}")
     _check_sources(sources, classes)
     runner = _Runner(diffusion, classes, conditioning_cfg)
     pool = sources.reset_index(drop=True)
@@ -382,13 +390,15 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
             masks = [read_mask(p).astype(np.uint8) for p in batch["mask"]]
             labels = dominant_class(pd.DataFrame([fraction_columns(m, class_indices(classes)) for m in masks]), classes)
+            init = _to_model(np.stack([read_rgb(p) for p in batch["image"]]), runner.device) if strength < 1 else None
             with autocast(runner.device):
                 images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(labels), steps=steps,
-                                guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder)
+                                guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder,
+                                init=init, strength=strength)
             for i, s, (_, source), image, mask, enc in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks, encoded):
                 image_id = f"synth-{i:06d}"
                 paths = _write(tmp, image_id, image, mask, enc)
-                rows.append(_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, s, source, None,
+                rows.append(_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, strength, s, source, None,
                                  target_class, (None, None), mask, classes))
             log.info("synthesize: %d/%d images", len(rows), n)
         return _finish(tmp, rows, classes, sources, grid_per_class)
@@ -442,7 +452,7 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
                                                                     images, masks, encoded):
                 image_id = f"inpaint-{i:06d}"
                 paths = _write(tmp, image_id, image, mask, enc)
-                rows.append(_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, s, source,
+                rows.append(_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, 1.0, s, source,
                                  str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes))
             log.info("inpaint: %d/%d images", len(rows), n)
         return _finish(tmp, rows, classes, sources, grid_per_class)

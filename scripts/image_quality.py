@@ -1,4 +1,4 @@
-"""Rule image_quality: FID/KID/IS, LPIPS diversity and mask consistency (histosynth.quality.image_quality_stage)."""
+"""Rule image_quality: mask consistency, offline FD/KD, FID/KID/IS and diversity (histosynth.quality.image_quality_stage)."""
 
 from histosynth.logs import log_to
 from histosynth.quality import image_quality_stage
@@ -8,7 +8,8 @@ log_to(snakemake.log[0])
 image_quality_stage(
     snakemake.input.indexes,
     set_manifests(snakemake.input.synthetic),
-    snakemake.output[0],
+    snakemake.output.table,
+    scores_out=snakemake.output.scores,
     config=snakemake.params.config,
     segmentation_model=snakemake.input.get("segmentation"),
 )

@@ -12,8 +12,9 @@ summarize(
     Path(snakemake.output.table).parent,
     ratios=snakemake.params.ratios,
     quality_paths=[snakemake.input.quality],
+    scores_paths=[snakemake.input.scores],
     share_paths=snakemake.input.shares,
     loss_csvs=[*runs, *snakemake.input.generative_losses],
-    loss_names=[*snakemake.params.run_names, "autoencoder", "diffusion"],
+    loss_names=snakemake.params.run_names,
     baseline=snakemake.params.baseline,
 )

@@ -12,7 +12,7 @@ from PIL import Image
 
 from histosynth.autoencoder import build_autoencoder
 from histosynth.diffusion import (
-    SAMPLERS, SpadeUNet, build_model, guided_noise, load_diffusion, make_sampler, parameter_count, predict_noise, sample,
+    SAMPLERS, SpadeUNet, build_model, guided_output, load_diffusion, make_sampler, parameter_count, model_output, sample,
     train_diffusion, train_scheduler,
 )
 from histosynth.training import TrainingError
@@ -35,8 +35,8 @@ def test_forward_shapes_pixel_and_latent_with_and_without_classes(conditioning, 
     x, cond = torch.randn(2, channels, 16, 16), torch.rand(2, 3, 16, 16)
     labels = torch.tensor([0, 1]) if num_classes else None
     with torch.no_grad():
-        eps = predict_noise(model, x, torch.tensor([3, 999]), cond, labels)
-        eps_scalar_t = predict_noise(model, x, 10, cond)  # scalar timestep, null class
+        eps = model_output(model, x, torch.tensor([3, 999]), cond, labels)
+        eps_scalar_t = model_output(model, x, 10, cond)  # scalar timestep, null class
     assert eps.shape == eps_scalar_t.shape == x.shape
 
 
@@ -46,14 +46,14 @@ def test_conditioning_and_class_change_the_prediction(conditioning):
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([500, 500])
     cond = Shapes(n=2)[0]["cond"].expand(2, -1, -1, -1)
     with torch.no_grad():
-        base = predict_noise(model, x, t, cond, torch.tensor([0, 0]))
-        assert not torch.allclose(base, predict_noise(model, x, t, torch.zeros_like(cond), torch.tensor([0, 0])))
-        assert not torch.allclose(base, predict_noise(model, x, t, cond, torch.tensor([1, 1])))
+        base = model_output(model, x, t, cond, torch.tensor([0, 0]))
+        assert not torch.allclose(base, model_output(model, x, t, torch.zeros_like(cond), torch.tensor([0, 0])))
+        assert not torch.allclose(base, model_output(model, x, t, cond, torch.tensor([1, 1])))
 
 
 def test_spade_unet_gradients_reach_encoder_and_spade_convs():
     model = tiny_model().train()
-    predict_noise(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)).square().mean().backward()
+    model_output(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)).square().mean().backward()
     assert model.conv_in.weight.grad.abs().sum() > 0
     assert model.up[0][0].norm1.gamma.weight.grad.abs().sum() > 0
     assert model.mid_attention.to_q.weight.grad.abs().sum() > 0
@@ -102,10 +102,10 @@ def test_same_generator_seed_gives_identical_samples_and_other_seeds_differ():
 def test_guidance_one_is_the_conditional_prediction():
     model, x, cond = tiny_model(num_classes=2), torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(guided_noise(model, x, 5, cond, None, 1.0), predict_noise(model, x, 5, cond))
+        torch.testing.assert_close(guided_output(model, x, 5, cond, None, 1.0), model_output(model, x, 5, cond))
         t = torch.tensor([5, 800])
-        eps = guided_noise(model, x, t, cond, torch.tensor([1, 0]), 3.0)
-        c, u = predict_noise(model, x, t, cond, torch.tensor([1, 0])), predict_noise(model, x, t, torch.zeros_like(cond))
+        eps = guided_output(model, x, t, cond, torch.tensor([1, 0]), 3.0)
+        c, u = model_output(model, x, t, cond, torch.tensor([1, 0])), model_output(model, x, t, torch.zeros_like(cond))
     torch.testing.assert_close(eps, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
 
 
@@ -148,3 +148,61 @@ def test_latent_training_records_its_autoencoder_and_needs_it_to_load(tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(TrainingError, match="sha256"):
         load_diffusion(tmp_path / "d" / "model", autoencoder=tmp_path / "other")
+
+
+def test_noise_from_v_prediction_recovers_the_noise():
+    from histosynth.diffusion import noise_from_output
+
+    torch.manual_seed(0)
+    x0, noise, a = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0.9, 0.5, 0.01])
+    shape = (-1, 1, 1, 1)
+    x_t = a.sqrt().view(shape) * x0 + (1 - a).sqrt().view(shape) * noise
+    v = a.sqrt().view(shape) * noise - (1 - a).sqrt().view(shape) * x0
+    torch.testing.assert_close(noise_from_output(v, x_t, a, "v_prediction"), noise, rtol=1e-5, atol=1e-5)
+    assert noise_from_output(noise, x_t, a, "epsilon") is noise
+    with pytest.raises(ValueError, match="prediction"):
+        noise_from_output(v, x_t, a, "sample")
+
+
+def test_min_snr_weights_cap_the_low_noise_steps():
+    from histosynth.diffusion import loss_weights
+
+    a = torch.tensor([0.99, 0.5, 0.01])  # SNR 99, 1, ~0.0101
+    assert torch.equal(loss_weights(a, "epsilon", None), torch.ones(3))
+    torch.testing.assert_close(loss_weights(a, "epsilon", 5.0), torch.tensor([5 / 99, 1.0, 1.0]))
+    snr = a / (1 - a)
+    torch.testing.assert_close(loss_weights(a, "v_prediction", 5.0), snr.clamp(max=5) / (snr + 1))
+
+
+def test_strength_starts_from_the_noised_source():
+    model, cond = tiny_model(), torch.rand(2, 3, 16, 16)
+    init = torch.linspace(-0.8, 0.8, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
+    for sampler in SAMPLERS:
+        scheduler = make_sampler(sampler, train_scheduler({}).config)
+        run = lambda **kw: sample(model, scheduler, cond, steps=20, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+        light = run(init=init, strength=0.05)  # one step from the source noised to t ~ 50 of 1000
+        assert (light - init).abs().mean() < 0.2, sampler
+        assert (run() - init).abs().mean() > 0.3, sampler  # from pure noise: nothing of the source
+        assert torch.equal(run(init=init, strength=1.0), run()), sampler
+    with pytest.raises(ValueError, match="strength"):
+        sample(model, scheduler, cond, steps=2, init=init, strength=0.0)
+
+
+def test_v_prediction_training_learns_the_mask_to_colour_mapping(tmp_path):
+    """On the toy squares (red inside the mask, blue outside), a few hundred v-prediction steps
+    give samples whose red channel follows the mask; the loss falls on the way."""
+    import pandas as pd
+
+    config = {**tiny(steps=150, batch_size=8, lr=3e-3, lr_warmup=10, checkpoint_every=150, log_every=10, ema_decay=0.95),
+              "prediction": "v_prediction", "min_snr_gamma": 5.0, "num_classes": 0, "cond_dropout": 0.0}
+    train_diffusion(Shapes(n=32), tmp_path, config, seed=0)
+    losses = pd.read_csv(tmp_path / "loss.csv")["loss"]
+    assert losses.iloc[-3:].mean() < 0.5 * losses.iloc[:3].mean()
+    loaded = load_diffusion(tmp_path / "model")
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    items = [Shapes(n=40)[i] for i in range(32, 40)]  # masks not seen in training
+    cond, masks = torch.stack([it["cond"] for it in items]), torch.stack([it["cond"][1] for it in items]).bool()
+    out = sample(loaded.model, make_sampler("ddim", loaded.scheduler.config), cond, steps=20,
+                 generator=torch.Generator().manual_seed(0))
+    red = out[:, 0]
+    assert red[masks].mean() - red[~masks].mean() > 1.0  # targets: +1 inside, -1 outside

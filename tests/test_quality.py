@@ -1,5 +1,6 @@
 """Image quality: FID/KID/IS maths on features, the weights loading path with random-weight
-Inception and AlexNet files, the skip records when weights are missing, mask consistency."""
+Inception and AlexNet files, the skip records when weights are missing, the offline feature
+space, mask consistency per image and pooled."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from histosynth import quality
 from histosynth.quality import (
     fid, fid_from_features, gaussian_stats, image_quality, inception_score, kid, load_inception, load_lpips,
-    region_consistency, weights_file,
+    pooled_consistency, region_scores, weights_file,
 )
 
 CLASSES = ["Blood vessel", "Fat"]
@@ -129,15 +130,19 @@ def test_weights_lookup_and_skip_notes(tmp_path, no_cache):
 def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path, no_cache):
     real = write_images(tmp_path / "real", 3, (200, 120, 170))
     syn = write_images(tmp_path / "syn", 3, (200, 120, 170), label=1, seed=1)
-    table = image_quality(real, {"inpaint": syn}, CLASSES, settings={"min_images": 2, "device": "cpu"},
-                          segment=lambda rgb: np.where(np.arange(32)[:, None] < 16, 1, 0).repeat(32, 1).astype(np.uint8))
+    table, scores = image_quality(real, {"inpaint": syn}, CLASSES, settings={"min_images": 2, "device": "cpu"},
+                                  segment=lambda rgb: np.where(np.arange(32)[:, None] < 16, 1, 0).repeat(32, 1).astype(np.uint8),
+                                  extractor_note="offline FD/KD skipped: no extractor")
     skipped = table[table.status == "skipped"]
-    assert {"fid", "kid", "is", "lpips_diversity"} <= set(skipped.metric)
+    assert {"fid", "kid", "is", "lpips_diversity", "fd", "kd"} <= set(skipped.metric)
+    assert (skipped[skipped.metric == "fd"]["note"] == "offline FD/KD skipped: no extractor").all()
     assert skipped[skipped.metric == "fid"]["note"].str.contains("weights-inception-2015-12-05").all()
     assert skipped[skipped.metric == "lpips_diversity"]["note"].str.contains("alexnet-owt").all()
     ok = table[table.status == "ok"].set_index(["metric", "class"])["value"]
     assert ok[("mask_iou", "Blood vessel")] == 1.0 and ok[("mask_dice", "Blood vessel")] == 1.0
     assert list(table.columns) == list(quality.COLUMNS)
+    vessel = scores[scores["class"] == "Blood vessel"]
+    assert len(vessel) == 3 and (vessel["set"] == "inpaint").all() and (vessel["dice"] == 1.0).all()
 
 
 def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_file, no_cache):
@@ -146,7 +151,7 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
     syn = real.assign(label=1)  # the same images on both sides: FID ~ 0 through the whole feature path
     settings = {"inception_weights": str(inception_file), "lpips_weights": str(alexnet_file), "min_images": 2,
                 "kid_subsets": 2, "feature": 64, "device": "cpu", "consistency": False}
-    table = image_quality(real, {"synth": syn}, CLASSES, settings=settings)
+    table, _ = image_quality(real, {"synth": syn}, CLASSES, settings=settings)
     ok = table[(table.status == "ok") & (table["class"] == "all")].set_index("metric")["value"]
     assert {"fid", "kid", "is", "lpips_diversity"} <= set(ok.index)
     assert ok["fid"] == pytest.approx(0.0, abs=1e-6) and abs(ok["kid"]) < 0.05 and ok["is"] >= 1
@@ -159,28 +164,39 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
         load_inception(tmp_path / "bad.pth")
 
 
-def test_nuclei_consistency_runs_the_detector(tmp_path):
+def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
     from histosynth.conditioning import write_conditioning
     from histosynth.nuclei import NucleiParams
 
-    image = np.full((32, 32, 3), (225, 160, 200), np.uint8)
-    cond = np.zeros((32, 32, 3), np.uint8)
     yy, xx = np.mgrid[:32, :32]
+    cond = np.zeros((32, 32, 3), np.uint8)
+    drawn = np.full((32, 32, 3), (225, 160, 200), np.uint8)
     for cy, cx in ((8, 8), (22, 20)):
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
-        image[disc], cond[disc, 1] = (70, 40, 130), 1
-    Image.fromarray(image).save(tmp_path / "i.png")
+        drawn[disc], cond[disc, 1] = (70, 40, 130), 1
+    blank = np.full((32, 32, 3), (225, 160, 200), np.uint8)  # the same map, no nuclei painted
+    for name, image in (("drawn", drawn), ("blank", blank)):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
     write_conditioning(cond, tmp_path / "c.png")
-    rows = pd.DataFrame({"image": [str(tmp_path / "i.png")], "conditioning": [str(tmp_path / "c.png")]})
-    out = {(r["metric"], r["class"]): r["value"] for r in quality.nuclei_consistency(rows, 0.5, NucleiParams())}
-    assert 0 <= out[("nuclei_iou", "nuclei")] <= 1 and 0 <= out[("nuclei_dice", "nuclei")] <= 1
+    rows = pd.DataFrame({"id": ["drawn", "blank"], "image": [str(tmp_path / "drawn.png"), str(tmp_path / "blank.png")],
+                         "conditioning": [str(tmp_path / "c.png")] * 2})
+    scores = quality.nuclei_scores(rows, 0.5, NucleiParams())
+    foreground = scores[scores["class"] == "nuclei"].set_index("id")
+    assert foreground.loc["drawn", "dice"] > 0.8
+    assert foreground.loc["blank", "dice"] == 0.0 and foreground.loc["blank", "predicted_pixels"] == 0
+    pooled = {(r["metric"], r["class"]): r["value"] for r in pooled_consistency(scores)}
+    inter, a, b = (foreground[c].sum() for c in ("intersection", "truth_pixels", "predicted_pixels"))
+    assert pooled[("nuclei_dice", "nuclei")] == pytest.approx(2 * inter / (a + b))
 
 
-def test_region_consistency_maths(tmp_path):
+def test_region_scores_and_pooled_consistency_maths(tmp_path):
     rows = write_images(tmp_path / "imgs", 2, (200, 120, 170))
     # Predict the top 8 rows as vessel: intersection 8 rows, truth 16 rows, prediction 8 rows, per image.
-    out = region_consistency(rows, CLASSES, lambda rgb: np.where(np.arange(32)[:, None] < 8, 1, 0).repeat(32, 1).astype(np.uint8))
-    values = {(r["metric"], r["class"]): r["value"] for r in out}
+    scores = region_scores(rows, CLASSES, lambda rgb: np.where(np.arange(32)[:, None] < 8, 1, 0).repeat(32, 1).astype(np.uint8))
+    vessel = scores[scores["class"] == "Blood vessel"]
+    assert list(vessel["intersection"]) == [256, 256] and list(vessel["truth_pixels"]) == [512, 512]
+    assert vessel["dice"].tolist() == pytest.approx([2 * 8 / 24] * 2)
+    values = {(r["metric"], r["class"]): r["value"] for r in pooled_consistency(scores)}
     assert values[("mask_iou", "Blood vessel")] == pytest.approx(0.5)
     assert values[("mask_dice", "Blood vessel")] == pytest.approx(2 * 8 / 24)
     assert math.isnan(values[("mask_iou", "Fat")])

@@ -31,7 +31,7 @@ COND_CHANNELS = len(CLASSES) + 1 + len(NUCLEUS_CLASSES) + 1
 TINY = {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8}
 SIZE = 16
 MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "model_path", "model_hash", "space", "sampler", "steps",
-                    "guidance", "seed", "source_patch_id", "donor_patch_id", "target_class", "label", "created_at",
+                    "guidance", "strength", "seed", "source_patch_id", "donor_patch_id", "target_class", "label", "created_at",
                     "frac_blood_vessel", "frac_inflammation", "split"]
 
 
@@ -71,7 +71,7 @@ def write_sources(folder, n_vessel: int = 2, n_clean: int = 3, size: int = SIZE)
     return pd.DataFrame(rows)
 
 
-def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditioning="spade", size=SIZE):
+def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditioning="spade", size=SIZE, prediction="epsilon"):
     """A random-weight model folder as train_diffusion writes it."""
     torch.manual_seed(0)
     channels, inner = 3, size
@@ -80,7 +80,7 @@ def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditionin
         channels, inner = config["latent_channels"], size // 2 ** (len(config["block_out_channels"]) - 1)
     model = build_model({**TINY, "conditioning": conditioning, "num_classes": num_classes}, channels, COND_CHANNELS, inner)
     model.save_pretrained(folder)
-    train_scheduler({"space": space}).save_pretrained(folder)
+    train_scheduler({"space": space, "prediction": prediction}).save_pretrained(folder)
     ae = {"path": str(ae_dir), "sha256": content_hash(ae_dir)} if space == "latent" else None
     meta = {"conditioning": conditioning, "space": space, "image_channels": 3, "image_size": [size, size],
             "cond_channels": COND_CHANNELS, "num_classes": num_classes, "autoencoder": ae}
@@ -326,3 +326,26 @@ def test_run_stage_reads_conditioning_indexes_and_runs_both_modes(tmp_path, sour
         assert (manifest["mode"] == mode).all() and len(manifest) == 2
         assert index.loc[0, "patch_id"] not in set(manifest["source_patch_id"]) | set(manifest["donor_patch_id"].dropna())
         assert (tmp_path / mode / "manifest.parquet").is_file() and list((tmp_path / mode).glob("grid_*.png"))
+
+
+def test_strength_below_one_keeps_the_source_and_is_recorded(tmp_path, sources, pixel_model):
+    light = run_synth(pixel_model, sources, tmp_path / "light", steps=20, strength=0.05, grid_per_class=0)
+    full = run_synth(pixel_model, sources, tmp_path / "full", steps=20, grid_per_class=0)
+    assert (light["strength"] == 0.05).all() and (full["strength"] == 1.0).all()
+    by_id = sources.set_index("patch_id")
+    distance = lambda manifest, out: np.mean([np.abs(read(out / row.image).astype(float)  # noqa: E731
+                                                     - read(by_id.loc[row.source_patch_id, "image"])).mean()
+                                              for row in manifest.itertuples()])
+    assert distance(light, tmp_path / "light") < 0.5 * distance(full, tmp_path / "full")
+    with pytest.raises(SynthesisError, match="strength"):
+        run_synth(pixel_model, sources, tmp_path / "bad", strength=1.5)
+
+
+def test_repaint_with_a_v_prediction_model_keeps_known_pixels(tmp_path, sources):
+    model_dir = save_model(tmp_path / "v", num_classes=len(CLASSES) + 1, prediction="v_prediction")
+    manifest = run_inpaint(model_dir, sources, tmp_path / "out", grid_per_class=0)
+    by_id = sources.set_index("patch_id")
+    for row in manifest.itertuples():
+        region = read(by_id.loc[row.donor_patch_id, "mask"]) == 1
+        image, source = read(tmp_path / "out" / row.image), read(by_id.loc[row.source_patch_id, "image"])
+        assert np.array_equal(image[~region], source[~region]) and (image[region] != source[region]).any()

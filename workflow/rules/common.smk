@@ -83,13 +83,24 @@ def training_config(stage):
     return config_params(stage, "seed", "classes", "conditioning")
 
 
+def uses_autoencoder():
+    """Whether the diffusion model works in latent space: only then is the autoencoder trained."""
+    return config["diffusion"]["space"] == "latent"
+
+
+def generative_losses():
+    """{training name: loss CSV} of the generative models this config trains, for the report."""
+    return {**({"autoencoder": "results/autoencoder/loss.csv"} if uses_autoencoder() else {}),
+            "diffusion": "results/diffusion/loss.csv"}
+
+
 def diffusion_inputs(wildcards):
     """Conditioning indexes (and maps) of the training slides; the autoencoder in latent space."""
     inputs = {
         "indexes": expand("results/conditioning/{slide}.parquet", slide=training_slides()),
         "maps": expand("results/conditioning/{slide}", slide=training_slides()),
     }
-    if config["diffusion"]["space"] == "latent":
+    if uses_autoencoder():
         inputs["autoencoder"] = "results/autoencoder/model"
     return inputs
 
@@ -133,9 +144,10 @@ def segmentation_runs(pattern):
 
 
 def quality_inputs(wildcards):
-    """Real training patches, every synthetic set, and the baseline's first model for mask consistency."""
+    """Real training patches, every synthetic set, and the baseline's first model (mask consistency,
+    and the offline feature space when quality.extractor is 'segmentation')."""
     inputs = {"indexes": patch_indexes("train"), "synthetic": expand("results/synthetic/{mode}", mode=synthetic_sets())}
-    if config["quality"]["consistency"]:
+    if config["quality"]["consistency"] or config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     return inputs
 
@@ -151,7 +163,7 @@ def all_outputs():
         *expand("results/conditioning/{slide}.parquet", slide=SLIDES.index),
         *expand("results/nuclei/{slide}.geojson", slide=SLIDES.index),
         *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
-        "results/autoencoder/metrics.json",
+        *(["results/autoencoder/metrics.json"] if uses_autoencoder() else []),
         "results/diffusion/model",
         *expand("results/synthetic/{mode}", mode=synthetic_sets()),
         "results/report/metrics.csv",

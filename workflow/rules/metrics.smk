@@ -1,9 +1,10 @@
 rule image_quality:
-    """FID, KID, IS, LPIPS diversity and mask consistency of every synthetic set against the real training patches."""
+    """Mask consistency (pooled and per image), offline FD/KD, FID/KID/IS and diversity of every synthetic set against the real training patches."""
     input:
         unpack(quality_inputs),
     output:
-        "results/quality/metrics.parquet",
+        table="results/quality/metrics.parquet",
+        scores="results/quality/scores.parquet",
     log:
         "logs/image_quality.log",
     benchmark:

@@ -5,7 +5,8 @@ rule summarize:
         runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}"),
         shares=expand("results/mixing/{ratio}.share.parquet", ratio=RATIOS),
         quality="results/quality/metrics.parquet",
-        generative_losses=["results/autoencoder/loss.csv", "results/diffusion/loss.csv"],
+        scores="results/quality/scores.parquet",
+        generative_losses=list(generative_losses().values()),
     output:
         table=report("results/report/metrics.csv", caption="../report/metrics_table.rst", category="8. Results", labels={"table": "all metrics"}),
         parquet="results/report/metrics.parquet",
@@ -36,7 +37,7 @@ rule summarize:
     params:
         ratios=list(RATIOS.values()),
         baseline=BASELINE,
-        run_names=segmentation_runs("segmentation_{ratio}_seed{seed}"),
+        run_names=segmentation_runs("segmentation_{ratio}_seed{seed}") + list(generative_losses()),
     script:
         "../../scripts/summarize.py"
 

@@ -1,0 +1,140 @@
+"""Image feature spaces that need no download, for Fréchet distance, KID and diversity offline.
+
+An extractor maps uint8 RGB images (N, 3, H, W) to one feature vector each:
+
+- `segmentation_encoder`: the encoder of a segmentation model trained in the same run (by
+  default the real-only one), global-average-pooled at every stage and concatenated, so colour,
+  texture and structure all count. Always available once the baseline segmenter is trained.
+- `timm_encoder`: any timm model (num_classes=0: its pooled features) with weights from a local
+  file, e.g. an ImageNet ResNet or a pathology foundation model in timm format.
+
+Inception (FID/KID/IS) stays in histosynth.quality; these spaces sit beside it, and every quality
+row names the extractor it used (`FeatureExtractor.name`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from histosynth.io import read_rgb
+
+SEGMENTATION = "segmentation"
+
+
+class FeatureError(ValueError):
+    """A feature extractor that cannot be built from the given model or weights."""
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    name: str                                        # written into every quality row that uses it
+    embed: Callable[[torch.Tensor], torch.Tensor]    # uint8 (N, 3, H, W) -> float (N, D)
+    device: torch.device
+
+
+def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device) -> torch.Tensor:
+    x = images.to(device).float() / 255.0
+    return (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+
+def segmentation_encoder(run: str | Path, device: str | torch.device = "auto") -> FeatureExtractor:
+    """The encoder of a trained segmentation run (rule train_segmentation's folder or its model/):
+    each stage's feature map average-pooled, concatenated (resnet18 at depth 4: 512 values)."""
+    from histosynth.segmentation import load_model, normalise
+
+    model = load_model(run, device)
+    encoder = model.net.encoder
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        stages = encoder(normalise(images.to(model.device)))[1:]  # [0] is the input itself
+        return torch.cat([F.adaptive_avg_pool2d(s.float(), 1).flatten(1) for s in stages], 1).cpu()
+
+    name = f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, {Path(run)})"
+    return FeatureExtractor(name, embed, model.device)
+
+
+def _state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def timm_encoder(model_name: str, weights: str | Path | None, device: str | torch.device = "auto") -> FeatureExtractor:
+    """A timm model's pooled features (num_classes=0) with weights from a local file (.safetensors,
+    .pth, .bin; a classifier head in the file is ignored), normalised as its pretrained config says."""
+    import timm
+
+    from histosynth.device import pick_device
+
+    if not weights:
+        raise FeatureError(f"quality.extractor={model_name!r} needs quality.extractor_weights: a local weights file "
+                           "for that timm model (nothing is downloaded)")
+    path = Path(weights)
+    if not path.is_file():
+        raise FeatureError(f"quality.extractor_weights={weights}: no such file (the weights of timm model {model_name!r})")
+    try:
+        net = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as err:
+        raise FeatureError(f"quality.extractor={model_name!r} is not a timm model name ({err})") from err
+    missing, _ = net.load_state_dict(_state_dict(path), strict=False)
+    if missing:
+        raise FeatureError(f"{path} does not fit timm model {model_name!r}: {len(missing)} weights missing, "
+                           f"e.g. {missing[:3]}")
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    net = net.eval().to(device)
+    cfg = net.pretrained_cfg or {}
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return net(_normalised(images, mean, std, device)).float().cpu()
+
+    return FeatureExtractor(f"timm {model_name} ({path})", embed, device)
+
+
+def build_extractor(name: str, weights: str | Path | None, segmentation_run: str | Path | None,
+                    device: str | torch.device = "auto") -> FeatureExtractor:
+    """The configured extractor: 'segmentation' (needs the run) or a timm model name with weights."""
+    if name == SEGMENTATION:
+        if segmentation_run is None:
+            raise FeatureError("quality.extractor='segmentation' needs the real-only segmentation run")
+        return segmentation_encoder(segmentation_run, device)
+    return timm_encoder(name, weights, device)
+
+
+def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int = 32) -> np.ndarray:
+    """(N, D) float64 features of the same-sized RGB images at `paths`."""
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        pixels = np.stack([read_rgb(p) for p in paths[start:start + batch_size]]).transpose(0, 3, 1, 2)
+        chunks.append(extractor.embed(torch.from_numpy(np.ascontiguousarray(pixels))).double().numpy())
+    return np.concatenate(chunks) if chunks else np.empty((0, 0))
+
+
+def pairwise_diversity(features: np.ndarray, pairs: int = 500, seed: int = 0) -> float:
+    """Mean Euclidean distance between the unit-normalised features of random distinct pairs (all
+    pairs when fewer exist): 0 when every image looks alike, up to 2."""
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n = len(unit)
+    if n < 2:
+        raise ValueError("feature diversity needs at least 2 images")
+    if n * (n - 1) // 2 <= pairs:
+        first, second = np.triu_indices(n, 1)
+    else:
+        rng = np.random.default_rng(seed)
+        first = rng.integers(0, n, pairs)
+        second = (first + rng.integers(1, n, pairs)) % n
+    return float(np.linalg.norm(unit[first] - unit[second], axis=1).mean())
