@@ -375,6 +375,7 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     feature diversity (extractor_note says why it is missing when it is None)."""
     s = settings_from(settings)
     device = pick_device(s["device"])
+    all_real = real
     real = _sample(real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real"))
     real_classes = image_classes(real, classes)
     rows: list[dict] = []
@@ -453,8 +454,26 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
             found = _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp,
                                  lambda **kw: add(n_real=0, n_syn=len(table), **kw))
             scores.append(found.assign(set=mode))
+            if segment is not None:
+                for row in _real_reference(table, all_real, classes, segment):
+                    add(**row, n_real=int(table["source_patch_id"].nunique()), n_syn=len(table), used="segmentation model")
     per_image = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.DataFrame(rows, columns=COLUMNS), per_image.reindex(columns=["set", *SCORE_COLUMNS])
+
+
+def _real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) -> list[dict]:
+    """mask_iou_real/mask_dice_real rows: the same consistency on the real patches whose maps a
+    synthesize set was made from (the segmenter's ceiling on those masks); none for sets without
+    real sources behind their masks (inpainting pastes a donor region)."""
+    if "source_patch_id" not in table or "patch_id" not in real or table.get("donor_patch_id", pd.Series()).notna().any():
+        return []
+    images = real.drop_duplicates("patch_id").set_index("patch_id")
+    sources = images.reindex(table["source_patch_id"].astype(str))
+    if sources["image"].isna().any():
+        return []
+    note = "the real patches of the same maps"
+    return [{"metric": f"{r['metric']}_real", "name": r["class"], "value": r["value"], "note": note}
+            for r in pooled_consistency(region_scores(sources.reset_index(drop=True), classes, segment))]
 
 
 def _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp, add) -> pd.DataFrame:

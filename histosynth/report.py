@@ -225,6 +225,13 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         x = np.arange(len(wide))
         for k, name in enumerate(wide.columns):
             ax.bar(x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns), wide[name], 0.8 / len(wide.columns), label=name)
+        reference = ok[ok["metric"] == "mask_dice_real"].pivot_table(index="class", columns="set", values="value", sort=False)
+        label = "same maps, real patches"
+        for k, name in enumerate(wide.columns):
+            if name in reference:
+                where = x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns)
+                ax.scatter(where, reference[name].reindex(wide.index), marker="_", s=200, color="black", zorder=3, label=label)
+                label = None
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title("mask consistency (pooled Dice)", fontsize=9)

@@ -45,7 +45,7 @@ from histosynth.diffusion import (
 )
 from histosynth.io import atomic_dir, read_mask, read_rgb, write_table
 from histosynth.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
-from histosynth.training import merged, save_grid, to_uint8
+from histosynth.training import balance_weights, merged, save_grid, to_uint8
 
 log = logging.getLogger("histosynth.synthesis")
 
@@ -73,6 +73,7 @@ DEFAULTS: dict = {
         "steps": 100,
         "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
         "strength": 1.0,        # 1: start from pure noise; < 1: from the source patch noised to that level (SDEdit)
+        "class_balance": 0.0,   # source maps drawn with weights 1 / count(dominant class)^b; 0: uniformly
     },
     "inpaint": {
         "n": 32,
@@ -111,16 +112,18 @@ def _class_index(sources: pd.DataFrame, classes: Sequence[str], target_class: st
     return list(classes).index(target_class) + 1
 
 
-def _choose(rng: np.random.Generator, n: int, available: int, what: str) -> np.ndarray:
-    """n row positions: without replacement when there are enough, else with (and a warning)."""
+def _choose(rng: np.random.Generator, n: int, available: int, what: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """n row positions, in proportion to `weights` when given: without replacement when there are
+    enough, else with (and a warning)."""
     if n < 1:
         raise SynthesisError(f"the number of images n must be at least 1, got {n}")
     if available == 0:
         raise SynthesisError(f"no {what} to synthesize from")
+    p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
     if n <= available:
-        return rng.permutation(available)[:n]
+        return rng.permutation(available)[:n] if p is None else rng.choice(available, n, replace=False, p=p)
     log.warning("%d images requested but only %d %s: sampling them with replacement", n, available, what)
-    return rng.integers(available, size=n)
+    return rng.integers(available, size=n) if p is None else rng.choice(available, n, replace=True, p=p)
 
 
 def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
@@ -364,13 +367,14 @@ def _batches(n: int, batch_size: int, seed: int, mode: str) -> Iterator[tuple[sl
 
 def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
                conditioning_cfg: Mapping, target_class: str | None = None, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, strength: float = 1.0, batch_size: int = 8, seed: int = 0,
-               model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
+               guidance: float = 1.0, strength: float = 1.0, class_balance: float = 0.0, batch_size: int = 8,
+               seed: int = 0, model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
     """Generate n images from the conditioning maps of `sources` (conditioning index rows of the
     training split, absolute paths), only those containing `target_class` when given; with
-    replacement (and a warning) when n exceeds them. strength < 1 starts each image from its
-    source patch noised to that level instead of pure noise. Writes out_dir (atomically) and
-    returns the manifest."""
+    replacement (and a warning) when n exceeds them. class_balance > 0 draws the maps by their
+    dominant class with weights 1 / count^class_balance (1: every class equally often).
+    strength < 1 starts each image from its source patch noised to that level instead of pure
+    noise. Writes out_dir (atomically) and returns the manifest."""
     if not 0 < strength <= 1:
         raise SynthesisError(f"synthesize.strength must be in (0, 1], got {strength}")
     _check_sources(sources, classes)
@@ -380,7 +384,8 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
         _class_index(pool, classes, target_class)
         pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
     rng = np.random.default_rng(derive_seed(seed, "synth", "sources"))
-    picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""))
+    weights = balance_weights(dominant_class(pool, classes), class_balance).numpy() if class_balance else None
+    picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights)
     scheduler = make_sampler(sampler, diffusion.scheduler.config)
     record = model_record(model_path)
     rows = []

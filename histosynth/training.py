@@ -49,6 +49,7 @@ TRAIN_DEFAULTS: dict = {
     "betas": [0.9, 0.999],
     "grad_clip": 1.0,          # max gradient norm; 0 or null: no clipping
     "lr_warmup": 0,            # steps of linear LR warm-up, then constant
+    "class_balance": 0.0,      # 0: every item once per epoch; 1: each class label equally often (weights 1 / count^b)
     "ema_decay": 0.999,        # null: no EMA
     "ema_warmup": True,        # decay_t = min(decay, (1 + t) / (10 + t))
     "mixed_precision": "auto",  # auto (bf16 on CUDA, no on CPU) | bf16 | no
@@ -147,13 +148,25 @@ def collate(items: list[dict]) -> dict:
     return default_collate(items)
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
-    """This process's item order for one epoch: a permutation fixed by (seed, epoch), padded by
-    wrap-around to a multiple of the process count and dealt out round-robin."""
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None) -> list[int]:
+    """This process's item order for one epoch: a permutation fixed by (seed, epoch) or, with
+    `weights`, n draws with replacement in proportion to them; padded by wrap-around to a multiple
+    of the process count and dealt out round-robin."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
-    order = torch.randperm(n, generator=generator).tolist()
+    if weights is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     order += order[: (-n) % world]
     return order[rank::world]
+
+
+def balance_weights(labels, strength: float) -> torch.Tensor:
+    """Sampling weight per item, 1 / count(label)^strength: 0 keeps the data's class frequencies,
+    1 draws every class label equally often (the rare class as often as the common one)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    counts = torch.bincount(labels)
+    return counts[labels].double().pow(-float(strength))
 
 
 def _loader(dataset, order: list[int], batch_size: int, num_workers: int, seed: int, epoch: int) -> DataLoader:
@@ -353,8 +366,16 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     run_config = {**run_config, "processes": world}  # the data shards and RNG streams depend on it
 
-    # data
+    # data (class-balanced draws need the dataset's per-item `labels`)
     check_dataset(dataset)
+    weights = None
+    if s["class_balance"]:
+        if getattr(dataset, "labels", None) is None:
+            raise TrainingError(f"train.class_balance={s['class_balance']} needs a dataset with per-item labels")
+        weights = balance_weights(dataset.labels, s["class_balance"])
+        log.info("class-balanced sampling (class_balance=%s): %s", s["class_balance"],
+                 {int(k): round(float(weights[torch.as_tensor(np.asarray(dataset.labels)) == k].sum() / weights.sum()), 3)
+                  for k in np.unique(np.asarray(dataset.labels))})
     steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / s["batch_size"])
 
     # model, optimiser, LR schedule (stepped here, once per step whatever the process count), EMA
@@ -390,7 +411,7 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
         model.train()
         while progress.step < s["steps"]:
             epoch, done = divmod(progress.step, steps_per_epoch)
-            order = epoch_order(len(dataset), seed, epoch, rank, world)[done * s["batch_size"]:]
+            order = epoch_order(len(dataset), seed, epoch, rank, world, weights)[done * s["batch_size"]:]
             for batch in _loader(dataset, order, s["batch_size"], s["num_workers"], seed, epoch):
                 size = _size(batch["image"][0])
                 if first_size is None:

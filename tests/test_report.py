@@ -81,6 +81,14 @@ def test_plots_are_written(tmp_path):
                             "status": "ok", "note": ""})
     assert is_png(plot_quality(quality, tmp_path / "q.png"))
     assert is_png(plot_quality(quality.assign(status="skipped", note="missing x"), tmp_path / "q2.png"))
+    offline = pd.DataFrame({"set": ["synth", "synth", "synth"], "metric": ["fd", "mask_dice", "nuclei_dice"],
+                            "class": ["all", "Fat", "nuclei"], "value": [12.0, 0.8, 0.6], "status": "ok", "note": "",
+                            "extractor": ["segmentation encoder (u-resnet18, results/segmentation/real/seed0)", "", ""]})
+    scores = pd.DataFrame({"set": "synth", "id": ["a", "b", "a"], "kind": ["region", "region", "nuclei"],
+                           "class": ["Fat", "Fat", "nuclei"], "dice": [0.7, 0.9, 0.6]})
+    one_row, two_rows = plot_quality(offline, tmp_path / "q3.png"), plot_quality(offline, tmp_path / "q4.png", scores)
+    with Image.open(one_row) as a, Image.open(two_rows) as b:
+        assert b.size[1] > 1.6 * a.size[1]  # the per-image box plots add a row
     csv = tmp_path / "run" / "loss.csv"
     csv.parent.mkdir()
     pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(csv, index=False)

@@ -349,3 +349,15 @@ def test_repaint_with_a_v_prediction_model_keeps_known_pixels(tmp_path, sources)
         region = read(by_id.loc[row.donor_patch_id, "mask"]) == 1
         image, source = read(tmp_path / "out" / row.image), read(by_id.loc[row.source_patch_id, "image"])
         assert np.array_equal(image[~region], source[~region]) and (image[region] != source[region]).any()
+
+
+def test_class_balance_draws_rare_classes_as_often_as_common_ones(tmp_path, sources, pixel_model):
+    # Sources: 2 vessel maps, 1 inflammation map, 2 maps of no class; 200 draws with replacement.
+    rare = sources[sources["frac_inflammation"] > 0]["patch_id"].tolist()
+    counts = {}
+    for balance in (0.0, 1.0):
+        manifest = run_synth(pixel_model, sources, tmp_path / f"b{balance}", n=200, steps=1, batch_size=100,
+                             class_balance=balance, grid_per_class=0)
+        counts[balance] = manifest["source_patch_id"].isin(rare).sum()
+    assert counts[0.0] < 55 < counts[1.0]  # expected 40 (1 of 5 maps) vs 67 (1 of 3 classes), sd ~6
+    assert counts[1.0] < 85

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from histosynth.diffusion import train_diffusion
 from histosynth.training import (
-    EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, checkpoints, config_differences, epoch_order,
+    EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError, checkpoints, config_differences,
+    epoch_order,
 )
 
 
@@ -113,6 +114,29 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_cover_everything
     assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
     shards = [epoch_order(10, 1, 3, rank, 4) for rank in range(4)]
     assert {len(s) for s in shards} == {3} and set(sum(shards, [])) == set(range(10))
+
+
+def test_class_balance_draws_the_rare_label_as_often_as_the_common_one():
+    from histosynth.training import balance_weights
+
+    labels = [0] * 90 + [1] * 10
+    draws = []
+    for epoch in range(20):
+        draws += epoch_order(100, 3, epoch, weights=balance_weights(labels, 1.0))
+    share = sum(labels[i] for i in draws) / len(draws)
+    assert 0.45 < share < 0.55  # 10 % of the items, half of the draws
+    half = sum(labels[i] for e in range(20) for i in epoch_order(100, 3, e, weights=balance_weights(labels, 0.5))) / 2000
+    assert 0.2 < half < 0.3     # 10 / (10 + 90 / 3) = 0.25
+    assert epoch_order(100, 3, 0, weights=balance_weights(labels, 1.0)) == epoch_order(100, 3, 0, weights=balance_weights(labels, 1.0))
+    assert torch.equal(balance_weights(labels, 0.0), torch.ones(100, dtype=torch.float64))
+
+
+def test_class_balance_needs_labels(tmp_path):
+    class Unlabelled(Shapes):
+        labels = None
+
+    with pytest.raises(TrainingError, match="class_balance"):
+        train_diffusion(Unlabelled(n=4), tmp_path, tiny(class_balance=1.0))
 
 
 def test_config_differences_ignore_run_length():
