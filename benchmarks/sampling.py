@@ -199,7 +199,7 @@ def curve(args) -> int:
         start = time.perf_counter()
         synthesize(diffusion, sources, out / spec, n=args.n, classes=config["classes"], conditioning_cfg=config["conditioning"],
                    sampler=name, steps=int(steps), guidance=args.guidance, batch_size=config["synthesis"]["batch_size"],
-                   seed=config["seed"], grid_per_class=4)
+                   class_balance=config["synthesis"]["synthesize"]["class_balance"], seed=config["seed"], grid_per_class=4)
         seconds = time.perf_counter() - start
         batches = -(-args.n // config["synthesis"]["batch_size"])
         row = {"sampler": name, "steps": int(steps), "guidance": args.guidance, "evals_per_image": len(calls) // batches,

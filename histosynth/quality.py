@@ -418,7 +418,8 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
             g = np.ones(len(table), bool) if group == "all" else syn_classes == group
             n_r, n_g = int(r.sum()), int(g.sum())
             few = n_r < s["min_images"] or n_g < s["min_images"]
-            few_note = f"{n_r} real and {n_g} synthetic images; quality.min_images={s['min_images']}"
+            few_note = (f"{mode}, class {group}: {n_r} real and {n_g} synthetic images, fewer than "
+                        f"quality.min_images={s['min_images']}")
             if features is None or few:
                 for metric in ("fid", "kid", "kid_std", "is", "is_std"):
                     add(metric, group, math.nan, n_r, n_g, "skipped", few_note if features is not None else inception_note,

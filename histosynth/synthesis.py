@@ -69,7 +69,7 @@ DEFAULTS: dict = {
     "synthesize": {
         "n": 64,                # images to generate
         "target_class": None,   # only from training patches containing this class; null: any patch
-        "sampler": "ddpm",      # ddpm | ddim | dpmsolver++ (the CPU demo model is too briefly trained for ddim)
+        "sampler": "ddpm",      # ddpm | ddim | dpmsolver++
         "steps": 100,
         "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
         "strength": 1.0,        # 1: start from pure noise; < 1: from the source patch noised to that level (SDEdit)
