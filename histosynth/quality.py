@@ -462,19 +462,37 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     return pd.DataFrame(rows, columns=COLUMNS), per_image.reindex(columns=["set", *SCORE_COLUMNS])
 
 
+def source_scores(rows: pd.DataFrame, sources: pd.DataFrame, classes: Sequence[str],
+                  segment: Callable[[np.ndarray], np.ndarray]) -> pd.DataFrame:
+    """Per image, the region scores of the real patch each synthetic image was made from
+    (`sources`, aligned with `rows`) against the synthetic image's mask: the segmenter's ceiling
+    on the same masks. For an inpainted image only the pixels outside the painted region count,
+    and the painted (target) class is left out: they are the same real pixels before painting."""
+    records = []
+    for image_id, (_, row), source_image in zip(_ids(rows), rows.iterrows(), sources["image"], strict=True):
+        truth, pred = read_mask(row["mask"]), segment(read_rgb(source_image))
+        painted = row.get("target_class") if pd.notna(row.get("donor_patch_id")) else None
+        target = list(classes).index(painted) + 1 if painted in classes else None
+        outside = truth != target if target else np.ones(truth.shape, bool)
+        for k, name in enumerate(classes, 1):
+            if k != target:
+                inter, a, b = overlap_scores((truth == k) & outside, (pred == k) & outside)
+                records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
+                                "truth_pixels": a, "predicted_pixels": b})
+    return _scores(records)
+
+
 def _real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) -> list[dict]:
-    """mask_iou_real/mask_dice_real rows: the same consistency on the real patches whose maps a
-    synthesize set was made from (the segmenter's ceiling on those masks); none for sets without
-    real sources behind their masks (inpainting pastes a donor region)."""
-    if "source_patch_id" not in table or "patch_id" not in real or table.get("donor_patch_id", pd.Series()).notna().any():
+    """mask_iou_real/mask_dice_real rows from source_scores, pooled; none when the set's real
+    source patches are not among `real`."""
+    if "source_patch_id" not in table or "patch_id" not in real:
         return []
-    images = real.drop_duplicates("patch_id").set_index("patch_id")
-    sources = images.reindex(table["source_patch_id"].astype(str))
+    sources = real.drop_duplicates("patch_id").set_index("patch_id").reindex(table["source_patch_id"].astype(str))
     if sources["image"].isna().any():
         return []
-    note = "the real patches of the same maps"
+    note = "the real source patches of the same masks (inpainting: outside the painted region)"
     return [{"metric": f"{r['metric']}_real", "name": r["class"], "value": r["value"], "note": note}
-            for r in pooled_consistency(region_scores(sources.reset_index(drop=True), classes, segment))]
+            for r in pooled_consistency(source_scores(table, sources, classes, segment))]
 
 
 def _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp, add) -> pd.DataFrame:

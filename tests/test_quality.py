@@ -202,13 +202,21 @@ def test_region_scores_and_pooled_consistency_maths(tmp_path):
     assert math.isnan(values[("mask_iou", "Fat")])
 
 
-def test_synthesize_sets_get_the_real_patches_of_their_maps_as_reference(tmp_path, no_cache):
+def test_synthetic_sets_get_their_real_source_patches_as_reference(tmp_path, no_cache):
     real = write_images(tmp_path / "real", 3, (200, 120, 170)).assign(patch_id=["p0", "p1", "p2"])
     syn = write_images(tmp_path / "syn", 2, (90, 40, 120), label=1, seed=1).assign(source_patch_id=["p0", "p2"], donor_patch_id=None)
     # The segmenter finds the vessel (top half) only in pink, real-looking images.
     segment = lambda rgb: np.where((np.arange(32)[:, None] < 16) & (rgb[..., 0].mean() > 150), 1, 0).repeat(32, 1).astype(np.uint8)  # noqa: E731
-    table, _ = image_quality(real, {"synth": syn, "inpaint": syn.assign(donor_patch_id="p1")}, CLASSES,
+    # Inpainted: Fat painted into the bottom quarter; the vessel rows above it are the source's pixels.
+    painted = write_images(tmp_path / "painted", 2, (90, 40, 120), label=1, seed=1).assign(
+        source_patch_id=["p0", "p2"], donor_patch_id="p1", target_class="Fat")
+    for path in painted["mask"]:
+        mask = np.asarray(Image.open(path)).copy()
+        mask[24:] = 2
+        Image.fromarray(mask).save(path)
+    table, _ = image_quality(real, {"synth": syn, "inpaint": painted}, CLASSES,
                              settings={"min_images": 2, "device": "cpu"}, segment=segment)
     ok = table[table.status == "ok"].set_index(["set", "metric", "class"])["value"]
     assert ok[("synth", "mask_dice", "Blood vessel")] == 0.0 and ok[("synth", "mask_dice_real", "Blood vessel")] == 1.0
-    assert ("inpaint", "mask_dice_real", "Blood vessel") not in ok  # a pasted donor region has no real counterpart
+    assert ok[("inpaint", "mask_dice_real", "Blood vessel")] == 1.0  # the source's vessel, found in the real patch
+    assert ("inpaint", "mask_dice_real", "Fat") not in ok and ("inpaint", "mask_iou_real", "Fat") not in ok
