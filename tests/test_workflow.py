@@ -184,7 +184,12 @@ def test_evaluation_table_and_report(tiny_run):
     quality = table[table["kind"] == "quality"]
     skipped = quality[quality["status"] == "skipped"]
     assert set(skipped["metric"]) >= {"fid", "kid", "is", "lpips_diversity"}  # no weights here
-    assert skipped["note"].str.contains("fetch_weights").all()
+    for_weights = skipped[skipped["metric"].isin(["fid", "kid", "kid_std", "is", "is_std", "lpips_diversity"])
+                          & ~skipped["note"].str.contains("min_images")]
+    assert len(for_weights) and for_weights["note"].str.contains("fetch_weights").all()
+    offline = quality[quality["metric"].isin(["fd", "kd"]) & (quality["class"] == "all")]
+    assert set(offline["set"]) == {"synth", "inpaint"} and (offline["status"] == "ok").all()  # no weights needed
+    assert offline["extractor"].str.startswith("segmentation encoder").all()
     consistency = quality[quality["metric"].str.contains("iou") & (quality["status"] == "ok")]
     assert len(consistency) and consistency["value"].between(0, 1).all()
     shares = pd.read_csv(tiny_run / "results/report/class_share.csv")
