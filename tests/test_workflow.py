@@ -205,7 +205,7 @@ def test_evaluation_table_and_report(tiny_run):
     result = snakemake(tiny_run, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (tiny_run / "report.html").read_text()
-    for text in ("8. Results", "9. Training curves", "rulegraph.png", "paired per test slide"):
+    for text in ("3. Generative models", "7. Results", "8. Training curves", "rulegraph.png", "paired per test slide"):
         assert text in html
 
 

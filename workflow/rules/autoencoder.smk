@@ -10,7 +10,8 @@ rule train_autoencoder:
         grid=report(
             "results/autoencoder/reconstructions.png",
             caption="../report/autoencoder.rst",
-            category="3. Autoencoder",
+            category="3. Generative models",
+            subcategory="Autoencoder",
             labels={"figure": "real vs reconstruction"},
         ),
     log:

@@ -5,7 +5,14 @@ rule train_diffusion:
     output:
         model=directory("results/diffusion/model"),
         losses="results/diffusion/loss.csv",
-        samples=directory("results/diffusion/samples"),
+        samples=report(
+            directory("results/diffusion/samples"),
+            patterns=["step-{step}.png"],
+            caption="../report/diffusion_samples.rst",
+            category="3. Generative models",
+            subcategory="Diffusion previews",
+            labels={"training step": "{step}"},
+        ),
     log:
         "logs/train_diffusion.log",
     benchmark:

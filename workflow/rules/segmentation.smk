@@ -35,7 +35,7 @@ rule evaluate_segmentation:
             directory("results/evaluation/{ratio}/seed{seed}_overlays"),
             patterns=["{name}.png"],
             caption="../report/overlays.rst",
-            category="7. Segmentation",
+            category="6. Segmentation",
             subcategory="Test overlays",
             labels={"ratio": "{ratio}", "seed": "{seed}", "patch": "{name}"},
         ),

@@ -7,7 +7,7 @@ rule synthesize:
             directory("results/synthetic/synth"),
             patterns=["grid_{name}.png"],
             caption="../report/synthetic_grid.rst",
-            category="5. Synthetic patches",
+            category="4. Synthetic patches",
             labels={"set": "synth", "class": "{name}"},
         ),
     log:
@@ -36,7 +36,7 @@ rule inpaint:
             directory("results/synthetic/inpaint"),
             patterns=["grid_{name}.png"],
             caption="../report/synthetic_grid.rst",
-            category="5. Synthetic patches",
+            category="4. Synthetic patches",
             labels={"set": "inpaint", "class": "{name}"},
         ),
     log:
