@@ -26,6 +26,9 @@ def _config(args) -> dict:
     return config
 
 
+PATCH_SECTIONS = ("run_id", "seed", "annotations", "classes", "priority", "patches")
+
+
 def _parse_classes(text: str) -> dict[str, int]:
     """'Blood vessel=1,Fat=3' -> {'Blood vessel': 1, 'Fat': 3}."""
     classes = {}
@@ -78,14 +81,20 @@ def cmd_patches(args) -> None:
 
     from histosynth.patches import class_indices, extract_slide
 
-    config = _config(args)
+    # Only the sections this command reads come from the config file (the rest from the schema),
+    # so classes given here need not agree with another stage's settings (e.g. diffusion.num_classes).
+    loaded = _config(args)
+    config = {key: loaded[key] for key in PATCH_SECTIONS if key in loaded}
     overrides = {
         "size": args.size, "stride": args.stride, "mpp": args.mpp, "min_tissue": args.min_tissue,
         "min_label": args.min_label, "target_class": args.target_class,
     }
     config["patches"].update({k: v for k, v in overrides.items() if v is not None})
-    if args.classes is not None:
+    if args.classes is not None:  # classes on the command line bring their own priority
         config["classes"] = sorted(args.classes, key=args.classes.get)
+        config["priority"] = list(args.classes)
+    if args.priority is not None:
+        config["priority"] = [name.strip() for name in args.priority.split(",") if name.strip()]
     config = validated(config, "command-line options")
     classes = args.classes or class_indices(config["classes"])
     slide = Path(args.slide)
@@ -156,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, help="minimum tissue fraction (config patches.min_tissue)")
     p.add_argument("--min-label", type=float, help="minimum target-class fraction (config patches.min_label)")
     p.add_argument("--target-class", help="class that must reach --min-label (config patches.target_class)")
-    p.add_argument("--classes", type=_parse_classes, help="label classes as NAME=INDEX,... (config classes)")
+    p.add_argument("--classes", type=_parse_classes, help="label classes as NAME=INDEX,... (config classes); "
+                                                        "their order is the priority unless --priority is given")
+    p.add_argument("--priority", help="class names, comma-separated, the winner first where annotations overlap "
+                                      "(config priority)")
     p.set_defaults(func=cmd_patches)
 
     p = sub.add_parser("nuclei", help="segment nuclei: uint16 instance masks per image and a per-nucleus table")

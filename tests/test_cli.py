@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -73,3 +74,14 @@ def test_nuclei_command_on_a_folder(tmp_path, capsys):
 def test_nuclei_command_needs_mpp_for_a_folder(tmp_path, capsys):
     assert main(["nuclei", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "--mpp" in capsys.readouterr().err
+
+
+def test_classes_option_brings_its_own_priority_inside_the_project(square_slide, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # config/config.yaml here: priority of three classes
+    slide, geojson = square_slide
+    base = ["patches", str(slide), "--annotations", str(geojson), "--size", "32", "--stride", "32", "--mpp", "1.0",
+            "--classes", "Fat=1,Blood vessel=2"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--priority", "Blood vessel,Fat"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--priority", "Necrosis"]) == 2
+    assert "Necrosis" in capsys.readouterr().err
