@@ -41,11 +41,13 @@ def apply_overrides(config: dict, pairs: list[str]) -> dict:
 
 
 def demo_inputs(config: dict, results: Path) -> tuple[list[str], list[str]]:
-    """(conditioning indexes of the training slides, patch indexes of the train split)."""
-    slides = pd.read_csv(ROOT / config["slides"], sep="\t")
-    training = slides[slides["split"].isin(["train", "val"])]["slide"]
-    conditioning = [str(results / "conditioning" / f"{slide}.parquet") for slide in training]
-    real = [str(results / "patches" / f"{slide}.parquet") for slide in slides[slides["split"] == "train"]["slide"]]
+    """(conditioning indexes of the training slides, patch indexes of the train split), as the
+    workflow's rules pick them from the slide sheet."""
+    from histosynth.config import read_slide_sheet
+
+    split = read_slide_sheet(ROOT / config["slides"])["split"]
+    conditioning = [str(results / "conditioning" / f"{slide}.parquet") for slide in split.index[split.isin(["train", "val"])]]
+    real = [str(results / "patches" / f"{slide}.parquet") for slide in split.index[split == "train"]]
     return conditioning, real
 
 

@@ -418,7 +418,7 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
         drop = torch.rand(n, device=x.device) < c["cond_dropout"]
         cond = cond * (~drop).view(n, 1, 1, 1).to(cond.dtype)
         labels = torch.where(drop, null_class, batch["label"].long()) if null_class else None
-        target = noise if c["prediction"] == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x
+        target = noise if c["prediction"] == "epsilon" else scheduler.get_velocity(x, noise, t)
         error = (model_output(model, x_t, t, cond, labels).float() - target).pow(2).mean(dim=(1, 2, 3))
         return (error * loss_weights(alphas[t], c["prediction"], c["min_snr_gamma"])).mean(), {}
 

@@ -35,7 +35,6 @@ class FeatureError(ValueError):
 class FeatureExtractor:
     name: str                                        # written into every quality row that uses it
     embed: Callable[[torch.Tensor], torch.Tensor]    # uint8 (N, 3, H, W) -> float (N, D)
-    device: torch.device
 
 
 def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device) -> torch.Tensor:
@@ -43,12 +42,12 @@ def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
 
 
-def segmentation_encoder(run: str | Path, device: str | torch.device = "auto") -> FeatureExtractor:
-    """The encoder of a trained segmentation run (rule train_segmentation's folder or its model/):
-    each stage's feature map average-pooled, concatenated (resnet18 at depth 4: 512 values)."""
-    from histosynth.segmentation import load_model, normalise
+def segmentation_encoder(model) -> FeatureExtractor:
+    """The encoder of a loaded segmentation model (histosynth.segmentation.load_model, the same
+    object that re-segments for mask consistency): each stage's feature map average-pooled,
+    concatenated (resnet18 at depth 4: 512 values)."""
+    from histosynth.segmentation import normalise
 
-    model = load_model(run, device)
     encoder = model.net.encoder
 
     @torch.no_grad()
@@ -56,8 +55,8 @@ def segmentation_encoder(run: str | Path, device: str | torch.device = "auto") -
         stages = encoder(normalise(images.to(model.device)))[1:]  # [0] is the input itself
         return torch.cat([F.adaptive_avg_pool2d(s.float(), 1).flatten(1) for s in stages], 1).cpu()
 
-    name = f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, {Path(run)})"
-    return FeatureExtractor(name, embed, model.device)
+    return FeatureExtractor(f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, "
+                            f"{model.source})", embed)
 
 
 def _state_dict(path: Path) -> dict:
@@ -102,16 +101,17 @@ def timm_encoder(model_name: str, weights: str | Path | None, device: str | torc
     def embed(images: torch.Tensor) -> torch.Tensor:
         return net(_normalised(images, mean, std, device)).float().cpu()
 
-    return FeatureExtractor(f"timm {model_name} ({path})", embed, device)
+    return FeatureExtractor(f"timm {model_name} ({path})", embed)
 
 
-def build_extractor(name: str, weights: str | Path | None, segmentation_run: str | Path | None,
+def build_extractor(name: str, weights: str | Path | None, segmentation=None,
                     device: str | torch.device = "auto") -> FeatureExtractor:
-    """The configured extractor: 'segmentation' (needs the run) or a timm model name with weights."""
+    """The configured extractor: 'segmentation' (needs the loaded real-only segmentation model)
+    or a timm model name with its weights file."""
     if name == SEGMENTATION:
-        if segmentation_run is None:
+        if segmentation is None:
             raise FeatureError("quality.extractor='segmentation' needs the real-only segmentation run")
-        return segmentation_encoder(segmentation_run, device)
+        return segmentation_encoder(segmentation)
     return timm_encoder(name, weights, device)
 
 

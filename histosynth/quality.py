@@ -40,7 +40,9 @@ import pyarrow.parquet as pq
 import torch
 
 from histosynth.device import derive_seed, pick_device
-from histosynth.features import FeatureError, FeatureExtractor, build_extractor, image_features, pairwise_diversity
+from histosynth.features import (
+    SEGMENTATION, FeatureError, FeatureExtractor, build_extractor, image_features, pairwise_diversity,
+)
 from histosynth.io import read_mask, read_patch_index, read_rgb, write_table
 from histosynth.patches import fraction_column
 from histosynth.training import merged
@@ -287,17 +289,26 @@ def _ids(rows: pd.DataFrame) -> list[str]:
     return rows["id"].astype(str).tolist() if "id" in rows else [str(i) for i in range(len(rows))]
 
 
-def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray]) -> pd.DataFrame:
+def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray],
+                  images: Sequence[str | Path] | None = None, outside_painted: bool = False) -> pd.DataFrame:
     """Per image and region class (kind 'region'): pixel intersection, truth and predicted pixel
     counts, IoU and Dice between the image's `mask` and segment(image) (a label mask of the same
-    values). NaN IoU/Dice where the class is neither drawn nor found."""
+    values). NaN IoU/Dice where the class is neither drawn nor found. `images` segments other
+    images against the same masks (e.g. the real source patches); with `outside_painted`, rows with
+    a donor (inpainted) count only the pixels outside their painted target-class region and leave
+    that class out."""
     records = []
-    for image_id, image_path, mask_path in zip(_ids(rows), rows["image"], rows["mask"], strict=True):
-        truth, pred = read_mask(mask_path), segment(read_rgb(image_path))
+    images = rows["image"] if images is None else images
+    for image_id, (_, row), image_path in zip(_ids(rows), rows.iterrows(), images, strict=True):
+        truth, pred = read_mask(row["mask"]), segment(read_rgb(image_path))
+        painted = row.get("target_class") if outside_painted and pd.notna(row.get("donor_patch_id")) else None
+        target = list(classes).index(painted) + 1 if painted in classes else None
+        outside = truth != target if target else np.ones(truth.shape, bool)
         for k, name in enumerate(classes, 1):
-            inter, a, b = overlap_scores(truth == k, pred == k)
-            records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
-                            "truth_pixels": a, "predicted_pixels": b})
+            if k != target:
+                inter, a, b = overlap_scores((truth == k) & outside, (pred == k) & outside)
+                records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
+                                "truth_pixels": a, "predicted_pixels": b})
     return _scores(records)
 
 
@@ -462,29 +473,11 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     return pd.DataFrame(rows, columns=COLUMNS), per_image.reindex(columns=["set", *SCORE_COLUMNS])
 
 
-def source_scores(rows: pd.DataFrame, sources: pd.DataFrame, classes: Sequence[str],
-                  segment: Callable[[np.ndarray], np.ndarray]) -> pd.DataFrame:
-    """Per image, the region scores of the real patch each synthetic image was made from
-    (`sources`, aligned with `rows`) against the synthetic image's mask: the segmenter's ceiling
-    on the same masks. For an inpainted image only the pixels outside the painted region count,
-    and the painted (target) class is left out: they are the same real pixels before painting."""
-    records = []
-    for image_id, (_, row), source_image in zip(_ids(rows), rows.iterrows(), sources["image"], strict=True):
-        truth, pred = read_mask(row["mask"]), segment(read_rgb(source_image))
-        painted = row.get("target_class") if pd.notna(row.get("donor_patch_id")) else None
-        target = list(classes).index(painted) + 1 if painted in classes else None
-        outside = truth != target if target else np.ones(truth.shape, bool)
-        for k, name in enumerate(classes, 1):
-            if k != target:
-                inter, a, b = overlap_scores((truth == k) & outside, (pred == k) & outside)
-                records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
-                                "truth_pixels": a, "predicted_pixels": b})
-    return _scores(records)
-
-
 def _real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) -> list[dict]:
-    """mask_iou_real/mask_dice_real rows from source_scores, pooled; none when the set's real
-    source patches are not among `real`."""
+    """mask_iou_real/mask_dice_real rows: the region scores of the real patch each synthetic image
+    was made from against the synthetic image's mask (inpainted images: outside the painted
+    region), pooled; the segmenter's ceiling on the same masks. None when the set's real source
+    patches are not among `real`."""
     if "source_patch_id" not in table or "patch_id" not in real:
         return []
     sources = real.drop_duplicates("patch_id").set_index("patch_id").reindex(table["source_patch_id"].astype(str))
@@ -492,7 +485,7 @@ def _real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) -
         return []
     note = "the real source patches of the same masks (inpainting: outside the painted region)"
     return [{"metric": f"{r['metric']}_real", "name": r["class"], "value": r["value"], "note": note}
-            for r in pooled_consistency(source_scores(table, sources, classes, segment))]
+            for r in pooled_consistency(region_scores(table, classes, segment, sources["image"], outside_painted=True))]
 
 
 def _consistency(table, classes, segment, nuclei_params, nuclei_model, mpp, add) -> pd.DataFrame:
@@ -532,14 +525,15 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
         columns = tuple(c for c in ("image", "mask", "conditioning") if c in names)
         synthetic[mode] = read_patch_index(path, columns=columns)
     s = settings_from(config.get("quality"))
-    segment = None
-    if segmentation_model is not None and s["consistency"]:
+    segmenter = None
+    if segmentation_model is not None and (s["consistency"] or s["extractor"] == SEGMENTATION):
         from histosynth.segmentation import load_model
 
-        segment = load_model(segmentation_model, s["device"]).predict
+        segmenter = load_model(segmentation_model, s["device"])
+    segment = segmenter.predict if segmenter is not None and s["consistency"] else None
     extractor, extractor_note = None, ""
     try:
-        extractor = build_extractor(s["extractor"], s["extractor_weights"], segmentation_model, s["device"])
+        extractor = build_extractor(s["extractor"], s["extractor_weights"], segmenter, s["device"])
     except FeatureError as err:
         extractor_note = f"offline FD/KD skipped: {err}"
         log.warning("%s", extractor_note)

@@ -37,6 +37,7 @@ SEGMENTATION_METRICS = ("dice", "precision", "recall")
 QUALITY_METRICS = ("fd", "kd", "feature_diversity", "fid", "kid", "is", "lpips_diversity")
 TABLE_COLUMNS = ("kind", "ratio", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
 DPI = 120
+GROUP_WIDTH = 0.8  # width of a tick's group of side-by-side bars
 
 
 # ----------------------------------------------------------------------------- tables
@@ -224,13 +225,12 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         wide = consistency.pivot_table(index="class", columns="set", values="value", sort=False)
         x = np.arange(len(wide))
         for k, name in enumerate(wide.columns):
-            ax.bar(x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns), wide[name], 0.8 / len(wide.columns), label=name)
+            ax.bar(x + _offset(k, len(wide.columns)), wide[name], GROUP_WIDTH / len(wide.columns), label=name)
         reference = ok[ok["metric"] == "mask_dice_real"].pivot_table(index="class", columns="set", values="value", sort=False)
         label = "same maps, real patches"
         for k, name in enumerate(wide.columns):
             if name in reference:
-                where = x + (k - (len(wide.columns) - 1) / 2) * 0.8 / len(wide.columns)
-                ax.scatter(where, reference[name].reindex(wide.index), marker="_", s=200, color="black", zorder=3, label=label)
+                ax.scatter(x + _offset(k, len(wide.columns)), reference[name].reindex(wide.index), marker="_", s=200, color="black", zorder=3, label=label)
                 label = None
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
@@ -244,13 +244,12 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         ax = fig.add_subplot(2, 1, 2)
         classes = list(dict.fromkeys(per_image["class"]))
         sets = list(dict.fromkeys(per_image["set"]))
-        step = 0.8 / len(sets)
         for k, name in enumerate(sets):
             data = [per_image[(per_image["class"] == c) & (per_image["set"] == name)]["dice"].to_numpy() for c in classes]
-            where = np.arange(len(classes)) + (k - (len(sets) - 1) / 2) * step
+            where = np.arange(len(classes)) + _offset(k, len(sets))
             keep = [i for i, d in enumerate(data) if len(d)]
-            box = ax.boxplot([data[i] for i in keep], positions=where[keep], widths=step * 0.9, patch_artist=True,
-                             manage_ticks=False)
+            box = ax.boxplot([data[i] for i in keep], positions=where[keep], widths=0.9 * GROUP_WIDTH / len(sets),
+                             patch_artist=True, manage_ticks=False)
             for patch in box["boxes"]:
                 patch.set_facecolor(f"C{k}")
             ax.plot([], [], color=f"C{k}", lw=6, label=name)
@@ -265,6 +264,11 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
     if notes:
         fig.text(0.01, -0.02 * rows, "\n".join(_wrap(n, 140) for n in notes), fontsize=7, va="top")
     return _save(fig, out)
+
+
+def _offset(k: int, n: int) -> float:
+    """x offset of the k-th of n side-by-side bars (or boxes) around a tick."""
+    return (k - (n - 1) / 2) * GROUP_WIDTH / n
 
 
 def _short_extractor(name: str) -> str:

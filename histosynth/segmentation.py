@@ -249,6 +249,7 @@ class SegmentationModel:
     classes: dict[str, int]  # {class: mask value}, in channel order
     threshold: float
     device: torch.device
+    source: Path | None = None  # the model folder it was loaded from
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -289,7 +290,7 @@ def load_model(directory: str | Path, device: str | torch.device = "auto") -> Se
     meta = json.loads(meta_path.read_text())
     device = device if isinstance(device, torch.device) else pick_device(device)
     net = prepare_model(smp.from_pretrained(str(directory)).eval(), device)
-    return SegmentationModel(net, dict(meta["classes"]), float(meta["threshold"]), device)
+    return SegmentationModel(net, dict(meta["classes"]), float(meta["threshold"]), device, directory)
 
 
 # ----------------------------------------------------------------------------- training

@@ -372,10 +372,11 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
     if s["class_balance"]:
         if getattr(dataset, "labels", None) is None:
             raise TrainingError(f"train.class_balance={s['class_balance']} needs a dataset with per-item labels")
-        weights = balance_weights(dataset.labels, s["class_balance"])
-        log.info("class-balanced sampling (class_balance=%s): %s", s["class_balance"],
-                 {int(k): round(float(weights[torch.as_tensor(np.asarray(dataset.labels)) == k].sum() / weights.sum()), 3)
-                  for k in np.unique(np.asarray(dataset.labels))})
+        labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+        weights = balance_weights(labels, s["class_balance"])
+        shares = torch.bincount(labels, weights=weights) / weights.sum()
+        log.info("class-balanced sampling (class_balance=%s): share of draws per label %s", s["class_balance"],
+                 {k: round(float(v), 3) for k, v in enumerate(shares) if v > 0})
     steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / s["batch_size"])
 
     # model, optimiser, LR schedule (stepped here, once per step whatever the process count), EMA

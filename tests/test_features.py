@@ -12,7 +12,7 @@ from PIL import Image
 
 from histosynth.features import FeatureError, build_extractor, image_features, pairwise_diversity, timm_encoder
 from histosynth.quality import fid, image_quality, kid
-from histosynth.segmentation import build_model, save_model, settings_from
+from histosynth.segmentation import build_model, load_model, save_model, settings_from
 
 CLASSES = ["Blood vessel", "Fat"]
 
@@ -46,7 +46,7 @@ def tissue_images(folder, n, shift=0, seed=0):
 
 
 def test_segmentation_encoder_fd_is_zero_on_itself_and_grows_with_the_shift(tmp_path, segmentation_run):
-    extractor = build_extractor("segmentation", None, segmentation_run, "cpu")
+    extractor = build_extractor("segmentation", None, load_model(segmentation_run, "cpu"))
     real = image_features(tissue_images(tmp_path / "real", 24)["image"].tolist(), extractor)
     assert real.shape == (24, 64 + 64 + 128)  # resnet18 stages 1-3, pooled
     assert fid(real, real) == pytest.approx(0.0, abs=1e-6)
@@ -76,6 +76,8 @@ def test_timm_encoder_loads_a_local_file_and_says_what_is_missing(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(FeatureError, match="does not fit"):
         timm_encoder("test_efficientnet", tmp_path / "other.pth")
+    with pytest.raises(FeatureError, match="segmentation run"):
+        build_extractor("segmentation", None, None)
 
 
 def test_pairwise_diversity():
@@ -91,7 +93,8 @@ def test_quality_table_has_offline_rows_without_any_weights(tmp_path, segmentati
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no Inception, no AlexNet
     real = tissue_images(tmp_path / "real", 12)
     near, far = tissue_images(tmp_path / "near", 12, 5, seed=1), tissue_images(tmp_path / "far", 12, 70, seed=2)
-    extractor = build_extractor("segmentation", None, segmentation_run, "cpu")
+    extractor = build_extractor("segmentation", None, load_model(segmentation_run, "cpu"))
+    assert str(segmentation_run / "model") in extractor.name
     table, _ = image_quality(real, {"near": near, "far": far}, CLASSES, extractor=extractor,
                              settings={"min_images": 10, "device": "cpu", "consistency": False, "kid_subsets": 5})
     offline = table[table["metric"].isin(["fd", "kd", "feature_diversity"])]
