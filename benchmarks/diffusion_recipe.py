@@ -54,7 +54,7 @@ def demo_inputs(config: dict, results: Path) -> tuple[list[str], list[str]]:
 def evaluate(config: dict, results: Path, real: list[str], manifests: dict, out: Path) -> dict:
     """The quality stage on `manifests` ({set: manifest}) with the real-only segmenter: one flat row
     of pooled mask-consistency Dice per set and class, and offline FD/KD per set."""
-    from histosynth.quality import image_quality_stage
+    from histosynth.evaluation.quality import image_quality_stage
 
     table = image_quality_stage(real, manifests, out / "quality.parquet", scores_out=out / "scores.parquet", config=config,
                                 segmentation_model=results / "segmentation" / "real" / "seed0")
@@ -85,9 +85,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from histosynth.config import load_preset, validated
-    from histosynth.datasets import patch_dataset
-    from histosynth.diffusion import train_diffusion
-    from histosynth.synthesis import run_stage
+    from histosynth.generators.datasets import patch_dataset
+    from histosynth.generators.diffusion import train_diffusion
+    from histosynth.generators.synthesis import run_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)

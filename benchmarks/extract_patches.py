@@ -19,7 +19,7 @@ CHILD = """
 import json, resource, sys, time
 import pyarrow.parquet as pq
 from histosynth.config import load_config
-from histosynth.patches import extract_slide
+from histosynth.data.patches import extract_slide
 image, annotations, out = sys.argv[1:4]
 started = time.perf_counter()
 index = extract_slide(image, annotations, out, slide_name="bench", split="train", config=load_config(), progress=False)

@@ -1,5 +1,5 @@
 """Benchmark (not a test): sampling throughput of one diffusion model through the project's
-`histosynth.diffusion.sample` against a bare diffusers loop on the same model, per sampler; with
+`histosynth.generators.diffusion.sample` against a bare diffusers loop on the same model, per sampler; with
 --curve, the sampler quality curve of a trained model instead.
 
     .venv/bin/python benchmarks/sampling.py                        # demo preset's SpadeUNet, random weights, CPU
@@ -16,7 +16,7 @@ as the workflow's quality stage measures them (benchmarks/diffusion_recipe.py's 
 The bare loop uses no project code: set_timesteps; for t: eps = model(x, t, cond); x = step(eps, t, x).
 U-Net calls are counted with a forward hook (evaluations per image: every call sees the whole
 batch). project/bare is the time ratio (min over --repeats, runs interleaved); it should be
-<= 1.05. --repaint adds histosynth.synthesis.repaint (no bare counterpart) for its cost.
+<= 1.05. --repaint adds histosynth.generators.synthesis.repaint (no bare counterpart) for its cost.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def bare_loop(model, scheduler, cond, steps: int, generator, channels: int):
 def load_or_build(args):
     """(model, training scheduler config, cond channels, image size), eval mode."""
     from histosynth import diffusion
-    from histosynth.conditioning import channel_names
+    from histosynth.generators.conditioning import channel_names
     from histosynth.config import load_preset
 
     if args.model:
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         return curve(args)
 
     from histosynth.device import pick_device
-    from histosynth.diffusion import make_sampler, sample
-    from histosynth.synthesis import repaint, repaint_scheduler
+    from histosynth.generators.diffusion import make_sampler, sample
+    from histosynth.generators.synthesis import repaint, repaint_scheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,10 +177,10 @@ def curve(args) -> int:
     from diffusion_recipe import append_row, demo_inputs, evaluate
 
     from histosynth.config import load_preset
-    from histosynth.datasets import read_indexes
+    from histosynth.generators.datasets import read_indexes
     from histosynth.device import pick_device
-    from histosynth.diffusion import load_diffusion
-    from histosynth.synthesis import synthesize
+    from histosynth.generators.diffusion import load_diffusion
+    from histosynth.generators.synthesis import synthesize
 
     if not args.model:
         raise SystemExit("--curve needs --model (a trained model folder, e.g. results/diffusion/model)")

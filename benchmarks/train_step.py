@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     from histosynth.device import pick_device
     from histosynth.config import load_preset
-    from histosynth.diffusion import build_model, parameter_count
+    from histosynth.generators.diffusion import build_model, parameter_count
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,7 +43,7 @@ def _parse_classes(text: str) -> dict[str, int]:
 
 
 def cmd_inspect(args) -> None:
-    from histosynth.slides import Slide
+    from histosynth.data.slides import Slide
 
     for path in args.slides:
         with Slide(path, fallback_mpp=args.fallback_mpp) as slide:
@@ -79,7 +79,7 @@ def cmd_demo_slides(args) -> None:
 def cmd_patches(args) -> None:
     import pyarrow.parquet as pq
 
-    from histosynth.patches import class_indices, extract_slide
+    from histosynth.data.patches import class_indices, extract_slide
 
     # Only the sections this command reads come from the config file (the rest from the schema),
     # so classes given here need not agree with another stage's settings (e.g. diffusion.num_classes).
@@ -109,8 +109,10 @@ def cmd_patches(args) -> None:
 
 def cmd_nuclei(args) -> None:
     from histosynth.device import pick_device
-    from histosynth.io import read_patch_index, write_table
-    from histosynth.nuclei import NucleiError, NucleiParams, load_detector, segment_images
+    from histosynth.data.io import read_patch_index, write_table
+    from histosynth.nuclei.instances import NucleiError, NucleiParams
+    from histosynth.nuclei.model import load_detector
+    from histosynth.nuclei.stage import segment_images
 
     config = _config(args)
     if args.model:
@@ -184,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from histosynth.annotations import AnnotationError
-    from histosynth.nuclei import NucleiError
-    from histosynth.patches import PatchError
-    from histosynth.slides import SlideError
+    from histosynth.data.annotations import AnnotationError
+    from histosynth.nuclei.instances import NucleiError
+    from histosynth.data.patches import PatchError
+    from histosynth.data.slides import SlideError
 
     try:
         args.func(args)

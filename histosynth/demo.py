@@ -28,7 +28,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon as fill_polygon
 from tqdm import tqdm
 
-from histosynth.io import atomic_file
+from histosynth.data.io import atomic_file
 
 DEMO_REGION_CLASSES = ("Tissue", "Blood vessel", "Inflammation", "Fat")
 DEMO_NUCLEUS_CLASSES = ("stromal", "immune", "blood")
@@ -49,7 +49,7 @@ _MAX_OVERLAP = 0.2  # largest share of the smaller nucleus that two nuclei may o
 _MAX_SUBSAMPLES = 4
 
 # Smallest area (um^2) of a drawn nucleus or red cell, per class: the nuclei detector's defaults
-# (histosynth.nuclei: min_area_um2, blood_min_area_um2), so every ground-truth object is detectable.
+# (nuclei settings: min_area_um2, blood_min_area_um2), so every ground-truth object is detectable.
 _MIN_AREA_UM2 = {_STROMAL: 8.0, _IMMUNE: 8.0, _BLOOD: 12.0}
 
 _NUCLEUS = np.dtype([("x", "f8"), ("y", "f8"), ("a", "f8"), ("b", "f8"), ("angle", "f8"), ("stain", "f8"), ("cls", "i1")])

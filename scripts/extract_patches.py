@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from histosynth.logs import log_to
-from histosynth.patches import extract_slide
+from histosynth.data.patches import extract_slide
 
 log_to(snakemake.log[0])
 extract_slide(

@@ -2,8 +2,8 @@
 into the torch hub / Hugging Face caches, where later jobs find them offline. Needs network."""
 
 from histosynth.logs import log_to
-from histosynth.quality import fetch_weights
-from histosynth.segmentation import fetch_encoder_weights, settings_from
+from histosynth.evaluation.quality import fetch_weights
+from histosynth.evaluation.segmentation import fetch_encoder_weights, settings_from
 
 log = log_to(snakemake.log[0])
 for path in fetch_weights(progress=False):

@@ -1,9 +1,12 @@
 """Rule nuclei_masks: instance masks, per-nucleus table and GeoJSON for one slide's patches."""
 
 from histosynth.device import pick_device
-from histosynth.io import read_patch_index, write_table
+from histosynth.data.io import read_patch_index, write_table
 from histosynth.logs import log_to
-from histosynth.nuclei import NucleiParams, load_detector, segment_slide_patches, write_geojson
+from histosynth.nuclei.geojson import write_geojson
+from histosynth.nuclei.instances import NucleiParams
+from histosynth.nuclei.model import load_detector
+from histosynth.nuclei.stage import segment_slide_patches
 
 log_to(snakemake.log[0])
 params = NucleiParams.from_config(snakemake.params.nuclei)

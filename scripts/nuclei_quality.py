@@ -4,9 +4,9 @@ import json
 
 import pandas as pd
 
-from histosynth.io import read_patch_index, write_csv
+from histosynth.data.io import read_patch_index, write_csv
 from histosynth.logs import log_to
-from histosynth.metrics import score_nuclei_stage
+from histosynth.nuclei.metrics import score_nuclei_stage
 
 log = log_to(snakemake.log[0])
 truth = json.loads(open(snakemake.input.truth).read())

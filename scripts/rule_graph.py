@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from histosynth.logs import log_to
-from histosynth.report import plot_rule_graph
+from histosynth.evaluation.report import plot_rule_graph
 
 log = log_to(snakemake.log[0])
 snakefile = Path(snakemake.scriptdir).parent / "Snakefile"

@@ -1,8 +1,8 @@
-"""Rules train_segmentation and evaluate_segmentation (histosynth.segmentation)."""
+"""Rules train_segmentation and evaluate_segmentation (histosynth.evaluation.segmentation)."""
 
 from histosynth.device import derive_seed
 from histosynth.logs import log_to
-from histosynth.segmentation import evaluate_segmentation, train_segmentation
+from histosynth.evaluation.segmentation import evaluate_segmentation, train_segmentation
 
 log_to(snakemake.log[0])
 config = snakemake.params.config

@@ -1,9 +1,9 @@
-"""Rule summarize: the tidy metrics table, plots and paired tests (histosynth.report.summarize)."""
+"""Rule summarize: the tidy metrics table, plots and paired tests (histosynth.evaluation.report.summarize)."""
 
 from pathlib import Path
 
 from histosynth.logs import log_to
-from histosynth.report import summarize
+from histosynth.evaluation.report import summarize
 
 log_to(snakemake.log[0])
 runs = [Path(run) / "loss.csv" for run in snakemake.input.runs]

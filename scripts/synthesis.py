@@ -1,7 +1,7 @@
-"""Rules synthesize and inpaint: a synthetic set, its manifest and grids (histosynth.synthesis.run_stage)."""
+"""Rules synthesize and inpaint: a synthetic set, its manifest and grids (histosynth.generators.synthesis.run_stage)."""
 
 from histosynth.logs import log_to
-from histosynth.synthesis import run_stage
+from histosynth.generators.synthesis import run_stage
 
 log_to(snakemake.log[0])
 config = snakemake.params.config

@@ -1,9 +1,9 @@
 """Rules train_autoencoder and train_diffusion: one process on one device, accelerate launch on
-several GPUs (histosynth.training.launch)."""
+several GPUs (histosynth.generators.training.launch)."""
 
 from pathlib import Path
 
-from histosynth.training import launch
+from histosynth.generators.training import launch
 
 launch(
     snakemake.rule.removeprefix("train_"),

@@ -1,4 +1,4 @@
-"""Tests for histosynth.annotations: reading QuPath GeoJSON and rasterising label masks."""
+"""Tests for histosynth.data.annotations: reading QuPath GeoJSON and rasterising label masks."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 
-from histosynth.annotations import (
+from histosynth.data.annotations import (
     AnnotationError,
     Region,
     RegionRasterizer,
@@ -106,7 +106,7 @@ def test_points_lines_and_detections_are_skipped_with_a_warning(tmp_path, caplog
     cell = feature(HOLED, "Tumor")
     cell["properties"]["objectType"] = "cell"
     features = [feature(shapely.Point(1, 2)), feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"), cell, feature(HOLED, "Tumor")]
-    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+    with caplog.at_level(logging.WARNING, logger="histosynth.data.annotations"):
         regions = load_regions(write(tmp_path, features))
     assert [r.class_name for r in regions] == ["Tumor"]
     assert "skipped 3 features (1 LineString, 1 Point, 1 cell object)" in caplog.text
@@ -114,7 +114,7 @@ def test_points_lines_and_detections_are_skipped_with_a_warning(tmp_path, caplog
 
 def test_invalid_polygon_is_repaired_and_a_collapsed_one_rejected(tmp_path, caplog):
     bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
-    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+    with caplog.at_level(logging.WARNING, logger="histosynth.data.annotations"):
         (region,) = load_regions(write(tmp_path, [feature(bowtie, "Tumor")], "a.json"))
     assert region.geometry.is_valid and region.geometry.geom_type in ("Polygon", "MultiPolygon")
     assert region.geometry.area == pytest.approx(50.0)
@@ -205,7 +205,7 @@ def test_unlisted_classes_rank_below_listed_and_by_index():
 
 def test_regions_outside_the_slide_are_clipped_or_dropped(caplog):
     regions = [Region("A", box(80, 10, 120, 30)), Region("B", box(200, 200, 220, 220)), Region("A", box(10, 10, 20, 20))]
-    with caplog.at_level(logging.WARNING, logger="histosynth.annotations"):
+    with caplog.at_level(logging.WARNING, logger="histosynth.data.annotations"):
         raster = rasterizer(regions, {"A": 1, "B": 2}, slide_size=(100, 50), source="s.geojson")
     assert "s.geojson: clipped 1 region" in caplog.text and "s.geojson: dropped 1 region" in caplog.text
     mask = raster.rasterize(60, 0, 80, 40, (40, 80))  # window reaching past the slide's right edge

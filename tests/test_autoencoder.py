@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.autoencoder import (
+from histosynth.generators.autoencoder import (
     build_autoencoder, main, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, train_autoencoder,
 )
-from histosynth.training import TrainingError
+from histosynth.generators.training import TrainingError
 from test_training import Shapes
 
 

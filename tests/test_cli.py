@@ -53,7 +53,7 @@ def test_nuclei_command_on_a_folder(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from histosynth.nuclei import read_instances
+    from histosynth.nuclei.instances import read_instances
 
     images = tmp_path / "images"
     images.mkdir()

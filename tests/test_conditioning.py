@@ -1,4 +1,4 @@
-"""Tests for histosynth.conditioning: encoding, channel expansion, previews and the slide builder."""
+"""Tests for histosynth.generators.conditioning: encoding, channel expansion, previews and the slide builder."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histosynth.conditioning import (
+from histosynth.generators.conditioning import (
     PREVIEW_BACKGROUND,
     PREVIEW_BOUNDARY,
     build_slide_conditioning,
@@ -18,7 +18,7 @@ from histosynth.conditioning import (
     read_conditioning,
     write_conditioning,
 )
-from histosynth.nuclei import NUCLEUS_CLASSES, NUCLEUS_COLOURS
+from histosynth.nuclei.instances import NUCLEUS_CLASSES, NUCLEUS_COLOURS
 
 REGIONS = ["Blood vessel", "Inflammation", "Fat"]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.features import FeatureError, build_extractor, image_features, pairwise_diversity, timm_encoder
-from histosynth.quality import fid, image_quality, kid
-from histosynth.segmentation import build_model, load_model, save_model, settings_from
+from histosynth.evaluation.features import FeatureError, build_extractor, image_features, pairwise_diversity, timm_encoder
+from histosynth.evaluation.quality import fid, image_quality, kid
+from histosynth.evaluation.segmentation import build_model, load_model, save_model, settings_from
 
 CLASSES = ["Blood vessel", "Fat"]
 

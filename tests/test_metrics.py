@@ -1,11 +1,11 @@
-"""Tests for histosynth.metrics on hand-made masks whose answers are worked out in the comments."""
+"""Tests for histosynth.nuclei.metrics on hand-made masks whose answers are worked out in the comments."""
 
 import time
 
 import numpy as np
 import pytest
 
-from histosynth.metrics import aggregated_jaccard_index, detection_f1, match_instances, pixel_dice, score_instances
+from histosynth.nuclei.metrics import aggregated_jaccard_index, detection_f1, match_instances, pixel_dice, score_instances
 
 
 def canvas(shape=(10, 10)):

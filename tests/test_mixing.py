@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histosynth.io import write_table
-from histosynth.mixing import MixingError, class_share, mix, mix_dataset, read_mix, read_synthetic, synthetic_count
+from histosynth.data.io import write_table
+from histosynth.evaluation.mixing import MixingError, class_share, mix, mix_dataset, read_mix, read_synthetic, synthetic_count
 
 CLASSES = ["Blood vessel", "Fat"]
 

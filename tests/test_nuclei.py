@@ -12,22 +12,12 @@ from PIL import Image
 from skimage.draw import disk, ellipse
 
 from conftest import write_tiled_tiff
-from histosynth.metrics import detection_f1, match_instances
-from histosynth.nuclei import (
-    TABLE_COLUMNS,
-    NucleiError,
-    NucleiParams,
-    detect_nuclei,
-    detect_with_model,
-    load_detector,
-    nuclei_geojson,
-    nucleus_features,
-    rasterize_nuclei,
-    read_instances,
-    segment_images,
-    segment_patch,
-    segment_slide_patches,
-)
+from histosynth.nuclei.metrics import detection_f1, match_instances
+from histosynth.nuclei.classical import detect_nuclei
+from histosynth.nuclei.geojson import nuclei_geojson, nucleus_features, rasterize_nuclei
+from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError, NucleiParams, read_instances
+from histosynth.nuclei.model import detect_with_model, load_detector
+from histosynth.nuclei.stage import segment_images, segment_patch, segment_slide_patches
 
 EOSIN = (214, 120, 170)
 HEMATOXYLIN = (80, 50, 140)

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import feature, square, write_geojson, write_tiled_tiff
 from histosynth.config import load_config
-from histosynth.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
+from histosynth.data.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
 
 
 def extract(*args, **kwargs) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from histosynth import quality
-from histosynth.quality import (
+from histosynth.evaluation.quality import (
     fid, fid_from_features, gaussian_stats, image_quality, inception_score, kid, load_inception, load_lpips,
     pooled_consistency, region_scores, weights_file,
 )
@@ -165,8 +165,8 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
 
 
 def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
-    from histosynth.conditioning import write_conditioning
-    from histosynth.nuclei import NucleiParams
+    from histosynth.generators.conditioning import write_conditioning
+    from histosynth.nuclei.instances import NucleiParams
 
     yy, xx = np.mgrid[:32, :32]
     cond = np.zeros((32, 32, 3), np.uint8)

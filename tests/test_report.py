@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histosynth.io import write_table
-from histosynth.report import (
+from histosynth.data.io import write_table
+from histosynth.evaluation.report import (
     metrics_table, paired_tests, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, sample_grid,
     seed_summary, summarize,
 )

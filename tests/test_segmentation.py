@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.segmentation import (
+from histosynth.evaluation.segmentation import (
     SegmentationError, build_model, encoder_weights_file, evaluate, load_model, overlay, scores_from_counts, settings_from,
     train,
 )
@@ -129,7 +129,7 @@ def test_encoder_weights_offline(tmp_path, monkeypatch):
     torch.save(source.encoder.state_dict(), tmp_path / "enc.pt")
     settings["encoder_weights_path"] = str(tmp_path / "enc.pt")
     path, _ = encoder_weights_file(settings)
-    from histosynth.segmentation import load_encoder_weights
+    from histosynth.evaluation.segmentation import load_encoder_weights
 
     other = build_model(settings, 2)
     load_encoder_weights(other, path)

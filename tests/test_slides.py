@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import GLASS, STROMA, write_tiled_tiff
-from histosynth.slides import Slide, SlideError, TissueParams, detect_tissue
+from histosynth.data.slides import Slide, SlideError, TissueParams, detect_tissue
 
 
 def test_reads_mpp_levels_and_best_level(square_slide):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from histosynth.spade import SPADE, SPADEResBlock
+from histosynth.generators.spade import SPADE, SPADEResBlock
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.autoencoder import build_autoencoder, content_hash
-from histosynth.conditioning import read_conditioning, write_conditioning
-from histosynth.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
-from histosynth.nuclei import NUCLEUS_CLASSES
-from histosynth.patches import fraction_column
-from histosynth.synthesis import (
+from histosynth.generators.autoencoder import build_autoencoder, content_hash
+from histosynth.generators.conditioning import read_conditioning, write_conditioning
+from histosynth.generators.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
+from histosynth.nuclei.instances import NUCLEUS_CLASSES
+from histosynth.data.patches import fraction_column
+from histosynth.generators.synthesis import (
     SynthesisError, class_grids, inpaint, latent_region, paste_region, repaint, repaint_scheduler, run_stage, synthesize,
     unet_evaluations,
 )
-from histosynth.training import TrainingError
+from histosynth.generators.training import TrainingError
 
 CLASSES = ["Blood vessel", "Inflammation"]
 CONDITIONING = {"regions": True, "nuclei": True, "boundaries": True}
@@ -184,7 +184,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, sour
 
 
 def test_more_images_than_target_sources_samples_with_replacement_and_warns(tmp_path, sources, pixel_model, caplog):
-    with caplog.at_level(logging.WARNING, logger="histosynth.synthesis"):
+    with caplog.at_level(logging.WARNING, logger="histosynth.generators.synthesis"):
         manifest = run_synth(pixel_model, sources, tmp_path / "out", n=5, target_class="Blood vessel", grid_per_class=0)
     assert "with replacement" in caplog.text and "only 2" in caplog.text
     vessel = set(sources.loc[sources["frac_blood_vessel"] > 0, "patch_id"])
@@ -299,7 +299,7 @@ def test_inpainting_needs_clean_patches_and_a_target_class(tmp_path, sources, pi
         run_inpaint(pixel_model, sources, tmp_path / "out", target_class=None)
     with pytest.raises(SynthesisError, match="no clean-tissue patch"):
         run_inpaint(pixel_model, sources[sources["frac_blood_vessel"] > 0], tmp_path / "out")
-    with caplog.at_level(logging.WARNING, logger="histosynth.synthesis"):
+    with caplog.at_level(logging.WARNING, logger="histosynth.generators.synthesis"):
         manifest = run_inpaint(pixel_model, sources, tmp_path / "out", n=4, steps=2, jump_n_sample=1, grid_per_class=0)
     assert "only 3 clean-tissue patches" in caplog.text and len(manifest) == 4
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from histosynth.diffusion import train_diffusion
-from histosynth.training import (
+from histosynth.generators.diffusion import train_diffusion
+from histosynth.generators.training import (
     EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError, checkpoints, config_differences,
     epoch_order,
 )
@@ -117,7 +117,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_cover_everything
 
 
 def test_class_balance_draws_the_rare_label_as_often_as_the_common_one():
-    from histosynth.training import balance_weights
+    from histosynth.generators.training import balance_weights
 
     labels = [0] * 90 + [1] * 10
     draws = []

@@ -59,8 +59,8 @@ def test_every_label_class_appears_somewhere(tiny_run):
 def test_nuclei_and_conditioning_maps(tiny_run):
     import json
 
-    from histosynth.conditioning import read_conditioning
-    from histosynth.nuclei import read_instances
+    from histosynth.generators.conditioning import read_conditioning
+    from histosynth.nuclei.instances import read_instances
 
     patches = pd.read_parquet(tiny_run / "results/patches/tiny_a.parquet")
     nuclei = pd.read_parquet(tiny_run / "results/nuclei/tiny_a.parquet")
@@ -91,7 +91,7 @@ def test_models_trained_with_their_reports(tiny_run):
 
 
 def test_synthetic_sets_with_manifests(tiny_run):
-    from histosynth.io import read_patch_index
+    from histosynth.data.io import read_patch_index
 
     for mode in ("synth", "inpaint"):
         folder = tiny_run / "results/synthetic" / mode

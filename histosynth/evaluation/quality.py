@@ -18,7 +18,7 @@ the weight-free metrics still run.
   synthetic images; higher = more diverse. Images under 64 px are upsampled to 64 for AlexNet.
 - Mask consistency: the segmentation model (normally the ratio-0 one, trained on real data only)
   re-segments the synthetic images; IoU and Dice per region class, pooled over images. The nuclei
-  detector (histosynth.nuclei) re-detects nuclei; IoU and Dice of the nucleus foreground and per
+  detector (histosynth.nuclei.stage) re-detects nuclei; IoU and Dice of the nucleus foreground and per
   nucleus class against the conditioning map's nucleus channel.
 
 Classes: a synthetic image's class is its manifest `label` (the diffusion class label: 0 = none,
@@ -40,12 +40,12 @@ import pyarrow.parquet as pq
 import torch
 
 from histosynth.device import derive_seed, pick_device
-from histosynth.features import (
+from histosynth.evaluation.features import (
     SEGMENTATION, FeatureError, FeatureExtractor, build_extractor, image_features, pairwise_diversity,
 )
-from histosynth.io import read_mask, read_patch_index, read_rgb, write_table
-from histosynth.patches import fraction_column
-from histosynth.training import merged
+from histosynth.data.io import read_mask, read_patch_index, read_rgb, write_table
+from histosynth.data.patches import fraction_column
+from histosynth.generators.training import merged
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,9 @@ def inception_features(paths: Sequence[str | Path], net, batch_size: int = 32, d
 
 def load_lpips(path: str | Path):
     """torchmetrics' AlexNet LPIPS with the backbone from `path` (a torchvision alexnet state dict,
-    or a full LPIPS one), loaded by histosynth.autoencoder.load_lpips, which never downloads."""
-    from histosynth.autoencoder import load_lpips as load_lpips_network
-    from histosynth.training import TrainingError
+    or a full LPIPS one), loaded by histosynth.generators.autoencoder.load_lpips, which never downloads."""
+    from histosynth.generators.autoencoder import load_lpips as load_lpips_network
+    from histosynth.generators.training import TrainingError
 
     try:
         return load_lpips_network(path, "alex")
@@ -313,11 +313,12 @@ def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[
 
 
 def nuclei_scores(rows: pd.DataFrame, mpp: float, params, model=None) -> pd.DataFrame:
-    """Per image (kind 'nuclei'): the same counts for the re-detected nuclei (histosynth.nuclei
+    """Per image (kind 'nuclei'): the same counts for the re-detected nuclei (histosynth.nuclei.stage
     with `params`, a learned model when params.model is set) against the conditioning map's
     nucleus channel: the foreground (class 'nuclei') and each nucleus class drawn or found."""
-    from histosynth.conditioning import read_conditioning
-    from histosynth.nuclei import NUCLEUS_CLASSES, segment_patch
+    from histosynth.generators.conditioning import read_conditioning
+    from histosynth.nuclei.instances import NUCLEUS_CLASSES
+    from histosynth.nuclei.stage import segment_patch
 
     lookup = {name: i + 1 for i, name in enumerate(NUCLEUS_CLASSES)}
     records = []
@@ -380,9 +381,9 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
     the real training rows, and the per-image consistency scores (set, id, kind, class, counts,
     IoU, Dice). `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region mask
-    consistency; nuclei_params (histosynth.nuclei.NucleiParams, with nuclei_model when a learned
+    consistency; nuclei_params (histosynth.nuclei.instances.NucleiParams, with nuclei_model when a learned
     detector is configured) and mpp enable nuclei consistency for sets with a conditioning
-    column; `extractor` (histosynth.features) gives the offline Fréchet distance, KID and
+    column; `extractor` (histosynth.evaluation.features) gives the offline Fréchet distance, KID and
     feature diversity (extractor_note says why it is missing when it is None)."""
     s = settings_from(settings)
     device = pick_device(s["device"])
@@ -516,7 +517,8 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
     the segmentation run folder (ratio 0) enables region mask consistency and, with
     quality.extractor 'segmentation', the offline feature space. Writes `out` (the quality table)
     and `scores_out` (per-image consistency scores)."""
-    from histosynth.nuclei import NucleiParams, load_detector
+    from histosynth.nuclei.instances import NucleiParams
+    from histosynth.nuclei.model import load_detector
 
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     synthetic = {}
@@ -527,7 +529,7 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
     s = settings_from(config.get("quality"))
     segmenter = None
     if segmentation_model is not None and (s["consistency"] or s["extractor"] == SEGMENTATION):
-        from histosynth.segmentation import load_model
+        from histosynth.evaluation.segmentation import load_model
 
         segmenter = load_model(segmentation_model, s["device"])
     segment = segmenter.predict if segmenter is not None and s["consistency"] else None

@@ -3,7 +3,7 @@ instance boundaries), stored compactly as an RGB uint8 PNG and expanded into flo
 for the diffusion model.
 
 Encoded map: channel 0 = region class index (0 = none), channel 1 = nucleus class index
-(histosynth.nuclei.NUCLEUS_CLASSES position + 1, 0 = none), channel 2 = 255 on instance
+(histosynth.nuclei.instances.NUCLEUS_CLASSES position + 1, 0 = none), channel 2 = 255 on instance
 boundary pixels, else 0.
 """
 
@@ -21,9 +21,9 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.io import atomic_dir, write_table
-from histosynth.nuclei import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
-from histosynth.patches import PNG_COMPRESSION, QC_COLOURS
+from histosynth.data.io import atomic_dir, write_table
+from histosynth.nuclei.instances import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
+from histosynth.data.patches import PNG_COMPRESSION, QC_COLOURS
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def preview(encoded: np.ndarray) -> np.ndarray:
 def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei_table: pd.DataFrame, out_dir: str | Path, *,
                              use_regions: bool = True, progress: bool = True) -> int:
     """Write out_dir/<patch_id>.png, the encoded map of every patch in a slide's index
-    (histosynth.io.read_patch_index), from its label mask (when use_regions) and its nuclei
+    (histosynth.data.io.read_patch_index), from its label mask (when use_regions) and its nuclei
     (nuclei_dir/<patch_id>.png and the nuclei table of the slide). Returns the patch count."""
     nuclei_dir = Path(nuclei_dir)
     by_patch = {patch_id: rows for patch_id, rows in nuclei_table.groupby("patch_id")}
@@ -153,7 +153,7 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
 
 def write_conditioning_index(index: pd.DataFrame, maps_dir: str | Path, path: str | Path) -> None:
     """Write the conditioning index: the slide's patch index rows (absolute paths, as
-    histosynth.io.read_patch_index gives them) plus a `conditioning` column, every path stored
+    histosynth.data.io.read_patch_index gives them) plus a `conditioning` column, every path stored
     relative to the new table's folder."""
     path = Path(path)
     table = index.copy()

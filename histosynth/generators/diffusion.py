@@ -5,7 +5,7 @@ bottleneck, SPADE decoder); `conditioning: concat` -> diffusers UNet2DModel on [
 (segmentation-guided diffusion). Both sit behind `model_output`, and `sample` is the one sampling
 loop (DDPM, DDIM, DPM-Solver++) that training previews and the synthesis stage use.
 
-    python -m histosynth.diffusion train --config CONFIG --out DIR --dataset MODULE:FUNC --index ... [--autoencoder AE]
+    python -m histosynth.generators.diffusion train --config CONFIG --out DIR --dataset MODULE:FUNC --index ... [--autoencoder AE]
 
 Outputs in DIR: model/ (save_pretrained of the EMA weights + scheduler_config.json +
 histosynth.json with conditioning, space, autoencoder path and hash, training config), loss.csv,
@@ -31,15 +31,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
-from histosynth.autoencoder import content_hash, decode, encode, latent_factor, load_autoencoder
+from histosynth.generators.autoencoder import content_hash, decode, encode, latent_factor, load_autoencoder
 from histosynth.device import autocast, derive_seed, seed_everything
-from histosynth.io import atomic_dir
-from histosynth.spade import SPADE, SPADEResBlock, _groups
-from histosynth.training import (
+from histosynth.data.io import atomic_dir
+from histosynth.generators.spade import SPADE, SPADEResBlock, _groups
+from histosynth.generators.training import (
     TRAIN_DEFAULTS, TrainingError, check_dataset, cli, collate, fit, make_accelerator, merged, save_grid,
 )
 
-log = logging.getLogger("histosynth.diffusion")  # not __main__ under python -m
+log = logging.getLogger("histosynth.generators.diffusion")  # not __main__ under python -m
 META_FILE = "histosynth.json"
 
 # The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults

@@ -36,18 +36,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from histosynth.autoencoder import content_hash, decode, encode, latent_factor
-from histosynth.conditioning import conditioning_channels, preview, read_conditioning, write_conditioning
-from histosynth.datasets import dominant_class
+from histosynth.generators.autoencoder import content_hash, decode, encode, latent_factor
+from histosynth.generators.conditioning import conditioning_channels, preview, read_conditioning, write_conditioning
+from histosynth.generators.datasets import dominant_class
 from histosynth.device import autocast, derive_seed
-from histosynth.diffusion import (
+from histosynth.generators.diffusion import (
     Diffusion, guided_output, make_sampler, noise_from_output, num_classes, resize_cond, sample,
 )
-from histosynth.io import atomic_dir, read_mask, read_rgb, write_table
-from histosynth.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
-from histosynth.training import balance_weights, merged, save_grid, to_uint8
+from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_table
+from histosynth.data.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
+from histosynth.generators.training import balance_weights, merged, save_grid, to_uint8
 
-log = logging.getLogger("histosynth.synthesis")
+log = logging.getLogger("histosynth.generators.synthesis")
 
 MODES = ("synth", "inpaint")
 MANIFEST = "manifest.parquet"
@@ -131,7 +131,7 @@ def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
     missing = [c for c in needed if c not in sources]
     if missing:
         raise SynthesisError(f"the source table lacks columns {missing}; pass conditioning index rows "
-                             "(histosynth.datasets.read_indexes)")
+                             "(histosynth.generators.datasets.read_indexes)")
 
 
 def _to_model(pixels: np.ndarray, device) -> torch.Tensor:
@@ -157,7 +157,7 @@ class _Runner:
         self.space = meta.get("space", "pixel")
         if self.space == "latent" and self.autoencoder is None:
             raise SynthesisError("this is a latent-space diffusion model but no autoencoder was loaded with it; "
-                                 "load it with histosynth.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)")
+                                 "load it with histosynth.generators.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)")
         self.device = next(self.model.parameters()).device
         self.n_regions = len(classes)
         self.channels = {f"use_{key}": bool(conditioning_cfg.get(key, True)) for key in ("regions", "nuclei", "boundaries")}
@@ -468,9 +468,9 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
               autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
     `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings`."""
-    from histosynth.datasets import read_indexes
+    from histosynth.generators.datasets import read_indexes
     from histosynth.device import pick_device
-    from histosynth.diffusion import load_diffusion
+    from histosynth.generators.diffusion import load_diffusion
 
     if mode not in MODES:
         raise SynthesisError(f"mode must be one of {MODES}, got {mode!r}")

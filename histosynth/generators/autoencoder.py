@@ -1,7 +1,7 @@
 """Stage train_autoencoder: a VQ-VAE (diffusers VQModel) or KL autoencoder (AutoencoderKL) that
 maps patches to the latent space the latent diffusion model works in.
 
-    python -m histosynth.autoencoder train --config CONFIG --out DIR --dataset MODULE:FUNC --index ...
+    python -m histosynth.generators.autoencoder train --config CONFIG --out DIR --dataset MODULE:FUNC --index ...
 
 Outputs in DIR: model/ (save_pretrained; its config's scaling_factor is measured on the
 training latents), loss.csv, metrics.json (validation PSNR and SSIM), reconstructions.png.
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.device import autocast, seed_everything
-from histosynth.io import atomic_dir, atomic_file
-from histosynth.training import (
+from histosynth.data.io import atomic_dir, atomic_file
+from histosynth.generators.training import (
     TRAIN_DEFAULTS, TrainingError, check_dataset, cli, fit, make_accelerator, merged, save_grid,
 )
 
-log = logging.getLogger("histosynth.autoencoder")  # not __main__ under python -m
+log = logging.getLogger("histosynth.generators.autoencoder")  # not __main__ under python -m
 
 # The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults
 # (a test keeps them equal), config/tiny.yaml and config/thesis.yaml the other presets.

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.annotations import Region, RegionRasterizer, class_fractions, load_regions
-from histosynth.io import atomic_dir, atomic_file
-from histosynth.slides import Slide, TissueParams, detect_tissue
+from histosynth.data.annotations import Region, RegionRasterizer, class_fractions, load_regions
+from histosynth.data.io import atomic_dir, atomic_file
+from histosynth.data.slides import Slide, TissueParams, detect_tissue
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from histosynth.device import derive_seed, pick_device, prepare_model
-from histosynth.io import atomic_dir, atomic_file
+from histosynth.data.io import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -557,7 +557,7 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
     run_config = Path(checkpoints) / "workflow-config.json"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(json.dumps(config, indent=1, default=str))
-    argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.datasets:patch_dataset",
+    argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.generators.datasets:patch_dataset",
             "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log), "--threads", str(threads)]
     if autoencoder:
         argv += ["--autoencoder", str(autoencoder)]

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from histosynth.conditioning import conditioning_channels, read_conditioning
-from histosynth.io import read_patch_index, read_rgb
-from histosynth.patches import fraction_column
+from histosynth.generators.conditioning import conditioning_channels, read_conditioning
+from histosynth.data.io import read_patch_index, read_rgb
+from histosynth.data.patches import fraction_column
 
 
 def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:

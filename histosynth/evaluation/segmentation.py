@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
-from histosynth.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv, write_table
-from histosynth.patches import class_indices
-from histosynth.training import merged
+from histosynth.data.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv, write_table
+from histosynth.data.patches import class_indices
+from histosynth.generators.training import merged
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +499,7 @@ def test_rows(indexes: Sequence[str | Path], split: str = "test") -> pd.DataFram
 def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
                        config: Mapping, seed: int) -> dict:
     """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch indexes."""
-    from histosynth.mixing import read_mix
+    from histosynth.evaluation.mixing import read_mix
 
     return train(read_mix(manifest), test_rows(indexes, "val"), config["classes"], out_dir,
                  settings=config.get("segmentation", {}), seed=seed)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.nuclei import NucleusRasterizer, read_instances
+from histosynth.nuclei.geojson import NucleusRasterizer
+
+from histosynth.nuclei.instances import read_instances
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshol
 
 def score_nuclei_stage(index: pd.DataFrame, pred_dir: str | Path, truth: dict, iou_threshold: float = 0.5) -> dict:
     """Score the nuclei stage's instance masks (pred_dir/<patch_id>.png) of one slide's patches
-    (histosynth.io.read_patch_index) against ground-truth nucleus polygons in level-0
+    (histosynth.data.io.read_patch_index) against ground-truth nucleus polygons in level-0
     coordinates (a GeoJSON FeatureCollection, e.g. a demo slide's or a QuPath export), each
     rasterised on the patch grid with the same pixel-centre rule; pooled as score_instances."""
     rasterizer = NucleusRasterizer(truth)

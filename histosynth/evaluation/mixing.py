@@ -13,7 +13,7 @@ and draws the rest with replacement (logged as a warning); an empty pool for a r
 for synthetic images is an error naming the stage that produced none.
 
 The manifest's image and mask paths are stored relative to the manifest's folder, like the patch
-indexes; `read_mix` (histosynth.io.read_patch_index) makes them absolute again.
+indexes; `read_mix` (histosynth.data.io.read_patch_index) makes them absolute again.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.annotations import class_fractions
+from histosynth.data.annotations import class_fractions
 from histosynth.device import derive_seed
-from histosynth.io import read_mask, read_patch_index, write_table
-from histosynth.patches import class_indices, fraction_column
+from histosynth.data.io import read_mask, read_patch_index, write_table
+from histosynth.data.patches import class_indices, fraction_column
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ An extractor maps uint8 RGB images (N, 3, H, W) to one feature vector each:
 - `timm_encoder`: any timm model (num_classes=0: its pooled features) with weights from a local
   file, e.g. an ImageNet ResNet or a pathology foundation model in timm format.
 
-Inception (FID/KID/IS) stays in histosynth.quality; these spaces sit beside it, and every quality
+Inception (FID/KID/IS) stays in histosynth.evaluation.quality; these spaces sit beside it, and every quality
 row names the extractor it used (`FeatureExtractor.name`).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histosynth.io import read_rgb
+from histosynth.data.io import read_rgb
 
 SEGMENTATION = "segmentation"
 
@@ -43,10 +43,10 @@ def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def segmentation_encoder(model) -> FeatureExtractor:
-    """The encoder of a loaded segmentation model (histosynth.segmentation.load_model, the same
+    """The encoder of a loaded segmentation model (histosynth.evaluation.segmentation.load_model, the same
     object that re-segments for mask consistency): each stage's feature map average-pooled,
     concatenated (resnet18 at depth 4: 512 values)."""
-    from histosynth.segmentation import normalise
+    from histosynth.evaluation.segmentation import normalise
 
     encoder = model.net.encoder
 

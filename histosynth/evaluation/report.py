@@ -4,7 +4,7 @@ writes a PNG (matplotlib, Agg) and returns its path, so rules can flag them with
 
 Paired test: for each ratio, class and metric, the ratio's value is paired with the baseline's
 for the same seed and test slide (per-slide rows; the pooled 'all' rows when there is only one test
-slide). Same-seed runs start from the same initial weights (histosynth.segmentation), so
+slide). Same-seed runs start from the same initial weights (histosynth.evaluation.segmentation), so
 the pairing removes the initialisation's share of the variance. Reported: the mean difference
 (ratio - baseline) with its 95% t interval, the paired t-test p-value (primary; scipy.stats.ttest_rel)
 and the Wilcoxon signed-rank p-value (exact for small n; needs >= 6 pairs to go below 0.05, so with
@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from histosynth.config import baseline_ratio  # noqa: E402
-from histosynth.io import atomic_file, write_csv, write_table  # noqa: E402
+from histosynth.data.io import atomic_file, write_csv, write_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m histosynth.report", description="Report figures outside rule summarize.")
+    parser = argparse.ArgumentParser(prog="python -m histosynth.evaluation.report", description="Report figures outside rule summarize.")
     commands = parser.add_subparsers(dest="command", required=True)
     rulegraph = commands.add_parser("rulegraph", help="draw `snakemake --rulegraph` output as a PNG")
     rulegraph.add_argument("dot", help="dot file written by snakemake --rulegraph")

@@ -1,0 +1,161 @@
+"""A learned nuclei detector behind a TorchScript file (HD-Yolo or any model honouring the
+contract of `load_detector`), run in overlapping tiles and stitched."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from skimage.color import rgb2hed
+
+from histosynth.nuclei.instances import (
+    MODEL_STRIDE,
+    NUCLEUS_CLASSES,
+    NucleiError,
+    NucleiParams,
+    mean_per_instance,
+    renumber,
+    shape_table,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NucleiModel:
+    """A loaded TorchScript nuclei detector and the device it runs on."""
+
+    path: Path
+    module: object  # a torch.jit.ScriptModule; torch is imported only when a model is used
+    device: str
+
+
+
+def load_detector(path: str | Path, device: str = "cpu") -> NucleiModel:
+    """Load a TorchScript nuclei detector onto `device`.
+
+    Contract: the module takes a float tensor (1, 3, H, W), RGB in [0, 1] at nuclei.model_mpp, H
+    and W multiples of 32, and returns a tuple (instances, classes, scores): `instances` an
+    (H, W) integer tensor with ids 1..N (0 = none), `classes` a list of N class-name strings (the
+    class of instance i at position i - 1) and `scores` N floats. Class names that are not
+    NUCLEUS_CLASSES must be mapped by nuclei.model_classes.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise NucleiError(
+            f"{path}: no such nuclei model file; set nuclei.model to a TorchScript file, or to null for the classical detector"
+        )
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+            module = torch.jit.load(str(path), map_location=device)
+    except RuntimeError as err:
+        raise NucleiError(
+            f"{path}: not a TorchScript module ({str(err).splitlines()[0]}); export the detector with "
+            "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path)"
+        ) from err
+    module.eval()
+    return NucleiModel(path, module, device)
+
+
+def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: NucleiParams) -> tuple[np.ndarray, pd.DataFrame]:
+    """Run a learned detector on an RGB uint8 image at params.model_mpp, in tiles of
+    params.tile pixels with params.pad pixels of context on each side (both rounded up to
+    multiples of 32; white beyond the image). A tile keeps the instances whose centroid lies in
+    its core; where kept instances of neighbouring tiles overlap, the earlier tile's pixels stay."""
+    h, w = rgb.shape[:2]
+    tile = _round_up(params.tile, MODEL_STRIDE)
+    core_h, core_w = min(tile, _round_up(h, MODEL_STRIDE)), min(tile, _round_up(w, MODEL_STRIDE))
+    pad = _round_up(params.pad, MODEL_STRIDE)
+    n_rows, n_cols = math.ceil(h / core_h), math.ceil(w / core_w)
+    canvas = np.full((n_rows * core_h + 2 * pad, n_cols * core_w + 2 * pad, 3), 255, np.uint8)
+    canvas[pad : pad + h, pad : pad + w] = rgb
+    instances = np.zeros((h, w), np.int32)
+    classes: list[str] = []
+    scores: list[float] = []
+    for top in range(0, n_rows * core_h, core_h):
+        for left in range(0, n_cols * core_w, core_w):
+            window = canvas[top : top + core_h + 2 * pad, left : left + core_w + 2 * pad]
+            tile_instances, tile_classes, tile_scores = _run_model(model, window)
+            cy, cx = _centroids(tile_instances, len(tile_classes))
+            kept = np.flatnonzero((cy >= pad) & (cy < pad + core_h) & (cx >= pad) & (cx < pad + core_w))
+            lut = np.zeros(len(tile_classes) + 1, np.int32)
+            lut[kept + 1] = len(classes) + np.arange(1, len(kept) + 1)
+            classes += _map_classes([tile_classes[i] for i in kept], params, model.path)
+            scores += [tile_scores[i] for i in kept]
+            # The window covers image rows top - pad .. top + core_h + pad: paste its in-image part.
+            r0, c0 = max(top - pad, 0), max(left - pad, 0)
+            r1, c1 = min(top + core_h + pad, h), min(left + core_w + pad, w)
+            mapped = lut[tile_instances[r0 - top + pad : r1 - top + pad, c0 - left + pad : c1 - left + pad]]
+            target = instances[r0:r1, c0:c1]
+            np.copyto(target, mapped, where=(mapped > 0) & (target == 0))
+    table = shape_table(instances)
+    if table.empty:
+        return instances.astype(np.uint16), table
+    positions = table["instance_id"].to_numpy() - 1
+    table["class"] = [classes[i] for i in positions]
+    table["score"] = np.asarray(scores, np.float64)[positions]
+    table["hematoxylin"] = mean_per_instance(instances, rgb2hed(rgb)[..., 0], table["instance_id"])
+    return renumber(instances, table)  # stitching drops the ids whose pixels a neighbour took
+
+
+def _centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column centroids of labels 1..n (NaN for labels with no pixels)."""
+    rows, cols = np.indices(labels.shape)
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, rows.ravel(), n + 1)[1:] / counts
+        cx = np.bincount(flat, cols.ravel(), n + 1)[1:] / counts
+    return cy, cx
+
+
+def _run_model(model: NucleiModel, window: np.ndarray) -> tuple[np.ndarray, list[str], list[float]]:
+    """One forward pass on an RGB window; checks the output against the contract of load_detector."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)[None].float().div(255).to(model.device)
+    try:
+        with torch.inference_mode():
+            instances, classes, scores = model.module(x)
+        instances = instances.cpu().numpy().squeeze().astype(np.int64)
+        scores = [float(s) for s in scores]
+        classes = [str(c) for c in classes]
+    except (RuntimeError, TypeError, ValueError, AttributeError) as err:
+        raise NucleiError(
+            f"{model.path}: failed on a (1, 3, {window.shape[0]}, {window.shape[1]}) input or returned something other "
+            f"than (instances, classes, scores) ({str(err).splitlines()[0]}); the contract is in histosynth.nuclei.model.load_detector"
+        ) from err
+    if instances.shape != window.shape[:2] or len(scores) != len(classes) or instances.max(initial=0) > len(classes):
+        raise NucleiError(
+            f"{model.path}: output instances of shape {instances.shape} with ids up to {instances.max(initial=0)}, "
+            f"{len(classes)} classes and {len(scores)} scores for an input of {window.shape[0]}x{window.shape[1]}; "
+            "the model must return one class and one score per instance id 1..N and a mask the size of its input"
+        )
+    return instances, classes, scores
+
+
+def _map_classes(names: Sequence[str], params: NucleiParams, source: Path) -> list[str]:
+    """Model class names as NUCLEUS_CLASSES names, via nuclei.model_classes (identity for names already in it)."""
+    mapping = {name: name for name in NUCLEUS_CLASSES} | dict(params.model_classes)
+    unmapped = sorted(set(names) - set(mapping))
+    if unmapped:
+        raise NucleiError(
+            f"{source}: the model's classes {unmapped} are not mapped; add them to nuclei.model_classes "
+            f"(model class name -> one of {list(NUCLEUS_CLASSES)})"
+        )
+    return [mapping[name] for name in names]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
