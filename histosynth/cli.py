@@ -108,8 +108,8 @@ def cmd_patches(args) -> None:
 
 
 def cmd_nuclei(args) -> None:
-    from histosynth.device import pick_device
     from histosynth.data.io import read_patch_index, write_table
+    from histosynth.device import pick_device
     from histosynth.nuclei.instances import NucleiError, NucleiParams
     from histosynth.nuclei.model import load_detector
     from histosynth.nuclei.stage import segment_images
@@ -129,7 +129,7 @@ def cmd_nuclei(args) -> None:
         mpp = args.mpp
     else:
         raise NucleiError(f"{source}: expected a folder of PNG/TIFF images or a patch index (.parquet)")
-    model = load_detector(params.model, str(pick_device())) if params.model else None
+    model = load_detector(params["model"], str(pick_device())) if params["model"] else None
     table = segment_images(paths, mpp, args.out, params, model)
     write_table(table, Path(args.out) / "nuclei.parquet")
     print(f"{len(table)} nuclei in {len(paths)} images -> {args.out}/<stem>.png, {args.out}/nuclei.parquet")
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from histosynth.data.annotations import AnnotationError
-    from histosynth.nuclei.instances import NucleiError
     from histosynth.data.patches import PatchError
     from histosynth.data.slides import SlideError
+    from histosynth.nuclei.instances import NucleiError
 
     try:
         args.func(args)

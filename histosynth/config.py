@@ -1,46 +1,89 @@
-"""Configuration: the JSON schema in workflow/schemas is the single source of defaults and types,
-for the Snakemake workflow and for the standalone `histosynth` commands alike."""
+"""Configuration: the JSON schema (histosynth/schemas, package data; workflow/schemas links to it)
+is the single source of defaults and types, for the Snakemake workflow, the standalone `histosynth`
+commands and library callers alike (`section_defaults`)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
+import jsonschema
 import pandas as pd
 import yaml
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import update_config, validate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
 SLIDES_SCHEMA = SCHEMA_DIR / "slides.schema.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # a checkout's config/ presets (load_preset)
 
 
 class ConfigError(ValueError):
     """A configuration or slide sheet that does not match the schema."""
 
 
+def _fill_defaults(validator_class):
+    """A validator class that also writes each missing property's schema default (copied) into
+    the instance, before validating it, as Snakemake's validate(set_default=True) does."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, schema_properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in schema_properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from check_properties(validator, schema_properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": properties})
+
+
+@functools.cache
+def _validator(path: Path, fill: bool):
+    schema = yaml.safe_load(path.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    return (_fill_defaults(cls) if fill else cls)(schema)
+
+
+def _schema_error(instance, path: Path, fill: bool) -> str | None:
+    """The key path and reason of the first schema violation of `instance` (None when valid)."""
+    error = jsonschema.exceptions.best_match(_validator(path, fill).iter_errors(instance))
+    if error is None:
+        return None
+    return f"{'.'.join(map(str, error.absolute_path)) or '(top level)'}: {error.message}"
+
+
 def validated(config: dict, source: str = "config") -> dict:
     """A copy of `config` checked against the schema, with every default filled in."""
     config = copy.deepcopy(config)
-    try:
-        validate(config, str(CONFIG_SCHEMA))
-    except WorkflowError as err:
-        raise ConfigError(f"{source}: {_schema_message(err)}\nSee config/README.md for every key, its type and default.") from err
+    message = _schema_error(config, CONFIG_SCHEMA, fill=True)
+    if message:
+        raise ConfigError(f"{source}: {message}\nSee config/README.md for every key, its type and default.")
     _check_class_references(config, source)
     _check_evaluation(config, source)
     return config
 
 
-def _schema_message(err: WorkflowError) -> str:
-    """The key path and the reason of a schema violation, without the schema dump jsonschema appends."""
-    cause = err.__context__  # snakemake.utils.validate raises WorkflowError while handling jsonschema's error
-    if not hasattr(cause, "absolute_path"):
-        return str(err)
-    key = ".".join(map(str, cause.absolute_path)) or "(top level)"
-    return f"{key}: {cause.message}"
+@functools.cache
+def _defaults() -> dict:
+    return validated({}, "defaults")
+
+
+def section_defaults(name: str, overrides: dict | None = None) -> dict:
+    """Config section `name` with every schema default (a fresh copy), `overrides` merged in key
+    by key and checked against the schema: the settings library callers and tests start from, so
+    no default is written twice."""
+    section = _merge(copy.deepcopy(_defaults()[name]), copy.deepcopy(overrides or {}))
+    message = _schema_error({name: section}, CONFIG_SCHEMA, fill=True)
+    if message:
+        raise ConfigError(f"{name} settings: {message}")
+    return section
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for key, value in over.items():
+        base[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
 
 
 def _check_class_references(config: dict, source: str) -> None:
@@ -117,7 +160,7 @@ def load_preset(name: str) -> dict:
         preset = REPO_ROOT / "config" / f"{name}.yaml"
         if not preset.is_file():
             raise ConfigError(f"{preset}: no such preset")
-        update_config(config, yaml.safe_load(preset.read_text()) or {})
+        _merge(config, yaml.safe_load(preset.read_text()) or {})
     return validated(config, f"preset {name}")
 
 
@@ -131,10 +174,10 @@ def read_slide_sheet(path: str | Path) -> pd.DataFrame:
     for column in ("annotations", "mpp"):
         if column not in sheet:
             sheet[column] = ""
-    try:
-        validate(sheet, str(SLIDES_SCHEMA))
-    except WorkflowError as err:
-        raise ConfigError(f"{path}: {err}") from err
+    for line, row in enumerate(sheet.to_dict("records"), start=2):
+        message = _schema_error(row, SLIDES_SCHEMA, fill=False)
+        if message:
+            raise ConfigError(f"{path}, line {line}: {message}")
     duplicated = sheet["slide"][sheet["slide"].duplicated()].tolist()
     if duplicated:
         raise ConfigError(f"{path}: slide names must be unique; repeated: {', '.join(duplicated)}")

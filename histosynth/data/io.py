@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+PNG_COMPRESSION = 3  # zlib level of every PNG the stages write: written often, read rarely
+
 
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
@@ -42,6 +44,11 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
+
+
+def write_png(array: np.ndarray, path: str | Path) -> None:
+    """Write an image array (RGB uint8, label uint8 or instance uint16) as PNG."""
+    Image.fromarray(array).save(path, format="PNG", compress_level=PNG_COMPRESSION)
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

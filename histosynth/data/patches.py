@@ -8,49 +8,35 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.data.annotations import Region, RegionRasterizer, class_fractions, load_regions
-from histosynth.data.io import atomic_dir, atomic_file
-from histosynth.data.slides import Slide, TissueParams, detect_tissue
+from histosynth.data.annotations import (
+    Region,
+    RegionRasterizer,
+    class_fractions,
+    load_regions,
+)
+from histosynth.data.io import atomic_dir, atomic_file, write_png
+from histosynth.data.slides import Slide, detect_tissue
 
 log = logging.getLogger(__name__)
 
 INDEX_BATCH = 4096  # index rows per parquet row group
-PNG_COMPRESSION = 3  # zlib level: patches are written often and read rarely
 QC_MAX_SIDE = 1600  # longest side of the QC thumbnail in pixels
 QC_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
 class PatchError(RuntimeError):
     """A slide that yields no patches; the message says which threshold removed them."""
-
-
-@dataclass(frozen=True)
-class PatchParams:
-    """Window geometry and keep thresholds (config `patches`)."""
-
-    size: int = 64
-    stride: int = 64
-    mpp: float = 1.0
-    min_tissue: float = 0.5
-    target_class: str | None = None
-    min_label: float = 0.1
-    tissue: TissueParams = field(default_factory=TissueParams)
-
-    @classmethod
-    def from_config(cls, section: dict) -> PatchParams:
-        """Build from the validated `patches` config section."""
-        keys = ("size", "stride", "mpp", "min_tissue", "target_class", "min_label")
-        return cls(**{k: section[k] for k in keys}, tissue=TissueParams(**section["tissue"]))
 
 
 def class_indices(names: list[str]) -> dict[str, int]:
@@ -61,6 +47,13 @@ def class_indices(names: list[str]) -> dict[str, int]:
 def fraction_column(class_name: str) -> str:
     """Index column holding a class's pixel fraction, e.g. 'Blood vessel' -> 'frac_blood_vessel'."""
     return "frac_" + re.sub(r"[^0-9a-z]+", "_", class_name.lower()).strip("_")
+
+
+def dominant_class(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Per row, 1 + the position of the region class covering most of the patch, 0 when none does;
+    the label of the diffusion model's class embedding (num_classes = len(classes) + 1)."""
+    fractions = table[[fraction_column(name) for name in classes]].to_numpy()
+    return np.where(fractions.max(axis=1) > 0, fractions.argmax(axis=1) + 1, 0)
 
 
 def fraction_columns(mask: np.ndarray, classes: dict[str, int]) -> dict[str, float]:
@@ -99,11 +92,11 @@ class TissueMap:
         return self.mask[np.ix_(rows, cols)]
 
 
-def build_tissue_map(slide: Slide, params: TissueParams, outline: RegionRasterizer | None,
+def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | None,
                      labels: RegionRasterizer | None) -> TissueMap:
-    """Detect tissue on a rendering at params.mpp. Annotated label regions count as tissue (fat and
+    """Detect tissue on a rendering at params["mpp"]. Annotated label regions count as tissue (fat and
     vessel lumens are pale but annotated tissue); an annotated outline bounds the result."""
-    mask_mpp = max(params.mpp, slide.mpp)
+    mask_mpp = max(params["mpp"], slide.mpp)
     thumb = slide.render(mask_mpp)
     mask, threshold = detect_tissue(thumb, mask_mpp, params)
     scale = thumb.shape[1] / slide.dimensions[0]
@@ -142,16 +135,16 @@ def extract_slide(
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
     `mpp` overrides the slide's recorded resolution."""
     out_root = Path(out_root)
-    params = PatchParams.from_config(config["patches"])
+    params = config["patches"]
     classes = classes or class_indices(config["classes"])
     started = time.perf_counter()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
-        tissue = build_tissue_map(slide, params.tissue, outline, labels)
-        extent = params.size * params.mpp / slide.mpp
-        step = params.stride * params.mpp / slide.mpp
-        if extent / params.size < 1 - 1e-6:
-            log.warning("%s: target %.3f mpp is finer than the slide's %.3f mpp; patches are upsampled", image, params.mpp, slide.mpp)
+        tissue = build_tissue_map(slide, params["tissue"], outline, labels)
+        extent = params["size"] * params["mpp"] / slide.mpp
+        step = params["stride"] * params["mpp"] / slide.mpp
+        if extent / params["size"] < 1 - 1e-6:
+            log.warning("%s: target %.3f mpp is finer than the slide's %.3f mpp; patches are upsampled", image, params["mpp"], slide.mpp)
         xs = window_origins(slide.dimensions[0], extent, step)
         ys = window_origins(slide.dimensions[1], extent, step)
         if not len(xs) or not len(ys):
@@ -168,7 +161,7 @@ def extract_slide(
     seconds = time.perf_counter() - started
     log.info(
         "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
-        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params.min_tissue, seconds, len(kept_xy) / seconds,
+        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params["min_tissue"], seconds, len(kept_xy) / seconds,
     )
     return index_path
 
@@ -223,36 +216,36 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
 def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, slide_name, progress, counts):
     """Slide the window over the grid, write kept patches into out_dir and yield their index rows;
     `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
-    target = classes.get(params.target_class) if params.target_class else None
-    level = slide.level_for(params.mpp)
+    target = classes.get(params["target_class"]) if params["target_class"] else None
+    level = slide.level_for(params["mpp"])
     (out_dir / "images").mkdir()
     (out_dir / "masks").mkdir()
-    empty_mask = np.zeros((params.size, params.size), np.uint8)
+    empty_mask = np.zeros((params["size"], params["size"]), np.uint8)
     for y in tqdm(ys, desc=f"{slide_name}: window rows", unit="row", disable=not progress, mininterval=2):
         for x in xs:
-            tissue_fraction = float(tissue.sample(x, y, extent, params.size).mean())
+            tissue_fraction = float(tissue.sample(x, y, extent, params["size"]).mean())
             counts["max_tissue"] = max(counts["max_tissue"], tissue_fraction)
-            if tissue_fraction < params.min_tissue:
+            if tissue_fraction < params["min_tissue"]:
                 continue
             counts["tissue"] += 1
-            mask = labels.rasterize(x, y, extent, extent, (params.size, params.size)) if labels else empty_mask
+            mask = labels.rasterize(x, y, extent, extent, (params["size"], params["size"])) if labels else empty_mask
             label_fraction = float((mask == target).mean()) if target else None
             if label_fraction is not None:
                 counts["max_label"] = max(counts["max_label"], label_fraction)
-            if not keep_window(tissue_fraction, label_fraction, params.min_tissue, params.min_label):
+            if not keep_window(tissue_fraction, label_fraction, params["min_tissue"], params["min_label"]):
                 continue
             name = f"{slide_name}_x{x}_y{y}"
-            pixels = slide.read(x, y, extent, extent, (params.size, params.size))
-            Image.fromarray(pixels).save(out_dir / "images" / f"{name}.png", compress_level=PNG_COMPRESSION)
-            Image.fromarray(mask).save(out_dir / "masks" / f"{name}.png", compress_level=PNG_COMPRESSION)
+            pixels = slide.read(x, y, extent, extent, (params["size"], params["size"]))
+            write_png(pixels, out_dir / "images" / f"{name}.png")
+            write_png(mask, out_dir / "masks" / f"{name}.png")
             row = {
                 "patch_id": name,
                 "slide": slide_name,
                 "x": int(x),
                 "y": int(y),
                 "level": level,
-                "mpp": params.mpp,
-                "size": params.size,
+                "mpp": params["mpp"],
+                "size": params["size"],
                 "image": f"{slide_name}/images/{name}.png",
                 "mask": f"{slide_name}/masks/{name}.png",
                 "tissue_fraction": tissue_fraction,
@@ -261,14 +254,14 @@ def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_di
             yield row
 
 
-def _no_patch_message(image, params: PatchParams, counts: dict) -> str:
+def _no_patch_message(image, params: Mapping, counts: dict) -> str:
     message = (
         f"{image}: 0 of {counts['windows']} windows kept. {counts['tissue']} had tissue >= patches.min_tissue="
-        f"{params.min_tissue} (highest tissue fraction {counts['max_tissue']:.2f})"
+        f"{params['min_tissue']} (highest tissue fraction {counts['max_tissue']:.2f})"
     )
-    if params.target_class and counts["tissue"]:
+    if params["target_class"] and counts["tissue"]:
         message += (
-            f"; none of those had {params.target_class!r} >= patches.min_label={params.min_label} "
+            f"; none of those had {params['target_class']!r} >= patches.min_label={params['min_label']} "
             f"(highest {counts['max_label']:.2f}). Lower patches.min_label or check the annotations"
         )
     else:

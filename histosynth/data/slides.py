@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import openslide
 from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
-
-import openslide
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +25,6 @@ HSV_BAND = 256
 
 class SlideError(RuntimeError):
     """A slide that cannot be opened or read; the message names the file and what to do."""
-
-
-@dataclass(frozen=True)
-class TissueParams:
-    """Tissue-detection settings (config `patches.tissue`)."""
-
-    mpp: float = 8.0
-    min_saturation: float = 0.07
-    min_object_um2: float = 2000.0
-    max_hole_um2: float = 20000.0
-    reject_pen: bool = True
 
 
 class Slide:
@@ -146,7 +134,7 @@ class Slide:
         self.close()
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams) -> tuple[np.ndarray, float]:
+def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of a low-resolution RGB rendering taken at `mpp`, and the saturation
     threshold used: Otsu on HSV saturation (floored at min_saturation), near-white and pen-ink
     pixels rejected, small objects removed and small holes filled. Works in row bands so the
@@ -158,11 +146,11 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams) -> tuple[np
         hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
         saturation[top : top + HSV_BAND] = np.round(sat * 255)
         keep = val < 0.92  # near-white glass
-        if params.reject_pen:
+        if params["reject_pen"]:
             ink = (hue > 0.2) & (hue < 0.7) & (sat > 0.25)  # green through blue: neither eosin nor haematoxylin
             keep &= ~ink & (val > 0.15)  # and not near-black marker
         candidate[top : top + HSV_BAND] = keep
-    threshold = params.min_saturation
+    threshold = params["min_saturation"]
     if saturation.min() < saturation.max():
         threshold = max(threshold, float(threshold_otsu(saturation)) / 255)
     tissue = (saturation >= threshold * 255) & candidate

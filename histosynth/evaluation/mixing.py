@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.annotations import class_fractions
-from histosynth.device import derive_seed
 from histosynth.data.io import read_mask, read_patch_index, write_table
 from histosynth.data.patches import class_indices, fraction_column
+from histosynth.device import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -38,40 +38,34 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from histosynth.device import autocast, derive_seed, pick_device, prepare_model, seed_everything
-from histosynth.data.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv, write_table
+from histosynth.config import section_defaults
+from histosynth.overlap import overlap_scores
+from histosynth.weights import encoder_spec, weights_file
+from histosynth.data.io import (
+    atomic_dir,
+    read_mask,
+    read_patch_index,
+    read_rgb,
+    write_csv,
+    write_table,
+)
 from histosynth.data.patches import class_indices
-from histosynth.generators.training import merged
+from histosynth.device import (
+    autocast,
+    derive_seed,
+    pick_device,
+    prepare_model,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_DEFAULTS: dict = {
-    "encoder": "resnet18",
-    "encoder_depth": 5,
-    "decoder_channels": [256, 128, 64, 32, 16],
-    "attention": "scse",             # decoder_attention_type; null: plain U-Net decoder
-    "encoder_weights": "imagenet",   # imagenet (used only when available offline) | null
-    "encoder_weights_path": None,    # state dict of the smp encoder (.safetensors / .pt)
-    "classes": None,                 # segmented classes; null: every configured class
-    "epochs": 100,
-    "batch_size": 16,
-    "lr": 2e-4,
-    "lr_decay": 0.98,                # ExponentialLR gamma, per epoch
-    "patience": 10,                  # epochs without a better validation loss before stopping
-    "min_delta": 0.0,
-    "threshold": 0.5,
-    "augment": True,                 # random flips and 90-degree rotations
-    "bce_weight": 1.0,
-    "dice_weight": 1.0,
-    "device": "auto",
-    "num_workers": 0,
-    "overlays": 4,                   # test patches drawn with TP/FP/FN colours
-}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OVERLAY_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (0, 90, 255)}
 OVERLAY_ALPHA = 0.55
 OVERLAY_MIN_SIDE = 256  # overlays of small patches are enlarged (nearest) to at least this side
+SCORED = ("dice", "precision", "recall")  # the test metrics of every class
 LOSS_COLUMNS = ("step", "epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds")
 
 
@@ -80,11 +74,6 @@ class SegmentationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- data
-
-def settings_from(config: Mapping | None) -> dict:
-    """SEGMENTATION_DEFAULTS overridden by a (validated) `segmentation` config section."""
-    return merged(SEGMENTATION_DEFAULTS, config)
-
 
 def target_classes(all_classes: Sequence[str], selected: Sequence[str] | None) -> dict[str, int]:
     """{class: mask value} of the segmented classes (config `segmentation.classes`, default all)."""
@@ -160,51 +149,25 @@ def build_model(settings: Mapping, n_classes: int):
                         decoder_channels=channels, decoder_attention_type=settings["attention"], classes=n_classes)
 
 
-def encoder_weights_file(settings: Mapping) -> tuple[Path | None, str]:
+def encoder_weights_file(settings: Mapping, weights_dir: str | Path) -> tuple[Path | None, str]:
     """The encoder state-dict file to start from and a line saying what was chosen: the configured
-    encoder_weights_path, else (encoder_weights: imagenet) smp's ImageNet file when already in the
-    Hugging Face cache, else None (random init) with the file that would enable it."""
-    configured = settings.get("encoder_weights_path")
+    encoder_weights_path (which must exist), else (encoder_weights: imagenet) smp's ImageNet file in
+    weights_dir (histosynth.weights), else None (random init) with how to provide it."""
+    configured = settings["encoder_weights_path"]
+    if configured and not Path(configured).is_file():
+        raise SegmentationError(f"segmentation.encoder_weights_path={configured} does not exist")
     if configured:
-        path = Path(configured)
-        if not path.is_file():
-            raise SegmentationError(f"segmentation.encoder_weights_path={configured} does not exist")
-        return path, f"encoder weights from {path}"
+        return Path(configured), f"encoder weights from {configured}"
     encoder = settings["encoder"]
-    if settings.get("encoder_weights") != "imagenet":
-        return None, f"encoder {encoder}: random init (segmentation.encoder_weights is {settings.get('encoder_weights')!r})"
-    if encoder.startswith("tu-"):
-        return None, (f"encoder {encoder}: ImageNet weights for timm encoders are not looked up offline; random init. "
-                      "To use them, save smp's encoder state dict (model.encoder.state_dict()) to a file and set "
-                      "segmentation.encoder_weights_path to it")
-    import segmentation_models_pytorch as smp
-    from huggingface_hub import try_to_load_from_cache
-
-    spec = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get("imagenet")
+    if settings["encoder_weights"] != "imagenet":
+        return None, f"encoder {encoder}: random init (segmentation.encoder_weights is {settings['encoder_weights']!r})"
+    spec = encoder_spec(encoder)
     if spec is None:
-        return None, f"encoder {encoder} has no ImageNet weights in smp; random init"
-    cached = try_to_load_from_cache(spec["repo_id"], "model.safetensors", revision=spec["revision"])
-    if isinstance(cached, str):
-        return Path(cached), f"encoder {encoder}: ImageNet weights from the Hugging Face cache ({cached})"
-    return None, (
-        f"encoder {encoder}: ImageNet weights not available offline; random init. To enable them, download "
-        f"model.safetensors of {spec['repo_id']} (revision {spec['revision']}) into the Hugging Face cache "
-        f"(huggingface-cli download {spec['repo_id']} model.safetensors config.json --revision {spec['revision']}) "
-        "or set segmentation.encoder_weights_path to that file"
-    )
-
-
-def fetch_encoder_weights(settings: Mapping) -> Path | None:
-    """Download smp's ImageNet encoder file into the Hugging Face cache (rule fetch_weights; needs
-    network), so later trainings find it offline. None for encoders smp has no such file for."""
-    import segmentation_models_pytorch as smp
-    from huggingface_hub import hf_hub_download
-
-    spec = smp.encoders.encoders.get(settings["encoder"], {}).get("pretrained_settings", {}).get("imagenet")
-    if spec is None:
-        return None
-    hf_hub_download(spec["repo_id"], "config.json", revision=spec["revision"])
-    return Path(hf_hub_download(spec["repo_id"], "model.safetensors", revision=spec["revision"]))
+        return None, (f"encoder {encoder}: smp has no ImageNet weights file for it; random init. To start from "
+                      "pretrained weights, save smp's encoder state dict (model.encoder.state_dict()) to a file and "
+                      "set segmentation.encoder_weights_path to it")
+    path, note = weights_file(spec, None, weights_dir)
+    return path, (f"encoder {encoder}: ImageNet {note}" if path else f"{note}; random init")
 
 
 def load_encoder_weights(model, path: Path) -> None:
@@ -301,10 +264,10 @@ def _loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None, num_wor
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
-def _evaluate_loss(net, loader, loss_fn, device) -> tuple[float, float]:
-    """Mean loss and mean per-class Dice (pooled counts) over a loader."""
+def _evaluate_loss(net, loader, loss_fn, device, threshold: float) -> tuple[float, float]:
+    """Mean loss and mean per-class Dice (pooled counts, pixels with probability >= threshold) over a loader."""
     net.eval()
-    total, count, inter, sums = 0.0, 0, None, None
+    total, count, tp, fp, fn = 0.0, 0, 0, 0, 0
     with torch.no_grad():
         for batch in loader:
             x = normalise(batch["image"].to(device))
@@ -313,23 +276,25 @@ def _evaluate_loss(net, loader, loss_fn, device) -> tuple[float, float]:
                 logits = net(x)
             total += float(loss_fn(logits, y)) * len(x)
             count += len(x)
-            pred = (torch.sigmoid(logits.float()) >= 0.5).float()
-            i, s = (pred * y).sum((0, 2, 3)), (pred + y).sum((0, 2, 3))
-            inter, sums = (i, s) if inter is None else (inter + i, sums + s)
-    dice = torch.where(sums > 0, 2 * inter / sums.clamp(min=1), torch.nan)
-    return total / max(count, 1), float(torch.nanmean(dice)) if torch.isfinite(dice).any() else math.nan
+            pred, truth = torch.sigmoid(logits.float()) >= threshold, y > 0.5
+            tp = tp + (pred & truth).sum((0, 2, 3)).cpu().numpy()
+            fp = fp + (pred & ~truth).sum((0, 2, 3)).cpu().numpy()
+            fn = fn + (~pred & truth).sum((0, 2, 3)).cpu().numpy()
+    dice = overlap_scores(tp, fp, fn)["dice"]
+    return total / max(count, 1), float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
 
 
 def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequence[str], out_dir: str | Path, *,
-          settings: Mapping, seed: int, progress: bool = True) -> dict:
+          settings: Mapping, seed: int, weights_dir: str | Path, progress: bool = True) -> dict:
     """Train one model on manifest rows (absolute image/mask paths) and write the run folder
-    out_dir (model/, loss.csv, summary.json) atomically; return the summary."""
-    s = settings_from(settings)
+    out_dir (model/, loss.csv, summary.json) atomically; return the summary. `settings` override
+    the `segmentation` section's defaults; the ImageNet encoder file is looked up in weights_dir."""
+    s = section_defaults("segmentation", settings)
     classes = target_classes(all_classes, s["classes"])
     if train_rows.empty:
         raise SegmentationError("the training manifest is empty; check rule mix_dataset's output")
     device = pick_device(s["device"])
-    weights, note = encoder_weights_file(s)
+    weights, note = encoder_weights_file(s, weights_dir)
     log.info(note)
     seed_everything(derive_seed(seed, "segmentation", "init"))
     net = build_model(s, len(classes))
@@ -373,7 +338,7 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
             total, count, step = total + float(loss.detach()) * len(x), count + len(x), step + 1
         lr = optimizer.param_groups[0]["lr"]
         schedule.step()
-        val_loss, val_dice = _evaluate_loss(net, val_loader, loss_fn, device) if val_loader else (math.nan, math.nan)
+        val_loss, val_dice = _evaluate_loss(net, val_loader, loss_fn, device, float(s["threshold"])) if val_loader else (math.nan, math.nan)
         row = {"step": step, "epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_dice": val_dice,
                "lr": lr, "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -400,13 +365,6 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def scores_from_counts(tp: float, fp: float, fn: float) -> dict[str, float]:
-    """Dice, precision, recall from pixel counts; undefined ratios (0/0) are NaN."""
-    def ratio(a, b):
-        return a / b if b > 0 else math.nan
-    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
-
 
 def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
              batch_size: int = 16, overlays_dir: str | Path | None = None, n_overlays: int = 4) -> pd.DataFrame:
@@ -458,8 +416,9 @@ def _score_rows(counts: Mapping[str, tuple[int, np.ndarray]], names: Sequence[st
             if tp + fn == 0:
                 warnings.warn(f"class {name!r} has no pixels in the test patches of {'all slides' if slide == 'all' else slide}: "
                               "Dice and recall are NaN", stacklevel=3)
-            for metric, value in scores_from_counts(tp, fp, fn).items():
-                rows.append({"slide": slide, "class": name, "metric": metric, "value": value,
+            scores = overlap_scores(tp, fp, fn)
+            for metric in SCORED:
+                rows.append({"slide": slide, "class": name, "metric": metric, "value": scores[metric],
                              "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_patches": int(n)})
     return pd.DataFrame(rows)
 
@@ -489,7 +448,7 @@ def write_overlays(items, ids: Sequence[str], names: Sequence[str], out_dir: Pat
 
 # ----------------------------------------------------------------------------- rule entries
 
-def test_rows(indexes: Sequence[str | Path], split: str = "test") -> pd.DataFrame:
+def split_rows(indexes: Sequence[str | Path], split: str) -> pd.DataFrame:
     """Rows of one split of the patch indexes, paths absolute."""
     tables = [read_patch_index(p) for p in indexes]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
@@ -501,18 +460,18 @@ def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_
     """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch indexes."""
     from histosynth.evaluation.mixing import read_mix
 
-    return train(read_mix(manifest), test_rows(indexes, "val"), config["classes"], out_dir,
-                 settings=config.get("segmentation", {}), seed=seed)
+    return train(read_mix(manifest), split_rows(indexes, "val"), config["classes"], out_dir,
+                 settings=config["segmentation"], seed=seed, weights_dir=config["weights_dir"])
 
 
 def evaluate_segmentation(run_dir: str | Path, indexes: Sequence[str | Path], out: str | Path, overlays_dir: str | Path, *,
                           config: Mapping, ratio: str, seed: int) -> pd.DataFrame:
     """Entry of rule evaluate_segmentation: score one run on the test slides; write a tidy parquet
     (evaluate's columns plus ratio and seed) and the overlays folder."""
-    s = settings_from(config.get("segmentation", {}))
+    s = config["segmentation"]
     model = load_model(run_dir, s["device"])
     with atomic_dir(overlays_dir) as tmp:
-        table = evaluate(model, test_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp, n_overlays=s["overlays"])
+        table = evaluate(model, split_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp, n_overlays=s["overlays"])
     table.insert(0, "seed", seed)
     table.insert(0, "ratio", ratio)
     write_table(table, out)

@@ -22,37 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histosynth.device import autocast, seed_everything
+from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir, atomic_file
+from histosynth.device import autocast, seed_everything
 from histosynth.generators.training import (
-    TRAIN_DEFAULTS, TrainingError, check_dataset, cli, fit, make_accelerator, merged, save_grid,
+    TrainingError,
+    check_dataset,
+    cli,
+    fit,
+    make_accelerator,
+    save_grid,
 )
 
 log = logging.getLogger("histosynth.generators.autoencoder")  # not __main__ under python -m
-
-# The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults
-# (a test keeps them equal), config/tiny.yaml and config/thesis.yaml the other presets.
-DEFAULTS: dict = {
-    "kind": "vq",              # vq (VQModel) | kl (AutoencoderKL)
-    "latent_channels": 4,      # 4 or 8
-    "factor": 4,               # spatial downsampling 4 or 8: log2(factor) + 1 blocks
-    "channels": [32, 64, 64],  # block widths, one per block
-    "layers_per_block": 1,
-    "norm_groups": 8,          # GroupNorm groups; must divide every width
-    "mid_attention": True,     # self-attention in the middle block
-    "codebook_size": 256,      # vq: codebook entries
-    "loss": "l1",              # reconstruction loss: l1 | l2
-    "vq_weight": 1.0,          # vq: weight of codebook + commitment loss
-    "kl_weight": 1.0e-6,       # kl: weight of the KL term
-    "lpips_weights": None,     # path to LPIPS weights (torchmetrics _LPIPS state dict or torchvision backbone)
-    "lpips_net": "alex",       # alex | vgg | squeeze
-    "lpips_weight": 1.0,
-    "scale_items": 256,        # training items used to measure the latent scaling factor
-    "val_items": 256,          # validation items for PSNR/SSIM
-    "train": merged(TRAIN_DEFAULTS, {"steps": 200, "lr": 2e-4, "ema_decay": None, "batch_size": 8,
-                                     "checkpoint_every": 100, "log_every": 10}),
-}
-
 
 
 # ----------------------------------------------------------------------------- model
@@ -61,7 +43,7 @@ def build_autoencoder(config: Mapping, image_channels: int = 3, sample_size: int
     """VQModel or AutoencoderKL from the `autoencoder` config section."""
     from diffusers import AutoencoderKL, VQModel
 
-    c = merged(DEFAULTS, config)
+    c = section_defaults("autoencoder", config)
     factor, channels = int(c["factor"]), [int(w) for w in c["channels"]]
     if factor not in (2, 4, 8, 16):
         raise TrainingError(f"autoencoder.factor must be a power of two (4 or 8), got {factor}")
@@ -197,7 +179,10 @@ def _measure_scale(autoencoder, dataset, n: int, device, batch_size: int) -> flo
 def evaluate(autoencoder, dataset, device, n: int = 256, batch_size: int = 8) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """PSNR and SSIM (torchmetrics, images in [0, 1]) of reconstructions of up to n items; also
     returns the first batch of real images and reconstructions for the grid."""
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+    from torchmetrics.image import (
+        PeakSignalNoiseRatio,
+        StructuralSimilarityIndexMeasure,
+    )
 
     psnr, ssim = PeakSignalNoiseRatio(data_range=1.0).to(device), StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     first = None
@@ -217,7 +202,7 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
                       checkpoint_dir: str | Path | None = None, accelerator=None) -> dict:
     """Train the autoencoder of the `autoencoder` config section on `dataset` (items with 'image'
     in [-1, 1]); write out/model, out/loss.csv, out/metrics.json, out/reconstructions.png."""
-    c = merged(DEFAULTS, config)
+    c = section_defaults("autoencoder", config)
     out = Path(out)
     shapes = check_dataset(dataset)
     channels, height, width = shapes["image"]

@@ -21,9 +21,14 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from histosynth.data.io import atomic_dir, write_table
-from histosynth.nuclei.instances import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
-from histosynth.data.patches import PNG_COMPRESSION, QC_COLOURS
+from histosynth.data.io import atomic_dir, write_png, write_table
+from histosynth.data.patches import QC_COLOURS
+from histosynth.nuclei.instances import (
+    NUCLEUS_CLASSES,
+    NUCLEUS_COLOURS,
+    instance_class_indices,
+    read_instances,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ def _one_hot(labels: np.ndarray, first: int, last: int, too_high: str) -> np.nda
 
 def write_conditioning(encoded: np.ndarray, path: str | Path) -> None:
     """Save an encoded map as an RGB PNG."""
-    Image.fromarray(encoded).save(path, compress_level=PNG_COMPRESSION)
+    write_png(encoded, path)
 
 
 def read_conditioning(path: str | Path) -> np.ndarray:

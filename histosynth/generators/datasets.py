@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from histosynth.generators.conditioning import conditioning_channels, read_conditioning
 from histosynth.data.io import read_patch_index, read_rgb
-from histosynth.data.patches import fraction_column
+from histosynth.data.patches import dominant_class
+from histosynth.generators.conditioning import conditioning_channels, read_conditioning
 
 
 def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:
@@ -26,13 +26,6 @@ def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.Da
         tables.append(read_patch_index(path, columns=columns))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return table[table["split"] == split].reset_index(drop=True) if split and len(table) else table
-
-
-def dominant_class(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """Per row, 1 + the position of the region class covering most of the patch, 0 when none does;
-    the label of the diffusion model's class embedding (num_classes = len(classes) + 1)."""
-    fractions = table[[fraction_column(name) for name in classes]].to_numpy()
-    return np.where(fractions.max(axis=1) > 0, fractions.argmax(axis=1) + 1, 0)
 
 
 class PatchDataset(Dataset):

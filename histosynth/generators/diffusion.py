@@ -31,41 +31,29 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
-from histosynth.generators.autoencoder import content_hash, decode, encode, latent_factor, load_autoencoder
-from histosynth.device import autocast, derive_seed, seed_everything
+from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir
+from histosynth.device import autocast, derive_seed, seed_everything
+from histosynth.generators.autoencoder import (
+    content_hash,
+    decode,
+    encode,
+    latent_factor,
+    load_autoencoder,
+)
 from histosynth.generators.spade import SPADE, SPADEResBlock, _groups
 from histosynth.generators.training import (
-    TRAIN_DEFAULTS, TrainingError, check_dataset, cli, collate, fit, make_accelerator, merged, save_grid,
+    TrainingError,
+    check_dataset,
+    cli,
+    collate,
+    fit,
+    make_accelerator,
+    save_grid,
 )
 
 log = logging.getLogger("histosynth.generators.diffusion")  # not __main__ under python -m
 META_FILE = "histosynth.json"
-
-# The config section's demo values; workflow/schemas/config.schema.yaml holds the same defaults
-# (a test keeps them equal), config/tiny.yaml and config/thesis.yaml the other presets.
-DEFAULTS: dict = {
-    "conditioning": "spade",        # spade | concat
-    "space": "pixel",               # pixel | latent (needs the autoencoder)
-    "channels": 32,                 # base width
-    "multipliers": [1, 2, 2],       # width multiplier per level; levels - 1 downsamplings
-    "layers_per_block": 1,          # encoder res blocks per level (decoder: one more)
-    "attention": True,              # self-attention at the bottleneck
-    "attention_head_dim": 32,
-    "norm_groups": 8,
-    "spade_hidden": 32,             # SPADE's hidden conv width
-    "dropout": 0.0,
-    "num_classes": 0,               # class embedding for labels 0..num_classes-1 (+ a null class); 0: none
-    "cond_dropout": 0.1,            # p of dropping cond (and label) for classifier-free guidance
-    "prediction": "epsilon",        # what the U-Net predicts: epsilon (noise) | v_prediction
-    "min_snr_gamma": None,          # Min-SNR-gamma loss weighting (Hang et al. 2023); null: uniform
-    "scheduler": {"timesteps": 1000, "beta_start": 1.0e-4, "beta_end": 0.02, "beta_schedule": "linear"},
-    "train": merged(TRAIN_DEFAULTS, {
-        "steps": 300, "batch_size": 4, "lr": 2e-4, "checkpoint_every": 100, "log_every": 10,
-        "sample_every": 300, "sample_count": 8, "sample_steps": 100, "sample_sampler": "ddpm", "sample_guidance": 1.0,
-    }),
-}
-
 
 
 # ----------------------------------------------------------------------------- the SPADE U-Net
@@ -250,7 +238,7 @@ def build_model(config: Mapping, image_channels: int, cond_channels: int, sample
     """SpadeUNet or UNet2DModel (concat) from the `diffusion` config section."""
     from diffusers import UNet2DModel
 
-    c = merged(DEFAULTS, config)
+    c = section_defaults("diffusion", config)
     widths = tuple(int(c["channels"] * m) for m in c["multipliers"])
     if c["conditioning"] == "spade":
         return SpadeUNet(in_channels=image_channels, cond_channels=cond_channels, sample_size=sample_size,
@@ -278,7 +266,7 @@ def train_scheduler(config: Mapping):
     what the model predicts (its prediction_type, which every sampler built from it inherits)."""
     from diffusers import DDPMScheduler
 
-    c = merged(DEFAULTS, config)
+    c = section_defaults("diffusion", config)
     s = c["scheduler"]
     if c["prediction"] not in PREDICTIONS:
         raise TrainingError(f"diffusion.prediction must be one of {PREDICTIONS}, got {c['prediction']!r}")
@@ -369,7 +357,7 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     """Train the `diffusion` config section's model on `dataset` (items: image in [-1, 1], cond,
     label); in latent space on the frozen autoencoder at `autoencoder`. Writes out/model,
     out/loss.csv and out/samples/step-<n>.png."""
-    c = merged(DEFAULTS, config)
+    c = section_defaults("diffusion", config)
     out = Path(out)
     shapes = check_dataset(dataset)
     if "cond" not in shapes:

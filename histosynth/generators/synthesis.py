@@ -34,18 +34,33 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from histosynth.generators.autoencoder import content_hash, decode, encode, latent_factor
-from histosynth.generators.conditioning import conditioning_channels, preview, read_conditioning, write_conditioning
-from histosynth.generators.datasets import dominant_class
+from histosynth.config import section_defaults
+from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_png, write_table
+from histosynth.data.patches import class_indices, dominant_class, fraction_column, fraction_columns
 from histosynth.device import autocast, derive_seed
-from histosynth.generators.diffusion import (
-    Diffusion, guided_output, make_sampler, noise_from_output, num_classes, resize_cond, sample,
+from histosynth.generators.autoencoder import (
+    content_hash,
+    decode,
+    encode,
+    latent_factor,
 )
-from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_table
-from histosynth.data.patches import PNG_COMPRESSION, class_indices, fraction_column, fraction_columns
-from histosynth.generators.training import balance_weights, merged, save_grid, to_uint8
+from histosynth.generators.conditioning import (
+    conditioning_channels,
+    preview,
+    read_conditioning,
+    write_conditioning,
+)
+from histosynth.generators.diffusion import (
+    Diffusion,
+    guided_output,
+    make_sampler,
+    noise_from_output,
+    num_classes,
+    resize_cond,
+    sample,
+)
+from histosynth.generators.training import balance_weights, save_grid, to_uint8
 
 log = logging.getLogger("histosynth.generators.synthesis")
 
@@ -59,36 +74,6 @@ def set_manifests(folders) -> dict[str, Path]:
     """{mode: manifest path} of synthetic-set folders, which are named after their mode
     (results/synthetic/synth, results/synthetic/inpaint)."""
     return {Path(folder).name: Path(folder) / MANIFEST for folder in folders}
-
-
-# The `synthesis` config section's demo values (the schema holds the same defaults; config/tiny.yaml and
-# config/thesis.yaml the other presets).
-DEFAULTS: dict = {
-    "batch_size": 8,            # images per sampling batch
-    "grid_per_class": 8,        # columns of each grid_<class>.png (0: no grids)
-    "synthesize": {
-        "n": 64,                # images to generate
-        "target_class": None,   # only from training patches containing this class; null: any patch
-        "sampler": "ddpm",      # ddpm | ddim | dpmsolver++
-        "steps": 100,
-        "guidance": 1.0,        # classifier-free guidance scale (1: conditional only)
-        "strength": 1.0,        # 1: start from pure noise; < 1: from the source patch noised to that level (SDEdit)
-        "class_balance": 0.0,   # source maps drawn with weights 1 / count(dominant class)^b; 0: uniformly
-    },
-    "inpaint": {
-        "n": 32,
-        "target_class": None,   # class painted into clean-tissue patches (required)
-        "steps": 25,            # denoising steps before resampling (RePaint's T)
-        "jump_length": 5,       # RePaint j: steps re-noised per jump
-        "jump_n_sample": 3,     # RePaint r: times each jump is taken (1: no resampling); 65 evaluations at these values
-        "eta": 1.0,             # 1: DDPM posterior noise (RePaint); 0: DDIM-like
-        "guidance": 1.0,
-        "donor": "random",      # random: a random training patch containing the class, region at the same location
-        "donor_min_fraction": 0.0,  # donors need frac_<target_class> above this
-        "grow": 0,              # pixels the regenerated area extends beyond the pasted region
-        "latent_dilation": 1,   # latent space: latent pixels the regenerated area is dilated by
-    },
-}
 
 
 class SynthesisError(ValueError):
@@ -280,8 +265,8 @@ def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndar
 # ----------------------------------------------------------------------------- outputs
 
 def _write(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray, encoded: np.ndarray) -> dict:
-    Image.fromarray(image).save(root / "images" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
-    Image.fromarray(mask).save(root / "masks" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
+    write_png(image, root / "images" / f"{image_id}.png")
+    write_png(mask, root / "masks" / f"{image_id}.png")
     write_conditioning(encoded, root / "conditioning" / f"{image_id}.png")
     return {"image": f"images/{image_id}.png", "mask": f"masks/{image_id}.png",
             "conditioning": f"conditioning/{image_id}.png"}
@@ -468,13 +453,13 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
               autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
     `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings`."""
-    from histosynth.generators.datasets import read_indexes
     from histosynth.device import pick_device
+    from histosynth.generators.datasets import read_indexes
     from histosynth.generators.diffusion import load_diffusion
 
     if mode not in MODES:
         raise SynthesisError(f"mode must be one of {MODES}, got {mode!r}")
-    s = merged(DEFAULTS, settings)
+    s = section_defaults("synthesis", settings)
     diffusion = load_diffusion(model_path, autoencoder=autoencoder, device=pick_device(device))
     sources = read_indexes(indexes, split)
     if sources.empty:

@@ -35,30 +35,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from histosynth.device import derive_seed, pick_device, prepare_model
 from histosynth.data.io import atomic_dir, atomic_file
+from histosynth.device import derive_seed, pick_device, prepare_model
 
 log = logging.getLogger(__name__)
 
-TRAIN_DEFAULTS: dict = {
-    "steps": 1000,             # optimiser steps in all (not epochs)
-    "batch_size": 8,           # per process
-    "lr": 2e-4,
-    "optimizer": "adam",       # adam | adamw
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "grad_clip": 1.0,          # max gradient norm; 0 or null: no clipping
-    "lr_warmup": 0,            # steps of linear LR warm-up, then constant
-    "class_balance": 0.0,      # 0: every item once per epoch; 1: each class label equally often (weights 1 / count^b)
-    "ema_decay": 0.999,        # null: no EMA
-    "ema_warmup": True,        # decay_t = min(decay, (1 + t) / (10 + t))
-    "mixed_precision": "auto",  # auto (bf16 on CUDA, no on CPU) | bf16 | no
-    "device": "auto",          # auto | cpu | cuda
-    "checkpoint_every": 500,
-    "keep_checkpoints": 2,
-    "log_every": 10,
-    "num_workers": 0,
-}
 
 # Dotted keys of the run config that may change between a checkpoint and its resumption: how far
 # to train and how to report it, not what is trained.
@@ -85,14 +66,6 @@ class ConfigMismatchError(TrainingError):
 
 class NonFiniteLossError(TrainingError):
     """The loss (or gradient norm) became NaN or infinite."""
-
-
-def merged(defaults: Mapping, config: Mapping | None) -> dict:
-    """`config` over a deep copy of `defaults` (nested dicts merged key by key)."""
-    out = copy.deepcopy(dict(defaults))
-    for key, value in (config or {}).items():
-        out[key] = merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
-    return out
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -353,13 +326,14 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
         extra_columns=(), on_step: Callable | None = None, desc: str = "train") -> FitResult:
     """Train `model` (a diffusers ModelMixin, so save_pretrained works) on `dataset`.
 
+    `settings` is a whole `train` section (e.g. config.section_defaults("diffusion")["train"]).
     loss_fn(model, batch) -> (loss, {name: value}) gets the batch on the device; the named values
     become `extra_columns` of `out/loss.csv`. on_step(step, eval_model) runs on the main process
     after each step (eval_model: the EMA model, else the model). `run_config` is what a resume
     must match (see RESUME_IGNORED); checkpoints go to checkpoint_dir (default out/checkpoints)."""
     from accelerate.utils import gather_object
 
-    s = merged(TRAIN_DEFAULTS, settings)
+    s = dict(settings)
     out = Path(out)
     checkpoint_dir = Path(checkpoint_dir or out / "checkpoints")
     accelerator = accelerator or make_accelerator(s)

@@ -4,6 +4,7 @@ morphology heuristics for the class of each nucleus."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,6 @@ from skimage.morphology import h_maxima, remove_small_holes
 from skimage.segmentation import relabel_sequential, watershed
 
 from histosynth.nuclei.instances import (
-    NucleiParams,
     empty_table,
     mean_per_instance,
     renumber,
@@ -24,7 +24,7 @@ from histosynth.nuclei.instances import (
 log = logging.getLogger(__name__)
 
 
-def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np.ndarray, pd.DataFrame]:
+def detect_nuclei(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, pd.DataFrame]:
     """Classical nuclei detection on an RGB uint8 image at `mpp`: uint16 instances (0 = none,
     1..N) and a table (TABLE_COLUMNS, pixel units of the image).
 
@@ -49,21 +49,21 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     if rgb.size == 0:
         return np.zeros(rgb.shape[:2], np.uint16), empty_table()
     hematoxylin = rgb2hed(rgb)[..., 0].astype(np.float32)
-    smooth = ndi.gaussian_filter(hematoxylin, params.smoothing_um / mpp)
+    smooth = ndi.gaussian_filter(hematoxylin, params["smoothing_um"] / mpp)
     # Otsu ignores the darkest 0.5%: black debris or ink (optical density above 1) would squeeze
     # every nucleus into the histogram's first bins.
     clipped = np.minimum(smooth, np.quantile(smooth, 0.995))
-    threshold = params.min_hematoxylin
+    threshold = params["min_hematoxylin"]
     if np.ptp(clipped) > 0:
         threshold = max(threshold, float(threshold_otsu(clipped)))
     cores = smooth > threshold
-    low = max(params.min_hematoxylin, params.hysteresis * threshold)
+    low = max(params["min_hematoxylin"], params["hysteresis"] * threshold)
     grown, _ = ndi.label(apply_hysteresis_threshold(smooth, low, threshold))
     bled = np.bincount(grown.ravel()) * mpp * mpp > params.max_area_um2  # grew into cytoplasm
     bled[0] = False
     nuclear = np.where(bled[grown], cores, grown > 0)
     redness = (rgb[..., 0].astype(np.float32) - rgb[..., 2]) / 255
-    red = (ndi.gaussian_filter(redness, params.smoothing_um / mpp) >= params.blood_min_redness) & ~nuclear
+    red = (ndi.gaussian_filter(redness, params["smoothing_um"] / mpp) >= params["blood_min_redness"]) & ~nuclear
 
     nuclei = _split_objects(nuclear, mpp, params, params.min_area_um2, params.max_area_um2)
     blood = _split_objects(red, mpp, params, params.blood_min_area_um2, params.blood_max_area_um2)
@@ -71,7 +71,7 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     # Nuclei keep ids 1..n_nuclei (they win pixels both claim); red cells follow.
     instances = np.where(nuclei > 0, nuclei, np.where(blood > 0, blood + n_nuclei, 0))
     table = shape_table(instances)
-    table = table[table["solidity"] >= params.min_solidity]
+    table = table[table["solidity"] >= params["min_solidity"]]
     if table.empty:
         return np.zeros(instances.shape, np.uint16), empty_table()
     table = table.assign(score=1.0, hematoxylin=mean_per_instance(instances, hematoxylin, table["instance_id"]))
@@ -79,7 +79,7 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams) -> tuple[np
     return renumber(instances, table)
 
 
-def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min_um2: float, max_um2: float) -> np.ndarray:
+def _split_objects(foreground: np.ndarray, mpp: float, params: Mapping, min_um2: float, max_um2: float) -> np.ndarray:
     """Label image (1..N) of the foreground's objects, touching ones split by a marker-controlled
     watershed of the distance map, without those outside [min_um2, max_um2]."""
     px_area = mpp * mpp
@@ -88,7 +88,7 @@ def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min
         return np.zeros(foreground.shape, np.int32)
     # Distance to background in hundredths of a micron: integers keep h-maxima exact and fast.
     distance = np.round(ndi.distance_transform_edt(foreground) * (100 * mpp)).astype(np.int32)
-    markers, _ = ndi.label(h_maxima(distance, round(100 * params.marker_h_um)))
+    markers, _ = ndi.label(h_maxima(distance, round(100 * params["marker_h_um"])))
     labels = watershed(-distance, markers, mask=foreground)
     area_um2 = np.bincount(labels.ravel()) * px_area
     sized = (area_um2 >= min_um2) & (area_um2 <= max_um2)
@@ -97,12 +97,12 @@ def _split_objects(foreground: np.ndarray, mpp: float, params: NucleiParams, min
 
 
 
-def _heuristic_classes(table: pd.DataFrame, is_blood: np.ndarray, mpp: float, params: NucleiParams) -> list[str]:
+def _heuristic_classes(table: pd.DataFrame, is_blood: np.ndarray, mpp: float, params: Mapping) -> list[str]:
     """Class names by the morphology heuristic documented in detect_nuclei."""
     area_um2 = table["area"].to_numpy() * mpp * mpp
     eccentricity = table["eccentricity"].to_numpy()
-    immune = (area_um2 <= params.immune_max_area_um2) & (eccentricity <= params.immune_max_eccentricity)
-    stromal = eccentricity >= params.stromal_min_eccentricity
+    immune = (area_um2 <= params.immune_max_area_um2) & (eccentricity <= params["immune_max_eccentricity"])
+    stromal = eccentricity >= params["stromal_min_eccentricity"]
     return list(np.select([is_blood, immune, stromal], ["blood", "immune", "stromal"], "other"))
 
 

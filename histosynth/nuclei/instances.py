@@ -1,16 +1,17 @@
-"""Nuclei instance masks and their tables: HD-Yolo's nucleus classes, the detection settings,
-the per-nucleus shape table both detectors share, and reading/writing uint16 instance PNGs."""
+"""Nuclei instance masks and their tables: HD-Yolo's nucleus classes, the per-nucleus
+shape table both detectors share, and reading/writing uint16 instance PNGs."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from skimage.measure import regionprops_table
+
+from histosynth.data.io import write_png
 
 log = logging.getLogger(__name__)
 
@@ -26,60 +27,10 @@ TABLE_COLUMNS = (
     "instance_id", "class", "score", "hematoxylin", "centroid_x", "centroid_y", "area", "perimeter",
     "eccentricity", "solidity", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
 )
-PNG_COMPRESSION = 3
-# Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
-MODEL_STRIDE = 32
 
 
 class NucleiError(RuntimeError):
     """A nuclei model or input that cannot be used; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class NucleiParams:
-    """Nuclei detection settings (config `nuclei`). Sizes are in microns so they hold at any mpp."""
-
-    mpp: float = 0.5  # resolution the classical detector runs at (never finer than the slide)
-    min_hematoxylin: float = 0.03  # floor of the Otsu threshold on hematoxylin optical density
-    hysteresis: float = 0.8  # pixels above this fraction of the threshold join the nuclei they touch
-    smoothing_um: float = 0.25  # Gaussian sigma applied to the hematoxylin channel
-    max_hole_um2: float = 1.0  # holes up to this area are filled (larger: gaps between packed nuclei)
-    marker_h_um: float = 0.5  # h-maxima height on the distance map: a saddle this deep splits nuclei
-    min_area_um2: float = 8.0
-    max_area_um2: float = 250.0
-    min_solidity: float = 0.75  # less solid objects (clumps the watershed could not split) are dropped
-    immune_max_area_um2: float = 40.0  # heuristic: small and round -> immune
-    immune_max_eccentricity: float = 0.8
-    stromal_min_eccentricity: float = 0.85  # heuristic: elongated (axis ratio below about 0.5) -> stromal
-    blood_min_redness: float = 0.45  # (R - B) / 255 of red-cell pixels; eosin-pink stroma is about 0.35
-    blood_min_area_um2: float = 12.0
-    blood_max_area_um2: float = 80.0
-    model: str | None = None  # TorchScript detector; None uses the classical detector
-    model_mpp: float = 0.25
-    model_classes: dict[str, str] = field(default_factory=dict)  # model class name -> NUCLEUS_CLASSES name
-    tile: int = 512
-    pad: int = 64
-
-    def __post_init__(self):
-        wrong = {k: v for k, v in self.model_classes.items() if v not in NUCLEUS_CLASSES}
-        if wrong:
-            raise NucleiError(f"nuclei.model_classes maps to {wrong}, which are not nucleus classes {list(NUCLEUS_CLASSES)}")
-        if self.tile < MODEL_STRIDE or self.pad < 0:
-            raise NucleiError(f"nuclei.tile must be >= {MODEL_STRIDE} and nuclei.pad >= 0, got tile={self.tile}, pad={self.pad}")
-
-    @classmethod
-    def from_config(cls, section: dict) -> NucleiParams:
-        """Build from the validated `nuclei` config section (keys not named like a field are ignored)."""
-        return cls(**{f.name: section[f.name] for f in fields(cls) if f.name in section})
-
-
-@dataclass(frozen=True)
-class NucleiModel:
-    """A loaded TorchScript nuclei detector and the device it runs on."""
-
-    path: Path
-    module: object  # a torch.jit.ScriptModule; torch is imported only when a model is used
-    device: str
 
 
 def class_index(name: str) -> int:
@@ -96,12 +47,6 @@ def empty_table() -> pd.DataFrame:
     """A nuclei table with no rows and the standard columns."""
     dtypes = {c: "int64" if c == "instance_id" or c.startswith("bbox_") else "float64" for c in TABLE_COLUMNS}
     return pd.DataFrame({c: pd.Series(dtype="str" if c == "class" else dtypes[c]) for c in TABLE_COLUMNS})
-
-
-def detection_mpp(params: NucleiParams, source_mpp: float, model: NucleiModel | None = None) -> float:
-    """Resolution detection runs at: the model's, or params.mpp but never finer than the source."""
-    return params.model_mpp if model is not None else max(params.mpp, source_mpp)
-
 
 
 def renumber(instances: np.ndarray, table: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
@@ -167,7 +112,7 @@ def mean_per_instance(instances: np.ndarray, values: np.ndarray, ids) -> np.ndar
 
 
 def write_instances(instances: np.ndarray, path: Path) -> None:
-    Image.fromarray(instances.astype(np.uint16)).save(path, compress_level=PNG_COMPRESSION)
+    write_png(instances.astype(np.uint16), path)
 
 
 def read_instances(path: str | Path) -> np.ndarray:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histosynth.overlap import overlap_counts, overlap_scores
 from histosynth.nuclei.geojson import NucleusRasterizer
-
 from histosynth.nuclei.instances import read_instances
 
 
@@ -127,9 +127,7 @@ def aggregated_jaccard_index(truth: np.ndarray, pred: np.ndarray) -> float:
 
 def pixel_dice(truth: np.ndarray, pred: np.ndarray) -> float:
     """Dice of the foregrounds (> 0): 2|A ∩ B| / (|A| + |B|); both empty gives 1.0."""
-    a, b = np.asarray(truth) > 0, np.asarray(pred) > 0
-    total = int(a.sum()) + int(b.sum())
-    return 2 * int((a & b).sum()) / total if total else 1.0
+    return overlap_scores(*overlap_counts(np.asarray(truth) > 0, np.asarray(pred) > 0), empty=1.0)["dice"]
 
 
 def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> dict:

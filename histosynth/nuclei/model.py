@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +18,13 @@ from histosynth.nuclei.instances import (
     MODEL_STRIDE,
     NUCLEUS_CLASSES,
     NucleiError,
-    NucleiParams,
     mean_per_instance,
     renumber,
     shape_table,
 )
+
+# Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
+MODEL_STRIDE = 32
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,15 @@ def load_detector(path: str | Path, device: str = "cpu") -> NucleiModel:
     return NucleiModel(path, module, device)
 
 
-def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: NucleiParams) -> tuple[np.ndarray, pd.DataFrame]:
-    """Run a learned detector on an RGB uint8 image at params.model_mpp, in tiles of
-    params.tile pixels with params.pad pixels of context on each side (both rounded up to
+def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: Mapping) -> tuple[np.ndarray, pd.DataFrame]:
+    """Run a learned detector on an RGB uint8 image at params["model_mpp"], in tiles of
+    params["tile"] pixels with params["pad"] pixels of context on each side (both rounded up to
     multiples of 32; white beyond the image). A tile keeps the instances whose centroid lies in
     its core; where kept instances of neighbouring tiles overlap, the earlier tile's pixels stay."""
     h, w = rgb.shape[:2]
-    tile = _round_up(params.tile, MODEL_STRIDE)
+    tile = _round_up(params["tile"], MODEL_STRIDE)
     core_h, core_w = min(tile, _round_up(h, MODEL_STRIDE)), min(tile, _round_up(w, MODEL_STRIDE))
-    pad = _round_up(params.pad, MODEL_STRIDE)
+    pad = _round_up(params["pad"], MODEL_STRIDE)
     n_rows, n_cols = math.ceil(h / core_h), math.ceil(w / core_w)
     canvas = np.full((n_rows * core_h + 2 * pad, n_cols * core_w + 2 * pad, 3), 255, np.uint8)
     canvas[pad : pad + h, pad : pad + w] = rgb
@@ -143,9 +145,9 @@ def _run_model(model: NucleiModel, window: np.ndarray) -> tuple[np.ndarray, list
     return instances, classes, scores
 
 
-def _map_classes(names: Sequence[str], params: NucleiParams, source: Path) -> list[str]:
+def _map_classes(names: Sequence[str], params: Mapping, source: Path) -> list[str]:
     """Model class names as NUCLEUS_CLASSES names, via nuclei.model_classes (identity for names already in it)."""
-    mapping = {name: name for name in NUCLEUS_CLASSES} | dict(params.model_classes)
+    mapping = {name: name for name in NUCLEUS_CLASSES} | dict(params["model_classes"])
     unmapped = sorted(set(names) - set(mapping))
     if unmapped:
         raise NucleiError(

@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ from histosynth.nuclei.classical import detect_nuclei
 from histosynth.nuclei.geojson import nuclei_geojson, nucleus_features
 from histosynth.nuclei.instances import (
     NucleiError,
-    NucleiParams,
     shape_table,
     write_instances,
 )
@@ -31,9 +30,9 @@ from histosynth.nuclei.model import NucleiModel, detect_with_model
 log = logging.getLogger(__name__)
 
 
-def detection_mpp(params: NucleiParams, source_mpp: float, model: NucleiModel | None = None) -> float:
-    """Resolution detection runs at: the model's, or params.mpp but never finer than the source."""
-    return params.model_mpp if model is not None else max(params.mpp, source_mpp)
+def detection_mpp(params: Mapping, source_mpp: float, model: NucleiModel | None = None) -> float:
+    """Resolution detection runs at: the model's, or params["mpp"] but never finer than the source."""
+    return params["model_mpp"] if model is not None else max(params["mpp"], source_mpp)
 
 
 
@@ -43,16 +42,16 @@ def _note_classical_detector() -> None:
     log.info("nuclei.model is not set: using the classical detector (colour deconvolution + watershed, heuristic classes)")
 
 
-def detect(rgb: np.ndarray, mpp: float, params: NucleiParams,
+def detect(rgb: np.ndarray, mpp: float, params: Mapping,
            model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Instances and table for an RGB image at `mpp`: the learned model when given (the image
-    should then be at params.model_mpp), else the classical detector."""
+    should then be at params["model_mpp"]), else the classical detector."""
     if model is None:
         _note_classical_detector()
         return detect_nuclei(rgb, mpp, params)
-    if not math.isclose(mpp, params.model_mpp, rel_tol=0.05):
+    if not math.isclose(mpp, params["model_mpp"], rel_tol=0.05):
         log.warning("%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample",
-                    model.path, params.model_mpp, mpp)
+                    model.path, params["model_mpp"], mpp)
     return detect_with_model(rgb, model, params)
 
 
@@ -65,7 +64,7 @@ def resize_instances(instances: np.ndarray, out_shape: tuple[int, int]) -> np.nd
     return instances[np.ix_(r, c)]
 
 
-def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], params: NucleiParams,
+def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], params: Mapping,
                   model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Detect nuclei in an RGB image at `mpp` (resampled to the detection mpp when it differs) and
     return uint16 instances on the out_shape = (rows, cols) grid with their table measured on that
@@ -88,7 +87,7 @@ def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], param
 
 
 
-def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: str | Path, params: NucleiParams,
+def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: str | Path, params: Mapping,
                           model: NucleiModel | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Segment nuclei in every patch of one slide's index (histosynth.data.io.read_patch_index).
 
@@ -130,7 +129,7 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
     return table, nuclei_geojson(features)
 
 
-def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path, params: NucleiParams,
+def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path, params: Mapping,
                    model: NucleiModel | None = None, progress: bool = True) -> pd.DataFrame:
     """Segment nuclei in plain RGB images (PNG, TIFF) at `mpp`; writes out_dir/<stem>.png
     (uint16 instances on each image's grid) and returns the per-nucleus table with an `image`
