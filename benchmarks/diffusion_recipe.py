@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     from histosynth.config import load_preset, validated
     from histosynth.generators.datasets import patch_dataset
-    from histosynth.generators.diffusion import train_diffusion
+    from histosynth.generators.train_diffusion import train_diffusion
     from histosynth.generators.synthesis import run_stage
 
     if args.threads:

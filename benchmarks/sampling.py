@@ -1,5 +1,5 @@
 """Benchmark (not a test): sampling throughput of one diffusion model through the project's
-`histosynth.generators.diffusion.sample` against a bare diffusers loop on the same model, per sampler; with
+`histosynth.generators.sampling.sample` against a bare diffusers loop on the same model, per sampler; with
 --curve, the sampler quality curve of a trained model instead.
 
     .venv/bin/python benchmarks/sampling.py                        # demo preset's SpadeUNet, random weights, CPU
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         return curve(args)
 
     from histosynth.device import pick_device
-    from histosynth.generators.diffusion import make_sampler, sample
-    from histosynth.generators.synthesis import repaint, repaint_scheduler
+    from histosynth.generators.sampling import make_sampler, sample
+    from histosynth.generators.sampling import repaint, repaint_scheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)

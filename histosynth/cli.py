@@ -98,11 +98,12 @@ def cmd_patches(args) -> None:
     config = validated(config, "command-line options")
     classes = args.classes or class_indices(config["classes"])
     slide = Path(args.slide)
+    name = args.name or slide.stem
+    stem = Path(args.out) / name
     index_path = extract_slide(
-        slide, args.annotations, args.out, slide_name=args.name or slide.stem, split=args.split,
-        config=config, classes=classes, mpp=args.slide_mpp,
+        slide, args.annotations, stem, stem.with_suffix(".parquet"), stem.with_suffix(".qc.png"), slide_name=name,
+        split=args.split, config=config, classes=classes, mpp=args.slide_mpp,
     )
-    stem = index_path.with_suffix("")
     count = pq.read_metadata(index_path).num_rows
     print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
 

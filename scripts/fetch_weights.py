@@ -1,14 +1,19 @@
-"""Rule fetch_weights: download the pretrained weights the metrics and the segmentation encoder use
-into the torch hub / Hugging Face caches, where later jobs find them offline. Needs network."""
+"""Rule fetch_weights (a localrule, the only one needing network): download the pretrained weights
+the metrics and the segmentation encoder use into weights_dir (histosynth.weights), where later
+jobs find them offline."""
 
 from histosynth.logs import log_to
-from histosynth.evaluation.quality import fetch_weights
-from histosynth.evaluation.segmentation import fetch_encoder_weights, settings_from
+from histosynth.weights import WEIGHTS, encoder_spec, fetch
 
 log = log_to(snakemake.log[0])
-for path in fetch_weights(progress=False):
-    log.info("present: %s", path)
-settings = settings_from(snakemake.params.config["segmentation"])
-if settings["encoder_weights"] == "imagenet":
-    path = fetch_encoder_weights(settings)
-    log.info("encoder %s: %s", settings["encoder"], path or "smp has no ImageNet file for it; random init")
+config = snakemake.params.config
+specs = list(WEIGHTS.values())
+segmentation = config["segmentation"]
+if segmentation["encoder_weights"] == "imagenet" and not segmentation["encoder_weights_path"]:
+    spec = encoder_spec(segmentation["encoder"])
+    if spec is None:
+        log.info("encoder %s: smp has no ImageNet file for it; its training starts from random weights", segmentation["encoder"])
+    else:
+        specs.append(spec)
+for spec in specs:
+    log.info("present: %s (%s)", fetch(spec, config["weights_dir"], progress=False), spec.use)

@@ -1,8 +1,8 @@
 """Rule image_quality: mask consistency, offline FD/KD, FID/KID/IS and diversity (histosynth.evaluation.quality.image_quality_stage)."""
 
-from histosynth.logs import log_to
 from histosynth.evaluation.quality import image_quality_stage
 from histosynth.generators.synthesis import set_manifests
+from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
 image_quality_stage(

@@ -1,7 +1,7 @@
 """Rule nuclei_masks: instance masks, per-nucleus table and GeoJSON for one slide's patches."""
 
-from histosynth.device import pick_device
 from histosynth.data.io import read_patch_index, write_table
+from histosynth.device import pick_device
 from histosynth.logs import log_to
 from histosynth.nuclei.geojson import write_geojson
 from histosynth.nuclei.instances import NucleiParams

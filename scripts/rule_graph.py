@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from histosynth.logs import log_to
 from histosynth.evaluation.report import plot_rule_graph
+from histosynth.logs import log_to
 
 log = log_to(snakemake.log[0])
 snakefile = Path(snakemake.scriptdir).parent / "Snakefile"

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from histosynth.logs import log_to
 from histosynth.evaluation.report import summarize
+from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
 runs = [Path(run) / "loss.csv" for run in snakemake.input.runs]
 summarize(
     snakemake.input.evaluations,
-    Path(snakemake.output.table).parent,
+    dict(snakemake.output.items()),
     ratios=snakemake.params.ratios,
     quality_paths=[snakemake.input.quality],
     scores_paths=[snakemake.input.scores],

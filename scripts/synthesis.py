@@ -1,12 +1,13 @@
-"""Rules synthesize and inpaint: a synthetic set, its manifest and grids (histosynth.generators.synthesis.run_stage)."""
+"""Rules synthesize and inpaint: a synthetic set, its manifest and grids (histosynth.generators.synthesis.run_stage);
+params.mode says which."""
 
-from histosynth.logs import log_to
 from histosynth.generators.synthesis import run_stage
+from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
 config = snakemake.params.config
 run_stage(
-    {"synthesize": "synth", "inpaint": "inpaint"}[snakemake.rule],
+    snakemake.params.mode,
     snakemake.input.model,
     snakemake.input.indexes,
     snakemake.output[0],

@@ -1,12 +1,12 @@
 """Rules train_autoencoder and train_diffusion: one process on one device, accelerate launch on
-several GPUs (histosynth.generators.training.launch)."""
+several GPUs (histosynth.generators.launch.launch); params.stage names the model trained."""
 
 from pathlib import Path
 
-from histosynth.generators.training import launch
+from histosynth.generators.launch import launch
 
 launch(
-    snakemake.rule.removeprefix("train_"),
+    snakemake.params.stage,
     snakemake.params.config,
     snakemake.input.indexes,
     Path(snakemake.output.model).parent,

@@ -2,7 +2,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from histosynth.config import CONFIG_SCHEMA, ConfigError, key_table, load_config, read_slide_sheet, validated
+from histosynth.config import (
+    CONFIG_SCHEMA, ConfigError, key_table, load_config, load_preset, read_slide_sheet, section_defaults, validated,
+)
 
 
 def schema_keys(properties, prefix=""):
@@ -13,12 +15,26 @@ def schema_keys(properties, prefix=""):
             yield prefix + key
 
 
+def schema_properties(properties, prefix=""):
+    """Every (dotted key, schema) of the config, objects and their properties alike."""
+    for key, sub in properties.items():
+        yield prefix + key, sub
+        if "properties" in sub:
+            yield from schema_properties(sub["properties"], f"{prefix}{key}.")
+
+
 def test_every_key_has_a_default_a_description_and_documentation():
     schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    properties = dict(schema_properties(schema["properties"]))
+    assert len(properties) > 100 and "patches.tissue.mpp" in properties  # the walk reaches nested sections
+    missing = [key for key, sub in properties.items() if "default" not in sub]
+    assert not missing, f"schema keys without a default: {missing}"
+    undocumented = [key for key, sub in properties.items()
+                    if "properties" not in sub and not " ".join(sub.get("description", "").split())]
+    assert not undocumented, f"schema keys without a description: {undocumented}"
     for key in schema_keys(schema["properties"]):
         assert f"| `{key}` |" in key_table()
     assert key_table() in (REPO / "config/README.md").read_text(), "regenerate: python -m histosynth.config"
-    assert "| `` |" not in key_table() and "|  |" not in key_table()  # every key has a description
     defaults = load_config()
     assert defaults["patches"]["tissue"]["mpp"] == 8.0 and defaults["classes"][0] == "Blood vessel"
 
@@ -60,29 +76,76 @@ def test_slide_sheet_validation(tmp_path):
         read_slide_sheet(sheet)
 
 
-def test_model_defaults_in_code_match_the_schema():
-    from histosynth import autoencoder, diffusion, quality, segmentation
+def test_section_defaults_are_the_schema_defaults_with_overrides_merged():
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())["properties"]
+    nuclei = section_defaults("nuclei")
+    assert nuclei == {key: sub["default"] for key, sub in schema["nuclei"]["properties"].items()}
+    assert nuclei == validated({}, "defaults")["nuclei"]
+    nuclei["mpp"] = 99.0  # a fresh copy each call: mutating one cannot change the next
+    assert section_defaults("nuclei")["mpp"] == schema["nuclei"]["properties"]["mpp"]["default"] == 0.5
 
-    schema_defaults = validated({}, "defaults")
-    assert schema_defaults["autoencoder"] == autoencoder.DEFAULTS
-    assert schema_defaults["diffusion"] == diffusion.DEFAULTS
-    runs = schema_defaults["segmentation"].pop("seeds")  # the workflow's run wildcards, not a model setting
-    assert runs == [0, 1, 2] and schema_defaults["segmentation"] == segmentation.SEGMENTATION_DEFAULTS
-    assert schema_defaults["quality"] == quality.QUALITY_DEFAULTS
+    train = schema["diffusion"]["properties"]["train"]["properties"]
+    diffusion = section_defaults("diffusion", {"channels": 8, "train": {"steps": 7}})
+    assert diffusion["channels"] == 8 and diffusion["train"]["steps"] == 7
+    # a nested override replaces only its own keys: the rest of the train section keeps its defaults
+    assert diffusion["train"] == {key: sub["default"] for key, sub in train.items()} | {"steps": 7}
+    assert diffusion["multipliers"] == schema["diffusion"]["properties"]["multipliers"]["default"]
+    tissue = schema["patches"]["properties"]["tissue"]["properties"]
+    assert section_defaults("patches", {"tissue": {"mpp": 4.0}})["tissue"] == {
+        key: sub["default"] for key, sub in tissue.items()} | {"mpp": 4.0}
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("nuclei", {"mpp": -1}, r"nuclei settings: nuclei.mpp: -1 is less than or equal to the minimum of 0"),
+        ("nuclei", {"tile": 16}, r"nuclei settings: nuclei.tile: 16 is less than the minimum of 32"),
+        ("nuclei", {"model_classes": {"T": "tumour"}}, r"nuclei.model_classes.T: 'tumour' is not one of"),
+        ("diffusion", {"train": {"steps": "many"}}, r"diffusion.train.steps: 'many' is not of type 'integer'"),
+        ("patches", {"tisue": {}}, r"patches settings: patches: Additional properties are not allowed \('tisue'"),
+    ],
+)
+def test_section_defaults_validate_the_overrides(name, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        section_defaults(name, overrides)
+
+
+def flat(config, prefix=""):
+    """{dotted key: value} of a config's leaves (lists are leaves: presets replace them)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
 
 
 @pytest.mark.parametrize("preset", ["demo", "tiny", "thesis"])
 def test_presets_layer_on_the_default(preset):
-    from histosynth.config import load_preset
-
+    base = flat(yaml.safe_load((REPO / "config/config.yaml").read_text()))
+    layer = {} if preset == "demo" else flat(yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text()))
     config = load_preset(preset)
-    assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"]
-    assert config["diffusion"]["num_classes"] == 4
+    merged = flat(config)
+    for key, value in layer.items():
+        assert merged[key] == value, f"{preset}: {key} is not the preset's value"
+    for key, value in base.items():
+        if key not in layer:
+            assert merged[key] == value, f"{preset}: {key} lost config.yaml's value"
+    if preset != "demo":
+        assert [key for key in layer if key in base and layer[key] != base[key]], "the preset overrides nothing"
+    # literal checks of the layering: config.yaml differs from the schema default in each of these
+    assert section_defaults("diffusion")["prediction"] == "epsilon" and section_defaults("patches")["size"] == 64
+    assert config["priority"] == ["Blood vessel", "Inflammation", "Fat"]  # schema default []
+    assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"] and config["diffusion"]["num_classes"] == 4
+    expected = {"demo": (64, "v_prediction", 0.5, 800), "tiny": (32, "v_prediction", 0.5, 4),
+                "thesis": (256, "epsilon", 0.0, 940000)}[preset]
+    # tiny's diffusion.train sets steps but not class_balance: the nested dicts merge key by key
+    assert (config["patches"]["size"], config["diffusion"]["prediction"], config["diffusion"]["train"]["class_balance"],
+            config["diffusion"]["train"]["steps"]) == expected
 
 
 def test_thesis_preset_is_the_thesis():
-    from histosynth.config import load_preset
-
     thesis = load_preset("thesis")
     assert (thesis["patches"]["size"], thesis["patches"]["stride"], thesis["patches"]["min_tissue"]) == (256, 128, 0.5)
     assert thesis["diffusion"]["train"]["batch_size"] == 16 and thesis["diffusion"]["train"]["lr"] == 2e-4

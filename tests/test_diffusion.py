@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from histosynth.generators.autoencoder import build_autoencoder
-from histosynth.generators.diffusion import (
-    SAMPLERS, SpadeUNet, build_model, guided_output, load_diffusion, make_sampler, parameter_count, model_output, sample,
-    train_diffusion, train_scheduler,
-)
+from histosynth.generators.diffusion import SpadeUNet, build_model, load_diffusion, parameter_count, model_output, train_scheduler
+from histosynth.generators.sampling import SAMPLERS, guided_output, make_sampler, sample
+from histosynth.generators.train_diffusion import train_diffusion
 from histosynth.generators.training import TrainingError
 from test_training import Shapes, tiny
 
@@ -151,7 +150,7 @@ def test_latent_training_records_its_autoencoder_and_needs_it_to_load(tmp_path):
 
 
 def test_noise_from_v_prediction_recovers_the_noise():
-    from histosynth.generators.diffusion import noise_from_output
+    from histosynth.generators.sampling import noise_from_output
 
     torch.manual_seed(0)
     x0, noise, a = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0.9, 0.5, 0.01])
@@ -165,7 +164,7 @@ def test_noise_from_v_prediction_recovers_the_noise():
 
 
 def test_min_snr_weights_cap_the_low_noise_steps():
-    from histosynth.generators.diffusion import loss_weights
+    from histosynth.generators.train_diffusion import loss_weights
 
     a = torch.tensor([0.99, 0.5, 0.01])  # SNR 99, 1, ~0.0101
     assert torch.equal(loss_weights(a, "epsilon", None), torch.ones(3))

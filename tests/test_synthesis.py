@@ -19,10 +19,8 @@ from histosynth.generators.conditioning import read_conditioning, write_conditio
 from histosynth.generators.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
 from histosynth.nuclei.instances import NUCLEUS_CLASSES
 from histosynth.data.patches import fraction_column
-from histosynth.generators.synthesis import (
-    SynthesisError, class_grids, inpaint, latent_region, paste_region, repaint, repaint_scheduler, run_stage, synthesize,
-    unet_evaluations,
-)
+from histosynth.generators.sampling import repaint, repaint_scheduler, unet_evaluations
+from histosynth.generators.synthesis import SynthesisError, class_grids, inpaint, latent_region, paste_region, run_stage, synthesize
 from histosynth.generators.training import TrainingError
 
 CLASSES = ["Blood vessel", "Inflammation"]

@@ -13,11 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from histosynth.generators.diffusion import train_diffusion
-from histosynth.generators.training import (
-    EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError, checkpoints, config_differences,
-    epoch_order,
-)
+from histosynth.generators.train_diffusion import train_diffusion
+from histosynth.generators.training import EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError, checkpoints, config_differences, epoch_order
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

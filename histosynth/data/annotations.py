@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import geojson
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
@@ -79,6 +80,9 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
                 "features are regions (points and lines are skipped)"
             )
         class_name = _class_of(feature, class_key, where)
+        problem = _geometry_errors(geometry)
+        if problem:
+            raise AnnotationError(f"{where} has malformed {gtype} coordinates ({problem}); redraw or delete it")
         try:
             geom = shape(geometry)
         except (ValueError, TypeError, KeyError, IndexError, shapely.errors.ShapelyError) as err:
@@ -102,6 +106,17 @@ def load_regions(path: str | Path, class_key: str = "classification.name") -> li
         shown = ", ".join(map(str, repaired[:10])) + (", ..." if len(repaired) > 10 else "")
         log.warning("%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), shown)
     return regions
+
+
+def _geometry_errors(geometry: dict) -> str | None:
+    """What the geojson package finds wrong with a geometry (rings not closed, too few positions), or None."""
+    try:
+        errors = geojson.GeoJSON.to_instance(geometry, strict=True).errors()
+    except (ValueError, TypeError, AttributeError) as err:
+        return str(err)
+    if isinstance(errors, list):  # MultiPolygon: one entry per polygon
+        errors = "; ".join(str(e) for e in errors if e)
+    return str(errors) if errors else None
 
 
 def _features(data, path: Path) -> list[dict]:
@@ -154,12 +169,6 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry:
         return geom
     polygons = [p for p in shapely.get_parts(geom) if isinstance(p, (Polygon, MultiPolygon)) and not p.is_empty]
     return shapely.union_all(polygons) if polygons else Polygon()
-
-
-def union_of_class(regions: Iterable[Region], name: str) -> BaseGeometry | None:
-    """The union of all regions of class `name`, or None if there are none."""
-    geoms = [r.geometry for r in regions if r.class_name == name]
-    return shapely.union_all(geoms) if geoms else None
 
 
 def class_fractions(mask: np.ndarray, classes: dict[str, int]) -> dict[str, float]:

@@ -5,6 +5,7 @@ index table and a QC thumbnail. Streams: only one window's pixels are in memory 
 from __future__ import annotations
 
 import logging
+import os
 import math
 import re
 import time
@@ -120,7 +121,9 @@ def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | 
 def extract_slide(
     image: str | Path,
     annotations: str | Path | None,
-    out_root: str | Path,
+    patches_dir: str | Path,
+    index_path: str | Path,
+    qc_path: str | Path | None = None,
     *,
     slide_name: str,
     split: str,
@@ -129,12 +132,14 @@ def extract_slide(
     mpp: float | None = None,
     progress: bool = True,
 ) -> Path:
-    """Cut one slide into patches under out_root/<slide>/ (images/, masks/), write the index
-    out_root/<slide>.parquet and the QC thumbnail out_root/<slide>.qc.png; return the index path.
+    """Cut one slide into patches under patches_dir (images/, masks/), write the index table at
+    index_path (image and mask paths relative to its folder; patch ids start with slide_name) and,
+    when qc_path is given, the QC thumbnail there; return the index path.
     `config` is the validated workflow config (sections patches, classes, priority, annotations);
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
     `mpp` overrides the slide's recorded resolution."""
-    out_root = Path(out_root)
+    patches_dir, index_path = Path(patches_dir), Path(index_path)
+    relative = Path(os.path.relpath(patches_dir, index_path.parent))
     params = config["patches"]
     classes = classes or class_indices(config["classes"])
     started = time.perf_counter()
@@ -149,15 +154,15 @@ def extract_slide(
         ys = window_origins(slide.dimensions[1], extent, step)
         if not len(xs) or not len(ys):
             raise PatchError(f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)")
-        index_path = out_root / f"{slide_name}.parquet"
-        with atomic_dir(out_root / slide_name) as tmp_dir, atomic_file(index_path) as index_tmp:
+        with atomic_dir(patches_dir) as tmp_dir, atomic_file(index_path) as index_tmp:
             counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
-            rows = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, slide_name, progress, counts)
+            rows = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, relative, slide_name, progress, counts)
             kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, split=split)
             if not len(kept_xy):
                 raise PatchError(_no_patch_message(image, params, counts))
-        with atomic_file(out_root / f"{slide_name}.qc.png") as qc_tmp:
-            qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes).save(qc_tmp, format="PNG")
+        if qc_path is not None:
+            with atomic_file(qc_path) as qc_tmp:
+                qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes).save(qc_tmp, format="PNG")
     seconds = time.perf_counter() - started
     log.info(
         "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
@@ -213,7 +218,7 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     return regions, labels, outline
 
 
-def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, slide_name, progress, counts):
+def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, relative, slide_name, progress, counts):
     """Slide the window over the grid, write kept patches into out_dir and yield their index rows;
     `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
     target = classes.get(params["target_class"]) if params["target_class"] else None
@@ -246,8 +251,8 @@ def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_di
                 "level": level,
                 "mpp": params["mpp"],
                 "size": params["size"],
-                "image": f"{slide_name}/images/{name}.png",
-                "mask": f"{slide_name}/masks/{name}.png",
+                "image": (relative / "images" / f"{name}.png").as_posix(),
+                "mask": (relative / "masks" / f"{name}.png").as_posix(),
                 "tissue_fraction": tissue_fraction,
             }
             row.update(fraction_columns(mask, classes))

@@ -27,6 +27,28 @@ class SlideError(RuntimeError):
     """A slide that cannot be opened or read; the message names the file and what to do."""
 
 
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def _damaged(path: Path) -> bool:
+    """Whether a file OpenSlide refused claims to be a slide (by its suffix or TIFF header) yet
+    cannot be parsed: then it is truncated or corrupt, not merely another format. A TIFF that
+    tifffile reads whole (e.g. a plain, untiled TIFF) is not damaged."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head not in TIFF_MAGIC:
+        return path.suffix.lower() in SLIDE_SUFFIXES
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            ends = [o + c for page in tif.pages for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
+    except Exception:  # noqa: BLE001 - a TIFF header whose directories cannot be parsed is damage
+        return True
+    return max(ends, default=0) > path.stat().st_size  # image data beyond the end: cut short
+
+
 class Slide:
     """An open whole-slide image with a known level-0 resolution."""
 
@@ -37,6 +59,11 @@ class Slide:
         try:
             self.osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as err:
+            if _damaged(self.path):
+                raise SlideError(
+                    f"{self.path}: has a slide file's name or TIFF header but OpenSlide cannot read it ({err}); "
+                    "the file looks truncated or corrupt: copy it again (compare its size or checksum with the source)"
+                ) from err
             raise SlideError(
                 f"{self.path}: not a slide format OpenSlide reads ({err}); "
                 "supported: Aperio svs, generic tiled TIFF, Hamamatsu ndpi/vms, MIRAX mrxs, Leica scn, "

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.overlap import overlap_counts, overlap_scores
 from histosynth.data.io import read_mask, read_rgb
+from histosynth.overlap import overlap_counts, overlap_scores
 
 
 def _counts(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int, int]:

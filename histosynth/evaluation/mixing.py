@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.annotations import class_fractions
+from histosynth.generators.synthesis import MODE_RULES
 from histosynth.data.io import read_mask, read_patch_index, write_table
 from histosynth.data.patches import class_indices, fraction_column
 from histosynth.device import derive_seed
@@ -35,7 +36,6 @@ from histosynth.device import derive_seed
 log = logging.getLogger(__name__)
 
 # The rule that writes each synthetic source's manifest, for error messages.
-SOURCE_STAGES = {"synth": "synthesize", "inpaint": "inpaint"}
 MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide")
 
 
@@ -95,8 +95,8 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
     if wanted == 0:
         return pool.iloc[:0]
     if pool.empty:
-        modes = list(sources) if sources else ["synth", "inpaint"]
-        stages = ", ".join(f"{m} (rule {SOURCE_STAGES.get(m, m)})" for m in modes)
+        modes = list(sources) if sources else list(MODE_RULES)
+        stages = ", ".join(f"{m} (rule {MODE_RULES.get(m, m)})" for m in modes)
         raise MixingError(
             f"ratio {name!r} asks for {wanted} synthetic images but the synthetic sources [{stages}] produced none; "
             "check that stage's log and its manifest.parquet, or set this ratio's synthetic to 0"

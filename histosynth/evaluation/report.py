@@ -26,7 +26,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from histosynth.config import baseline_ratio  # noqa: E402
 from histosynth.data.io import atomic_file, write_csv, write_table  # noqa: E402
@@ -282,29 +281,6 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
-def sample_grid(images: Sequence[str | Path], out: str | Path, masks: Sequence[str | Path] | None = None,
-                ncols: int = 8, titles: Sequence[str] | None = None, max_images: int = 32) -> Path:
-    """A grid of images (first max_images), each above its mask (label colours) when masks are given."""
-    images = list(images)[:max_images]
-    n = max(1, len(images))
-    ncols = min(ncols, n)
-    nrows = math.ceil(n / ncols) * (2 if masks else 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.6 * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, path in enumerate(images):
-        r, c = divmod(i, ncols)
-        r *= 2 if masks else 1
-        with Image.open(path) as image:
-            axes[r][c].imshow(np.asarray(image.convert("RGB")))
-        if titles:
-            axes[r][c].set_title(str(titles[i]), fontsize=6)
-        if masks:
-            with Image.open(masks[i]) as mask:
-                axes[r + 1][c].imshow(np.asarray(mask), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-    return _save(fig, out)
-
-
 def read_rule_graph(dot: str):
     """The rule graph of `snakemake --rulegraph` (dot text) as a networkx DiGraph of rule names."""
     import networkx as nx
@@ -342,16 +318,18 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- rule entry
 
-def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, ratios: Sequence[Mapping],
+def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, str | Path], *, ratios: Sequence[Mapping],
               quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
               share_paths: Sequence[str | Path] = (), loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
               baseline: str | None = None) -> dict:
-    """Entry of rule summarize: write into out_dir metrics.parquet (+ .csv), seed_summary.csv,
-    paired_tests.csv, class_share.csv, and the PNGs metrics.png, class_share.png, quality.png,
-    loss/<run>.png. The baseline is the first ratio with synthetic 0 and real true (override with
-    `baseline`). Returns {name: path or list of paths}."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Entry of rule summarize: write the files `outputs` names (the rule's output names): parquet
+    and table (CSV) of all metrics, seed_summary, paired_tests and metrics_plot; class_share and
+    class_share_plot from the share tables; quality_plot from the quality tables; loss, a folder of
+    one PNG per loss CSV. The baseline is the first ratio with synthetic 0 and real true (override
+    with `baseline`). Returns {name: path or list of paths} of what was written."""
+    out = {name: Path(path) for name, path in outputs.items()}
+    for path in out.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     order = [r["name"] for r in ratios]
     baseline = baseline_ratio(list(ratios), baseline)
     seg = read_tables(segmentation_paths)
@@ -360,21 +338,20 @@ def summarize(segmentation_paths: Sequence[str | Path], out_dir: str | Path, *, 
     amounts = (dict(shares.groupby("ratio")["n_synthetic"].first()) if shares is not None and len(shares)
                else {r["name"]: r["synthetic"] for r in ratios})
     table = metrics_table(seg, quality)
-    outputs = {"metrics": out_dir / "metrics.parquet"}
-    write_table(table, outputs["metrics"])
-    write_csv(table, out_dir / "metrics.csv")
-    outputs["seed_summary"] = write_csv(seed_summary(seg, order), out_dir / "seed_summary.csv")
-    outputs["paired_tests"] = write_csv(paired_tests(seg, baseline), out_dir / "paired_tests.csv")
-    outputs["metrics_plot"] = plot_metrics(seg, out_dir / "metrics.png", order, amounts)
+    write_table(table, out["parquet"])
+    written = {"parquet": out["parquet"], "table": write_csv(table, out["table"]),
+               "seed_summary": write_csv(seed_summary(seg, order), out["seed_summary"]),
+               "paired_tests": write_csv(paired_tests(seg, baseline), out["paired_tests"]),
+               "metrics_plot": plot_metrics(seg, out["metrics_plot"], order, amounts)}
     if shares is not None:
-        outputs["class_share"] = write_csv(shares, out_dir / "class_share.csv")
-        outputs["class_share_plot"] = plot_class_share(shares, out_dir / "class_share.png", order)
+        written["class_share"] = write_csv(shares, out["class_share"])
+        written["class_share_plot"] = plot_class_share(shares, out["class_share_plot"], order)
     if quality is not None:
         scores = read_tables(scores_paths) if scores_paths else None
-        outputs["quality_plot"] = plot_quality(quality, out_dir / "quality.png", scores)
+        written["quality_plot"] = plot_quality(quality, out["quality_plot"], scores)
     if loss_csvs:
-        outputs["loss_curves"] = plot_loss_curves(loss_csvs, out_dir / "loss", loss_names)
-    return outputs
+        written["loss"] = plot_loss_curves(loss_csvs, out["loss"], loss_names)
+    return written
 
 
 if __name__ == "__main__":

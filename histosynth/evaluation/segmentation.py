@@ -39,8 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from histosynth.config import section_defaults
-from histosynth.overlap import overlap_scores
-from histosynth.weights import encoder_spec, weights_file
 from histosynth.data.io import (
     atomic_dir,
     read_mask,
@@ -57,6 +55,8 @@ from histosynth.device import (
     prepare_model,
     seed_everything,
 )
+from histosynth.overlap import overlap_scores
+from histosynth.weights import encoder_spec, weights_file
 
 log = logging.getLogger(__name__)
 

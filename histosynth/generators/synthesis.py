@@ -37,7 +37,12 @@ import torch.nn.functional as F
 
 from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_png, write_table
-from histosynth.data.patches import class_indices, dominant_class, fraction_column, fraction_columns
+from histosynth.data.patches import (
+    class_indices,
+    dominant_class,
+    fraction_column,
+    fraction_columns,
+)
 from histosynth.device import autocast, derive_seed
 from histosynth.generators.autoencoder import (
     content_hash,
@@ -51,12 +56,11 @@ from histosynth.generators.conditioning import (
     read_conditioning,
     write_conditioning,
 )
-from histosynth.generators.diffusion import (
-    Diffusion,
-    guided_output,
+from histosynth.generators.diffusion import Diffusion, num_classes
+from histosynth.generators.sampling import (
     make_sampler,
-    noise_from_output,
-    num_classes,
+    repaint,
+    repaint_scheduler,
     resize_cond,
     sample,
 )
@@ -64,7 +68,8 @@ from histosynth.generators.training import balance_weights, save_grid, to_uint8
 
 log = logging.getLogger("histosynth.generators.synthesis")
 
-MODES = ("synth", "inpaint")
+MODE_RULES = {"synth": "synthesize", "inpaint": "inpaint"}  # synthetic set (mode) -> the rule making it
+MODES = tuple(MODE_RULES)
 MANIFEST = "manifest.parquet"
 SPLIT = "synthetic"
 DONORS = ("random",)
@@ -175,46 +180,6 @@ class _Runner:
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, so image i's noise depends only on its seed (on any device)."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-
-# ----------------------------------------------------------------------------- RePaint
-
-@torch.no_grad()
-def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: torch.Tensor,
-            labels: torch.Tensor | None = None, *, steps: int, jump_length: int, jump_n_sample: int,
-            guidance: float = 1.0, generator=None, prediction: str = "epsilon") -> torch.Tensor:
-    """RePaint sampling with diffusers' RePaintScheduler, in pixel or latent space alike: `known`
-    (N, C, h, w) is kept where `keep` (N, 1, h, w) is 1, regenerated where it is 0; `cond` has
-    the size of `known`; `prediction` is what the model predicts (RePaint steps on the noise
-    estimate, so v is converted). Returns the final x_0 (not clamped, not decoded)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    scheduler.set_timesteps(steps, jump_length, jump_n_sample)  # CPU timesteps: they index the CPU schedule
-    x = randn_tensor(known.shape, generator=generator, device=known.device) * scheduler.init_noise_sigma
-    t_last = scheduler.timesteps[0] + 1
-    for t in scheduler.timesteps:
-        if t < t_last:  # one denoising step; the known part is the source noised to t - 1
-            out = guided_output(model, x, t, cond, labels, guidance)
-            eps = noise_from_output(out.float(), x, scheduler.alphas_cumprod[t], prediction)
-            x = scheduler.step(eps.float(), t, x, known, keep, generator=generator).prev_sample
-        else:  # a jump back in time: re-noise by one step
-            x = scheduler.undo_step(x, t_last, generator=generator)
-        t_last = t
-    return x
-
-
-def repaint_scheduler(scheduler_config, eta: float = 1.0):
-    """A RePaintScheduler on the training noise schedule (clip_sample as trained: off in latent space)."""
-    from diffusers import RePaintScheduler
-
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample")
-    return RePaintScheduler(**{key: scheduler_config[key] for key in keys if key in scheduler_config}, eta=eta)
-
-
-def unet_evaluations(steps: int, jump_length: int, jump_n_sample: int) -> int:
-    """Model evaluations of one RePaint run (times two with guidance != 1)."""
-    jumps = len(range(0, steps - jump_length, jump_length)) if jump_length < steps else 0
-    return steps + jumps * (jump_n_sample - 1) * jump_length
 
 
 def paste_region(clean_mask: np.ndarray, clean_encoded: np.ndarray, donor_mask: np.ndarray,

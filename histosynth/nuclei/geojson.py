@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
 
+import geojson
 import numpy as np
 import pandas as pd
 import shapely
@@ -25,7 +25,7 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
                      scale: float = 1.0, mpp: float | None = None) -> list[dict]:
     """QuPath detection features (level-0 polygons) for the instances listed in `table`.
     The mask's pixel (r, c) covers level-0 [x + c*scale, x + (c+1)*scale) x [y + r*scale, ...);
-    outlines run halfway between inside and outside pixel centres, so rasterize_nuclei with the
+    outlines run halfway between inside and outside pixel centres, so NucleusRasterizer with the
     pixel-centre rule gives the mask back. With `mpp` (microns per mask pixel), area and perimeter
     measurements are in microns."""
     unit, factor = ("µm", mpp) if mpp else ("px", 1.0)
@@ -37,10 +37,9 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
         if geometry is None:
             continue
         name = row["class"]
-        features.append({
-            "type": "Feature",
-            "geometry": geometry,
-            "properties": {
+        features.append(geojson.Feature(
+            geometry=geometry,
+            properties={
                 "objectType": "detection",
                 "classification": {"name": name, "color": list(NUCLEUS_COLOURS.get(name, (128, 128, 128)))},
                 "measurements": {
@@ -52,7 +51,7 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
                     "Solidity": float(row["solidity"]),
                 },
             },
-        })
+        ))
     return features
 
 
@@ -79,13 +78,13 @@ def _ring(contour: np.ndarray, x: float, y: float, scale: float) -> np.ndarray:
 
 def nuclei_geojson(features: Iterable[dict]) -> dict:
     """A FeatureCollection (QuPath: File > Import objects) of nucleus features."""
-    return {"type": "FeatureCollection", "features": list(features)}
+    return geojson.FeatureCollection(list(features))
 
 
 def write_geojson(collection: dict, path: str | Path) -> None:
     """Write a GeoJSON document atomically."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(collection))
+        tmp.write_text(geojson.dumps(collection))
 
 
 class NucleusRasterizer:
@@ -131,11 +130,5 @@ class NucleusRasterizer:
             inside = shapely.contains_xy(self._shapes[hit], x + (cc + 0.5) * sx, y + (rr + 0.5) * sy)
             instances[r0:r1, c0:c1][inside] = instance_id
         return instances, [self.classes[i] for i in hits]
-
-
-def rasterize_nuclei(features: Iterable[dict] | dict, x: float, y: float, width: float, height: float,
-                     out_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
-    """One-off NucleusRasterizer(features).rasterize(...): instances and their class names."""
-    return NucleusRasterizer(features).rasterize(x, y, width, height, out_shape)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.overlap import overlap_counts, overlap_scores
 from histosynth.nuclei.geojson import NucleusRasterizer
 from histosynth.nuclei.instances import read_instances
+from histosynth.overlap import overlap_counts, overlap_scores
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,6 @@ def _detection_scores(tp: int, fp: int, fn: int) -> dict:
     }
 
 
-def detection_f1(truth: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict:
-    """Detection precision, recall and F1 with tp/fp/fn counts (match_instances at iou_threshold);
-    both images empty gives 1.0, exactly one empty gives F1 0."""
-    tp, fp, fn, _ = match_instances(truth, pred, iou_threshold)
-    return _detection_scores(tp, fp, fn)
-
-
 def _aji_sums(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     """The AJI's accumulated intersection and union for one image."""
     o = _overlaps(truth, pred)
@@ -115,38 +108,25 @@ def _aji_sums(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     return intersection, union
 
 
-def aggregated_jaccard_index(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Aggregated Jaccard Index (Kumar et al. 2017): each truth instance takes the prediction of
-    highest IoU with it (ties: the lowest id); their intersections are summed into C and unions
-    into U; truth instances overlapping nothing add their area to U, and so do predictions no
-    truth took (as HoVer-Net's get_fast_aji). AJI = C / U. As in the original, one prediction
-    may serve several truth instances (its area then counts in U each time). Both empty gives 1.0."""
-    intersection, union = _aji_sums(truth, pred)
-    return intersection / union if union else 1.0
-
-
-def pixel_dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Dice of the foregrounds (> 0): 2|A ∩ B| / (|A| + |B|); both empty gives 1.0."""
-    return overlap_scores(*overlap_counts(np.asarray(truth) > 0, np.asarray(pred) > 0), empty=1.0)["dice"]
-
-
 def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> dict:
     """Scores pooled over many (truth, pred) images: tp/fp/fn summed before precision, recall
-    and F1; AJI from summed intersections and unions; Dice from summed pixel counts."""
-    tp = fp = fn = aji_c = aji_u = overlap = total = images = 0
+    and F1 (detection); AJI (Kumar et al. 2017, as HoVer-Net's get_fast_aji: each truth instance takes
+    its highest-IoU prediction, unmatched truths and unused predictions add their area to the union)
+    from summed intersections and unions; foreground pixel Dice from summed pixel counts. One
+    image is scored by passing one pair; an empty truth and prediction score 1.0."""
+    tp = fp = fn = aji_c = aji_u = images = 0
+    pixels = np.zeros(3, np.int64)  # foreground tp, fp, fn
     for truth, pred in pairs:
         t, f, n, _ = match_instances(truth, pred, iou_threshold)
         tp, fp, fn = tp + t, fp + f, fn + n
         c, u = _aji_sums(truth, pred)
         aji_c, aji_u = aji_c + c, aji_u + u
-        a, b = np.asarray(truth) > 0, np.asarray(pred) > 0
-        overlap += int((a & b).sum())
-        total += int(a.sum()) + int(b.sum())
+        pixels += overlap_counts(np.asarray(truth) > 0, np.asarray(pred) > 0)
         images += 1
     return {
         **_detection_scores(tp, fp, fn),
         "aji": aji_c / aji_u if aji_u else 1.0,
-        "dice": 2 * overlap / total if total else 1.0,
+        "dice": overlap_scores(*pixels, empty=1.0)["dice"],
         "images": images,
     }
 

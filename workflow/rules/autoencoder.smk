@@ -26,7 +26,8 @@ rule train_autoencoder:
         mem_mb=8000,
         runtime=240,
     params:
+        stage="autoencoder",
         config=lambda wc: training_config("autoencoder"),
-        checkpoints="results/checkpoints/autoencoder",
+        checkpoints=lambda wc: checkpoint_folder("autoencoder"),
     script:
         "../../scripts/train_model.py"

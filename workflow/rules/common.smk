@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is 
 
 from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
 from histosynth.device import derive_seed
+from histosynth.generators.training import resume_key
 
 
 def _resolve(path):
@@ -73,7 +74,7 @@ def config_params(*keys):
 def segmentation_config():
     """What a segmentation job reads: its settings without the seed list, which only names the runs
     (adding a seed must not rerun the others)."""
-    params = config_params("segmentation", "classes", "seed")
+    params = config_params("segmentation", "classes", "seed", "weights_dir")
     del params["segmentation"]["seeds"]
     return params
 
@@ -81,6 +82,14 @@ def segmentation_config():
 def training_config(stage):
     """What a training job reads: its own section and the keys its data depends on."""
     return config_params(stage, "seed", "classes", "conditioning")
+
+
+def checkpoint_folder(stage):
+    """Where a training's checkpoints live, outside its outputs so a rerun can resume: one folder
+    per resume-relevant config (histosynth.generators.training.resume_key), so a changed config
+    starts fresh and an unchanged one resumes."""
+    cfg = training_config(stage)
+    return f"results/checkpoints/{stage}/{resume_key(cfg[stage], cfg['seed'], cfg['classes'], cfg['conditioning'])}"
 
 
 def uses_autoencoder():

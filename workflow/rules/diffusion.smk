@@ -25,7 +25,8 @@ rule train_diffusion:
         mem_mb=16000,
         runtime=1440,
     params:
+        stage="diffusion",
         config=lambda wc: training_config("diffusion"),
-        checkpoints="results/checkpoints/diffusion",
+        checkpoints=lambda wc: checkpoint_folder("diffusion"),
     script:
         "../../scripts/train_model.py"

@@ -17,13 +17,17 @@ rule image_quality:
         mem_mb=8000,
         runtime=240,
     params:
-        config=config_params("quality", "classes", "nuclei", "patches"),
+        config=config_params("quality", "classes", "nuclei", "patches", "weights_dir"),
     script:
         "../../scripts/image_quality.py"
 
 
+localrules:
+    fetch_weights,
+
+
 rule fetch_weights:
-    """Download Inception (FID/KID/IS), AlexNet (LPIPS) and the ImageNet encoder into the torch hub cache. Needs network."""
+    """Download Inception (FID/KID/IS), AlexNet (LPIPS) and the ImageNet encoder into weights_dir. Needs network."""
     log:
         "logs/fetch_weights.log",
     conda:
@@ -34,6 +38,6 @@ rule fetch_weights:
         mem_mb=2000,
         runtime=30,
     params:
-        config=config_params("segmentation"),
+        config=config_params("segmentation", "weights_dir"),
     script:
         "../../scripts/fetch_weights.py"

@@ -19,8 +19,9 @@ rule train_segmentation:
         runtime=720,
     params:
         config=segmentation_config(),
+        seed=lambda wc: derive_seed(config["seed"], "segmentation", int(wc.seed)),
     script:
-        "../../scripts/segmentation.py"
+        "../../scripts/train_segmentation.py"
 
 
 rule evaluate_segmentation:
@@ -53,4 +54,4 @@ rule evaluate_segmentation:
     params:
         config=segmentation_config(),
     script:
-        "../../scripts/segmentation.py"
+        "../../scripts/evaluate_segmentation.py"

@@ -22,6 +22,7 @@ rule synthesize:
         mem_mb=8000,
         runtime=720,
     params:
+        mode="synth",
         config=config_params("synthesis", "classes", "conditioning", "seed"),
     script:
         "../../scripts/synthesis.py"
@@ -51,6 +52,7 @@ rule inpaint:
         mem_mb=8000,
         runtime=720,
     params:
+        mode="inpaint",
         config=config_params("synthesis", "classes", "conditioning", "seed"),
     script:
         "../../scripts/synthesis.py"

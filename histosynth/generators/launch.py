@@ -1,0 +1,97 @@
+"""Starting a generator training: the command line every trainer module shares (`cli`) and the
+Snakemake jobs' entry (`launch`): one process on one device, or `accelerate launch` with one
+process per GPU."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from histosynth.generators.training import TrainingError
+
+log = logging.getLogger(__name__)
+
+# The module whose main(argv) trains each stage's model.
+TRAINERS = {"autoencoder": "histosynth.generators.autoencoder", "diffusion": "histosynth.generators.train_diffusion"}
+
+
+def _factory(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--dataset must be MODULE:FUNCTION, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
+    """`python -m <the stage's trainer module> train ...`, shared by the autoencoder and diffusion trainers.
+
+    The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
+    import yaml
+
+    parser = argparse.ArgumentParser(prog=f"python -m {TRAINERS[stage]}", description=f"train the {stage} model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
+    p.add_argument("--config", required=True, help="full workflow config (YAML or JSON); section '%s' is used" % stage)
+    p.add_argument("--out", required=True, help="output folder: model/, loss.csv and the stage's reports")
+    p.add_argument("--dataset", required=True, help="MODULE:FUNCTION building a Dataset from (indexes, split, config)")
+    p.add_argument("--index", nargs="+", required=True, help="patch index parquet files")
+    p.add_argument("--checkpoints", help="checkpoint folder (default OUT/checkpoints); keep it outside "
+                                         "Snakemake outputs so that a rerun can resume")
+    p.add_argument("--log", help="log file (default: stderr)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
+    if stage == "diffusion":
+        p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
+    args = parser.parse_args(argv)
+    if args.log:
+        from histosynth.logs import log_to
+
+        log_to(args.log)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    factory = _factory(args.dataset)
+    data = factory(args.index, "train", config)
+    val = factory(args.index, "val", config)
+    extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
+    try:
+        summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
+                        val_dataset=val if val is not None and len(val) else None,
+                        checkpoint_dir=args.checkpoints, **extra)
+    except TrainingError as err:
+        print(f"{TRAINERS[stage]} train: error: {err}", file=sys.stderr)
+        return 2
+    log.info("%s", json.dumps(summary, default=str))
+    return 0
+
+
+def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
+           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
+    """Run the stage's trainer (`python -m TRAINERS[stage] train`) for a Snakemake job: in this process on one device,
+    under `accelerate launch` with one process per GPU when the job was given gpus > 1."""
+    import subprocess
+
+    if stage not in TRAINERS:
+        raise TrainingError(f"no trainer for stage {stage!r}; one of {sorted(TRAINERS)}")
+    run_config = Path(checkpoints) / "workflow-config.json"
+    run_config.parent.mkdir(parents=True, exist_ok=True)
+    run_config.write_text(json.dumps(config, indent=1, default=str))
+    argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.generators.datasets:patch_dataset",
+            "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log), "--threads", str(threads)]
+    if autoencoder:
+        argv += ["--autoencoder", str(autoencoder)]
+    if gpus > 1:
+        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", TRAINERS[stage], *argv]
+        code = subprocess.run(command).returncode
+    else:
+        code = importlib.import_module(TRAINERS[stage]).main(argv)
+    if code:
+        raise TrainingError(f"{stage} training failed (exit {code}); see {log}")
