@@ -22,7 +22,9 @@ from histosynth.config import load_config
 from histosynth.data.patches import extract_slide
 image, annotations, out = sys.argv[1:4]
 started = time.perf_counter()
-index = extract_slide(image, annotations, out, slide_name="bench", split="train", config=load_config(), progress=False)
+from pathlib import Path
+index = extract_slide(image, annotations, Path(out) / "bench", Path(out) / "bench.parquet", slide_name="bench", split="train",
+                      config=load_config(), progress=False)
 seconds = time.perf_counter() - started
 print(json.dumps({"patches": pq.read_metadata(index).num_rows, "seconds": seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -16,7 +16,7 @@ as the workflow's quality stage measures them (benchmarks/diffusion_recipe.py's 
 The bare loop uses no project code: set_timesteps; for t: eps = model(x, t, cond); x = step(eps, t, x).
 U-Net calls are counted with a forward hook (evaluations per image: every call sees the whole
 batch). project/bare is the time ratio (min over --repeats, runs interleaved); it should be
-<= 1.05. --repaint adds histosynth.generators.synthesis.repaint (no bare counterpart) for its cost.
+<= 1.05. --repaint adds histosynth.generators.sampling.repaint (no bare counterpart) for its cost.
 """
 
 from __future__ import annotations
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
         return curve(args)
 
     from histosynth.device import pick_device
-    from histosynth.generators.sampling import make_sampler, sample
-    from histosynth.generators.sampling import repaint, repaint_scheduler
+    from histosynth.generators.sampling import make_sampler, repaint, repaint_scheduler, sample
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -61,7 +61,7 @@ def cmd_inspect(args) -> None:
 
 def cmd_demo_slides(args) -> None:
     from histosynth.demo import generate_demo_slide
-    from histosynth.device import derive_seed
+    from histosynth.seeds import derive_seed
 
     config = _config(args)
     demo = config["demo"]

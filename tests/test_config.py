@@ -116,6 +116,8 @@ def flat(config, prefix=""):
     for key, value in config.items():
         if isinstance(value, dict) and value:
             out |= flat(value, f"{prefix}{key}.")
+        elif prefix + key == "mixing.ratios":
+            out[prefix + key] = [{"real": True} | ratio for ratio in value]  # the schema fills each ratio's `real`
         else:
             out[prefix + key] = value
     return out

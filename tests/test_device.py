@@ -5,7 +5,9 @@ import logging
 import pytest
 import torch
 
-from histosynth.device import derive_seed, pick_device
+from histosynth.device import pick_device
+
+from histosynth.seeds import derive_seed
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of a job whose GPU is not usable")
 

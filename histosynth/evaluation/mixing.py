@@ -31,7 +31,7 @@ from histosynth.data.annotations import class_fractions
 from histosynth.generators.synthesis import MODE_RULES
 from histosynth.data.io import read_mask, read_patch_index, write_table
 from histosynth.data.patches import class_indices, fraction_column
-from histosynth.device import derive_seed
+from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from histosynth.config import section_defaults
 from histosynth.data.io import read_patch_index, write_table
 from histosynth.data.patches import dominant_class, fraction_column
-from histosynth.device import derive_seed, pick_device
+from histosynth.device import pick_device
+from histosynth.seeds import derive_seed
 from histosynth.evaluation.consistency import (
     SCORE_COLUMNS,
     nuclei_scores,

@@ -48,13 +48,8 @@ from histosynth.data.io import (
     write_table,
 )
 from histosynth.data.patches import class_indices
-from histosynth.device import (
-    autocast,
-    derive_seed,
-    pick_device,
-    prepare_model,
-    seed_everything,
-)
+from histosynth.device import autocast, pick_device, prepare_model
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.overlap import overlap_scores
 from histosynth.weights import encoder_spec, weights_file
 

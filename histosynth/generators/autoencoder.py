@@ -24,7 +24,8 @@ from torch import nn
 
 from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir, atomic_file
-from histosynth.device import autocast, seed_everything
+from histosynth.device import autocast
+from histosynth.seeds import seed_everything
 from histosynth.generators.launch import cli
 from histosynth.generators.training import (
     TrainingError,

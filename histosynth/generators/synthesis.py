@@ -43,7 +43,8 @@ from histosynth.data.patches import (
     fraction_column,
     fraction_columns,
 )
-from histosynth.device import autocast, derive_seed
+from histosynth.device import autocast
+from histosynth.seeds import derive_seed
 from histosynth.generators.autoencoder import (
     content_hash,
     decode,

@@ -20,7 +20,8 @@ import torch
 
 from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir
-from histosynth.device import autocast, derive_seed, seed_everything
+from histosynth.device import autocast
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.generators.autoencoder import (
     content_hash,
     encode,

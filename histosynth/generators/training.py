@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from histosynth.data.io import atomic_dir, atomic_file
-from histosynth.device import derive_seed, pick_device, prepare_model
+from histosynth.device import pick_device, prepare_model
+from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

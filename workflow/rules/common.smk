@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
 from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
-from histosynth.device import derive_seed
+from histosynth.seeds import derive_seed
 from histosynth.generators.training import resume_key
 
 
