@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         print(f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}"
               f"{row['bare_images_per_s']:>12.3f}{row['ratio']:>14.3f}" + ("" if row["ratio"] <= 1.05 else "  > 1.05"))
     if args.repaint:
-        scheduler = repaint_scheduler(config)
+        scheduler = repaint_scheduler(config, eta=1.0)
         keep = torch.ones(args.batch, 1, size, size, device=device)
         keep[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0
         known = torch.zeros(args.batch, channels, size, size, device=device)

@@ -115,7 +115,7 @@ def build_extractor(name: str, weights: str | Path | None, segmentation=None,
     return timm_encoder(name, weights, device)
 
 
-def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int = 32) -> np.ndarray:
+def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
     """(N, D) float64 features of the same-sized RGB images at `paths`."""
     chunks = []
     for start in range(0, len(paths), batch_size):
@@ -124,7 +124,7 @@ def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, bat
     return np.concatenate(chunks) if chunks else np.empty((0, 0))
 
 
-def pairwise_diversity(features: np.ndarray, pairs: int = 500, seed: int = 0) -> float:
+def pairwise_diversity(features: np.ndarray, pairs: int, seed: int) -> float:
     """Mean Euclidean distance between the unit-normalised features of random distinct pairs (all
     pairs when fewer exist): 0 when every image looks alike, up to 2."""
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)

@@ -48,7 +48,7 @@ def fid(real: np.ndarray, synthetic: np.ndarray) -> float:
     return fid_from_features(*gaussian_stats(real), *gaussian_stats(synthetic))
 
 
-def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int, subset_size: int, seed: int) -> tuple[float, float]:
     """KID mean and std over `subsets` random subsets (without replacement) of min(subset_size, n)
     images per set: the unbiased MMD^2 with the kernel (x.y / d + 1)^3 (torchmetrics' poly_mmd)."""
     from torchmetrics.image.kid import poly_mmd
@@ -64,7 +64,7 @@ def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int = 100, subset_size
     return float(scores.mean()), float(scores.std(unbiased=False))
 
 
-def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, splits: int, seed: int) -> tuple[float, float]:
     """IS mean and std over splits: exp(E_x KL(p(y|x) || p(y))) per split (torchmetrics' formula)."""
     logits = torch.as_tensor(logits, dtype=torch.float64)
     logits = logits[torch.randperm(len(logits), generator=torch.Generator().manual_seed(seed))]
@@ -80,7 +80,7 @@ def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 0) -> tupl
 
 # ----------------------------------------------------------------------------- networks
 
-def load_inception(path: str | Path, feature: int = 2048):
+def load_inception(path: str | Path, feature: int):
     """torch-fidelity's InceptionV3 with weights from `path`, giving (pool features, unbiased logits)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -102,7 +102,7 @@ def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inception_features(paths: Sequence[str | Path], net, batch_size: int = 32, device=None) -> tuple[np.ndarray, np.ndarray]:
+def inception_features(paths: Sequence[str | Path], net, batch_size: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) float64 arrays for the images at `paths`."""
     device = device or torch.device("cpu")
     net = net.to(device)
@@ -129,7 +129,7 @@ def load_lpips(path: str | Path):
 
 
 @torch.no_grad()
-def lpips_diversity(paths: Sequence[str | Path], net, pairs: int = 500, seed: int = 0, batch_size: int = 32, device=None) -> float:
+def lpips_diversity(paths: Sequence[str | Path], net, pairs: int, seed: int, batch_size: int, device=None) -> float:
     """Mean LPIPS over `pairs` random pairs of distinct images (all pairs when fewer exist)."""
     device = device or torch.device("cpu")
     n = len(paths)

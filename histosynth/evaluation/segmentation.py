@@ -362,7 +362,7 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
-             batch_size: int = 16, overlays_dir: str | Path | None = None, n_overlays: int = 4) -> pd.DataFrame:
+             batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
     """Dice, precision and recall per class on test rows (absolute image/mask paths, a slide
     column), per slide and pooled over all slides (slide 'all', from summed pixel counts).
     Tidy columns: slide, class, metric, value, tp, fp, fn, n_patches. A class without test

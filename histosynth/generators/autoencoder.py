@@ -177,7 +177,7 @@ def _measure_scale(autoencoder, dataset, n: int, device, batch_size: int) -> flo
     return 1.0 / std if std > 0 and math.isfinite(std) else 1.0
 
 
-def evaluate(autoencoder, dataset, device, n: int = 256, batch_size: int = 8) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def evaluate(autoencoder, dataset, device, n: int, batch_size: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """PSNR and SSIM (torchmetrics, images in [0, 1]) of reconstructions of up to n items; also
     returns the first batch of real images and reconstructions for the grid."""
     from torchmetrics.image import (

@@ -124,7 +124,7 @@ def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: tor
     return x
 
 
-def repaint_scheduler(scheduler_config, eta: float = 1.0):
+def repaint_scheduler(scheduler_config, eta: float):
     """A RePaintScheduler on the training noise schedule (clip_sample as trained: off in latent space)."""
     from diffusers import RePaintScheduler
 

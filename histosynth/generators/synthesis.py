@@ -205,7 +205,7 @@ def _grow(region: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(region, 2 * pixels + 1, 1, pixels) if pixels > 0 else region
 
 
-def latent_region(region: torch.Tensor, factor: int, dilation: int = 1) -> torch.Tensor:
+def latent_region(region: torch.Tensor, factor: int, dilation: int) -> torch.Tensor:
     """A pixel-space region (N, 1, H, W) on the latent grid: every latent pixel covering a region
     pixel, dilated by `dilation` latent pixels so the seam falls inside the regenerated area."""
     return _grow(F.max_pool2d(region, factor, factor), dilation)
