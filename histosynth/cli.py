@@ -111,14 +111,14 @@ def cmd_patches(args) -> None:
 def cmd_nuclei(args) -> None:
     from histosynth.data.io import read_patch_index, write_table
     from histosynth.device import pick_device
-    from histosynth.nuclei.instances import NucleiError, NucleiParams
+    from histosynth.nuclei.instances import NucleiError
     from histosynth.nuclei.model import load_detector
     from histosynth.nuclei.stage import segment_images
 
     config = _config(args)
     if args.model:
         config["nuclei"]["model"] = args.model
-    params = NucleiParams.from_config(config["nuclei"])
+    params = config["nuclei"]
     source = Path(args.input)
     if source.suffix == ".parquet":
         index = read_patch_index(source)

@@ -4,13 +4,12 @@ from histosynth.data.io import read_patch_index, write_table
 from histosynth.device import pick_device
 from histosynth.logs import log_to
 from histosynth.nuclei.geojson import write_geojson
-from histosynth.nuclei.instances import NucleiParams
 from histosynth.nuclei.model import load_detector
 from histosynth.nuclei.stage import segment_slide_patches
 
 log_to(snakemake.log[0])
-params = NucleiParams.from_config(snakemake.params.nuclei)
-model = load_detector(params.model, str(pick_device())) if params.model else None
+params = snakemake.params.nuclei
+model = load_detector(params["model"], str(pick_device())) if params["model"] else None
 table, geojson = segment_slide_patches(
     read_patch_index(snakemake.input.index), snakemake.input.image, snakemake.output.masks, params, model
 )

@@ -14,7 +14,6 @@ from histosynth.data.annotations import (
     RegionRasterizer,
     class_fractions,
     load_regions,
-    union_of_class,
 )
 
 # A polygon with a hole and a two-part MultiPolygon, neither axis-aligned, in level-0 pixels.
@@ -128,12 +127,6 @@ def test_empty_file_and_empty_collection_give_no_regions(tmp_path):
     assert load_regions(write(tmp_path, "", "a.json")) == []
     assert load_regions(write(tmp_path, {"type": "FeatureCollection", "features": []}, "b.json")) == []
     assert load_regions(write(tmp_path, [], "c.json")) == []
-
-
-def test_union_of_class():
-    regions = [Region("A", box(0, 0, 10, 10)), Region("A", box(5, 0, 15, 10)), Region("B", box(50, 50, 60, 60))]
-    assert union_of_class(regions, "A").area == pytest.approx(150.0)
-    assert union_of_class(regions, "C") is None
 
 
 # --- rasterising -------------------------------------------------------------------------------

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
 from PIL import Image
 
 from histosynth.generators.autoencoder import (
-    build_autoencoder, main, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, train_autoencoder,
+    build_autoencoder, main, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, raw_latents,
+    train_autoencoder,
 )
 from histosynth.generators.training import TrainingError
 from test_training import Shapes
@@ -32,12 +34,19 @@ def test_encode_decode_shapes(kind, factor, latent):
     channels = [8] * (len(bin(factor)) - 2)  # log2(factor) + 1 blocks
     ae = build_autoencoder(tiny(kind=kind, factor=factor, latent_channels=latent, channels=channels), 3, 32).eval()
     assert latent_factor(ae) == factor
+    ae.register_to_config(scaling_factor=2.5)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         z = encode(ae, images)
         assert z.shape == (2, latent, 32 // factor, 32 // factor)
+        raw = raw_latents(ae, images)
         out = decode(ae, z)
-    assert out.shape == images.shape and out.abs().max() <= 1
+        unscaled = ae.decode(raw).sample.clamp(-1, 1)
+    # encode scales the latents by the scaling factor and decode undoes it exactly
+    torch.testing.assert_close(z, 2.5 * raw)
+    assert out.shape == images.shape
+    torch.testing.assert_close(out, unscaled)
+    assert not torch.allclose(z, raw)
 
 
 def test_vq_encode_returns_codebook_entries_scaled():
@@ -55,19 +64,33 @@ def test_block_widths_must_match_the_factor():
         build_autoencoder(tiny(factor=8, channels=[8, 16, 16]))
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1], on the [0, 1] scale, from the mean squared error over all pixels."""
+    return 10 * math.log10(1 / float((((a + 1) / 2 - (b + 1) / 2) ** 2).mean()))
+
+
 def test_training_reduces_the_loss_and_writes_model_csv_metrics_grid(tmp_path):
-    summary = train_autoencoder(Shapes(n=12), tmp_path, tiny(), seed=0, val_dataset=Shapes(n=4))
+    config = tiny(train={"steps": 60, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100})
+    summary = train_autoencoder(Shapes(n=12), tmp_path, config, seed=0, val_dataset=Shapes(n=4))
     with open(tmp_path / "loss.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and {"recon", "vq"} <= set(rows[0])
+    assert len(rows) == 60 and {"recon", "vq"} <= set(rows[0])
     first = sum(float(r["loss"]) for r in rows[:3]) / 3
     last = sum(float(r["loss"]) for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["n_images"] == 4
-    assert metrics["psnr"] > 0 and -1 <= metrics["ssim"] <= 1
-    assert summary["psnr"] == metrics["psnr"]
+    assert summary["psnr"] == metrics["psnr"] and -1 <= metrics["ssim"] <= 1
+    # the recorded PSNR is the saved model's on the validation images, and it beats predicting the
+    # training set's mean image for every one of them (about 10 dB here) by a clear margin
+    val = torch.stack([Shapes(n=4)[i]["image"] for i in range(4)])
+    train_mean = torch.stack([Shapes(n=12)[i]["image"] for i in range(12)]).mean(0, keepdim=True).expand_as(val)
+    with torch.no_grad():
+        trained = load_autoencoder(tmp_path / "model")
+        reconstruction = decode(trained, encode(trained, val))
+    assert metrics["psnr"] == pytest.approx(psnr(reconstruction, val), abs=1e-3)
+    assert metrics["psnr"] > psnr(train_mean, val) + 2, (metrics["psnr"], psnr(train_mean, val))
     grid = Image.open(tmp_path / "reconstructions.png")
     assert grid.size[1] == 2 * 16 + 3 * 2  # two rows (real, reconstruction) of 16 px with padding
 
@@ -92,11 +115,20 @@ def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
     assert torch.equal(lpips.net.slices[0][0].weight, backbone["features.0.weight"])
     assert torch.equal(getattr(lpips.net.slices[1], "3").squeeze.weight, backbone["features.3.squeeze.weight"])
 
-    config = tiny(channels=[8, 16, 16], lpips_weights=str(tmp_path / "squeeze.pth"), lpips_net="squeeze",
-                  train={"steps": 1, "batch_size": 2, "log_every": 1})
-    train_autoencoder(Shapes(n=2, size=32), tmp_path / "run", config, seed=0)
-    with open(tmp_path / "run" / "loss.csv") as f:
-        assert float(next(csv.DictReader(f))["lpips"]) >= 0
+    def first_row(name, **over):
+        config = tiny(channels=[8, 16, 16], train={"steps": 1, "batch_size": 2, "log_every": 1}, **over)
+        train_autoencoder(Shapes(n=2, size=32), tmp_path / name, config, seed=0)
+        with open(tmp_path / name / "loss.csv") as f:
+            return {k: float(v) for k, v in next(csv.DictReader(f)).items() if k in ("loss", "recon", "vq", "lpips")}
+
+    with_lpips = first_row("run", lpips_weights=str(tmp_path / "squeeze.pth"), lpips_net="squeeze", lpips_weight=2.5)
+    without = first_row("plain")
+    assert "lpips" not in without and with_lpips["lpips"] > 0
+    # the same first step (same seed, same batch) except for the perceptual term, weighted in the loss
+    assert with_lpips["recon"] == without["recon"] and with_lpips["vq"] == without["vq"]
+    assert without["loss"] == pytest.approx(without["recon"] + without["vq"], rel=1e-4)  # vq_weight 1
+    assert with_lpips["loss"] == pytest.approx(with_lpips["recon"] + with_lpips["vq"] + 2.5 * with_lpips["lpips"], rel=1e-4)
+    assert with_lpips["loss"] - without["loss"] == pytest.approx(2.5 * with_lpips["lpips"], rel=1e-3)
 
 
 def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):

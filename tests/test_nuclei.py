@@ -12,10 +12,11 @@ from PIL import Image
 from skimage.draw import disk, ellipse
 
 from conftest import write_tiled_tiff
-from histosynth.nuclei.metrics import detection_f1, match_instances
+from histosynth.nuclei.metrics import match_instances, score_instances
 from histosynth.nuclei.classical import detect_nuclei
-from histosynth.nuclei.geojson import nuclei_geojson, nucleus_features, rasterize_nuclei
-from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError, NucleiParams, read_instances
+from histosynth.nuclei.geojson import NucleusRasterizer, nuclei_geojson, nucleus_features
+from histosynth.config import ConfigError, section_defaults
+from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError, read_instances
 from histosynth.nuclei.model import detect_with_model, load_detector
 from histosynth.nuclei.stage import segment_images, segment_patch, segment_slide_patches
 
@@ -53,7 +54,7 @@ def iou(a, b):
 def test_touching_discs_are_split():
     # radius 8 px at 0.25 mpp (2 µm), centres 15 px apart: the discs overlap in a narrow neck
     rgb, truth = draw((64, 64), discs([(32, 24), (32, 39)], 8, (64, 64)))
-    instances, table = detect_nuclei(rgb, 0.25, NucleiParams())
+    instances, table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
     assert instances.dtype == np.uint16 and instances.max() == 2 and len(table) == 2
     for disc_id in (1, 2):
         overlapping = np.bincount(instances[truth == disc_id], minlength=3)[1:]
@@ -65,8 +66,8 @@ def test_touching_discs_are_split():
 
 def test_field_of_discs_is_detected():
     rgb, truth = draw((128, 128), discs(FIELD, 8, (128, 128)))
-    instances, table = detect_nuclei(rgb, 0.25, NucleiParams())
-    assert detection_f1(truth, instances)["f1"] >= 0.9
+    instances, table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
+    assert score_instances([(truth, instances)])["f1"] >= 0.9
     # within a pixel of the radius: smoothing and hysteresis grow sharp edges by about one pixel
     assert table["area"].to_numpy() == pytest.approx(np.pi * 8.5**2, rel=0.15)
     assert (table["score"] == 1.0).all() and (table["hematoxylin"] > 0.05).all()
@@ -74,13 +75,13 @@ def test_field_of_discs_is_detected():
 
 def test_empty_patch_gives_no_nuclei():
     rgb, _ = draw((64, 64), [])
-    instances, table = detect_nuclei(rgb, 0.25, NucleiParams())
+    instances, table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
     assert not instances.any() and instances.shape == (64, 64)
     assert table.empty and list(table.columns) == list(TABLE_COLUMNS)
 
 
 def test_sizes_scale_with_mpp():
-    params = NucleiParams()
+    params = section_defaults("nuclei")
     small, _ = draw((128, 128), discs(FIELD, 8, (128, 128)))
     large, truth = draw((256, 256), discs([(2 * r, 2 * c) for r, c in FIELD], 16, (256, 256)))
     touching, _ = draw((128, 128), discs([(64, 48), (64, 78)], 16, (128, 128)))
@@ -95,7 +96,7 @@ def test_heuristic_classes():
     shape = (96, 96)
     rgb, _ = draw(shape, [disk((20, 20), 9, shape=shape), ellipse(20, 65, 3, 16, shape=shape)])
     rgb, _ = draw(shape, [disk((70, 40), 12, shape=shape)], colour=RED_CELL, base=rgb)
-    instances, table = detect_nuclei(rgb, 0.25, NucleiParams())
+    instances, table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
     centres = zip(table["centroid_y"] / 10, table["centroid_x"] / 10, table["class"])
     by_position = {(round(y), round(x)): name for y, x, name in centres}
     assert by_position == {(2, 2): "immune", (2, 6): "stromal", (7, 4): "blood"}
@@ -106,21 +107,21 @@ def test_heuristic_classes():
 
 def test_segment_patch_resizes_and_keeps_ids():
     rgb, truth = draw((128, 128), discs(FIELD, 8, (128, 128)))
-    full, full_table = detect_nuclei(rgb, 0.25, NucleiParams())
-    instances, table = segment_patch(rgb, 0.25, (64, 64), NucleiParams(mpp=0.25))
+    full, full_table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
+    instances, table = segment_patch(rgb, 0.25, (64, 64), section_defaults("nuclei", {"mpp": 0.25}))
     assert instances.shape == (64, 64) and instances.dtype == np.uint16
     assert set(np.unique(instances)) - {0} == set(table["instance_id"]) == set(full_table["instance_id"])
     assert table["area"].to_numpy() == pytest.approx(full_table["area"].to_numpy() / 4, rel=0.2)
     assert list(table["class"]) == list(full_table["class"])
     # an image at 0.125 mpp is downsampled to the detector's 0.25 first, then resized back
     big = np.asarray(Image.fromarray(rgb).resize((256, 256), Image.Resampling.BICUBIC))
-    again, _ = segment_patch(big, 0.125, (256, 256), NucleiParams(mpp=0.25))
+    again, _ = segment_patch(big, 0.125, (256, 256), section_defaults("nuclei", {"mpp": 0.25}))
     assert again.max() == len(FIELD)
 
 
 def test_vanishing_instances_leave_the_table():
     rgb, _ = draw((64, 64), [disk((20, 20), 8, shape=(64, 64)), disk((45, 45), 3, shape=(64, 64))])
-    params = NucleiParams(min_area_um2=1.0)
+    params = section_defaults("nuclei", {"min_area_um2": 1.0})
     _, full_table = segment_patch(rgb, 0.25, (64, 64), params)
     instances, table = segment_patch(rgb, 0.25, (4, 4), params)
     assert len(full_table) == 2 and len(table) == 1
@@ -164,7 +165,8 @@ def model_path(tmp_path_factory):
 
 
 # 96 px tiles with 16 px of context, rounded up to 32: the model sees 160 x 160 windows
-MODEL_PARAMS = NucleiParams(model_mpp=0.25, model_classes={"big_cell": "tumor", "lymph": "immune"}, tile=96, pad=16)
+MODEL_PARAMS = section_defaults("nuclei", {"model_mpp": 0.25, "model_classes": {"big_cell": "tumor", "lymph": "immune"},
+                                           "tile": 96, "pad": 16})
 
 
 def test_model_through_tiles_recovers_instances_and_classes(model_path):
@@ -188,7 +190,7 @@ def test_model_through_tiles_recovers_instances_and_classes(model_path):
 
 def test_unmapped_model_classes_are_listed(model_path):
     rgb, _ = draw((64, 64), discs([(20, 20)], 8, (64, 64)) + discs([(45, 45)], 5, (64, 64)))
-    params = NucleiParams(model_classes={"lymph": "immune"}, tile=64, pad=0)
+    params = section_defaults("nuclei", {"model_classes": {"lymph": "immune"}, "tile": 64, "pad": 0})
     with pytest.raises(NucleiError, match=r"classes \['big_cell'\] are not mapped; add them to nuclei.model_classes"):
         detect_with_model(rgb, load_detector(model_path), params)
 
@@ -202,8 +204,8 @@ def test_model_file_errors(tmp_path):
     torch.save({"weight": torch.ones(2)}, tmp_path / "state_dict.pt")
     with pytest.raises(NucleiError, match="state_dict.pt: not a TorchScript module"):
         load_detector(tmp_path / "state_dict.pt")
-    with pytest.raises(NucleiError, match="maps to {'lymph': 'lymphocyte'}"):
-        NucleiParams(model_classes={"lymph": "lymphocyte"})
+    with pytest.raises(ConfigError, match="nuclei.model_classes.lymph: 'lymphocyte' is not one of"):
+        section_defaults("nuclei", {"model_classes": {"lymph": "lymphocyte"}})
 
 
 class OneClassTooFew(torch.nn.Module):
@@ -217,7 +219,7 @@ def test_model_breaking_the_contract(tmp_path):
     rgb, _ = draw((32, 32), discs([(16, 16)], 8, (32, 32)))
     # a 32 px tile with 16 px of context, rounded up to 32: the model sees 96 x 96
     with pytest.raises(NucleiError, match="bad.pt: output instances of shape \\(96, 96\\) with ids up to 2, 1 classes"):
-        detect_with_model(rgb, load_detector(tmp_path / "bad.pt"), NucleiParams(tile=32, pad=16))
+        detect_with_model(rgb, load_detector(tmp_path / "bad.pt"), section_defaults("nuclei", {"tile": 32, "pad": 16}))
 
 
 # --- GeoJSON -----------------------------------------------------------------------------------
@@ -247,14 +249,14 @@ def test_geojson_round_trip():
     assert feature["properties"]["classification"]["name"] == "immune"
     assert "Area µm^2" in feature["properties"]["measurements"]
     assert min(p[0] for p in feature["geometry"]["coordinates"][0]) > x  # level-0 coordinates
-    back, classes = rasterize_nuclei(collection, x, y, shape[1] * scale, shape[0] * scale, shape)
+    back, classes = NucleusRasterizer(collection).rasterize(x, y, shape[1] * scale, shape[0] * scale, shape)
     assert classes == ["immune", "stromal", "tumor", "other"]
     for i in range(1, 5):
         assert 2 * ((back == i) & (instances == i)).sum() / ((back == i).sum() + (instances == i).sum()) >= 0.95
         assert np.abs(np.argwhere(back == i).mean(0) - np.argwhere(instances == i).mean(0)).max() <= 1
     assert (back[9:11, 23:25] == 0).all()  # the hole survives
     # a window at another resolution and offset sees the same nuclei
-    coarse, _ = rasterize_nuclei(collection["features"], x + 20, y, 48 * scale, 40 * scale, (20, 24))
+    coarse, _ = NucleusRasterizer(collection["features"]).rasterize(x + 20, y, 48 * scale, 40 * scale, (20, 24))
     assert set(np.unique(coarse)) - {0} == {1, 2, 3, 4}
 
 
@@ -271,7 +273,7 @@ def test_segment_slide_patches(tmp_path):
     origins = [(x, y) for y in (0, 64, 128) for x in (0, 64, 128)] + [(256, 0)]
     index = pd.DataFrame({"patch_id": [f"s_x{x}_y{y}" for x, y in origins], "x": [x for x, _ in origins],
                           "y": [y for _, y in origins], "size": 64, "mpp": 0.5, "slide_mpp": 0.25})
-    params = NucleiParams(mpp=0.25)
+    params = section_defaults("nuclei", {"mpp": 0.25})
     table, collection = segment_slide_patches(index, slide, tmp_path / "nuclei", params, progress=False)
     masks = {p: read_instances(tmp_path / "nuclei" / f"{p}.png") for p in index["patch_id"]}
     assert all(m.shape == (64, 64) and m.dtype == np.uint16 for m in masks.values())
@@ -283,8 +285,8 @@ def test_segment_slide_patches(tmp_path):
     assert len(primary) == len(collection["features"]) == len(centres)  # each nucleus once in the slide GeoJSON
     found = sorted(zip(primary["slide_y"].round(-1), primary["slide_x"].round(-1)))
     assert found == sorted((float(round(r, -1)), float(round(c, -1))) for r, c in centres)
-    painted, _ = rasterize_nuclei(collection, 0, 0, 384, 256, slide_shape)
-    assert detection_f1(truth, painted)["f1"] == 1.0
+    painted, _ = NucleusRasterizer(collection).rasterize(0, 0, 384, 256, slide_shape)
+    assert score_instances([(truth, painted)])["f1"] == 1.0
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -293,9 +295,9 @@ def test_segment_images(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "a.png")
     Image.fromarray(draw((64, 64), [])[0]).save(tmp_path / "b.tif")
     paths = [tmp_path / "a.png", tmp_path / "b.tif"]
-    table = segment_images(paths, 0.25, tmp_path / "out", NucleiParams(mpp=0.25), progress=False)
-    assert detection_f1(truth, read_instances(tmp_path / "out" / "a.png"))["f1"] >= 0.9
+    table = segment_images(paths, 0.25, tmp_path / "out", section_defaults("nuclei", {"mpp": 0.25}), progress=False)
+    assert score_instances([(truth, read_instances(tmp_path / "out" / "a.png"))])["f1"] >= 0.9
     assert not read_instances(tmp_path / "out" / "b.png").any()
     assert set(table["image"]) == {"a"} and len(table) == read_instances(tmp_path / "out" / "a.png").max()
     with pytest.raises(NucleiError, match=r"repeated: \['a'\]"):
-        segment_images([tmp_path / "a.png", tmp_path / "x" / "a.tif"], 0.25, tmp_path / "out2", NucleiParams())
+        segment_images([tmp_path / "a.png", tmp_path / "x" / "a.tif"], 0.25, tmp_path / "out2", section_defaults("nuclei"))

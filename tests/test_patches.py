@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,9 +10,17 @@ from histosynth.config import load_config
 from histosynth.data.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
 
 
+def write(image, annotations, out, *, slide_name, **kwargs):
+    """Extract one slide as the CLI lays it out: out/<slide>/ (images/, masks/), the index
+    out/<slide>.parquet and the QC thumbnail out/<slide>.qc.png; returns the index path."""
+    out = Path(out)
+    return extract_slide(image, annotations, out / slide_name, out / f"{slide_name}.parquet", out / f"{slide_name}.qc.png",
+                         slide_name=slide_name, **kwargs)
+
+
 def extract(*args, **kwargs) -> pd.DataFrame:
     """Run the extraction and read back the index it wrote."""
-    return pd.read_parquet(extract_slide(*args, **kwargs))
+    return pd.read_parquet(write(*args, **kwargs))
 
 
 @pytest.fixture
@@ -84,14 +94,14 @@ def test_target_class_filter(square_slide, config, tmp_path):
 def test_zero_patches_explains_which_threshold(square_slide, config, tmp_path):
     config["patches"].update(target_class="Fat", min_label=0.1)
     with pytest.raises(PatchError, match=r"0 of 256 windows kept\. 64 had tissue.*'Fat' >= patches.min_label"):
-        extract_slide(*square_slide, tmp_path / "out", slide_name="sq", split="train", config=config, progress=False)
+        write(*square_slide, tmp_path / "out", slide_name="sq", split="train", config=config, progress=False)
     assert not list((tmp_path / "out").iterdir())  # nothing half-written
 
 
 def test_slide_without_tissue_is_an_error(tmp_path, config):
     blank = write_tiled_tiff(tmp_path / "blank.tiff", np.full((512, 512, 3), 242, np.uint8))
     with pytest.raises(PatchError, match="blank.tiff: no tissue detected"):
-        extract_slide(blank, None, tmp_path / "out", slide_name="blank", split="train", config=config, progress=False)
+        write(blank, None, tmp_path / "out", slide_name="blank", split="train", config=config, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -102,8 +112,9 @@ def test_annotations_outside_the_slide_are_clipped(tmp_path, config, caplog):
     geojson = write_geojson(tmp_path / "edge.geojson", [feature("Fat", square(448, 0, 700, 512))])
     index = extract(slide, geojson, tmp_path / "out", slide_name="edge", split="train", config=config, progress=False)
     assert "clip" in caplog.text.lower()
-    assert (index["x"] + 64 <= 512).all() and (index["y"] + 64 <= 512).all()
-    assert index.loc[index["x"] == 448, "frac_fat"].eq(1.0).all()
+    assert len(index) and (index["x"] + 64 <= 512).all() and (index["y"] + 64 <= 512).all()
+    edge = index.loc[index["x"] == 448, "frac_fat"]
+    assert len(edge) == 8 and edge.eq(1.0).all()  # the last column of windows, inside the clipped Fat region
 
 
 def test_annotated_pale_regions_count_as_tissue(tmp_path, config):
@@ -115,3 +126,21 @@ def test_annotated_pale_regions_count_as_tissue(tmp_path, config):
     fat = index[index["x"].between(256, 320)]
     assert len(fat) == 16 and (fat["tissue_fraction"] == 1.0).all() and (fat["frac_fat"] == 1.0).all()
     assert not (index["x"] >= 384).any()  # unannotated glass stays out
+
+
+def test_outputs_go_where_the_caller_says(square_slide, config, tmp_path):
+    """Every output path comes from the caller; image and mask columns are relative to the index's folder."""
+    index_path = tmp_path / "indexes" / "sq.parquet"
+    qc_path = tmp_path / "qc" / "sq.png"
+    returned = extract_slide(*square_slide, tmp_path / "patches" / "sq", index_path, qc_path, slide_name="sq",
+                             split="train", config=config, progress=False)
+    assert returned == index_path and qc_path.is_file()
+    index = pd.read_parquet(index_path)
+    assert len(index) == 64 and index["image"].str.startswith("../patches/sq/").all()
+    assert all((index_path.parent / path).is_file() for path in [*index["image"], *index["mask"]])
+    assert sorted(p.name for p in (tmp_path / "patches" / "sq").iterdir()) == ["images", "masks"]
+    # no QC thumbnail unless asked for
+    extract_slide(*square_slide, tmp_path / "again", tmp_path / "again.parquet", slide_name="sq", split="train",
+                  config=config, progress=False)
+    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix not in (".tiff", ".geojson"))  # not the fixture's slide
+    assert written == ["again", "again.parquet", "indexes", "patches", "qc"]

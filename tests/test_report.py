@@ -12,8 +12,7 @@ from PIL import Image
 
 from histosynth.data.io import write_table
 from histosynth.evaluation.report import (
-    metrics_table, paired_tests, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, sample_grid,
-    seed_summary, summarize,
+    metrics_table, paired_tests, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, seed_summary, summarize,
 )
 
 RATIOS = [{"name": "real", "synthetic": 0, "real": True}, {"name": "k2", "synthetic": 2, "real": True},
@@ -94,10 +93,6 @@ def test_plots_are_written(tmp_path):
     pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(csv, index=False)
     [curve] = plot_loss_curves([csv], tmp_path / "loss")
     assert curve.name == "run.png" and is_png(curve)
-    image, mask = tmp_path / "i.png", tmp_path / "k.png"
-    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
-    Image.fromarray(np.ones((16, 16), np.uint8)).save(mask)
-    assert is_png(sample_grid([image] * 3, tmp_path / "g.png", masks=[mask] * 3, ncols=2, titles=["a", "b", "c"]))
 
 
 def test_summarize_writes_everything(tmp_path):
@@ -109,8 +104,27 @@ def test_summarize_writes_everything(tmp_path):
     shares = pd.DataFrame({"ratio": ["real", "k2", "syn"], "class": "Blood vessel", "share": [0.1, 0.2, 0.5],
                            "n_real": [8, 8, 0], "n_synthetic": [0, 2, 8]})
     write_table(shares, tmp_path / "share.parquet")
-    out = summarize(paths, tmp_path / "summary", ratios=RATIOS, share_paths=[tmp_path / "share.parquet"])
-    assert set(out) >= {"metrics", "paired_tests", "metrics_plot", "class_share_plot", "seed_summary"}
-    tests = pd.read_csv(out["paired_tests"])
+    quality = pd.DataFrame({"set": ["synth"], "metric": ["fid"], "class": "all", "value": [50.0], "status": "ok", "note": ""})
+    write_table(quality, tmp_path / "quality.parquet")
+    loss = tmp_path / "real_0" / "loss.csv"  # a run folder's loss.csv: the plot is named after the run
+    loss.parent.mkdir()
+    pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(loss, index=False)
+    summary = tmp_path / "summary"
+    outputs = {"parquet": summary / "tables" / "metrics.parquet", "table": summary / "tables" / "metrics.csv",
+               "seed_summary": summary / "seeds.csv", "paired_tests": summary / "tests.csv",
+               "metrics_plot": summary / "plots" / "metrics.png", "class_share": summary / "share.csv",
+               "class_share_plot": summary / "plots" / "share.png", "quality_plot": summary / "plots" / "quality.png",
+               "loss": summary / "loss"}
+    out = summarize(paths, outputs, ratios=RATIOS, share_paths=[tmp_path / "share.parquet"],
+                    quality_paths=[tmp_path / "quality.parquet"], loss_csvs=[loss])
+    # every output goes exactly where the caller said
+    assert set(out) == set(outputs) and all(out[name] == path for name, path in outputs.items() if name != "loss")
+    assert out["loss"] == [summary / "loss" / "real_0.png"]
+    tests = pd.read_csv(outputs["paired_tests"])
     assert set(tests.ratio) == {"k2", "syn"} and set(tests.baseline) == {"real"}
-    assert is_png(out["metrics_plot"]) and pd.read_parquet(out["metrics"]).shape[0] == len(seg)
+    assert pd.read_parquet(outputs["parquet"]).shape[0] == len(seg) + 1  # segmentation rows and the quality row
+    assert pd.read_csv(outputs["table"]).shape[0] == len(seg) + 1
+    assert set(pd.read_csv(outputs["seed_summary"]).ratio) == {"real", "k2", "syn"}
+    assert pd.read_csv(outputs["class_share"])["share"].tolist() == [0.1, 0.2, 0.5]
+    assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot"))
+    assert is_png(out["loss"][0])

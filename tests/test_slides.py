@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from conftest import GLASS, STROMA, write_tiled_tiff
-from histosynth.data.slides import Slide, SlideError, TissueParams, detect_tissue
+from histosynth.config import section_defaults
+from histosynth.data.slides import Slide, SlideError, detect_tissue
+
+
+def tissue(**overrides) -> dict:
+    """The patches.tissue settings (schema defaults) with `overrides`."""
+    return section_defaults("patches", {"tissue": overrides})["tissue"]
 
 
 def test_reads_mpp_levels_and_best_level(square_slide):
@@ -61,16 +67,16 @@ def test_tissue_detection_rejects_glass_and_pen():
     rgb = np.full((100, 100, 3), GLASS, np.uint8)
     rgb[20:60, 20:60] = STROMA
     rgb[70:90, 10:90] = (40, 60, 200)  # blue marker
-    mask, threshold = detect_tissue(rgb, 8.0, TissueParams(min_object_um2=0, max_hole_um2=0))
+    mask, threshold = detect_tissue(rgb, 8.0, tissue(min_object_um2=0, max_hole_um2=0))
     assert mask[20:60, 20:60].all()
     assert not mask[70:90, 10:90].any()
     assert mask.sum() == 40 * 40
-    assert threshold >= TissueParams().min_saturation
+    assert threshold >= tissue()["min_saturation"]
 
 
 def test_blank_glass_has_no_tissue():
     rgb = np.random.default_rng(0).integers(236, 246, (64, 64, 3)).astype(np.uint8)
-    mask, _ = detect_tissue(rgb, 8.0, TissueParams())
+    mask, _ = detect_tissue(rgb, 8.0, tissue())
     assert not mask.any()
 
 
@@ -79,6 +85,6 @@ def test_small_holes_filled_and_debris_removed():
     rgb[10:90, 10:90] = STROMA
     rgb[40:43, 40:43] = GLASS  # hole of 9 px = 576 um2 at 8 mpp
     rgb[95:97, 95:97] = STROMA  # debris of 4 px = 256 um2
-    mask, _ = detect_tissue(rgb, 8.0, TissueParams(min_object_um2=300, max_hole_um2=600))
+    mask, _ = detect_tissue(rgb, 8.0, tissue(min_object_um2=300, max_hole_um2=600))
     assert mask[40:43, 40:43].all()
     assert not mask[95:97, 95:97].any()

@@ -19,7 +19,7 @@ from histosynth.generators.conditioning import read_conditioning, write_conditio
 from histosynth.generators.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
 from histosynth.nuclei.instances import NUCLEUS_CLASSES
 from histosynth.data.patches import fraction_column
-from histosynth.generators.sampling import repaint, repaint_scheduler, unet_evaluations
+from histosynth.generators.sampling import repaint, repaint_scheduler
 from histosynth.generators.synthesis import SynthesisError, class_grids, inpaint, latent_region, paste_region, run_stage, synthesize
 from histosynth.generators.training import TrainingError
 
@@ -88,7 +88,7 @@ def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditionin
 
 def save_autoencoder(folder):
     torch.manual_seed(0)
-    ae = build_autoencoder({"channels": [8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 2, "kind": "kl",
+    ae = build_autoencoder({"channels": [8, 8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 4, "kind": "kl",
                             "mid_attention": False}, 3, SIZE)
     ae.save_pretrained(folder)
     return folder
@@ -248,7 +248,7 @@ def test_repaint_keeps_known_pixels_exactly_and_counts_resampling_evaluations():
     model = build_model(TINY, 3, 4, 16).eval()
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
-    scheduler = repaint_scheduler(train_scheduler({}).config)
+    scheduler = repaint_scheduler(train_scheduler({}).config, eta=1.0)
     known = torch.rand(2, 3, 16, 16) * 2 - 1
     keep = torch.ones(2, 1, 16, 16)
     keep[:, :, 4:10, 4:10] = 0
@@ -256,7 +256,8 @@ def test_repaint_keeps_known_pixels_exactly_and_counts_resampling_evaluations():
                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
     assert torch.equal(out[keep.expand_as(out) == 1], known[keep.expand_as(known) == 1])
     assert not torch.allclose(out[:, :, 4:10, 4:10], known[:, :, 4:10, 4:10])
-    assert len(calls) == unet_evaluations(6, 2, 3) == 6 + 2 * 2 * 2
+    # T = 6 denoising steps, plus 2 jumps (at t = 2 and 4) each re-denoising jump_length = 2 steps jump_n_sample - 1 = 2 times
+    assert len(calls) == 6 + 2 * 2 * 2
     assert len(scheduler.timesteps) == len(calls) + 2 * 2 * 2  # denoising steps + re-noising (jump) steps
 
 
@@ -359,3 +360,63 @@ def test_class_balance_draws_rare_classes_as_often_as_common_ones(tmp_path, sour
         counts[balance] = manifest["source_patch_id"].isin(rare).sum()
     assert counts[0.0] < 55 < counts[1.0]  # expected 40 (1 of 5 maps) vs 67 (1 of 3 classes), sd ~6
     assert counts[1.0] < 85
+
+
+def test_grow_regenerates_a_band_around_the_region_and_keeps_the_mask(tmp_path, sources, pixel_model):
+    from scipy.ndimage import binary_dilation
+
+    plain = run_inpaint(pixel_model, sources, tmp_path / "plain", grid_per_class=0)
+    grown = run_inpaint(pixel_model, sources, tmp_path / "grown", grow=2, grid_per_class=0)
+    by_id = sources.set_index("patch_id")
+    band_changed = 0
+    for a, b in zip(plain.itertuples(), grown.itertuples(), strict=True):
+        assert (a.source_patch_id, a.donor_patch_id) == (b.source_patch_id, b.donor_patch_id)
+        region = read(by_id.loc[b.donor_patch_id, "mask"]) == 1
+        wide = binary_dilation(region, np.ones((5, 5), bool))  # 2 px in every direction, as a square
+        assert wide.sum() > region.sum()
+        source, image = read(by_id.loc[b.source_patch_id, "image"]), read(tmp_path / "grown" / b.image)
+        assert np.array_equal(image[~wide], source[~wide])  # only the grown area is regenerated
+        band = wide & ~region
+        band_changed += int((image[band] != source[band]).any(-1).sum())
+        # the label mask and the map are the pasted region's, not the grown area's
+        assert np.array_equal(read(tmp_path / "grown" / b.mask), read(tmp_path / "plain" / a.mask))
+        assert b.frac_blood_vessel == pytest.approx(region.mean())
+    assert band_changed > 0
+
+
+def test_donor_min_fraction_picks_donors_with_more_of_the_class(tmp_path, sources, pixel_model):
+    # one donor keeps an 8 x 8 vessel (fraction 0.25), the other is cut down to 2 x 2 (fraction 1/64)
+    sources = sources.copy()
+    small = sources.index[sources["frac_blood_vessel"] > 0][0]
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[3:5, 3:5] = 1
+    Image.fromarray(mask).save(sources.loc[small, "mask"])
+    sources.loc[small, "frac_blood_vessel"] = 4 / SIZE**2
+    small_id = sources.loc[small, "patch_id"]
+    fast = dict(n=8, steps=2, jump_n_sample=1, batch_size=8, grid_per_class=0)
+    every = run_inpaint(pixel_model, sources, tmp_path / "every", **fast)
+    assert small_id in set(every["donor_patch_id"]) and len(set(every["donor_patch_id"])) == 2
+    big = run_inpaint(pixel_model, sources, tmp_path / "big", donor_min_fraction=0.2, **fast)
+    assert set(big["donor_patch_id"]) == set(sources.loc[sources["frac_blood_vessel"] > 0.2, "patch_id"])
+    assert (big["frac_blood_vessel"] == 0.25).all()
+    with pytest.raises(SynthesisError, match=r"no donor patch has frac_blood_vessel > 0.25 \(max 0.250\)"):
+        run_inpaint(pixel_model, sources, tmp_path / "none", donor_min_fraction=0.25, **fast)  # more than, not at least
+
+
+def test_eta_sets_the_repaint_noise_and_changes_only_the_region(tmp_path, sources, pixel_model, monkeypatch):
+    from histosynth.generators import synthesis
+
+    made = []
+    real_scheduler = synthesis.repaint_scheduler
+    monkeypatch.setattr(synthesis, "repaint_scheduler", lambda config, eta: made.append(real_scheduler(config, eta)) or made[-1])
+    ddpm = run_inpaint(pixel_model, sources, tmp_path / "ddpm", eta=1.0, grid_per_class=0)
+    ddim = run_inpaint(pixel_model, sources, tmp_path / "ddim", eta=0.0, grid_per_class=0)
+    assert [s.config.eta for s in made] == [1.0, 0.0]
+    by_id = sources.set_index("patch_id")
+    differ = False
+    for a, b in zip(ddpm.itertuples(), ddim.itertuples(), strict=True):
+        region = read(by_id.loc[a.donor_patch_id, "mask"]) == 1
+        x, y = read(tmp_path / "ddpm" / a.image), read(tmp_path / "ddim" / b.image)
+        assert np.array_equal(x[~region], y[~region])
+        differ |= bool((x[region] != y[region]).any())
+    assert differ  # same seed, same noise draws: only the posterior noise differs

@@ -198,14 +198,14 @@ def test_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path):
 def test_non_finite_loss_stops_naming_the_step_and_saves_no_model(tmp_path):
     data = Shapes(n=8, nan_at=5)
     bad_step = next(i // 2 + 1 for i, item in enumerate(epoch_order(8, 3, 0)) if item == 5)
+    assert bad_step == 4  # seed 3's order: steps 1-3 are good, so there are checkpoints to check
     with pytest.raises(NonFiniteLossError, match=rf"at step {bad_step}\b") as err:
         train_diffusion(data, tmp_path, tiny(batch_size=2, steps=8, checkpoint_every=1), seed=3)
-    if bad_step > 1:
-        assert f"step-{bad_step - 1}" in str(err.value)
+    assert f"step-{bad_step - 1}" in str(err.value)  # the last good checkpoint is named
     assert not (tmp_path / "model").exists()
-    saved = [int(p.name[5:]) for p in checkpoints(tmp_path / "checkpoints")]
-    assert all(step < bad_step for step in saved)
-    for path in checkpoints(tmp_path / "checkpoints"):
+    saved = checkpoints(tmp_path / "checkpoints")
+    assert [int(p.name[5:]) for p in saved] == [bad_step - 2, bad_step - 1]  # keep_checkpoints=2, none at or after it
+    for path in saved:
         assert all(torch.isfinite(t).all() for t in weights(path / "model").values())
 
 

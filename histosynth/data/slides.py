@@ -183,8 +183,8 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
     tissue = (saturation >= threshold * 255) & candidate
     del saturation, candidate
     px_area = mpp * mpp
-    tissue = _drop_components(tissue, int(params.min_object_um2 / px_area))
-    tissue |= ~_drop_components(~tissue, int(params.max_hole_um2 / px_area))  # fill small holes
+    tissue = _drop_components(tissue, int(params["min_object_um2"] / px_area))
+    tissue |= ~_drop_components(~tissue, int(params["max_hole_um2"] / px_area))  # fill small holes
     return tissue, threshold
 
 

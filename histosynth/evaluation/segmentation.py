@@ -369,8 +369,6 @@ def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str
     pixels gets NaN Dice and recall (precision too unless it was predicted) and a warning.
     With overlays_dir, writes TP/FP/FN overlays (TP green, FP red, FN blue over the image) of
     the n_overlays test patches with most labelled pixels."""
-    from torchmetrics.functional.classification import multilabel_stat_scores
-
     names = list(classes) if classes else list(model.classes)
     unknown = [c for c in names if c not in model.classes]
     if unknown:
@@ -386,12 +384,11 @@ def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str
     for batch in loader:
         probs = model.probabilities(batch["image"])[:, channels]
         target = batch["target"].int()
-        stats = multilabel_stat_scores(probs, target, num_labels=len(names), threshold=model.threshold,
-                                       average="none", multidim_average="samplewise")
-        stats = stats.reshape(len(target), len(names), 5)  # torchmetrics squeezes a batch of one to (C, 5)
+        pred, truth = probs >= model.threshold, target > 0
+        stats = torch.stack([(pred & truth).sum((2, 3)), (pred & ~truth).sum((2, 3)), (~pred & truth).sum((2, 3))], -1)
         for k, i in enumerate(batch["index"].tolist()):
             n, c = counts.get(slides[i], (0, np.zeros((len(names), 3))))
-            counts[slides[i]] = (n + 1, c + stats[k][:, [0, 1, 3]].numpy())
+            counts[slides[i]] = (n + 1, c + stats[k].numpy())  # (C, 3): tp, fp, fn
             if overlays_dir is not None and n_overlays > 0:
                 item = (float(target[k].sum()), -i, batch["image"][k].numpy(), target[k].numpy(), (probs[k] >= model.threshold).numpy())
                 (heapq.heappush if len(candidates) < n_overlays else heapq.heappushpop)(candidates, item)

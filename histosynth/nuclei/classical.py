@@ -59,14 +59,14 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
     cores = smooth > threshold
     low = max(params["min_hematoxylin"], params["hysteresis"] * threshold)
     grown, _ = ndi.label(apply_hysteresis_threshold(smooth, low, threshold))
-    bled = np.bincount(grown.ravel()) * mpp * mpp > params.max_area_um2  # grew into cytoplasm
+    bled = np.bincount(grown.ravel()) * mpp * mpp > params["max_area_um2"]  # grew into cytoplasm
     bled[0] = False
     nuclear = np.where(bled[grown], cores, grown > 0)
     redness = (rgb[..., 0].astype(np.float32) - rgb[..., 2]) / 255
     red = (ndi.gaussian_filter(redness, params["smoothing_um"] / mpp) >= params["blood_min_redness"]) & ~nuclear
 
-    nuclei = _split_objects(nuclear, mpp, params, params.min_area_um2, params.max_area_um2)
-    blood = _split_objects(red, mpp, params, params.blood_min_area_um2, params.blood_max_area_um2)
+    nuclei = _split_objects(nuclear, mpp, params, params["min_area_um2"], params["max_area_um2"])
+    blood = _split_objects(red, mpp, params, params["blood_min_area_um2"], params["blood_max_area_um2"])
     n_nuclei = int(nuclei.max())
     # Nuclei keep ids 1..n_nuclei (they win pixels both claim); red cells follow.
     instances = np.where(nuclei > 0, nuclei, np.where(blood > 0, blood + n_nuclei, 0))
@@ -83,7 +83,7 @@ def _split_objects(foreground: np.ndarray, mpp: float, params: Mapping, min_um2:
     """Label image (1..N) of the foreground's objects, touching ones split by a marker-controlled
     watershed of the distance map, without those outside [min_um2, max_um2]."""
     px_area = mpp * mpp
-    foreground = remove_small_holes(foreground, max_size=int(params.max_hole_um2 / px_area))
+    foreground = remove_small_holes(foreground, max_size=int(params["max_hole_um2"] / px_area))
     if not foreground.any():
         return np.zeros(foreground.shape, np.int32)
     # Distance to background in hundredths of a micron: integers keep h-maxima exact and fast.
@@ -101,7 +101,7 @@ def _heuristic_classes(table: pd.DataFrame, is_blood: np.ndarray, mpp: float, pa
     """Class names by the morphology heuristic documented in detect_nuclei."""
     area_um2 = table["area"].to_numpy() * mpp * mpp
     eccentricity = table["eccentricity"].to_numpy()
-    immune = (area_um2 <= params.immune_max_area_um2) & (eccentricity <= params["immune_max_eccentricity"])
+    immune = (area_um2 <= params["immune_max_area_um2"]) & (eccentricity <= params["immune_max_eccentricity"])
     stromal = eccentricity >= params["stromal_min_eccentricity"]
     return list(np.select([is_blood, immune, stromal], ["blood", "immune", "stromal"], "other"))
 

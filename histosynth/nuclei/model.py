@@ -15,7 +15,6 @@ import pandas as pd
 from skimage.color import rgb2hed
 
 from histosynth.nuclei.instances import (
-    MODEL_STRIDE,
     NUCLEUS_CLASSES,
     NucleiError,
     mean_per_instance,
