@@ -29,12 +29,19 @@ def _factory(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def _read_config(path: Path) -> dict:
+    """A run config file: JSON (what `launch` writes) or YAML. JSON is read as JSON: YAML 1.1 would
+    take numbers like 1e-06 for strings."""
+    import yaml
+
+    text = path.read_text()
+    return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+
+
 def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     """`python -m <the stage's trainer module> train ...`, shared by the autoencoder and diffusion trainers.
 
     The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
-    import yaml
-
     parser = argparse.ArgumentParser(prog=f"python -m {TRAINERS[stage]}", description=f"train the {stage} model")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
@@ -57,7 +64,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = yaml.safe_load(Path(args.config).read_text()) or {}
+    config = _read_config(Path(args.config))
     factory = _factory(args.dataset)
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
