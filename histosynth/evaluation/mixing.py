@@ -28,14 +28,13 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.annotations import class_fractions
-from histosynth.generators.synthesis import MODE_RULES
 from histosynth.data.io import read_mask, read_patch_index, write_table
 from histosynth.data.patches import class_indices, fraction_column
+from histosynth.generators.synthesis import MODE_RULES
 from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-# The rule that writes each synthetic source's manifest, for error messages.
 MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide")
 
 
