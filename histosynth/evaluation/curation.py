@@ -1,0 +1,258 @@
+"""Curation of a synthetic set: keep the images that agree with their own mask and copy no
+training patch; score the rest with the reason they were rejected.
+
+Consistency: an image's region Dice (its mask against what the real-only segmentation model
+finds, pooled over the region classes; histosynth.evaluation.consistency) and its nuclei Dice,
+both from the image-quality stage's per-image scores. An image whose mask and prediction are both
+empty has nothing to disagree with and keeps Dice NaN (kept).
+
+Copies: each image's nearest real training patch in two measures, each calibrated on held-out real
+patches (the validation slides), which are by definition not copies:
+- feature distance: cosine distance in the offline feature space of the quality stage (the
+  real-only segmentation encoder, or a local timm model), the minimum over the 8 flips/rotations
+  of the image; a copy is closer than the copy_quantile / 2 quantile of the held-out patches'
+  nearest-training distances;
+- pixel correlation: the Pearson correlation of grey values (at most PIXEL_SIDE px a side), the
+  maximum over the 8 flips/rotations; a copy correlates more than the 1 - copy_quantile / 2
+  quantile of the held-out patches' maxima (so the two measures together flag about copy_quantile
+  of real held-out patches; a measure used alone takes the whole copy_quantile).
+An inpainted image is real outside its painted region by design, so only the painted region is
+compared (pixel correlation of the region's pixels with the same pixels of every training patch;
+held-out patches are measured in the regions of the set's images, in turn); its feature distance
+is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from histosynth.data.io import read_mask, read_rgb
+from histosynth.evaluation.features import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+PIXEL_SIDE = 32  # grey images are box-downsampled to at most this side for the whole-image correlation
+COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "feature_distance", "feature_threshold",
+           "nearest_patch_pixels", "pixel_correlation", "pixel_threshold", "closer_to_train", "copy", "copy_of",
+           "keep", "reason")
+MONTAGE_PAIRS = 8  # closest synthetic-training pairs drawn per set
+
+
+def dihedral(images: np.ndarray) -> np.ndarray:
+    """(8, N, ...) the 8 flips/rotations of (N, H, W, ...) square images."""
+    views = []
+    for k in range(4):
+        rotated = np.rot90(images, k, axes=(1, 2))
+        views += [rotated, rotated[:, :, ::-1]]
+    return np.stack(views)
+
+
+def grey(images: np.ndarray) -> np.ndarray:
+    """(N, h, w) float grey values of (N, H, W, 3) uint8 images, box-downsampled to at most PIXEL_SIDE a side."""
+    values = images.astype(np.float32).mean(axis=-1)
+    factor = max(1, values.shape[1] // PIXEL_SIDE)
+    n, h, w = values.shape
+    return values[:, :h - h % factor, :w - w % factor].reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+
+
+def _standardised(values: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit norm, so a dot product is the Pearson correlation (0 for flat rows)."""
+    flat = values.reshape(len(values), -1).astype(np.float64)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+def max_correlation(queries: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image (N, H, W, 3), the highest pixel correlation with any training image over the
+    query's 8 flips/rotations, and that training image's position."""
+    reference = _standardised(grey(train))
+    views = dihedral(queries)
+    scores = np.stack([_standardised(grey(view)) @ reference.T for view in views]).max(axis=0)  # (N, T)
+    return scores.max(axis=1), scores.argmax(axis=1)
+
+
+def region_correlation(queries: np.ndarray, regions: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the highest correlation of its grey pixels inside its region (bool (N, H, W)) with
+    the same pixels of any training image, and that image's position (NaN, -1 for an empty region)."""
+    train_grey = train.astype(np.float32).mean(axis=-1)
+    best, where = np.full(len(queries), np.nan), np.full(len(queries), -1)
+    for i, (query, region) in enumerate(zip(queries, regions, strict=True)):
+        if region.sum() < 2:
+            continue
+        q = _standardised(query.astype(np.float32).mean(axis=-1)[region][None])
+        scores = (_standardised(train_grey[:, region]) @ q.T)[:, 0]
+        best[i], where[i] = scores.max(), scores.argmax()
+    return best, where
+
+
+def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
+    """Unit-normalised features of (N, H, W, 3) uint8 images."""
+    chunks = [extractor.embed(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size].transpose(0, 3, 1, 2)))).double().numpy()
+              for s in range(0, len(images), batch_size)]
+    features = np.concatenate(chunks) if chunks else np.empty((0, 1))
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def nearest_distance(queries: np.ndarray, train_features: np.ndarray, extractor: FeatureExtractor,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image, the smallest cosine distance of its 8 flips/rotations to any training
+    feature (unit-normalised rows), and that training image's position."""
+    views = dihedral(queries)
+    distances = np.stack([1 - _embed(view, extractor, batch_size) @ train_features.T for view in views]).min(axis=0)
+    return distances.min(axis=1), distances.argmin(axis=1)
+
+
+def image_consistency(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per image id: `consistency`, the region Dice pooled over the region classes, and
+    `nuclei_consistency`, the nuclei-foreground Dice, from per-image consistency scores
+    (histosynth.evaluation.consistency.SCORE_COLUMNS); NaN where mask and prediction are empty."""
+    def pooled(part: pd.DataFrame) -> float:
+        inter, truth, pred = (part[c].sum() for c in ("intersection", "truth_pixels", "predicted_pixels"))
+        return 2 * inter / (truth + pred) if truth + pred else np.nan
+
+    regions = scores[scores["kind"] == "region"].groupby("id").apply(pooled, include_groups=False).rename("consistency")
+    nuclei = scores[(scores["kind"] == "nuclei") & (scores["class"] == "nuclei")].set_index("id")["dice"].rename("nuclei_consistency")
+    return pd.concat([regions, nuclei], axis=1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real patches a set is checked against: training rows and held-out (validation) rows,
+    their pixels, and the training features when a feature space is available."""
+
+    train: pd.DataFrame
+    train_pixels: np.ndarray
+    heldout_pixels: np.ndarray
+    train_features: np.ndarray | None
+
+
+def load_reference(train: pd.DataFrame, heldout: pd.DataFrame, extractor: FeatureExtractor | None,
+                   batch_size: int) -> Reference:
+    """Read the real patches (absolute image paths) and embed the training ones."""
+    if train.empty or heldout.empty:
+        raise ValueError(f"curation needs real training and held-out (val) patches; got {len(train)} and {len(heldout)}")
+    train_pixels = np.stack([read_rgb(p) for p in train["image"]])
+    heldout_pixels = np.stack([read_rgb(p) for p in heldout["image"]])
+    features = _embed(train_pixels, extractor, batch_size) if extractor is not None else None
+    return Reference(train.reset_index(drop=True), train_pixels, heldout_pixels, features)
+
+
+def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, classes: Sequence[str], *,
+           settings: Mapping, extractor: FeatureExtractor | None, batch_size: int) -> pd.DataFrame:
+    """The manifest (absolute paths) with COLUMNS added: consistency scores, the nearest training
+    patch in each measure with its distance and the held-out threshold, `copy`, `keep` and the
+    reason of each reject. `settings` is the `curation` config section; with enabled false every
+    image is kept (still scored)."""
+    s = settings
+    out = manifest.reset_index(drop=True).copy()
+    if out.empty:
+        return out.assign(**{c: pd.Series(dtype=object) for c in COLUMNS})
+    out = out.join(image_consistency(scores), on="id") if len(scores) else out.assign(consistency=np.nan, nuclei_consistency=np.nan)
+    pixels = np.stack([read_rgb(p) for p in out["image"]])
+    ids = reference.train["patch_id"].astype(str).to_numpy()
+    painted = _painted_regions(out, classes)
+    measures = 2 if painted is None and extractor is not None else 1
+    q = float(s["copy_quantile"]) / measures  # each measure's share, so together they flag about copy_quantile
+    if painted is None:
+        if extractor is not None:
+            distance, nearest = nearest_distance(pixels, reference.train_features, extractor, batch_size)
+            heldout, _ = nearest_distance(reference.heldout_pixels, reference.train_features, extractor, batch_size)
+            out["feature_threshold"] = float(np.quantile(heldout, q))
+            out["feature_distance"], out["nearest_patch"] = distance, ids[nearest]
+            out["closer_to_train"] = distance < _nearest_heldout(pixels, reference, extractor, batch_size)
+        correlation, nearest_pix = max_correlation(pixels, reference.train_pixels)
+        heldout_corr, _ = max_correlation(reference.heldout_pixels, reference.train_pixels)
+    else:
+        correlation, nearest_pix = region_correlation(pixels, painted, reference.train_pixels)
+        turns = painted[np.arange(len(reference.heldout_pixels)) % len(painted)]
+        heldout_corr, _ = region_correlation(reference.heldout_pixels, turns, reference.train_pixels)
+    out["pixel_correlation"] = correlation
+    out["nearest_patch_pixels"] = np.where(nearest_pix >= 0, ids[np.maximum(nearest_pix, 0)], None)
+    out["pixel_threshold"] = float(np.nanquantile(heldout_corr, 1 - q))
+    out = out.reindex(columns=[*manifest.columns, *[c for c in COLUMNS if c not in manifest.columns]])
+    by_feature = out["feature_distance"].astype(float) < out["feature_threshold"].astype(float)
+    by_pixels = out["pixel_correlation"].astype(float) > out["pixel_threshold"].astype(float)
+    out["copy"] = by_feature | by_pixels
+    out["copy_of"] = np.where(by_feature, out["nearest_patch"], np.where(by_pixels, out["nearest_patch_pixels"], None))
+    out["reason"] = [_reason(row, s) for row in out.to_dict("records")]
+    out["keep"] = out["reason"].eq("") | (not s["enabled"])
+    log.info("%d of %d images kept (%s)", int(out["keep"].sum()), len(out),
+             ", ".join(f"{n} {r}" for r, n in _reason_kinds(out).items()) or "no rejects")
+    return out
+
+
+def _nearest_heldout(pixels: np.ndarray, reference: Reference, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
+    """Per image, the cosine distance to the nearest held-out real patch (the memorisation audit's
+    'closer to train than to held-out real')."""
+    heldout = _embed(reference.heldout_pixels, extractor, batch_size)
+    return (1 - _embed(pixels, extractor, batch_size) @ heldout.T).min(axis=1)
+
+
+def _painted_regions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray | None:
+    """Bool (N, H, W) painted regions of an inpainted set (its target class in each mask), None for
+    a set that was not inpainted."""
+    if "donor_patch_id" not in manifest or manifest["donor_patch_id"].isna().all():
+        return None
+    values = [list(classes).index(name) + 1 if name in classes else 0 for name in manifest["target_class"]]
+    return np.stack([read_mask(path) == value for path, value in zip(manifest["mask"], values, strict=True)])
+
+
+def _reason(row: Mapping, s: Mapping) -> str:
+    """Why an image is rejected ('' when it is kept), naming the threshold that removed it."""
+    reasons = []
+    if row["consistency"] < s["min_consistency"]:
+        reasons.append(f"consistency {row['consistency']:.2f} < curation.min_consistency {s['min_consistency']}")
+    if row["nuclei_consistency"] < s["min_nuclei_consistency"]:
+        reasons.append(f"nuclei consistency {row['nuclei_consistency']:.2f} < curation.min_nuclei_consistency "
+                       f"{s['min_nuclei_consistency']}")
+    if row["feature_distance"] < row["feature_threshold"]:
+        reasons.append(f"copy of {row['nearest_patch']}: feature distance {row['feature_distance']:.4f} < "
+                       f"{row['feature_threshold']:.4f} (curation.copy_quantile of held-out real)")
+    if row["pixel_correlation"] > row["pixel_threshold"]:
+        reasons.append(f"copy of {row['nearest_patch_pixels']}: pixel correlation {row['pixel_correlation']:.3f} > "
+                       f"{row['pixel_threshold']:.3f} (1 - curation.copy_quantile of held-out real)")
+    return "; ".join(reasons)
+
+
+def _reason_kinds(curated: pd.DataFrame) -> dict[str, int]:
+    """Images rejected for each kind of reason (consistency, nuclei consistency, copy); an image may count under several."""
+    kinds = {"consistency": 0, "nuclei consistency": 0, "copy": 0}
+    for reason in curated["reason"]:
+        parts = reason.split("; ") if reason else []
+        for kind in {"copy" if p.startswith("copy") else "nuclei consistency" if p.startswith("nuclei") else "consistency"
+                     for p in parts}:
+            kinds[kind] += 1
+    return {k: v for k, v in kinds.items() if v}
+
+
+def audit(curated: pd.DataFrame, n_train: int) -> dict:
+    """The memorisation audit of one curated set: copy rate, share of training patches copied at
+    least once, share of images closer to a training patch than to any held-out real patch (NaN
+    without a feature space), and the reject counts per reason."""
+    closer = curated["closer_to_train"].dropna().astype(bool)
+    return {"images": len(curated), "kept": int(curated["keep"].sum()),
+            "copy_rate": float(curated["copy"].astype(bool).mean()) if len(curated) else np.nan,
+            "train_copied_share": curated["copy_of"].dropna().nunique() / n_train if n_train else np.nan,
+            "closer_to_train_share": float(closer.mean()) if len(closer) else np.nan,
+            **{f"rejected_{k.replace(' ', '_')}": v for k, v in _reason_kinds(curated).items()}}
+
+
+def closest_pairs(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_PAIRS) -> np.ndarray:
+    """A montage (uint8 RGB) of the n synthetic images most like a training patch (highest pixel
+    correlation) beside that patch: one pair per row, synthetic left; copies framed red."""
+    rows = curated.dropna(subset=["pixel_correlation"]).sort_values("pixel_correlation", ascending=False).head(n)
+    index = {pid: i for i, pid in enumerate(reference.train["patch_id"].astype(str))}
+    strips = []
+    for row in rows.to_dict("records"):
+        pair = np.concatenate([read_rgb(row["image"]), reference.train_pixels[index[row["nearest_patch_pixels"]]]], 1)
+        strip = np.empty((pair.shape[0] + 6, pair.shape[1] + 6, 3), np.uint8)
+        strip[:] = (220, 30, 30) if row["copy"] else (255, 255, 255)
+        strip[3:-3, 3:-3] = pair
+        strips.append(strip)
+    return np.concatenate(strips, 0) if strips else np.full((8, 16, 3), 255, np.uint8)
