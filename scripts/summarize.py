@@ -1,4 +1,4 @@
-"""Rule summarize: the tidy metrics table, plots and paired tests (histosynth.evaluation.report.summarize)."""
+"""Rule summarize: the verdict, the tidy metrics table, plots and the memorisation audit (histosynth.evaluation.report.summarize)."""
 
 from pathlib import Path
 
@@ -11,9 +11,11 @@ summarize(
     snakemake.input.evaluations,
     dict(snakemake.output.items()),
     ratios=snakemake.params.ratios,
+    seed=snakemake.params.seed,
     quality_paths=[snakemake.input.quality],
     scores_paths=[snakemake.input.scores],
     share_paths=snakemake.input.shares,
+    audit_paths=snakemake.input.audits,
     loss_csvs=[*runs, *snakemake.input.generative_losses],
     loss_names=snakemake.params.run_names,
     baseline=snakemake.params.baseline,

@@ -1,5 +1,5 @@
-"""Report: the tidy table, seed summaries, the paired test on numbers with a known answer, and
-every plot written as a non-empty PNG."""
+"""Report: the tidy table, seed summaries, every plot written as a non-empty PNG, and summarize
+writing each output (the verdict among them) where the rule says."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from histosynth.data.io import write_table
 from histosynth.evaluation.report import (
-    metrics_table, paired_tests, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, seed_summary, summarize,
+    metrics_table, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, plot_verdict, seed_summary, summarize,
 )
 
 RATIOS = [{"name": "real", "synthetic": 0, "real": True}, {"name": "k2", "synthetic": 2, "real": True},
@@ -36,28 +36,6 @@ def seg_rows(values: dict[str, list[float]], slides=("t1",), classes=("Blood ves
 def is_png(path) -> bool:
     with Image.open(path) as image:
         return image.format == "PNG" and image.width > 10 and image.height > 10
-
-
-def test_paired_test_known_answer():
-    seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7]})
-    tests = paired_tests(seg, "real")
-    row = tests[(tests.metric == "dice")].iloc[0]
-    # differences 0.1, 0.2, 0.0: mean 0.1, sd 0.1, t = 0.1 / (0.1 / sqrt 3) = sqrt 3; with 2 degrees of
-    # freedom the two-sided p is 1 - sqrt(3 / 5) (Student t with nu = 2 has a closed-form CDF).
-    assert row.n_pairs == 3 and row.mean_diff == pytest.approx(0.1)
-    assert row.t == pytest.approx(math.sqrt(3))
-    assert row.p_ttest == pytest.approx(1 - math.sqrt(3 / 5))
-    assert row.ci_low < 0.1 < row.ci_high
-    assert 0 < row.p_wilcoxon <= 1
-
-
-def test_paired_over_seeds_and_slides():
-    seg = seg_rows({"real": [0.5, 0.5], "k2": [0.7, 0.7]}, slides=("t1", "t2"))
-    row = paired_tests(seg, "real").iloc[0]
-    assert row.n_pairs == 4 and row.mean_diff == pytest.approx(0.2)
-    assert math.isnan(row.t) and math.isnan(row.p_ttest)  # zero spread: no t statistic
-    with pytest.raises(ValueError, match="baseline"):
-        paired_tests(seg, "nope")
 
 
 def test_seed_summary_and_table():
@@ -88,6 +66,11 @@ def test_plots_are_written(tmp_path):
     one_row, two_rows = plot_quality(offline, tmp_path / "q3.png"), plot_quality(offline, tmp_path / "q4.png", scores)
     with Image.open(one_row) as a, Image.open(two_rows) as b:
         assert b.size[1] > 1.6 * a.size[1]  # the per-image box plots add a row
+    from histosynth.evaluation.verdict import verdict
+
+    decided = verdict(seg, "real", ["dice", "recall"], task="segmentation", seed=0)
+    assert len(decided) == 2 * 2 * 2 and is_png(plot_verdict(decided, tmp_path / "v.png"))  # ratios x classes x metrics
+    assert is_png(plot_verdict(verdict(seg[seg.seed == 0], "real", ["dice"], task="segmentation", seed=0), tmp_path / "v1.png"))
     csv = tmp_path / "run" / "loss.csv"
     csv.parent.mkdir()
     pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(csv, index=False)
@@ -111,20 +94,26 @@ def test_summarize_writes_everything(tmp_path):
     pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(loss, index=False)
     summary = tmp_path / "summary"
     outputs = {"parquet": summary / "tables" / "metrics.parquet", "table": summary / "tables" / "metrics.csv",
-               "seed_summary": summary / "seeds.csv", "paired_tests": summary / "tests.csv",
+               "seed_summary": summary / "seeds.csv", "verdict": summary / "verdict.csv",
+               "verdict_plot": summary / "plots" / "verdict.png", "memorisation": summary / "memorisation.csv",
                "metrics_plot": summary / "plots" / "metrics.png", "class_share": summary / "share.csv",
                "class_share_plot": summary / "plots" / "share.png", "quality_plot": summary / "plots" / "quality.png",
                "loss": summary / "loss"}
-    out = summarize(paths, outputs, ratios=RATIOS, share_paths=[tmp_path / "share.parquet"],
-                    quality_paths=[tmp_path / "quality.parquet"], loss_csvs=[loss])
+    audit = pd.DataFrame([{"set": "synth", "images": 8, "kept": 6, "copy_rate": 0.25}])
+    write_table(audit, tmp_path / "audit.parquet")
+    out = summarize(paths, outputs, ratios=RATIOS, seed=0, share_paths=[tmp_path / "share.parquet"],
+                    quality_paths=[tmp_path / "quality.parquet"], audit_paths=[tmp_path / "audit.parquet"], loss_csvs=[loss])
     # every output goes exactly where the caller said
     assert set(out) == set(outputs) and all(out[name] == path for name, path in outputs.items() if name != "loss")
     assert out["loss"] == [summary / "loss" / "real_0.png"]
-    tests = pd.read_csv(outputs["paired_tests"])
-    assert set(tests.ratio) == {"k2", "syn"} and set(tests.baseline) == {"real"}
+    decided = pd.read_csv(outputs["verdict"]).set_index(["ratio", "metric"])
+    assert set(decided.index.get_level_values(0)) == {"k2", "syn"} and set(decided.baseline) == {"real"}
+    assert decided.loc[("syn", "dice"), "verdict"] == "hurt"  # -0.2, -0.4, -0.45 over 3 seeds
+    assert decided.loc[("k2", "dice"), "mean_diff"] == pytest.approx(0.1)
+    assert pd.read_csv(outputs["memorisation"])["kept"].tolist() == [6]
     assert pd.read_parquet(outputs["parquet"]).shape[0] == len(seg) + 1  # segmentation rows and the quality row
     assert pd.read_csv(outputs["table"]).shape[0] == len(seg) + 1
     assert set(pd.read_csv(outputs["seed_summary"]).ratio) == {"real", "k2", "syn"}
     assert pd.read_csv(outputs["class_share"])["share"].tolist() == [0.1, 0.2, 0.5]
-    assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot"))
+    assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot", "verdict_plot"))
     assert is_png(out["loss"][0])

@@ -212,16 +212,23 @@ def test_evaluation_table_and_report(tiny_run):
     counts = shares.groupby("ratio")[["n_real", "n_synthetic"]].first()
     assert counts.loc["syn4", "n_synthetic"] == 4 and counts.loc["synonly", "n_real"] == 0
     assert counts.loc["real", "n_real"] == counts.loc["syn4", "n_real"] > 0
-    tests = pd.read_csv(tiny_run / "results/report/paired_tests.csv")
-    assert set(tests["baseline"]) == {"real"} and set(tests["ratio"]) == {"syn4", "synonly"}
-    for png in ("metrics", "class_share", "quality", "rulegraph"):
+    decided = pd.read_csv(tiny_run / "results/report/verdict.csv")
+    assert set(decided["baseline"]) == {"real"} and set(decided["ratio"]) == {"syn4", "synonly"}
+    assert (decided["n"] == 2).all() and decided["ci_low"].notna().all()  # two seeds: every row has an interval
+    assert set(decided["verdict"]) <= {"helped", "hurt", "no evidence"}
+    audit = pd.read_csv(tiny_run / "results/report/memorisation.csv").set_index("set")
+    assert set(audit.index) == {"synth", "inpaint"} and (audit["kept"] == audit["images"]).all()  # curation off in tiny
+    curated = pd.read_parquet(tiny_run / "results/curated/synth.parquet")
+    assert curated["keep"].all() and curated["pixel_correlation"].notna().all() and curated["feature_distance"].notna().all()
+    for png in ("verdict", "metrics", "class_share", "quality", "rulegraph"):
         assert (tiny_run / f"results/report/{png}.png").stat().st_size > 5000
     assert len(list((tiny_run / "results/report/loss").glob("*.png"))) == 3 * 2 + 2
     assert list((tiny_run / "results/evaluation/real/seed0_overlays").glob("*.png"))
     result = snakemake(tiny_run, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (tiny_run / "report.html").read_text()
-    for text in ("3. Generative models", "7. Results", "8. Training curves", "rulegraph.png", "paired per test slide"):
+    for text in ("1. Verdict", "4. Generative models", "8. Results", "9. Training curves", "rulegraph.png", "paired by seed",
+                 "Curation and memorisation"):
         assert text in html
 
 

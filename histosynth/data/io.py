@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,6 +74,17 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     with atomic_file(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
+
+
+def write_relative(table: pd.DataFrame, path: str | Path, columns: Sequence[str]) -> None:
+    """Write a table whose file `columns` hold absolute (or working-directory) paths with those
+    paths relative to the table's folder, as read_patch_index reads them back (atomically)."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    out = table.copy()
+    for column in columns:
+        out[column] = [os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
+    write_table(out, path)
 
 
 def read_patch_index(path: str | Path, columns: tuple[str, ...] = ("image", "mask")) -> pd.DataFrame:

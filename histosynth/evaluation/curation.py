@@ -27,9 +27,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from histosynth.data.io import read_mask, read_rgb
@@ -256,3 +258,48 @@ def closest_pairs(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_
         strip[3:-3, 3:-3] = pair
         strips.append(strip)
     return np.concatenate(strips, 0) if strips else np.full((8, 16, 3), 255, np.uint8)
+
+
+def reject_summary(curated: pd.DataFrame) -> str:
+    """'40 of 48 kept; rejected: 5 consistency, 3 copy' for log lines and shortfall errors."""
+    kinds = _reason_kinds(curated[~curated["keep"].astype(bool)])
+    rejected = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    return f"{int(curated['keep'].sum())} of {len(curated)} kept" + (f"; rejected: {rejected}" if rejected else "")
+
+
+def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str | Path], *, mode: str,
+                 curated_out: str | Path, audit_out: str | Path, pairs_out: str | Path, config: Mapping,
+                 segmentation_model: str | Path | None = None) -> pd.DataFrame:
+    """Entry of rule curate_synthetic: one synthetic set's manifest against the real training
+    (split train) and held-out (split val) patches of `indexes`, with the set's per-image
+    consistency `scores` (rule image_quality) and the quality stage's feature space. Writes the
+    curated table (paths relative to its folder), the audit row and the closest-pairs montage."""
+    from PIL import Image
+
+    from histosynth.data.io import atomic_file, read_patch_index, write_relative, write_table
+    from histosynth.evaluation.features import FeatureError, build_extractor
+
+    s, q = config["curation"], config["quality"]
+    names = pq.read_schema(manifest).names
+    table = read_patch_index(manifest, columns=tuple(c for c in ("image", "mask", "conditioning") if c in names))
+    per_image = pd.read_parquet(scores)
+    per_image = per_image[per_image["set"] == mode]
+    real = pd.concat([read_patch_index(p) for p in indexes], ignore_index=True)
+    segmenter = None
+    if segmentation_model is not None and q["extractor"] == "segmentation":
+        from histosynth.evaluation.segmentation import load_model
+
+        segmenter = load_model(segmentation_model, q["device"])
+    try:
+        extractor = build_extractor(q["extractor"], q["extractor_weights"], segmenter, q["device"])
+    except FeatureError as err:
+        extractor = None
+        log.warning("copies are looked for in pixel correlation only: %s", err)
+    reference = load_reference(real[real["split"] == "train"], real[real["split"] == "val"], extractor, q["batch_size"])
+    curated = curate(table, per_image, reference, config["classes"], settings=s, extractor=extractor, batch_size=q["batch_size"])
+    log.info("%s: %s", mode, reject_summary(curated) if len(curated) else "empty set")
+    write_relative(curated, curated_out, [c for c in ("image", "mask", "conditioning") if c in curated])
+    write_table(pd.DataFrame([{"set": mode, **audit(curated, len(reference.train))}]), audit_out)
+    with atomic_file(pairs_out) as tmp:
+        Image.fromarray(closest_pairs(curated, reference)).save(tmp, format="PNG")
+    return curated

@@ -5,12 +5,13 @@ A ratio is `{name, synthetic, real}`: `synthetic` an int (a count of synthetic i
 (a fraction of the real training set's size, 0.25 = a quarter as many synthetic as real images);
 `real: false` leaves the real rows out (synthetic-only).
 
-Sampling: the synthetic pool (the configured sources' manifests, in source order) is shuffled
-once with a permutation fixed by the seed alone, and a ratio takes the first k images of it, so
-for one seed the ratios are nested (real + 2.5k is a subset of real + 5k) and differ only in how
-much synthetic data they add. Asking for more images than the pool holds takes every image once
-and draws the rest with replacement (logged as a warning); an empty pool for a ratio that asks
-for synthetic images is an error naming the stage that produced none.
+Sampling: the synthetic pool (the kept images of the configured sources' curated sets, in source
+order; histosynth.evaluation.curation) is shuffled once with a permutation fixed by the seed
+alone, and a ratio takes the first k images of it, so for one seed the ratios are nested (real +
+2.5k is a subset of real + 5k) and differ only in how much synthetic data they add. Asking for more
+images than curation kept is an error saying how many were kept and why the rest were rejected
+(`mixing.on_shortfall: use_available` takes every kept image instead, with a warning); an empty
+set for a ratio that asks for synthetic images is an error naming the stage that produced none.
 
 The manifest's image and mask paths are stored relative to the manifest's folder, like the patch
 indexes; `read_mix` (histosynth.data.io.read_patch_index) makes them absolute again.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.annotations import class_fractions
-from histosynth.data.io import read_mask, read_patch_index, write_table
+from histosynth.data.io import read_mask, read_patch_index, write_relative, write_table
 from histosynth.data.patches import class_indices, fraction_column
+from histosynth.evaluation.curation import reject_summary
 from histosynth.generators.synthesis import MODE_RULES
 from histosynth.seeds import derive_seed
 
@@ -50,24 +51,28 @@ def synthetic_count(ratio: Mapping, n_real: int) -> int:
     return int(amount) if isinstance(amount, int) else int(math.floor(amount * n_real + 0.5))
 
 
-def read_synthetic(manifests: Mapping[str, str | Path]) -> pd.DataFrame:
-    """The synthetic pool: the manifests of the configured sources ({mode: path}, e.g. synth,
-    inpaint), paths made absolute, in the given order, with a `mode` column."""
-    tables = []
-    for mode, path in manifests.items():
+def read_synthetic(curated: Mapping[str, str | Path]) -> tuple[pd.DataFrame, str]:
+    """The synthetic pool: the kept images of the configured sources' curated sets ({mode: path},
+    e.g. synth, inpaint), paths made absolute, in the given order, with a `mode` column; and a line
+    saying how many each set kept and why the rest were rejected (for shortfall messages)."""
+    tables, lines = [], []
+    for mode, path in curated.items():
         table = read_patch_index(path, columns=("image", "mask"))
-        table["mode"] = mode
-        tables.append(table)
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["id", "image", "mask", "mode"])
+        lines.append(f"{mode}: {reject_summary(table)}")
+        tables.append(table[table["keep"].astype(bool)].assign(mode=mode))
+    pool = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["id", "image", "mask", "mode"])
+    return pool, "; ".join(lines)
 
 
-def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *,
-        classes: Sequence[str] = (), sources: Sequence[str] | None = None) -> pd.DataFrame:
+def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *, on_shortfall: str,
+        classes: Sequence[str] = (), sources: Sequence[str] | None = None, kept: str = "") -> pd.DataFrame:
     """The training manifest of one ratio: columns source (real|synthetic), mode (real|synth|
     inpaint), image, mask, split ("train"), origin_id (patch_id or synthetic id), slide (None for
     synthetic rows), plus frac_<class> for `classes`. `real` holds patch-index rows (only split ==
-    "train" is used); `synthetic` the pool (read_synthetic); `sources` the configured modes, named
-    in the error when the pool is empty. Deterministic given the seed."""
+    "train" is used); `synthetic` the pool (read_synthetic, with `kept` its curation line);
+    `on_shortfall` (error | use_available) what a ratio asking for more than the pool does;
+    `sources` the configured modes, named in the error when the pool is empty. Deterministic
+    given the seed."""
     name = ratio["name"]
     train = real[real["split"] == "train"] if "split" in real else real
     use_real = bool(ratio.get("real", True))
@@ -76,7 +81,7 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
         raise MixingError(f"ratio {name!r}: no real patches with split 'train'; check the slide sheet's split column")
     _check_leakage(real, synthetic)
 
-    picked = _pick_synthetic(synthetic, wanted, seed, name, sources)
+    picked = _pick_synthetic(synthetic, wanted, seed, name, sources, on_shortfall, kept)
     frames = []
     if use_real:
         frames.append(_rows(train, "real", train["patch_id"], train["slide"], ["real"] * len(train), classes))
@@ -90,24 +95,24 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
     return manifest
 
 
-def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sources: Sequence[str] | None) -> pd.DataFrame:
+def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sources: Sequence[str] | None,
+                    on_shortfall: str, kept: str) -> pd.DataFrame:
     if wanted == 0:
         return pool.iloc[:0]
     if pool.empty:
         modes = list(sources) if sources else list(MODE_RULES)
         stages = ", ".join(f"{m} (rule {MODE_RULES.get(m, m)})" for m in modes)
         raise MixingError(
-            f"ratio {name!r} asks for {wanted} synthetic images but the synthetic sources [{stages}] produced none; "
-            "check that stage's log and its manifest.parquet, or set this ratio's synthetic to 0"
+            f"ratio {name!r} asks for {wanted} synthetic images but the synthetic sources [{stages}] have none to give"
+            f"{f' ({kept})' if kept else ''}; check that stage's log and its manifest, or set this ratio's synthetic to 0"
         )
-    generator = np.random.default_rng(derive_seed(seed, "mixing"))
-    order = generator.permutation(len(pool))
     if wanted > len(pool):
-        extra = np.random.default_rng(derive_seed(seed, "mixing", "replacement")).integers(0, len(pool), wanted - len(pool))
-        log.warning("ratio %s asks for %d synthetic images but only %d exist: every image is used once and %d are "
-                    "drawn again with replacement (duplicates); generate more (synthesis counts) to avoid this",
-                    name, wanted, len(pool), wanted - len(pool))
-        order = np.concatenate([order, order[extra]])
+        message = (f"ratio {name!r} asks for {wanted} synthetic images but only {len(pool)} are available ({kept or 'all'})")
+        if on_shortfall != "use_available":
+            raise MixingError(f"{message}; lower the ratio, generate more (synthesis.*.n), loosen curation "
+                              "(curation.min_consistency, curation.copy_quantile) or set mixing.on_shortfall: use_available")
+        log.warning("%s: using all %d (mixing.on_shortfall: use_available)", message, len(pool))
+    order = np.random.default_rng(derive_seed(seed, "mixing")).permutation(len(pool))
     return pool.iloc[order[:wanted]].reset_index(drop=True)
 
 
@@ -159,12 +164,7 @@ def _fractions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
 
 def write_mix(manifest: pd.DataFrame, path: str | Path) -> None:
     """Write a manifest with image and mask paths relative to its folder (atomically)."""
-    path = Path(path)
-    folder = path.parent.resolve()
-    out = manifest.copy()
-    for column in ("image", "mask"):
-        out[column] = [os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
-    write_table(out, path)
+    write_relative(manifest, path, ("image", "mask"))
 
 
 def read_mix(path: str | Path) -> pd.DataFrame:
@@ -172,13 +172,15 @@ def read_mix(path: str | Path) -> pd.DataFrame:
     return read_patch_index(path, columns=("image", "mask"))
 
 
-def mix_dataset(real_indexes: Sequence[str | Path], synthetic_manifests: Mapping[str, str | Path], ratio: Mapping,
-                seed: int, classes: Sequence[str], manifest_out: str | Path, share_out: str | Path) -> pd.DataFrame:
-    """Entry of rule mix_dataset: read the patch indexes and the configured synthetic manifests
+def mix_dataset(real_indexes: Sequence[str | Path], curated_sets: Mapping[str, str | Path], ratio: Mapping,
+                seed: int, classes: Sequence[str], manifest_out: str | Path, share_out: str | Path, *,
+                on_shortfall: str) -> pd.DataFrame:
+    """Entry of rule mix_dataset: read the patch indexes and the configured curated synthetic sets
     ({mode: path}), mix one ratio and write its manifest and class-share table; return the manifest."""
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
-    pool = read_synthetic(synthetic_manifests)
-    manifest = mix(real, pool, ratio, seed, classes=classes, sources=list(synthetic_manifests))
+    pool, kept = read_synthetic(curated_sets)
+    manifest = mix(real, pool, ratio, seed, on_shortfall=on_shortfall, classes=classes, sources=list(curated_sets),
+                   kept=kept)
     write_mix(manifest, manifest_out)
     write_table(class_share(manifest, classes, ratio["name"]), share_out)
     return manifest

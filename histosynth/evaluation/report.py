@@ -1,15 +1,7 @@
-"""Report: one tidy table of every metric, the plots across ratios, paired tests against the
-real-only baseline, loss curves, class-share and sample-grid figures. Every plotting function
-writes a PNG (matplotlib, Agg) and returns its path, so rules can flag them with report().
-
-Paired test: for each ratio, class and metric, the ratio's value is paired with the baseline's
-for the same seed and test slide (per-slide rows; the pooled 'all' rows when there is only one test
-slide). Same-seed runs start from the same initial weights (histosynth.evaluation.segmentation), so
-the pairing removes the initialisation's share of the variance. Reported: the mean difference
-(ratio - baseline) with its 95% t interval, the paired t-test p-value (primary; scipy.stats.ttest_rel)
-and the Wilcoxon signed-rank p-value (exact for small n; needs >= 6 pairs to go below 0.05, so with
-3 seeds x 1 slide it can only say "not significant"). Pairs with a NaN on either side are dropped.
-No multiple-comparison correction is applied; the table lists every test made.
+"""Report: one tidy table of every metric, the verdict (histosynth.evaluation.verdict: each ratio
+against the baseline, paired by seed, with intervals and a word), the plots across ratios, the
+memorisation audit of the curated sets, loss curves and class-share figures. Every plotting
+function writes a PNG (matplotlib, Agg) and returns its path, so rules can flag them with report().
 """
 
 from __future__ import annotations
@@ -29,6 +21,7 @@ import pandas as pd  # noqa: E402
 
 from histosynth.config import baseline_ratio  # noqa: E402
 from histosynth.data.io import atomic_file, write_csv, write_table  # noqa: E402
+from histosynth.evaluation.verdict import sentence, verdict  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -76,56 +69,6 @@ def _order(values, order: Sequence[str] | None) -> list[str]:
     return [r for r in (order or []) if r in present] + [r for r in present if r not in (order or [])]
 
 
-def paired_tests(segmentation: pd.DataFrame, baseline: str, metrics: Sequence[str] = SEGMENTATION_METRICS) -> pd.DataFrame:
-    """Per ratio != baseline, class and metric: paired comparison with the baseline over
-    (seed, test slide) pairs (see the module docstring)."""
-    from scipy import stats
-
-    per_slide = segmentation[segmentation["slide"] != "all"]
-    if per_slide["slide"].nunique() <= 1:  # one test slide: its rows and the pooled ones agree
-        per_slide = segmentation[segmentation["slide"] == "all"]
-    keys = ["seed", "slide", "class", "metric"]
-    base = per_slide[per_slide["ratio"] == baseline].set_index(keys)["value"]
-    if base.empty:
-        raise ValueError(f"no segmentation results for the baseline ratio {baseline!r}; ratios present: {sorted(segmentation['ratio'].unique())}")
-    rows = []
-    for ratio in _order(per_slide["ratio"], None):
-        if ratio == baseline:
-            continue
-        other = per_slide[per_slide["ratio"] == ratio].set_index(keys)["value"]
-        joined = pd.concat({"baseline": base, "ratio": other}, axis=1, join="inner").dropna().reset_index()
-        for (name, metric), group in joined.groupby(["class", "metric"], sort=False):
-            if metric not in metrics:
-                continue
-            rows.append({"ratio": ratio, "baseline": baseline, "class": name, "metric": metric,
-                         **_paired(group["ratio"].to_numpy(float), group["baseline"].to_numpy(float), stats)})
-    return pd.DataFrame(rows, columns=["ratio", "baseline", "class", "metric", "n_pairs", "mean_baseline", "mean_ratio",
-                                       "mean_diff", "ci_low", "ci_high", "t", "p_ttest", "p_wilcoxon"])
-
-
-def _paired(x: np.ndarray, y: np.ndarray, stats) -> dict:
-    d = x - y
-    n = len(d)
-    out = {"n_pairs": n, "mean_baseline": float(np.mean(y)) if n else math.nan, "mean_ratio": float(np.mean(x)) if n else math.nan,
-           "mean_diff": float(np.mean(d)) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
-           "t": math.nan, "p_ttest": math.nan, "p_wilcoxon": math.nan}
-    if n < 2:
-        return out
-    sd = float(np.std(d, ddof=1))
-    if sd > 0:
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-        out.update(ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
-        result = stats.ttest_rel(x, y)
-        out.update(t=float(result.statistic), p_ttest=float(result.pvalue))
-    elif out["mean_diff"] == 0:
-        out.update(ci_low=0.0, ci_high=0.0, p_ttest=1.0)
-    if np.any(d != 0):
-        out["p_wilcoxon"] = float(stats.wilcoxon(x, y, zero_method="wilcox").pvalue)
-    else:
-        out["p_wilcoxon"] = 1.0
-    return out
-
-
 # ----------------------------------------------------------------------------- plots
 
 def _save(fig, path: str | Path) -> Path:
@@ -156,6 +99,37 @@ def plot_metrics(segmentation: pd.DataFrame, out: str | Path, order: Sequence[st
     axes[0][0].set_ylabel("score (mean ± sd over seeds)")
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.supxlabel("training set (synthetic images)" if amounts else "training set", y=-0.04)
+    return _save(fig, out)
+
+
+VERDICT_COLOURS = {"helped": "#1a9850", "hurt": "#d73027", "no evidence": "#7f7f7f"}
+
+
+def plot_verdict(table: pd.DataFrame, out: str | Path) -> Path:
+    """The verdict at a glance: per metric a panel, per class x ratio a row with the mean paired
+    difference to the baseline and its 95 % t interval (bootstrap interval as a thin line),
+    coloured helped / hurt / no evidence, against the zero line."""
+    metrics = list(dict.fromkeys(table["metric"])) or ["dice"]
+    labels = list(dict.fromkeys(f"{c} · {r}" for c, r in zip(table["class"], table["ratio"], strict=True)))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.5, 0.32 * max(len(labels), 3) + 1.4),
+                             squeeze=False, sharey=True)
+    y = {label: i for i, label in enumerate(labels)}
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for row in table[table["metric"] == metric].to_dict("records"):
+            i = y[f"{row['class']} · {row['ratio']}"]
+            colour = VERDICT_COLOURS[row["verdict"]]
+            ax.plot([row["boot_low"], row["boot_high"]], [i, i], color=colour, lw=1, alpha=0.6)
+            ax.errorbar(row["mean_diff"], i, xerr=[[row["mean_diff"] - row["ci_low"]], [row["ci_high"] - row["mean_diff"]]]
+                        if not math.isnan(row["ci_low"]) else None, fmt="o", color=colour, capsize=3, lw=2)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{metric}: ratio − {table['baseline'].iloc[0] if len(table) else 'baseline'}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.3 / len(labels or [1])))
+    n = int(table["n"].max()) if len(table) else 0
+    fig.suptitle(f"Did synthetic data help? Paired difference over {n} seed{'s' if n != 1 else ''} (95 % interval)", fontsize=10)
     return _save(fig, out)
 
 
@@ -319,14 +293,16 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- rule entry
 
 def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, str | Path], *, ratios: Sequence[Mapping],
-              quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
-              share_paths: Sequence[str | Path] = (), loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
+              seed: int, quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
+              share_paths: Sequence[str | Path] = (), audit_paths: Sequence[str | Path] = (),
+              loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
               baseline: str | None = None) -> dict:
-    """Entry of rule summarize: write the files `outputs` names (the rule's output names): parquet
-    and table (CSV) of all metrics, seed_summary, paired_tests and metrics_plot; class_share and
-    class_share_plot from the share tables; quality_plot from the quality tables; loss, a folder of
-    one PNG per loss CSV. The baseline is the first ratio with synthetic 0 and real true (override
-    with `baseline`). Returns {name: path or list of paths} of what was written."""
+    """Entry of rule summarize: write the files `outputs` names (the rule's output names): verdict
+    (CSV) and verdict_plot; parquet and table (CSV) of all metrics, seed_summary and metrics_plot;
+    class_share and class_share_plot from the share tables; quality_plot from the quality tables;
+    memorisation (CSV) from the curated sets' audit rows; loss, a folder of one PNG per loss CSV.
+    The baseline is the first ratio with synthetic 0 and real true (override with `baseline`);
+    `seed` seeds the verdict's bootstrap. Returns {name: path or list of paths} of what was written."""
     out = {name: Path(path) for name, path in outputs.items()}
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,9 +315,12 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
                else {r["name"]: r["synthetic"] for r in ratios})
     table = metrics_table(seg, quality)
     write_table(table, out["parquet"])
-    written = {"parquet": out["parquet"], "table": write_csv(table, out["table"]),
+    decided = verdict(seg, baseline, SEGMENTATION_METRICS, task="segmentation", seed=seed, order=order)
+    for row in decided.to_dict("records"):
+        log.info("verdict: %s", sentence(row))
+    written = {"verdict": write_csv(decided, out["verdict"]), "verdict_plot": plot_verdict(decided, out["verdict_plot"]),
+               "parquet": out["parquet"], "table": write_csv(table, out["table"]),
                "seed_summary": write_csv(seed_summary(seg, order), out["seed_summary"]),
-               "paired_tests": write_csv(paired_tests(seg, baseline), out["paired_tests"]),
                "metrics_plot": plot_metrics(seg, out["metrics_plot"], order, amounts)}
     if shares is not None:
         written["class_share"] = write_csv(shares, out["class_share"])
@@ -349,6 +328,8 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     if quality is not None:
         scores = read_tables(scores_paths) if scores_paths else None
         written["quality_plot"] = plot_quality(quality, out["quality_plot"], scores)
+    if audit_paths:
+        written["memorisation"] = write_csv(read_tables(audit_paths), out["memorisation"])
     if loss_csvs:
         written["loss"] = plot_loss_curves(loss_csvs, out["loss"], loss_names)
     return written

@@ -10,7 +10,7 @@ rule train_autoencoder:
         grid=report(
             "results/autoencoder/reconstructions.png",
             caption="../report/autoencoder.rst",
-            category="3. Generative models",
+            category="4. Generative models",
             subcategory="Autoencoder",
             labels={"figure": "real vs reconstruction"},
         ),

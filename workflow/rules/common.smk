@@ -25,9 +25,10 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-for _split in ("train", "test"):
+for _split in ("train", "val", "test"):
     if not (SLIDES["split"] == _split).any():
-        raise WorkflowError(f"{config['slides']}: no slide has split '{_split}'; every run needs train and test slides.")
+        raise WorkflowError(f"{config['slides']}: no slide has split '{_split}'; every run needs train, val and test "
+                            "slides (val: early stopping, and the held-out real patches curation calibrates copies on).")
 
 DEMO_DIR = "results/demo"
 
@@ -141,10 +142,21 @@ def synthetic_sets():
 
 
 def mixing_inputs(wildcards):
-    """The train slides' patch indexes, and the synthetic sets only when the ratio draws from them."""
+    """The train slides' patch indexes, and the curated synthetic sets only when the ratio draws from them."""
     inputs = {"indexes": patch_indexes("train")}
     if RATIOS[wildcards.ratio]["synthetic"] > 0:
-        inputs["synthetic"] = expand("results/synthetic/{mode}", mode=config["mixing"]["sources"])
+        inputs["curated"] = expand("results/curated/{mode}.parquet", mode=config["mixing"]["sources"])
+    return inputs
+
+
+def curation_inputs(wildcards):
+    """One synthetic set, its per-image consistency scores, the train and val patches it is
+    checked against, and the baseline's first model when it is the feature space."""
+    inputs = {"synthetic": f"results/synthetic/{wildcards.set}", "scores": "results/quality/scores.parquet",
+              "indexes": patch_indexes("train") + patch_indexes("val"),
+              "patches": expand("results/patches/{slide}", slide=training_slides())}
+    if config["quality"]["extractor"] == "segmentation":
+        inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     return inputs
 
 

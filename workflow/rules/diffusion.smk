@@ -9,7 +9,7 @@ rule train_diffusion:
             directory("results/diffusion/samples"),
             patterns=["step-{step}.png"],
             caption="../report/diffusion_samples.rst",
-            category="3. Generative models",
+            category="4. Generative models",
             subcategory="Diffusion previews",
             labels={"training step": "{step}"},
         ),

@@ -19,5 +19,6 @@ rule mix_dataset:
     params:
         ratio=lambda wc: RATIOS[wc.ratio],
         config=config_params("classes", "seed"),
+        on_shortfall=config["mixing"]["on_shortfall"],
     script:
         "../../scripts/mix_dataset.py"

@@ -9,7 +9,7 @@ rule extract_patches:
         qc=report(
             "results/patches/{slide}.qc.png",
             caption="../report/patches_qc.rst",
-            category="2. Patches",
+            category="3. Patches",
             labels={"slide": "{slide}", "figure": "QC thumbnail"},
         ),
     log:

@@ -1,5 +1,5 @@
 rule summarize:
-    """One tidy table of every metric, plots across ratios (mean ± sd over seeds), paired tests against the baseline."""
+    """The verdict (each ratio vs the baseline, paired by seed, 95 % intervals), one tidy table of every metric, plots across ratios, the memorisation audit."""
     input:
         evaluations=segmentation_runs("results/evaluation/{ratio}/seed{seed}.parquet"),
         runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}"),
@@ -7,20 +7,23 @@ rule summarize:
         quality="results/quality/metrics.parquet",
         scores="results/quality/scores.parquet",
         generative_losses=list(generative_losses().values()),
+        audits=expand("results/curated/{mode}.audit.parquet", mode=synthetic_sets()),
     output:
-        table=report("results/report/metrics.csv", caption="../report/metrics_table.rst", category="7. Results", labels={"table": "all metrics"}),
+        verdict=report("results/report/verdict.csv", caption="../report/verdict.rst", category="1. Verdict", labels={"table": "verdict"}),
+        verdict_plot=report("results/report/verdict.png", caption="../report/verdict.rst", category="1. Verdict", labels={"figure": "verdict"}),
+        memorisation=report("results/report/memorisation.csv", caption="../report/memorisation.rst", category="5. Synthetic patches", subcategory="Curation and memorisation", labels={"table": "memorisation audit"}),
+        table=report("results/report/metrics.csv", caption="../report/metrics_table.rst", category="8. Results", labels={"table": "all metrics"}),
         parquet="results/report/metrics.parquet",
-        seed_summary=report("results/report/seed_summary.csv", caption="../report/seed_summary.rst", category="7. Results", labels={"table": "mean ± sd over seeds"}),
-        paired_tests=report("results/report/paired_tests.csv", caption="../report/paired_tests.rst", category="7. Results", labels={"table": "paired tests vs baseline"}),
-        class_share=report("results/report/class_share.csv", caption="../report/class_share.rst", category="5. Mixed datasets", labels={"table": "class-pixel share"}),
-        metrics_plot=report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="7. Results", labels={"figure": "segmentation vs synthetic amount"}),
-        class_share_plot=report("results/report/class_share.png", caption="../report/class_share.rst", category="5. Mixed datasets", labels={"figure": "class-pixel share"}),
-        quality_plot=report("results/report/quality.png", caption="../report/quality.rst", category="7. Results", labels={"figure": "image quality"}),
+        seed_summary=report("results/report/seed_summary.csv", caption="../report/seed_summary.rst", category="8. Results", labels={"table": "mean ± sd over seeds"}),
+        class_share=report("results/report/class_share.csv", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"table": "class-pixel share"}),
+        metrics_plot=report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="8. Results", labels={"figure": "segmentation vs synthetic amount"}),
+        class_share_plot=report("results/report/class_share.png", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"figure": "class-pixel share"}),
+        quality_plot=report("results/report/quality.png", caption="../report/quality.rst", category="8. Results", labels={"figure": "image quality"}),
         loss=report(
             directory("results/report/loss"),
             patterns=["{run}.png"],
             caption="../report/loss.rst",
-            category="8. Training curves",
+            category="9. Training curves",
             labels={"run": "{run}"},
         ),
     log:
@@ -36,6 +39,7 @@ rule summarize:
         runtime=30,
     params:
         ratios=list(RATIOS.values()),
+        seed=config["seed"],
         baseline=BASELINE,
         run_names=segmentation_runs("segmentation_{ratio}_seed{seed}") + list(generative_losses()),
     script:
@@ -46,7 +50,7 @@ rule rule_graph:
     """The workflow's rule graph as a PNG for the report (snakemake --rulegraph, drawn with networkx)."""
     output:
         dot="results/report/rulegraph.dot",
-        png=report("results/report/rulegraph.png", caption="../report/rulegraph.rst", category="1. Workflow", labels={"figure": "rule graph"}),
+        png=report("results/report/rulegraph.png", caption="../report/rulegraph.rst", category="2. Workflow", labels={"figure": "rule graph"}),
     log:
         "logs/rule_graph.log",
     conda:

@@ -36,7 +36,7 @@ rule evaluate_segmentation:
             directory("results/evaluation/{ratio}/seed{seed}_overlays"),
             patterns=["{name}.png"],
             caption="../report/overlays.rst",
-            category="6. Segmentation",
+            category="7. Segmentation",
             subcategory="Test overlays",
             labels={"ratio": "{ratio}", "seed": "{seed}", "patch": "{name}"},
         ),

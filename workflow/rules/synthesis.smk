@@ -7,7 +7,7 @@ rule synthesize:
             directory("results/synthetic/synth"),
             patterns=["grid_{name}.png"],
             caption="../report/synthetic_grid.rst",
-            category="4. Synthetic patches",
+            category="5. Synthetic patches",
             labels={"set": "synth", "class": "{name}"},
         ),
     log:
@@ -37,7 +37,7 @@ rule inpaint:
             directory("results/synthetic/inpaint"),
             patterns=["grid_{name}.png"],
             caption="../report/synthetic_grid.rst",
-            category="4. Synthetic patches",
+            category="5. Synthetic patches",
             labels={"set": "inpaint", "class": "{name}"},
         ),
     log:
@@ -56,3 +56,34 @@ rule inpaint:
         config=config_params("synthesis", "classes", "conditioning", "seed"),
     script:
         "../../scripts/synthesis.py"
+
+
+rule curate_synthetic:
+    """Keep the synthetic images that agree with their mask and copy no training patch; score every image, audit memorisation."""
+    input:
+        unpack(curation_inputs),
+    output:
+        curated="results/curated/{set}.parquet",
+        audit="results/curated/{set}.audit.parquet",
+        pairs=report(
+            "results/curated/{set}.pairs.png",
+            caption="../report/memorisation.rst",
+            category="5. Synthetic patches",
+            subcategory="Curation and memorisation",
+            labels={"set": "{set}", "figure": "closest synthetic-training pairs"},
+        ),
+    log:
+        "logs/curate_synthetic/{set}.log",
+    benchmark:
+        "results/benchmarks/curate_synthetic/{set}.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        config=config_params("curation", "quality", "classes"),
+    script:
+        "../../scripts/curate_synthetic.py"
