@@ -117,3 +117,16 @@ def test_summarize_writes_everything(tmp_path):
     assert pd.read_csv(outputs["class_share"])["share"].tolist() == [0.1, 0.2, 0.5]
     assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot", "verdict_plot"))
     assert is_png(out["loss"][0])
+
+
+def test_rule_graph_with_a_rule_level_loop(tmp_path):
+    # ratio-0 training feeds quality and curation, which feed the other ratios' mixing: a loop of rules, not of jobs
+    names = ["all", "mix_dataset", "train_segmentation", "image_quality", "curate_synthetic", "extract_patches"]
+    edges = [(5, 1), (1, 2), (2, 3), (3, 4), (4, 1), (2, 0)]
+    dot = "digraph snakemake_dag {\n" + "".join(f'    {i}[label = "{n}", color = "0.1 0.6 0.85"];\n' for i, n in enumerate(names))
+    dot += "".join(f"    {a} -> {b}\n" for a, b in edges) + "}\n"
+    (tmp_path / "g.dot").write_text(dot)
+    from histosynth.evaluation.report import _back_edges, plot_rule_graph, read_rule_graph
+
+    assert _back_edges(read_rule_graph(dot)) == {("curate_synthetic", "mix_dataset")}
+    assert is_png(plot_rule_graph(tmp_path / "g.dot", tmp_path / "g.png"))

@@ -131,7 +131,7 @@ def planned_jobs(output: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[2:] if line.split()[0] != "total"}
 
 
-EVALUATION = {"mix_dataset", "train_segmentation", "evaluate_segmentation", "image_quality", "summarize", "all"}
+EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "image_quality", "summarize", "all"}
 
 
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
@@ -141,9 +141,9 @@ def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
     assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
                                                            "train_diffusion", "synthesize", "inpaint", *EVALUATION}
+    # the baseline's first model re-segments for quality, which curation reads, whose sets the other ratios mix
     result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {lr: 1.0e-3}")
-    assert planned_jobs(result.stdout + result.stderr) == {"train_segmentation", "evaluate_segmentation",
-                                                           "image_quality", "summarize", "all"}
+    assert planned_jobs(result.stdout + result.stderr) == EVALUATION
 
 
 def test_seeds_and_run_ids_cause_no_spurious_reruns(tiny_run):
@@ -227,7 +227,7 @@ def test_evaluation_table_and_report(tiny_run):
     result = snakemake(tiny_run, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (tiny_run / "report.html").read_text()
-    for text in ("1. Verdict", "4. Generative models", "8. Results", "9. Training curves", "rulegraph.png", "paired by seed",
+    for text in ("1. Verdict", "4. Generative models", "8. Results", "9. Training curves", "rulegraph.png", "Did synthetic data help?",
                  "Curation and memorisation"):
         assert text in html
 

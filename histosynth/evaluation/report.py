@@ -268,12 +268,34 @@ def read_rule_graph(dot: str):
     return graph
 
 
+def _back_edges(graph) -> set:
+    """Edges closing a loop in a depth-first walk from the rules nothing feeds: the rule graph can loop
+    where the job graph does not (ratio-0 training feeds curation, which feeds the other ratios)."""
+    back, state = set(), {}
+
+    def visit(node):
+        state[node] = "open"
+        for nxt in sorted(graph.successors(node)):
+            if state.get(nxt) == "open":
+                back.add((node, nxt))
+            elif nxt not in state:
+                visit(nxt)
+        state[node] = "done"
+
+    for node in sorted(graph, key=lambda n: (graph.in_degree(n), n)):
+        if node not in state:
+            visit(node)
+    return back
+
+
 def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
-    """Draw a rule graph (dot file) top to bottom, one row per dependency generation, without graphviz."""
+    """Draw a rule graph (dot file) top to bottom, one row per dependency generation, without
+    graphviz; edges closing a rule-level loop are dashed."""
     import networkx as nx
 
     graph = read_rule_graph(Path(dot_path).read_text())
-    layers = list(nx.topological_generations(graph))
+    back = _back_edges(graph)  # rule-level loops (e.g. the baseline model feeding curation feeding mixing)
+    layers = list(nx.topological_generations(nx.restricted_view(graph, [], back)))
     for depth, layer in enumerate(layers):
         for node in layer:
             graph.nodes[node]["layer"] = depth
@@ -281,8 +303,10 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
     positions = {node: (x, -y) for node, (x, y) in positions.items()}
     width = max(len(layer) for layer in layers)
     fig, ax = plt.subplots(figsize=(max(6.0, 2.3 * width), 0.8 * len(layers) + 1))
-    nx.draw_networkx_edges(graph, positions, ax=ax, arrowsize=10, edge_color="#777777", node_size=0,
-                           min_source_margin=9, min_target_margin=14)
+    forward = [edge for edge in graph.edges if edge not in back]
+    for edges, style in ((forward, "solid"), (sorted(back), "dashed")):
+        nx.draw_networkx_edges(graph, positions, edgelist=edges, ax=ax, arrowsize=10, edge_color="#777777", node_size=0,
+                               style=style, min_source_margin=9, min_target_margin=14)
     for node, (x, y) in positions.items():
         ax.text(x, y, node, ha="center", va="center", fontsize=8,
                 bbox={"boxstyle": "round,pad=0.35", "facecolor": "#dbe9f6", "edgecolor": "#3b6ea5"})
