@@ -121,3 +121,15 @@ def test_consistency_rejects_images_that_contradict_their_mask(real):
     disabled = curate(synthetic, scores, reference, ["Blood vessel"], settings=settings(enabled=False), extractor=None,
                       batch_size=64)
     assert disabled["keep"].all() and disabled["reason"][1]  # still scored, the reason kept for the audit
+
+
+def test_an_image_is_not_judged_against_its_own_source_patch(real):
+    root, rng, train, heldout = real
+    pixels = np.stack([np.asarray(Image.open(p)) for p in train["image"][:2]])
+    follows = np.clip(pixels[0].astype(float) + rng.normal(0, 8, pixels[0].shape), 0, 255).astype(np.uint8)
+    synthetic = write(root / "own", "o", np.stack([follows, pixels[1]])).assign(source_patch_id=["t0", "t0"])
+    reference = load_reference(train, heldout, pooled_pixels(), batch_size=64)
+    curated = curate(synthetic, pd.DataFrame(), reference, [], settings=settings(), extractor=pooled_pixels(), batch_size=64)
+    assert not curated["copy"][0] and curated["nearest_patch_pixels"][0] != "t0"  # drawn from t0's map: follows it
+    assert curated["source_correlation"][0] > 0.9
+    assert curated["copy"][1] and curated["copy_of"][1] == "t1"  # a copy of another training patch still counts

@@ -16,7 +16,10 @@ patches (the validation slides), which are by definition not copies:
   maximum over the 8 flips/rotations; a copy correlates more than the 1 - copy_quantile / 2
   quantile of the held-out patches' maxima (so the two measures together flag about copy_quantile
   of real held-out patches; a measure used alone takes the whole copy_quantile).
-An inpainted image is real outside its painted region by design, so only the painted region is
+A synthetic image is drawn from a training patch's conditioning map, so it follows that source
+patch's layout (regions and nuclei) by design: its own source is left out of its nearest-neighbour
+search (the pixel correlation with it is kept as `source_correlation`, not judged). An inpainted
+image is real outside its painted region by design, so only the painted region is
 compared (pixel correlation of the region's pixels with the same pixels of every training patch;
 held-out patches are measured in the regions of the set's images, in turn); its feature distance
 is not used.
@@ -41,8 +44,8 @@ log = logging.getLogger(__name__)
 
 PIXEL_SIDE = 32  # grey images are box-downsampled to at most this side for the whole-image correlation
 COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "feature_distance", "feature_threshold",
-           "nearest_patch_pixels", "pixel_correlation", "pixel_threshold", "closer_to_train", "copy", "copy_of",
-           "keep", "reason")
+           "nearest_patch_pixels", "pixel_correlation", "pixel_threshold", "source_correlation", "closer_to_train",
+           "copy", "copy_of", "keep", "reason")
 MONTAGE_PAIRS = 8  # closest synthetic-training pairs drawn per set
 
 
@@ -70,13 +73,11 @@ def _standardised(values: np.ndarray) -> np.ndarray:
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
-def max_correlation(queries: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per query image (N, H, W, 3), the highest pixel correlation with any training image over the
-    query's 8 flips/rotations, and that training image's position."""
+def pixel_correlations(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """(N, T) the highest pixel correlation of each query image (N, H, W, 3) with each training
+    image over the query's 8 flips/rotations."""
     reference = _standardised(grey(train))
-    views = dihedral(queries)
-    scores = np.stack([_standardised(grey(view)) @ reference.T for view in views]).max(axis=0)  # (N, T)
-    return scores.max(axis=1), scores.argmax(axis=1)
+    return np.stack([_standardised(grey(view)) @ reference.T for view in dihedral(queries)]).max(axis=0)
 
 
 def region_correlation(queries: np.ndarray, regions: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,13 +102,18 @@ def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> 
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def nearest_distance(queries: np.ndarray, train_features: np.ndarray, extractor: FeatureExtractor,
-                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query image, the smallest cosine distance of its 8 flips/rotations to any training
-    feature (unit-normalised rows), and that training image's position."""
-    views = dihedral(queries)
-    distances = np.stack([1 - _embed(view, extractor, batch_size) @ train_features.T for view in views]).min(axis=0)
-    return distances.min(axis=1), distances.argmin(axis=1)
+def feature_distances(queries: np.ndarray, train_features: np.ndarray, extractor: FeatureExtractor,
+                      batch_size: int) -> np.ndarray:
+    """(N, T) the smallest cosine distance of each query image's 8 flips/rotations to each training
+    feature (unit-normalised rows)."""
+    return np.stack([1 - _embed(view, extractor, batch_size) @ train_features.T for view in dihedral(queries)]).min(axis=0)
+
+
+def _own_source(manifest: pd.DataFrame, ids: np.ndarray) -> np.ndarray:
+    """Bool (N, T): each synthetic image's own source patch, which it follows by design (same
+    map): left out of its nearest-neighbour search, measured on its own as source_correlation."""
+    sources = manifest["source_patch_id"].astype(str).to_numpy() if "source_patch_id" in manifest else np.full(len(manifest), None)
+    return sources[:, None] == ids[None, :]
 
 
 def image_consistency(scores: pd.DataFrame) -> pd.DataFrame:
@@ -162,14 +168,19 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     measures = 2 if painted is None and extractor is not None else 1
     q = float(s["copy_quantile"]) / measures  # each measure's share, so together they flag about copy_quantile
     if painted is None:
+        own = _own_source(out, ids)
         if extractor is not None:
-            distance, nearest = nearest_distance(pixels, reference.train_features, extractor, batch_size)
-            heldout, _ = nearest_distance(reference.heldout_pixels, reference.train_features, extractor, batch_size)
+            distances = feature_distances(pixels, reference.train_features, extractor, batch_size)
+            heldout = feature_distances(reference.heldout_pixels, reference.train_features, extractor, batch_size).min(axis=1)
+            distances[own] = np.inf
             out["feature_threshold"] = float(np.quantile(heldout, q))
-            out["feature_distance"], out["nearest_patch"] = distance, ids[nearest]
-            out["closer_to_train"] = distance < _nearest_heldout(pixels, reference, extractor, batch_size)
-        correlation, nearest_pix = max_correlation(pixels, reference.train_pixels)
-        heldout_corr, _ = max_correlation(reference.heldout_pixels, reference.train_pixels)
+            out["feature_distance"], out["nearest_patch"] = distances.min(axis=1), ids[distances.argmin(axis=1)]
+            out["closer_to_train"] = out["feature_distance"] < _nearest_heldout(pixels, reference, extractor, batch_size)
+        similarity = pixel_correlations(pixels, reference.train_pixels)
+        out["source_correlation"] = np.where(own.any(axis=1), np.where(own, similarity, -np.inf).max(axis=1), np.nan)
+        similarity[own] = -np.inf
+        correlation, nearest_pix = similarity.max(axis=1), similarity.argmax(axis=1)
+        heldout_corr = pixel_correlations(reference.heldout_pixels, reference.train_pixels).max(axis=1)
     else:
         correlation, nearest_pix = region_correlation(pixels, painted, reference.train_pixels)
         turns = painted[np.arange(len(reference.heldout_pixels)) % len(painted)]
