@@ -76,6 +76,9 @@ def test_planted_copies_are_flagged_and_distinct_images_mostly_kept(real):
     montage = closest_pairs(curated, reference, n=4)
     assert montage.shape == (4 * (SIDE + 6), 2 * SIDE + 6, 3)
     assert (montage[0, 0] == (220, 30, 30)).all()  # the closest pair is a copy, framed red
+    rows = [montage[k * (SIDE + 6) + 3:(k + 1) * (SIDE + 6) - 3, 3:-3] for k in range(4)]
+    # the four closest are the exact, flipped and rotated copies: shown in the view that matched, they line up
+    assert all(np.array_equal(r[:, :SIDE], r[:, SIDE:]) for r in rows)
 
 
 def test_held_out_real_patches_are_flagged_at_about_the_quantile(real):

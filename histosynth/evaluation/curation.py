@@ -258,12 +258,17 @@ def audit(curated: pd.DataFrame, n_train: int) -> dict:
 
 def closest_pairs(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_PAIRS) -> np.ndarray:
     """A montage (uint8 RGB) of the n synthetic images most like a training patch (highest pixel
-    correlation) beside that patch: one pair per row, synthetic left; copies framed red."""
+    correlation) beside that patch: one pair per row, synthetic left, in the flip/rotation that
+    matched (inpainted images as they are: compared in place); copies framed red."""
     rows = curated.dropna(subset=["pixel_correlation"]).sort_values("pixel_correlation", ascending=False).head(n)
     index = {pid: i for i, pid in enumerate(reference.train["patch_id"].astype(str))}
     strips = []
     for row in rows.to_dict("records"):
-        pair = np.concatenate([read_rgb(row["image"]), reference.train_pixels[index[row["nearest_patch_pixels"]]]], 1)
+        image, match = read_rgb(row["image"]), reference.train_pixels[index[row["nearest_patch_pixels"]]]
+        if pd.isna(row.get("donor_patch_id")):
+            views = dihedral(image[None])[:, 0]
+            image = views[int(np.argmax(_standardised(grey(views)) @ _standardised(grey(match[None]))[0]))]
+        pair = np.concatenate([image, match], 1)
         strip = np.empty((pair.shape[0] + 6, pair.shape[1] + 6, 3), np.uint8)
         strip[:] = (220, 30, 30) if row["copy"] else (255, 255, 255)
         strip[3:-3, 3:-3] = pair
