@@ -66,6 +66,7 @@ def test_planted_copies_are_flagged_and_distinct_images_mostly_kept(real):
     curated = curate(synthetic, pd.DataFrame(), reference, ["Blood vessel"], settings=settings(),
                      extractor=pooled_pixels(), batch_size=64)
     assert curated["copy"][:6].all(), curated[["feature_distance", "pixel_correlation"]][:6]
+    assert curated["closer_to_train"][:6].all()
     assert list(curated["copy_of"][:6]) == list(train["patch_id"][:6])
     assert (~curated["keep"][:6]).all() and curated["reason"][:6].str.contains("copy of t").all()
     assert curated["copy"][6:].mean() <= 0.25  # distinct images: about copy_quantile of them
@@ -87,6 +88,8 @@ def test_held_out_real_patches_are_flagged_at_about_the_quantile(real):
     reference = load_reference(train, heldout, pooled_pixels(), batch_size=64)
     curated = curate(fresh, pd.DataFrame(), reference, [], settings=settings(), extractor=pooled_pixels(), batch_size=64)
     assert 0.03 <= curated["copy"].mean() <= 0.2  # copy_quantile 0.1
+    # real images never trained on are as often nearer train as the held-out reference says
+    assert abs(curated["closer_to_train"].mean() - curated["closer_to_train_real"].iloc[0]) < 0.15
 
 
 def test_inpainted_copies_are_measured_inside_the_painted_region(real):

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 PIXEL_SIDE = 32  # grey images are box-downsampled to at most this side for the whole-image correlation
 COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "feature_distance", "feature_threshold",
            "nearest_patch_pixels", "pixel_correlation", "pixel_threshold", "source_correlation", "closer_to_train",
-           "copy", "copy_of", "keep", "reason")
+           "closer_to_train_real", "copy", "copy_of", "keep", "reason")
 MONTAGE_PAIRS = 8  # closest synthetic-training pairs drawn per set
 
 
@@ -175,7 +175,9 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
             distances[own] = np.inf
             out["feature_threshold"] = float(np.quantile(heldout, q))
             out["feature_distance"], out["nearest_patch"] = distances.min(axis=1), ids[distances.argmin(axis=1)]
-            out["closer_to_train"] = out["feature_distance"] < _nearest_heldout(pixels, reference, extractor, batch_size)
+            closer, real_share = _closer_to_train(pixels, out["feature_distance"].to_numpy(), heldout, reference, extractor,
+                                                  batch_size)
+            out["closer_to_train"], out["closer_to_train_real"] = closer, real_share
         similarity = pixel_correlations(pixels, reference.train_pixels)
         out["source_correlation"] = np.where(own.any(axis=1), np.where(own, similarity, -np.inf).max(axis=1), np.nan)
         similarity[own] = -np.inf
@@ -200,11 +202,16 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     return out
 
 
-def _nearest_heldout(pixels: np.ndarray, reference: Reference, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
-    """Per image, the cosine distance to the nearest held-out real patch (the memorisation audit's
-    'closer to train than to held-out real')."""
-    heldout = _embed(reference.heldout_pixels, extractor, batch_size)
-    return (1 - _embed(pixels, extractor, batch_size) @ heldout.T).min(axis=1)
+def _closer_to_train(pixels: np.ndarray, train_distance: np.ndarray, heldout_train_distance: np.ndarray,
+                     reference: Reference, extractor: FeatureExtractor, batch_size: int) -> tuple[np.ndarray, float]:
+    """Per image, whether it is nearer a training patch than any patch of one half of the held-out
+    real patches (the odd ones), and the same share for the other half (the even ones): what a
+    real image that was never trained on scores, the reference the synthetic share reads against."""
+    half = _embed(reference.heldout_pixels[1::2], extractor, batch_size)
+    synthetic = train_distance < (1 - _embed(pixels, extractor, batch_size) @ half.T).min(axis=1)
+    even = _embed(reference.heldout_pixels[0::2], extractor, batch_size)
+    real = heldout_train_distance[0::2] < (1 - even @ half.T).min(axis=1)
+    return synthetic, float(real.mean()) if len(real) else np.nan
 
 
 def _painted_regions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray | None:
@@ -246,13 +253,16 @@ def _reason_kinds(curated: pd.DataFrame) -> dict[str, int]:
 
 def audit(curated: pd.DataFrame, n_train: int) -> dict:
     """The memorisation audit of one curated set: copy rate, share of training patches copied at
-    least once, share of images closer to a training patch than to any held-out real patch (NaN
-    without a feature space), and the reject counts per reason."""
+    least once, share of images closer to a training patch than to any held-out real patch with the
+    same share for held-out real patches beside it (NaN without a feature space), and the reject
+    counts per reason."""
     closer = curated["closer_to_train"].dropna().astype(bool)
+    real = curated["closer_to_train_real"].dropna()
     return {"images": len(curated), "kept": int(curated["keep"].sum()),
             "copy_rate": float(curated["copy"].astype(bool).mean()) if len(curated) else np.nan,
             "train_copied_share": curated["copy_of"].dropna().nunique() / n_train if n_train else np.nan,
             "closer_to_train_share": float(closer.mean()) if len(closer) else np.nan,
+            "closer_to_train_share_real": float(real.iloc[0]) if len(real) else np.nan,
             **{f"rejected_{k.replace(' ', '_')}": v for k, v in _reason_kinds(curated).items()}}
 
 
