@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 PNG_COMPRESSION = 3  # zlib level of every PNG the stages write: written often, read rarely
@@ -85,6 +86,16 @@ def write_relative(table: pd.DataFrame, path: str | Path, columns: Sequence[str]
     for column in columns:
         out[column] = [os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
     write_table(out, path)
+
+
+FILE_COLUMNS = ("image", "mask", "conditioning")  # the file columns patch indexes and the tables derived from them may hold
+
+
+def read_file_table(path: str | Path) -> pd.DataFrame:
+    """read_patch_index with every FILE_COLUMNS column the table has made absolute (conditioning
+    indexes, synthetic manifests, curated sets)."""
+    names = pq.read_schema(path).names
+    return read_patch_index(path, columns=tuple(c for c in FILE_COLUMNS if c in names))
 
 
 def read_patch_index(path: str | Path, columns: tuple[str, ...] = ("image", "mask")) -> pd.DataFrame:

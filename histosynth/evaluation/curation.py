@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from histosynth.data.io import read_mask, read_rgb
@@ -302,12 +301,11 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     curated table (paths relative to its folder), the audit row and the closest-pairs montage."""
     from PIL import Image
 
-    from histosynth.data.io import atomic_file, read_patch_index, write_relative, write_table
+    from histosynth.data.io import FILE_COLUMNS, atomic_file, read_file_table, read_patch_index, write_relative, write_table
     from histosynth.evaluation.features import FeatureError, build_extractor
 
     s, q = config["curation"], config["quality"]
-    names = pq.read_schema(manifest).names
-    table = read_patch_index(manifest, columns=tuple(c for c in ("image", "mask", "conditioning") if c in names))
+    table = read_file_table(manifest)
     per_image = pd.read_parquet(scores)
     per_image = per_image[per_image["set"] == mode]
     real = pd.concat([read_patch_index(p) for p in indexes], ignore_index=True)
@@ -324,7 +322,7 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     reference = load_reference(real[real["split"] == "train"], real[real["split"] == "val"], extractor, q["batch_size"])
     curated = curate(table, per_image, reference, config["classes"], settings=s, extractor=extractor, batch_size=q["batch_size"])
     log.info("%s: %s", mode, reject_summary(curated) if len(curated) else "empty set")
-    write_relative(curated, curated_out, [c for c in ("image", "mask", "conditioning") if c in curated])
+    write_relative(curated, curated_out, [c for c in FILE_COLUMNS if c in curated])
     write_table(pd.DataFrame([{"set": mode, **audit(curated, len(reference.train))}]), audit_out)
     with atomic_file(pairs_out) as tmp:
         Image.fromarray(closest_pairs(curated, reference)).save(tmp, format="PNG")

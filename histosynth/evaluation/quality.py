@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from histosynth.config import section_defaults
-from histosynth.data.io import read_patch_index, write_table
+from histosynth.data.io import read_file_table, read_patch_index, write_table
 from histosynth.data.patches import dominant_class, fraction_column
 from histosynth.device import pick_device
 from histosynth.seeds import derive_seed
@@ -206,11 +205,7 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
     from histosynth.nuclei.model import load_detector
 
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
-    synthetic = {}
-    for mode, path in manifests.items():
-        names = pq.read_schema(path).names
-        columns = tuple(c for c in ("image", "mask", "conditioning") if c in names)
-        synthetic[mode] = read_patch_index(path, columns=columns)
+    synthetic = {mode: read_file_table(path) for mode, path in manifests.items()}
     s = config["quality"]
     segmenter = None
     if segmentation_model is not None and (s["consistency"] or s["extractor"] == SEGMENTATION):

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from histosynth.data.io import read_patch_index, read_rgb
+from histosynth.data.io import read_file_table, read_rgb
 from histosynth.data.patches import dominant_class
 from histosynth.generators.conditioning import conditioning_channels, read_conditioning
 
@@ -20,10 +19,7 @@ from histosynth.generators.conditioning import conditioning_channels, read_condi
 def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:
     """Rows of patch indexes or conditioning indexes (patch rows plus a `conditioning` path),
     file paths made absolute, restricted to one split when given."""
-    tables = []
-    for path in paths:
-        columns = tuple(c for c in ("image", "mask", "conditioning") if c in pq.read_schema(path).names)
-        tables.append(read_patch_index(path, columns=columns))
+    tables = [read_file_table(path) for path in paths]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return table[table["split"] == split].reset_index(drop=True) if split and len(table) else table
 
