@@ -34,10 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from histosynth.data.io import read_mask, read_rgb
-from histosynth.evaluation.features import FeatureExtractor
+from histosynth.evaluation.features import FeatureExtractor, pixel_features
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +94,21 @@ def region_correlation(queries: np.ndarray, regions: np.ndarray, train: np.ndarr
 
 def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
     """Unit-normalised features of (N, H, W, 3) uint8 images."""
-    chunks = [extractor.embed(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size].transpose(0, 3, 1, 2)))).double().numpy()
-              for s in range(0, len(images), batch_size)]
+    chunks = [pixel_features(images[s:s + batch_size], extractor) for s in range(0, len(images), batch_size)]
     features = np.concatenate(chunks) if chunks else np.empty((0, 1))
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def feature_distances(queries: np.ndarray, train_features: np.ndarray, extractor: FeatureExtractor,
-                      batch_size: int) -> np.ndarray:
-    """(N, T) the smallest cosine distance of each query image's 8 flips/rotations to each training
+def view_features(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
+    """(8, N, D) unit-normalised features of the 8 flips/rotations of (N, H, W, 3) images; view 0
+    is the image itself."""
+    return np.stack([_embed(view, extractor, batch_size) for view in dihedral(images)])
+
+
+def feature_distances(views: np.ndarray, train_features: np.ndarray) -> np.ndarray:
+    """(N, T) the smallest cosine distance of each image's views (view_features) to each training
     feature (unit-normalised rows)."""
-    return np.stack([1 - _embed(view, extractor, batch_size) @ train_features.T for view in dihedral(queries)]).min(axis=0)
+    return (1 - views @ train_features.T).min(axis=0)
 
 
 def _own_source(manifest: pd.DataFrame, ids: np.ndarray) -> np.ndarray:
@@ -169,13 +172,14 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     if painted is None:
         own = _own_source(out, ids)
         if extractor is not None:
-            distances = feature_distances(pixels, reference.train_features, extractor, batch_size)
-            heldout = feature_distances(reference.heldout_pixels, reference.train_features, extractor, batch_size).min(axis=1)
+            views = view_features(pixels, extractor, batch_size)
+            heldout_views = view_features(reference.heldout_pixels, extractor, batch_size)
+            distances = feature_distances(views, reference.train_features)
+            heldout = feature_distances(heldout_views, reference.train_features).min(axis=1)
             distances[own] = np.inf
             out["feature_threshold"] = float(np.quantile(heldout, q))
             out["feature_distance"], out["nearest_patch"] = distances.min(axis=1), ids[distances.argmin(axis=1)]
-            closer, real_share = _closer_to_train(pixels, out["feature_distance"].to_numpy(), heldout, reference, extractor,
-                                                  batch_size)
+            closer, real_share = _closer_to_train(out["feature_distance"].to_numpy(), views[0], heldout, heldout_views[0])
             out["closer_to_train"], out["closer_to_train_real"] = closer, real_share
         similarity = pixel_correlations(pixels, reference.train_pixels)
         out["source_correlation"] = np.where(own.any(axis=1), np.where(own, similarity, -np.inf).max(axis=1), np.nan)
@@ -201,15 +205,15 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     return out
 
 
-def _closer_to_train(pixels: np.ndarray, train_distance: np.ndarray, heldout_train_distance: np.ndarray,
-                     reference: Reference, extractor: FeatureExtractor, batch_size: int) -> tuple[np.ndarray, float]:
-    """Per image, whether it is nearer a training patch than any patch of one half of the held-out
-    real patches (the odd ones), and the same share for the other half (the even ones): what a
-    real image that was never trained on scores, the reference the synthetic share reads against."""
-    half = _embed(reference.heldout_pixels[1::2], extractor, batch_size)
-    synthetic = train_distance < (1 - _embed(pixels, extractor, batch_size) @ half.T).min(axis=1)
-    even = _embed(reference.heldout_pixels[0::2], extractor, batch_size)
-    real = heldout_train_distance[0::2] < (1 - even @ half.T).min(axis=1)
+def _closer_to_train(train_distance: np.ndarray, features: np.ndarray, heldout_train_distance: np.ndarray,
+                     heldout_features: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per image (its nearest-training distance and unit features), whether it is nearer a training
+    patch than any patch of one half of the held-out real patches (the odd ones), and the same share
+    for the other half (the even ones): what a real image that was never trained on scores, the
+    reference the synthetic share reads against."""
+    half = heldout_features[1::2]
+    synthetic = train_distance < (1 - features @ half.T).min(axis=1)
+    real = heldout_train_distance[0::2] < (1 - heldout_features[0::2] @ half.T).min(axis=1)
     return synthetic, float(real.mean()) if len(real) else np.nan
 
 

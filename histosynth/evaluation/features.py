@@ -115,12 +115,15 @@ def build_extractor(name: str, weights: str | Path | None, segmentation=None,
     return timm_encoder(name, weights, device)
 
 
+def pixel_features(pixels: np.ndarray, extractor: FeatureExtractor) -> np.ndarray:
+    """(N, D) float64 features of (N, H, W, 3) uint8 images (one batch)."""
+    return extractor.embed(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))).double().numpy()
+
+
 def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
-    """(N, D) float64 features of the same-sized RGB images at `paths`."""
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        pixels = np.stack([read_rgb(p) for p in paths[start:start + batch_size]]).transpose(0, 3, 1, 2)
-        chunks.append(extractor.embed(torch.from_numpy(np.ascontiguousarray(pixels))).double().numpy())
+    """(N, D) float64 features of the same-sized RGB images at `paths`, read batch by batch."""
+    chunks = [pixel_features(np.stack([read_rgb(p) for p in paths[start:start + batch_size]]), extractor)
+              for start in range(0, len(paths), batch_size)]
     return np.concatenate(chunks) if chunks else np.empty((0, 0))
 
 
