@@ -306,7 +306,7 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     from PIL import Image
 
     from histosynth.data.io import FILE_COLUMNS, atomic_file, read_file_table, read_patch_index, write_relative, write_table
-    from histosynth.evaluation.features import FeatureError, build_extractor
+    from histosynth.evaluation.features import SEGMENTATION, configured_extractor
 
     s, q = config["curation"], config["quality"]
     table = read_file_table(manifest)
@@ -314,15 +314,13 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     per_image = per_image[per_image["set"] == mode]
     real = pd.concat([read_patch_index(p) for p in indexes], ignore_index=True)
     segmenter = None
-    if segmentation_model is not None and q["extractor"] == "segmentation":
+    if segmentation_model is not None and q["extractor"] == SEGMENTATION:
         from histosynth.evaluation.segmentation import load_model
 
         segmenter = load_model(segmentation_model, q["device"])
-    try:
-        extractor = build_extractor(q["extractor"], q["extractor_weights"], segmenter, q["device"])
-    except FeatureError as err:
-        extractor = None
-        log.warning("copies are looked for in pixel correlation only: %s", err)
+    extractor, why = configured_extractor(q, segmenter)
+    if extractor is None:
+        log.warning("copies are looked for in pixel correlation only: %s", why)
     reference = load_reference(real[real["split"] == "train"], real[real["split"] == "val"], extractor, q["batch_size"])
     curated = curate(table, per_image, reference, config["classes"], settings=s, extractor=extractor, batch_size=q["batch_size"])
     log.info("%s: %s", mode, reject_summary(curated) if len(curated) else "empty set")

@@ -14,7 +14,7 @@ row names the extractor it used (`FeatureExtractor.name`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +118,15 @@ def build_extractor(name: str, weights: str | Path | None, segmentation=None,
 def pixel_features(pixels: np.ndarray, extractor: FeatureExtractor) -> np.ndarray:
     """(N, D) float64 features of (N, H, W, 3) uint8 images (one batch)."""
     return extractor.embed(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))).double().numpy()
+
+
+def configured_extractor(quality: Mapping, segmentation=None) -> tuple[FeatureExtractor | None, str]:
+    """The `quality` config section's offline feature space (quality.extractor; the loaded real-only
+    segmentation model when it is 'segmentation'), or None and why it cannot be built."""
+    try:
+        return build_extractor(quality["extractor"], quality["extractor_weights"], segmentation, quality["device"]), ""
+    except FeatureError as err:
+        return None, str(err)
 
 
 def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int) -> np.ndarray:

@@ -36,9 +36,8 @@ from histosynth.evaluation.consistency import (
 )
 from histosynth.evaluation.features import (
     SEGMENTATION,
-    FeatureError,
     FeatureExtractor,
-    build_extractor,
+    configured_extractor,
     image_features,
     pairwise_diversity,
 )
@@ -213,11 +212,9 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
 
         segmenter = load_model(segmentation_model, s["device"])
     segment = segmenter.predict if segmenter is not None and s["consistency"] else None
-    extractor, extractor_note = None, ""
-    try:
-        extractor = build_extractor(s["extractor"], s["extractor_weights"], segmenter, s["device"])
-    except FeatureError as err:
-        extractor_note = f"offline FD/KD skipped: {err}"
+    extractor, why = configured_extractor(s, segmenter)
+    extractor_note = f"offline FD/KD skipped: {why}" if extractor is None else ""
+    if extractor is None:
         log.warning("%s", extractor_note)
     nuclei = config["nuclei"]
     nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
