@@ -48,6 +48,23 @@ def encoder_spec(encoder: str) -> WeightsSpec | None:
                        f"the ImageNet start of encoder {encoder}")
 
 
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict from a weights file, on the CPU: .safetensors, else a torch file (weights only),
+    unwrapped from a checkpoint's `state_dict` or `model` entry."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
 def weights_file(spec: WeightsSpec, configured: str | Path | None, weights_dir: str | Path) -> tuple[Path | None, str]:
     """The file for `spec` and a note: the configured path (which must exist), else
     weights_dir/spec.file when present, else None and how to provide it."""

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from histosynth.data.io import read_rgb
+from histosynth.weights import read_state_dict
 
 SEGMENTATION = "segmentation"
 
@@ -59,18 +60,6 @@ def segmentation_encoder(model) -> FeatureExtractor:
                             f"{model.source})", embed)
 
 
-def _state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def timm_encoder(model_name: str, weights: str | Path | None, device: str | torch.device = "auto") -> FeatureExtractor:
     """A timm model's pooled features (num_classes=0) with weights from a local file (.safetensors,
     .pth, .bin; a classifier head in the file is ignored), normalised as its pretrained config says."""
@@ -88,7 +77,7 @@ def timm_encoder(model_name: str, weights: str | Path | None, device: str | torc
         net = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as err:
         raise FeatureError(f"quality.extractor={model_name!r} is not a timm model name ({err})") from err
-    missing, _ = net.load_state_dict(_state_dict(path), strict=False)
+    missing, _ = net.load_state_dict(read_state_dict(path), strict=False)
     if missing:
         raise FeatureError(f"{path} does not fit timm model {model_name!r}: {len(missing)} weights missing, "
                            f"e.g. {missing[:3]}")

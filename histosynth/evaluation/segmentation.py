@@ -51,7 +51,7 @@ from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
 from histosynth.seeds import derive_seed, seed_everything
 from histosynth.overlap import overlap_scores
-from histosynth.weights import encoder_spec, weights_file
+from histosynth.weights import encoder_spec, read_state_dict, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,7 @@ def encoder_weights_file(settings: Mapping, weights_dir: str | Path) -> tuple[Pa
 
 
 def load_encoder_weights(model, path: Path) -> None:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    state = {k.removeprefix("encoder."): v for k, v in read_state_dict(path).items() if not k.startswith(("fc.", "classifier."))}
     own = model.encoder.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:

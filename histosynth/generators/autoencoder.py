@@ -26,6 +26,7 @@ from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir, atomic_file
 from histosynth.device import autocast
 from histosynth.seeds import seed_everything
+from histosynth.weights import read_state_dict
 from histosynth.generators.launch import cli
 from histosynth.generators.training import (
     TrainingError,
@@ -132,12 +133,7 @@ def load_lpips(path: str | Path, net: str = "alex") -> nn.Module:
     if not path.is_file():
         raise TrainingError(f"autoencoder.lpips_weights: {path} does not exist")
     lpips = _NoTrainLpips(net=net, pretrained=True, pnet_rand=True)  # random backbone, shipped linear layers
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path)
     if any(k.startswith("features.") for k in state):  # torchvision `features` -> LPIPS slices
         layer = re.compile(r"^net\.(?:slice\d+|slices\.\d+)\.(\d+)\.(.+)$")
         state = {name: state[f"features.{m[1]}.{m[2]}"] for name in lpips.state_dict() if (m := layer.match(name))}
