@@ -14,6 +14,7 @@ mix_dataset(
     snakemake.params.ratio,
     config["seed"],
     config["classes"],
+    config["labels"],
     snakemake.output.manifest,
     snakemake.output.share,
     on_shortfall=snakemake.params.on_shortfall,

@@ -13,6 +13,7 @@ run_stage(
     snakemake.output[0],
     settings=config["synthesis"],
     classes=config["classes"],
+    labels=config["labels"],
     conditioning_cfg=config["conditioning"],
     seed=config["seed"],
     autoencoder=snakemake.input.get("autoencoder"),

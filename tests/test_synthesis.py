@@ -25,10 +25,11 @@ from histosynth.generators.training import TrainingError
 
 CLASSES = ["Blood vessel", "Inflammation"]
 CONDITIONING = {"regions": True, "nuclei": True, "boundaries": True}
+LABELS = {"source": "region", "classes": ["background", *CLASSES], "regions": CLASSES, "background": "background"}
 COND_CHANNELS = len(CLASSES) + 1 + len(NUCLEUS_CLASSES) + 1
 TINY = {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8}
 SIZE = 16
-MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "model_path", "model_hash", "space", "sampler", "steps",
+MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "class", "model_path", "model_hash", "space", "sampler", "steps",
                     "guidance", "strength", "seed", "source_patch_id", "donor_patch_id", "target_class", "label", "created_at",
                     "frac_blood_vessel", "frac_inflammation", "split"]
 
@@ -110,13 +111,13 @@ def latent_model(tmp_path):
 
 
 def run_synth(model_dir, sources, out, **kw):
-    settings = dict(n=3, classes=CLASSES, conditioning_cfg=CONDITIONING, sampler="ddim", steps=2, batch_size=2,
+    settings = dict(n=3, classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, sampler="ddim", steps=2, batch_size=2,
                     seed=1, model_path=model_dir, grid_per_class=2)
     return synthesize(load_diffusion(model_dir), sources, out, **{**settings, **kw})
 
 
 def run_inpaint(model_dir, sources, out, **kw):
-    settings = dict(n=3, target_class="Blood vessel", classes=CLASSES, conditioning_cfg=CONDITIONING, steps=4,
+    settings = dict(n=3, target_class="Blood vessel", classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, steps=4,
                     jump_length=2, jump_n_sample=2, batch_size=2, seed=1, model_path=model_dir, grid_per_class=2)
     return inpaint(load_diffusion(model_dir), sources, out, **{**settings, **kw})
 
@@ -138,6 +139,7 @@ def assert_manifest_matches_files(manifest: pd.DataFrame, out):
             assert getattr(row, fraction_column(name)) == pytest.approx((mask == j).mean())
         fractions = [(mask == j).mean() for j in range(1, len(CLASSES) + 1)]
         assert row.label == (int(np.argmax(fractions)) + 1 if max(fractions) > 0 else 0)
+        assert manifest.loc[row.Index, "class"] == LABELS["classes"][row.label]  # the label by name
     assert (manifest["split"] == "synthetic").all() and manifest["id"].is_unique
 
 
@@ -155,7 +157,7 @@ def test_synthesize_writes_images_masks_maps_manifest_and_grids(tmp_path, source
         assert np.array_equal(read(out / row.mask), read(source["mask"]))
         assert np.array_equal(read_conditioning(out / row.conditioning), read_conditioning(source["conditioning"]))
     grids = sorted(p.name for p in out.glob("grid_*.png"))
-    assert grids and set(grids) <= {"grid_none.png", "grid_blood_vessel.png", "grid_inflammation.png"}
+    assert grids and set(grids) <= {"grid_background.png", "grid_blood_vessel.png", "grid_inflammation.png"}
     width, height = Image.open(out / grids[0]).size
     assert height == 3 * (SIZE + 2) + 2  # real, conditioning preview, synthetic
     assert not list(tmp_path.glob(".out.partial"))
@@ -205,7 +207,7 @@ def test_latent_model_without_its_autoencoder_fails_clearly(tmp_path, sources, l
     diffusion = load_diffusion(latent_model)
     bare = Diffusion(diffusion.model, diffusion.scheduler, None, diffusion.meta)
     with pytest.raises(SynthesisError, match="latent-space diffusion model but no autoencoder"):
-        synthesize(bare, sources, tmp_path / "out", n=1, classes=CLASSES, conditioning_cfg=CONDITIONING, steps=1)
+        synthesize(bare, sources, tmp_path / "out", n=1, classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, steps=1)
     shutil.rmtree(tmp_path / "ae")
     with pytest.raises(TrainingError, match="latent-space model trained on the autoencoder"):
         run_synth(latent_model, sources, tmp_path / "out")
@@ -305,7 +307,7 @@ def test_inpainting_needs_clean_patches_and_a_target_class(tmp_path, sources, pi
 
 def test_class_grids_are_written_per_target_class(tmp_path, sources, pixel_model):
     manifest = run_inpaint(pixel_model, sources, tmp_path / "out", grid_per_class=0)
-    paths = class_grids(manifest, tmp_path / "out", sources, CLASSES, tmp_path / "grids", per_class=2)
+    paths = class_grids(manifest, tmp_path / "out", sources, tmp_path / "grids", per_class=2)
     assert [p.name for p in paths] == ["grid_blood_vessel.png"]
     assert Image.open(paths[0]).size == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
 
@@ -321,7 +323,7 @@ def test_run_stage_reads_conditioning_indexes_and_runs_both_modes(tmp_path, sour
                 "inpaint": {"n": 2, "target_class": "Blood vessel", "steps": 2, "jump_length": 1, "jump_n_sample": 2}}
     for mode in ("synth", "inpaint"):
         manifest = run_stage(mode, pixel_model, [tmp_path / "patches" / "index.parquet"], tmp_path / mode, settings=settings,
-                             classes=CLASSES, conditioning_cfg=CONDITIONING, seed=0, device="cpu")
+                             classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, seed=0, device="cpu")
         assert (manifest["mode"] == mode).all() and len(manifest) == 2
         assert index.loc[0, "patch_id"] not in set(manifest["source_patch_id"]) | set(manifest["donor_patch_id"].dropna())
         assert (tmp_path / mode / "manifest.parquet").is_file() and list((tmp_path / mode).glob("grid_*.png"))
@@ -420,3 +422,25 @@ def test_eta_sets_the_repaint_noise_and_changes_only_the_region(tmp_path, source
         assert np.array_equal(x[~region], y[~region])
         differ |= bool((x[region] != y[region]).any())
     assert differ  # same seed, same noise draws: only the posterior noise differs
+
+
+def test_per_class_synthesis_draws_maps_of_each_label_and_records_it(tmp_path, sources, pixel_model):
+    manifest = run_synth(pixel_model, sources, tmp_path / "out", per_class={"Blood vessel": 2, "background": 1}, grid_per_class=0)
+    assert list(manifest["class"]) == ["Blood vessel", "Blood vessel", "background"]
+    assert list(manifest["label"]) == [1, 1, 0]
+    by_id = sources.set_index("patch_id")
+    for row in manifest.itertuples():  # each map comes from a training patch of the image's label
+        fractions = by_id.loc[row.source_patch_id, ["frac_blood_vessel", "frac_inflammation"]].to_numpy(float)
+        assert LABELS["classes"][int(np.argmax(fractions)) + 1 if fractions.max() > 0 else 0] == manifest.loc[row.Index, "class"]
+    with pytest.raises(SynthesisError, match="not among the labels"):
+        run_synth(pixel_model, sources, tmp_path / "bad", per_class={"Tumour": 1}, grid_per_class=0)
+
+
+def test_sheet_labels_condition_synthesis_on_the_source_image_label(tmp_path, sources):
+    model = save_model(tmp_path / "sheet_model", num_classes=2)
+    labelled = sources.assign(label=["1" if slide == "s0" else "2" for slide in sources["slide"]])
+    sheet = {"source": "sheet", "classes": ["1", "2"], "regions": CLASSES, "background": "background"}
+    manifest = run_synth(model, labelled, tmp_path / "out", labels=sheet, per_class={"2": 2}, grid_per_class=1)
+    assert list(manifest["class"]) == ["2", "2"] and list(manifest["label"]) == [1, 1]
+    assert set(labelled.set_index("patch_id").loc[manifest["source_patch_id"], "slide"]) == {"s1"}
+    assert [p.name for p in (tmp_path / "out").glob("grid_*.png")] == ["grid_2.png"]

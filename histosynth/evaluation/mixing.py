@@ -29,6 +29,7 @@ import pandas as pd
 
 from histosynth.data.annotations import class_fractions
 from histosynth.data.io import read_mask, read_patch_index, write_relative, write_table
+from histosynth.data.labels import patch_labels
 from histosynth.data.patches import class_indices, fraction_column
 from histosynth.evaluation.curation import reject_summary
 from histosynth.generators.synthesis import MODE_RULES
@@ -36,7 +37,7 @@ from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide")
+MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide", "class")
 
 
 class MixingError(ValueError):
@@ -64,12 +65,14 @@ def read_synthetic(curated: Mapping[str, str | Path]) -> tuple[pd.DataFrame, str
     return pool, "; ".join(lines)
 
 
-def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *, on_shortfall: str,
+def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *, on_shortfall: str, labels: Mapping,
         classes: Sequence[str] = (), sources: Sequence[str] | None = None, kept: str = "") -> pd.DataFrame:
     """The training manifest of one ratio: columns source (real|synthetic), mode (real|synth|
     inpaint), image, mask, split ("train"), origin_id (patch_id or synthetic id), slide (None for
-    synthetic rows), plus frac_<class> for `classes`. `real` holds patch-index rows (only split ==
-    "train" is used); `synthetic` the pool (read_synthetic, with `kept` its curation line);
+    synthetic rows), class (the image's label under resolved `labels`, histosynth.data.labels:
+    the patch's, or the one a synthetic image was made for), plus frac_<class> for `classes`.
+    `real` holds patch-index rows (only split == "train" is used); `synthetic` the pool
+    (read_synthetic, with `kept` its curation line);
     `on_shortfall` (error | use_available) what a ratio asking for more than the pool does;
     `sources` the configured modes, named in the error when the pool is empty. Deterministic
     given the seed."""
@@ -84,10 +87,11 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
     picked = _pick_synthetic(synthetic, wanted, seed, name, sources, on_shortfall, kept)
     frames = []
     if use_real:
-        frames.append(_rows(train, "real", train["patch_id"], train["slide"], ["real"] * len(train), classes))
+        frames.append(_rows(train, "real", train["patch_id"], train["slide"], ["real"] * len(train),
+                            patch_labels(train, labels), classes))
     if len(picked):
         modes = picked["mode"] if "mode" in picked else ["synthetic"] * len(picked)
-        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), modes, classes))
+        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), modes, picked["class"], classes))
     if not frames:
         raise MixingError(f"ratio {name!r}: real is false and synthetic is 0, so the training set would be empty")
     manifest = pd.concat(frames, ignore_index=True)
@@ -116,10 +120,10 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
     return pool.iloc[order[:wanted]].reset_index(drop=True)
 
 
-def _rows(table: pd.DataFrame, source: str, origin, slide, mode, classes: Sequence[str]) -> pd.DataFrame:
+def _rows(table: pd.DataFrame, source: str, origin, slide, mode, label, classes: Sequence[str]) -> pd.DataFrame:
     rows = pd.DataFrame({
         "source": source, "mode": list(mode), "image": table["image"].to_numpy(), "mask": table["mask"].to_numpy(),
-        "split": "train", "origin_id": list(origin), "slide": list(slide),
+        "split": "train", "origin_id": list(origin), "slide": list(slide), "class": list(label),
     })
     for name in classes:
         column = fraction_column(name)
@@ -173,14 +177,14 @@ def read_mix(path: str | Path) -> pd.DataFrame:
 
 
 def mix_dataset(real_indexes: Sequence[str | Path], curated_sets: Mapping[str, str | Path], ratio: Mapping,
-                seed: int, classes: Sequence[str], manifest_out: str | Path, share_out: str | Path, *,
+                seed: int, classes: Sequence[str], labels: Mapping, manifest_out: str | Path, share_out: str | Path, *,
                 on_shortfall: str) -> pd.DataFrame:
     """Entry of rule mix_dataset: read the patch indexes and the configured curated synthetic sets
     ({mode: path}), mix one ratio and write its manifest and class-share table; return the manifest."""
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     pool, kept = read_synthetic(curated_sets)
-    manifest = mix(real, pool, ratio, seed, on_shortfall=on_shortfall, classes=classes, sources=list(curated_sets),
-                   kept=kept)
+    manifest = mix(real, pool, ratio, seed, on_shortfall=on_shortfall, labels=labels, classes=classes,
+                   sources=list(curated_sets), kept=kept)
     write_mix(manifest, manifest_out)
     write_table(class_share(manifest, classes, ratio["name"]), share_out)
     return manifest

@@ -56,11 +56,9 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note", "extractor")
 def image_classes(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """Class name per row: `label` (0 = none, n = n-th class) when present, else the dominant
-    frac_<class>, else 'none'."""
+    """Region class per row: the dominant frac_<class> (histosynth.data.patches.dominant_class),
+    'none' where no class covers the image or the table has no fraction columns."""
     names = np.array(["none", *classes], dtype=object)
-    if "label" in table and table["label"].notna().all():
-        return names[table["label"].astype(int).clip(0, len(classes)).to_numpy()]
     if not classes or any(fraction_column(c) not in table for c in classes):
         return np.full(len(table), "none", dtype=object)
     return names[dominant_class(table, classes)]

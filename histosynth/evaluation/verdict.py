@@ -1,12 +1,13 @@
 """The verdict: did synthetic data help? For every task metric x class x ratio, the paired
 difference to the baseline ratio over seeds (runs with the same seed start from the same weights,
-so seed s of a ratio is paired with seed s of the baseline), scored on the pooled test slides.
+so seed s of a ratio is paired with seed s of the baseline; with cross-validation folds, run
+(fold f, seed s) with the baseline's (f, s)), scored on the pooled test slides.
 
 Per comparison: n seeds, the means, the mean difference with a t-based 95 % interval and a
 bootstrap one (seeds resampled with replacement, percentile interval), the paired t-test and
 Wilcoxon signed-rank p-values, and a word: `helped` when the t interval lies above 0, `hurt` when
 it lies below, else `no evidence` (also whenever fewer than 2 seeds give no interval). Every task
-metric here is higher-is-better (Dice, precision, recall, accuracy).
+metric here is higher-is-better (Dice, precision, recall, accuracy, F1, AUROC).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
-COLUMNS = ("task", "ratio", "baseline", "class", "metric", "n", "mean_baseline", "mean_ratio", "mean_diff",
+PAIR_KEYS = ("fold", "seed")  # what identifies a run across ratios, where the scores have it
+COLUMNS = ("task", "ratio", "baseline", "class", "metric", "paired_by", "n", "mean_baseline", "mean_ratio", "mean_diff",
            "ci_low", "ci_high", "boot_low", "boot_high", "p_ttest", "p_wilcoxon", "verdict")
 
 
@@ -57,11 +59,12 @@ def verdict_word(low: float, high: float) -> str:
 def verdict(scores: pd.DataFrame, baseline: str, metrics: Sequence[str], *, task: str, seed: int,
             order: Sequence[str] | None = None) -> pd.DataFrame:
     """The verdict rows (COLUMNS) of one task's tidy scores (ratio, seed, slide, class, metric,
-    value): pooled rows (slide 'all') where a slide column exists; pairs are matched by seed and
-    pairs with a missing value are dropped."""
+    value, optionally fold): pooled rows (slide 'all') where a slide column exists; pairs are
+    matched by seed (and fold) and pairs with a missing value are dropped."""
     pooled = scores[scores["slide"] == "all"] if "slide" in scores else scores
     pooled = pooled[pooled["metric"].isin(metrics)]
-    keys = ["seed", "class", "metric"]
+    pair = [key for key in PAIR_KEYS if key in pooled]
+    keys = [*pair, "class", "metric"]
     base = pooled[pooled["ratio"] == baseline].set_index(keys)["value"]
     if base.empty:
         raise ValueError(f"no {task} results for the baseline ratio {baseline!r}; ratios present: {sorted(pooled['ratio'].unique())}")
@@ -71,8 +74,9 @@ def verdict(scores: pd.DataFrame, baseline: str, metrics: Sequence[str], *, task
         other = pooled[pooled["ratio"] == ratio].set_index(keys)["value"]
         joined = pd.concat({"baseline": base, "ratio": other}, axis=1, join="inner").dropna().reset_index()
         for (name, metric), group in joined.groupby(["class", "metric"], sort=False):
-            group = group.sort_values("seed")
+            group = group.sort_values(pair)
             rows.append({"task": task, "ratio": ratio, "baseline": baseline, "class": name, "metric": metric,
+                         "paired_by": " x ".join(pair),
                          **paired_difference(group["ratio"].to_numpy(), group["baseline"].to_numpy(), seed)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -81,5 +85,6 @@ def sentence(row: pd.Series | dict) -> str:
     """One verdict row in words, e.g. 'syn64 vs real, Blood vessel dice: -0.030 [-0.060, 0.000] over 3 seeds: no evidence'."""
     interval = (f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" if not math.isnan(row["ci_low"])
                 else "(no interval)")
+    runs = f"seed{'s' if row['n'] != 1 else ''}" if row.get("paired_by", "seed") == "seed" else f"runs ({row['paired_by']})"
     return (f"{row['ratio']} vs {row['baseline']}, {row['class']} {row['metric']}: {row['mean_diff']:+.3f} {interval} "
-            f"over {row['n']} seed{'s' if row['n'] != 1 else ''}: {row['verdict']}")
+            f"over {row['n']} {runs}: {row['verdict']}")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histosynth.data.io import read_file_table, read_rgb
-from histosynth.data.patches import dominant_class
+from histosynth.data.labels import label_index, patch_labels, run_labels
 from histosynth.generators.conditioning import conditioning_channels, read_conditioning
 
 
@@ -25,14 +25,15 @@ def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.Da
 
 
 class PatchDataset(Dataset):
-    """Items {'image': (3, H, W) float in [-1, 1], 'label': int64} plus 'cond': (C, H, W) float
-    when the table has conditioning maps (conditioning indexes do, patch indexes do not)."""
+    """Items {'image': (3, H, W) float in [-1, 1], 'label': int64 (the patch's class index under
+    resolved `labels`, histosynth.data.labels)} plus 'cond': (C, H, W) float when the table has
+    conditioning maps (conditioning indexes do, patch indexes do not)."""
 
-    def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict):
+    def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict, labels: dict):
         self.table = table.reset_index(drop=True)
         self.n_regions = len(classes)
         self.channels = {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")}
-        self.labels = dominant_class(self.table, classes) if len(self.table) else np.empty(0, np.int64)
+        self.labels = label_index(patch_labels(self.table, labels), labels) if len(self.table) else np.empty(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -51,5 +52,8 @@ class PatchDataset(Dataset):
 
 
 def patch_dataset(indexes: Sequence[str | Path], split: str, config: dict) -> PatchDataset:
-    """The training entry points' dataset factory: one split of the given indexes."""
-    return PatchDataset(read_indexes(indexes, split), config["classes"], config["conditioning"])
+    """The training entry points' dataset factory: one split of the given indexes; `config` the
+    job's (labels resolved by the workflow) or a validated one (labels resolved from the indexes)."""
+    table = read_indexes(indexes, split)
+    sheet_labels = table.drop_duplicates("slide")["label"].fillna("").tolist() if "label" in table else []
+    return PatchDataset(table, config["classes"], config["conditioning"], run_labels(config, sheet_labels))

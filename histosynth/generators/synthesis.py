@@ -17,7 +17,8 @@ pasted back outside the pixel-space region. In both spaces the pixels outside th
 the source's bytes.
 
 Outputs in out_dir: images/<id>.png (RGB), masks/<id>.png (uint8 region classes),
-conditioning/<id>.png (encoded map), manifest.parquet (one row per image; paths relative to it),
+conditioning/<id>.png (encoded map), manifest.parquet (one row per image; paths relative to it;
+`class` the image's label and `label` its class index, histosynth.data.labels),
 grid_<class>.png (rows: real patch, conditioning preview, synthetic patch).
 Deterministic given the seed: image i uses its own generator seeded derive_seed(seed, mode, i).
 """
@@ -37,9 +38,9 @@ import torch.nn.functional as F
 
 from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_png, write_table
+from histosynth.data.labels import label_index, patch_labels
 from histosynth.data.patches import (
     class_indices,
-    dominant_class,
     fraction_column,
     fraction_columns,
 )
@@ -173,9 +174,36 @@ class _Runner:
         if not self.num_classes:
             return None
         if labels.max(initial=0) >= self.num_classes:
-            raise SynthesisError(f"dominant-class label {int(labels.max())} is outside the model's class embedding "
-                                 f"(num_classes={self.num_classes}); the model was trained with other classes")
+            raise SynthesisError(f"class index {int(labels.max())} is outside the model's class embedding "
+                                 f"(num_classes={self.num_classes}); the model was trained with other labels")
         return torch.as_tensor(labels, dtype=torch.long, device=self.device)
+
+
+def image_classes(masks: Sequence[np.ndarray], sources: pd.DataFrame, labels: Mapping) -> np.ndarray:
+    """The label of each output image: its source patch's sheet label, or (region labels) the
+    dominant region class of its mask, which inpainting edits."""
+    if labels["source"] == "sheet":
+        return patch_labels(sources, labels)
+    fractions = pd.DataFrame([fraction_columns(m, class_indices(labels["regions"])) for m in masks])
+    return patch_labels(fractions, labels)
+
+
+def per_class_picks(rng: np.random.Generator, pool_classes: np.ndarray, per_class: Mapping[str, int],
+                    labels: Mapping) -> np.ndarray:
+    """Row positions of the source maps for class-conditioned synthesis: per_class[name] of the
+    rows labelled name, in per_class's order (with replacement, logged, when a class has fewer)."""
+    unknown = [name for name in per_class if name not in labels["classes"]]
+    if unknown:
+        raise SynthesisError(f"synthesize.per_class names {unknown}, which are not among the labels {labels['classes']}")
+    picks = []
+    for name, count in per_class.items():
+        rows = np.flatnonzero(pool_classes == name)
+        if not len(rows):
+            present = pd.Series(pool_classes).value_counts().to_dict()
+            raise SynthesisError(f"synthesize.per_class asks for {count} images of class {name!r} but no training patch "
+                                 f"has that label (training patches per label: {present})")
+        picks.append(rows[_choose(rng, count, len(rows), f"training patches of class {name!r}")])
+    return np.concatenate(picks)
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -238,10 +266,9 @@ def _write(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray, encod
             "conditioning": f"conditioning/{image_id}.png"}
 
 
-def _manifest(rows: list[dict], classes: Sequence[str]) -> pd.DataFrame:
+def _manifest(rows: list[dict], labels: Mapping) -> pd.DataFrame:
     manifest = pd.DataFrame(rows)
-    fractions = manifest[[fraction_column(name) for name in classes]]
-    manifest.insert(manifest.columns.get_loc("created_at"), "label", dominant_class(fractions, classes).astype(np.int64))
+    manifest.insert(manifest.columns.get_loc("created_at"), "label", label_index(manifest["class"], labels))
     for column in ("jump_length", "jump_n_sample"):
         manifest[column] = manifest[column].astype("Int64")
     manifest["split"] = SPLIT
@@ -250,8 +277,8 @@ def _manifest(rows: list[dict], classes: Sequence[str]) -> pd.DataFrame:
 
 def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner: _Runner, sampler: str, steps: int,
          guidance: float, strength: float, seed: int, source: pd.Series, donor_id: str | None, target_class: str | None,
-         jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str]) -> dict:
-    return {"id": image_id, **paths, "mode": mode, "model_path": record[0], "model_hash": record[1],
+         jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str], class_name: str) -> dict:
+    return {"id": image_id, **paths, "mode": mode, "class": class_name, "model_path": record[0], "model_hash": record[1],
             "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
             "strength": float(strength),
             "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
@@ -260,11 +287,11 @@ def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner:
             "jump_length": jumps[0], "jump_n_sample": jumps[1], "autoencoder_hash": runner.autoencoder_hash}
 
 
-def _finish(tmp: Path, rows: list[dict], classes: Sequence[str], sources: pd.DataFrame, grid_per_class: int) -> pd.DataFrame:
-    manifest = _manifest(rows, classes)
+def _finish(tmp: Path, rows: list[dict], labels: Mapping, sources: pd.DataFrame, grid_per_class: int) -> pd.DataFrame:
+    manifest = _manifest(rows, labels)
     write_table(manifest, tmp / MANIFEST)
     if grid_per_class:
-        class_grids(manifest, tmp, sources, classes, tmp, per_class=grid_per_class)
+        class_grids(manifest, tmp, sources, tmp, per_class=grid_per_class)
     return manifest
 
 
@@ -280,22 +307,17 @@ def comparison_grid(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFr
     return save_grid([real, maps, synthetic], path)
 
 
-def grid_name(class_name: str | None) -> str:
-    return f"grid_{fraction_column(class_name)[5:] if class_name else 'none'}.png"
+def grid_name(class_name: str) -> str:
+    return f"grid_{fraction_column(class_name)[5:]}.png"
 
 
-def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, classes: Sequence[str],
-                out_dir: str | Path, per_class: int = 8) -> list[Path]:
-    """grid_<class>.png per class (the target class, else the dominant class of the output mask;
-    'none' for masks without a class), each with the first `per_class` images."""
-    names = [None, *classes]
-    key = manifest["target_class"].where(manifest["target_class"].notna(),
-                                         manifest["label"].map(lambda label: names[label]))
-    paths = []
-    for name in [n for n in names if (key == n).any() or (n is None and key.isna().any())]:
-        rows = manifest[key.isna()] if name is None else manifest[key == name]
-        paths.append(comparison_grid(rows.head(per_class), root, sources, Path(out_dir) / grid_name(name)))
-    return paths
+def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, out_dir: str | Path,
+                per_class: int = 8) -> list[Path]:
+    """grid_<class>.png per class (the inpainting target class, else the image's `class`), each
+    with the first `per_class` images."""
+    key = manifest["target_class"].where(manifest["target_class"].notna(), manifest["class"])
+    return [comparison_grid(manifest[key == name].head(per_class), root, sources, Path(out_dir) / grid_name(name))
+            for name in dict.fromkeys(key)]
 
 
 # ----------------------------------------------------------------------------- the two modes
@@ -317,26 +339,33 @@ def _batches(n: int, batch_size: int, seed: int, mode: str) -> Iterator[tuple[sl
 
 
 def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
-               conditioning_cfg: Mapping, target_class: str | None = None, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, strength: float = 1.0, class_balance: float = 0.0, batch_size: int = 8,
-               seed: int = 0, model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
-    """Generate n images from the conditioning maps of `sources` (conditioning index rows of the
-    training split, absolute paths), only those containing `target_class` when given; with
-    replacement (and a warning) when n exceeds them. class_balance > 0 draws the maps by their
-    dominant class with weights 1 / count^class_balance (1: every class equally often).
+               labels: Mapping, conditioning_cfg: Mapping, target_class: str | None = None,
+               per_class: Mapping[str, int] | None = None, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
+               strength: float = 1.0, class_balance: float = 0.0, batch_size: int = 8, seed: int = 0,
+               model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
+    """Generate images from the conditioning maps of `sources` (conditioning index rows of the
+    training split, absolute paths), each sampled with its source's class embedding (resolved
+    `labels`, histosynth.data.labels). per_class {label: k}: k images from maps of patches of
+    each label (class-conditioned synthesis for classification); else n images, only from maps
+    containing `target_class` when given, drawn by label with weights 1 / count^class_balance
+    (1: every class equally often), with replacement (and a warning) when n exceeds them.
     strength < 1 starts each image from its source patch noised to that level instead of pure
-    noise. Writes out_dir (atomically) and returns the manifest."""
+    noise. Writes out_dir (atomically) and returns the manifest (`class`: the image's label)."""
     if not 0 < strength <= 1:
         raise SynthesisError(f"synthesize.strength must be in (0, 1], got {strength}")
     _check_sources(sources, classes)
     runner = _Runner(diffusion, classes, conditioning_cfg)
     pool = sources.reset_index(drop=True)
-    if target_class is not None:
-        _class_index(pool, classes, target_class)
-        pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
     rng = np.random.default_rng(derive_seed(seed, "synth", "sources"))
-    weights = balance_weights(dominant_class(pool, classes), class_balance).numpy() if class_balance else None
-    picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights)
+    if per_class:
+        picks = per_class_picks(rng, patch_labels(pool, labels), per_class, labels)
+    else:
+        if target_class is not None:
+            _class_index(pool, classes, target_class)
+            pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
+        weights = balance_weights(label_index(patch_labels(pool, labels), labels), class_balance).numpy() if class_balance else None
+        picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights)
+    n = len(picks)
     scheduler = make_sampler(sampler, diffusion.scheduler.config)
     record = model_record(model_path)
     rows = []
@@ -345,23 +374,24 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             batch = pool.iloc[picks[chunk]]
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
             masks = [read_mask(p).astype(np.uint8) for p in batch["mask"]]
-            labels = dominant_class(pd.DataFrame([fraction_columns(m, class_indices(classes)) for m in masks]), classes)
+            names = image_classes(masks, batch, labels)
             init = _to_model(np.stack([read_rgb(p) for p in batch["image"]]), runner.device) if strength < 1 else None
             with autocast(runner.device):
-                images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(labels), steps=steps,
-                                guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder,
+                images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(label_index(names, labels)),
+                                steps=steps, guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder,
                                 init=init, strength=strength)
-            for i, s, (_, source), image, mask, enc in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks, encoded):
+            for i, s, (_, source), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks,
+                                                                 encoded, names):
                 image_id = f"synth-{i:06d}"
                 paths = _write(tmp, image_id, image, mask, enc)
                 rows.append(_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, strength, s, source, None,
-                                 target_class, (None, None), mask, classes))
+                                 target_class, (None, None), mask, classes, name))
             log.info("synthesize: %d/%d images", len(rows), n)
-        return _finish(tmp, rows, classes, sources, grid_per_class)
+        return _finish(tmp, rows, labels, sources, grid_per_class)
 
 
 def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, target_class: str,
-            classes: Sequence[str], conditioning_cfg: Mapping, steps: int = 50, jump_length: int = 10,
+            classes: Sequence[str], labels: Mapping, conditioning_cfg: Mapping, steps: int = 50, jump_length: int = 10,
             jump_n_sample: int = 5, eta: float = 1.0, guidance: float = 1.0, donor: str = "random",
             donor_min_fraction: float = 0.0, grow: int = 0, latent_dilation: int = 1, batch_size: int = 8,
             seed: int = 0, model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
@@ -400,25 +430,26 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
             edits = [paste_region(read_mask(m).astype(np.uint8), read_conditioning(c), read_mask(d), target)
                      for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
             masks, encoded, regions = map(list, zip(*edits))
-            labels = dominant_class(pd.DataFrame([fraction_columns(m, class_indices(classes)) for m in masks]), classes)
-            images = _paint(runner, scheduler, pixels, regions, encoded, labels, _generators(seeds), steps=steps,
+            names = image_classes(masks, batch, labels)
+            images = _paint(runner, scheduler, pixels, regions, encoded, label_index(names, labels), _generators(seeds), steps=steps,
                             jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance, grow=grow,
                             latent_dilation=latent_dilation)
-            for i, s, (_, source), (_, d), image, mask, enc in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
-                                                                    images, masks, encoded):
+            for i, s, (_, source), (_, d), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
+                                                                          images, masks, encoded, names):
                 image_id = f"inpaint-{i:06d}"
                 paths = _write(tmp, image_id, image, mask, enc)
                 rows.append(_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, 1.0, s, source,
-                                 str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes))
+                                 str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes, name))
             log.info("inpaint: %d/%d images", len(rows), n)
-        return _finish(tmp, rows, classes, sources, grid_per_class)
+        return _finish(tmp, rows, labels, sources, grid_per_class)
 
 
 def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
-              settings: Mapping, classes: Sequence[str], conditioning_cfg: Mapping, seed: int,
+              settings: Mapping, classes: Sequence[str], labels: Mapping, conditioning_cfg: Mapping, seed: int,
               autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
-    `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings`."""
+    `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings` and the resolved
+    `labels` (histosynth.data.labels.resolve_labels)."""
     from histosynth.device import pick_device
     from histosynth.generators.datasets import read_indexes
     from histosynth.generators.diffusion import load_diffusion
@@ -430,7 +461,7 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
     sources = read_indexes(indexes, split)
     if sources.empty:
         raise SynthesisError(f"no {split!r} patches in the conditioning indexes {[str(p) for p in indexes]}")
-    common = dict(classes=classes, conditioning_cfg=conditioning_cfg, batch_size=s["batch_size"], seed=seed,
+    common = dict(classes=classes, labels=labels, conditioning_cfg=conditioning_cfg, batch_size=s["batch_size"], seed=seed,
                   model_path=model_path, grid_per_class=s["grid_per_class"])
     if mode == "synth":
         return synthesize(diffusion, sources, out_dir, **s["synthesize"], **common)
