@@ -46,7 +46,7 @@ def cmd_inspect(args) -> None:
     from histosynth.data.slides import Slide
 
     for path in args.slides:
-        with Slide(path, fallback_mpp=args.fallback_mpp) as slide:
+        with Slide(path, mpp=args.slide_mpp, fallback_mpp=args.fallback_mpp) as slide:
             info = slide.describe()
         if args.json:
             print(json.dumps(info))
@@ -102,10 +102,41 @@ def cmd_patches(args) -> None:
     stem = Path(args.out) / name
     index_path = extract_slide(
         slide, args.annotations, stem, stem.with_suffix(".parquet"), stem.with_suffix(".qc.png"), slide_name=name,
-        split=args.split, config=config, classes=classes, mpp=args.slide_mpp,
+        split=args.split, config=config, classes=classes, mpp=args.slide_mpp, label=args.label,
     )
     count = pq.read_metadata(index_path).num_rows
     print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
+
+
+def cmd_sheet(args) -> None:
+    from histosynth.data.sheet import build_sheet, summary, write_sheet
+
+    sheet = build_sheet(args.folder, split=args.split, seed=args.seed, mpp=args.mpp, annotations_dir=args.annotations_dir,
+                        absolute=args.absolute, group=args.group)
+    if args.out:
+        write_sheet(sheet, args.out)
+        print(f"{args.out}: {summary(sheet)}")
+    else:
+        sys.stdout.write(sheet.to_csv(sep="\t", index=False))
+        print(summary(sheet), file=sys.stderr)
+
+
+def _parse_split(text: str) -> dict[str, float]:
+    from histosynth.data.sheet import SheetError, parse_split
+
+    try:
+        return parse_split(text)
+    except SheetError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--split: ")) from err
+
+
+def _parse_regex(text: str):
+    import re
+
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({err})") from err
 
 
 def cmd_nuclei(args) -> None:
@@ -142,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="print vendor, dimensions, levels, downsamples and mpp of slides")
-    p.add_argument("slides", nargs="+", help="slide files (any format OpenSlide reads)")
-    p.add_argument("--fallback-mpp", type=float, default=0.5, help="mpp shown when the slide records none")
+    p.add_argument("slides", nargs="+", help="slide files: any format OpenSlide reads, a DICOM WSI (a .dcm file or "
+                                             "its folder), or a plain PNG/JPEG/TIFF with --slide-mpp")
+    p.add_argument("--slide-mpp", type=float, help="microns per pixel of the slides (required for plain images; "
+                                                   "overrides what a slide records)")
+    p.add_argument("--fallback-mpp", type=float, default=0.5, help="mpp shown when a slide format records none")
     p.add_argument("--json", action="store_true", help="one JSON object per slide")
     p.set_defaults(func=cmd_inspect)
 
@@ -155,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_slides)
 
     p = sub.add_parser("patches", help="cut one slide into patches, label masks, an index and a QC thumbnail")
-    p.add_argument("slide", help="slide file")
+    p.add_argument("slide", help="slide file: any format OpenSlide reads, a DICOM WSI (a .dcm file or its folder), "
+                                 "or a plain PNG/JPEG/TIFF with --slide-mpp")
     p.add_argument("--annotations", help="QuPath GeoJSON of region annotations")
     p.add_argument("--out", required=True, help="output folder: <name>/images, <name>/masks, <name>.parquet, <name>.qc.png")
     p.add_argument("--name", help="slide name in outputs (default: file stem)")
@@ -164,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="patch edge in pixels (config patches.size)")
     p.add_argument("--stride", type=int, help="window step in pixels (config patches.stride)")
     p.add_argument("--mpp", type=float, help="target microns per pixel (config patches.mpp)")
-    p.add_argument("--slide-mpp", type=float, help="override the slide's recorded microns per pixel")
+    p.add_argument("--slide-mpp", type=float, help="microns per pixel of the slide: overrides what it records; "
+                                                   "required for a plain PNG/JPEG/TIFF")
+    p.add_argument("--label", help="image-level class written into every index row (the slide sheet's label)")
     p.add_argument("--min-tissue", type=float, help="minimum tissue fraction (config patches.min_tissue)")
     p.add_argument("--min-label", type=float, help="minimum target-class fraction (config patches.min_label)")
     p.add_argument("--target-class", help="class that must reach --min-label (config patches.target_class)")
@@ -173,6 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", help="class names, comma-separated, the winner first where annotations overlap "
                                       "(config priority)")
     p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("sheet", help="write a slide sheet (TSV) from a folder of images, split by image",
+                       description="Write a slide sheet from an ImageFolder (FOLDER/<class>/<image>: label = the "
+                                   "class folder's name) or a flat folder (no label). Images: .png .jpg .jpeg .tif "
+                                   ".tiff and slide files (.svs .ndpi .mrxs .scn .dcm ...; a folder of .dcm files is "
+                                   "one DICOM WSI). Splits are stratified by label and deterministic given --seed.")
+    p.add_argument("folder", help="ImageFolder (one sub-folder per class) or flat folder of images")
+    p.add_argument("--mpp", type=float, help="microns per pixel of the images, written to the mpp column "
+                                             "(required for plain PNG/JPEG/TIFF; overrides what slide files record)")
+    p.add_argument("--split", type=_parse_split, default="train=0.6,val=0.2,test=0.2",
+                   help="split fractions, summing to 1 (default train=0.6,val=0.2,test=0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument("--out", help="sheet path (TSV; default: standard output, the summary on standard error)")
+    p.add_argument("--annotations-dir", help="folder searched for <class>/<name>.geojson, then <name>.geojson, per image")
+    p.add_argument("--group", type=_parse_regex, help="regex whose first capture group on the image name (file stem) "
+                                                      "keeps images together in one split, e.g. '^(patient[0-9]+)_'")
+    p.add_argument("--absolute", action="store_true", help="write absolute paths (default: relative to the working "
+                                                           "directory, as the workflow resolves them)")
+    p.set_defaults(func=cmd_sheet)
 
     p = sub.add_parser("nuclei", help="segment nuclei: uint16 instance masks per image and a per-nucleus table")
     p.add_argument("input", help="a folder of RGB images (PNG/TIFF) or a patch index (.parquet)")
@@ -189,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from histosynth.data.annotations import AnnotationError
     from histosynth.data.patches import PatchError
+    from histosynth.data.sheet import SheetError
     from histosynth.data.slides import SlideError
     from histosynth.nuclei.instances import NucleiError
 
     try:
         args.func(args)
-    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError) as err:
+    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError, SheetError) as err:
         print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

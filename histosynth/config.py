@@ -100,10 +100,26 @@ def _check_class_references(config: dict, source: str) -> None:
         unknown = [name for name in names if name is not None and name not in classes]
         if unknown:
             raise ConfigError(f"{source}: {key} names {unknown}, which are not in classes {classes}")
+    _check_label_references(config, source)
+
+
+def _check_label_references(config: dict, source: str) -> None:
+    """diffusion.num_classes and synthesis.synthesize.per_class against the labels, where the config
+    alone fixes them (sheet labels without labels.classes are checked once the sheet is read)."""
+    labels, regions = config["labels"], [config["labels"]["background"], *config["classes"]]
+    known = {"region": [regions], "sheet": [labels["classes"]] if labels["classes"] else [],
+             "auto": [regions, *([labels["classes"]] if labels["classes"] else [])]}[labels["source"]]
+    if not known or (labels["source"] == "auto" and not labels["classes"]):
+        return
     num_classes = config["diffusion"]["num_classes"]
-    if num_classes not in (0, len(classes) + 1):
-        raise ConfigError(f"{source}: diffusion.num_classes must be 0 (no class embedding) or len(classes) + 1 = "
-                          f"{len(classes) + 1} (none + each class), got {num_classes}")
+    if num_classes and num_classes not in {len(names) for names in known}:
+        raise ConfigError(f"{source}: diffusion.num_classes must be 0 (no class embedding) or the number of labels "
+                          f"({' or '.join(f'{len(n)}: {n}' for n in known)}), got {num_classes}")
+    per_class = config["synthesis"]["synthesize"]["per_class"] or {}
+    unknown = [name for name in per_class if not any(name in names for names in known)]
+    if unknown:
+        raise ConfigError(f"{source}: synthesis.synthesize.per_class names {unknown}, which are not labels "
+                          f"({' or '.join(map(str, known))})")
 
 
 def _check_evaluation(config: dict, source: str) -> None:
@@ -126,7 +142,7 @@ def _check_evaluation(config: dict, source: str) -> None:
         raise ConfigError(f"{source}: segmentation.attention scse needs decoder_channels >= 16 (its squeeze divides "
                           f"by 16), got {seg['decoder_channels']}; raise them or set attention to null")
     size = config["patches"]["size"]
-    if size % 2 ** seg["encoder_depth"]:
+    if seg["enabled"] and size % 2 ** seg["encoder_depth"]:
         raise ConfigError(f"{source}: patches.size {size} is not divisible by 2^segmentation.encoder_depth = "
                           f"{2 ** seg['encoder_depth']}; lower segmentation.encoder_depth or change the patch size")
 
@@ -165,13 +181,13 @@ def load_preset(name: str) -> dict:
 
 
 def read_slide_sheet(path: str | Path) -> pd.DataFrame:
-    """Read and validate the slide sheet (TSV): one row per slide with image, annotations, split, mpp."""
+    """Read and validate the slide sheet (TSV): one row per slide with image, annotations, split, mpp, label."""
     path = Path(path)
     try:
         sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
     except (OSError, pd.errors.ParserError) as err:
         raise ConfigError(f"{path}: cannot read the slide sheet ({err})") from err
-    for column in ("annotations", "mpp"):
+    for column in ("annotations", "mpp", "label"):
         if column not in sheet:
             sheet[column] = ""
     for line, row in enumerate(sheet.to_dict("records"), start=2):

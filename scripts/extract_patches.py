@@ -14,4 +14,5 @@ extract_slide(
     split=snakemake.params.split,
     config=snakemake.params.config,
     mpp=snakemake.params.mpp,
+    label=snakemake.params.label,
 )

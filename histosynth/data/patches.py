@@ -130,6 +130,7 @@ def extract_slide(
     config: dict,
     classes: dict[str, int] | None = None,
     mpp: float | None = None,
+    label: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Cut one slide into patches under patches_dir (images/, masks/), write the index table at
@@ -137,7 +138,8 @@ def extract_slide(
     when qc_path is given, the QC thumbnail there; return the index path.
     `config` is the validated workflow config (sections patches, classes, priority, annotations);
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
-    `mpp` overrides the slide's recorded resolution."""
+    `mpp` overrides the slide's recorded resolution (required for a plain PNG/JPEG/TIFF image);
+    `label` is the image-level class (the slide sheet's label) written into every index row (null: none)."""
     patches_dir, index_path = Path(patches_dir), Path(index_path)
     relative = Path(os.path.relpath(patches_dir, index_path.parent))
     params = config["patches"]
@@ -157,7 +159,7 @@ def extract_slide(
         with atomic_dir(patches_dir) as tmp_dir, atomic_file(index_path) as index_tmp:
             counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
             rows = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, relative, slide_name, progress, counts)
-            kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, split=split)
+            kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, label=label or None, split=split)
             if not len(kept_xy):
                 raise PatchError(_no_patch_message(image, params, counts))
         if qc_path is not None:
@@ -192,6 +194,10 @@ def _write_index(rows, path: Path, **constant_columns) -> np.ndarray:
 
 def _flush(writer, batch: list[dict], path: Path):
     table = pa.Table.from_pylist(batch)
+    if "label" in table.column_names and pa.types.is_null(table.schema.field("label").type):
+        # a string column even when every row is null, so indexes of labelled and unlabelled slides concatenate
+        position = table.column_names.index("label")
+        table = table.set_column(position, "label", table["label"].cast(pa.string()))
     writer = writer or pq.ParquetWriter(path, table.schema)
     writer.write_table(table)
     batch.clear()

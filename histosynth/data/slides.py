@@ -1,11 +1,14 @@
 """Whole-slide access through OpenSlide: opening with clear errors, resolution, reading at a
-target mpp, and tissue detection on a low-resolution rendering."""
+target mpp, and tissue detection on a low-resolution rendering. Besides the slide formats
+OpenSlide reads (DICOM WSI included), a plain PNG/JPEG/TIFF (e.g. one tile of a tile dataset)
+opens as a single-level slide; it records no trustworthy resolution, so its mpp must be given."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,15 @@ class SlideError(RuntimeError):
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm"}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+# Attributes OpenSlide 4 (libdicom) needs in each DICOM WSI instance: without any one of them it
+# refuses the file (checked by deleting each from a wsidicomizer-written instance).
+DICOM_WSI_REQUIRED = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns",
+    "TotalPixelMatrixRows", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+)
+MPP_FIX = "give its microns per pixel in the slide sheet's mpp column, or --slide-mpp on the CLI"
 
 
 def _damaged(path: Path) -> bool:
@@ -53,24 +65,33 @@ class Slide:
     """An open whole-slide image with a known level-0 resolution."""
 
     def __init__(self, path: str | Path, mpp: float | None = None, fallback_mpp: float = 0.5):
+        """Open `path` (a slide file, a DICOM WSI file or folder, or a plain PNG/JPEG/TIFF).
+        `mpp` overrides the recorded level-0 resolution and is required for plain images;
+        `fallback_mpp` is assumed (with a warning) for a slide format that records none."""
         self.path = Path(path)
+        if self.path.is_dir():
+            self.path = _dicom_in_folder(self.path)
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such slide file")
+        self.vendor: str | None = None  # set where OpenSlide's vendor property does not apply
         try:
             self.osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as err:
+        except openslide.OpenSlideError as err:
+            if _is_dicom(self.path):
+                raise SlideError(_dicom_problem(self.path, err)) from err
+            if not isinstance(err, openslide.OpenSlideUnsupportedFormatError):
+                raise SlideError(
+                    f"{self.path}: OpenSlide could not open it ({err}); the file may be truncated or corrupt"
+                ) from err
             if _damaged(self.path):
                 raise SlideError(
                     f"{self.path}: has a slide file's name or TIFF header but OpenSlide cannot read it ({err}); "
                     "the file looks truncated or corrupt: copy it again (compare its size or checksum with the source)"
                 ) from err
-            raise SlideError(
-                f"{self.path}: not a slide format OpenSlide reads ({err}); "
-                "supported: Aperio svs, generic tiled TIFF, Hamamatsu ndpi/vms, MIRAX mrxs, Leica scn, "
-                "Ventana bif, Philips TIFF, DICOM WSI"
-            ) from err
-        except openslide.OpenSlideError as err:
-            raise SlideError(f"{self.path}: OpenSlide could not open it ({err}); the file may be truncated or corrupt") from err
+            image, self.vendor = _open_plain(self.path, mpp, err)
+            self.osr = openslide.ImageSlide(image)
+            self.mpp = float(mpp)  # _open_plain refused a plain image without one
+            return
         self.mpp = mpp if mpp else self._recorded_mpp()
         if self.mpp is None:
             log.warning("%s records no microns per pixel; assuming fallback_mpp=%s", self.path, fallback_mpp)
@@ -139,7 +160,7 @@ class Slide:
         osr = self.osr
         return {
             "path": str(self.path),
-            "vendor": osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+            "vendor": self.vendor or osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
             "dimensions": osr.dimensions,
             "levels": [
                 {"level": i, "dimensions": osr.level_dimensions[i], "downsample": osr.level_downsamples[i],
@@ -159,6 +180,194 @@ class Slide:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether the file is DICOM Part 10: 'DICM' after the 128-byte preamble."""
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def _dicom_in_folder(folder: Path) -> Path:
+    """The file to open for a DICOM WSI given as its folder (one .dcm file per level, as
+    wsidicomizer writes it): the largest .dcm file, which OpenSlide opens with its siblings."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file()]
+    if not files:
+        raise SlideError(f"{folder}: a folder, not a slide file, and it holds no .dcm files (a DICOM WSI); "
+                         "give the slide file itself")
+    return max(files, key=lambda p: (p.stat().st_size, p.name))
+
+
+def _dicom_problem(path: Path, err: Exception) -> str:
+    """Why OpenSlide refused a DICOM file, from its header: not a whole-slide image, or the
+    required WSI attributes it lacks."""
+    start = f"{path}: a DICOM file OpenSlide cannot open as a whole-slide image ({err})"
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as read_err:  # noqa: BLE001 - any parse failure is reported as such
+        return f"{start}; pydicom cannot parse its header either ({read_err}): the file looks truncated or corrupt"
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class and sop_class != WSI_SOP_CLASS:
+        name = getattr(pydicom.uid.UID(sop_class), "name", sop_class)
+        return (f"{start}; its SOPClassUID is {sop_class} ({name}), not VL Whole Slide Microscopy Image Storage "
+                f"{WSI_SOP_CLASS}: only DICOM whole-slide images are slides; convert the scan with wsidicomizer")
+    missing = [key for key in DICOM_WSI_REQUIRED if key not in ds and not (key == "SOPClassUID" and sop_class)]
+    samples = ds.get("SamplesPerPixel", 1)
+    if samples and int(samples) > 1 and "PlanarConfiguration" not in ds:
+        missing.append("PlanarConfiguration")
+    image_type = list(ds.get("ImageType", []) or [])
+    problems = []
+    if missing:
+        problems.append("it lacks the required WSI attribute(s) " + ", ".join(missing))
+    if image_type and (len(image_type) < 3 or image_type[2] not in ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")):
+        problems.append(f"its ImageType {image_type} has no third value VOLUME, LABEL, OVERVIEW or THUMBNAIL")
+    if not problems:
+        return (f"{start}; its header has every required WSI attribute, so the pixel data or a sibling instance is "
+                "probably damaged: convert the slide again (e.g. with wsidicomizer) or validate it with dciodvfy")
+    return f"{start}; {'; '.join(problems)}: write it with a DICOM WSI converter (e.g. wsidicomizer)"
+
+
+@contextmanager
+def _unlimited_pixels() -> Iterator[None]:
+    """Pillow without its decompression-bomb limit: a plain image may be a large tile mosaic."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open_plain(path: Path, mpp: float | None, openslide_err: Exception) -> tuple[Image.Image, str]:
+    """A plain image OpenSlide refused, as an RGB PIL image and its description ('plain image
+    (PNG)', 'plain TIFF (3 pages, page 0 used)'). The format is identified first and the mpp
+    checked before any pixel is decoded."""
+    with open(path, "rb") as handle:
+        is_tiff = handle.read(4) in TIFF_MAGIC
+    kind = "TIFF" if is_tiff else _pillow_format(path)
+    if kind is None:
+        raise SlideError(
+            f"{path}: not a slide format OpenSlide reads ({openslide_err}) nor a plain image; supported: Aperio svs, "
+            "generic tiled TIFF, Hamamatsu ndpi/vms, MIRAX mrxs, Leica scn, Ventana bif, Philips TIFF, DICOM WSI, "
+            "and plain PNG/JPEG/TIFF images (with their mpp)"
+        )
+    if not mpp:
+        raise SlideError(f"{path}: a plain {kind} image (not a whole-slide format) records no trustworthy resolution; "
+                         f"{MPP_FIX}")
+    return _read_tiff(path) if is_tiff else _read_pillow(path)
+
+
+def _pillow_format(path: Path) -> str | None:
+    try:
+        with _unlimited_pixels(), Image.open(path) as image:
+            return image.format
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _read_pillow(path: Path) -> tuple[Image.Image, str]:
+    """A PNG/JPEG/... as RGB: 16-bit grey scaled to 8 bits (x 255/65535), transparency composited on white."""
+    with _unlimited_pixels(), Image.open(path) as image:
+        kind = image.format
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            raise SlideError(f"{path}: a {kind} image Pillow cannot decode ({err}); the file looks truncated or "
+                             "corrupt: copy it again") from err
+        if image.mode.startswith("I;16") or image.mode == "I":
+            grey = np.asarray(image)
+            if grey.min() < 0 or grey.max() > 65535:
+                raise SlideError(f"{path}: 32-bit integer samples outside 0..65535; convert it to 8-bit RGB")
+            return Image.fromarray(_to_uint8(grey.astype(np.uint16), 16, None, path)).convert("RGB"), f"plain image ({kind})"
+        if image.mode == "F":
+            return Image.fromarray(_to_uint8(np.asarray(image), 32, None, path)).convert("RGB"), f"plain image ({kind})"
+        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB"), f"plain image ({kind})"
+        return image.convert("RGB"), f"plain image ({kind})"
+
+
+def _read_tiff(path: Path) -> tuple[Image.Image, str]:
+    """A TIFF OpenSlide refused (untiled, or not a pyramid it knows) through tifffile: the largest
+    page (the first of equally large ones; pages after it are logged as ignored) as RGB uint8."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            chosen = max(range(len(pages)), key=lambda i: (pages[i].imagewidth * pages[i].imagelength, -i))
+            page = pages[chosen]
+            if len(pages) > 1:
+                ignored = [i for i in range(len(pages)) if i != chosen]
+                log.info("%s: %d pages; using page %d (%d x %d px), ignoring page(s) %s", path, len(pages), chosen,
+                         page.imagewidth, page.imagelength, ", ".join(map(str, ignored)))
+            array = page.asarray()
+            rgb = _tiff_page_rgb(array, page, path)
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tifffile/imagecodecs raise many types for undecodable data
+        raise SlideError(f"{path}: a plain TIFF tifffile cannot decode ({err}); convert it to 8-bit RGB "
+                         "(e.g. a tiled pyramidal TIFF with vips tiffsave --tile --pyramid)") from err
+    description = f"plain TIFF ({len(pages)} pages, page {chosen} used)" if len(pages) > 1 else "plain TIFF"
+    return Image.fromarray(rgb), description
+
+
+def _tiff_page_rgb(array: np.ndarray, page, path: Path) -> np.ndarray:
+    """One TIFF page's samples as (H, W, 3) uint8: planar samples moved last, palette applied,
+    grey repeated, an alpha sample composited on white, >8-bit samples scaled to 8 bits."""
+    import tifffile
+
+    axes = page.axes
+    if axes.startswith("S"):  # planar configuration: samples first
+        array, axes = np.moveaxis(array, 0, -1), axes[1:] + "S"
+    if axes not in ("YX", "YXS"):
+        raise SlideError(f"{path}: TIFF page with axes {axes!r} (e.g. a z-stack or time series); only 2-D grey or "
+                         "colour images are supported: export one RGB plane")
+    photometric = page.photometric
+    if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        raise SlideError(f"{path}: a CMYK TIFF; convert it to RGB")
+    if photometric == tifffile.PHOTOMETRIC.PALETTE:
+        colormap = page.colormap  # (3, 2**bits) uint16
+        lut = np.round(colormap.T * (255 / 65535 if colormap.max() > 255 else 1)).astype(np.uint8)
+        return lut[array]
+    if array.ndim == 2:
+        array = array[..., None]
+    samples = array.shape[-1]
+    if samples not in (1, 2, 3, 4):
+        raise SlideError(f"{path}: TIFF page with {samples} samples per pixel; expected grey, grey+alpha, RGB or RGBA")
+    max_value = page.tags.get("MaxSampleValue")
+    max_value = max_value.value if max_value is not None else None
+    if isinstance(max_value, tuple):
+        max_value = max(max_value)
+    pixels = _to_uint8(array, page.bitspersample, max_value, path)
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        pixels[..., : 1 if samples <= 2 else 3] = 255 - pixels[..., : 1 if samples <= 2 else 3]
+    colour, alpha = (pixels[..., :1], pixels[..., 1:2]) if samples <= 2 else (pixels[..., :3], pixels[..., 3:])
+    if alpha.shape[-1]:
+        a = alpha.astype(np.float32) / 255
+        premultiplied = (page.extrasamples or (0,))[0] == tifffile.EXTRASAMPLE.ASSOCALPHA
+        colour = np.round((colour if premultiplied else colour * a) + 255 * (1 - a)).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(colour, 3, axis=-1) if colour.shape[-1] == 1 else colour)
+
+
+def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -> np.ndarray:
+    """Samples as uint8: 8-bit as they are, 1-bit to 0/255, unsigned >8-bit scaled by 255/max where max is
+    the MaxSampleValue tag or else 2**bits - 1 (e.g. 4095 for 12-bit), float in [0, 1] scaled by 255."""
+    if array.dtype == np.uint8:
+        return array  # decoded for us alone: no copy
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u":
+        top = int(max_value) if max_value else (2 ** min(int(bits), array.dtype.itemsize * 8) - 1)
+        log.info("%s: %d-bit samples (%s..%s) scaled to 8 bits (x 255/%d)", path, bits, array.min(), array.max(), top)
+        return np.round(np.minimum(array, top).astype(np.float32) * (255 / top)).astype(np.uint8)
+    if array.dtype.kind == "f" and array.size and 0 <= np.nanmin(array) and np.nanmax(array) <= 1:
+        return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    raise SlideError(f"{path}: {array.dtype} samples (range {array.min()}..{array.max()}) have no clear mapping to "
+                     "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey")
 
 
 def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, float]:

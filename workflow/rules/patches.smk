@@ -26,6 +26,7 @@ rule extract_patches:
     params:
         split=lambda wc: slide_row(wc)["split"],
         mpp=slide_mpp,
+        label=lambda wc: slide_row(wc)["label"] or None,
         config=config_params("patches", "classes", "priority", "annotations"),
     script:
         "../../scripts/extract_patches.py"
