@@ -154,9 +154,17 @@ def test_thesis_preset_is_the_thesis():
     assert len(thesis["diffusion"]["multipliers"]) - 1 == 4  # four downsamplings
 
 
-def test_num_classes_must_fit_the_classes():
-    with pytest.raises(ConfigError, match=r"diffusion.num_classes must be 0 .* or len\(classes\) \+ 1 = 4"):
-        validated({"diffusion": {"num_classes": 3}}, "my.yaml")
+def test_num_classes_and_per_class_must_fit_the_labels():
+    region = r"number of labels \(4: \['background', 'Blood vessel', 'Inflammation', 'Fat'\]\), got 3"
+    with pytest.raises(ConfigError, match=r"my.yaml: diffusion.num_classes must be 0 .*" + region):
+        validated({"labels": {"source": "region"}, "diffusion": {"num_classes": 3}}, "my.yaml")
+    with pytest.raises(ConfigError, match=r"number of labels \(2: \['1', '2'\]\), got 4"):
+        validated({"labels": {"source": "sheet", "classes": ["1", "2"]}, "diffusion": {"num_classes": 4}}, "my.yaml")
+    with pytest.raises(ConfigError, match=r"per_class names \['3'\], which are not labels"):
+        validated({"labels": {"source": "sheet", "classes": ["1", "2"]},
+                   "synthesis": {"synthesize": {"per_class": {"1": 4, "3": 4}}}}, "my.yaml")
+    # auto without labels.classes: the sheet decides, and the workflow checks once it has read it
+    assert validated({"diffusion": {"num_classes": 3}}, "my.yaml")["diffusion"]["num_classes"] == 3
 
 
 @pytest.mark.parametrize(
