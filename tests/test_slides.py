@@ -74,6 +74,16 @@ def test_tissue_detection_rejects_glass_and_pen():
     assert threshold >= tissue()["min_saturation"]
 
 
+def test_a_tile_of_tissue_throughout_is_tissue_without_otsu():
+    noise = np.random.default_rng(0).normal(0, 3, (64, 64, 3))
+    rgb = (np.array([215, 162, 186]) + noise).clip(0, 255).astype(np.uint8)  # pale stroma (saturation ~0.24)...
+    rgb[::2, ::2] = (110, 55, 150)  # ...and dark nuclei, a quarter of the pixels: Otsu splits the two
+    split, threshold = detect_tissue(rgb, 8.0, tissue(min_object_um2=0, max_hole_um2=0))
+    assert threshold > 0.3 and split[::2, ::2].all() and split[1::2, 1::2].mean() < 0.01  # stroma dropped
+    whole, threshold = detect_tissue(rgb, 8.0, tissue(otsu=False, min_object_um2=0, max_hole_um2=0))
+    assert threshold == tissue()["min_saturation"] and whole.all()
+
+
 def test_blank_glass_has_no_tissue():
     rgb = np.random.default_rng(0).integers(236, 246, (64, 64, 3)).astype(np.uint8)
     mask, _ = detect_tissue(rgb, 8.0, tissue())

@@ -372,7 +372,8 @@ def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -
 
 def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of a low-resolution RGB rendering taken at `mpp`, and the saturation
-    threshold used: Otsu on HSV saturation (floored at min_saturation), near-white and pen-ink
+    threshold used: Otsu on HSV saturation (floored at min_saturation; min_saturation alone when
+    params["otsu"] is false), near-white and pen-ink
     pixels rejected, small objects removed and small holes filled. Works in row bands so the
     float HSV copy never covers the whole rendering."""
     saturation = np.empty(rgb.shape[:2], np.uint8)  # saturation x 255: a quarter of float32's memory
@@ -387,7 +388,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
             keep &= ~ink & (val > 0.15)  # and not near-black marker
         candidate[top : top + HSV_BAND] = keep
     threshold = params["min_saturation"]
-    if saturation.min() < saturation.max():
+    if params["otsu"] and saturation.min() < saturation.max():
         threshold = max(threshold, float(threshold_otsu(saturation)) / 255)
     tissue = (saturation >= threshold * 255) & candidate
     del saturation, candidate
