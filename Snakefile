@@ -18,6 +18,7 @@ wildcard_constraints:
     slide="|".join(map(re.escape, SLIDES.index)),
     ratio="|".join(map(re.escape, RATIOS)),
     seed=r"\d+",
+    fold=r"\d+",
 
 
 include: "workflow/rules/slides.smk"
@@ -28,6 +29,7 @@ include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/synthesis.smk"
 include: "workflow/rules/mixing.smk"
 include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/classification.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/report.smk"
 

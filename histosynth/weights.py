@@ -48,6 +48,21 @@ def encoder_spec(encoder: str) -> WeightsSpec | None:
                        f"the ImageNet start of encoder {encoder}")
 
 
+def classifier_spec(model: str) -> WeightsSpec | None:
+    """timm's ImageNet weights of a classification model (its default pretrained tag's Hugging Face
+    file; None when timm has none on the Hub)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model)
+    hub = cfg.hf_hub_id if cfg is not None else None
+    if not hub:
+        return None
+    repo, _, revision = hub.partition("@")
+    url = f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/model.safetensors"
+    return WeightsSpec(f"timm-{model}.safetensors", url, "classification.weights_path",
+                       f"the ImageNet start of classifier {model}")
+
+
 def read_state_dict(path: str | Path) -> dict:
     """A state dict from a weights file, on the CPU: .safetensors, else a torch file (weights only),
     unwrapped from a checkpoint's `state_dict` or `model` entry."""

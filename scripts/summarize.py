@@ -6,7 +6,7 @@ from histosynth.evaluation.report import summarize
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
-runs = [Path(run) / "loss.csv" for run in snakemake.input.runs]
+runs = [Path(run) / "loss.csv" for run in [*snakemake.input.runs, *snakemake.input.classifiers]]
 summarize(
     snakemake.input.evaluations,
     dict(snakemake.output.items()),
@@ -19,4 +19,7 @@ summarize(
     loss_csvs=[*runs, *snakemake.input.generative_losses],
     loss_names=snakemake.params.run_names,
     baseline=snakemake.params.baseline,
+    classification_paths=snakemake.input.classification,
+    prediction_paths=snakemake.input.predictions,
+    class_names=snakemake.params.class_names,
 )

@@ -426,8 +426,8 @@ def test_eta_sets_the_repaint_noise_and_changes_only_the_region(tmp_path, source
 
 def test_per_class_synthesis_draws_maps_of_each_label_and_records_it(tmp_path, sources, pixel_model):
     manifest = run_synth(pixel_model, sources, tmp_path / "out", per_class={"Blood vessel": 2, "background": 1}, grid_per_class=0)
-    assert list(manifest["class"]) == ["Blood vessel", "Blood vessel", "background"]
-    assert list(manifest["label"]) == [1, 1, 0]
+    assert list(manifest["class"]) == ["background", "Blood vessel", "Blood vessel"]  # in the labels' order
+    assert list(manifest["label"]) == [0, 1, 1]
     by_id = sources.set_index("patch_id")
     for row in manifest.itertuples():  # each map comes from a training patch of the image's label
         fractions = by_id.loc[row.source_patch_id, ["frac_blood_vessel", "frac_inflammation"]].to_numpy(float)

@@ -1,5 +1,6 @@
 """Integration: the workflow on the tiny preset, in a temporary directory, through the snakemake CLI."""
 
+import json
 import subprocess
 import sys
 
@@ -57,7 +58,6 @@ def test_every_label_class_appears_somewhere(tiny_run):
 
 
 def test_nuclei_and_conditioning_maps(tiny_run):
-    import json
 
     from histosynth.generators.conditioning import read_conditioning
     from histosynth.nuclei.instances import read_instances
@@ -78,7 +78,6 @@ def test_nuclei_and_conditioning_maps(tiny_run):
 
 
 def test_models_trained_with_their_reports(tiny_run):
-    import json
     import math
 
     import torch
@@ -131,7 +130,8 @@ def planned_jobs(output: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[2:] if line.split()[0] != "total"}
 
 
-EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "image_quality", "summarize", "all"}
+EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "train_classifier",
+              "evaluate_classifier", "image_quality", "summarize", "all"}
 
 
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
@@ -176,7 +176,6 @@ def test_editing_a_script_reruns_its_rules(tiny_run, tmp_path):
 def test_replacing_one_slides_annotations_reruns_only_that_slides_chain(tiny_run):
     """New annotations for the test slide tiny_c: its patches, nuclei and maps, then the evaluation;
     no model is retrained (test slides feed no training) and no other slide is touched."""
-    import json
 
     annotations = json.loads((tiny_run / "results/demo/tiny_c.geojson").read_text())
     annotations["features"] = annotations["features"][:-1]
@@ -187,7 +186,7 @@ def test_replacing_one_slides_annotations_reruns_only_that_slides_chain(tiny_run
     result = snakemake(tiny_run, "--dry-run", overlay="slides: slides.edited.tsv")
     output = result.stdout + result.stderr
     assert planned_jobs(output) == {"extract_patches", "nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                    "evaluate_segmentation", "summarize", "all"}, output[-3000:]
+                                    "evaluate_segmentation", "evaluate_classifier", "summarize", "all"}, output[-3000:]
     assert "slide=tiny_c" in output and "slide=tiny_a" not in output and "slide=tiny_b" not in output
 
 
@@ -220,10 +219,21 @@ def test_evaluation_table_and_report(tiny_run):
     assert set(audit.index) == {"synth", "inpaint"} and (audit["kept"] == audit["images"]).all()  # curation off in tiny
     curated = pd.read_parquet(tiny_run / "results/curated/synth.parquet")
     assert curated["keep"].all() and curated["pixel_correlation"].notna().all() and curated["feature_distance"].notna().all()
-    for png in ("verdict", "metrics", "class_share", "quality", "rulegraph"):
+    for png in ("verdict", "metrics", "class_share", "quality", "rulegraph", "classification", "confusion"):
         assert (tiny_run / f"results/report/{png}.png").stat().st_size > 5000
-    assert len(list((tiny_run / "results/report/loss").glob("*.png"))) == 3 * 2 + 2
+    assert len(list((tiny_run / "results/report/loss").glob("*.png"))) == 3 * 2 + 3 * 2 + 2
     assert list((tiny_run / "results/evaluation/real/seed0_overlays").glob("*.png"))
+    cls = table[table["kind"] == "classification"]
+    # 3 ratios x 2 folds x 1 seed, pooled; accuracy, balanced accuracy, macro precision/recall/F1/AUROC + F1/AUROC x 4 labels
+    assert len(cls) == 3 * 2 * (6 + 2 * 4) and set(cls["fold"]) == {0, 1} and cls["value"].between(0, 1).all()
+    labelled = decided[decided["task"] == "classification"]
+    assert set(labelled["metric"]) == {"accuracy", "balanced_accuracy", "f1", "auroc"}
+    assert (labelled["paired_by"] == "fold x seed").all() and (labelled["n"] == 2).all()  # 2 folds x 1 seed
+    summary = json.loads((tiny_run / "results/classification/syn4/fold0/seed0/summary.json").read_text())
+    assert summary["n_train_synthetic"] == 4 and summary["n_train_real"] > 0
+    predictions = pd.read_parquet(tiny_run / "results/classification_evaluation/real/fold1/seed0.predictions.parquet")
+    test_patches = pd.read_parquet(tiny_run / "results/patches/tiny_c.parquet")
+    assert sorted(predictions["patch_id"]) == sorted(test_patches["patch_id"])  # always scored on the test slide
     result = snakemake(tiny_run, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (tiny_run / "report.html").read_text()

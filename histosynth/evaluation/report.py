@@ -26,8 +26,9 @@ from histosynth.evaluation.verdict import sentence, verdict  # noqa: E402
 log = logging.getLogger(__name__)
 
 SEGMENTATION_METRICS = ("dice", "precision", "recall")
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")  # the verdict's and the plot's
 QUALITY_METRICS = ("fd", "kd", "feature_diversity", "fid", "kid", "is", "lpips_diversity")
-TABLE_COLUMNS = ("kind", "ratio", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
+TABLE_COLUMNS = ("kind", "ratio", "fold", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
 DPI = 120
 GROUP_WIDTH = 0.8  # width of a tick's group of side-by-side bars
 
@@ -39,27 +40,33 @@ def read_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def metrics_table(segmentation: pd.DataFrame, quality: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One tidy table: segmentation rows (kind 'segmentation': ratio, seed, slide or 'all', class,
-    metric, value) and image-quality rows (kind 'quality': set, class, metric, value, status, note)."""
+def metrics_table(segmentation: pd.DataFrame, quality: pd.DataFrame | None = None,
+                  classification: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy table: task rows (kind 'segmentation' or 'classification': ratio, fold, seed,
+    slide or 'all', class, metric, value) and image-quality rows (kind 'quality': set, class,
+    metric, value, status, note)."""
     parts = []
-    if len(segmentation):
-        seg = segmentation.assign(kind="segmentation", set=None, status="ok", note="")
-        seg.loc[seg["value"].isna(), "status"] = "nan"
-        parts.append(seg.reindex(columns=TABLE_COLUMNS))
+    for kind, scores in (("segmentation", segmentation), ("classification", classification)):
+        if scores is not None and len(scores):
+            task = scores.assign(kind=kind, set=None, status="ok", note="")
+            task.loc[task["value"].isna(), "status"] = "nan"
+            parts.append(task.reindex(columns=TABLE_COLUMNS))
     if quality is not None and len(quality):
         parts.append(quality.assign(kind="quality", ratio=None, seed=None, slide=None).reindex(columns=TABLE_COLUMNS))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TABLE_COLUMNS)
 
 
-def seed_summary(segmentation: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Mean, sd and count over seeds of the pooled ('all') scores per ratio, class and metric."""
-    pooled = segmentation[segmentation["slide"] == "all"]
-    out = (pooled.groupby(["ratio", "class", "metric"], sort=False)["value"]
+def seed_summary(scores: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean, sd and count over runs (seeds, and folds where there are) of the pooled ('all')
+    scores per task, ratio, class and metric."""
+    pooled = scores[scores["slide"] == "all"]
+    if "task" not in pooled:
+        pooled = pooled.assign(task="segmentation")
+    out = (pooled.groupby(["task", "ratio", "class", "metric"], sort=False)["value"]
            .agg(mean="mean", sd=lambda v: v.std(ddof=1) if v.notna().sum() > 1 else math.nan, n="count").reset_index())
     if order:
         out["ratio"] = pd.Categorical(out["ratio"], categories=_order(out["ratio"], order), ordered=True)
-        out = out.sort_values(["ratio", "class", "metric"]).reset_index(drop=True)
+        out = out.sort_values(["task", "ratio", "class", "metric"], kind="stable").reset_index(drop=True)
         out["ratio"] = out["ratio"].astype(str)
     return out
 
@@ -79,26 +86,62 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_metrics(segmentation: pd.DataFrame, out: str | Path, order: Sequence[str] | None = None,
+METRIC_TITLES = {"dice": "Dice", "f1": "F1 (macro: all)", "auroc": "AUROC (one-vs-rest)", "balanced_accuracy": "Balanced accuracy"}
+
+
+def plot_metrics(scores: pd.DataFrame, out: str | Path, order: Sequence[str] | None = None,
                  amounts: Mapping[str, int] | None = None, metrics: Sequence[str] = SEGMENTATION_METRICS) -> Path:
-    """Dice, precision and recall (pooled over test slides) per ratio: mean +- sd over seeds, one
-    line per class, one panel per metric; ratios in config order, labelled with their synthetic count."""
-    summary = seed_summary(segmentation, order)
+    """Task metrics (pooled over test slides; segmentation's Dice, precision and recall by default)
+    per ratio: mean +- sd over runs, one line per class (the same colour in every panel; 'all',
+    the macro or micro score, in black), one panel per metric; ratios in config order, labelled
+    with their synthetic count."""
+    summary = seed_summary(scores, order)
     ratios = _order(summary["ratio"], order)
+    names = [c for c in dict.fromkeys(summary["class"]) if c != "all"]
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)} | {"all": "black"}
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False, sharey=True)
     x = np.arange(len(ratios))
     for ax, metric in zip(axes[0], metrics, strict=True):
         part = summary[summary["metric"] == metric]
         for name, group in part.groupby("class", sort=False):
             g = group.set_index("ratio").reindex(ratios)
-            ax.errorbar(x, g["mean"], yerr=g["sd"].fillna(0), marker="o", capsize=3, label=name)
-        ax.set_title(metric.capitalize())
+            ax.errorbar(x, g["mean"], yerr=g["sd"].fillna(0), marker="o", capsize=3, label=name, color=colours[name],
+                        lw=2.2 if name == "all" else 1.4)
+        ax.set_title(METRIC_TITLES.get(metric, metric.replace("_", " ").capitalize()))
         ax.set_xticks(x, [f"{r}\n({amounts[r]})" if amounts and r in amounts else r for r in ratios], fontsize=8)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("score (mean ± sd over seeds)")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    axes[0][0].set_ylabel("score (mean ± sd over runs)")
+    handles = [plt.Line2D([], [], color=colour, marker="o", label=name) for name, colour in colours.items()
+               if name in set(summary["class"])]
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     fig.supxlabel("training set (synthetic images)" if amounts else "training set", y=-0.04)
+    return _save(fig, out)
+
+
+def plot_confusions(predictions: pd.DataFrame, class_names: Sequence[str], out: str | Path,
+                    order: Sequence[str] | None = None) -> Path:
+    """One confusion matrix per ratio, summed over its runs (folds x seeds) on the test slides:
+    counts in the cells, colour the row-normalised share (recall of each true class)."""
+    from histosynth.evaluation.classification import confusion
+
+    ratios = _order(predictions["ratio"], order)
+    n = len(class_names)
+    fig, axes = plt.subplots(1, len(ratios), figsize=(0.55 * n * len(ratios) + 1.8 * len(ratios), 0.55 * n + 1.8),
+                             squeeze=False)
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        rows = predictions[predictions["ratio"] == ratio]
+        matrix = confusion(rows["true"].to_numpy(), rows["pred"].to_numpy(), n)
+        share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), class_names if ax is axes[0][0] else [""] * n, fontsize=7)
+        ax.set_title(f"{ratio} ({rows[['fold', 'seed']].drop_duplicates().shape[0]} runs)", fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+    axes[0][0].set_ylabel("true class", fontsize=8)
+    fig.suptitle("Test-slide confusion matrices (colour: share of the true class)", fontsize=10)
     return _save(fig, out)
 
 
@@ -129,7 +172,7 @@ def plot_verdict(table: pd.DataFrame, out: str | Path) -> Path:
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOURS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.3 / len(labels or [1])))
     n = int(table["n"].max()) if len(table) else 0
-    fig.suptitle(f"Did synthetic data help? Paired difference over {n} seed{'s' if n != 1 else ''} (95 % interval)", fontsize=10)
+    fig.suptitle(f"Did synthetic data help? Paired difference over up to {n} runs (95 % interval)", fontsize=10)
     return _save(fig, out)
 
 
@@ -320,9 +363,12 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
               seed: int, quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
               share_paths: Sequence[str | Path] = (), audit_paths: Sequence[str | Path] = (),
               loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
-              baseline: str | None = None) -> dict:
+              baseline: str | None = None, classification_paths: Sequence[str | Path] = (),
+              prediction_paths: Sequence[str | Path] = (), class_names: Sequence[str] = ()) -> dict:
     """Entry of rule summarize: write the files `outputs` names (the rule's output names): verdict
-    (CSV) and verdict_plot; parquet and table (CSV) of all metrics, seed_summary and metrics_plot;
+    (CSV) and verdict_plot over both tasks; parquet and table (CSV) of all metrics, seed_summary and
+    metrics_plot; with classification results classification_plot (accuracy, balanced accuracy, F1,
+    AUROC per ratio) and confusion (per ratio, from the prediction tables, `class_names` in order);
     class_share and class_share_plot from the share tables; quality_plot from the quality tables;
     memorisation (CSV) from the curated sets' audit rows; loss, a folder of one PNG per loss CSV.
     The baseline is the first ratio with synthetic 0 and real true (override with `baseline`);
@@ -337,15 +383,22 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     shares = read_tables(share_paths) if share_paths else None
     amounts = (dict(shares.groupby("ratio")["n_synthetic"].first()) if shares is not None and len(shares)
                else {r["name"]: r["synthetic"] for r in ratios})
-    table = metrics_table(seg, quality)
+    cls = read_tables(classification_paths)
+    table = metrics_table(seg, quality, cls)
     write_table(table, out["parquet"])
-    decided = verdict(seg, baseline, SEGMENTATION_METRICS, task="segmentation", seed=seed, order=order)
+    tasks = [("segmentation", seg, SEGMENTATION_METRICS), ("classification", cls, CLASSIFICATION_METRICS)]
+    decided = pd.concat([verdict(scores, baseline, metrics, task=task, seed=seed, order=order)
+                         for task, scores, metrics in tasks if len(scores)], ignore_index=True)
     for row in decided.to_dict("records"):
         log.info("verdict: %s", sentence(row))
     written = {"verdict": write_csv(decided, out["verdict"]), "verdict_plot": plot_verdict(decided, out["verdict_plot"]),
                "parquet": out["parquet"], "table": write_csv(table, out["table"]),
-               "seed_summary": write_csv(seed_summary(seg, order), out["seed_summary"]),
-               "metrics_plot": plot_metrics(seg, out["metrics_plot"], order, amounts)}
+               "seed_summary": write_csv(seed_summary(pd.concat([seg, cls], ignore_index=True), order), out["seed_summary"])}
+    if len(seg):
+        written["metrics_plot"] = plot_metrics(seg, out["metrics_plot"], order, amounts)
+    if len(cls):
+        written["classification_plot"] = plot_metrics(cls, out["classification_plot"], order, amounts, CLASSIFICATION_METRICS)
+        written["confusion"] = plot_confusions(read_tables(prediction_paths), class_names, out["confusion"], order)
     if shares is not None:
         written["class_share"] = write_csv(shares, out["class_share"])
         written["class_share_plot"] = plot_class_share(shares, out["class_share_plot"], order)

@@ -25,7 +25,6 @@ import heapq
 import json
 import logging
 import math
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,8 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
 from histosynth.data.io import (
@@ -49,8 +47,9 @@ from histosynth.data.io import (
 )
 from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
-from histosynth.seeds import derive_seed, seed_everything
+from histosynth.evaluation.epochs import data_loader, fit_epochs
 from histosynth.overlap import overlap_scores
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.weights import encoder_spec, read_state_dict, weights_file
 
 log = logging.getLogger(__name__)
@@ -106,23 +105,23 @@ class SegmentationDataset(Dataset):
                 "target": torch.from_numpy(one_hot(mask, self.values)), "index": i}
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, ImageNet mean/std (the encoders' convention)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, (x / 255 - mean) / std per channel; ImageNet's by default (the encoders' convention)."""
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
-def dihedral(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply one of the 8 flips/90-degree rotations per sample, drawn from `generator`."""
+def dihedral(images: torch.Tensor, targets: torch.Tensor | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply one of the 8 flips/90-degree rotations per sample, drawn from `generator`, to the
+    images (N, C, H, W) and alike to their target masks; targets None (image-level labels, which
+    no flip changes) is returned as None."""
     ops = torch.randint(0, 8, (len(images),), generator=generator).tolist()
-    out_i, out_t = [], []
-    for image, target, op in zip(images, targets, ops, strict=True):
-        if op & 4:
-            image, target = image.flip(-1), target.flip(-1)
-        out_i.append(torch.rot90(image, op & 3, (-2, -1)))
-        out_t.append(torch.rot90(target, op & 3, (-2, -1)))
-    return torch.stack(out_i), torch.stack(out_t)
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.rot90(x.flip(-1) if op & 4 else x, op & 3, (-2, -1)) for x, op in zip(batch, ops, strict=True)])
+
+    return apply(images), None if targets is None else apply(targets)
 
 
 # ----------------------------------------------------------------------------- model
@@ -247,12 +246,6 @@ def load_model(directory: str | Path, device: str | torch.device = "auto") -> Se
 
 # ----------------------------------------------------------------------------- training
 
-def _loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None, num_workers: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=generator,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
-
-
 def _evaluate_loss(net, loader, loss_fn, device, threshold: float) -> tuple[float, float]:
     """Mean loss and mean per-class Dice (pooled counts, pixels with probability >= threshold) over a loader."""
     net.eval()
@@ -295,59 +288,35 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(s["lr_decay"]))
     values = list(classes.values())
     train_set = SegmentationDataset(train_rows, values)
-    val_loader = _loader(SegmentationDataset(val_rows, values), s["batch_size"], None, s["num_workers"]) if len(val_rows) else None
-    if val_loader is None:
-        log.warning("no validation rows: early stopping is off and the last epoch's model is kept")
+    val_loader = data_loader(SegmentationDataset(val_rows, values), s["batch_size"], None, s["num_workers"]) if len(val_rows) else None
     augment = torch.Generator().manual_seed(derive_seed(seed, "segmentation", "augment"))
 
-    out_dir = Path(out_dir)
-    best = {"val_loss": math.inf, "epoch": 0, "state": None}
-    history, step, started, waited = [], 0, time.perf_counter(), 0
-    epochs = tqdm(range(1, int(s["epochs"]) + 1), desc="segmentation", unit="epoch", disable=not progress)
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        net.train()
-        loader = _loader(train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"])
-        total, count = 0.0, 0
-        for batch in loader:
-            images, targets = batch["image"], batch["target"]
-            if s["augment"]:
-                images, targets = dihedral(images, targets, augment)
-            x, y = normalise(images.to(device)), targets.to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                logits = net(x)
-            loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise SegmentationError(f"non-finite loss at epoch {epoch}, step {step}; lower segmentation.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count, step = total + float(loss.detach()) * len(x), count + len(x), step + 1
-        lr = optimizer.param_groups[0]["lr"]
-        schedule.step()
-        val_loss, val_dice = _evaluate_loss(net, val_loader, loss_fn, device, float(s["threshold"])) if val_loader else (math.nan, math.nan)
-        row = {"step": step, "epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_dice": val_dice,
-               "lr": lr, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        epochs.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}")
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.3f (%.1f s)", epoch, row["train_loss"], val_loss, val_dice, row["seconds"])
-        if val_loader is None or val_loss < best["val_loss"] - float(s["min_delta"]):
-            best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(net.state_dict())}
-            waited = 0
-        else:
-            waited += 1
-            if waited >= int(s["patience"]):
-                log.info("early stop after epoch %d: no better validation loss for %d epochs (best epoch %d)", epoch, waited, best["epoch"])
-                break
-    net.load_state_dict(best["state"])
-    seconds = time.perf_counter() - started
-    summary = {"seed": seed, "epochs_run": len(history), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+    def batches(epoch: int):
+        return data_loader(train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"])
+
+    def batch_loss(batch: dict) -> tuple[torch.Tensor, int]:
+        images, targets = batch["image"], batch["target"]
+        if s["augment"]:
+            images, targets = dihedral(images, targets, augment)
+        x, y = normalise(images.to(device)), targets.to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = net(x)
+        return loss_fn(logits, y), len(x)
+
+    def validate() -> tuple[float, float]:
+        return _evaluate_loss(net, val_loader, loss_fn, device, float(s["threshold"]))
+
+    fitted = fit_epochs(net, optimizer, batches, batch_loss, validate if val_loader else None, epochs=s["epochs"],
+                        patience=s["patience"], min_delta=s["min_delta"], schedule=schedule, score="dice",
+                        section="segmentation", error=SegmentationError, progress=progress)
+    history, seconds = fitted.history, fitted.seconds
+    summary = {"seed": seed, "epochs_run": len(history), "best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_val_loss,
                "n_train": len(train_rows), "n_val": len(val_rows), "seconds": seconds,
                "seconds_per_epoch": seconds / max(len(history), 1), "device": str(device), "encoder_weights": note}
     with atomic_dir(out_dir) as tmp:
-        save_model(net, tmp / "model", classes, s, {"seed": seed, "best_epoch": best["epoch"]})
+        save_model(net, tmp / "model", classes, s, {"seed": seed, "best_epoch": fitted.best_epoch})
         write_csv(pd.DataFrame(history, columns=LOSS_COLUMNS), tmp / "loss.csv")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
@@ -374,7 +343,7 @@ def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str
     slides = rows["slide"].astype(str).to_numpy() if "slide" in rows else np.full(len(rows), "all")
     counts = {}  # slide -> (n_patches, (C, 3) tp/fp/fn)
     candidates: list = []
-    loader = _loader(SegmentationDataset(rows, values), batch_size, None, 0)
+    loader = data_loader(SegmentationDataset(rows, values), batch_size, None, 0)
     for batch in loader:
         probs = model.probabilities(batch["image"])[:, channels]
         target = batch["target"].int()

@@ -191,13 +191,13 @@ def image_classes(masks: Sequence[np.ndarray], sources: pd.DataFrame, labels: Ma
 def per_class_picks(rng: np.random.Generator, pool_classes: np.ndarray, per_class: Mapping[str, int],
                     labels: Mapping) -> np.ndarray:
     """Row positions of the source maps for class-conditioned synthesis: per_class[name] of the
-    rows labelled name, in per_class's order (with replacement, logged, when a class has fewer)."""
+    rows labelled name, classes in the labels' order (with replacement, logged, when a class has fewer)."""
     unknown = [name for name in per_class if name not in labels["classes"]]
     if unknown:
         raise SynthesisError(f"synthesize.per_class names {unknown}, which are not among the labels {labels['classes']}")
     picks = []
-    for name, count in per_class.items():
-        rows = np.flatnonzero(pool_classes == name)
+    for name in [name for name in labels["classes"] if name in per_class]:
+        count, rows = per_class[name], np.flatnonzero(pool_classes == name)
         if not len(rows):
             present = pd.Series(pool_classes).value_counts().to_dict()
             raise SynthesisError(f"synthesize.per_class asks for {count} images of class {name!r} but no training patch "

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
 from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
+from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
 from histosynth.generators.training import resume_key
 
@@ -22,8 +23,14 @@ def _resolve(path):
 try:
     config.update(validated(config, " + ".join(map(str, workflow.configfiles)) or "config"))
     SLIDES = read_slide_sheet(_resolve(config["slides"]))
-except ConfigError as err:
+    LABELS = resolve_labels(config, list(SLIDES["label"]), config["slides"])  # every job numbers the classes alike
+except (ConfigError, LabelError) as err:
     raise WorkflowError(str(err)) from None
+
+if config["diffusion"]["num_classes"] not in (0, len(LABELS["classes"])):
+    raise WorkflowError(f"diffusion.num_classes is {config['diffusion']['num_classes']} but the labels "
+                        f"({LABELS['source']}) are {len(LABELS['classes'])}: {LABELS['classes']}; set diffusion.num_classes: "
+                        f"{len(LABELS['classes'])} (or 0 for no class embedding)")
 
 for _split in ("train", "val", "test"):
     if not (SLIDES["split"] == _split).any():
@@ -68,8 +75,9 @@ def training_slides():
 def config_params(*keys):
     """The config sections a job reads, as a job parameter with keys sorted at every level. Snakemake
     compares params by their text, so only a changed value (not a reordered file) reruns a job,
-    and only the sections named here count."""
-    return json.loads(json.dumps({key: config[key] for key in keys}, sort_keys=True))
+    and only the sections named here count. Section `labels` is the resolved one (LABELS)."""
+    sections = {key: LABELS if key == "labels" else config[key] for key in keys}
+    return json.loads(json.dumps(sections, sort_keys=True))
 
 
 def segmentation_config():
@@ -80,9 +88,17 @@ def segmentation_config():
     return params
 
 
+def classification_config():
+    """What a classification job reads: its settings without the seed list (adding a seed must not
+    rerun the others), the resolved labels and the weights folder."""
+    params = config_params("classification", "labels", "seed", "weights_dir")
+    del params["classification"]["seeds"]
+    return params
+
+
 def training_config(stage):
     """What a training job reads: its own section and the keys its data depends on."""
-    return config_params(stage, "seed", "classes", "conditioning")
+    return config_params(stage, "seed", "classes", "conditioning", "labels")
 
 
 def checkpoint_folder(stage):
@@ -90,7 +106,7 @@ def checkpoint_folder(stage):
     per resume-relevant config (histosynth.generators.training.resume_key), so a changed config
     starts fresh and an unchanged one resumes."""
     cfg = training_config(stage)
-    return f"results/checkpoints/{stage}/{resume_key(cfg[stage], cfg['seed'], cfg['classes'], cfg['conditioning'])}"
+    return f"results/checkpoints/{stage}/{resume_key(cfg[stage], cfg['seed'], cfg['classes'], cfg['conditioning'], cfg['labels'])}"
 
 
 def uses_autoencoder():
@@ -141,11 +157,16 @@ def synthetic_sets():
     return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else [])]
 
 
+def ratio_sources(ratio):
+    """The synthetic sets a ratio draws from: its own `sources`, else mixing.sources (pooled)."""
+    return RATIOS[ratio].get("sources") or config["mixing"]["sources"]
+
+
 def mixing_inputs(wildcards):
     """The train slides' patch indexes, and the curated synthetic sets only when the ratio draws from them."""
     inputs = {"indexes": patch_indexes("train")}
     if RATIOS[wildcards.ratio]["synthetic"] > 0:
-        inputs["curated"] = expand("results/curated/{mode}.parquet", mode=config["mixing"]["sources"])
+        inputs["curated"] = expand("results/curated/{mode}.parquet", mode=ratio_sources(wildcards.ratio))
     return inputs
 
 
@@ -160,8 +181,28 @@ def curation_inputs(wildcards):
     return inputs
 
 
+SEGMENTATION = config["segmentation"]["enabled"]
+CLASSIFICATION = config["classification"]["enabled"]
+if not (SEGMENTATION or CLASSIFICATION):
+    raise WorkflowError("segmentation.enabled and classification.enabled are both false: no task would measure the "
+                        "synthetic data; enable at least one")
+if not SEGMENTATION and (config["quality"]["consistency"] or config["quality"]["extractor"] == "segmentation"):
+    raise WorkflowError("segmentation.enabled is false, but quality.consistency and quality.extractor: segmentation use "
+                        "the baseline's segmentation model; set quality.consistency: false and quality.extractor to a "
+                        "timm model with local weights (quality.extractor_weights), or enable segmentation")
+
+
 def segmentation_runs(pattern):
-    return expand(pattern, ratio=RATIOS, seed=SEGMENTATION_SEEDS)
+    """One path per ratio x seed of the segmentation task (none when it is off)."""
+    return expand(pattern, ratio=RATIOS, seed=SEGMENTATION_SEEDS) if SEGMENTATION else []
+
+
+def classification_runs(pattern):
+    """One path per ratio x fold x seed of the classification task (none when it is off)."""
+    if not CLASSIFICATION:
+        return []
+    return expand(pattern, ratio=RATIOS, fold=range(config["classification"]["folds"]),
+                  seed=config["classification"]["seeds"])
 
 
 def quality_inputs(wildcards):

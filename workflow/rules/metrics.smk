@@ -38,6 +38,6 @@ rule fetch_weights:
         mem_mb=2000,
         runtime=30,
     params:
-        config=config_params("segmentation", "weights_dir"),
+        config=config_params("segmentation", "classification", "weights_dir"),
     script:
         "../../scripts/fetch_weights.py"

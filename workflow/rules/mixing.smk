@@ -18,7 +18,7 @@ rule mix_dataset:
         runtime=30,
     params:
         ratio=lambda wc: RATIOS[wc.ratio],
-        config=config_params("classes", "seed"),
+        config=config_params("classes", "seed", "labels"),
         on_shortfall=config["mixing"]["on_shortfall"],
     script:
         "../../scripts/mix_dataset.py"

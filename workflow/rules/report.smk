@@ -3,6 +3,9 @@ rule summarize:
     input:
         evaluations=segmentation_runs("results/evaluation/{ratio}/seed{seed}.parquet"),
         runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}"),
+        classification=classification_runs("results/classification_evaluation/{ratio}/fold{fold}/seed{seed}.parquet"),
+        predictions=classification_runs("results/classification_evaluation/{ratio}/fold{fold}/seed{seed}.predictions.parquet"),
+        classifiers=classification_runs("results/classification/{ratio}/fold{fold}/seed{seed}"),
         shares=expand("results/mixing/{ratio}.share.parquet", ratio=RATIOS),
         quality="results/quality/metrics.parquet",
         scores="results/quality/scores.parquet",
@@ -16,9 +19,13 @@ rule summarize:
         parquet="results/report/metrics.parquet",
         seed_summary=report("results/report/seed_summary.csv", caption="../report/seed_summary.rst", category="8. Results", labels={"table": "mean ± sd over seeds"}),
         class_share=report("results/report/class_share.csv", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"table": "class-pixel share"}),
-        metrics_plot=report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="8. Results", labels={"figure": "segmentation vs synthetic amount"}),
         class_share_plot=report("results/report/class_share.png", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"figure": "class-pixel share"}),
         quality_plot=report("results/report/quality.png", caption="../report/quality.rst", category="8. Results", labels={"figure": "image quality"}),
+        **({"metrics_plot": report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="8. Results", labels={"figure": "segmentation vs synthetic amount"})}
+           if SEGMENTATION else {}),
+        **({"classification_plot": report("results/report/classification.png", caption="../report/classification.rst", category="8. Results", labels={"figure": "classification vs synthetic amount"}),
+            "confusion": report("results/report/confusion.png", caption="../report/confusion.rst", category="8. Results", labels={"figure": "confusion matrices"})}
+           if CLASSIFICATION else {}),
         loss=report(
             directory("results/report/loss"),
             patterns=["{run}.png"],
@@ -41,7 +48,9 @@ rule summarize:
         ratios=list(RATIOS.values()),
         seed=config["seed"],
         baseline=BASELINE,
-        run_names=segmentation_runs("segmentation_{ratio}_seed{seed}") + list(generative_losses()),
+        run_names=segmentation_runs("segmentation_{ratio}_seed{seed}")
+        + classification_runs("classification_{ratio}_fold{fold}_seed{seed}") + list(generative_losses()),
+        class_names=LABELS["classes"],
     script:
         "../../scripts/summarize.py"
 

@@ -1,0 +1,90 @@
+"""Integration: the workflow on a labelled image set (plain PNG tiles in class folders, a sheet
+written by `histosynth sheet`), classification only, through the snakemake CLI: seeds 003/004's
+set-up at tiny scale, with class-conditioned synthesis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+OVERLAY = """
+slides: sheet.tsv
+patches: {tissue: {otsu: false}}   # tiles of tissue throughout
+labels: {source: sheet}
+diffusion: {num_classes: 2}
+synthesis:
+  synthesize: {per_class: {low: 3, high: 3}, steps: 2}
+  inpaint: {target_class: null}
+mixing:
+  sources: [synth]
+  ratios: [{name: real, synthetic: 0}, {name: syn6, synthetic: 6}, {name: cas, synthetic: 6, real: false}]
+segmentation: {enabled: false}
+quality: {consistency: false, extractor: resnet18}
+classification: {folds: 1, seeds: [0, 1]}
+"""
+
+
+def write_tiles(folder, label: str, radius: int, n: int, seed: int) -> None:
+    """n 256 px H&E-like tiles: pink stroma with purple nuclei of the given radius (the 'atypia')."""
+    rng = np.random.default_rng(seed)
+    (folder / label).mkdir(parents=True)
+    yy, xx = np.mgrid[:256, :256]
+    for i in range(n):
+        rgb = np.empty((256, 256, 3), np.uint8)
+        rgb[:] = (232, 178, 200)
+        for cy, cx in rng.integers(0, 256, (60, 2)):
+            rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = (110, 55, 150)
+        Image.fromarray(rgb).save(folder / label / f"{label}_{i}.png")
+
+
+def snakemake(workdir, *args):
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml"), str(workdir / "overlay.yaml"),
+               "--cores", "2", "--resources", "gpu=1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def image_set_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("image_set")
+    write_tiles(workdir / "tiles", "low", 2, 8, seed=0)
+    write_tiles(workdir / "tiles", "high", 4, 8, seed=1)
+    sheet = subprocess.run([sys.executable, "-m", "histosynth.cli", "sheet", "tiles", "--mpp", "1.0", "--split",
+                            "train=0.5,val=0.25,test=0.25", "--out", "sheet.tsv"], cwd=workdir, capture_output=True, text=True)
+    assert sheet.returncode == 0, sheet.stderr
+    (workdir / "overlay.yaml").write_text(OVERLAY)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_patches_inherit_their_image_label_and_splits_stay_by_image(image_set_run):
+    sheet = pd.read_csv(image_set_run / "sheet.tsv", sep="\t", dtype=str)
+    assert set(sheet["label"]) == {"low", "high"} and sheet.groupby("split")["label"].nunique().eq(2).all()
+    for row in sheet.itertuples():
+        index = pd.read_parquet(image_set_run / f"results/patches/{row.slide}.parquet")
+        assert len(index) == 16 and set(index["label"]) == {row.label} and set(index["split"]) == {row.split}
+
+
+def test_class_conditioned_synthesis_feeds_classification_only(image_set_run):
+    manifest = pd.read_parquet(image_set_run / "results/synthetic/synth/manifest.parquet")
+    assert list(manifest["class"]) == ["high"] * 3 + ["low"] * 3 and list(manifest["label"]) == [0] * 3 + [1] * 3
+    assert not (image_set_run / "results/segmentation").exists()  # segmentation.enabled: false
+    cas = pd.read_parquet(image_set_run / "results/mixing/cas.parquet")
+    assert (cas["source"] == "synthetic").all() and sorted(cas["class"]) == ["high"] * 3 + ["low"] * 3
+    table = pd.read_parquet(image_set_run / "results/report/metrics.parquet")
+    assert set(table["kind"]) == {"classification", "quality"}
+    decided = pd.read_csv(image_set_run / "results/report/verdict.csv")
+    assert set(decided["task"]) == {"classification"} and set(decided["ratio"]) == {"syn6", "cas"}
+    assert (decided["n"] == 2).all() and (decided["paired_by"] == "seed").all()
+    assert (image_set_run / "results/report/confusion.png").stat().st_size > 5000
+    assert not (image_set_run / "results/report/metrics.png").exists()  # the segmentation figure
