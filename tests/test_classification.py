@@ -161,8 +161,9 @@ def test_folds_group_slides_stratify_and_repeat():
 def test_training_sets_of_folds(tmp_path):
     real = pd.concat([make_rows(tmp_path, 3, f"s{j}", "red" if j % 2 else "blue").assign(split="train" if j < 4 else "val")
                       for j in range(6)], ignore_index=True).assign(source="real")
-    manifest = pd.concat([real[real["split"] == "train"], make_rows(tmp_path, 2, "s1", "red").assign(source="synthetic")],
-                         ignore_index=True)
+    synthetic = pd.concat([make_rows(tmp_path, 2, "syn_a", "red").assign(source_slide="s1"),
+                           make_rows(tmp_path, 1, "syn_b", "blue").assign(source_slide="s2")], ignore_index=True)
+    manifest = pd.concat([real[real["split"] == "train"], synthetic.assign(source="synthetic")], ignore_index=True)
     train_rows, val_rows = training_sets(manifest, real, folds=1, fold=0, seed=0)
     assert train_rows is manifest and set(val_rows["slide"]) == {"s4", "s5"}
     seen = set()
@@ -170,7 +171,9 @@ def test_training_sets_of_folds(tmp_path):
         train_rows, val_rows = training_sets(manifest, real, folds=3, fold=fold, seed=0)
         held = set(val_rows["slide"])
         assert held and not held & set(train_rows.loc[train_rows["source"] == "real", "slide"])
-        assert (train_rows["source"] == "synthetic").sum() == 2  # the manifest's synthetic rows train in every fold
+        # the manifest's synthetic rows train in every fold, except those made from a validating slide's maps
+        made_from = train_rows.loc[train_rows["source"] == "synthetic", "source_slide"]
+        assert set(made_from) == {"s1", "s2"} - held and len(made_from) == 2 * ("s1" in set(made_from)) + ("s2" in set(made_from))
         assert len(train_rows[train_rows["source"] == "real"]) + len(val_rows) == len(real)  # real rows from the index
         seen |= held
     assert seen == set(real["slide"])
@@ -337,7 +340,7 @@ def test_train_and_evaluate_entries(tmp_path):
     manifest = pd.DataFrame({"source": "real", "mode": "real", "image": [str(index_dir / p) for p in train_index["image"]],
                              "mask": [str(index_dir / p) for p in train_index["mask"]], "split": "train",
                              "origin_id": train_index["patch_id"], "slide": train_index["slide"],
-                             "class": train_index["label"]})
+                             "source_slide": train_index["slide"], "class": train_index["label"]})
     write_mix(manifest, tmp_path / "mixing" / "real.parquet")
     config = {"classification": {**TINY, "epochs": 2}, "labels": LABELS, "seed": 0, "weights_dir": str(tmp_path / "w")}
     summary = train_classifier(tmp_path / "mixing" / "real.parquet", indexes[:2], tmp_path / "run", config=config, seed=7,

@@ -32,7 +32,7 @@ def synthetic_table(n=6, mode="inpaint") -> pd.DataFrame:
     return pd.DataFrame({
         "id": [f"{mode}{i}" for i in range(n)], "image": [f"/s/{mode}{i}.png" for i in range(n)],
         "mask": [f"/s/{mode}m{i}.png" for i in range(n)], "mode": mode, "source_patch_id": "p0",
-        "frac_blood_vessel": 0.5, "frac_fat": 0.0, "split": "synthetic", "class": "Blood vessel",
+        "frac_blood_vessel": 0.5, "frac_fat": 0.0, "split": "synthetic", "class": "Blood vessel", "source_slide": "s_train",
     })
 
 
@@ -121,7 +121,7 @@ def test_mix_dataset_writes_relative_manifest(tmp_path):
     (syn_dir / "masks").mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 2, np.uint8)).save(syn_dir / "masks" / "x.png")  # all Fat, no frac columns
     write_table(pd.DataFrame({"id": ["x", "y"], "image": ["images/x.png", "images/y.png"], "mask": ["masks/x.png"] * 2,
-                              "source_patch_id": ["s0", "s1"], "class": ["Fat", "Fat"], "keep": [True, False],
+                              "source_patch_id": ["s0", "s1"], "source_slide": "s", "class": ["Fat", "Fat"], "keep": [True, False],
                               "reason": ["", "consistency 0.10 < curation.min_consistency 0.5"]}),
                 syn_dir / "curated.parquet")  # a curated set: y was rejected
     out = tmp_path / "results" / "mixing" / "k1.parquet"

@@ -533,7 +533,9 @@ def training_sets(manifest: pd.DataFrame, real: pd.DataFrame, *, folds: int, fol
     """(train, val) rows of one run. folds 1: the manifest trains and the real rows of split val
     validate. folds k >= 2: the real rows (splits train and val) are split by fold_assignment
     (shuffled by seed); fold `fold`'s slides validate and the manifest's synthetic rows plus the
-    other folds' real rows train (so the manifest's own real rows are replaced)."""
+    other folds' real rows train (so the manifest's own real rows are replaced), except synthetic
+    images made from a validating slide's maps, which would let early stopping see near-copies of
+    its own patches."""
     if not 0 <= fold < folds:
         raise ClassificationError(f"fold {fold} is not one of classification.folds={folds} (0 to {folds - 1})")
     if folds == 1:
@@ -543,7 +545,12 @@ def training_sets(manifest: pd.DataFrame, real: pd.DataFrame, *, folds: int, fol
     if not held.any():
         raise ClassificationError(f"fold {fold} of {folds} has no slide; lower classification.folds")
     synthetic = manifest[manifest["source"] == "synthetic"]
-    train_rows = pd.concat([real[~held], synthetic], ignore_index=True)
+    validating = set(real.loc[held, "slide"].astype(str))
+    from_validating = synthetic["source_slide"].astype(str).isin(validating)
+    if from_validating.any():
+        log.info("fold %d: %d of %d synthetic images come from its validation slides' maps and are left out of training",
+                 fold, int(from_validating.sum()), len(synthetic))
+    train_rows = pd.concat([real[~held], synthetic[~from_validating]], ignore_index=True)
     return train_rows, real[held].reset_index(drop=True)
 
 

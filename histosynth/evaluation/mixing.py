@@ -37,7 +37,7 @@ from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide", "class")
+MANIFEST_COLUMNS = ("source", "mode", "image", "mask", "split", "origin_id", "slide", "source_slide", "class")
 
 
 class MixingError(ValueError):
@@ -69,7 +69,7 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
         classes: Sequence[str] = (), sources: Sequence[str] | None = None, kept: str = "") -> pd.DataFrame:
     """The training manifest of one ratio: columns source (real|synthetic), mode (real|synth|
     inpaint), image, mask, split ("train"), origin_id (patch_id or synthetic id), slide (None for
-    synthetic rows), class (the image's label under resolved `labels`, histosynth.data.labels:
+    synthetic rows), source_slide (the slide the image or its conditioning map comes from), class (the image's label under resolved `labels`, histosynth.data.labels:
     the patch's, or the one a synthetic image was made for), plus frac_<class> for `classes`.
     `real` holds patch-index rows (only split == "train" is used); `synthetic` the pool
     (read_synthetic, with `kept` its curation line);
@@ -87,11 +87,12 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
     picked = _pick_synthetic(synthetic, wanted, seed, name, sources, on_shortfall, kept)
     frames = []
     if use_real:
-        frames.append(_rows(train, "real", train["patch_id"], train["slide"], ["real"] * len(train),
+        frames.append(_rows(train, "real", train["patch_id"], train["slide"], train["slide"], ["real"] * len(train),
                             patch_labels(train, labels), classes))
     if len(picked):
         modes = picked["mode"] if "mode" in picked else ["synthetic"] * len(picked)
-        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), modes, picked["class"], classes))
+        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), picked["source_slide"], modes,
+                            picked["class"], classes))
     if not frames:
         raise MixingError(f"ratio {name!r}: real is false and synthetic is 0, so the training set would be empty")
     manifest = pd.concat(frames, ignore_index=True)
@@ -120,10 +121,11 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
     return pool.iloc[order[:wanted]].reset_index(drop=True)
 
 
-def _rows(table: pd.DataFrame, source: str, origin, slide, mode, label, classes: Sequence[str]) -> pd.DataFrame:
+def _rows(table: pd.DataFrame, source: str, origin, slide, source_slide, mode, label, classes: Sequence[str]) -> pd.DataFrame:
     rows = pd.DataFrame({
         "source": source, "mode": list(mode), "image": table["image"].to_numpy(), "mask": table["mask"].to_numpy(),
-        "split": "train", "origin_id": list(origin), "slide": list(slide), "class": list(label),
+        "split": "train", "origin_id": list(origin), "slide": list(slide), "source_slide": list(source_slide),
+        "class": list(label),
     })
     for name in classes:
         column = fraction_column(name)
