@@ -57,7 +57,7 @@ from histosynth.data.io import (
 )
 from histosynth.data.labels import label_index, patch_labels
 from histosynth.device import autocast, pick_device, prepare_model
-from histosynth.evaluation.epochs import data_loader, fit_epochs
+from histosynth.evaluation.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.evaluation.segmentation import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -306,13 +306,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "auto") 
     """Load a run's model/ folder (or the run folder holding it)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    if (directory / "model").is_dir():
-        directory = directory / "model"
-    meta_path = directory / "histosynth.json"
-    if not meta_path.is_file():
-        raise ClassificationError(f"{directory}: not a classifier folder (no histosynth.json); rerun rule train_classifier")
-    meta = json.loads(meta_path.read_text())
+    directory, meta = read_model_folder(directory, "classifier", "train_classifier", ClassificationError)
     net = Classifier(meta["model"], len(meta["class_names"]), float(meta["dropout"]))
     net.load_state_dict(load_file(str(directory / "model.safetensors")))
     device = device if isinstance(device, torch.device) else pick_device(device)

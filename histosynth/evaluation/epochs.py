@@ -1,5 +1,5 @@
 """The epoch loop of the downstream tasks (segmentation, classification): train an epoch, validate,
-stop early, keep the best model.
+stop early, keep the best model; and the reader of their saved model folders.
 
 Each epoch draws its batches from the task (`batches(epoch)`, whose order and augmentation the
 task fixes by seed and epoch), takes one optimiser step per batch on the task's loss, steps the
@@ -17,11 +17,13 @@ sharding, and no validation set to stop on; this loop is the epoch-counted one w
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,3 +105,15 @@ def fit_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
     else:
         net.load_state_dict(best["state"])
     return Fitted(history, best["epoch"], best["val_loss"], time.perf_counter() - started)
+
+
+def read_model_folder(directory: str | Path, what: str, rule: str, error: type[Exception] = RuntimeError) -> tuple[Path, dict]:
+    """A task run's model/ folder (given it or the run folder holding it) and its histosynth.json;
+    `error` naming `what` it should be and the `rule` that writes it when there is none."""
+    directory = Path(directory)
+    if (directory / "model").is_dir():
+        directory = directory / "model"
+    meta_path = directory / "histosynth.json"
+    if not meta_path.is_file():
+        raise error(f"{directory}: not a {what} folder (no histosynth.json); rerun rule {rule}")
+    return directory, json.loads(meta_path.read_text())

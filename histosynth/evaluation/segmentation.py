@@ -47,7 +47,7 @@ from histosynth.data.io import (
 )
 from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
-from histosynth.evaluation.epochs import data_loader, fit_epochs
+from histosynth.evaluation.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.overlap import overlap_scores
 from histosynth.seeds import derive_seed, seed_everything
 from histosynth.weights import encoder_spec, read_state_dict, weights_file
@@ -232,13 +232,7 @@ def load_model(directory: str | Path, device: str | torch.device = "auto") -> Se
     """Load a run's model/ folder (or the run folder holding it)."""
     import segmentation_models_pytorch as smp
 
-    directory = Path(directory)
-    if (directory / "model").is_dir():
-        directory = directory / "model"
-    meta_path = directory / "histosynth.json"
-    if not meta_path.is_file():
-        raise SegmentationError(f"{directory}: not a segmentation model folder (no histosynth.json); rerun rule train_segmentation")
-    meta = json.loads(meta_path.read_text())
+    directory, meta = read_model_folder(directory, "segmentation model", "train_segmentation", SegmentationError)
     device = device if isinstance(device, torch.device) else pick_device(device)
     net = prepare_model(smp.from_pretrained(str(directory)).eval(), device)
     return SegmentationModel(net, dict(meta["classes"]), float(meta["threshold"]), device, directory)
