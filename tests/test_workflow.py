@@ -211,6 +211,8 @@ def test_evaluation_table_and_report(tiny_run):
     counts = shares.groupby("ratio")[["n_real", "n_synthetic"]].first()
     assert counts.loc["syn4", "n_synthetic"] == 4 and counts.loc["synonly", "n_real"] == 0
     assert counts.loc["real", "n_real"] == counts.loc["syn4", "n_real"] > 0
+    assert set(pd.read_parquet(tiny_run / "results/mixing/syn4.parquet").query("source == 'synthetic'")["mode"]) == {"inpaint"}
+    assert set(pd.read_parquet(tiny_run / "results/mixing/synonly.parquet")["mode"]) == {"synth", "inpaint"}
     decided = pd.read_csv(tiny_run / "results/report/verdict.csv")
     assert set(decided["baseline"]) == {"real"} and set(decided["ratio"]) == {"syn4", "synonly"}
     assert (decided["n"] == 2).all() and decided["ci_low"].notna().all()  # two seeds: every row has an interval
