@@ -149,30 +149,40 @@ VERDICT_COLOURS = {"helped": "#1a9850", "hurt": "#d73027", "no evidence": "#7f7f
 
 
 def plot_verdict(table: pd.DataFrame, out: str | Path) -> Path:
-    """The verdict at a glance: per metric a panel, per class x ratio a row with the mean paired
-    difference to the baseline and its 95 % t interval (bootstrap interval as a thin line),
-    coloured helped / hurt / no evidence, against the zero line."""
-    metrics = list(dict.fromkeys(table["metric"])) or ["dice"]
-    labels = list(dict.fromkeys(f"{c} · {r}" for c, r in zip(table["class"], table["ratio"], strict=True)))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 1.5, 0.32 * max(len(labels), 3) + 1.4),
-                             squeeze=False, sharey=True)
-    y = {label: i for i, label in enumerate(labels)}
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        for row in table[table["metric"] == metric].to_dict("records"):
-            i = y[f"{row['class']} · {row['ratio']}"]
-            colour = VERDICT_COLOURS[row["verdict"]]
-            ax.plot([row["boot_low"], row["boot_high"]], [i, i], color=colour, lw=1, alpha=0.6)
-            ax.errorbar(row["mean_diff"], i, xerr=[[row["mean_diff"] - row["ci_low"]], [row["ci_high"] - row["mean_diff"]]]
-                        if not math.isnan(row["ci_low"]) else None, fmt="o", color=colour, capsize=3, lw=2)
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_title(f"{metric}: ratio − {table['baseline'].iloc[0] if len(table) else 'baseline'}", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0][0].invert_yaxis()
+    """The verdict at a glance: one row of panels per task, per metric a panel, per class x ratio a
+    line with the mean paired difference to the baseline and its 95 % t interval (bootstrap
+    interval as a thin line), coloured helped / hurt / no evidence, against the zero line."""
+    tasks = list(dict.fromkeys(table["task"])) if "task" in table and len(table) else ["segmentation"]
+    parts = {task: table[table["task"] == task] if "task" in table else table for task in tasks}
+    width = max(len(dict.fromkeys(part["metric"])) for part in parts.values()) or 1
+    heights = [0.32 * max(part[["class", "ratio"]].drop_duplicates().shape[0], 3) + 1.0 for part in parts.values()]
+    fig = plt.figure(figsize=(3.6 * width + 1.8, sum(heights) + 0.6))
+    baseline = table["baseline"].iloc[0] if len(table) else "baseline"
+    for sub, (task, part) in zip(fig.subfigures(len(tasks), 1, height_ratios=heights, squeeze=False)[:, 0], parts.items(),
+                                 strict=True):
+        metrics = list(dict.fromkeys(part["metric"])) or ["dice"]
+        labels = list(dict.fromkeys(f"{c} · {r}" for c, r in zip(part["class"], part["ratio"], strict=True)))
+        y = {label: i for i, label in enumerate(labels)}
+        axes = sub.subplots(1, width, squeeze=False, sharey=True)[0]
+        for ax, metric in zip(axes, metrics):
+            for row in part[part["metric"] == metric].to_dict("records"):
+                i, colour = y[f"{row['class']} · {row['ratio']}"], VERDICT_COLOURS[row["verdict"]]
+                ax.plot([row["boot_low"], row["boot_high"]], [i, i], color=colour, lw=1, alpha=0.6)
+                ax.errorbar(row["mean_diff"], i, xerr=[[row["mean_diff"] - row["ci_low"]], [row["ci_high"] - row["mean_diff"]]]
+                            if not math.isnan(row["ci_low"]) else None, fmt="o", color=colour, capsize=3, lw=2)
+            ax.axvline(0, color="black", lw=0.8)
+            ax.set_title(f"{METRIC_TITLES.get(metric, metric)}: ratio − {baseline}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+        for ax in axes[len(metrics):]:
+            ax.set_visible(False)
+        axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+        axes[0].invert_yaxis()
+        runs = int(part["n"].max()) if len(part) else 0
+        paired = part["paired_by"].iloc[0] if "paired_by" in part and len(part) else "seed"
+        sub.suptitle(f"{task}: paired by {paired}, {runs} runs", fontsize=9, x=0.02, ha="left")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.3 / len(labels or [1])))
-    n = int(table["n"].max()) if len(table) else 0
-    fig.suptitle(f"Did synthetic data help? Paired difference over up to {n} runs (95 % interval)", fontsize=10)
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.03))
+    fig.suptitle("Did synthetic data help? Each ratio minus the baseline (95 % interval)", fontsize=10, y=1.02)
     return _save(fig, out)
 
 

@@ -63,7 +63,7 @@ def verdict(scores: pd.DataFrame, baseline: str, metrics: Sequence[str], *, task
     matched by seed (and fold) and pairs with a missing value are dropped."""
     pooled = scores[scores["slide"] == "all"] if "slide" in scores else scores
     pooled = pooled[pooled["metric"].isin(metrics)]
-    pair = [key for key in PAIR_KEYS if key in pooled]
+    pair = [key for key in PAIR_KEYS if key in pooled and (key == "seed" or pooled[key].nunique() > 1)]
     keys = [*pair, "class", "metric"]
     base = pooled[pooled["ratio"] == baseline].set_index(keys)["value"]
     if base.empty:
