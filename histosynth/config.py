@@ -128,9 +128,13 @@ def _check_evaluation(config: dict, source: str) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"{source}: mixing.ratios names must be unique; repeated: {', '.join(repeated)}")
-    if "inpaint" in config["mixing"]["sources"] and not config["synthesis"]["inpaint"]["target_class"]:
-        raise ConfigError(f"{source}: mixing.sources includes inpaint but synthesis.inpaint.target_class is null; "
-                          "set the class to paint or drop inpaint from mixing.sources")
+    drawn = {*config["mixing"]["sources"], *(m for ratio in config["mixing"]["ratios"] for m in ratio.get("sources", []))}
+    if "inpaint" in drawn and not config["synthesis"]["inpaint"]["target_class"]:
+        raise ConfigError(f"{source}: mixing draws from inpaint but synthesis.inpaint.target_class is null; "
+                          "set the class to paint or drop inpaint from mixing.sources and the ratios' sources")
+    if "gan" in drawn and not config["gan"]["enabled"]:
+        raise ConfigError(f"{source}: mixing draws from gan but gan.enabled is false; enable the GAN or drop gan "
+                          "from mixing.sources and the ratios' sources")
     baseline = config["report"]["baseline"]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"{source}: report.baseline {baseline!r} is not one of mixing.ratios {names}")

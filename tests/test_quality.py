@@ -21,6 +21,7 @@ from histosynth.evaluation.quality import COLUMNS, image_quality
 from histosynth.weights import WEIGHTS, weights_file
 
 CLASSES = ["Blood vessel", "Fat"]
+LABELS = {"source": "region", "classes": ["background", *CLASSES], "regions": CLASSES, "background": "background"}
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def wrong_segmenter(rgb):
 def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path):
     real = write_images(tmp_path / "real", 3, (200, 120, 170))
     syn = write_images(tmp_path / "syn", 3, (200, 120, 170), label=1, seed=1)
-    table, scores = image_quality(real, {"inpaint": syn}, CLASSES, weights_dir=tmp_path / "weights",
+    table, scores = image_quality(real, {"inpaint": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights",
                                   settings={"min_images": 2, "device": "cpu"}, segment=wrong_segmenter,
                                   extractor_note="offline FD/KD skipped: no extractor")
     skipped = table[table.status == "skipped"]
@@ -179,7 +180,7 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
     syn = real.assign(label=1)  # the same images on both sides: FID ~ 0 through the whole feature path
     settings = {"inception_weights": str(inception_file), "lpips_weights": str(alexnet_file), "min_images": 2,
                 "kid_subsets": 2, "feature": 64, "device": "cpu", "consistency": False}
-    table, _ = image_quality(real, {"synth": syn}, CLASSES, weights_dir=tmp_path / "weights", settings=settings)
+    table, _ = image_quality(real, {"synth": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights", settings=settings)
     ok = table[(table.status == "ok") & (table["class"] == "all")].set_index("metric")["value"]
     assert {"fid", "kid", "is", "lpips_diversity"} <= set(ok.index)
     assert ok["fid"] == pytest.approx(0.0, abs=1e-6) and abs(ok["kid"]) < 0.05
@@ -272,7 +273,7 @@ def test_synthetic_sets_get_their_real_source_patches_as_reference(tmp_path):
         mask = np.asarray(Image.open(path)).copy()
         mask[24:] = 2
         Image.fromarray(mask).save(path)
-    table, _ = image_quality(real, {"synth": syn, "inpaint": painted}, CLASSES, weights_dir=tmp_path / "weights",
+    table, _ = image_quality(real, {"synth": syn, "inpaint": painted}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights",
                              settings={"min_images": 2, "device": "cpu"}, segment=segment)
     ok = table[table.status == "ok"].set_index(["set", "metric", "class"])["value"]
     assert ok[("synth", "mask_dice", "Blood vessel")] == 0.0 and ok[("synth", "mask_dice_real", "Blood vessel")] == 1.0

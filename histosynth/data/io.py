@@ -84,7 +84,7 @@ def write_relative(table: pd.DataFrame, path: str | Path, columns: Sequence[str]
     folder = path.parent.resolve()
     out = table.copy()
     for column in columns:
-        out[column] = [os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
+        out[column] = [None if pd.isna(p) else os.path.relpath(Path(p).resolve(), folder) for p in out[column]]
     write_table(out, path)
 
 
@@ -100,9 +100,9 @@ def read_file_table(path: str | Path) -> pd.DataFrame:
 
 def read_patch_index(path: str | Path, columns: tuple[str, ...] = ("image", "mask")) -> pd.DataFrame:
     """Read a patch index (or a table derived from one) and make its file columns absolute:
-    they are stored relative to the table's folder."""
+    they are stored relative to the table's folder; missing files (a GAN image's mask) stay None."""
     path = Path(path)
     df = pd.read_parquet(path)
     for column in columns:
-        df[column] = [str(path.parent / p) for p in df[column]]
+        df[column] = [None if pd.isna(p) else str(path.parent / p) for p in df[column]]
     return df

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.annotations import class_fractions
-from histosynth.data.io import read_mask, read_patch_index, write_relative, write_table
+from histosynth.data.io import read_file_table, read_mask, read_patch_index, write_relative, write_table
 from histosynth.data.labels import patch_labels
 from histosynth.data.patches import class_indices, fraction_column
 from histosynth.evaluation.curation import reject_summary
@@ -58,7 +58,7 @@ def read_synthetic(curated: Mapping[str, str | Path]) -> tuple[pd.DataFrame, str
     saying how many each set kept and why the rest were rejected (for shortfall messages)."""
     tables, lines = [], []
     for mode, path in curated.items():
-        table = read_patch_index(path, columns=("image", "mask"))
+        table = read_file_table(path)
         lines.append(f"{mode}: {reject_summary(table)}")
         tables.append(table[table["keep"].astype(bool)].assign(mode=mode))
     pool = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["id", "image", "mask", "mode"])
@@ -123,7 +123,8 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
 
 def _rows(table: pd.DataFrame, source: str, origin, slide, source_slide, mode, label, classes: Sequence[str]) -> pd.DataFrame:
     rows = pd.DataFrame({
-        "source": source, "mode": list(mode), "image": table["image"].to_numpy(), "mask": table["mask"].to_numpy(),
+        "source": source, "mode": list(mode), "image": table["image"].to_numpy(),
+        "mask": table["mask"].to_numpy() if "mask" in table else None,  # a GAN set has none
         "split": "train", "origin_id": list(origin), "slide": list(slide), "source_slide": list(source_slide),
         "class": list(label),
     })
@@ -148,8 +149,9 @@ def class_share(manifest: pd.DataFrame, classes: Sequence[str], ratio: str) -> p
     """Tidy class-pixel share of a mixed training set (thesis Table 6.1): one row per class and
     background with columns ratio, class, share (fraction of all training pixels), n_real,
     n_synthetic. Patches are weighted equally (every patch has the configured size); synthetic
-    rows without a frac_<class> column are read from their masks."""
-    fractions = _fractions(manifest, classes)
+    rows without a frac_<class> column are read from their masks, and rows without a mask (GAN
+    images) hold no segmentation pixels and are left out."""
+    fractions = _fractions(manifest[manifest["mask"].notna()], classes)
     shares = fractions.mean(axis=0) if len(fractions) else np.full(len(classes), np.nan)
     n_real = int((manifest["source"] == "real").sum())
     rows = [{"ratio": ratio, "class": "background", "share": float(1 - np.sum(shares))}]
@@ -168,13 +170,18 @@ def _fractions(manifest: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return values
 
 
+def without_masks(manifest: pd.DataFrame) -> int:
+    """Rows of a manifest that have no label mask (GAN images), which segmentation cannot train on."""
+    return int(manifest["mask"].isna().sum())
+
+
 def write_mix(manifest: pd.DataFrame, path: str | Path) -> None:
     """Write a manifest with image and mask paths relative to its folder (atomically)."""
     write_relative(manifest, path, ("image", "mask"))
 
 
 def read_mix(path: str | Path) -> pd.DataFrame:
-    """Read a manifest written by write_mix, paths made absolute."""
+    """Read a manifest written by write_mix, paths made absolute (None for rows without a mask)."""
     return read_patch_index(path, columns=("image", "mask"))
 
 

@@ -7,9 +7,9 @@ Weights come from histosynth.weights and are never downloaded here: when a file 
 metrics needing it get rows with status "skipped" and a note naming the file, the config key and
 the rule; the weight-free metrics still run. Real images are the training split's patches.
 
-Classes: a synthetic image's class is its manifest `label` (the diffusion class label: 0 = none,
-n = n-th configured class), else its dominant class by frac_<class>; real images get their
-dominant class. Class "all" is every image of the set.
+Classes: the distribution scores are per label (histosynth.data.labels; a synthetic image's
+manifest `class`, a real patch's label), so sets with and without masks (a GAN's) compare per
+class alike; mask consistency is per region class. Class "all" is every image of the set.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 
 from histosynth.config import section_defaults
 from histosynth.data.io import read_file_table, read_patch_index, write_table
-from histosynth.data.patches import dominant_class, fraction_column
+from histosynth.data.labels import patch_labels
 from histosynth.device import pick_device
 from histosynth.seeds import derive_seed
 from histosynth.evaluation.consistency import (
@@ -55,13 +55,10 @@ from histosynth.weights import WEIGHTS, weights_file
 log = logging.getLogger(__name__)
 
 COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note", "extractor")
-def image_classes(table: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
-    """Region class per row: the dominant frac_<class> (histosynth.data.patches.dominant_class),
-    'none' where no class covers the image or the table has no fraction columns."""
-    names = np.array(["none", *classes], dtype=object)
-    if not classes or any(fraction_column(c) not in table for c in classes):
-        return np.full(len(table), "none", dtype=object)
-    return names[dominant_class(table, classes)]
+def image_classes(table: pd.DataFrame, labels: Mapping) -> np.ndarray:
+    """Label per row (histosynth.data.labels): a synthetic manifest's `class`, else the patch's
+    label (the sheet's, or its dominant region class)."""
+    return table["class"].astype(str).to_numpy() if "class" in table else patch_labels(table, labels)
 
 
 def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -72,12 +69,13 @@ def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], classes: Sequence[str], *,
-                  weights_dir: str | Path, settings: Mapping | None = None, segment: Callable[[np.ndarray], np.ndarray] | None = None,
+                  labels: Mapping, weights_dir: str | Path, settings: Mapping | None = None, segment: Callable[[np.ndarray], np.ndarray] | None = None,
                   nuclei_settings=None, nuclei_model=None, mpp: float | None = None,
                   extractor: FeatureExtractor | None = None, extractor_note: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
     the real training rows (weights from weights_dir, histosynth.weights), and the per-image consistency scores (set, id, kind, class, counts,
-    IoU, Dice). `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region mask
+    IoU, Dice). Fréchet distances, KID, IS and diversity come per label (resolved `labels`) and
+    pooled ('all'); mask consistency per region class of `classes`. `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region mask
     consistency; nuclei_settings (the `nuclei` config section, with nuclei_model when a learned
     detector is configured) and mpp enable nuclei consistency for sets with a conditioning
     column; `extractor` (histosynth.evaluation.features) gives the offline Fréchet distance, KID and
@@ -86,7 +84,7 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     device = pick_device(s["device"])
     all_real = real
     real = _sample(real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real"))
-    real_classes = image_classes(real, classes)
+    real_classes = image_classes(real, labels)
     rows: list[dict] = []
     scores: list[pd.DataFrame] = []
 
@@ -106,8 +104,8 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
 
     for mode, table in synthetic.items():
         table = _sample(table, s["max_images"], derive_seed(s["seed"], "synthetic", mode))
-        syn_classes = image_classes(table, classes)
-        groups = ["all", *[c for c in ["none", *classes] if (syn_classes == c).any() or (real_classes == c).any()]]
+        syn_classes = image_classes(table, labels)
+        groups = ["all", *[c for c in labels["classes"] if (syn_classes == c).any() or (real_classes == c).any()]]
 
         def add(metric, name, value, n_real, n_syn, status="ok", note="", used="", mode=mode):
             rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
@@ -160,7 +158,9 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
                 paths = table.loc[g, "image"].tolist()
                 add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device),
                     n_r, n_g, used=lpips_name)
-        if s["consistency"]:
+        if s["consistency"] and "mask" not in table:
+            add("mask_iou", "all", math.nan, 0, len(table), "skipped", f"synthetic set {mode} has no masks (a GAN set)")
+        elif s["consistency"]:
             found = _consistency(table, classes, segment, nuclei_settings, nuclei_model, mpp,
                                  lambda **kw: add(n_real=0, n_syn=len(table), **kw))
             scores.append(found.assign(set=mode))
@@ -216,7 +216,8 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
         log.warning("%s", extractor_note)
     nuclei = config["nuclei"]
     nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
-    table, scores = image_quality(real, synthetic, config["classes"], weights_dir=config["weights_dir"], settings=s,
+    table, scores = image_quality(real, synthetic, config["classes"], labels=config["labels"], weights_dir=config["weights_dir"],
+                                  settings=s,
                                   segment=segment, nuclei_settings=nuclei, nuclei_model=nuclei_model, mpp=config["patches"]["mpp"],
                                   extractor=extractor, extractor_note=extractor_note)
     write_table(table, out)

@@ -406,10 +406,16 @@ def split_rows(indexes: Sequence[str | Path], split: str) -> pd.DataFrame:
 
 def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
                        config: Mapping, seed: int) -> dict:
-    """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch indexes."""
-    from histosynth.evaluation.mixing import read_mix
+    """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch
+    indexes. A manifest with rows without a label mask (a GAN set's images) is refused."""
+    from histosynth.evaluation.mixing import read_mix, without_masks
 
-    return train(read_mix(manifest), split_rows(indexes, "val"), config["classes"], out_dir,
+    rows = read_mix(manifest)
+    if without_masks(rows):
+        raise SegmentationError(f"{manifest}: {without_masks(rows)} synthetic images have no label mask (the GAN set draws "
+                                "images only); segmentation cannot train on them. Ratios drawing from gan feed "
+                                "classification only: give segmentation's ratios the sources synth or inpaint")
+    return train(rows, split_rows(indexes, "val"), config["classes"], out_dir,
                  settings=config["segmentation"], seed=seed, weights_dir=config["weights_dir"])
 
 

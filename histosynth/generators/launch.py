@@ -19,7 +19,8 @@ from histosynth.generators.training import TrainingError
 log = logging.getLogger(__name__)
 
 # The module whose main(argv) trains each stage's model.
-TRAINERS = {"autoencoder": "histosynth.generators.autoencoder", "diffusion": "histosynth.generators.train_diffusion"}
+TRAINERS = {"autoencoder": "histosynth.generators.autoencoder", "diffusion": "histosynth.generators.train_diffusion",
+            "gan": "histosynth.generators.gan"}
 
 
 def _factory(spec: str) -> Callable:
@@ -39,7 +40,7 @@ def _read_config(path: Path) -> dict:
 
 
 def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
-    """`python -m <the stage's trainer module> train ...`, shared by the autoencoder and diffusion trainers.
+    """`python -m <the stage's trainer module> train ...`, shared by the autoencoder, diffusion and GAN trainers.
 
     The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
     parser = argparse.ArgumentParser(prog=f"python -m {TRAINERS[stage]}", description=f"train the {stage} model")
@@ -69,6 +70,9 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
     extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
+    if stage == "gan":  # class names in index order, where the job's labels are resolved (the workflow's are)
+        labels = config.get("labels") or {}
+        extra = {"labels": list(labels["classes"]) if "regions" in labels else None}
     try:
         summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
                         val_dataset=val if val is not None and len(val) else None,

@@ -70,7 +70,8 @@ from histosynth.generators.training import balance_weights, save_grid, to_uint8
 
 log = logging.getLogger("histosynth.generators.synthesis")
 
-MODE_RULES = {"synth": "synthesize", "inpaint": "inpaint"}  # synthetic set (mode) -> the rule making it
+MODE_RULES = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan_synthesize"}  # synthetic set (mode) -> its rule
+MASKED_MODES = ("synth", "inpaint")  # the sets with label masks, which segmentation can train on
 MODES = tuple(MODE_RULES)
 MANIFEST = "manifest.parquet"
 SPLIT = "synthetic"
@@ -442,6 +443,75 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
                                  str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes, name))
             log.info("inpaint: %d/%d images", len(rows), n)
         return _finish(tmp, rows, labels, sources, grid_per_class)
+
+
+def class_counts(n: int, per_class: Mapping[str, int] | None, labels: Mapping) -> dict[str, int]:
+    """Images per label: per_class (names checked), else n spread evenly over the labels (the
+    first labels take the remainder)."""
+    names = list(labels["classes"])
+    if per_class:
+        unknown = [name for name in per_class if name not in names]
+        if unknown:
+            raise SynthesisError(f"per_class names {unknown}, which are not among the labels {names}")
+        return {name: int(per_class[name]) for name in names if name in per_class}
+    return {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
+
+
+def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, settings: Mapping,
+              labels: Mapping, size: int, seed: int, device: str = "auto") -> pd.DataFrame:
+    """Rule gan_synthesize: images per label from the trained GAN (histosynth.generators.gan),
+    image i from its own noise seed derive_seed(seed, 'gan', i), resized to the patch size `size`
+    (Lanczos) when the GAN draws another; no masks. Writes out_dir (atomically): images/,
+    manifest.parquet (id, image, mode gan, class, label, model path and hash, seed, truncation,
+    created_at, split) and grid_<class>.png (real training patches of the class above GAN
+    images). `settings` is the `synthesis` config section (its gan, batch_size and grid_per_class);
+    `indexes` the training slides' patch indexes."""
+    from PIL import Image
+
+    from histosynth.device import pick_device
+    from histosynth.generators.datasets import read_indexes
+    from histosynth.generators.gan import generate, load_gan
+
+    model = load_gan(model_path, pick_device(device))
+    if list(model.config.labels or []) != list(labels["classes"]):
+        raise SynthesisError(f"the GAN at {model_path} was trained on the labels {model.config.labels}, this run's are "
+                             f"{labels['classes']}; retrain it (rule train_gan)")
+    s = section_defaults("synthesis", settings)
+    gan, batch_size, grid_per_class = s["gan"], s["batch_size"], s["grid_per_class"]
+    counts = class_counts(gan["n"], gan["per_class"], labels)
+    names = [name for name, count in counts.items() for _ in range(count)]
+    seeds = [derive_seed(seed, "gan", i) for i in range(len(names))]
+    record = model_record(model_path)
+    if model.config.size != size:
+        log.info("gan_synthesize: the GAN draws %d px images; resized to the %d px patches", model.config.size, size)
+    real = read_indexes(indexes, "train")
+    real_names = patch_labels(real, labels) if len(real) else np.empty(0, object)
+    rows, grids = [], {}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        for start in range(0, len(names), batch_size):
+            chunk = slice(start, start + batch_size)
+            images = generate(model, torch.as_tensor(label_index(names[chunk], labels)), seeds[chunk], gan["truncation"])
+            for i, (name, image_seed, image) in enumerate(zip(names[chunk], seeds[chunk], images), start):
+                if image.shape[0] != size:
+                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+                image_id = f"gan-{i:06d}"
+                write_png(image, tmp / "images" / f"{image_id}.png")
+                grids.setdefault(name, []).append(image)
+                rows.append({"id": image_id, "image": f"images/{image_id}.png", "mode": "gan", "class": name,
+                             "model_path": record[0], "model_hash": record[1], "seed": int(image_seed),
+                             "truncation": gan["truncation"], "source_patch_id": None, "source_slide": None,
+                             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            log.info("gan_synthesize: %d/%d images", len(rows), len(names))
+        manifest = pd.DataFrame(rows)
+        manifest.insert(manifest.columns.get_loc("created_at"), "label", label_index(manifest["class"], labels))
+        manifest["split"] = SPLIT
+        write_table(manifest, tmp / MANIFEST)
+        for name, made in grids.items() if grid_per_class else ():
+            real_rows = real[real_names == name].head(grid_per_class)
+            grid = [_to_model(np.stack([read_rgb(p) for p in real_rows["image"]]), "cpu")] if len(real_rows) else []
+            save_grid([*grid, _to_model(np.stack(made[:grid_per_class]), "cpu")], tmp / grid_name(name))
+    return manifest
 
 
 def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,

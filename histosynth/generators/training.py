@@ -1,11 +1,13 @@
-"""The training loop shared by the autoencoder and diffusion stages.
+"""The training loop shared by the autoencoder, diffusion and GAN stages.
 
-`fit` reads top to bottom: data, optimiser, EMA, resume, then the loop with its NaN guard, loss
-CSV, progress bar and checkpoints. It runs unchanged on one CPU, one GPU, or several GPUs under
+`fit` reads top to bottom: data, optimiser(s), EMA, resume, then the loop with its NaN guard, loss
+CSV, progress bar and checkpoints. A stage trains one model with one loss, or gives a sequence of
+`Update`s: several optimisers over parts of one model, run in turn on each batch (a GAN's
+discriminator and generator). It runs unchanged on one CPU, one GPU, or several GPUs under
 `accelerate launch` (each process trains on its shard of every epoch; `batch_size` is per process).
 
 Resuming follows the same trajectory as an uninterrupted run: a checkpoint holds the model, EMA,
-optimiser, LR schedule, step counter and the RNG states of every process, and the data order is
+optimiser(s), LR schedule(s), step counter and the RNG states of every process, and the data order is
 a function of (seed, epoch) alone, so a resumed run skips the batches already consumed in the
 current epoch and goes on with the same ones. A checkpoint made with a different training config
 is refused, naming the differing keys; keys in `RESUME_IGNORED` (run length and bookkeeping) may
@@ -24,7 +26,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,17 +228,35 @@ class Progress:
     seconds: float = 0.0  # training wall time over all runs
 
 
-def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizer, lr_schedule, run_config, rngs, loss_csv, keep):
+def _states(objects: dict, key: str) -> dict:
+    """trainer.pt's entries for optimisers or LR schedules ({name: object}): one under `key` (the
+    file as it was before fit took several optimisers), several under `key + 's'` by name."""
+    if len(objects) == 1:
+        return {key: next(iter(objects.values())).state_dict()}
+    return {f"{key}s": {name: obj.state_dict() for name, obj in objects.items()}}
+
+
+def _load_states(objects: dict, state: dict, key: str, path: Path) -> None:
+    saved = state[f"{key}s"] if f"{key}s" in state else {next(iter(objects)): state[key]} if len(objects) == 1 else {}
+    if set(saved) != set(objects):
+        raise TrainingError(f"{path} holds the {key} states of {sorted(saved) or 'one unnamed ' + key}, this training "
+                            f"has {sorted(objects)}; delete {path.parent} to start over")
+    for name, obj in objects.items():
+        obj.load_state_dict(saved[name])
+
+
+def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizers: dict, lr_schedules: dict, run_config,
+                    rngs, loss_csv, keep):
     """Write `directory/step-<n>/` atomically (model/ and ema/ by save_pretrained, trainer.pt, config.json,
-    loss.csv); then drop all but the newest `keep`."""
+    loss.csv); then drop all but the newest `keep`. optimizers, lr_schedules: {update name: object}."""
     if not all_finite(model):
         raise NonFiniteLossError(f"refusing to checkpoint step {progress.step}: the model has non-finite weights")
     with atomic_dir(directory / f"step-{progress.step}") as tmp:
         model.save_pretrained(tmp / "model")
         if ema is not None:
             ema.model.save_pretrained(tmp / "ema")
-        torch.save({"step": progress.step, "seconds": progress.seconds, "optimizer": optimizer.state_dict(),
-                    "lr_schedule": lr_schedule.state_dict(), "ema_updates": ema.updates if ema else 0, "rng": rngs},
+        torch.save({"step": progress.step, "seconds": progress.seconds, **_states(optimizers, "optimizer"),
+                    **_states(lr_schedules, "lr_schedule"), "ema_updates": ema.updates if ema else 0, "rng": rngs},
                    tmp / "trainer.pt")
         (tmp / "config.json").write_text(json.dumps(_plain(run_config), indent=2, sort_keys=True))
         if Path(loss_csv).is_file():
@@ -246,7 +266,7 @@ def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizer, 
     return directory / f"step-{progress.step}"
 
 
-def load_checkpoint(path: Path, run_config, model, ema, optimizer, lr_schedule, rank: int) -> Progress:
+def load_checkpoint(path: Path, run_config, model, ema, optimizers: dict, lr_schedules: dict, rank: int) -> Progress:
     """Restore everything `save_checkpoint` wrote, after checking the run config matches."""
     saved = json.loads((path / "config.json").read_text())
     differing = config_differences(saved, run_config)
@@ -261,8 +281,8 @@ def load_checkpoint(path: Path, run_config, model, ema, optimizer, lr_schedule, 
     if ema is not None:
         load_weights(ema.model, path / "ema")
         ema.updates = state["ema_updates"]
-    optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
+    _load_states(optimizers, state, "optimizer", path)
+    _load_states(lr_schedules, state, "lr_schedule", path)
     rngs = state["rng"]
     if rank >= len(rngs):
         raise TrainingError(f"{path} holds RNG states of {len(rngs)} processes; cannot resume process {rank} "
@@ -300,9 +320,12 @@ class LossLog:
 
 # ----------------------------------------------------------------------------- the loop
 
-def make_accelerator(settings: Mapping):
-    """An Accelerator for one CPU, one GPU or a multi-GPU launch: bf16 only on CUDA."""
+def make_accelerator(settings: Mapping, find_unused_parameters: bool = False):
+    """An Accelerator for one CPU, one GPU or a multi-GPU launch: bf16 only on CUDA.
+    find_unused_parameters: for models whose steps leave parts without gradients (a GAN's
+    discriminator step does not reach the generator), so that DDP does not wait for them."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     device = pick_device(settings.get("device", "auto"))
     precision = settings.get("mixed_precision", "auto")
@@ -310,14 +333,33 @@ def make_accelerator(settings: Mapping):
         if precision == "bf16" and device.type != "cuda":
             log.info("mixed_precision bf16 needs CUDA; training in fp32 on %s", device)
         precision = "bf16" if device.type == "cuda" else "no"
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, step_scheduler_with_optimizer=False)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=handlers)
 
 
-def _optimizer(params, s: Mapping) -> torch.optim.Optimizer:
+def _optimizer(params, s: Mapping, lr: float | None = None) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if s["optimizer"] not in kinds:
         raise TrainingError(f"train.optimizer must be one of {sorted(kinds)}, got {s['optimizer']!r}")
-    return kinds[s["optimizer"]](params, lr=s["lr"], betas=tuple(s["betas"]), weight_decay=s["weight_decay"])
+    return kinds[s["optimizer"]](params, lr=s["lr"] if lr is None else lr, betas=tuple(s["betas"]),
+                                 weight_decay=s["weight_decay"])
+
+
+@dataclass
+class Update:
+    """One optimiser of a training step, for `fit(model, [Update, ...], ...)`: it minimises
+    loss_fn(model, batch) -> (loss, {name: value}) over params(model) (called on the unwrapped
+    model; None: all its parameters) with its own optimiser (train.optimizer, betas and
+    weight_decay; `lr`, None: train.lr) and LR warm-up schedule (over its own steps). A step runs
+    its updates in order on the same batch, each with its own forward, NaN check, backward,
+    clipping and optimiser step; an update with every=k runs on the steps divisible by k only (a
+    GAN generator's step after every n_critic discriminator steps)."""
+    name: str
+    loss_fn: Callable
+    params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    lr: float | None = None
+    every: int = 1
 
 
 @dataclass
@@ -329,14 +371,17 @@ class FitResult:
     loss_csv: Path
 
 
-def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, *, settings: Mapping,
+def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset, out: str | Path, *, settings: Mapping,
         run_config: Mapping, seed: int, accelerator=None, checkpoint_dir: str | Path | None = None,
         extra_columns=(), on_step: Callable | None = None, desc: str = "train") -> FitResult:
     """Train `model` (a diffusers ModelMixin, so save_pretrained works) on `dataset`.
 
     `settings` is a whole `train` section (e.g. config.section_defaults("diffusion")["train"]).
     loss_fn(model, batch) -> (loss, {name: value}) gets the batch on the device; the named values
-    become `extra_columns` of `out/loss.csv`. on_step(step, eval_model) runs on the main process
+    become `extra_columns` of `out/loss.csv`. Or loss_fn is a sequence of `Update`s, one optimiser
+    each (all saved in the checkpoints); then each update's loss is also logged as `<name>_loss`
+    (list those in extra_columns), `loss` and `lr` are the first update's, and the EMA follows the
+    whole model after the step's last update. on_step(step, eval_model) runs on the main process
     after each step (eval_model: the EMA model, else the model). `run_config` is what a resume
     must match (see RESUME_IGNORED); checkpoints go to checkpoint_dir (default out/checkpoints)."""
     from accelerate.utils import gather_object
@@ -361,19 +406,28 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
                  {k: round(float(v), 3) for k, v in enumerate(shares) if v > 0})
     steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / s["batch_size"])
 
-    # model, optimiser, LR schedule (stepped here, once per step whatever the process count), EMA
+    # model, one optimiser and LR schedule per update (stepped here, once per step of its optimiser
+    # whatever the process count), EMA
+    updates = [Update("model", loss_fn)] if callable(loss_fn) else list(loss_fn)
+    names = [u.name for u in updates]
+    if not updates or len(set(names)) < len(names) or any(u.every < 1 for u in updates):
+        raise TrainingError(f"fit needs one or more updates with distinct names and every >= 1; got {names}")
+    single = len(updates) == 1
     model = prepare_model(model, accelerator.device)
-    optimizer = _optimizer(model.parameters(), s)
+    params = {u.name: list(u.params(model)) if u.params else None for u in updates}
+    optimizers = {u.name: _optimizer(params[u.name] or model.parameters(), s, u.lr) for u in updates}
     warmup = max(0, int(s["lr_warmup"]))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+    lr_schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+                    for name, opt in optimizers.items()}
     ema = EMA(model, s["ema_decay"], s["ema_warmup"]) if s["ema_decay"] else None
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *prepared = accelerator.prepare(model, *optimizers.values())
+    optimizers = dict(zip(optimizers, prepared, strict=True))
     raw = accelerator.unwrap_model(model)
 
     # resume, or start from the seed (each process its own stream for noise and dropout)
     found = checkpoints(checkpoint_dir)
     if found:
-        progress = load_checkpoint(found[-1], run_config, raw, ema, optimizer, lr_schedule, rank)
+        progress = load_checkpoint(found[-1], run_config, raw, ema, optimizers, lr_schedules, rank)
         log.info("resuming from %s (step %d of %d)", found[-1], progress.step, s["steps"])
         if progress.step > s["steps"]:
             raise TrainingError(f"checkpoint {found[-1]} is at step {progress.step}, beyond train.steps={s['steps']}; "
@@ -404,20 +458,31 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
                                        "all patches must share one size (config patches.size)")
                 batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 step = progress.step + 1
-                loss, extras = loss_fn(model, batch)
-                mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLossError(f"non-finite loss ({mean_loss}) at step {step} (epoch {epoch}); training stopped, "
-                                             f"nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if s["grad_clip"]:
-                    norm = accelerator.clip_grad_norm_(model.parameters(), s["grad_clip"])
-                    if not math.isfinite(float(norm)):
-                        raise NonFiniteLossError(f"non-finite gradient norm at step {step} (epoch {epoch}); training "
-                                                 f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
-                optimizer.step()
-                lr_schedule.step()
+                values = {}
+                for update in updates:
+                    if step % update.every:
+                        continue
+                    what = "" if single else f"{update.name} "
+                    loss, extras = update.loss_fn(model, batch)
+                    mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+                    if not math.isfinite(mean_loss):
+                        raise NonFiniteLossError(f"non-finite {what}loss ({mean_loss}) at step {step} (epoch {epoch}); training "
+                                                 f"stopped, nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
+                    optimizer = optimizers[update.name]
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    if s["grad_clip"]:
+                        norm = accelerator.clip_grad_norm_(params[update.name] or model.parameters(), s["grad_clip"])
+                        if not math.isfinite(float(norm)):
+                            raise NonFiniteLossError(f"non-finite {what}gradient norm at step {step} (epoch {epoch}); training "
+                                                     f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
+                    optimizer.step()
+                    lr_schedules[update.name].step()
+                    if update is updates[0]:
+                        values["loss"] = mean_loss
+                    if not single:
+                        values[f"{update.name}_loss"] = mean_loss
+                    values.update(extras)
                 if ema is not None:
                     ema.update(raw)
                 progress.step = step
@@ -425,16 +490,17 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
                 # logging
                 now = time.perf_counter()
                 window_samples += len(batch["image"]) * world
-                for key, value in {"loss": mean_loss, **extras}.items():
+                for key, value in values.items():
                     window.setdefault(key, []).append(float(value))
                 if step % s["log_every"] == 0 or step == s["steps"]:
                     progress.seconds += now - window_start
                     rate = window_samples / max(now - window_start, 1e-9)
                     means = {k: sum(v) / len(v) for k, v in window.items()}
                     if main:
-                        loss_log.write({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                        loss_log.write({"step": step, "epoch": epoch, "lr": optimizers[names[0]].param_groups[0]["lr"],
                                         "seconds": progress.seconds, "samples_per_s": rate, **means})
-                    bar.set_postfix(loss=f"{means['loss']:.4g}", samples_s=f"{rate:.1f}")
+                    shown = ["loss"] if single else [f"{name}_loss" for name in names]
+                    bar.set_postfix({**{k: f"{means[k]:.4g}" for k in shown if k in means}, "samples_s": f"{rate:.1f}"})
                     window, window_start, window_samples = {}, time.perf_counter(), 0
                 bar.update(1)
 
@@ -442,7 +508,7 @@ def fit(model: nn.Module, loss_fn: Callable, dataset: Dataset, out: str | Path, 
                 if step % s["checkpoint_every"] == 0 or step == s["steps"]:
                     rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                     if main:
-                        last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizer, lr_schedule,
+                        last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizers, lr_schedules,
                                                           run_config, rngs, loss_log.path, s["keep_checkpoints"])
                     accelerator.wait_for_everyone()
                     last_checkpoint = checkpoint_dir / f"step-{step}"

@@ -9,6 +9,7 @@ sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is 
 from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
+from histosynth.generators.synthesis import MASKED_MODES
 from histosynth.generators.training import resume_key
 
 
@@ -153,8 +154,9 @@ SEGMENTATION_SEEDS = config["segmentation"]["seeds"]
 
 
 def synthetic_sets():
-    """The synthetic sets this config makes: synth always, inpaint when it has a target class."""
-    return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else [])]
+    """The synthetic sets this config makes: synth always, inpaint when it has a target class, gan when it is enabled."""
+    return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else []),
+            *(["gan"] if config["gan"]["enabled"] else [])]
 
 
 def ratio_sources(ratio):
@@ -193,8 +195,10 @@ if not SEGMENTATION and (config["quality"]["consistency"] or config["quality"]["
 
 
 def segmentation_runs(pattern):
-    """One path per ratio x seed of the segmentation task (none when it is off)."""
-    return expand(pattern, ratio=RATIOS, seed=SEGMENTATION_SEEDS) if SEGMENTATION else []
+    """One path per ratio x seed of the segmentation task (none when it is off), for the ratios
+    whose synthetic images all have masks (the GAN set has none: its ratios feed classification only)."""
+    masked = [name for name in RATIOS if RATIOS[name]["synthetic"] == 0 or set(ratio_sources(name)) <= set(MASKED_MODES)]
+    return expand(pattern, ratio=masked, seed=SEGMENTATION_SEEDS) if SEGMENTATION else []
 
 
 def classification_runs(pattern):

@@ -17,7 +17,7 @@ rule image_quality:
         mem_mb=8000,
         runtime=240,
     params:
-        config=config_params("quality", "classes", "nuclei", "patches", "weights_dir"),
+        config=config_params("quality", "classes", "labels", "nuclei", "patches", "weights_dir"),
     script:
         "../../scripts/image_quality.py"
 
