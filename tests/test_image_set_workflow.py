@@ -1,6 +1,6 @@
 """Integration: the workflow on a labelled image set (plain PNG tiles in class folders, a sheet
 written by `histosynth sheet`), classification only, through the snakemake CLI: seeds 003/004's
-set-up at tiny scale, with class-conditioned synthesis."""
+set-up at tiny scale, with class-conditioned synthesis and seeds 000/001's GAN beside it."""
 
 from __future__ import annotations
 
@@ -24,9 +24,22 @@ diffusion: {num_classes: 2}
 synthesis:
   synthesize: {per_class: {low: 3, high: 3}, steps: 2}
   inpaint: {target_class: null}
+  gan: {n: 6}
+gan:                 # seeds 000/001's GAN at toy size: 16 px (resized to the 32 px patches), 4 steps
+  enabled: true
+  size: 16
+  ch_max: 32
+  width: 8
+  attention_g: [8]
+  attention_d: [16]
+  train: {steps: 4, batch_size: 4, checkpoint_every: 2, log_every: 1, sample_every: 4, sample_count: 2}
 mixing:
   sources: [synth]
-  ratios: [{name: real, synthetic: 0}, {name: syn6, synthetic: 6}, {name: cas, synthetic: 6, real: false}]
+  ratios:
+    - {name: real, synthetic: 0}
+    - {name: syn6, synthetic: 6}
+    - {name: gan6, synthetic: 6, sources: [gan]}
+    - {name: cas, synthetic: 6, real: false}
 segmentation: {enabled: false}
 quality: {consistency: false, extractor: resnet18}
 classification: {folds: 1, seeds: [0, 1]}
@@ -84,7 +97,21 @@ def test_class_conditioned_synthesis_feeds_classification_only(image_set_run):
     table = pd.read_parquet(image_set_run / "results/report/metrics.parquet")
     assert set(table["kind"]) == {"classification", "quality"}
     decided = pd.read_csv(image_set_run / "results/report/verdict.csv")
-    assert set(decided["task"]) == {"classification"} and set(decided["ratio"]) == {"syn6", "cas"}
+    assert set(decided["task"]) == {"classification"} and set(decided["ratio"]) == {"syn6", "gan6", "cas"}
     assert (decided["n"] == 2).all() and (decided["paired_by"] == "seed").all()
     assert (image_set_run / "results/report/confusion.png").stat().st_size > 5000
     assert not (image_set_run / "results/report/metrics.png").exists()  # the segmentation figure
+
+
+def test_the_gan_set_per_label_beside_the_diffusion_sets(image_set_run):
+    manifest = pd.read_parquet(image_set_run / "results/synthetic/gan/manifest.parquet")
+    assert sorted(manifest["class"]) == ["high"] * 3 + ["low"] * 3 and "mask" not in manifest
+    image = Image.open(image_set_run / "results/synthetic/gan" / manifest["image"].iloc[0])
+    assert image.size == (32, 32)  # drawn at gan.size 16, resized to the patches
+    assert (image_set_run / "results/gan/loss.csv").is_file() and list((image_set_run / "results/gan/samples").glob("*.png"))
+    mixed = pd.read_parquet(image_set_run / "results/mixing/gan6.parquet")
+    assert set(mixed.loc[mixed["source"] == "synthetic", "mode"]) == {"gan"} and mixed["mask"].isna().sum() == 6
+    quality = pd.read_parquet(image_set_run / "results/quality/metrics.parquet")
+    assert {"gan", "synth"} <= set(quality["set"]) and {"high", "low"} <= set(quality.loc[quality["set"] == "gan", "class"])
+    audit = pd.read_csv(image_set_run / "results/report/memorisation.csv").set_index("set")
+    assert set(audit.index) == {"synth", "gan"}

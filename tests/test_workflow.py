@@ -146,6 +146,16 @@ def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     assert planned_jobs(result.stdout + result.stderr) == EVALUATION
 
 
+def test_a_gan_ratio_trains_classifiers_only(tiny_run):
+    overlay = ("gan: {enabled: true, size: 16, ch_max: 32, width: 8, attention_g: [8], attention_d: [16], train: {steps: 4}}\n"
+               "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}")
+    result = snakemake(tiny_run, "--dry-run", overlay=overlay)
+    output = result.stdout + result.stderr
+    assert {"train_gan", "gan_synthesize", "train_classifier"} <= planned_jobs(output), output[-3000:]
+    # gan4: its mix and 2 folds x 1 seed of train_classifier and evaluate_classifier; no segmentation run
+    assert output.count("ratio=gan4") == 1 + 2 + 2
+
+
 def test_seeds_and_run_ids_cause_no_spurious_reruns(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="run_id: another_name")
     assert "Nothing to be done" in result.stdout + result.stderr
