@@ -98,6 +98,7 @@ def test_summarize_writes_everything(tmp_path):
                "verdict_plot": summary / "plots" / "verdict.png", "memorisation": summary / "memorisation.csv",
                "metrics_plot": summary / "plots" / "metrics.png", "class_share": summary / "share.csv",
                "class_share_plot": summary / "plots" / "share.png", "quality_plot": summary / "plots" / "quality.png",
+               "quality_per_class": summary / "plots" / "quality_per_class.png",
                "loss": summary / "loss"}
     audit = pd.DataFrame([{"set": "synth", "images": 8, "kept": 6, "copy_rate": 0.25}])
     write_table(audit, tmp_path / "audit.parquet")
@@ -115,7 +116,7 @@ def test_summarize_writes_everything(tmp_path):
     assert pd.read_csv(outputs["table"]).shape[0] == len(seg) + 1
     assert set(pd.read_csv(outputs["seed_summary"]).ratio) == {"real", "k2", "syn"}
     assert pd.read_csv(outputs["class_share"])["share"].tolist() == [0.1, 0.2, 0.5]
-    assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot", "verdict_plot"))
+    assert all(is_png(outputs[name]) for name in ("metrics_plot", "class_share_plot", "quality_plot", "quality_per_class", "verdict_plot"))
     assert is_png(out["loss"][0])
 
 

@@ -225,6 +225,39 @@ def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str]
     return _save(fig, out)
 
 
+PER_CLASS_METRICS = ("fd", "kd", "fid", "kid", "is")  # the seeds' per-class table (000 Table 5: FID and IS per class)
+
+
+def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
+    """The synthetic sets side by side per label (e.g. the GAN against the diffusion sets, as seed
+    000's Table 5): one panel per distribution metric that was computed, grouped bars per class
+    ('all' first), one bar per set; lower is better for FD/KD/FID/KID, higher for IS. Without any
+    computed metric, a panel says why (the skip notes)."""
+    ok = quality[(quality["status"] == "ok") & quality["metric"].isin(PER_CLASS_METRICS)]
+    metrics = [m for m in PER_CLASS_METRICS if m in set(ok["metric"])]
+    classes = ["all", *[c for c in dict.fromkeys(ok["class"]) if c != "all"]]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(max(6.0, 0.9 * len(classes) * max(1, len(metrics)) + 2), 3.6),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        wide = ok[ok["metric"] == metric].pivot_table(index="class", columns="set", values="value", sort=False).reindex(classes)
+        x = np.arange(len(wide))
+        for k, name in enumerate(wide.columns):
+            ax.bar(x + _offset(k, len(wide.columns)), wide[name], GROUP_WIDTH / len(wide.columns), label=name, color=f"C{k}")
+        better = "higher" if metric == "is" else "lower"
+        space = ok.loc[ok["metric"] == metric, "extractor"].iloc[0] if "extractor" in ok else ""
+        ax.set_title(f"{metric} ({better} is better)" + (f"\n{_wrap(_short_extractor(space), 32)}" if space else ""), fontsize=9)
+        ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    if not metrics:
+        axes[0][0].axis("off")
+        notes = sorted(set(quality.loc[quality["metric"].isin(PER_CLASS_METRICS), "note"].dropna()))
+        axes[0][0].text(0, 0.5, "no per-class distribution metric computed:\n" + "\n".join(_wrap(n, 90) for n in notes),
+                        fontsize=8, va="center")
+    fig.suptitle("Synthetic sets per class against the real training patches", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | None = None) -> Path:
     """Top row: one panel per image-quality metric that was computed (offline FD/KD and feature
     diversity, FID, KID, IS, LPIPS diversity; class 'all', one bar per synthetic set, the feature
@@ -379,7 +412,8 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     (CSV) and verdict_plot over both tasks; parquet and table (CSV) of all metrics, seed_summary and
     metrics_plot; with classification results classification_plot (accuracy, balanced accuracy, F1,
     AUROC per ratio) and confusion (per ratio, from the prediction tables, `class_names` in order);
-    class_share and class_share_plot from the share tables; quality_plot from the quality tables;
+    class_share and class_share_plot from the share tables; quality_plot and quality_per_class
+    (the sets side by side per label) from the quality tables;
     memorisation (CSV) from the curated sets' audit rows; loss, a folder of one PNG per loss CSV.
     The baseline is the first ratio with synthetic 0 and real true (override with `baseline`);
     `seed` seeds the verdict's bootstrap. Returns {name: path or list of paths} of what was written."""
@@ -415,6 +449,7 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     if quality is not None:
         scores = read_tables(scores_paths) if scores_paths else None
         written["quality_plot"] = plot_quality(quality, out["quality_plot"], scores)
+        written["quality_per_class"] = plot_quality_per_class(quality, out["quality_per_class"])
     if audit_paths:
         written["memorisation"] = write_csv(read_tables(audit_paths), out["memorisation"])
     if loss_csvs:

@@ -21,6 +21,7 @@ rule summarize:
         class_share=report("results/report/class_share.csv", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"table": "class-pixel share"}),
         class_share_plot=report("results/report/class_share.png", caption="../report/class_share.rst", category="6. Mixed datasets", labels={"figure": "class-pixel share"}),
         quality_plot=report("results/report/quality.png", caption="../report/quality.rst", category="8. Results", labels={"figure": "image quality"}),
+        quality_per_class=report("results/report/quality_per_class.png", caption="../report/quality_per_class.rst", category="8. Results", labels={"figure": "image quality per class"}),
         **({"metrics_plot": report("results/report/metrics.png", caption="../report/metrics_plot.rst", category="8. Results", labels={"figure": "segmentation vs synthetic amount"})}
            if SEGMENTATION else {}),
         **({"classification_plot": report("results/report/classification.png", caption="../report/classification.rst", category="8. Results", labels={"figure": "classification vs synthetic amount"}),
