@@ -19,6 +19,7 @@ wildcard_constraints:
     ratio="|".join(map(re.escape, RATIOS)),
     seed=r"\d+",
     fold=r"\d+",
+    set=r"[A-Za-z0-9_-]+",
 
 
 include: "workflow/rules/slides.smk"

@@ -80,6 +80,11 @@ def section_defaults(name: str, overrides: dict | None = None) -> dict:
     return section
 
 
+def default(key: str):
+    """The schema default of top-level key `key` (e.g. weights_dir), for callers given a partial config."""
+    return copy.deepcopy(_defaults()[key])
+
+
 def _merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         base[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value

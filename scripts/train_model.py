@@ -1,4 +1,4 @@
-"""Rules train_autoencoder and train_diffusion: one process on one device, accelerate launch on
+"""Rules train_autoencoder, train_diffusion and train_gan: one process on one device, accelerate launch on
 several GPUs (histosynth.generators.launch.launch); params.stage names the model trained."""
 
 from pathlib import Path
@@ -15,4 +15,5 @@ launch(
     gpus=snakemake.resources.gpu,
     threads=snakemake.threads,
     autoencoder=snakemake.input.get("autoencoder"),
+    segmentation=snakemake.input.get("segmentation"),
 )

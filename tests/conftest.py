@@ -65,3 +65,20 @@ def square_slide(tmp_path) -> tuple[Path, Path]:
         feature("Blood vessel", square(256, 256, 384, 384)),
     ])
     return slide, geojson
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(tmp_path_factory) -> Path:
+    """A random-weight resnet18 U-Net (depth 3, 32 px inputs, classes Blood vessel and Fat) saved
+    as rule train_segmentation does: a feature space and re-segmenter for quality tests."""
+    import torch
+
+    from histosynth.config import section_defaults
+    from histosynth.evaluation.segmentation import build_model, save_model
+
+    torch.manual_seed(0)
+    settings = section_defaults("segmentation", {"encoder_depth": 3, "decoder_channels": [32, 16, 16]})
+    run = tmp_path_factory.mktemp("segmentation")
+    (run / "model").mkdir()
+    save_model(build_model(settings, 2), run / "model", {"Blood vessel": 1, "Fat": 2}, settings, {})
+    return run

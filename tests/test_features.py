@@ -11,23 +11,12 @@ import torch
 from PIL import Image
 
 from histosynth.evaluation.features import FeatureError, build_extractor, image_features, pairwise_diversity, timm_encoder
-from histosynth.config import section_defaults
 from histosynth.evaluation.fidelity import fid, kid
 from histosynth.evaluation.quality import image_quality
-from histosynth.evaluation.segmentation import build_model, load_model, save_model
+from histosynth.evaluation.segmentation import load_model
 
 CLASSES = ["Blood vessel", "Fat"]
-
-
-@pytest.fixture(scope="module")
-def segmentation_run(tmp_path_factory):
-    """A random-weight resnet18 U-Net (depth 3, 32 px inputs) saved as rule train_segmentation does."""
-    torch.manual_seed(0)
-    settings = section_defaults("segmentation", {"encoder_depth": 3, "decoder_channels": [32, 16, 16]})
-    run = tmp_path_factory.mktemp("segmentation")
-    (run / "model").mkdir()
-    save_model(build_model(settings, len(CLASSES)), run / "model", {"Blood vessel": 1, "Fat": 2}, settings, {})
-    return run
+LABELS = {"source": "region", "classes": ["background", *CLASSES], "regions": CLASSES, "background": "background"}
 
 
 def tissue_images(folder, n, shift=0, seed=0):
@@ -96,7 +85,8 @@ def test_quality_table_has_offline_rows_without_any_weights(tmp_path, segmentati
     near, far = tissue_images(tmp_path / "near", 12, 5, seed=1), tissue_images(tmp_path / "far", 12, 70, seed=2)
     extractor = build_extractor("segmentation", None, load_model(segmentation_run, "cpu"))
     assert str(segmentation_run / "model") in extractor.name
-    table, _ = image_quality(real, {"near": near, "far": far}, CLASSES, extractor=extractor, weights_dir=tmp_path / "weights",
+    table, _ = image_quality(real, {"near": near, "far": far}, CLASSES, labels=LABELS, extractor=extractor,
+                             weights_dir=tmp_path / "weights",
                              settings={"min_images": 10, "device": "cpu", "consistency": False, "kid_subsets": 5})
     offline = table[table["metric"].isin(["fd", "kd", "feature_diversity"])]
     assert (offline["status"] == "ok").all() and set(offline["class"]) == {"all", "Blood vessel"}

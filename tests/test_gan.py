@@ -35,6 +35,7 @@ from histosynth.generators.gan import (
     noise,
     train,
 )
+from histosynth.generators.monitor import FeatureSpace, FidelityMonitor, feature_spaces
 from histosynth.generators.training import TrainingError, checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,6 +65,20 @@ class Toy(Dataset):
         colour = torch.tensor([0.8, -0.6, -0.6]) if self.labels[i] == 0 else torch.tensor([-0.6, -0.6, 0.8])
         image = colour.view(3, 1, 1) + 0.1 * torch.randn(3, self.size, self.size, generator=g)
         return {"image": image.clamp(-1, 1), "label": torch.tensor(int(self.labels[i]))}
+
+
+def colour_space() -> FeatureSpace:
+    """A feature space any test affords: each image's per-channel mean and standard deviation."""
+    def embed(images: torch.Tensor) -> np.ndarray:
+        x = images.double() / 255
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).numpy()
+
+    return FeatureSpace("colour moments", "fd", "kd", embed)
+
+
+def loss_rows(folder: Path) -> list[dict]:
+    with open(folder / "loss.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def weights(folder: Path) -> dict:
@@ -281,11 +296,13 @@ def test_training_writes_model_losses_and_class_rows_of_previews(tmp_path):
 
 def test_resume_is_bit_identical_and_keeps_both_optimisers(tmp_path):
     """4 steps straight vs. 2 steps, then a fresh run with steps: 4 resuming from step-2: the
-    same generator, discriminator, EMA, both Adam states and losses, bit for bit."""
-    straight = train(Toy(), tmp_path / "a", tiny(steps=4), seed=3)
-    train(Toy(), tmp_path / "b", tiny(steps=2), seed=3)
+    same generator, discriminator, EMA, both Adam states, losses and fidelity values, bit for bit
+    (the fidelity evaluation at every step draws from no global generator)."""
+    monitored = {"feature_spaces": [colour_space()], "seed": 3}
+    straight = train(Toy(), tmp_path / "a", tiny(steps=4, eval_every=1, eval_images=4), **monitored)
+    train(Toy(), tmp_path / "b", tiny(steps=2, eval_every=1, eval_images=4), **monitored)
     assert [p.name for p in checkpoints(tmp_path / "b" / "checkpoints")] == ["step-2"]
-    resumed = train(Toy(), tmp_path / "b", tiny(steps=4), seed=3)
+    resumed = train(Toy(), tmp_path / "b", tiny(steps=4, eval_every=1, eval_images=4), **monitored)
     assert straight["steps"] == resumed["steps"] == 4
     assert_identical(weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model"))
     for part in ("model", "ema"):
@@ -299,7 +316,45 @@ def test_resume_is_bit_identical_and_keeps_both_optimisers(tmp_path):
     with open(tmp_path / "a" / "loss.csv") as fa, open(tmp_path / "b" / "loss.csv") as fb:
         a, b = list(csv.DictReader(fa)), list(csv.DictReader(fb))
     assert [r["step"] for r in b] == ["1", "2", "3", "4"]
-    assert [(r["d_loss"], r["g_loss"], r["d_real"]) for r in a] == [(r["d_loss"], r["g_loss"], r["d_real"]) for r in b]
+    assert [(r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in a] == \
+        [(r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in b]
+    assert all(float(r["fd"]) > 0 for r in a)
+
+
+def test_fidelity_monitor_is_zero_for_the_real_images_and_grows_with_a_colour_shift():
+    toy = Toy(n=16)
+    real = torch.stack([((toy[i]["image"] + 1) * 127.5).round().to(torch.uint8) for i in range(len(toy))])
+    monitor = FidelityMonitor(real, [colour_space()], batch_size=5, kid_subsets=4, kid_subset_size=8, seed=0)
+    same = monitor(real)
+    assert set(same) == {"fd", "kd"} and abs(same["fd"]) < 1e-9
+    darker, darkest = monitor((real // 4 * 3).to(torch.uint8)), monitor((real // 2).to(torch.uint8))
+    assert 0.001 < darker["fd"] < darkest["fd"] and same["kd"] < darker["kd"] < darkest["kd"]
+
+
+def test_fidelity_during_training_joins_the_loss_rows_of_its_steps(tmp_path):
+    """eval_every 2 of 4 steps with rows every 3: rows at 2 (evaluation), 3 (log) and 4 (both);
+    FD/KD of the EMA generator's images at 2 and 4 only; no space, no columns filled."""
+    train(Toy(n=8), tmp_path / "on", tiny(steps=4, log_every=3, eval_every=2, eval_images=6, sample_every=0), seed=0,
+          feature_spaces=[colour_space()])
+    rows = loss_rows(tmp_path / "on")
+    assert [r["step"] for r in rows] == ["2", "3", "4"]
+    assert [bool(r["fd"]) for r in rows] == [True, False, True] and [bool(r["kd"]) for r in rows] == [True, False, True]
+    assert float(rows[0]["fd"]) > 0 and not rows[0]["fid"]
+    train(Toy(n=8), tmp_path / "off", tiny(steps=2, eval_every=1, sample_every=0), seed=0)
+    assert not any(r["fd"] for r in loss_rows(tmp_path / "off"))
+
+
+def test_feature_spaces_say_what_is_missing_and_build_what_is_not(tmp_path, caplog, segmentation_run):
+    """Without the segmentation run or Inception weights: no space, and a log line naming each;
+    with the real-only segmenter: its encoder gives fd/kd."""
+    quality = section_defaults("quality")
+    with caplog.at_level("INFO", logger="histosynth.generators.monitor"):
+        assert feature_spaces(quality, tmp_path / "weights") == []
+    assert "no fd/kd" in caplog.text and "segmentation run" in caplog.text
+    assert "no fid/kid" in caplog.text and "fetch_weights" in caplog.text
+    [space] = feature_spaces(quality, tmp_path / "weights", segmentation_run)
+    assert (space.distance, space.kernel) == ("fd", "kd") and "segmentation encoder" in space.name
+    assert space.embed(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape[0] == 2
 
 
 def test_n_critic_updates_the_generator_every_n_steps(tmp_path):

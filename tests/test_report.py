@@ -78,6 +78,22 @@ def test_plots_are_written(tmp_path):
     assert curve.name == "run.png" and is_png(curve)
 
 
+def test_gan_loss_curve_draws_both_networks_and_a_panel_per_fidelity_metric(tmp_path):
+    """A GAN's loss.csv (loss = d_loss) with FD/KD at its evaluation steps: one panel of losses and
+    one per logged fidelity metric, so the figure is wider than a single-panel curve."""
+    from matplotlib import image
+
+    gan = {"step": [1, 2, 3, 4], "loss": [2.0, 1.8, 1.7, 1.5], "d_loss": [2.0, 1.8, 1.7, 1.5],
+           "g_loss": [0.5, 0.7, 0.8, 0.9], "fd": [None, 4.0, None, 3.0], "kd": [None, 0.4, None, 0.3], "fid": [None] * 4}
+    tables = {"plain": {"step": [1, 2], "loss": [1.0, 0.9], "val_loss": [1.1, 1.0]},
+              "gan_fd": {k: v for k, v in gan.items() if k != "kd"}, "gan": gan}
+    for name, table in tables.items():
+        pd.DataFrame(table).to_csv(tmp_path / f"{name}.csv", index=False)
+    pngs = plot_loss_curves([tmp_path / f"{name}.csv" for name in tables], tmp_path / "loss", list(tables))
+    plain, one, two = (image.imread(png).shape[1] for png in pngs)
+    assert 1.3 * plain < one < 0.85 * two  # a panel per logged metric (fd, then kd), none for the empty fid
+
+
 def test_summarize_writes_everything(tmp_path):
     seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7], "syn": [0.3, 0.2, 0.25]})
     paths = []

@@ -102,18 +102,21 @@ def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def inception_embeddings(images: torch.Tensor, net, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) float64 arrays of uint8 (N, 3, H, W) images (one batch)."""
+    device = device or next(net.parameters()).device
+    features, logits = net.to(device)(images.to(device))
+    return features.double().cpu().numpy(), logits.double().cpu().numpy()
+
+
 def inception_features(paths: Sequence[str | Path], net, batch_size: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) float64 arrays for the images at `paths`."""
     device = device or torch.device("cpu")
-    net = net.to(device)
-    features, logits = [], []
-    for start in range(0, len(paths), batch_size):
-        f, lg = net(read_images(paths[start:start + batch_size]).to(device))
-        features.append(f.double().cpu().numpy())
-        logits.append(lg.double().cpu().numpy())
-    if not features:
+    chunks = [inception_embeddings(read_images(paths[start:start + batch_size]), net, device)
+              for start in range(0, len(paths), batch_size)]
+    if not chunks:
         return np.empty((0, 0)), np.empty((0, 0))
-    return np.concatenate(features), np.concatenate(logits)
+    return np.concatenate([f for f, _ in chunks]), np.concatenate([lg for _, lg in chunks])
 
 
 def load_lpips(path: str | Path):

@@ -186,19 +186,36 @@ def plot_verdict(table: pd.DataFrame, out: str | Path) -> Path:
     return _save(fig, out)
 
 
+LOSS_SERIES = (("train_loss", "train"), ("loss", "loss"), ("val_loss", "validation"), ("d_loss", "discriminator"),
+               ("g_loss", "generator"))
+FIDELITY_SERIES = ("fd", "kd", "fid", "kid")  # a generator's fidelity during training (generators.monitor)
+
+
 def plot_loss_curve(csv_path: str | Path, out: str | Path, title: str | None = None) -> Path:
-    """Train and validation loss against optimiser steps of one training (its loss.csv)."""
+    """The losses of one training (its loss.csv) against optimiser steps: train (or the single
+    `loss`) and validation, or discriminator and generator (a GAN); beside them, a panel per
+    fidelity metric logged during training (FD/KD, FID/KID)."""
     table = pd.read_csv(csv_path)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    x = table["step"] if "step" in table else np.arange(1, len(table) + 1)
-    for column, label in (("train_loss", "train"), ("val_loss", "validation"), ("loss", "loss")):
-        if column in table and table[column].notna().any():
-            ax.plot(x, table[column], marker="." if len(table) < 50 else None, label=label)
+    x = table["step"] if "step" in table else pd.Series(np.arange(1, len(table) + 1))
+    present = lambda column: column in table and table[column].notna().any()  # noqa: E731
+    # a GAN's `loss` is its discriminator's (training.fit: the first update's), drawn once as d_loss
+    losses = [(c, label) for c, label in LOSS_SERIES if present(c) and not (c == "loss" and present("d_loss"))]
+    fidelity = [c for c in FIDELITY_SERIES if present(c)]
+    fig, axes = plt.subplots(1, 1 + len(fidelity), figsize=(5 + 2.8 * len(fidelity), 3.4), squeeze=False)
+    ax = axes[0][0]
+    for column, label in losses:
+        ax.plot(x, table[column], marker="." if len(table) < 50 else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or Path(csv_path).parent.name, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    for ax, column in zip(axes[0][1:], fidelity):
+        rows = table[column].notna()
+        ax.plot(x[rows], table.loc[rows, column], marker=".", color="C3")
+        ax.set_xlabel("step")
+        ax.set_title(f"{column} vs training images (lower is better)", fontsize=9)
+        ax.grid(alpha=0.3)
     return _save(fig, out)
 
 

@@ -6,7 +6,8 @@ shared loop (histosynth.generators.training.fit) with one optimiser each.
 
 Outputs in DIR: model/ (save_pretrained of the EMA generator with the trained discriminator, plus
 histosynth.json with num_classes, size, z_dim, labels and the training config), loss.csv (d_loss,
-g_loss, d_real, d_fake), samples/step-<n>.png (one row per class, fixed noise).
+g_loss, d_real, d_fake; fd/kd and fid/kid every gan.train.eval_every steps, histosynth.generators.monitor),
+samples/step-<n>.png (one row per class, fixed noise).
 
 The architecture is seed 000's Tables 1-4 (section 5); seed 001 (section 5) describes the same GAN
 as ResNet blocks with self-attention in both networks. Table lines quoted below as "T1 L8" etc.
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from PIL import Image
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -36,6 +38,8 @@ from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir
 from histosynth.device import autocast
 from histosynth.generators.launch import cli
+from histosynth.generators.monitor import COLUMNS as MONITOR_COLUMNS
+from histosynth.generators.monitor import FeatureSpace, FidelityMonitor
 from histosynth.generators.training import (
     TrainingError,
     Update,
@@ -422,6 +426,14 @@ def generate(model, labels: torch.Tensor, seeds: Sequence[int], truncation: floa
     return np.concatenate(images) if images else np.zeros((0, generator.size, generator.size, 3), np.uint8)
 
 
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, h, w, 3) images resized to size x size (Lanczos), as the synthetic set stores a GAN
+    drawing another size than the patches; unchanged when they already are."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)) for image in images])
+
+
 def load_gan(folder: str | Path, device=None) -> GAN:
     """The GAN saved by `train` in `folder` (model/), in eval mode; model.config has num_classes,
     size, z_dim and labels (also in histosynth.json)."""
@@ -450,13 +462,30 @@ def _dataset_labels(dataset) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
+def _monitor(dataset, spaces, count: int, quality: Mapping | None, seed: int) -> tuple[FidelityMonitor, np.ndarray]:
+    """The fidelity monitor on a fixed sample of `count` training images, and their labels (the
+    fakes it is shown take the same labels, so class frequencies match)."""
+    q = section_defaults("quality", quality)
+    n = min(len(dataset), count)
+    picked = np.sort(np.random.default_rng(derive_seed(seed, "monitor")).choice(len(dataset), n, replace=False))
+    items = [dataset[int(i)] for i in picked]
+    real = torch.stack([((item["image"].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for item in items])
+    monitor = FidelityMonitor(real, spaces, batch_size=q["batch_size"], kid_subsets=q["kid_subsets"],
+                              kid_subset_size=q["kid_subset_size"], seed=q["seed"])
+    return monitor, np.array([int(item["label"]) for item in items])
+
+
 def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: int = 0, val_dataset=None,
-          checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None) -> dict:
+          checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None,
+          feature_spaces: Sequence[FeatureSpace] = (), quality: Mapping | None = None) -> dict:
     """Train the `gan` config section's GAN on `dataset` (items: 'image' (3, H, W) in [-1, 1],
     resized to gan.size, and 'label', the class index); writes out/model, out/loss.csv and
     out/samples/step-<n>.png. labels: the class names in index order (histosynth.json; default
     their indices); num_classes 0 takes their number, else the dataset's largest label + 1.
-    val_dataset is accepted for the shared command line and unused: a GAN has no validation loss."""
+    feature_spaces (histosynth.generators.monitor.feature_spaces) give the loss table FD/KID (and
+    FID/KID) of the EMA generator's images every gan.train.eval_every steps, with the `quality`
+    section's KID settings. val_dataset is accepted for the shared command line and unused: a GAN
+    has no validation loss."""
     c = section_defaults("gan", settings)
     t = c["train"]
     out = Path(out)
@@ -509,10 +538,21 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
 
     preview_z = torch.randn(t["sample_count"], z_dim, generator=torch.Generator().manual_seed(derive_seed(seed, "preview")))
 
+    monitor = None
+    if t["eval_every"] and feature_spaces and accelerator.is_main_process:
+        monitor, monitor_labels = _monitor(dataset, feature_spaces, t["eval_images"], quality, seed)
+        monitor_seeds = [derive_seed(seed, "monitor", i) for i in range(len(monitor_labels))]
+        patch_size = shapes["image"][-1]
+
     def on_step(step, eval_model):
-        every = t["sample_every"]
-        if not every or (step % every and step != t["steps"]):
-            return
+        if t["sample_every"] and (step % t["sample_every"] == 0 or step == t["steps"]):
+            preview(step, eval_model)
+        if monitor is not None and (step % t["eval_every"] == 0 or step == t["steps"]):
+            images = resize_images(generate(eval_model, torch.as_tensor(monitor_labels), monitor_seeds), patch_size)
+            return monitor(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+        return None
+
+    def preview(step, eval_model):
         generator, n = eval_model.generator, len(preview_z)
         was_training = generator.training
         generator.eval()
@@ -523,7 +563,7 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
 
     run_config = {**c, "seed": seed, "classes": names, "data": {"items": len(dataset), "image": list(shapes["image"])}}
     result = fit(model, updates, dataset, out, settings=t, run_config=run_config, seed=seed, accelerator=accelerator,
-                 checkpoint_dir=checkpoint_dir, extra_columns=["d_loss", "g_loss", "d_real", "d_fake"], on_step=on_step,
+                 checkpoint_dir=checkpoint_dir, extra_columns=["d_loss", "g_loss", "d_real", "d_fake", *MONITOR_COLUMNS], on_step=on_step,
                  desc="gan")
     if not accelerator.is_main_process:
         return {}

@@ -56,6 +56,9 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
     if stage == "diffusion":
         p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
+    if stage == "gan":
+        p.add_argument("--segmentation", help="the real-only segmentation run folder: the feature space of the "
+                                              "FD/KD during training when quality.extractor is 'segmentation'")
     args = parser.parse_args(argv)
     if args.log:
         from histosynth.logs import log_to
@@ -71,8 +74,15 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     val = factory(args.index, "val", config)
     extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
     if stage == "gan":  # class names in index order, where the job's labels are resolved (the workflow's are)
+        from histosynth.config import default, section_defaults
+        from histosynth.generators.monitor import feature_spaces
+
         labels = config.get("labels") or {}
-        extra = {"labels": list(labels["classes"]) if "regions" in labels else None}
+        quality = section_defaults("quality", config.get("quality"))
+        spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir"), args.segmentation) \
+            if section_defaults("gan", config.get("gan"))["train"]["eval_every"] else []
+        extra = {"labels": list(labels["classes"]) if "regions" in labels else None, "feature_spaces": spaces,
+                 "quality": quality}
     try:
         summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
                         val_dataset=val if val is not None and len(val) else None,
@@ -85,7 +95,8 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
 
 
 def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
-           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
+           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None,
+           segmentation: str | None = None) -> None:
     """Run the stage's trainer (`python -m TRAINERS[stage] train`) for a Snakemake job: in this process on one device,
     under `accelerate launch` with one process per GPU when the job was given gpus > 1."""
     import subprocess
@@ -99,6 +110,8 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
             "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log), "--threads", str(threads)]
     if autoencoder:
         argv += ["--autoencoder", str(autoencoder)]
+    if segmentation:
+        argv += ["--segmentation", str(segmentation)]
     if gpus > 1:
         command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", TRAINERS[stage], *argv]
         code = subprocess.run(command).returncode

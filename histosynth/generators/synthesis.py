@@ -466,11 +466,9 @@ def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: st
     created_at, split) and grid_<class>.png (real training patches of the class above GAN
     images). `settings` is the `synthesis` config section (its gan, batch_size and grid_per_class);
     `indexes` the training slides' patch indexes."""
-    from PIL import Image
-
     from histosynth.device import pick_device
     from histosynth.generators.datasets import read_indexes
-    from histosynth.generators.gan import generate, load_gan
+    from histosynth.generators.gan import generate, load_gan, resize_images
 
     model = load_gan(model_path, pick_device(device))
     if list(model.config.labels or []) != list(labels["classes"]):
@@ -491,10 +489,9 @@ def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: st
         (tmp / "images").mkdir()
         for start in range(0, len(names), batch_size):
             chunk = slice(start, start + batch_size)
-            images = generate(model, torch.as_tensor(label_index(names[chunk], labels)), seeds[chunk], gan["truncation"])
+            images = resize_images(generate(model, torch.as_tensor(label_index(names[chunk], labels)), seeds[chunk],
+                                            gan["truncation"]), size)
             for i, (name, image_seed, image) in enumerate(zip(names[chunk], seeds[chunk], images), start):
-                if image.shape[0] != size:
-                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
                 image_id = f"gan-{i:06d}"
                 write_png(image, tmp / "images" / f"{image_id}.png")
                 grids.setdefault(name, []).append(image)

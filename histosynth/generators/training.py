@@ -382,7 +382,9 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
     each (all saved in the checkpoints); then each update's loss is also logged as `<name>_loss`
     (list those in extra_columns), `loss` and `lr` are the first update's, and the EMA follows the
     whole model after the step's last update. on_step(step, eval_model) runs on the main process
-    after each step (eval_model: the EMA model, else the model). `run_config` is what a resume
+    after each step (eval_model: the EMA model, else the model); a dict it returns (e.g. FID at an
+    evaluation step) is written into that step's loss.csv row (list its keys in extra_columns); it
+    must leave the global RNGs alone, or resume is no longer bit-identical. `run_config` is what a resume
     must match (see RESUME_IGNORED); checkpoints go to checkpoint_dir (default out/checkpoints)."""
     from accelerate.utils import gather_object
 
@@ -486,19 +488,21 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                 if ema is not None:
                     ema.update(raw)
                 progress.step = step
+                # the hook (preview grids, fidelity) before logging: values it returns join this step's row
+                hooked = on_step(step, ema.model if ema is not None else raw) if on_step is not None and main else None
 
                 # logging
                 now = time.perf_counter()
                 window_samples += len(batch["image"]) * world
                 for key, value in values.items():
                     window.setdefault(key, []).append(float(value))
-                if step % s["log_every"] == 0 or step == s["steps"]:
+                if step % s["log_every"] == 0 or step == s["steps"] or hooked:
                     progress.seconds += now - window_start
                     rate = window_samples / max(now - window_start, 1e-9)
                     means = {k: sum(v) / len(v) for k, v in window.items()}
                     if main:
                         loss_log.write({"step": step, "epoch": epoch, "lr": optimizers[names[0]].param_groups[0]["lr"],
-                                        "seconds": progress.seconds, "samples_per_s": rate, **means})
+                                        "seconds": progress.seconds, "samples_per_s": rate, **means, **(hooked or {})})
                     shown = ["loss"] if single else [f"{name}_loss" for name in names]
                     bar.set_postfix({**{k: f"{means[k]:.4g}" for k in shown if k in means}, "samples_s": f"{rate:.1f}"})
                     window, window_start, window_samples = {}, time.perf_counter(), 0
@@ -512,8 +516,6 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                                                           run_config, rngs, loss_log.path, s["keep_checkpoints"])
                     accelerator.wait_for_everyone()
                     last_checkpoint = checkpoint_dir / f"step-{step}"
-                if on_step is not None and main:
-                    on_step(step, ema.model if ema is not None else raw)
                 if progress.step >= s["steps"]:
                     break
     accelerator.wait_for_everyone()

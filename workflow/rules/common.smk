@@ -81,6 +81,18 @@ def config_params(*keys):
     return json.loads(json.dumps(sections, sort_keys=True))
 
 
+GENERATOR_SETTINGS = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan"}
+
+
+def synthesis_config(mode, *keys):
+    """What one synthetic set's job reads: the shared synthesis settings and its own subsection, not
+    the other generators' (enabling the GAN must not rerun diffusion sampling), plus `keys`."""
+    params = config_params("synthesis", *keys)
+    for other in set(GENERATOR_SETTINGS.values()) - {GENERATOR_SETTINGS[mode]}:
+        del params["synthesis"][other]
+    return params
+
+
 def segmentation_config():
     """What a segmentation job reads: its settings without the seed list, which only names the runs
     (adding a seed must not rerun the others)."""
@@ -97,9 +109,13 @@ def classification_config():
     return params
 
 
+TRAINING_READS = {"gan": ("quality", "weights_dir")}  # the GAN's fidelity during training: quality's feature spaces
+
+
 def training_config(stage):
-    """What a training job reads: its own section and the keys its data depends on."""
-    return config_params(stage, "seed", "classes", "conditioning", "labels")
+    """What a training job reads: its own section, the keys its data depends on and, for the GAN,
+    what its fidelity evaluations read."""
+    return config_params(stage, "seed", "classes", "conditioning", "labels", *TRAINING_READS.get(stage, ()))
 
 
 def checkpoint_folder(stage):
@@ -172,10 +188,20 @@ def mixing_inputs(wildcards):
     return inputs
 
 
+def gan_training_inputs(wildcards):
+    """The training slides' patches, and the baseline's first segmentation model when it is the
+    feature space of the GAN's FD/KD during training (quality.extractor 'segmentation')."""
+    inputs = {"indexes": expand("results/patches/{slide}.parquet", slide=training_slides()),
+              "patches": expand("results/patches/{slide}", slide=training_slides())}
+    if config["gan"]["train"]["eval_every"] and config["quality"]["extractor"] == "segmentation":
+        inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
+    return inputs
+
+
 def curation_inputs(wildcards):
     """One synthetic set, its per-image consistency scores, the train and val patches it is
     checked against, and the baseline's first model when it is the feature space."""
-    inputs = {"synthetic": f"results/synthetic/{wildcards.set}", "scores": "results/quality/scores.parquet",
+    inputs = {"synthetic": f"results/synthetic/{wildcards.set}", "scores": f"results/quality/{wildcards.set}.scores.parquet",
               "indexes": patch_indexes("train") + patch_indexes("val"),
               "patches": expand("results/patches/{slide}", slide=training_slides())}
     if config["quality"]["extractor"] == "segmentation":
@@ -210,9 +236,9 @@ def classification_runs(pattern):
 
 
 def quality_inputs(wildcards):
-    """Real training patches, every synthetic set, and the baseline's first model (mask consistency,
+    """Real training patches, one synthetic set, and the baseline's first model (mask consistency,
     and the offline feature space when quality.extractor is 'segmentation')."""
-    inputs = {"indexes": patch_indexes("train"), "synthetic": expand("results/synthetic/{mode}", mode=synthetic_sets())}
+    inputs = {"indexes": patch_indexes("train"), "synthetic": f"results/synthetic/{wildcards.set}"}
     if config["quality"]["consistency"] or config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     return inputs

@@ -1,8 +1,7 @@
 rule train_gan:
     """Train the class-conditional GAN of seeds 000/001 (hinge loss, spectral norm, TTUR) on the training slides' patches and their labels."""
     input:
-        indexes=expand("results/patches/{slide}.parquet", slide=training_slides()),
-        patches=expand("results/patches/{slide}", slide=training_slides()),
+        unpack(gan_training_inputs),
     output:
         model=directory("results/gan/model"),
         losses="results/gan/loss.csv",
@@ -59,6 +58,6 @@ rule gan_synthesize:
         mem_mb=8000,
         runtime=120,
     params:
-        config=config_params("synthesis", "labels", "seed", "patches"),
+        config=synthesis_config("gan", "labels", "seed", "patches"),
     script:
         "../../scripts/gan_synthesize.py"

@@ -1,14 +1,14 @@
 rule image_quality:
-    """Mask consistency (pooled and per image), offline FD/KD, FID/KID/IS and diversity of every synthetic set against the real training patches."""
+    """Mask consistency (pooled and per image), offline FD/KD, FID/KID/IS and diversity of one synthetic set against the real training patches."""
     input:
         unpack(quality_inputs),
     output:
-        table="results/quality/metrics.parquet",
-        scores="results/quality/scores.parquet",
+        table="results/quality/{set}.parquet",
+        scores="results/quality/{set}.scores.parquet",
     log:
-        "logs/image_quality.log",
+        "logs/image_quality/{set}.log",
     benchmark:
-        "results/benchmarks/image_quality.tsv"
+        "results/benchmarks/image_quality/{set}.tsv"
     conda:
         "../../envs/histosynth.yaml"
     threads: 4

@@ -23,7 +23,7 @@ rule synthesize:
         runtime=720,
     params:
         mode="synth",
-        config=config_params("synthesis", "classes", "conditioning", "seed", "labels"),
+        config=synthesis_config("synth", "classes", "conditioning", "seed", "labels"),
     script:
         "../../scripts/synthesis.py"
 
@@ -53,7 +53,7 @@ rule inpaint:
         runtime=720,
     params:
         mode="inpaint",
-        config=config_params("synthesis", "classes", "conditioning", "seed", "labels"),
+        config=synthesis_config("inpaint", "classes", "conditioning", "seed", "labels"),
     script:
         "../../scripts/synthesis.py"
 
