@@ -127,6 +127,11 @@ def _check_label_references(config: dict, source: str) -> None:
                           f"({' or '.join(map(str, known))})")
 
 
+def lora_set(scale: float) -> str:
+    """The name of the LoRA set sampled at `scale` (synthesis.lora.scales): lora<scale x 100>, e.g. lora100, lora80."""
+    return f"lora{round(100 * float(scale))}"
+
+
 def _check_evaluation(config: dict, source: str) -> None:
     """Mixing ratios, segmentation shape and report baseline that the schema alone cannot check."""
     names = [ratio["name"] for ratio in config["mixing"]["ratios"]]
@@ -140,6 +145,17 @@ def _check_evaluation(config: dict, source: str) -> None:
     if "gan" in drawn and not config["gan"]["enabled"]:
         raise ConfigError(f"{source}: mixing draws from gan but gan.enabled is false; enable the GAN or drop gan "
                           "from mixing.sources and the ratios' sources")
+    lora_sets = {lora_set(scale) for scale in config["synthesis"]["lora"]["scales"]}
+    for name in sorted(m for m in drawn if m.startswith("lora")):
+        if not config["lora"]["enabled"]:
+            raise ConfigError(f"{source}: mixing draws from {name} but lora.enabled is false; enable LoRA (and set "
+                              "lora.base_model) or drop it from mixing.sources and the ratios' sources")
+        if name not in lora_sets:
+            raise ConfigError(f"{source}: mixing draws from {name}, but synthesis.lora.scales {config['synthesis']['lora']['scales']} "
+                              f"make the sets {sorted(lora_sets)} (lora<scale x 100>)")
+    if config["lora"]["enabled"] and not config["lora"]["base_model"]:
+        raise ConfigError(f"{source}: lora.enabled is true but lora.base_model is null; point it at a local Stable "
+                          "Diffusion folder in diffusers layout (README: Stable Diffusion + LoRA)")
     baseline = config["report"]["baseline"]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"{source}: report.baseline {baseline!r} is not one of mixing.ratios {names}")

@@ -1,4 +1,4 @@
-"""Rules train_autoencoder, train_diffusion and train_gan: one process on one device, accelerate launch on
+"""Rules train_autoencoder, train_diffusion, train_gan and train_lora: one process on one device, accelerate launch on
 several GPUs (histosynth.generators.launch.launch); params.stage names the model trained."""
 
 from pathlib import Path

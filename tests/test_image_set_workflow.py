@@ -1,6 +1,7 @@
 """Integration: the workflow on a labelled image set (plain PNG tiles in class folders, a sheet
 written by `histosynth sheet`), classification only, through the snakemake CLI: seeds 003/004's
-set-up at tiny scale, with class-conditioned synthesis and seeds 000/001's GAN beside it."""
+set-up at tiny scale, with class-conditioned synthesis, seeds 000/001's GAN and seed 004's Stable
+Diffusion + LoRA (a tiny base model written by the test) beside it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from tiny_sd import write_tiny_stable_diffusion
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +27,7 @@ synthesis:
   synthesize: {per_class: {low: 3, high: 3}, steps: 2}
   inpaint: {target_class: null}
   gan: {n: 6}
+  lora: {n: 6, steps: 2, guidance: 3.0, scales: [1.0, 0.5]}
 gan:                 # seeds 000/001's GAN at toy size: 16 px (resized to the 32 px patches), 4 steps
   enabled: true
   size: 16
@@ -33,12 +36,17 @@ gan:                 # seeds 000/001's GAN at toy size: 16 px (resized to the 32
   attention_g: [8]
   attention_d: [16]
   train: {steps: 4, batch_size: 4, checkpoint_every: 2, log_every: 1, sample_every: 4, sample_count: 2}
+lora:                # seed 004's LoRA fine-tuning on a tiny Stable Diffusion, 4 steps
+  enabled: true
+  base_model: tiny-sd
+  train: {steps: 4, checkpoint_every: 2, log_every: 1, sample_every: 4, sample_count: 2}
 mixing:
   sources: [synth]
   ratios:
     - {name: real, synthetic: 0}
     - {name: syn6, synthetic: 6}
     - {name: gan6, synthetic: 6, sources: [gan]}
+    - {name: lora6, synthetic: 6, sources: [lora100]}
     - {name: cas, synthetic: 6, real: false}
 segmentation: {enabled: false}
 quality: {consistency: false, extractor: resnet18}
@@ -74,6 +82,7 @@ def image_set_run(tmp_path_factory):
     sheet = subprocess.run([sys.executable, "-m", "histosynth.cli", "sheet", "tiles", "--mpp", "1.0", "--split",
                             "train=0.5,val=0.25,test=0.25", "--out", "sheet.tsv"], cwd=workdir, capture_output=True, text=True)
     assert sheet.returncode == 0, sheet.stderr
+    write_tiny_stable_diffusion(workdir / "tiny-sd", sample_size=32)
     (workdir / "overlay.yaml").write_text(OVERLAY)
     result = snakemake(workdir)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -97,7 +106,7 @@ def test_class_conditioned_synthesis_feeds_classification_only(image_set_run):
     table = pd.read_parquet(image_set_run / "results/report/metrics.parquet")
     assert set(table["kind"]) == {"classification", "quality"}
     decided = pd.read_csv(image_set_run / "results/report/verdict.csv")
-    assert set(decided["task"]) == {"classification"} and set(decided["ratio"]) == {"syn6", "gan6", "cas"}
+    assert set(decided["task"]) == {"classification"} and set(decided["ratio"]) == {"syn6", "gan6", "lora6", "cas"}
     assert (decided["n"] == 2).all() and (decided["paired_by"] == "seed").all()
     assert (image_set_run / "results/report/confusion.png").stat().st_size > 5000
     assert not (image_set_run / "results/report/metrics.png").exists()  # the segmentation figure
@@ -111,7 +120,29 @@ def test_the_gan_set_per_label_beside_the_diffusion_sets(image_set_run):
     assert (image_set_run / "results/gan/loss.csv").is_file() and list((image_set_run / "results/gan/samples").glob("*.png"))
     mixed = pd.read_parquet(image_set_run / "results/mixing/gan6.parquet")
     assert set(mixed.loc[mixed["source"] == "synthetic", "mode"]) == {"gan"} and mixed["mask"].isna().sum() == 6
-    quality = pd.read_parquet(image_set_run / "results/quality/metrics.parquet")
-    assert {"gan", "synth"} <= set(quality["set"]) and {"high", "low"} <= set(quality.loc[quality["set"] == "gan", "class"])
+    quality = pd.read_parquet(image_set_run / "results/quality/gan.parquet")
+    assert set(quality["set"]) == {"gan"} and {"high", "low"} <= set(quality["class"])
     audit = pd.read_csv(image_set_run / "results/report/memorisation.csv").set_index("set")
-    assert set(audit.index) == {"synth", "gan"}
+    assert set(audit.index) == {"synth", "gan", "lora100", "lora50"}
+    # quality.extractor resnet18 has no weights here and Inception is absent: no fidelity during
+    # training, and the log says why (tests/test_gan.py measures it)
+    assert pd.read_csv(image_set_run / "results/gan/loss.csv")["fd"].isna().all()
+    assert "no fd/kd (quality.extractor='resnet18' needs quality.extractor_weights" in (image_set_run / "logs/train_gan.log").read_text()
+    assert (image_set_run / "results/report/loss/gan.png").is_file()
+
+
+def test_stable_diffusion_lora_sets_per_scale_feed_classification(image_set_run):
+    adapter = image_set_run / "results/lora/adapter"
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file() and (adapter / "histosynth.json").is_file()
+    sets = {scale: pd.read_parquet(image_set_run / f"results/synthetic/lora{scale}/manifest.parquet") for scale in (100, 50)}
+    for scale, manifest in sets.items():
+        assert sorted(manifest["class"]) == ["high"] * 3 + ["low"] * 3 and set(manifest["lora_scale"]) == {scale / 100}
+        assert manifest["prompt"].str.startswith("histopathology patch, ").all() and "mask" not in manifest
+    assert sets[100]["seed"].tolist() == sets[50]["seed"].tolist()
+    image = Image.open(image_set_run / "results/synthetic/lora100" / sets[100]["image"].iloc[0])
+    assert image.size == (32, 32)
+    mixed = pd.read_parquet(image_set_run / "results/mixing/lora6.parquet")
+    assert set(mixed.loc[mixed["source"] == "synthetic", "mode"]) == {"lora100"}
+    quality = pd.concat(pd.read_parquet(image_set_run / f"results/quality/lora{scale}.parquet") for scale in (100, 50))
+    assert {"high", "low"} <= set(quality["class"])
+    assert (image_set_run / "results/report/loss/lora.png").is_file() and list((image_set_run / "results/lora/samples").glob("*.png"))

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # The module whose main(argv) trains each stage's model.
 TRAINERS = {"autoencoder": "histosynth.generators.autoencoder", "diffusion": "histosynth.generators.train_diffusion",
-            "gan": "histosynth.generators.gan"}
+            "gan": "histosynth.generators.gan", "lora": "histosynth.generators.lora"}
 
 
 def _factory(spec: str) -> Callable:
@@ -40,7 +40,7 @@ def _read_config(path: Path) -> dict:
 
 
 def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
-    """`python -m <the stage's trainer module> train ...`, shared by the autoencoder, diffusion and GAN trainers.
+    """`python -m <the stage's trainer module> train ...`, shared by the autoencoder, diffusion, GAN and LoRA trainers.
 
     The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
     parser = argparse.ArgumentParser(prog=f"python -m {TRAINERS[stage]}", description=f"train the {stage} model")
@@ -83,6 +83,9 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
             if section_defaults("gan", config.get("gan"))["train"]["eval_every"] else []
         extra = {"labels": list(labels["classes"]) if "regions" in labels else None, "feature_spaces": spaces,
                  "quality": quality}
+    if stage == "lora":  # the preview grids sample as synthesis.lora does
+        labels = config.get("labels") or {}
+        extra = {"labels": list(labels["classes"]) if "regions" in labels else None, "synthesis": config.get("synthesis")}
     try:
         summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
                         val_dataset=val if val is not None and len(val) else None,

@@ -346,11 +346,18 @@ def _optimizer(params, s: Mapping, lr: float | None = None) -> torch.optim.Optim
                                  weight_decay=s["weight_decay"])
 
 
+def _tensors(params: list | None) -> list | None:
+    """The parameters of an update's list of parameters or of parameter groups (dicts with 'params')."""
+    if params is None:
+        return None
+    return [p for entry in params for p in (entry["params"] if isinstance(entry, dict) else [entry])]
+
+
 @dataclass
 class Update:
     """One optimiser of a training step, for `fit(model, [Update, ...], ...)`: it minimises
     loss_fn(model, batch) -> (loss, {name: value}) over params(model) (called on the unwrapped
-    model; None: all its parameters) with its own optimiser (train.optimizer, betas and
+    model; None: all its parameters; or torch parameter groups, dicts with their own 'lr') with its own optimiser (train.optimizer, betas and
     weight_decay; `lr`, None: train.lr) and LR warm-up schedule (over its own steps). A step runs
     its updates in order on the same batch, each with its own forward, NaN check, backward,
     clipping and optimiser step; an update with every=k runs on the steps divisible by k only (a
@@ -474,7 +481,7 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                     optimizer.zero_grad(set_to_none=True)
                     accelerator.backward(loss)
                     if s["grad_clip"]:
-                        norm = accelerator.clip_grad_norm_(params[update.name] or model.parameters(), s["grad_clip"])
+                        norm = accelerator.clip_grad_norm_(_tensors(params[update.name]) or model.parameters(), s["grad_clip"])
                         if not math.isfinite(float(norm)):
                             raise NonFiniteLossError(f"non-finite {what}gradient norm at step {step} (epoch {epoch}); training "
                                                      f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")

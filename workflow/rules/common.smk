@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
-from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
+from histosynth.config import ConfigError, baseline_ratio, lora_set, read_slide_sheet, validated
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
 from histosynth.generators.synthesis import MASKED_MODES
@@ -27,6 +27,14 @@ try:
     LABELS = resolve_labels(config, list(SLIDES["label"]), config["slides"])  # every job numbers the classes alike
 except (ConfigError, LabelError) as err:
     raise WorkflowError(str(err)) from None
+if config["lora"]["enabled"]:  # a missing base model fails now, not hours later in train_lora
+    from histosynth.generators.lora import LoraError, check_base_model, require_extra
+
+    try:
+        require_extra()
+        check_base_model(_resolve(config["lora"]["base_model"]))
+    except LoraError as err:
+        raise WorkflowError(str(err)) from None
 
 if config["diffusion"]["num_classes"] not in (0, len(LABELS["classes"])):
     raise WorkflowError(f"diffusion.num_classes is {config['diffusion']['num_classes']} but the labels "
@@ -81,14 +89,15 @@ def config_params(*keys):
     return json.loads(json.dumps(sections, sort_keys=True))
 
 
-GENERATOR_SETTINGS = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan"}
+GENERATOR_SETTINGS = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan", "lora": "lora"}
 
 
 def synthesis_config(mode, *keys):
     """What one synthetic set's job reads: the shared synthesis settings and its own subsection, not
     the other generators' (enabling the GAN must not rerun diffusion sampling), plus `keys`."""
     params = config_params("synthesis", *keys)
-    for other in set(GENERATOR_SETTINGS.values()) - {GENERATOR_SETTINGS[mode]}:
+    own = GENERATOR_SETTINGS["lora" if mode.startswith("lora") else mode]
+    for other in set(GENERATOR_SETTINGS.values()) - {own}:
         del params["synthesis"][other]
     return params
 
@@ -114,8 +123,11 @@ TRAINING_READS = {"gan": ("quality", "weights_dir")}  # the GAN's fidelity durin
 
 def training_config(stage):
     """What a training job reads: its own section, the keys its data depends on and, for the GAN,
-    what its fidelity evaluations read."""
-    return config_params(stage, "seed", "classes", "conditioning", "labels", *TRAINING_READS.get(stage, ()))
+    what its fidelity evaluations read; for LoRA, the sampling settings of its preview grids."""
+    params = config_params(stage, "seed", "classes", "conditioning", "labels", *TRAINING_READS.get(stage, ()))
+    if stage == "lora":
+        params["synthesis"] = synthesis_config("lora")["synthesis"]
+    return params
 
 
 def checkpoint_folder(stage):
@@ -134,7 +146,9 @@ def uses_autoencoder():
 def generative_losses():
     """{training name: loss CSV} of the generative models this config trains, for the report."""
     return {**({"autoencoder": "results/autoencoder/loss.csv"} if uses_autoencoder() else {}),
-            "diffusion": "results/diffusion/loss.csv"}
+            "diffusion": "results/diffusion/loss.csv",
+            **({"gan": "results/gan/loss.csv"} if config["gan"]["enabled"] else {}),
+            **({"lora": "results/lora/loss.csv"} if config["lora"]["enabled"] else {})}
 
 
 def diffusion_inputs(wildcards):
@@ -170,9 +184,11 @@ SEGMENTATION_SEEDS = config["segmentation"]["seeds"]
 
 
 def synthetic_sets():
-    """The synthetic sets this config makes: synth always, inpaint when it has a target class, gan when it is enabled."""
+    """The synthetic sets this config makes: synth always, inpaint when it has a target class, gan
+    when it is enabled, a LoRA set per synthesis.lora.scales entry when lora is enabled."""
     return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else []),
-            *(["gan"] if config["gan"]["enabled"] else [])]
+            *(["gan"] if config["gan"]["enabled"] else []),
+            *([lora_set(scale) for scale in config["synthesis"]["lora"]["scales"]] if config["lora"]["enabled"] else [])]
 
 
 def ratio_sources(ratio):

@@ -1,0 +1,342 @@
+"""Stages train_lora and lora_synthesize (seed 004): Stable Diffusion fine-tuned with LoRA
+adapters on the training patches, one text prompt per label, and sampled per label at one or more
+LoRA scales with Euler ancestral steps and classifier-free guidance.
+
+    python -m histosynth.generators.lora train --config CONFIG --out DIR --dataset MODULE:FUNC --index ...
+
+The base model is a local diffusers-layout folder (`lora.base_model`), read with
+local_files_only and HF_HUB_OFFLINE=1, never a hub id. Adapters (peft) sit on the U-Net's
+attention projections and, by default as in seed 004, the text encoder's; everything else is
+frozen. Training runs on the shared loop (histosynth.generators.training.fit): its checkpoints
+hold the LoRA weights and the optimiser alone (megabytes, not the base model's gigabytes), resume
+is bit-identical, bf16 autocast on CUDA only (fp16 LoRA training gives NaN losses).
+
+Outputs in DIR: adapter/ (pytorch_lora_weights.safetensors in diffusers' LoRA format, loadable by
+StableDiffusionPipeline.load_lora_weights, and histosynth.json: base model path and hash, labels,
+prompts, rank, alpha, resolution), loss.csv, samples/step-<n>.png (one row per label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from histosynth.config import section_defaults
+from histosynth.data.io import atomic_dir
+from histosynth.generators.launch import cli
+from histosynth.generators.training import TrainingError, Update, check_dataset, fit, make_accelerator, save_grid
+from histosynth.seeds import derive_seed, seed_everything
+
+log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
+META_FILE = "histosynth.json"
+# what a diffusers Stable Diffusion folder must hold: {part: files one of which must exist there}
+PARTS = {"model_index.json": (), "unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
+         "tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
+WEIGHTED = ("unet", "vae", "text_encoder")
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]      # diffusers' train_text_to_image_lora.py
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention projections
+HOW_TO_GET = ("on a machine with network, save one in diffusers layout and copy the folder here, e.g. "
+              "python -c \"from diffusers import StableDiffusionPipeline; StableDiffusionPipeline.from_pretrained("
+              "'stable-diffusion-v1-5/stable-diffusion-v1-5').save_pretrained('FOLDER')\", or from one checkpoint "
+              "file: StableDiffusionPipeline.from_single_file('model.safetensors').save_pretrained('FOLDER')")
+
+
+class LoraError(TrainingError):
+    """A base model, prompt or adapter the LoRA stages cannot use."""
+
+
+def require_extra() -> None:
+    """peft and transformers, the optional dependencies of the LoRA stages, or an error naming the extra."""
+    missing = [name for name in ("peft", "transformers") if _absent(name)]
+    if missing:
+        raise LoraError(f"the LoRA stages need {' and '.join(missing)}: pip install -e '.[lora]' "
+                        "(or set lora.enabled: false)")
+
+
+def _absent(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def check_base_model(path: str | Path | None) -> Path:
+    """The base model folder, after checking it holds every part of a diffusers Stable Diffusion
+    (model_index.json; unet, vae, text_encoder with config and weights; tokenizer; scheduler)."""
+    if not path:
+        raise LoraError(f"lora.base_model is not set: point it at a local Stable Diffusion folder in diffusers layout; "
+                        f"{HOW_TO_GET}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoraError(f"lora.base_model={path}: no such folder; {HOW_TO_GET}")
+    missing = []
+    for part, files in PARTS.items():
+        where = folder / part
+        if not where.exists():
+            missing.append(part)
+        elif files and not any((where / f).is_file() for f in files):
+            missing.append(f"{part}/{' or '.join(files)}")
+    for part in WEIGHTED:
+        if (folder / part).is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in (folder / part).iterdir()):
+            missing.append(f"{part}/ weights (*.safetensors)")
+    if missing:
+        raise LoraError(f"lora.base_model={path} is not a complete Stable Diffusion folder: missing {', '.join(missing)}; "
+                        f"{HOW_TO_GET}")
+    return folder
+
+
+def base_model_hash(folder: str | Path) -> str:
+    """sha256 over the base model's configs, vocabularies and weights (relative names and bytes)."""
+    folder, digest = Path(folder), hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors", ".bin", ".model")):
+        digest.update(str(file.relative_to(folder)).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def class_prompts(setting: str | Mapping[str, str], classes: Sequence[str]) -> dict[str, str]:
+    """{label: prompt}: a template with {class} filled per label, or a mapping naming every label."""
+    if isinstance(setting, str):
+        if "{class}" not in setting:
+            raise LoraError(f"lora.prompt={setting!r} has no {{class}}: every label would get the same prompt; "
+                            "add {class} or give a mapping {label: prompt}")
+        return {name: setting.replace("{class}", name) for name in classes}
+    missing = [name for name in classes if name not in setting]
+    if missing:
+        raise LoraError(f"lora.prompt names no prompt for the labels {missing}; give one per label of {list(classes)}")
+    return {name: str(setting[name]) for name in classes}
+
+
+def _load_parts(folder: Path) -> dict:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
+            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
+            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)}
+
+
+class LoraStableDiffusion(ModelMixin, ConfigMixin):
+    """The base U-Net, VAE and text encoder, frozen, with LoRA adapters on the attention
+    projections. Its state_dict holds the LoRA weights alone, so checkpoints are small and a
+    checkpoint loads onto a freshly built base model."""
+
+    @register_to_config
+    def __init__(self, base_model: str, rank: int = 4, alpha: float | None = None, text_encoder_lora: bool = True,
+                 prompts: dict | None = None, labels: list | None = None):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        parts = _load_parts(Path(base_model))
+        self.unet, self.vae, self.text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+        self.tokenizer, self.noise_scheduler = parts["tokenizer"], parts["scheduler"]
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+        alpha = rank if alpha is None else alpha
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+        if text_encoder_lora:  # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=TEXT_TARGETS), self.text_encoder)
+        names = list(labels or [])
+        ids = self.tokenizer([prompts[name] for name in names], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        self.register_buffer("prompt_ids", ids, persistent=False)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The denoising loss of images (B, 3, H, W) in [-1, 1] under their labels' prompts: the
+        U-Net's noise (or v) prediction against the truth at random timesteps, in latent space.
+        A forward, so that DistributedDataParallel sees the whole step."""
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(labels),), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
+        with torch.set_grad_enabled(self.config.text_encoder_lora and torch.is_grad_enabled()):
+            states = self.text_encoder(self.prompt_ids[labels])[0]
+        prediction = self.unet(noisy, steps, states).sample
+        v = self.noise_scheduler.config.prediction_type == "v_prediction"
+        target = self.noise_scheduler.get_velocity(latents, noise, steps) if v else noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    @property
+    def native_size(self) -> int:
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def lora_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        return [p for name, p in getattr(self, part).named_parameters() if "lora_" in name]
+
+    def state_dict(self, *args, **kwargs):
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if "lora_" in k}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        expected = set(self.state_dict())
+        if strict and set(state_dict) != expected:
+            raise LoraError(f"LoRA weights do not fit this adapter (rank, targets or text encoder differ): "
+                            f"{len(expected - set(state_dict))} missing, {len(set(state_dict) - expected)} unexpected")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def pipeline(self, scheduler=None):
+        """A StableDiffusionPipeline on these (adapted) parts, Euler ancestral unless `scheduler`."""
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+        scheduler = scheduler or EulerAncestralDiscreteScheduler.from_config(self.noise_scheduler.config)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=self.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
+def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, steps: int, guidance: float,
+           negative_prompt: str = "", scale: float | None = None) -> np.ndarray:
+    """uint8 (N, size, size, 3): image i from prompt i and its own generator seeded seeds[i] (so it
+    does not depend on the batch), at LoRA weight `scale` (None: as loaded)."""
+    device = pipe.unet.device
+    kwargs = {"cross_attention_kwargs": {"scale": scale}} if scale is not None else {}
+    with torch.no_grad():
+        images = pipe(list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                      height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds], output_type="np",
+                      **kwargs).images
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _dataset_labels(dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[i]["label"]) for i in range(len(dataset))]
+    return np.asarray(labels, dtype=np.int64)
+
+
+def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: int = 0, val_dataset=None,
+          checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None,
+          synthesis: Mapping | None = None) -> dict:
+    """Fine-tune the `lora` config section's adapters on `dataset` (items: 'image' (3, H, W) in
+    [-1, 1], resized to the training resolution, and 'label', the class index); labels: the class
+    names in index order (default their indices), which the prompts name. Writes out/adapter,
+    out/loss.csv and out/samples/step-<n>.png (drawn with `synthesis`.lora's steps and guidance).
+    val_dataset is accepted for the shared command line and unused."""
+    require_extra()
+    c = section_defaults("lora", settings)
+    t = c["train"]
+    draw = section_defaults("synthesis", synthesis)["lora"]
+    out = Path(out)
+    base = check_base_model(c["base_model"])
+    shapes = check_dataset(dataset)
+    if "label" not in dataset[0]:
+        raise TrainingError("LoRA training items need a 'label' (the class index)")
+    names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(int(_dataset_labels(dataset).max()) + 1)]
+    prompts = class_prompts(c["prompt"], names)
+    log.info("prompts per label: %s", prompts)
+
+    seed_everything(seed)
+    model = LoraStableDiffusion(str(base), c["rank"], c["alpha"], c["text_encoder"], prompts, names)
+    size = c["resolution"] or model.native_size
+    groups = [{"params": model.lora_parameters("unet"), "lr": t["lr"]}]
+    if c["text_encoder"]:
+        groups.append({"params": model.lora_parameters("text_encoder"), "lr": t["lr_text"]})
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    log.info("Stable Diffusion %s at %d px: %.2fM LoRA weights (rank %d, alpha %s, text encoder %s) of %.0fM",
+             base, size, trainable / 1e6, c["rank"], c["alpha"] or c["rank"], "adapted" if c["text_encoder"] else "frozen",
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    accelerator = accelerator or make_accelerator(t)
+    device = accelerator.device
+
+    def loss(model, batch):
+        from histosynth.generators.gan import dihedral
+
+        images = batch["image"].float()
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if t["augment"]:
+            images = dihedral(images)
+        return model(images, batch["label"].long().reshape(-1)), {}
+
+    preview_seeds = [derive_seed(seed, "preview", i) for i in range(t["sample_count"])]
+
+    def on_step(step, eval_model):
+        if not t["sample_every"] or (step % t["sample_every"] and step != t["steps"]):
+            return None
+        was_training = eval_model.training
+        eval_model.eval()
+        pipe = eval_model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        rows = [sample(pipe, [prompts[name]] * len(preview_seeds), preview_seeds, size=size, steps=draw["steps"],
+                       guidance=draw["guidance"], negative_prompt=draw["negative_prompt"]) for name in names]
+        eval_model.train(was_training)
+        save_grid([torch.from_numpy(r).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows], out / "samples" / f"step-{step}.png")
+        return None
+
+    run_config = {**c, "seed": seed, "classes": names, "data": {"items": len(dataset), "image": list(shapes["image"])}}
+    result = fit(model, [Update("lora", loss, params=lambda m: groups)], dataset, out, settings=t, run_config=run_config,
+                 seed=seed, accelerator=accelerator, checkpoint_dir=checkpoint_dir, on_step=on_step, desc="lora")
+    if not accelerator.is_main_process:
+        return {}
+    adapter = save_adapter(result.model, out / "adapter", base=base, size=size, settings=c, steps=result.step)
+    return {"adapter": str(adapter), "loss_csv": str(result.loss_csv), "steps": result.step, "lora_weights": trainable,
+            "device": str(device)}
+
+
+def save_adapter(model: LoraStableDiffusion, folder: Path, *, base: Path, size: int, settings: Mapping, steps: int) -> Path:
+    """The LoRA weights in diffusers' format (StableDiffusionPipeline.save_lora_weights) and
+    histosynth.json: base model path and hash, labels, prompts, rank, alpha, resolution, steps."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))}
+    if model.config.text_encoder_lora:
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.text_encoder))
+    meta = {"base_model": str(base), "base_hash": base_model_hash(base), "labels": model.config.labels,
+            "prompts": model.config.prompts, "rank": settings["rank"], "alpha": settings["alpha"] or settings["rank"],
+            "text_encoder": settings["text_encoder"], "resolution": size, "steps": steps,
+            "training": json.loads(json.dumps(settings, default=str))}
+    with atomic_dir(folder) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_pipeline(adapter: str | Path, device=None):
+    """(Euler-ancestral StableDiffusionPipeline on the adapter's base model with the adapter
+    loaded, the adapter's histosynth.json), after checking the base model is the one it was
+    trained on (same hash)."""
+    require_extra()
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    adapter = Path(adapter)
+    if not (adapter / META_FILE).is_file():
+        raise LoraError(f"{adapter}: not a LoRA adapter folder of rule train_lora (no {META_FILE})")
+    meta = json.loads((adapter / META_FILE).read_text())
+    base = check_base_model(meta["base_model"])
+    if base_model_hash(base) != meta["base_hash"]:
+        raise LoraError(f"the base model {base} changed since the adapter {adapter} was trained on it (its hash "
+                        "differs); restore it or retrain (rule train_lora)")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_lora_weights(adapter)
+    pipe.set_progress_bar_config(disable=True)
+    return (pipe.to(device) if device is not None else pipe), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("lora", train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
