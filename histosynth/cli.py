@@ -167,6 +167,71 @@ def cmd_nuclei(args) -> None:
     print(f"{len(table)} nuclei in {len(paths)} images -> {args.out}/<stem>.png, {args.out}/nuclei.parquet")
 
 
+def _registry_url(args) -> str:
+    return args.url or _config(args)["registry"]["url"]
+
+
+def _print_table(table, as_json: bool) -> None:
+    if as_json:
+        print(table.to_json(orient="records", default_handler=str))
+    elif table.empty:
+        print("(none)")
+    else:
+        print(table.drop(columns=[c for c in ("config", "data") if c in table]).to_string(index=False))
+
+
+def cmd_registry(args) -> None:
+    from histosynth import registry
+
+    engine = registry.connect(_registry_url(args), create=False)
+    if args.what == "show":
+        found = registry.lineage(engine, args.id)
+        if args.json:
+            print(json.dumps(found, default=str, indent=1))
+            return
+        model, parent = found["model"], found["parent"]
+        print(f"model {model['id']}: {model['kind']} {model['path']}\n  hash {model['content_hash'][:16]}, "
+              f"{model['steps']} steps, registered {model['registered_at']}")
+        if parent:
+            print(f"  parent: model {parent['id']} ({parent['kind']} {parent['path']})")
+        if model["data"]:
+            print(f"  trained on: {json.dumps(model['data'])}")
+        for made in found["sets"]:
+            kept = next((c["n_kept"] for c in found["curated"] if c["name"] == made["name"]), None)
+            print(f"  set {made['id']} {made['name']}: {made['n_images']} images ({made['path']}), "
+                  f"{'%d kept by curation' % kept if kept is not None else 'not curated'}")
+            for row in (q for q in found["quality"] if q["set"] == made["name"]):
+                print(f"    {row['metric']}: {row['value']:.4g}")
+        for dataset in found["datasets"]:
+            n_runs = sum(r["ratio"] == dataset["ratio"] for r in found["runs"])
+            print(f"  dataset {dataset['id']} {dataset['ratio']}: {dataset['n_real']} real + {dataset['n_synthetic']} "
+                  f"synthetic; {n_runs} task runs")
+        for row in found["verdicts"]:
+            print(f"    {row['ratio']} {row['metric']} [{row['class']}]: {row['note']}")
+        return
+    if args.what == "export":
+        for path in registry.export(engine, args.out, args.format):
+            print(path)
+        return
+    table = registry.table_rows(engine, args.what, kind=args.kind, label=args.label, history=args.history)
+    _print_table(table, args.json)
+
+
+REGISTERED_CONFIG = Path("results/registry/config.yaml")  # the workflow's effective config, written by rule registry
+
+
+def cmd_generate(args) -> None:
+    from histosynth.generate import generate
+
+    if args.config is None and REGISTERED_CONFIG.is_file():
+        args.config = REGISTERED_CONFIG
+    config = _config(args)
+    manifest = generate(_registry_url(args), args.n, args.out, config=config, model_id=args.model, label=args.label,
+                        sampler=args.sampler, steps=args.steps, seed=args.seed, scale=args.scale)
+    counts = manifest["class"].value_counts().to_dict() if "class" in manifest else {}
+    print(f"{len(manifest)} images -> {args.out}/ (manifest.parquet, registered as set {Path(args.out).name!r}); per class {counts}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="histosynth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -237,6 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="TorchScript detector (config nuclei.model); default: the classical detector")
     p.add_argument("--config", help="config file for defaults (section nuclei)")
     p.set_defaults(func=cmd_nuclei)
+
+    p = sub.add_parser("registry", help="query the registry of models, sets, images, runs and metrics (rule registry)")
+    p.add_argument("what", choices=["models", "sets", "images", "datasets", "runs", "metrics", "show", "export"],
+                   help="a table to list, `show ID` (a model's lineage) or `export`")
+    p.add_argument("id", nargs="?", type=int, help="with show: the model id")
+    p.add_argument("--kind", help="only rows of this kind (models: diffusion, gan, lora, segmentation, classifier, ...)")
+    p.add_argument("--class", dest="label", help="images: only this class")
+    p.add_argument("--history", action="store_true", help="also rows whose files were since replaced")
+    p.add_argument("--json", action="store_true", help="JSON records instead of a table")
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv", help="export: file format")
+    p.add_argument("--out", default="registry-export", help="export: output folder")
+    p.add_argument("--url", help="registry URL (default: registry.url of the config)")
+    p.add_argument("--config", help="config file (default config/config.yaml)")
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("generate", help="N more images from a registered generator (default: the newest diffusion model)")
+    p.add_argument("n", type=int, help="images to make")
+    p.add_argument("--model", type=int, help="registry id of a diffusion, GAN or LoRA model (histosynth registry models)")
+    p.add_argument("--class", dest="label", help="a region class (diffusion: maps containing it) or a label")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], help="diffusion sampler (default: the config's)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
+    p.add_argument("--seed", type=int, help="master seed (default: the config's; the workflow's reproduces its images)")
+    p.add_argument("--scale", type=float, default=1.0, help="LoRA weight (LoRA models)")
+    p.add_argument("--out", required=True, help="new folder for the set")
+    p.add_argument("--url", help="registry URL (default: registry.url of the config)")
+    p.add_argument("--config", help=f"the workflow's config (default {REGISTERED_CONFIG}, as rule registry wrote it)")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -248,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     from histosynth.data.sheet import SheetError
     from histosynth.data.slides import SlideError
     from histosynth.nuclei.instances import NucleiError
+    from histosynth.registry import RegistryError
 
     try:
         args.func(args)
-    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError, SheetError) as err:
+    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError, SheetError, RegistryError) as err:
         print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -131,7 +131,7 @@ def planned_jobs(output: str) -> set[str]:
 
 
 EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "train_classifier",
-              "evaluate_classifier", "image_quality", "summarize", "all"}
+              "evaluate_classifier", "image_quality", "summarize", "registry", "all"}
 
 
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
@@ -151,9 +151,37 @@ def test_a_gan_ratio_trains_classifiers_only(tiny_run):
                "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}")
     result = snakemake(tiny_run, "--dry-run", overlay=overlay)
     output = result.stdout + result.stderr
-    assert {"train_gan", "gan_synthesize", "train_classifier"} <= planned_jobs(output), output[-3000:]
+    # enabling the GAN adds its own jobs and reruns nothing that ran: quality and curation of its set
+    # only, its ratio's mix and classifiers, the report
+    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "curate_synthetic", "mix_dataset",
+                                    "train_classifier", "evaluate_classifier", "summarize", "registry", "all"}, output[-3000:]
+    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == 1 and "set=gan" in output
     # gan4: its mix and 2 folds x 1 seed of train_classifier and evaluate_classifier; no segmentation run
     assert output.count("ratio=gan4") == 1 + 2 + 2
+
+
+def test_registry_shows_lineage_and_generate_reproduces_the_sets_images(tiny_run):
+    """The registry rule's database: the diffusion model's lineage, and `histosynth generate` with
+    the workflow's seed and settings (its registered config) remaking the synth set byte for byte."""
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "histosynth.cli", *args], cwd=tiny_run, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    [model] = json.loads(cli("registry", "models", "--kind", "diffusion", "--json"))
+    assert model["path"] == "results/diffusion/model" and model["parent_id"]  # latent space: its autoencoder
+    shown = cli("registry", "show", str(model["id"]))
+    assert "parent: model" in shown and "set" in shown and " synth: " in shown and "inpaint" in shown
+    assert "dataset" in shown and "vs real" in shown  # the ratios holding its images and their verdict rows
+    manifest = pd.read_parquet(tiny_run / "results/synthetic/synth/manifest.parquet")
+    printed = cli("generate", str(len(manifest)), "--out", "more")
+    assert f"{len(manifest)} images -> more/" in printed
+    made = pd.read_parquet(tiny_run / "more/manifest.parquet")
+    assert made["seed"].tolist() == manifest["seed"].tolist()
+    for ours, theirs in zip(made["image"], manifest["image"]):
+        assert (tiny_run / "more" / ours).read_bytes() == (tiny_run / "results/synthetic/synth" / theirs).read_bytes()
+    assert "more" in cli("registry", "sets")
 
 
 def test_seeds_and_run_ids_cause_no_spurious_reruns(tiny_run):
@@ -162,7 +190,7 @@ def test_seeds_and_run_ids_cause_no_spurious_reruns(tiny_run):
     # A third seed trains and scores the new runs only; the report gathers them.
     result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {seeds: [0, 1, 2]}")
     output = result.stdout + result.stderr
-    assert planned_jobs(output) == {"train_segmentation", "evaluate_segmentation", "summarize", "all"}
+    assert planned_jobs(output) == {"train_segmentation", "evaluate_segmentation", "summarize", "registry", "all"}
     assert "seed=0" not in output and "seed=1" not in output and output.count("rule train_segmentation") == 3
 
 

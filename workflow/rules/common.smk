@@ -275,5 +275,6 @@ def all_outputs():
         "results/diffusion/model",
         *expand("results/synthetic/{mode}", mode=synthetic_sets()),
         "results/report/metrics.csv",
+        *(["results/registry/registered.json"] if config["registry"]["enabled"] else []),
         "results/report/rulegraph.png",
     ]

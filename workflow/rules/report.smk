@@ -72,3 +72,37 @@ rule rule_graph:
         runtime=10,
     script:
         "../../scripts/rule_graph.py"
+
+
+rule registry:
+    """Upsert every model, set, image, dataset, run and metric the workflow made into the registry (the one writer)."""
+    input:
+        metrics="results/report/metrics.parquet",
+        verdict="results/report/verdict.csv",
+        models=[path for path in ["results/autoencoder/model" if uses_autoencoder() else None, "results/diffusion/model",
+                                  "results/gan/model" if config["gan"]["enabled"] else None,
+                                  "results/lora/adapter" if config["lora"]["enabled"] else None] if path],
+        sets=expand("results/synthetic/{mode}", mode=synthetic_sets()),
+        curated=expand("results/curated/{mode}.parquet", mode=synthetic_sets()),
+        datasets=expand("results/mixing/{ratio}.parquet", ratio=RATIOS),
+        runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}") + classification_runs("results/classification/{ratio}/fold{fold}/seed{seed}"),
+    output:
+        counts="results/registry/registered.json",
+        config="results/registry/config.yaml",
+    log:
+        "logs/registry.log",
+    benchmark:
+        "results/benchmarks/registry.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=2000,
+        runtime=30,
+    params:
+        url=config["registry"]["url"],
+        nuclei_model=config["nuclei"]["model"],
+        slides=str(Path(_resolve(config["slides"])).resolve()),
+    script:
+        "../../scripts/registry.py"
