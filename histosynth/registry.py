@@ -41,6 +41,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
     inspect,
@@ -61,7 +62,7 @@ models = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("kind", String(32), nullable=False),
     Column("name", String(256), nullable=False),        # diffusion, segmentation/real/seed0, ...
-    Column("path", String(1024), nullable=False),
+    Column("path", Text, nullable=False),
     Column("content_hash", String(64), nullable=False, unique=True),
     Column("config", JSON),
     Column("data", JSON),                               # what it was trained on
@@ -75,7 +76,7 @@ sets = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(64), nullable=False),         # synth, inpaint, gan, lora100, ...
     Column("kind", String(16), nullable=False),         # synthetic | curated
-    Column("path", String(1024), nullable=False),
+    Column("path", Text, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("model_id", Integer, ForeignKey("models.id")),
     Column("n_images", Integer),
@@ -88,7 +89,7 @@ images = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("set_id", Integer, ForeignKey("sets.id"), nullable=False),
     Column("image_id", String(128), nullable=False),    # the manifest's id
-    Column("path", String(1024), nullable=False),
+    Column("path", Text, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("model_id", Integer, ForeignKey("models.id")),
     Column("class", String(128)),
@@ -100,13 +101,13 @@ images = Table(
     Column("donor_patch_id", String(256)),
     Column("source_slide", String(256)),
     Column("kept", Boolean),
-    Column("reason", String(512)),
+    Column("reason", Text),
 )
 datasets = Table(
     "datasets", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("ratio", String(128), nullable=False),
-    Column("path", String(1024), nullable=False),
+    Column("path", Text, nullable=False),
     Column("content_hash", String(64), nullable=False, unique=True),
     Column("n_real", Integer),
     Column("n_synthetic", Integer),
@@ -143,7 +144,7 @@ metrics = Table(
     Column("metric", String(64), nullable=False),
     Column("value", Float),
     Column("status", String(16)),
-    Column("note", String(1024)),
+    Column("note", Text),
 )
 
 
