@@ -1,5 +1,6 @@
-"""A learned nuclei detector behind a TorchScript file (HD-Yolo or any model honouring the
-contract of `load_detector`), run in overlapping tiles and stitched."""
+"""A learned nuclei detector behind a TorchScript file, run in overlapping tiles and stitched: a
+released HD-Yolo file (histosynth.nuclei.hdyolo) or any model honouring histosynth's own contract
+(see `load_detector`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 from skimage.color import rgb2hed
 
+from histosynth.nuclei.hdyolo import detect_hdyolo, is_hdyolo, prepare_hdyolo
 from histosynth.nuclei.instances import (
     NUCLEUS_CLASSES,
     NucleiError,
@@ -35,19 +37,25 @@ class NucleiModel:
     path: Path
     module: object  # a torch.jit.ScriptModule; torch is imported only when a model is used
     device: str
+    kind: str  # "hdyolo" (histosynth.nuclei.hdyolo) or "contract" (load_detector's docstring)
 
 
 
-def load_detector(path: str | Path, device: str = "cpu") -> NucleiModel:
-    """Load a TorchScript nuclei detector onto `device`.
+def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | None = None) -> NucleiModel:
+    """Load a TorchScript nuclei detector onto `device`, in either of two forms.
 
-    Contract: the module takes a float tensor (1, 3, H, W), RGB in [0, 1] at nuclei.model_mpp, H
-    and W multiples of 32, and returns a tuple (instances, classes, scores): `instances` an
-    (H, W) integer tensor with ids 1..N (0 = none), `classes` a list of N class-name strings (the
-    class of instance i at position i - 1) and `scores` N floats. Class names that are not
-    NUCLEUS_CLASSES must be mapped by nuclei.model_classes.
+    A released HD-Yolo file (e.g. lung_best.float16.torchscript.pt, told apart by its
+    headers.det.nms_params) runs as histosynth.nuclei.hdyolo describes; `nms_params` overrides
+    its NMS settings (conf_thres, iou_thres, max_det).
+
+    Histosynth's own contract: the module takes a float tensor (1, 3, H, W), RGB in [0, 1] at
+    nuclei.model_mpp, H and W multiples of 32, and returns a tuple (instances, classes, scores):
+    `instances` an (H, W) integer tensor with ids 1..N (0 = none), `classes` a list of N
+    class-name strings (the class of instance i at position i - 1) and `scores` N floats. Class
+    names that are not NUCLEUS_CLASSES must be mapped by nuclei.model_classes.
     """
     import torch
+    import torchvision  # noqa: F401  registers the nms and roi_align ops HD-Yolo graphs call; needed before loading
 
     path = Path(path)
     if not path.is_file():
@@ -57,21 +65,46 @@ def load_detector(path: str | Path, device: str = "cpu") -> NucleiModel:
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-            module = torch.jit.load(str(path), map_location=device)
+            module = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as err:
         raise NucleiError(
             f"{path}: not a TorchScript module ({str(err).splitlines()[0]}); export the detector with "
             "torch.jit.script(model).save(path) or torch.jit.trace(model, example).save(path)"
         ) from err
-    module.eval()
-    return NucleiModel(path, module, device)
+    if is_hdyolo(module):
+        return NucleiModel(path, prepare_hdyolo(module, device, path, nms_params), device, "hdyolo")
+    if not _follows_contract(module):
+        raise NucleiError(
+            f"{path}: a TorchScript module but neither an HD-Yolo file (no headers.det.nms_params) nor histosynth's "
+            f"contract (forward(x) returning (instances, classes, scores)); its forward is {module.forward.schema}. "
+            "Both forms are described in histosynth.nuclei.model.load_detector"
+        )
+    if nms_params:
+        raise NucleiError(f"{path}: nms_params apply to HD-Yolo files only; this model follows histosynth's contract")
+    module.to(device).eval()
+    return NucleiModel(path, module, device, "contract")
+
+
+def _follows_contract(module) -> bool:
+    """Whether forward takes one tensor (further arguments defaulted) and returns a 3-tuple."""
+    import torch
+
+    schema = module.forward.schema
+    arguments = schema.arguments[1:]  # after self
+    returns = schema.returns
+    takes_a_tensor = bool(arguments) and isinstance(arguments[0].type, torch.TensorType)
+    returns_three = len(returns) == 1 and isinstance(returns[0].type, torch.TupleType) and len(returns[0].type.elements()) == 3
+    return takes_a_tensor and all(a.has_default_value() for a in arguments[1:]) and returns_three
 
 
 def detect_with_model(rgb: np.ndarray, model: NucleiModel, params: Mapping) -> tuple[np.ndarray, pd.DataFrame]:
     """Run a learned detector on an RGB uint8 image at params["model_mpp"], in tiles of
     params["tile"] pixels with params["pad"] pixels of context on each side (both rounded up to
     multiples of 32; white beyond the image). A tile keeps the instances whose centroid lies in
-    its core; where kept instances of neighbouring tiles overlap, the earlier tile's pixels stay."""
+    its core; where kept instances of neighbouring tiles overlap, the earlier tile's pixels stay.
+    An HD-Yolo model runs through histosynth.nuclei.hdyolo.detect_hdyolo instead."""
+    if model.kind == "hdyolo":
+        return detect_hdyolo(rgb, model.module, params, model.path)
     h, w = rgb.shape[:2]
     tile = _round_up(params["tile"], MODEL_STRIDE)
     core_h, core_w = min(tile, _round_up(h, MODEL_STRIDE)), min(tile, _round_up(w, MODEL_STRIDE))
