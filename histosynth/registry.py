@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -254,9 +255,11 @@ def register_model(db, kind: str, name: str, path: str | Path, *, root: Path, co
 
 
 def _relative(path: str | Path, root: Path) -> str:
-    path = Path(path)
+    """`path` (absolute, or relative to the working directory as read_file_table gives it, '..'
+    and all) relative to `root`, normalised; outside root, absolute."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     try:
-        return str(path.resolve().relative_to(root.resolve())) if path.is_absolute() else str(path)
+        return str(path.relative_to(root))
     except ValueError:
         return str(path)
 

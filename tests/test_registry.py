@@ -98,10 +98,11 @@ def test_registering_twice_changes_nothing_and_new_content_keeps_history(tmp_pat
     assert table_rows(engine, "images")["seed"].tolist() == [7, 8, 9, 9, 10, 11]
 
 
-def test_lineage_of_a_run_back_to_slide_patches(tmp_path):
+def test_lineage_of_a_run_back_to_slide_patches(tmp_path, monkeypatch):
     write_results(tmp_path)
-    engine = connect(f"sqlite:///{tmp_path}/registry.sqlite")
-    register_results(engine, tmp_path)
+    monkeypatch.chdir(tmp_path)  # as rule registry runs: root "." and paths relative to it, '..' and all
+    engine = connect("sqlite:///registry.sqlite")
+    register_results(engine, ".")
     [diffusion] = table_rows(engine, "models", kind="diffusion").to_dict("records")
     assert diffusion["path"] == "results/diffusion/model" and diffusion["data"] == {"items": 4} and diffusion["steps"] == 10
     found = lineage(engine, diffusion["id"])
@@ -119,6 +120,7 @@ def test_lineage_of_a_run_back_to_slide_patches(tmp_path):
     metrics = table_rows(engine, "metrics")
     dice = metrics[(metrics["metric"] == "dice")].set_index("ratio")
     assert dice.loc["syn2", "run_id"] == runs.set_index("ratio").loc["syn2", "id"]
+    assert images.loc["synth-000000", "path"] == "results/synthetic/synth/images/synth-000000.png"
     written = export(engine, tmp_path / "export", "parquet")
     assert len(pd.read_parquet(tmp_path / "export/images.parquet")) == 3 and len(written) == 7
 
