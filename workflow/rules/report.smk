@@ -103,6 +103,5 @@ rule registry:
     params:
         url=config["registry"]["url"],
         nuclei_model=config["nuclei"]["model"],
-        slides=str(Path(_resolve(config["slides"])).resolve()),
     script:
         "../../scripts/registry.py"
