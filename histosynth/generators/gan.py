@@ -44,6 +44,7 @@ from histosynth.generators.training import (
     TrainingError,
     Update,
     check_dataset,
+    dataset_labels,
     fit,
     load_weights,
     make_accelerator,
@@ -455,13 +456,6 @@ def load_gan(folder: str | Path, device=None) -> GAN:
 
 # ----------------------------------------------------------------------------- training
 
-def _dataset_labels(dataset) -> np.ndarray:
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = [int(dataset[i]["label"]) for i in range(len(dataset))]
-    return np.asarray(labels, dtype=np.int64)
-
-
 def _monitor(dataset, spaces, count: int, quality: Mapping | None, seed: int) -> tuple[FidelityMonitor, np.ndarray]:
     """The fidelity monitor on a fixed sample of `count` training images, and their labels (the
     fakes it is shown take the same labels, so class frequencies match)."""
@@ -494,7 +488,7 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         raise TrainingError("GAN training items need a 'label' (the class index)")
     if shapes["image"][0] != 3:
         raise TrainingError(f"GAN training images must be RGB (3, H, W); got {shapes['image']}")
-    item_labels = _dataset_labels(dataset) if not c["num_classes"] and labels is None else None
+    item_labels = dataset_labels(dataset) if not c["num_classes"] and labels is None else None
     num_classes = c["num_classes"] or (len(labels) if labels is not None else int(item_labels.max()) + 1)
     if labels is not None and len(labels) != num_classes:
         raise TrainingError(f"gan.num_classes={num_classes} but the run has {len(labels)} classes {list(labels)}; "

@@ -73,19 +73,19 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
     extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
-    if stage == "gan":  # class names in index order, where the job's labels are resolved (the workflow's are)
+    if stage in ("gan", "lora"):  # class names in index order, where the job's labels are resolved (the workflow's are)
+        labels = config.get("labels") or {}
+        extra = {"labels": list(labels["classes"]) if "regions" in labels else None}
+    if stage == "gan":  # fidelity during training in the quality stage's feature spaces
         from histosynth.config import default, section_defaults
         from histosynth.generators.monitor import feature_spaces
 
-        labels = config.get("labels") or {}
         quality = section_defaults("quality", config.get("quality"))
         spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir"), args.segmentation) \
             if section_defaults("gan", config.get("gan"))["train"]["eval_every"] else []
-        extra = {"labels": list(labels["classes"]) if "regions" in labels else None, "feature_spaces": spaces,
-                 "quality": quality}
+        extra.update(feature_spaces=spaces, quality=quality)
     if stage == "lora":  # the preview grids sample as synthesis.lora does
-        labels = config.get("labels") or {}
-        extra = {"labels": list(labels["classes"]) if "regions" in labels else None, "synthesis": config.get("synthesis")}
+        extra["synthesis"] = config.get("synthesis")
     try:
         summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
                         val_dataset=val if val is not None and len(val) else None,

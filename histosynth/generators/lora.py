@@ -35,7 +35,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from histosynth.config import section_defaults
 from histosynth.data.io import atomic_dir
 from histosynth.generators.launch import cli
-from histosynth.generators.training import TrainingError, Update, check_dataset, fit, make_accelerator, save_grid
+from histosynth.generators.training import (
+    TrainingError,
+    Update,
+    check_dataset,
+    dataset_labels,
+    fit,
+    make_accelerator,
+    save_grid,
+)
 from histosynth.seeds import derive_seed, seed_everything
 
 log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
@@ -214,13 +222,6 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, ste
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _dataset_labels(dataset) -> np.ndarray:
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = [int(dataset[i]["label"]) for i in range(len(dataset))]
-    return np.asarray(labels, dtype=np.int64)
-
-
 def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: int = 0, val_dataset=None,
           checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None,
           synthesis: Mapping | None = None) -> dict:
@@ -238,7 +239,7 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     shapes = check_dataset(dataset)
     if "label" not in dataset[0]:
         raise TrainingError("LoRA training items need a 'label' (the class index)")
-    names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(int(_dataset_labels(dataset).max()) + 1)]
+    names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(int(dataset_labels(dataset).max()) + 1)]
     prompts = class_prompts(c["prompt"], names)
     log.info("prompts per label: %s", prompts)
 

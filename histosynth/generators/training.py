@@ -107,6 +107,14 @@ def check_dataset(dataset: Dataset, name: str = "training") -> dict:
     return {key: tuple(value.shape) for key, value in item.items() if torch.is_tensor(value) and value.ndim}
 
 
+def dataset_labels(dataset) -> np.ndarray:
+    """The class index of every item: the dataset's `labels` when it has them, else each item's 'label'."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [int(dataset[i]["label"]) for i in range(len(dataset))]
+    return np.asarray(labels, dtype=np.int64)
+
+
 def _size(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape))
 
