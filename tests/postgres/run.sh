@@ -12,7 +12,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 WORK=$(realpath -m "${1:-$(mktemp -d /tmp/histosynth-postgres.XXXXXX)}")
-mkdir -p "$WORK"/{logs,run,tiny}
+mkdir -p "$WORK"/{logs,run,tiny,pgdata}
 say() { echo "[postgres-test] $*"; }
 die() { echo "[postgres-test] ERROR: $*" >&2; exit 1; }
 
@@ -28,7 +28,11 @@ fi
 BIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1)")
 "$PYTHON" -c "import psycopg" 2> /dev/null || "$PYTHON" -m pip install -q "psycopg[binary]>=3.1"
 
-chown -R postgres "$WORK/run"
+# The server runs as postgres: it owns its data and socket folders and must be able to reach them
+# (mktemp makes WORK private to root).
+chmod 755 "$WORK"
+chown -R postgres "$WORK/run" "$WORK/pgdata" "$WORK/logs"
+chmod 700 "$WORK/pgdata"
 as_postgres() { su postgres -s /bin/bash -c "$*"; }
 as_postgres "$BIN/initdb -D $WORK/pgdata -U postgres --auth=trust" > "$WORK/logs/initdb.log" 2>&1 \
     || die "initdb failed; see $WORK/logs/initdb.log"
