@@ -92,6 +92,42 @@ def test_sizes_scale_with_mpp():
     assert detect_nuclei(small, 0.0625, params)[0].max() == detect_nuclei(small, 4.0, params)[0].max() == 0
 
 
+def test_packed_cluster_is_thresholded_again():
+    # nuclei packed in an L of pale purple cytoplasm: the image's threshold takes the cytoplasm
+    # with them as one object far above max_area_um2; its own threshold separates them
+    shape = (160, 160)
+    base = np.empty((*shape, 3), np.float32)
+    base[:] = EOSIN
+    cytoplasm = np.zeros(shape, bool)
+    cytoplasm[20:140, 20:70] = cytoplasm[90:140, 20:140] = True
+    base[cytoplasm] = (150, 95, 165)
+    centres = [(r, c) for r in range(34, 140, 24) for c in range(34, 140, 24) if cytoplasm[r, c]]
+    rgb, truth = draw(shape, discs(centres, 9, shape), base=base)
+    params = section_defaults("nuclei")
+    assert score_instances([(truth, detect_nuclei(rgb, 0.25, params)[0])])["f1"] == 1.0
+    assert detect_nuclei(rgb, 0.25, {**params, "refine_rounds": 0})[0].max() == 0
+
+
+def test_large_uniform_blob_is_not_cut_into_nuclei():
+    # one dark disc of 700 µm², convex and without gaps: dropped whole at any resolution, never
+    # cut into fake nuclei at pixel noise by a threshold of its own
+    params = section_defaults("nuclei")
+    for radius, mpp in [(30, 0.5), (60, 0.25), (15, 1.0)]:
+        rgb, _ = draw((160, 160), discs([(80, 80)], radius, (160, 160)))
+        assert detect_nuclei(rgb, mpp, params)[0].max() == 0, mpp
+
+
+def test_spindle_nucleus_stays_whole():
+    # 1.5 x 8 µm: the blob response peaks at both ends, but the border between them is no neck
+    shape = (48, 96)
+    rgb, truth = draw(shape, [ellipse(24, 48, 3, 16, shape=shape)])
+    instances, table = detect_nuclei(rgb, 0.25, section_defaults("nuclei"))
+    assert instances.max() == 1 and iou(instances > 0, truth > 0) > 0.7
+    assert list(table["class"]) == ["stromal"]
+    split, _ = detect_nuclei(rgb, 0.25, section_defaults("nuclei", {"merge_neck_ratio": 2.0, "min_area_um2": 1.0}))
+    assert split.max() == 2
+
+
 def test_heuristic_classes():
     shape = (96, 96)
     rgb, _ = draw(shape, [disk((20, 20), 9, shape=shape), ellipse(20, 65, 3, 16, shape=shape)])
