@@ -167,6 +167,25 @@ def cmd_nuclei(args) -> None:
     print(f"{len(table)} nuclei in {len(paths)} images -> {args.out}/<stem>.png, {args.out}/nuclei.parquet")
 
 
+def cmd_nuclei_score(args) -> None:
+    from histosynth.data.io import write_csv, write_table
+    from histosynth.nuclei.metrics import score_folders
+
+    table = score_folders(args.pred, args.truth, args.images, args.iou)
+    if args.out:
+        out = Path(args.out)
+        (write_table if out.suffix == ".parquet" else write_csv)(table, out)
+    if args.json:
+        print(table.to_json(orient="records"))
+        return
+    shown = table[["image", "truth", "pred", "precision", "recall", "f1", "aji", "pq", "dq", "sq", "dice"]].copy()
+    shown[["truth", "pred"]] = shown[["truth", "pred"]].astype("string").fillna("")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
+    mean = table.set_index("image").loc["mean"]
+    print(f"mean over {len(table) - 2} images: F1@{args.iou:g} {mean['f1']:.3f}  AJI {mean['aji']:.3f}  "
+          f"PQ {mean['pq']:.3f}  Dice {mean['dice']:.3f}")
+
+
 def _registry_url(args) -> str:
     return args.url or _config(args)["registry"]["url"]
 
@@ -302,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="TorchScript detector (config nuclei.model); default: the classical detector")
     p.add_argument("--config", help="config file for defaults (section nuclei)")
     p.set_defaults(func=cmd_nuclei)
+
+    p = sub.add_parser("nuclei-score", help="score predicted nuclei against ground truth: F1 at IoU 0.5, AJI, PQ, pixel Dice")
+    p.add_argument("pred", help="folder of predictions: <stem>.png/.tif instance masks (0 = background) or <stem>.xml")
+    p.add_argument("truth", help="folder of ground truth: instance masks or MoNuSeg/Aperio XML (<stem>.xml)")
+    p.add_argument("--images", help="folder of the images (<stem>.tif/.png), for the size of XML files when no mask gives it")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU a match must exceed (default 0.5, the benchmark's)")
+    p.add_argument("--out", help="also write the table (.csv, or .parquet)")
+    p.add_argument("--json", action="store_true", help="JSON records instead of a table")
+    p.set_defaults(func=cmd_nuclei_score)
 
     p = sub.add_parser("registry", help="query the registry of models, sets, images, runs and metrics (rule registry)")
     p.add_argument("what", choices=["models", "sets", "images", "datasets", "runs", "metrics", "show", "export"],

@@ -85,3 +85,78 @@ def test_classes_option_brings_its_own_priority_inside_the_project(square_slide,
     assert main([*base, "--out", str(tmp_path / "b"), "--priority", "Blood vessel,Fat"]) == 0
     assert main([*base, "--out", str(tmp_path / "c"), "--priority", "Necrosis"]) == 2
     assert "Necrosis" in capsys.readouterr().err
+
+
+def _monuseg_xml(path, squares):
+    """An Aperio XML file as MoNuSeg ships it: one Region of Vertices per nucleus."""
+    regions = "".join(
+        f'<Region Id="{i + 1}"><Vertices>' + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in
+                                                 [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]) + "</Vertices></Region>"
+        for i, (x0, y0, x1, y1) in enumerate(squares))
+    path.write_text(f'<?xml version="1.0"?><Annotations><Annotation Id="1"><Regions>{regions}</Regions>'
+                    "</Annotation></Annotations>")
+
+
+def test_nuclei_score_against_monuseg_xml(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from histosynth.nuclei.annotations import read_xml
+
+    truth, pred, images = (tmp_path / d for d in ("truth", "pred", "images"))
+    for d in (truth, pred, images):
+        d.mkdir()
+    # a: two 10x10 nuclei, one found exactly, one missed; b: one nucleus found as a 10x5 half
+    _monuseg_xml(truth / "a.xml", [(2, 2, 12, 12), (20, 20, 30, 30)])
+    _monuseg_xml(truth / "b.xml", [(0, 0, 10, 10)])
+    mask = read_xml(truth / "a.xml", (40, 40))
+    assert mask.max() == 2 and (mask == 1).sum() == 121  # vertices inclusive, as skimage.draw.polygon
+    found = np.where(mask == 1, 7, 0).astype(np.uint16)
+    Image.fromarray(found).save(pred / "a.png")
+    half = np.zeros((40, 40), np.uint16)
+    half[0:11, 0:5] = 3
+    Image.fromarray(half).save(pred / "b.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / "a.tif")
+
+    out = tmp_path / "scores.csv"
+    assert main(["nuclei-score", str(pred), str(truth), "--out", str(out)]) == 0
+    table = pd.read_csv(out).set_index("image")
+    assert table.loc["a", ["tp", "fp", "fn"]].tolist() == [1, 0, 1]
+    assert table.loc["a", "f1"] == pytest.approx(2 / 3) and table.loc["a", "aji"] == pytest.approx(121 / 242)
+    assert table.loc["a", "pq"] == pytest.approx(2 / 3)  # the match is exact: SQ 1
+    assert table.loc["b", "f1"] == 0.0 and table.loc["b", "aji"] == pytest.approx(55 / 121)
+    assert table.loc["mean", "aji"] == pytest.approx((0.5 + 55 / 121) / 2)
+    assert table.loc["pooled", "aji"] == pytest.approx((121 + 55) / (242 + 121))
+    printed = capsys.readouterr().out
+    assert "mean over 2 images: F1@0.5 0.333  AJI 0.477" in printed
+
+    # truth on both sides: XML needs its image's size, which --images gives for a
+    for f in pred.iterdir():
+        f.unlink()
+    _monuseg_xml(pred / "a.xml", [(2, 2, 12, 12), (20, 20, 30, 30)])
+    assert main(["nuclei-score", str(pred), str(truth)]) == 2
+    assert "a.xml: XML on both sides" in capsys.readouterr().err
+    (truth / "b.xml").unlink()
+    assert main(["nuclei-score", str(pred), str(truth), "--images", str(images), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["image"] == "a" and rows[0]["aji"] == 1.0 and rows[0]["pq"] == 1.0
+
+
+def test_nuclei_score_errors_name_the_file(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    truth.mkdir(), pred.mkdir()
+    (truth / "a.xml").write_text("<Annotations><Region><Vertex X='1'/>")
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(pred / "a.png")
+    assert main(["nuclei-score", str(pred), str(truth)]) == 2
+    assert "a.xml: not readable XML" in capsys.readouterr().err
+    (truth / "a.xml").unlink()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(truth / "a.png")
+    assert main(["nuclei-score", str(pred), str(truth)]) == 2
+    assert "a.png: an instance mask must be one channel of integer ids" in capsys.readouterr().err
+    (truth / "a.png").unlink()
+    Image.fromarray(np.zeros((4, 8), np.uint16)).save(truth / "a.png")
+    assert main(["nuclei-score", str(pred), str(truth)]) == 2
+    assert "predict at the truth's resolution" in capsys.readouterr().err

@@ -53,8 +53,8 @@ def test_empty_cases():
     empty, one = canvas(), canvas()
     one[2:5, 2:5] = 1
     both_empty = scores(empty, empty)
-    assert both_empty == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0, "aji": 1.0, "dice": 1.0,
-                          "images": 1}
+    assert both_empty == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0, "aji": 1.0,
+                          "pq": 1.0, "dq": 1.0, "sq": 1.0, "dice": 1.0, "images": 1}
     spurious = scores(empty, one)
     assert spurious["f1"] == 0.0 and spurious["fp"] == 1 and spurious["precision"] == 0.0
     missed = scores(one, empty)
@@ -62,6 +62,19 @@ def test_empty_cases():
     assert scores(empty, empty)["aji"] == 1.0
     assert scores(empty, one)["aji"] == 0.0 and scores(one, empty)["aji"] == 0.0
     assert scores(empty, empty)["dice"] == 1.0 and scores(one, empty)["dice"] == 0.0
+    assert scores(one, empty)["pq"] == scores(empty, one)["pq"] == 0.0
+
+
+def test_panoptic_quality():
+    truth, pred = canvas(), canvas()
+    truth[0:4, 0:4] = 1  # 16 px, matched by a 4x3 prediction: IoU 12/16
+    truth[6:8, 6:8] = 2  # 4 px, missed
+    pred[0:4, 0:3] = 5
+    pred[8:10, 0:2] = 6  # spurious
+    # tp 1, fp 1, fn 1: DQ = 1 / (1 + 1/2 + 1/2) = 0.5; SQ = 0.75; PQ = 0.375
+    result = scores(truth, pred)
+    assert (result["dq"], result["sq"]) == (pytest.approx(0.5), pytest.approx(0.75))
+    assert result["pq"] == pytest.approx(0.375) and result["dq"] == result["f1"]
 
 
 def test_aji_of_a_split_prediction():

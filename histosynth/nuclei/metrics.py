@@ -1,8 +1,10 @@
 """Scores for instance segmentation: one-to-one matching at an IoU threshold, detection
-precision/recall/F1, the Aggregated Jaccard Index and pixel Dice, per image and pooled."""
+precision/recall/F1, the Aggregated Jaccard Index, panoptic quality and pixel Dice, per image and
+pooled, and the benchmark scoring of a folder of predictions against a folder of ground truth."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histosynth.nuclei.annotations import annotation_files, image_shape, read_annotation
 from histosynth.nuclei.geojson import NucleusRasterizer
-from histosynth.nuclei.instances import read_instances
+from histosynth.nuclei.instances import NucleiError, read_instances
 from histosynth.overlap import overlap_counts, overlap_scores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,27 +113,95 @@ def _aji_sums(truth: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     return intersection, union
 
 
+def _image_counts(truth: np.ndarray, pred: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """The additive counts every score is made of, for one image: tp, fp, fn, the matched pairs'
+    summed IoU, the AJI's intersection and union, foreground pixel tp, fp, fn."""
+    tp, fp, fn, pairs = match_instances(truth, pred, iou_threshold)
+    c, u = _aji_sums(truth, pred)
+    pixels = overlap_counts(np.asarray(truth) > 0, np.asarray(pred) > 0)
+    return np.array([tp, fp, fn, sum(p[2] for p in pairs), c, u, *pixels], float)
+
+
+def _scores(counts: np.ndarray, images: int) -> dict:
+    """Scores from (summed) _image_counts. PQ = DQ x SQ (Kirillov et al. 2019, as HoVer-Net's
+    get_fast_pq): DQ = tp / (tp + fp/2 + fn/2), which is F1, and SQ the mean IoU of the matched
+    pairs; with nothing to find and nothing found all three are 1.0."""
+    tp, fp, fn, iou_sum, aji_c, aji_u = counts[:6]
+    detection = _detection_scores(int(tp), int(fp), int(fn))
+    sq = iou_sum / tp if tp else float(tp + fp + fn == 0)
+    return {
+        **detection,
+        "aji": aji_c / aji_u if aji_u else 1.0,
+        "pq": detection["f1"] * sq, "dq": detection["f1"], "sq": sq,
+        "dice": overlap_scores(*counts[6:].astype(np.int64), empty=1.0)["dice"],
+        "images": images,
+    }
+
+
 def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshold: float = 0.5) -> dict:
     """Scores pooled over many (truth, pred) images: tp/fp/fn summed before precision, recall
     and F1 (detection); AJI (Kumar et al. 2017, as HoVer-Net's get_fast_aji: each truth instance takes
     its highest-IoU prediction, unmatched truths and unused predictions add their area to the union)
-    from summed intersections and unions; foreground pixel Dice from summed pixel counts. One
-    image is scored by passing one pair; an empty truth and prediction score 1.0."""
-    tp = fp = fn = aji_c = aji_u = images = 0
-    pixels = np.zeros(3, np.int64)  # foreground tp, fp, fn
+    from summed intersections and unions; PQ/DQ/SQ (see _scores) from summed matches; foreground
+    pixel Dice from summed pixel counts. One image is scored by passing one pair; an empty truth
+    and prediction score 1.0."""
+    counts, images = np.zeros(9), 0
     for truth, pred in pairs:
-        t, f, n, _ = match_instances(truth, pred, iou_threshold)
-        tp, fp, fn = tp + t, fp + f, fn + n
-        c, u = _aji_sums(truth, pred)
-        aji_c, aji_u = aji_c + c, aji_u + u
-        pixels += overlap_counts(np.asarray(truth) > 0, np.asarray(pred) > 0)
+        counts += _image_counts(truth, pred, iou_threshold)
         images += 1
-    return {
-        **_detection_scores(tp, fp, fn),
-        "aji": aji_c / aji_u if aji_u else 1.0,
-        "dice": overlap_scores(*pixels, empty=1.0)["dice"],
-        "images": images,
-    }
+    return _scores(counts, images)
+
+
+def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str | Path | None = None,
+                  iou_threshold: float = 0.5) -> pd.DataFrame:
+    """Benchmark scores of a folder of predicted nuclei against a folder of ground truth, paired
+    by file stem (annotations: instance PNG/TIFF or MoNuSeg XML; an XML file is rasterised on
+    its counterpart mask's grid, or on its image's in images_dir when both sides are XML). One
+    row per truth image, then `mean` (the mean over images, as MoNuSeg reports AJI) and `pooled`
+    (counts summed over images). A truth image without a prediction scores as predicting
+    nothing (logged); predictions without truth are ignored (logged)."""
+    truth_files, pred_files = annotation_files(truth_dir), annotation_files(pred_dir)
+    if not truth_files:
+        raise NucleiError(f"{truth_dir}: no ground truth (<stem>.png/.tif instance masks or <stem>.xml)")
+    missing = sorted(set(truth_files) - set(pred_files))
+    if missing:
+        log.warning("%d truth image(s) without a prediction in %s score as empty: %s", len(missing), pred_dir,
+                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    extra = sorted(set(pred_files) - set(truth_files))
+    if extra:
+        log.warning("%d prediction(s) without truth in %s ignored: %s", len(extra), truth_dir, ", ".join(extra[:10]))
+    rows, total = [], np.zeros(9)
+    for stem, truth_path in truth_files.items():
+        pred_path = pred_files.get(stem)
+        truth, pred = _read_pair(truth_path, pred_path, images_dir, stem)
+        counts = _image_counts(truth, pred, iou_threshold)
+        total += counts
+        rows.append({"image": stem, "truth": int(counts[0] + counts[2]), "pred": int(counts[0] + counts[1]),
+                     **_scores(counts, 1)})
+    table = pd.DataFrame(rows).drop(columns="images")
+    metrics = [c for c in table.columns if c not in ("image", "truth", "pred", "tp", "fp", "fn")]
+    mean = {"image": "mean", **table[metrics].mean().to_dict()}
+    pooled = {"image": "pooled", **{k: v for k, v in _scores(total, len(rows)).items() if k != "images"},
+              "truth": int(total[0] + total[2]), "pred": int(total[0] + total[1])}
+    table = pd.concat([table, pd.DataFrame([mean, pooled])], ignore_index=True)
+    return table.astype({c: "Int64" for c in ("truth", "pred", "tp", "fp", "fn")})
+
+
+def _read_pair(truth_path: Path, pred_path: Path | None, images_dir, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and prediction instances of one image on one grid."""
+    masks = [p for p in (truth_path, pred_path) if p is not None and p.suffix.lower() != ".xml"]
+    if masks:
+        shape = read_annotation(masks[0]).shape
+    elif images_dir is not None:
+        shape = image_shape(images_dir, stem)
+    else:
+        raise NucleiError(f"{truth_path}: XML on both sides (or no prediction): give the images folder (--images) for its size")
+    truth = read_annotation(truth_path, shape)
+    pred = read_annotation(pred_path, shape) if pred_path is not None else np.zeros(shape, np.int64)
+    if truth.shape != pred.shape:
+        raise NucleiError(f"{pred_path}: {pred.shape[1]}x{pred.shape[0]} px but its truth {truth_path} is "
+                          f"{truth.shape[1]}x{truth.shape[0]}; predict at the truth's resolution")
+    return truth, pred
 
 
 def score_nuclei_stage(index: pd.DataFrame, pred_dir: str | Path, truth: dict, iou_threshold: float = 0.5) -> dict:
