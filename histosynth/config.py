@@ -206,13 +206,13 @@ def load_preset(name: str) -> dict:
 
 
 def read_slide_sheet(path: str | Path) -> pd.DataFrame:
-    """Read and validate the slide sheet (TSV): one row per slide with image, annotations, split, mpp, label."""
+    """Read and validate the slide sheet (TSV): one row per slide with image, annotations, nuclei, split, mpp, label."""
     path = Path(path)
     try:
         sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment="#")
     except (OSError, pd.errors.ParserError) as err:
         raise ConfigError(f"{path}: cannot read the slide sheet ({err})") from err
-    for column in ("annotations", "mpp", "label"):
+    for column in ("annotations", "nuclei", "mpp", "label"):
         if column not in sheet:
             sheet[column] = ""
     for line, row in enumerate(sheet.to_dict("records"), start=2):

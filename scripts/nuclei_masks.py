@@ -9,7 +9,7 @@ from histosynth.nuclei.stage import segment_slide_patches
 
 log_to(snakemake.log[0])
 params = snakemake.params.nuclei
-model = load_detector(params["model"], str(pick_device())) if params["model"] else None
+model = load_detector(snakemake.input.model, str(pick_device())) if "model" in snakemake.input.keys() else None
 table, geojson = segment_slide_patches(
     read_patch_index(snakemake.input.index), snakemake.input.image, snakemake.output.masks, params, model
 )

@@ -146,6 +146,30 @@ def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     assert planned_jobs(result.stdout + result.stderr) == EVALUATION
 
 
+def test_nuclei_training_settings_rerun_nothing_while_the_classical_detector_runs(tiny_run):
+    result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {train: {steps: 7}}")
+    assert planned_jobs(result.stdout + result.stderr) == set(), result.stdout[-2000:]
+
+
+def test_trained_nuclei_model_through_the_workflow(tmp_path):
+    overlay = ("nuclei: {model: trained, train: {steps: 6, batch_size: 2, crop: 64, encoder_depth: 3,\n"
+               "         decoder_channels: [16, 16, 16], checkpoint_every: 3, log_every: 1}}")
+    result = snakemake(tmp_path, "--until", "nuclei_quality", overlay=overlay)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # trained on the one train slide's ground truth (tiny_a), then used on every slide
+    assert output.count("rule train_nuclei:") == 1 and output.count("rule nuclei_masks:") == 3
+    loss = pd.read_csv(tmp_path / "results/nuclei_model/loss.csv")
+    assert loss["step"].iloc[-1] == 6 and {"foreground", "boundary", "distance", "class"} <= set(loss.columns)
+    assert "tiny_a" in (tmp_path / "logs/train_nuclei.log").read_text()
+    quality = pd.read_csv(tmp_path / "results/nuclei/tiny_c.quality.csv").set_index("metric")["value"]
+    assert {"f1", "aji", "pq", "dice"} <= set(quality.index)
+    # a changed training setting retrains the model and re-segments with it
+    result = snakemake(tmp_path, "--dry-run", "--until", "nuclei_quality",
+                       overlay=overlay.replace("steps: 6", "steps: 8"))
+    assert planned_jobs(result.stdout + result.stderr) == {"train_nuclei", "nuclei_masks", "nuclei_quality"}
+
+
 def test_a_gan_ratio_trains_classifiers_only(tiny_run):
     overlay = ("gan: {enabled: true, size: 16, ch_max: 32, width: 8, attention_g: [8], attention_d: [16], train: {steps: 4}}\n"
                "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}")

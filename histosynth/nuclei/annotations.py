@@ -82,3 +82,25 @@ def image_shape(folder: str | Path, stem: str) -> tuple[int, int]:
             with Image.open(path) as image:
                 return image.height, image.width
     raise NucleiError(f"{folder}: no image named {stem}.png/.tif/.jpg for the annotation {stem}.xml")
+
+
+def read_annotated_folder(images_dir: str | Path, annotations_dir: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(stem, RGB uint8, instances) of every image in images_dir (PNG/TIFF/JPEG) that has an
+    annotation of the same stem in annotations_dir; images without one are an error naming them."""
+    images = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in (*MASK_SUFFIXES, ".jpg", ".jpeg"))
+    if not images:
+        raise NucleiError(f"{images_dir}: no images (.png, .tif, .jpg)")
+    annotations = annotation_files(annotations_dir)
+    missing = [p.name for p in images if p.stem not in annotations]
+    if missing:
+        raise NucleiError(f"{annotations_dir}: no annotation (<stem>.xml/.png/.tif) for {', '.join(missing[:10])}")
+    out = []
+    for path in images:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        instances = read_annotation(annotations[path.stem], rgb.shape[:2])
+        if instances.shape != rgb.shape[:2]:
+            raise NucleiError(f"{annotations[path.stem]}: {instances.shape[1]}x{instances.shape[0]} px but its image "
+                              f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}")
+        out.append((path.stem, rgb, instances))
+    return out

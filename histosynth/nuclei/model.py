@@ -4,6 +4,7 @@ released HD-Yolo file (histosynth.nuclei.hdyolo) or any model honouring histosyn
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -24,6 +25,7 @@ from histosynth.nuclei.instances import (
     shape_table,
 )
 
+META_FILE = "histosynth.json"  # extra file of a TorchScript model trained here (histosynth.nuclei.learned)
 # Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
 MODEL_STRIDE = 32
 
@@ -38,6 +40,7 @@ class NucleiModel:
     module: object  # a torch.jit.ScriptModule; torch is imported only when a model is used
     device: str
     kind: str  # "hdyolo" (histosynth.nuclei.hdyolo) or "contract" (load_detector's docstring)
+    mpp: float | None = None  # the resolution the file declares (a model trained here), else nuclei.model_mpp
 
 
 
@@ -52,12 +55,16 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
     nuclei.model_mpp, H and W multiples of 32, and returns a tuple (instances, classes, scores):
     `instances` an (H, W) integer tensor with ids 1..N (0 = none), `classes` a list of N
     class-name strings (the class of instance i at position i - 1) and `scores` N floats. Class
-    names that are not NUCLEUS_CLASSES must be mapped by nuclei.model_classes.
+    names that are not NUCLEUS_CLASSES must be mapped by nuclei.model_classes. A model trained
+    here (histosynth.nuclei.learned; `path` may be its training folder, holding model.pt) follows
+    this contract and declares its own mpp.
     """
     import torch
     import torchvision  # noqa: F401  registers the nms and roi_align ops HD-Yolo graphs call; needed before loading
 
     path = Path(path)
+    if path.is_dir() and (path / "model.pt").is_file():
+        path = path / "model.pt"
     if not path.is_file():
         raise NucleiError(
             f"{path}: no such nuclei model file; set nuclei.model to a TorchScript file, or to null for the classical detector"
@@ -65,7 +72,8 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-            module = torch.jit.load(str(path), map_location="cpu")
+            extra = {META_FILE: ""}
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as err:
         raise NucleiError(
             f"{path}: not a TorchScript module ({str(err).splitlines()[0]}); export the detector with "
@@ -82,7 +90,8 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
     if nms_params:
         raise NucleiError(f"{path}: nms_params apply to HD-Yolo files only; this model follows histosynth's contract")
     module.to(device).eval()
-    return NucleiModel(path, module, device, "contract")
+    declared = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    return NucleiModel(path, module, device, "contract", declared.get("mpp"))
 
 
 def _follows_contract(module) -> bool:

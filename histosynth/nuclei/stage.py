@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def detection_mpp(params: Mapping, source_mpp: float, model: NucleiModel | None = None) -> float:
-    """Resolution detection runs at: the model's, or params["mpp"] but never finer than the source."""
-    return params["model_mpp"] if model is not None else max(params["mpp"], source_mpp)
+    """Resolution detection runs at: the model's (the one it declares, else params["model_mpp"]),
+    or for the classical detector params["mpp"] but never finer than the source."""
+    if model is not None:
+        return model.mpp or params["model_mpp"]
+    return max(params["mpp"], source_mpp)
 
 
 
@@ -49,9 +52,10 @@ def detect(rgb: np.ndarray, mpp: float, params: Mapping,
     if model is None:
         _note_classical_detector()
         return detect_nuclei(rgb, mpp, params)
-    if not math.isclose(mpp, params["model_mpp"], rel_tol=0.05):
+    expected = model.mpp or params["model_mpp"]
+    if not math.isclose(mpp, expected, rel_tol=0.05):
         log.warning("%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample",
-                    model.path, params["model_mpp"], mpp)
+                    model.path, expected, mpp)
     return detect_with_model(rgb, model, params)
 
 

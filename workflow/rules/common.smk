@@ -68,12 +68,48 @@ def slide_mpp(wildcards):
     return float(mpp) if mpp else None
 
 
+TRAINED_NUCLEI_MODEL = "results/nuclei_model/model.pt"
+
+
 def nuclei_inputs(wildcards):
-    """The patch index, the slide, and the learned detector when one is configured."""
+    """The patch index, the slide, and the learned detector when one is configured (`trained`:
+    the one rule train_nuclei makes)."""
     inputs = {"index": f"results/patches/{wildcards.slide}.parquet", "image": slide_image(wildcards)}
-    if config["nuclei"]["model"]:
-        inputs["model"] = config["nuclei"]["model"]
+    model = config["nuclei"]["model"]
+    if model:
+        inputs["model"] = TRAINED_NUCLEI_MODEL if model == "trained" else model
     return inputs
+
+
+def nuclei_config():
+    """What rule nuclei_masks reads: the nuclei section without the training settings (those reach
+    it through the trained model file, when it is used)."""
+    params = config_params("nuclei")["nuclei"]
+    del params["train"]
+    return params
+
+
+def nuclei_truth(slide):
+    """The slide's hand-drawn nuclei (sheet column nuclei), or a demo slide's own; None if neither."""
+    if SLIDES.loc[slide, "nuclei"]:
+        return SLIDES.loc[slide, "nuclei"]
+    return f"{DEMO_DIR}/{slide}.nuclei.geojson" if slide in demo_slides() else None
+
+
+def nuclei_truth_slides(splits=("train", "val", "test")):
+    """Slides of those splits with nuclei ground truth."""
+    return [s for s in SLIDES.index if SLIDES.loc[s, "split"] in splits and nuclei_truth(s)]
+
+
+def nuclei_training_inputs(wildcards):
+    """Rule train_nuclei's data: each train-split slide with nuclei ground truth, its patch index and its nuclei."""
+    slides = nuclei_truth_slides(("train",))
+    if not slides:
+        raise WorkflowError("nuclei.model is 'trained' but no train-split slide has nuclei ground truth; fill the "
+                            "sheet's nuclei column (a QuPath GeoJSON of nucleus detections) for some train slides")
+    return {"index": [f"results/patches/{s}.parquet" for s in slides],
+            "images": [SLIDES.loc[s, "image"] for s in slides],
+            "truth": [nuclei_truth(s) for s in slides]}
 
 
 def training_slides():
@@ -270,7 +306,7 @@ def all_outputs():
     return [
         *expand("results/conditioning/{slide}.parquet", slide=SLIDES.index),
         *expand("results/nuclei/{slide}.geojson", slide=SLIDES.index),
-        *expand("results/nuclei/{slide}.quality.csv", slide=demo_slides()),
+        *expand("results/nuclei/{slide}.quality.csv", slide=nuclei_truth_slides()),
         *(["results/autoencoder/metrics.json"] if uses_autoencoder() else []),
         "results/diffusion/model",
         *expand("results/synthetic/{mode}", mode=synthetic_sets()),

@@ -18,17 +18,41 @@ rule nuclei_masks:
         mem_mb=4000,
         runtime=120,
     params:
-        nuclei=config_params("nuclei")["nuclei"],
+        nuclei=nuclei_config(),
     script:
         "../../scripts/nuclei_masks.py"
 
 
+rule train_nuclei:
+    """Train the nuclei model (nuclei.model: trained) on the train-split slides' nuclei ground truth."""
+    input:
+        unpack(nuclei_training_inputs),
+    output:
+        model=TRAINED_NUCLEI_MODEL,
+        loss="results/nuclei_model/loss.csv",
+    log:
+        "logs/train_nuclei.log",
+    benchmark:
+        "results/benchmarks/train_nuclei.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=240,
+    params:
+        nuclei=config_params("nuclei", "seed"),
+    script:
+        "../../scripts/train_nuclei.py"
+
+
 rule nuclei_quality:
-    """Score the nuclei stage against a slide's ground-truth nuclei (demo slides know where they drew them)."""
+    """Score the nuclei stage against a slide's ground-truth nuclei (sheet column nuclei; demo slides know where they drew them)."""
     input:
         index="results/patches/{slide}.parquet",
         masks="results/nuclei/{slide}",
-        truth=f"{DEMO_DIR}/{{slide}}.nuclei.geojson",
+        truth=lambda wildcards: nuclei_truth(wildcards.slide),
     output:
         "results/nuclei/{slide}.quality.csv",
     log:

@@ -1,0 +1,20 @@
+"""Rule train_nuclei: the nuclei model of nuclei.model: trained, from the train-split slides' nuclei ground truth."""
+
+import json
+from pathlib import Path
+
+from histosynth.data.io import read_patch_index
+from histosynth.logs import log_to
+from histosynth.nuclei.learned import slide_training_samples, train_detector
+
+log = log_to(snakemake.log[0])
+config = snakemake.params.nuclei
+params, seed = config["nuclei"], config["seed"]
+samples = []
+for index, image, truth in zip(snakemake.input.index, snakemake.input.images, snakemake.input.truth, strict=True):
+    samples += slide_training_samples(read_patch_index(index), image, json.loads(Path(truth).read_text()),
+                                      params["train"]["mpp"])
+out = Path(snakemake.output.model).parent
+train_detector(samples, out, params["train"], seed=seed, min_area_um2=params["min_area_um2"],
+               checkpoint_dir=Path("results/checkpoints/nuclei"),
+               meta={"data": {"slides": [Path(p).stem for p in snakemake.input.index], "patches": len(samples)}})
