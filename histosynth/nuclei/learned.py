@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
@@ -303,13 +304,11 @@ def class_names(tables: Sequence[Sequence[str]]) -> list[str]:
 
 
 def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: float, out_dir: str | Path,
-                    params: Mapping, *, seed: int, holdout: Sequence[str] = ()) -> "pd.DataFrame":
+                    params: Mapping, *, seed: int, holdout: Sequence[str] = ()) -> pd.DataFrame:
     """`histosynth nuclei-train`: train on a folder of images at `mpp` with instance annotations
     (MoNuSeg XML or masks; every nucleus class `other`), leaving the `holdout` stems out, then
     score the exported model on the training and held-out images (out_dir/scores.csv: split,
     image and histosynth.nuclei.metrics' scores per image). Returns that table."""
-    import pandas as pd
-
     from histosynth.data.io import write_csv
     from histosynth.nuclei.annotations import read_annotated_folder
     from histosynth.nuclei.metrics import score_instances
