@@ -12,8 +12,10 @@ config = snakemake.params.nuclei
 params, seed = config["nuclei"], config["seed"]
 samples = []
 for index, image, truth in zip(snakemake.input.index, snakemake.input.images, snakemake.input.truth, strict=True):
-    samples += slide_training_samples(read_patch_index(index), image, json.loads(Path(truth).read_text()),
-                                      params["train"]["mpp"])
+    patches = slide_training_samples(read_patch_index(index), image, json.loads(Path(truth).read_text()),
+                                     params["train"]["mpp"])
+    log.info("%s: %d patches with the nuclei of %s", Path(index).stem, len(patches), truth)
+    samples += patches
 out = Path(snakemake.output.model).parent
 train_detector(samples, out, params["train"], seed=seed, min_area_um2=params["min_area_um2"],
                checkpoint_dir=Path("results/checkpoints/nuclei"),

@@ -71,13 +71,17 @@ def slide_mpp(wildcards):
 TRAINED_NUCLEI_MODEL = "results/nuclei_model/model.pt"
 
 
-def nuclei_inputs(wildcards):
-    """The patch index, the slide, and the learned detector when one is configured (`trained`:
-    the one rule train_nuclei makes)."""
-    inputs = {"index": f"results/patches/{wildcards.slide}.parquet", "image": slide_image(wildcards)}
+def nuclei_model_path():
+    """The learned nuclei detector's file (`trained`: the one rule train_nuclei makes), or None."""
     model = config["nuclei"]["model"]
-    if model:
-        inputs["model"] = TRAINED_NUCLEI_MODEL if model == "trained" else model
+    return TRAINED_NUCLEI_MODEL if model == "trained" else model
+
+
+def nuclei_inputs(wildcards):
+    """The patch index, the slide, and the learned detector when one is configured."""
+    inputs = {"index": f"results/patches/{wildcards.slide}.parquet", "image": slide_image(wildcards)}
+    if nuclei_model_path():
+        inputs["model"] = nuclei_model_path()
     return inputs
 
 

@@ -81,7 +81,8 @@ rule registry:
         verdict="results/report/verdict.csv",
         models=[path for path in ["results/autoencoder/model" if uses_autoencoder() else None, "results/diffusion/model",
                                   "results/gan/model" if config["gan"]["enabled"] else None,
-                                  "results/lora/adapter" if config["lora"]["enabled"] else None] if path],
+                                  "results/lora/adapter" if config["lora"]["enabled"] else None,
+                                  TRAINED_NUCLEI_MODEL if config["nuclei"]["model"] == "trained" else None] if path],
         sets=expand("results/synthetic/{mode}", mode=synthetic_sets()),
         curated=expand("results/curated/{mode}.parquet", mode=synthetic_sets()),
         datasets=expand("results/mixing/{ratio}.parquet", ratio=RATIOS),
@@ -102,6 +103,6 @@ rule registry:
         runtime=30,
     params:
         url=config["registry"]["url"],
-        nuclei_model=config["nuclei"]["model"],
+        nuclei_model=nuclei_model_path(),
     script:
         "../../scripts/registry.py"
