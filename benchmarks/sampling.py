@@ -55,7 +55,7 @@ def bare_loop(model, scheduler, cond, steps: int, generator, channels: int):
 
 def load_or_build(args):
     """(model, training scheduler config, cond channels, image size), eval mode."""
-    from histosynth import diffusion
+    from histosynth.generators import diffusion
     from histosynth.generators.conditioning import channel_names
     from histosynth.config import load_preset
 

@@ -20,7 +20,7 @@ import torch
 
 
 def build(stage: str, preset: str, image_size: int, cond_channels: int):
-    from histosynth import autoencoder, diffusion
+    from histosynth.generators import autoencoder, diffusion
     from histosynth.config import load_preset
 
     config = load_preset(preset)[stage]

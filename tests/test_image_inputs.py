@@ -300,7 +300,7 @@ def test_sheet_from_an_image_folder(image_folder, tmp_path, capsys):
                  "--seed", "0", "--out", "sheet.tsv"]) == 0
     summary = capsys.readouterr().out
     sheet = read_slide_sheet(tmp_path / "sheet.tsv")  # validates against the schema
-    assert list(sheet.columns) == ["slide", "image", "annotations", "split", "mpp", "label"]
+    assert list(sheet.columns) == ["slide", "image", "annotations", "split", "mpp", "label", "nuclei"]  # nuclei: filled, empty
     assert len(sheet) == 15 and sheet["slide"].is_unique
     assert set(sheet["mpp"]) == {"0.25"} and set(sheet["annotations"]) == {""}
     # the same names in every class: prefixed with the (sanitised) class

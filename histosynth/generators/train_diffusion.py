@@ -65,6 +65,34 @@ def loss_weights(alpha_cumprod: torch.Tensor, prediction: str, min_snr_gamma: fl
     return snr.clamp(max=min_snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
 
 
+def denoising_loss(c: Mapping, scheduler, alphas: torch.Tensor, ae=None):
+    """The training objective loss_fn(model, batch) -> (loss, {}) of the `diffusion` section c:
+    a batch's images (encoded by the frozen autoencoder `ae` in latent space) noised at uniform
+    timesteps, the masks dropped with probability cond_dropout (labels then the null class), the
+    noise or velocity regressed, weighted per sample by loss_weights (min-SNR)."""
+    null_class = c["num_classes"]
+
+    def loss_fn(model, batch):
+        x, cond = batch["image"], batch["cond"]
+        if ae is not None:
+            with torch.no_grad():
+                x = encode(ae, x).float()
+            cond = resize_cond(cond, x.shape[-2:])
+        n = len(x)
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=x.device)
+        a = alphas[t].view(n, 1, 1, 1)
+        x_t = a.sqrt() * x + (1 - a).sqrt() * noise
+        drop = torch.rand(n, device=x.device) < c["cond_dropout"]
+        cond = cond * (~drop).view(n, 1, 1, 1).to(cond.dtype)
+        labels = torch.where(drop, null_class, batch["label"].long()) if null_class else None
+        target = noise if c["prediction"] == "epsilon" else scheduler.get_velocity(x, noise, t)
+        error = (model_output(model, x_t, t, cond, labels).float() - target).pow(2).mean(dim=(1, 2, 3))
+        return (error * loss_weights(alphas[t], c["prediction"], c["min_snr_gamma"])).mean(), {}
+
+    return loss_fn
+
+
 def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, seed: int = 0, val_dataset=None,
                     checkpoint_dir: str | Path | None = None, autoencoder: str | Path | None = None,
                     accelerator=None) -> dict:
@@ -106,24 +134,7 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     alphas = scheduler.alphas_cumprod.to(device)
     null_class = c["num_classes"]
 
-    def loss_fn(model, batch):
-        x, cond = batch["image"], batch["cond"]
-        if ae is not None:
-            with torch.no_grad():
-                x = encode(ae, x).float()
-            cond = resize_cond(cond, x.shape[-2:])
-        n = len(x)
-        noise = torch.randn_like(x)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=x.device)
-        a = alphas[t].view(n, 1, 1, 1)
-        x_t = a.sqrt() * x + (1 - a).sqrt() * noise
-        drop = torch.rand(n, device=x.device) < c["cond_dropout"]
-        cond = cond * (~drop).view(n, 1, 1, 1).to(cond.dtype)
-        labels = torch.where(drop, null_class, batch["label"].long()) if null_class else None
-        target = noise if c["prediction"] == "epsilon" else scheduler.get_velocity(x, noise, t)
-        error = (model_output(model, x_t, t, cond, labels).float() - target).pow(2).mean(dim=(1, 2, 3))
-        return (error * loss_weights(alphas[t], c["prediction"], c["min_snr_gamma"])).mean(), {}
-
+    loss_fn = denoising_loss(c, scheduler, alphas, ae)
     preview = _preview_batch(val_dataset if val_dataset is not None and len(val_dataset) else dataset, c["train"]["sample_count"])
     preview_sampler = make_sampler(c["train"]["sample_sampler"], scheduler.config)
 
