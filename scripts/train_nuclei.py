@@ -9,14 +9,14 @@ from histosynth.nuclei.learned import slide_training_samples, train_detector
 
 log = log_to(snakemake.log[0])
 config = snakemake.params.nuclei
-params, seed = config["nuclei"], config["seed"]
+params, seed, train = config["nuclei"], config["seed"], snakemake.params.train
 samples = []
 for index, image, truth in zip(snakemake.input.index, snakemake.input.images, snakemake.input.truth, strict=True):
     patches = slide_training_samples(read_patch_index(index), image, json.loads(Path(truth).read_text()),
-                                     params["train"]["mpp"])
+                                     train["mpp"])
     log.info("%s: %d patches with the nuclei of %s", Path(index).stem, len(patches), truth)
     samples += patches
 out = Path(snakemake.output.model).parent
-train_detector(samples, out, params["train"], seed=seed, min_area_um2=params["min_area_um2"],
+train_detector(samples, out, train, seed=seed, min_area_um2=params["min_area_um2"],
                checkpoint_dir=Path("results/checkpoints/nuclei"),
                meta={"data": {"slides": [Path(p).stem for p in snakemake.input.index], "patches": len(samples)}})

@@ -85,14 +85,6 @@ def nuclei_inputs(wildcards):
     return inputs
 
 
-def nuclei_config():
-    """What rule nuclei_masks reads: the nuclei section without the training settings (those reach
-    it through the trained model file, when it is used)."""
-    params = config_params("nuclei")["nuclei"]
-    del params["train"]
-    return params
-
-
 def nuclei_truth(slide):
     """The slide's hand-drawn nuclei (sheet column nuclei), or a demo slide's own; None if neither."""
     if SLIDES.loc[slide, "nuclei"]:
@@ -124,9 +116,15 @@ def training_slides():
 def config_params(*keys):
     """The config sections a job reads, as a job parameter with keys sorted at every level. Snakemake
     compares params by their text, so only a changed value (not a reordered file) reruns a job,
-    and only the sections named here count. Section `labels` is the resolved one (LABELS)."""
+    and only the sections named here count. Section `labels` is the resolved one (LABELS); section
+    `nuclei` names the detector file (nuclei_model_path) and leaves out the training settings, which
+    reach its readers through the trained model file."""
     sections = {key: LABELS if key == "labels" else config[key] for key in keys}
-    return json.loads(json.dumps(sections, sort_keys=True))
+    sections = json.loads(json.dumps(sections, sort_keys=True))
+    if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
+        del sections["nuclei"]["train"]
+        sections["nuclei"]["model"] = nuclei_model_path()
+    return sections
 
 
 GENERATOR_SETTINGS = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan", "lora": "lora"}
@@ -295,6 +293,8 @@ def quality_inputs(wildcards):
     """Real training patches, one synthetic set, and the baseline's first model (mask consistency,
     and the offline feature space when quality.extractor is 'segmentation')."""
     inputs = {"indexes": patch_indexes("train"), "synthetic": f"results/synthetic/{wildcards.set}"}
+    if config["quality"]["consistency"] and nuclei_model_path():
+        inputs["nuclei_model"] = nuclei_model_path()
     if config["quality"]["consistency"] or config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     return inputs

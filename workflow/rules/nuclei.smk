@@ -18,7 +18,7 @@ rule nuclei_masks:
         mem_mb=4000,
         runtime=120,
     params:
-        nuclei=nuclei_config(),
+        nuclei=config_params("nuclei")["nuclei"],
     script:
         "../../scripts/nuclei_masks.py"
 
@@ -43,6 +43,7 @@ rule train_nuclei:
         runtime=240,
     params:
         nuclei=config_params("nuclei", "seed"),
+        train=json.loads(json.dumps(config["nuclei"]["train"], sort_keys=True)),
     script:
         "../../scripts/train_nuclei.py"
 
