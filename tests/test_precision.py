@@ -46,7 +46,12 @@ def cuda_precision_on_cpu(monkeypatch):
         return real(self)
 
     monkeypatch.setattr(torch.autocast, "__enter__", counting_enter)
-    return seen
+    # accelerate keeps one process-wide state; an earlier fp32 Accelerator would refuse bf16
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield seen
+    AcceleratorState._reset_state(True)
 
 
 def test_diffusion_trains_and_samples_in_bf16(cuda_precision_on_cpu, tmp_path):
