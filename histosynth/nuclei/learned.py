@@ -26,13 +26,13 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from torch import nn
 
+from histosynth.evaluation.segmentation import IMAGENET_MEAN, IMAGENET_STD
 from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError
 from histosynth.nuclei.model import META_FILE
 from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HEADS = ("foreground", "boundary", "distance")  # output channels before the class logits
 CROP_POOL = 100_000  # seeded crops one training epoch draws from (more than any run uses)
 LOSS_COLUMNS = ("foreground", "boundary", "distance", "class")
