@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from histosynth.config import ConfigError, load_config, validated
+from histosynth.config import load_config, validated
 
 log = logging.getLogger("histosynth")
 DEFAULT_CONFIG = Path("config/config.yaml")
@@ -24,6 +24,20 @@ def _config(args) -> dict:
     config = load_config(path)
     log.info("defaults from %s", path or "the schema (no config file)")
     return config
+
+
+# The errors a command reports as one line (bad input, with its fix) rather than a traceback, by module:
+# looked up among the modules the command imported, so that no command imports another's dependencies.
+USER_ERRORS = {
+    "histosynth.config": "ConfigError", "histosynth.data.slides": "SlideError",
+    "histosynth.data.annotations": "AnnotationError", "histosynth.data.patches": "PatchError",
+    "histosynth.nuclei.instances": "NucleiError", "histosynth.data.sheet": "SheetError",
+    "histosynth.registry": "RegistryError",
+}
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 PATCH_SECTIONS = ("run_id", "seed", "annotations", "classes", "priority", "patches")
@@ -391,16 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from histosynth.data.annotations import AnnotationError
-    from histosynth.data.patches import PatchError
-    from histosynth.data.sheet import SheetError
-    from histosynth.data.slides import SlideError
-    from histosynth.nuclei.instances import NucleiError
-    from histosynth.registry import RegistryError
-
     try:
         args.func(args)
-    except (ConfigError, SlideError, AnnotationError, PatchError, NucleiError, SheetError, RegistryError) as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,5 +17,6 @@ build_slide_conditioning(
     pd.read_parquet(snakemake.input.table),
     snakemake.output.maps,
     use_regions=snakemake.params.conditioning["regions"],
+    workers=snakemake.threads,
 )
 write_conditioning_index(index, snakemake.output.maps, snakemake.output.index)

@@ -15,4 +15,5 @@ extract_slide(
     config=snakemake.params.config,
     mpp=snakemake.params.mpp,
     label=snakemake.params.label,
+    workers=snakemake.threads,
 )

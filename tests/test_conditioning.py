@@ -145,7 +145,11 @@ def test_build_slide_conditioning(patch, tmp_path):
     assert not read_conditioning(tmp_path / "cond" / "p2.png").any()  # a patch without nuclei or regions
     build_slide_conditioning(index, nuclei_dir, table, tmp_path / "nuclei_only", use_regions=False, progress=False)
     assert not read_conditioning(tmp_path / "nuclei_only" / "p1.png")[..., 0].any()
+    build_slide_conditioning(index, nuclei_dir, table, tmp_path / "forked", progress=False, workers=2)
+    for name in ("p1.png", "p2.png"):  # the same maps from 2 processes, byte for byte
+        assert (tmp_path / "forked" / name).read_bytes() == (tmp_path / "cond" / name).read_bytes()
     (nuclei_dir / "p2.png").unlink()
-    with pytest.raises(FileNotFoundError, match="p2.png: no nuclei mask for patch p2"):
-        build_slide_conditioning(index, nuclei_dir, table, tmp_path / "cond", progress=False)
+    for workers in (1, 2):
+        with pytest.raises(FileNotFoundError, match="p2.png: no nuclei mask for patch p2"):
+            build_slide_conditioning(index, nuclei_dir, table, tmp_path / "cond", progress=False, workers=workers)
     assert (tmp_path / "cond" / "p1.png").is_file()  # the failed rebuild left the old output alone

@@ -144,3 +144,74 @@ def test_outputs_go_where_the_caller_says(square_slide, config, tmp_path):
                   config=config, progress=False)
     written = sorted(p.name for p in tmp_path.iterdir() if p.suffix not in (".tiff", ".geojson"))  # not the fixture's slide
     assert written == ["again", "again.parquet", "indexes", "patches", "qc"]
+
+
+@pytest.fixture
+def textured_slide(tmp_path):
+    """A 1024 px slide whose tissue is noisy (so every PNG's bytes are distinct) with an annotated vessel."""
+    rng = np.random.default_rng(7)
+    rgb = np.full((1024, 1024, 3), 240, np.uint8)
+    rgb[128:896, 192:832] = rng.integers(80, 200, (768, 640, 3), dtype=np.uint8)
+    slide = write_tiled_tiff(tmp_path / "textured.tiff", rgb)
+    geojson = write_geojson(tmp_path / "textured.geojson", [feature("Blood vessel", square(300, 300, 500, 460))])
+    return slide, geojson
+
+
+def test_outputs_do_not_depend_on_the_number_of_workers(textured_slide, config, tmp_path):
+    config["patches"]["stride"] = 24
+    outputs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        index = extract(*textured_slide, out, slide_name="t", split="train", config=config, workers=workers, progress=False)
+        files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "t").rglob("*.png"))}
+        outputs[workers] = index, files
+    (index1, files1), (index3, files3) = outputs[1], outputs[3]
+    assert len(index1) > 100 and index1["frac_blood_vessel"].gt(0).any()
+    pd.testing.assert_frame_equal(index1, index3)
+    assert files1 == files3  # byte for byte, in the same grid order
+
+
+@pytest.mark.parametrize("compression", ["deflate", "none"])
+def test_png_compression_changes_bytes_not_pixels(textured_slide, config, tmp_path, compression):
+    fast = extract(*textured_slide, tmp_path / "fast", slide_name="t", split="train", config=config, progress=False)
+    config["patches"]["png_compression"] = compression
+    other = extract(*textured_slide, tmp_path / compression, slide_name="t", split="train", config=config, progress=False)
+    pd.testing.assert_frame_equal(fast, other)
+    sizes = {}
+    for name, root in (("fast", tmp_path / "fast"), (compression, tmp_path / compression)):
+        sizes[name] = sum((root / p).stat().st_size for p in fast["image"])
+    for row in fast.itertuples():
+        for column in ("image", "mask"):
+            a, b = tmp_path / "fast" / getattr(row, column), tmp_path / compression / getattr(row, column)
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    if compression == "none":
+        assert sizes["none"] > 1.1 * sizes["fast"]  # stored, not compressed
+
+
+def test_tissue_fraction_counts_every_pixel_centre():
+    from histosynth.data.patches import TissueMap
+
+    rng = np.random.default_rng(0)
+    tissue = TissueMap(rng.random((40, 30)) > 0.4, scale=1 / 16)
+    for x, y, extent, size in [(0, 0, 64, 32), (100.5, 37, 256, 64), (300, 500, 97.3, 48), (470, 630, 64, 32)]:
+        centres = (np.arange(size) + 0.5) * (extent / size)
+        rows = np.minimum(((y + centres) * tissue.scale).astype(int), 39)
+        cols = np.minimum(((x + centres) * tissue.scale).astype(int), 29)
+        assert tissue.fraction(x, y, extent, size) == tissue.mask[np.ix_(rows, cols)].mean()
+
+
+def test_patches_command_imports_only_what_patching_needs(square_slide, tmp_path):
+    import subprocess
+    import sys
+
+    slide, geojson = square_slide
+    code = (
+        "import sys; from histosynth.cli import main; "
+        f"code = main(['patches', {str(slide)!r}, '--annotations', {str(geojson)!r}, '--out', {str(tmp_path / 'out')!r}, "
+        "'--size', '32', '--stride', '32', '--mpp', '1.0']); "
+        "print(sorted(m for m in ('torch', 'sqlalchemy', 'skimage.segmentation', 'skimage.morphology', 'timm') if m in sys.modules)); "
+        "sys.exit(code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "square.parquet").is_file()

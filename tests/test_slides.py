@@ -98,3 +98,37 @@ def test_small_holes_filled_and_debris_removed():
     mask, _ = detect_tissue(rgb, 8.0, tissue(min_object_um2=300, max_hole_um2=600))
     assert mask[40:43, 40:43].all()
     assert not mask[95:97, 95:97].any()
+
+
+class _WithThumbnail:
+    """An OpenSlide handle that also has an associated 'thumbnail' image."""
+
+    def __init__(self, osr, thumbnail):
+        self._osr, self.associated_images = osr, {"thumbnail": thumbnail}
+
+    def __getattr__(self, name):
+        return getattr(self._osr, name)
+
+
+def test_render_takes_the_thumbnail_when_it_suffices(square_slide):
+    from PIL import Image
+
+    with Slide(square_slide[0]) as slide:  # 1024 px at 0.5 mpp; level 1 is 256 px at 2 mpp
+        pyramid = slide.render(8.0)
+        red = Image.new("RGBA", (128, 128), (200, 0, 0, 255))  # 4 mpp, marked so that its use shows
+        slide.osr = _WithThumbnail(slide.osr, red)
+        assert (slide.render(8.0) == (200, 0, 0)).all()  # 64 px from the 128 px thumbnail, not level 1
+        assert slide.render(8.0).shape == pyramid.shape
+        assert not (slide.render(2.0) == (200, 0, 0)).all(axis=-1).any()  # too coarse for 2 mpp: the pyramid
+        slide.osr = _WithThumbnail(slide.osr._osr, Image.new("RGBA", (128, 64), (200, 0, 0, 255)))
+        assert np.array_equal(slide.render(8.0), pyramid)  # another aspect ratio: a glass overview, not the scan
+
+
+def test_render_reads_chunks_in_parallel_the_same(square_slide, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import histosynth.data.slides as slides
+
+    monkeypatch.setattr(slides, "READ_CHUNK", 100)  # many chunks
+    with Slide(square_slide[0]) as slide, ThreadPoolExecutor(3) as pool:
+        assert np.array_equal(slide.render(0.7, pool), slide.render(0.7))

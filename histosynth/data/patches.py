@@ -9,15 +9,17 @@ import os
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
-from skimage.segmentation import find_boundaries
+from scipy import ndimage
 from tqdm import tqdm
 
 from histosynth.data.annotations import (
@@ -28,6 +30,9 @@ from histosynth.data.annotations import (
 )
 from histosynth.data.io import atomic_dir, atomic_file, write_png
 from histosynth.data.slides import Slide, detect_tissue
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +89,25 @@ class TissueMap:
         self.mask = mask
         self.scale = scale  # mask pixels per level-0 pixel
 
-    def sample(self, x: float, y: float, extent: float, size: int) -> np.ndarray:
-        """The tissue mask at the centres of a size x size patch over the level-0 window."""
+    def fraction(self, x: float, y: float, extent: float, size: int) -> float:
+        """The tissue fraction of a size x size patch over the level-0 window: the share of its
+        pixel centres that fall on tissue. A window covers few mask pixels, so each is counted
+        once with the number of centres on it rather than looked up per centre."""
         centres = (np.arange(size) + 0.5) * (extent / size)
         h, w = self.mask.shape
-        rows = np.minimum(((y + centres) * self.scale).astype(np.int64), h - 1)
-        cols = np.minimum(((x + centres) * self.scale).astype(np.int64), w - 1)
-        return self.mask[np.ix_(rows, cols)]
+        rows, row_counts = np.unique(np.minimum(((y + centres) * self.scale).astype(np.int64), h - 1), return_counts=True)
+        cols, col_counts = np.unique(np.minimum(((x + centres) * self.scale).astype(np.int64), w - 1), return_counts=True)
+        on_tissue = row_counts @ self.mask[np.ix_(rows, cols)].astype(np.int64) @ col_counts
+        return float(on_tissue) / (size * size)
 
 
 def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | None,
-                     labels: RegionRasterizer | None) -> TissueMap:
-    """Detect tissue on a rendering at params["mpp"]. Annotated label regions count as tissue (fat and
-    vessel lumens are pale but annotated tissue); an annotated outline bounds the result."""
+                     labels: RegionRasterizer | None, pool: Executor | None = None) -> TissueMap:
+    """Detect tissue on a rendering at params["mpp"] (read through `pool` when given). Annotated label
+    regions count as tissue (fat and vessel lumens are pale but annotated tissue); an annotated
+    outline bounds the result."""
     mask_mpp = max(params["mpp"], slide.mpp)
-    thumb = slide.render(mask_mpp)
+    thumb = slide.render(mask_mpp, pool)
     mask, threshold = detect_tissue(thumb, mask_mpp, params)
     scale = thumb.shape[1] / slide.dimensions[0]
     width0, height0 = slide.dimensions
@@ -131,6 +140,7 @@ def extract_slide(
     classes: dict[str, int] | None = None,
     mpp: float | None = None,
     label: str | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Cut one slide into patches under patches_dir (images/, masks/), write the index table at
@@ -139,15 +149,19 @@ def extract_slide(
     `config` is the validated workflow config (sections patches, classes, priority, annotations);
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
     `mpp` overrides the slide's recorded resolution (required for a plain PNG/JPEG/TIFF image);
-    `label` is the image-level class (the slide sheet's label) written into every index row (null: none)."""
+    `label` is the image-level class (the slide sheet's label) written into every index row (null: none);
+    `workers` threads read and write windows (default patches.workers, else all CPUs): the outputs
+    are the same for any number."""
     patches_dir, index_path = Path(patches_dir), Path(index_path)
     relative = Path(os.path.relpath(patches_dir, index_path.parent))
     params = config["patches"]
     classes = classes or class_indices(config["classes"])
+    workers = workers or params["workers"] or os.cpu_count() or 1
     started = time.perf_counter()
-    with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide:
+    with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide, \
+            ThreadPoolExecutor(workers, thread_name_prefix="patches") as pool:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
-        tissue = build_tissue_map(slide, params["tissue"], outline, labels)
+        tissue = build_tissue_map(slide, params["tissue"], outline, labels, pool)
         extent = params["size"] * params["mpp"] / slide.mpp
         step = params["stride"] * params["mpp"] / slide.mpp
         if extent / params["size"] < 1 - 1e-6:
@@ -158,17 +172,19 @@ def extract_slide(
             raise PatchError(f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)")
         with atomic_dir(patches_dir) as tmp_dir, atomic_file(index_path) as index_tmp:
             counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
-            rows = _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, tmp_dir, relative, slide_name, progress, counts)
+            window = _Window(slide, labels, params, classes, extent, tmp_dir, relative, slide_name)
+            rows = _scan_windows(window, tissue, xs, ys, pool, workers, progress, counts)
             kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, label=label or None, split=split)
             if not len(kept_xy):
                 raise PatchError(_no_patch_message(image, params, counts))
         if qc_path is not None:
             with atomic_file(qc_path) as qc_tmp:
-                qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes).save(qc_tmp, format="PNG")
+                qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes, pool).save(qc_tmp, format="PNG")
     seconds = time.perf_counter() - started
     log.info(
-        "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s)",
-        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params["min_tissue"], seconds, len(kept_xy) / seconds,
+        "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s, %d threads)",
+        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params["min_tissue"], seconds,
+        len(kept_xy) / seconds, workers,
     )
     return index_path
 
@@ -224,44 +240,74 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     return regions, labels, outline
 
 
-def _scan_windows(slide, tissue, labels, params, classes, xs, ys, extent, out_dir, relative, slide_name, progress, counts):
-    """Slide the window over the grid, write kept patches into out_dir and yield their index rows;
-    `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
-    target = classes.get(params["target_class"]) if params["target_class"] else None
-    level = slide.level_for(params["mpp"])
-    (out_dir / "images").mkdir()
-    (out_dir / "masks").mkdir()
-    empty_mask = np.zeros((params["size"], params["size"]), np.uint8)
-    for y in tqdm(ys, desc=f"{slide_name}: window rows", unit="row", disable=not progress, mininterval=2):
+class _Window:
+    """What one window needs to become a patch (label mask, keep rule, pixels, PNGs, index row):
+    called from the worker threads, it reads only shared state that does not change."""
+
+    def __init__(self, slide, labels, params, classes, extent, out_dir, relative, slide_name):
+        self.slide, self.labels, self.params, self.classes = slide, labels, params, classes
+        self.extent, self.out_dir, self.relative, self.slide_name = extent, out_dir, relative, slide_name
+        self.target = classes.get(params["target_class"]) if params["target_class"] else None
+        self.level = slide.level_for(params["mpp"])
+        self.shape = (params["size"], params["size"])
+        self.empty_mask = np.zeros(self.shape, np.uint8)
+        (out_dir / "images").mkdir()
+        (out_dir / "masks").mkdir()
+
+    def __call__(self, x: int, y: int, tissue_fraction: float) -> tuple[float | None, dict | None]:
+        """The window's target-class fraction (None without a target class) and, when it is
+        kept, its index row after writing its image and mask PNGs (else None)."""
+        params, extent = self.params, self.extent
+        mask = self.labels.rasterize(x, y, extent, extent, self.shape) if self.labels else self.empty_mask
+        label_fraction = float((mask == self.target).mean()) if self.target else None
+        if not keep_window(tissue_fraction, label_fraction, params["min_tissue"], params["min_label"]):
+            return label_fraction, None
+        name = f"{self.slide_name}_x{x}_y{y}"
+        pixels = self.slide.read(x, y, extent, extent, self.shape[::-1])
+        write_png(pixels, self.out_dir / "images" / f"{name}.png", params["png_compression"])
+        write_png(mask, self.out_dir / "masks" / f"{name}.png", params["png_compression"])
+        row = {
+            "patch_id": name,
+            "slide": self.slide_name,
+            "x": int(x),
+            "y": int(y),
+            "level": self.level,
+            "mpp": params["mpp"],
+            "size": params["size"],
+            "image": (self.relative / "images" / f"{name}.png").as_posix(),
+            "mask": (self.relative / "masks" / f"{name}.png").as_posix(),
+            "tissue_fraction": tissue_fraction,
+        }
+        row.update(fraction_columns(mask, self.classes))
+        return label_fraction, row
+
+
+def _scan_windows(window: _Window, tissue: TissueMap, xs, ys, pool: Executor, workers: int, progress: bool, counts: dict):
+    """Slide the window over the grid row by row and yield the kept windows' index rows in grid
+    order; windows with enough tissue go to `pool` (at most 8 per worker in flight, so memory
+    stays flat). `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
+    min_tissue, size = window.params["min_tissue"], window.params["size"]
+    pending: deque[Future] = deque()
+
+    def collect() -> dict | None:
+        label_fraction, row = pending.popleft().result()
+        if label_fraction is not None:
+            counts["max_label"] = max(counts["max_label"], label_fraction)
+        return row
+
+    for y in tqdm(ys, desc=f"{window.slide_name}: window rows", unit="row", disable=not progress, mininterval=2):
         for x in xs:
-            tissue_fraction = float(tissue.sample(x, y, extent, params["size"]).mean())
+            tissue_fraction = tissue.fraction(x, y, window.extent, size)
             counts["max_tissue"] = max(counts["max_tissue"], tissue_fraction)
-            if tissue_fraction < params["min_tissue"]:
+            if tissue_fraction < min_tissue:
                 continue
             counts["tissue"] += 1
-            mask = labels.rasterize(x, y, extent, extent, (params["size"], params["size"])) if labels else empty_mask
-            label_fraction = float((mask == target).mean()) if target else None
-            if label_fraction is not None:
-                counts["max_label"] = max(counts["max_label"], label_fraction)
-            if not keep_window(tissue_fraction, label_fraction, params["min_tissue"], params["min_label"]):
-                continue
-            name = f"{slide_name}_x{x}_y{y}"
-            pixels = slide.read(x, y, extent, extent, (params["size"], params["size"]))
-            write_png(pixels, out_dir / "images" / f"{name}.png")
-            write_png(mask, out_dir / "masks" / f"{name}.png")
-            row = {
-                "patch_id": name,
-                "slide": slide_name,
-                "x": int(x),
-                "y": int(y),
-                "level": level,
-                "mpp": params["mpp"],
-                "size": params["size"],
-                "image": (relative / "images" / f"{name}.png").as_posix(),
-                "mask": (relative / "masks" / f"{name}.png").as_posix(),
-                "tissue_fraction": tissue_fraction,
-            }
-            row.update(fraction_columns(mask, classes))
+            pending.append(pool.submit(window, int(x), int(y), tissue_fraction))
+            while len(pending) > 8 * workers:
+                if (row := collect()) is not None:
+                    yield row
+    while pending:
+        if (row := collect()) is not None:
             yield row
 
 
@@ -281,13 +327,13 @@ def _no_patch_message(image, params: Mapping, counts: dict) -> str:
 
 
 def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: list[Region],
-                 extent: float, classes: dict[str, int]) -> Image.Image:
-    """Slide thumbnail (longest side QC_MAX_SIDE at most) with the detected tissue's contour,
-    kept windows and annotated regions drawn over it, and a legend."""
+                 extent: float, classes: dict[str, int], pool: Executor | None = None) -> Image.Image:
+    """Slide thumbnail (longest side QC_MAX_SIDE at most; read through `pool` when given) with the
+    detected tissue's contour, kept windows and annotated regions drawn over it, and a legend."""
     width0, height0 = slide.dimensions
-    canvas = Image.fromarray(slide.render(max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE)))
+    canvas = Image.fromarray(slide.render(max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE), pool))
     to_px = canvas.width / width0
-    contour = find_boundaries(tissue.mask, mode="inner")
+    contour = tissue.mask & ~ndimage.binary_erosion(tissue.mask, border_value=1)  # tissue pixels with a background 4-neighbour
     contour_layer = Image.fromarray(contour).resize(canvas.size, Image.Resampling.NEAREST)
     canvas.paste((0, 160, 0), mask=contour_layer)
     draw = ImageDraw.Draw(canvas)

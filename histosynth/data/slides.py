@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,26 +135,47 @@ class Slide:
                 f"{self.path}: reading level {level} at ({x:.0f}, {y:.0f}) failed ({err}); "
                 "the file is probably truncated or corrupt"
             ) from err
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        rgb = _on_white(rgba)
         if rgb.size != (out_w, out_h):
             rgb = rgb.resize((out_w, out_h), Image.Resampling.LANCZOS)
         return np.asarray(rgb)
 
-    def render(self, mpp: float) -> np.ndarray:
-        """The whole slide at (about) `mpp`, assembled chunk by chunk: each read covers at most
-        READ_CHUNK x READ_CHUNK pixels of the level it comes from, so memory stays bounded."""
+    def render(self, mpp: float, pool: Executor | None = None) -> np.ndarray:
+        """The whole slide at (about) `mpp`: the associated thumbnail resized when it is fine enough
+        (and smaller than the pyramid level that would be read), else the coarsest sufficient level
+        assembled chunk by chunk: each read covers at most READ_CHUNK x READ_CHUNK pixels of its
+        level, so memory stays bounded; with `pool` the chunks are read in parallel."""
         width0, height0 = self.dimensions
         scale = self.mpp / mpp  # output pixels per level-0 pixel
         out_w, out_h = max(1, round(width0 * scale)), max(1, round(height0 * scale))
         level_ds = self.osr.level_downsamples[self.level_for(mpp)]
+        thumbnail = self._thumbnail(mpp, width0 / level_ds)
+        if thumbnail is not None:
+            return np.asarray(_on_white(thumbnail).resize((out_w, out_h), Image.Resampling.LANCZOS))
         chunk = max(1, int(READ_CHUNK * level_ds * scale))  # output pixels per read
+        boxes = [(left, top, min(chunk, out_w - left), min(chunk, out_h - top))
+                 for top in range(0, out_h, chunk) for left in range(0, out_w, chunk)]
+
+        def read(box):
+            left, top, w, h = box
+            return self.read(left / scale, top / scale, w / scale, h / scale, (w, h))
+
         canvas = np.empty((out_h, out_w, 3), np.uint8)
-        for top in range(0, out_h, chunk):
-            for left in range(0, out_w, chunk):
-                w, h = min(chunk, out_w - left), min(chunk, out_h - top)
-                canvas[top : top + h, left : left + w] = self.read(left / scale, top / scale, w / scale, h / scale, (w, h))
+        for (left, top, w, h), pixels in zip(boxes, (pool.map if pool else map)(read, boxes)):
+            canvas[top : top + h, left : left + w] = pixels
         return canvas
+
+    def _thumbnail(self, mpp: float, level_width: float) -> Image.Image | None:
+        """The associated thumbnail when it covers the scanned area (its aspect ratio matches
+        level 0 to a pixel: a glass overview does not), resolves `mpp` and is narrower than the
+        pyramid level (level_width pixels wide) a rendering would otherwise read; else None."""
+        if "thumbnail" not in self.osr.associated_images:
+            return None
+        thumbnail = self.osr.associated_images["thumbnail"]
+        (width0, height0), (width, height) = self.dimensions, thumbnail.size
+        covers = abs(width * height0 - height * width0) <= max(width0, height0)
+        fine = self.mpp * width0 / width <= mpp * (1 + 1e-6)
+        return thumbnail if covers and fine and width < level_width else None
 
     def describe(self) -> dict:
         """Vendor, dimensions, levels and resolution, for `histosynth inspect`."""
@@ -284,9 +306,7 @@ def _read_pillow(path: Path) -> tuple[Image.Image, str]:
         if image.mode == "F":
             return Image.fromarray(_to_uint8(np.asarray(image), 32, None, path)).convert("RGB"), f"plain image ({kind})"
         if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB"), f"plain image ({kind})"
+            return _on_white(image.convert("RGBA")), f"plain image ({kind})"
         return image.convert("RGB"), f"plain image ({kind})"
 
 
@@ -368,6 +388,13 @@ def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -
         return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
     raise SlideError(f"{path}: {array.dtype} samples (range {array.min()}..{array.max()}) have no clear mapping to "
                      "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """An RGBA region as RGB with its transparent (unscanned) pixels white."""
+    if rgba.mode == "RGBA" and rgba.getextrema()[3][0] < 255:
+        rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return rgba.convert("RGB")
 
 
 def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, float]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from histosynth.data.io import atomic_dir, write_png, write_table
 from histosynth.data.patches import QC_COLOURS
+from histosynth.parallel import chunks, forked_map
 from histosynth.nuclei.instances import (
     NUCLEUS_CLASSES,
     NUCLEUS_COLOURS,
@@ -131,28 +132,38 @@ def preview(encoded: np.ndarray) -> np.ndarray:
 
 
 def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei_table: pd.DataFrame, out_dir: str | Path, *,
-                             use_regions: bool = True, progress: bool = True) -> int:
+                             use_regions: bool = True, progress: bool = True, workers: int = 1) -> int:
     """Write out_dir/<patch_id>.png, the encoded map of every patch in a slide's index
     (histosynth.data.io.read_patch_index), from its label mask (when use_regions) and its nuclei
-    (nuclei_dir/<patch_id>.png and the nuclei table of the slide). Returns the patch count."""
+    (nuclei_dir/<patch_id>.png and the nuclei table of the slide), on `workers` processes (the
+    maps do not depend on their number). Returns the patch count."""
     nuclei_dir = Path(nuclei_dir)
     by_patch = {patch_id: rows for patch_id, rows in nuclei_table.groupby("patch_id")}
+    rows = list(index.itertuples(index=False))
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp_dir:
-        for row in tqdm(index.itertuples(index=False), total=len(index), desc="conditioning", unit="patch",
-                        disable=not progress, mininterval=2):
-            path = nuclei_dir / f"{row.patch_id}.png"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no nuclei mask for patch {row.patch_id}; rerun the nuclei stage for this slide")
-            instances = read_instances(path)
-            rows = by_patch.get(row.patch_id)
-            classes = instance_class_indices(rows) if rows is not None else {}
-            regions = None
-            if use_regions:
-                with Image.open(row.mask) as mask:
-                    regions = np.asarray(mask)
-            write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
-    log.info("%d conditioning maps in %.1f s", len(index), time.perf_counter() - started)
+
+        def encode(positions: range) -> None:
+            for position in positions:
+                row = rows[position]
+                path = nuclei_dir / f"{row.patch_id}.png"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: no nuclei mask for patch {row.patch_id}; rerun the nuclei stage for this slide")
+                instances = read_instances(path)
+                nuclei = by_patch.get(row.patch_id)
+                classes = instance_class_indices(nuclei) if nuclei is not None else {}
+                regions = None
+                if use_regions:
+                    with Image.open(row.mask) as mask:
+                        regions = np.asarray(mask)
+                write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
+
+        parts = chunks(len(rows), workers)
+        with tqdm(total=len(rows), desc="conditioning", unit="patch", disable=not progress, mininterval=2) as bar:
+            for positions, _ in zip(parts, forked_map(encode, parts, workers)):
+                bar.update(len(positions))
+    seconds = time.perf_counter() - started
+    log.info("%d conditioning maps in %.1f s (%.1f patches/s, %d processes)", len(index), seconds, len(index) / seconds, workers)
     return len(index)
 
 

@@ -26,6 +26,7 @@ from histosynth.nuclei.instances import (
     write_instances,
 )
 from histosynth.nuclei.model import NucleiModel, detect_with_model
+from histosynth.parallel import chunks, forked_map
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def detection_mpp(params: Mapping, source_mpp: float, model: NucleiModel | None 
     if model is not None:
         return model.mpp or params["model_mpp"]
     return max(params["mpp"], source_mpp)
-
-
 
 
 @functools.cache
@@ -92,7 +91,8 @@ def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], param
 
 
 def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: str | Path, params: Mapping,
-                          model: NucleiModel | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+                          model: NucleiModel | None = None, progress: bool = True,
+                          workers: int = 1) -> tuple[pd.DataFrame, dict]:
     """Segment nuclei in every patch of one slide's index (histosynth.data.io.read_patch_index).
 
     Each patch's window is read from the slide at the detection mpp, segmented, and its instances
@@ -100,36 +100,52 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
     per-nucleus table (patch grid pixel units, plus patch_id, slide_x/slide_y: the centroid in
     level-0 pixels, and `primary`: whether this patch's centre is the nearest to the nucleus,
     which holds when windows overlap) and a GeoJSON FeatureCollection of the primary nuclei in
-    level-0 coordinates.
+    level-0 coordinates. The classical detector runs on `workers` processes (a model runs in this
+    one: it parallelises itself); the outputs do not depend on their number.
     """
     if index.empty:
         raise NucleiError(f"{slide_path}: the patch index is empty; nothing to segment")
     slide_mpp = float(index["slide_mpp"].iloc[0])
     extent = (index["size"] * index["mpp"] / slide_mpp).to_numpy()  # level-0 window sides
     centres = np.column_stack([index["x"] + extent / 2, index["y"] + extent / 2])
-    nearest = cKDTree(centres)
-    tables, features = [], []
+    rows = list(index.itertuples(index=False))
+    workers = 1 if model is not None else workers
     started = time.perf_counter()
-    with Slide(slide_path, mpp=slide_mpp) as slide, atomic_dir(out_dir) as tmp_dir:
-        det_mpp = detection_mpp(params, slide.mpp, model)
-        rows = tqdm(index.itertuples(index=False), total=len(index), desc=f"{Path(slide_path).stem}: nuclei",
-                    unit="patch", disable=not progress, mininterval=2)
-        for position, row in enumerate(rows):
-            read_size = max(1, round(row.size * row.mpp / det_mpp))
-            rgb = slide.read(row.x, row.y, extent[position], extent[position], (read_size, read_size))
-            instances, table = segment_patch(rgb, det_mpp, (row.size, row.size), params, model)
-            write_instances(instances, tmp_dir / f"{row.patch_id}.png")
-            scale = extent[position] / row.size
-            table.insert(0, "patch_id", row.patch_id)
-            table["slide_x"] = row.x + (table["centroid_x"] + 0.5) * scale
-            table["slide_y"] = row.y + (table["centroid_y"] + 0.5) * scale
-            table["primary"] = nearest.query(table[["slide_x", "slide_y"]].to_numpy(), p=np.inf)[1] == position
-            features += nucleus_features(instances, table[table["primary"]], row.x, row.y, scale, row.mpp)
-            tables.append(table)
+    with atomic_dir(out_dir) as tmp_dir:
+
+        def segment(positions: range) -> tuple[list[pd.DataFrame], list[dict]]:
+            """The tables and primary nuclei's features of rows[positions], their masks written."""
+            nearest = cKDTree(centres)
+            tables, features = [], []
+            with Slide(slide_path, mpp=slide_mpp) as slide:
+                det_mpp = detection_mpp(params, slide.mpp, model)
+                for position in positions:
+                    row = rows[position]
+                    read_size = max(1, round(row.size * row.mpp / det_mpp))
+                    rgb = slide.read(row.x, row.y, extent[position], extent[position], (read_size, read_size))
+                    instances, table = segment_patch(rgb, det_mpp, (row.size, row.size), params, model)
+                    write_instances(instances, tmp_dir / f"{row.patch_id}.png")
+                    scale = extent[position] / row.size
+                    table.insert(0, "patch_id", row.patch_id)
+                    table["slide_x"] = row.x + (table["centroid_x"] + 0.5) * scale
+                    table["slide_y"] = row.y + (table["centroid_y"] + 0.5) * scale
+                    table["primary"] = nearest.query(table[["slide_x", "slide_y"]].to_numpy(), p=np.inf)[1] == position
+                    features += nucleus_features(instances, table[table["primary"]], row.x, row.y, scale, row.mpp)
+                    tables.append(table)
+            return tables, features
+
+        tables, features = [], []
+        parts = chunks(len(rows), workers)
+        bar = tqdm(total=len(rows), desc=f"{Path(slide_path).stem}: nuclei", unit="patch", disable=not progress, mininterval=2)
+        for positions, (part_tables, part_features) in zip(parts, forked_map(segment, parts, workers)):
+            tables += part_tables
+            features += part_features
+            bar.update(len(positions))
+        bar.close()
     seconds = time.perf_counter() - started
     table = pd.concat(tables, ignore_index=True)
-    log.info("%s: %d nuclei in %d patches at %.3f mpp, %.1f s (%.1f patches/s)",
-             slide_path, len(table), len(index), det_mpp, seconds, len(index) / seconds)
+    log.info("%s: %d nuclei in %d patches at %.3f mpp, %.1f s (%.1f patches/s, %d processes)", slide_path, len(table),
+             len(index), detection_mpp(params, slide_mpp, model), seconds, len(index) / seconds, workers)
     return table, nuclei_geojson(features)
 
 

@@ -12,7 +12,7 @@ rule nuclei_masks:
         "results/benchmarks/nuclei_masks/{slide}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=1 if config["nuclei"]["model"] else 0,
         mem_mb=4000,
@@ -85,7 +85,7 @@ rule conditioning_maps:
         "results/benchmarks/conditioning_maps/{slide}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: 4
     resources:
         gpu=0,
         mem_mb=2000,

@@ -18,7 +18,7 @@ rule extract_patches:
         "results/benchmarks/extract_patches/{slide}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: 1
+    threads: config["patches"]["workers"] or 4
     resources:
         gpu=0,
         mem_mb=4000,
