@@ -43,6 +43,7 @@ from histosynth.generators.monitor import FeatureSpace, FidelityMonitor
 from histosynth.generators.training import (
     TrainingError,
     Update,
+    batch_draw,
     check_dataset,
     dataset_labels,
     fit,
@@ -321,10 +322,10 @@ def hinge_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
 
 def dihedral(images: torch.Tensor) -> torch.Tensor:
     """Each (square) image flipped and rotated by a random multiple of 90 degrees (one of the 8
-    symmetries of the square), drawn from the global RNG: label-safe for histology, whose classes
-    do not depend on orientation."""
+    symmetries of the square), drawn from the global RNG per item of the global batch
+    (training.batch_draw): label-safe for histology, whose classes do not depend on orientation."""
     n = len(images)
-    k = torch.randint(0, 8, (n,), device=images.device).view(n, 1, 1, 1)
+    k = batch_draw(lambda m: torch.randint(0, 8, (m,), device=images.device), n).view(n, 1, 1, 1)
     out = torch.where(k >= 4, images.flip(-1), images)
     flipped = out
     for quarter in (1, 2, 3):
@@ -334,18 +335,22 @@ def dihedral(images: torch.Tensor) -> torch.Tensor:
 
 def _colour(x: torch.Tensor) -> torch.Tensor:
     n = len(x)
-    x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)  # brightness
+
+    def rand(m):
+        return torch.rand(m, 1, 1, 1, device=x.device, dtype=x.dtype)
+
+    x = x + (batch_draw(rand, n) - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean  # saturation
+    x = (x - mean) * (batch_draw(rand, n) * 2) + mean  # saturation
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean  # contrast
+    return (x - mean) * (batch_draw(rand, n) + 0.5) + mean  # contrast
 
 
 def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     n, _, h, w = x.shape
     dy, dx = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    ty = torch.randint(-dy, dy + 1, (n, 1, 1), device=x.device)
-    tx = torch.randint(-dx, dx + 1, (n, 1, 1), device=x.device)
+    ty = batch_draw(lambda m: torch.randint(-dy, dy + 1, (m, 1, 1), device=x.device), n)
+    tx = batch_draw(lambda m: torch.randint(-dx, dx + 1, (m, 1, 1), device=x.device), n)
     gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     gy, gx = (gy + ty + 1).clamp(0, h + 1), (gx + tx + 1).clamp(0, w + 1)  # into the 1-pixel zero padding
     padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)
@@ -355,8 +360,8 @@ def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
 def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device)
-    ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device)
+    oy = batch_draw(lambda m: torch.randint(0, h + (1 - ch % 2), (m, 1, 1), device=x.device), n)
+    ox = batch_draw(lambda m: torch.randint(0, w + (1 - cw % 2), (m, 1, 1), device=x.device), n)
     gy, gx = torch.meshgrid(torch.arange(ch, device=x.device), torch.arange(cw, device=x.device), indexing="ij")
     gy, gx = (gy + oy - ch // 2).clamp(0, h - 1), (gx + ox - cw // 2).clamp(0, w - 1)
     mask = torch.ones(n, h, w, device=x.device, dtype=x.dtype)
@@ -383,7 +388,7 @@ def diffaugment_policy(setting) -> tuple[str, ...]:
 def diff_augment(images: torch.Tensor, policy: Sequence[str]) -> torch.Tensor:
     """DiffAugment (Zhao et al. 2020): random colour (brightness, saturation, contrast), translation
     by up to 1/8 of the size (zero fill) and cutout of a half-size square, each drawn per image
-    from the global RNG; differentiable, so D sees augmented reals and fakes alike and G's
+    from the global RNG (training.batch_draw); differentiable, so D sees augmented reals and fakes alike and G's
     gradient passes through the same transforms."""
     for name in policy:
         images = _AUGMENTS[name](images)
@@ -518,14 +523,15 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
             real = F.interpolate(real, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if t["augment"]:
             real = dihedral(real)
-        z = torch.randn(len(y), z_dim, device=real.device)
+        z = batch_draw(lambda m: torch.randn(m, z_dim, device=real.device), len(y))
         d_real, d_fake = model(z, y, real=real, transform=transform)
         d_real, d_fake = d_real.float(), d_fake.float()
         return hinge_d_loss(d_real, d_fake), {"d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
 
     def g_loss(model, batch):
         y = class_labels(batch)  # the fakes take the real batch's classes: the data's (or balanced) frequencies
-        return hinge_g_loss(model(torch.randn(len(y), z_dim, device=y.device), y, transform=transform).float()), {}
+        z = batch_draw(lambda m: torch.randn(m, z_dim, device=y.device), len(y))
+        return hinge_g_loss(model(z, y, transform=transform).float()), {}
 
     updates = [Update("d", d_loss, params=lambda m: m.discriminator.parameters(), lr=t["lr_d"]),
                Update("g", g_loss, params=lambda m: m.generator.parameters(), lr=t["lr_g"], every=t["n_critic"])]

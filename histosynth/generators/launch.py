@@ -1,6 +1,6 @@
 """Starting a generator training: the command line every trainer module shares (`cli`) and the
 Snakemake jobs' entry (`launch`): one process on one device, or `accelerate launch` with one
-process per GPU."""
+process per GPU (gloo CPU processes where torch sees no CUDA device: what CI tests)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,10 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
            log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None,
            segmentation: str | None = None) -> None:
     """Run the stage's trainer (`python -m TRAINERS[stage] train`) for a Snakemake job: in this process on one device,
-    under `accelerate launch` with one process per GPU when the job was given gpus > 1."""
+    under `accelerate launch` with one process per GPU when the job was given gpus > 1 (`multi_process_command`).
+
+    The config's train.batch_size is the global batch whatever `gpus` is (histosynth.generators.training): more
+    GPUs split each step's batch, they do not enlarge it. The `threads` are shared out among the processes."""
     import subprocess
 
     if stage not in TRAINERS:
@@ -109,16 +112,31 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
     run_config = Path(checkpoints) / "workflow-config.json"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(json.dumps(config, indent=1, default=str))
+    processes = max(1, int(gpus))
     argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.generators.datasets:patch_dataset",
-            "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log), "--threads", str(threads)]
+            "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log),
+            "--threads", str(max(1, int(threads) // processes))]
     if autoencoder:
         argv += ["--autoencoder", str(autoencoder)]
     if segmentation:
         argv += ["--segmentation", str(segmentation)]
-    if gpus > 1:
-        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", TRAINERS[stage], *argv]
-        code = subprocess.run(command).returncode
+    if processes > 1:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as stream:  # the launcher's own messages (a worker's failure) join the workers' log
+            code = subprocess.run(multi_process_command(stage, processes, argv), stdout=stream, stderr=subprocess.STDOUT).returncode
     else:
         code = importlib.import_module(TRAINERS[stage]).main(argv)
     if code:
         raise TrainingError(f"{stage} training failed (exit {code}); see {log}")
+
+
+def multi_process_command(stage: str, processes: int, argv: Sequence[str]) -> list[str]:
+    """`accelerate launch` of the stage's trainer in `processes` processes on this machine, by this Python (the
+    job's environment, whatever PATH says). --multi_gpu is accelerate's torchrun launcher, one process per local rank;
+    each trainer's Accelerator (training.make_accelerator) then takes a GPU each with NCCL or, where torch sees no
+    CUDA device, the CPU with gloo (accelerate's MULTI_CPU). accelerate's own --cpu flag is no use here: it starts
+    several processes through mpirun and a host file only, one process otherwise. --main_process_port 0: a free
+    port, so that jobs on one machine do not collide on the default 29500."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", TRAINERS[stage], *argv]

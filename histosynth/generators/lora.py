@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from histosynth.generators.launch import cli
 from histosynth.generators.training import (
     TrainingError,
     Update,
+    batch_draw,
     check_dataset,
     dataset_labels,
     fit,
@@ -139,6 +140,14 @@ def _load_parts(folder: Path) -> dict:
             "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)}
 
 
+def _randn_rows(like: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """draw(m) for batch_draw: m items of N(0, 1) noise shaped and laid out in memory as `like`'s (the VAE's latents
+    may come channels_last): torch.randn_like(like)'s values for m = len(like)."""
+    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return lambda m: torch.randn_like(torch.empty((m, *like.shape[1:]), dtype=like.dtype, device=like.device, memory_format=layout))
+
+
 class LoraStableDiffusion(ModelMixin, ConfigMixin):
     """The base U-Net, VAE and text encoder, frozen, with LoRA adapters on the attention
     projections. Its state_dict holds the LoRA weights alone, so checkpoints are small and a
@@ -169,10 +178,14 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
         """The denoising loss of images (B, 3, H, W) in [-1, 1] under their labels' prompts: the
         U-Net's noise (or v) prediction against the truth at random timesteps, in latent space.
         A forward, so that DistributedDataParallel sees the whole step."""
-        with torch.no_grad():
-            latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        steps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(labels),), device=latents.device)
+        n = len(images)
+        with torch.no_grad():  # the posterior's sample, the noise and the timesteps per item of the global batch (batch_draw)
+            posterior = self.vae.encode(images).latent_dist
+            shape, device, dtype = posterior.mean.shape[1:], posterior.mean.device, posterior.mean.dtype
+            eps = batch_draw(lambda m: torch.randn(m, *shape, device=device, dtype=dtype), n)
+            latents = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
+        noise = batch_draw(_randn_rows(latents), n)
+        steps = batch_draw(lambda m: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (m,), device=latents.device), n)
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         with torch.set_grad_enabled(self.config.text_encoder_lora and torch.is_grad_enabled()):
             states = self.text_encoder(self.prompt_ids[labels])[0]

@@ -39,6 +39,7 @@ from histosynth.generators.launch import cli
 from histosynth.generators.sampling import make_sampler, resize_cond, sample
 from histosynth.generators.training import (
     TrainingError,
+    batch_draw,
     check_dataset,
     collate,
     fit,
@@ -69,7 +70,9 @@ def denoising_loss(c: Mapping, scheduler, alphas: torch.Tensor, ae=None):
     """The training objective loss_fn(model, batch) -> (loss, {}) of the `diffusion` section c:
     a batch's images (encoded by the frozen autoencoder `ae` in latent space) noised at uniform
     timesteps, the masks dropped with probability cond_dropout (labels then the null class), the
-    noise or velocity regressed, weighted per sample by loss_weights (min-SNR)."""
+    noise or velocity regressed, weighted per sample by loss_weights (min-SNR). The noise, timesteps
+    and dropout are drawn per item of the global batch (training.batch_draw), so several processes
+    train as one."""
     null_class = c["num_classes"]
 
     def loss_fn(model, batch):
@@ -79,11 +82,11 @@ def denoising_loss(c: Mapping, scheduler, alphas: torch.Tensor, ae=None):
                 x = encode(ae, x).float()
             cond = resize_cond(cond, x.shape[-2:])
         n = len(x)
-        noise = torch.randn_like(x)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), device=x.device)
+        noise = batch_draw(lambda k: torch.randn(k, *x.shape[1:], device=x.device, dtype=x.dtype), n)
+        t = batch_draw(lambda k: torch.randint(0, scheduler.config.num_train_timesteps, (k,), device=x.device), n)
         a = alphas[t].view(n, 1, 1, 1)
         x_t = a.sqrt() * x + (1 - a).sqrt() * noise
-        drop = torch.rand(n, device=x.device) < c["cond_dropout"]
+        drop = batch_draw(lambda k: torch.rand(k, device=x.device), n) < c["cond_dropout"]
         cond = cond * (~drop).view(n, 1, 1, 1).to(cond.dtype)
         labels = torch.where(drop, null_class, batch["label"].long()) if null_class else None
         target = noise if c["prediction"] == "epsilon" else scheduler.get_velocity(x, noise, t)

@@ -3,8 +3,17 @@
 `fit` reads top to bottom: data, optimiser(s), EMA, resume, then the loop with its NaN guard, loss
 CSV, progress bar and checkpoints. A stage trains one model with one loss, or gives a sequence of
 `Update`s: several optimisers over parts of one model, run in turn on each batch (a GAN's
-discriminator and generator). It runs unchanged on one CPU, one GPU, or several GPUs under
-`accelerate launch` (each process trains on its shard of every epoch; `batch_size` is per process).
+discriminator and generator). It runs unchanged on one CPU, one GPU, or several processes under
+`accelerate launch` (histosynth.generators.launch: one per GPU, or gloo CPU processes without CUDA).
+
+Several processes train as one process would with the same config: `train.batch_size` is the
+global batch of a step, dealt out round-robin (item j of the step's batch to process j mod N, so
+each process takes batch_size / N items of its shard of the epoch), DDP averages the gradients,
+the logged losses are averaged over the processes, and every process draws from the same torch
+RNG stream, so the per-item randomness of a loss drawn with `batch_draw` (the diffusion noise,
+timesteps and mask dropout) is the one-process run's. The loss curve and weights then match a
+one-process run up to float rounding, except where a model's result depends on the per-process
+batch (BatchNorm statistics, as in the GAN) or on randomness drawn otherwise (dropout).
 
 Resuming follows the same trajectory as an uninterrupted run: a checkpoint holds the model, EMA,
 optimiser(s), LR schedule(s), step counter and the RNG states of every process, and the data order is
@@ -142,6 +151,20 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, we
         order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     order += order[: (-n) % world]
     return order[rank::world]
+
+
+def batch_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
+    """Random values for the n items of this process's batch, draw(k) -> k rows (e.g.
+    `lambda k: torch.randn(k, *x.shape[1:], device=x.device)`): draw(n) in one process; under a
+    multi-process `fit`, whose processes share one torch RNG stream and hold items p, p + N, ... of
+    the step's global batch, rows rank::N of draw(n * N): what each item would get in a one-process
+    run with that global batch. Every process must call it alike (same n, same order)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return draw(n)
+    world = dist.get_world_size()
+    return draw(n * world)[dist.get_rank()::world]
 
 
 def balance_weights(labels, strength: float) -> torch.Tensor:
@@ -391,7 +414,8 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
         extra_columns=(), on_step: Callable | None = None, desc: str = "train") -> FitResult:
     """Train `model` (a diffusers ModelMixin, so save_pretrained works) on `dataset`.
 
-    `settings` is a whole `train` section (e.g. config.section_defaults("diffusion")["train"]).
+    `settings` is a whole `train` section (e.g. config.section_defaults("diffusion")["train"]); its
+    batch_size is the global batch, shared out among the processes (see the module docstring).
     loss_fn(model, batch) -> (loss, {name: value}) gets the batch on the device; the named values
     become `extra_columns` of `out/loss.csv`. Or loss_fn is a sequence of `Update`s, one optimiser
     each (all saved in the checkpoints); then each update's loss is also logged as `<name>_loss`
@@ -421,7 +445,14 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
         shares = torch.bincount(labels, weights=weights) / weights.sum()
         log.info("class-balanced sampling (class_balance=%s): share of draws per label %s", s["class_balance"],
                  {k: round(float(v), 3) for k, v in enumerate(shares) if v > 0})
-    steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / s["batch_size"])
+    if s["batch_size"] % world:
+        raise TrainingError(f"train.batch_size={s['batch_size']} is the global batch of a step; it must divide evenly "
+                            f"among the {world} processes")
+    per_process = s["batch_size"] // world
+    if world > 1 and main:
+        log.info("%d processes (%s backend, %s): each step's batch of %d is %d items per process", world,
+                 torch.distributed.get_backend(), accelerator.device.type, s["batch_size"], per_process)
+    steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / per_process)
 
     # model, one optimiser and LR schedule per update (stepped here, once per step of its optimiser
     # whatever the process count), EMA
@@ -441,7 +472,8 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
     optimizers = dict(zip(optimizers, prepared, strict=True))
     raw = accelerator.unwrap_model(model)
 
-    # resume, or start from the seed (each process its own stream for noise and dropout)
+    # resume, or start from the seed: one torch stream shared by the processes (see batch_draw),
+    # Python's and NumPy's each process its own
     found = checkpoints(checkpoint_dir)
     if found:
         progress = load_checkpoint(found[-1], run_config, raw, ema, optimizers, lr_schedules, rank)
@@ -451,7 +483,7 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                                 f"raise train.steps or delete {checkpoint_dir}")
     else:
         progress = Progress()
-        torch.manual_seed(derive_seed(seed, "train", rank))
+        torch.manual_seed(derive_seed(seed, "train", 0))
         random.seed(derive_seed(seed, "python", rank))
         np.random.seed(derive_seed(seed, "numpy", rank))
     last_checkpoint = found[-1] if found else None
@@ -465,8 +497,8 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
         model.train()
         while progress.step < s["steps"]:
             epoch, done = divmod(progress.step, steps_per_epoch)
-            order = epoch_order(len(dataset), seed, epoch, rank, world, weights)[done * s["batch_size"]:]
-            for batch in _loader(dataset, order, s["batch_size"], s["num_workers"], seed, epoch):
+            order = epoch_order(len(dataset), seed, epoch, rank, world, weights)[done * per_process:]
+            for batch in _loader(dataset, order, per_process, s["num_workers"], seed, epoch):
                 size = _size(batch["image"][0])
                 if first_size is None:
                     first_size = size
@@ -499,6 +531,9 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                         values["loss"] = mean_loss
                     if not single:
                         values[f"{update.name}_loss"] = mean_loss
+                    if extras and world > 1:  # this process's values: logged as the mean over the processes
+                        means = accelerator.reduce(torch.tensor([float(v) for v in extras.values()], device=accelerator.device), "mean")
+                        extras = dict(zip(extras, means.tolist(), strict=True))
                     values.update(extras)
                 if ema is not None:
                     ema.update(raw)
