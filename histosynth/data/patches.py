@@ -8,6 +8,7 @@ import logging
 import os
 import math
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -150,16 +151,20 @@ def extract_slide(
     `classes` maps label names to mask values (default: config `classes` in order, from 1);
     `mpp` overrides the slide's recorded resolution (required for a plain PNG/JPEG/TIFF image);
     `label` is the image-level class (the slide sheet's label) written into every index row (null: none);
-    `workers` threads read and write windows (default patches.workers, else all CPUs): the outputs
-    are the same for any number."""
+    `workers` is the CPU cores reading and writing windows (default patches.workers, else all), two
+    threads each (a window's read waits on the disk and its hand-back on the GIL, so twice the
+    cores keep them busy); the outputs are the same for any number."""
     patches_dir, index_path = Path(patches_dir), Path(index_path)
     relative = Path(os.path.relpath(patches_dir, index_path.parent))
     params = config["patches"]
     classes = classes or class_indices(config["classes"])
-    workers = workers or params["workers"] or os.cpu_count() or 1
+    threads = 2 * (workers or params.get("workers") or os.cpu_count() or 1)
     started = time.perf_counter()
+    # pyarrow imports pandas on its first array (a quarter of a second): done now, beside the window
+    # reads, it is off the path of the index, written when the last window is in
+    threading.Thread(target=pa.array, args=([0],), daemon=True).start()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide, \
-            ThreadPoolExecutor(workers, thread_name_prefix="patches") as pool:
+            ThreadPoolExecutor(threads, thread_name_prefix="patches") as pool:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
         tissue = build_tissue_map(slide, params["tissue"], outline, labels, pool)
         extent = params["size"] * params["mpp"] / slide.mpp
@@ -173,18 +178,18 @@ def extract_slide(
         with atomic_dir(patches_dir) as tmp_dir, atomic_file(index_path) as index_tmp:
             counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
             window = _Window(slide, labels, params, classes, extent, tmp_dir, relative, slide_name)
-            rows = _scan_windows(window, tissue, xs, ys, pool, workers, progress, counts)
+            rows = _scan_windows(window, tissue, xs, ys, pool, threads, progress, counts)
             kept_xy = _write_index(rows, index_tmp, slide_mpp=slide.mpp, label=label or None, split=split)
             if not len(kept_xy):
                 raise PatchError(_no_patch_message(image, params, counts))
         if qc_path is not None:
             with atomic_file(qc_path) as qc_tmp:
-                qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes, pool).save(qc_tmp, format="PNG")
+                write_png(np.asarray(qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes, pool)), qc_tmp)
     seconds = time.perf_counter() - started
     log.info(
         "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s, %d threads)",
         slide_name, len(kept_xy), counts["windows"], counts["tissue"], params["min_tissue"], seconds,
-        len(kept_xy) / seconds, workers,
+        len(kept_xy) / seconds, threads,
     )
     return index_path
 
@@ -282,9 +287,9 @@ class _Window:
         return label_fraction, row
 
 
-def _scan_windows(window: _Window, tissue: TissueMap, xs, ys, pool: Executor, workers: int, progress: bool, counts: dict):
+def _scan_windows(window: _Window, tissue: TissueMap, xs, ys, pool: Executor, threads: int, progress: bool, counts: dict):
     """Slide the window over the grid row by row and yield the kept windows' index rows in grid
-    order; windows with enough tissue go to `pool` (at most 8 per worker in flight, so memory
+    order; windows with enough tissue go to `pool` (at most 8 per thread in flight, so memory
     stays flat). `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
     min_tissue, size = window.params["min_tissue"], window.params["size"]
     pending: deque[Future] = deque()
@@ -303,7 +308,7 @@ def _scan_windows(window: _Window, tissue: TissueMap, xs, ys, pool: Executor, wo
                 continue
             counts["tissue"] += 1
             pending.append(pool.submit(window, int(x), int(y), tissue_fraction))
-            while len(pending) > 8 * workers:
+            while len(pending) > 8 * threads:
                 if (row := collect()) is not None:
                     yield row
     while pending:

@@ -118,9 +118,11 @@ def config_params(*keys):
     compares params by their text, so only a changed value (not a reordered file) reruns a job,
     and only the sections named here count. Section `labels` is the resolved one (LABELS); section
     `nuclei` names the detector file (nuclei_model_path) and leaves out the training settings, which
-    reach its readers through the trained model file."""
+    reach its readers through the trained model file; `patches` leaves out its workers."""
     sections = {key: LABELS if key == "labels" else config[key] for key in keys}
     sections = json.loads(json.dumps(sections, sort_keys=True))
+    if "patches" in sections:  # how many cores cut them: the rule's threads, not what the patches hold
+        del sections["patches"]["workers"]
     if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
         del sections["nuclei"]["train"]
         sections["nuclei"]["model"] = nuclei_model_path()
