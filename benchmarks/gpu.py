@@ -213,6 +213,27 @@ def segmentation_rows(config: dict, device, args, peak) -> list[dict]:
                 flops_of(step), device, peak)]
 
 
+def projection(table: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """Hours at the preset's scale from the measured rates: the diffusion training (its steps at the
+    preset's batch, at the fastest measured step per image) and one synthetic set (synthesis.synthesize.n
+    images with its sampler, at that sampler's measured seconds per image, scaled to its steps). The
+    autoencoder's training (latent space) is not measured and not included."""
+    train = table[table["kind"] == "diffusion_train"]
+    settings = config["diffusion"]["train"]
+    train_h = settings["steps"] * settings["batch_size"] * (train["step_s"] / train["batch"]).min() / 3600
+    synthesize = config["synthesis"]["synthesize"]
+    sampling = table[table["kind"] == "sampling"]
+    measured = sampling[sampling["name"].str.startswith(f"{synthesize['sampler']}-")].iloc[0]
+    measured_steps = int(measured["name"].split("-")[-1].split()[0])
+    per_image = measured["step_s"] / measured["batch"] * synthesize["steps"] / measured_steps
+    return pd.DataFrame([
+        {"work": "diffusion training", "scale": f"{settings['steps']} steps x batch {settings['batch_size']}",
+         "hours": train_h},
+        {"work": "synthetic patches", "scale": f"{synthesize['n']} images, {synthesize['sampler']}-{synthesize['steps']}",
+         "hours": synthesize["n"] * per_image / 3600},
+    ])
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -243,6 +264,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
           f"bf16 dense peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}; peak unknown")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
+        print("projected on this device from the rates above (one GPU, the preset's scale):")
+        print(projection(table, config).to_string(index=False, float_format=lambda h: f"{h:.3g}"))
     print(f"{time.perf_counter() - started:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

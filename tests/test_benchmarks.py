@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,4 +26,13 @@ def test_gpu_benchmark_runs_on_cpu_in_tiny_mode(tmp_path, capsys):
     assert sampling.iloc[0] > sampling.iloc[1] > sampling.iloc[2]
     assert table["batch"].iloc[3] == 4  # the largest sampling batch that fits, capped at --max-batch
     assert pd.read_csv(out).shape == table.shape
-    assert "CPU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "CPU" in printed and "projected on this device" in printed
+    from histosynth.config import load_preset
+
+    config = load_preset("tiny")
+    projected = gpu.projection(table, config).set_index("work")["hours"]
+    train = table[table["kind"] == "diffusion_train"]
+    steps, batch = config["diffusion"]["train"]["steps"], config["diffusion"]["train"]["batch_size"]
+    assert projected["diffusion training"] == pytest.approx(steps * batch * (train["step_s"] / train["batch"]).min() / 3600)
+    assert projected["synthetic patches"] > 0

@@ -132,3 +132,19 @@ def test_render_reads_chunks_in_parallel_the_same(square_slide, monkeypatch):
     monkeypatch.setattr(slides, "READ_CHUNK", 100)  # many chunks
     with Slide(square_slide[0]) as slide, ThreadPoolExecutor(3) as pool:
         assert np.array_equal(slide.render(0.7, pool), slide.render(0.7))
+
+
+def test_hsv_and_otsu_match_scikit_image():
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    from histosynth.data.slides import otsu_threshold, rgb_to_hsv
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    rgb[:4] = rgb[:4, :, :1]  # greys: no hue, no saturation
+    rgb[4:6] = 0
+    assert np.allclose(rgb_to_hsv(rgb), rgb2hsv(rgb), rtol=0, atol=1e-12)
+    bimodal = np.concatenate([rng.normal(60, 10, 900), rng.normal(170, 20, 700)]).clip(0, 255).astype(np.uint8)
+    for values in (bimodal, rng.integers(30, 200, (32, 32)).astype(np.uint8), np.array([3, 3, 9], np.uint8)):
+        assert otsu_threshold(values) == threshold_otsu(values)

@@ -333,10 +333,15 @@ def _no_patch_message(image, params: Mapping, counts: dict) -> str:
 
 def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: list[Region],
                  extent: float, classes: dict[str, int], pool: Executor | None = None) -> Image.Image:
-    """Slide thumbnail (longest side QC_MAX_SIDE at most; read through `pool` when given) with the
+    """Slide thumbnail (longest side QC_MAX_SIDE at most, the associated one when it has at least half
+    that; read through `pool` when given) with the
     detected tissue's contour, kept windows and annotated regions drawn over it, and a legend."""
     width0, height0 = slide.dimensions
-    canvas = Image.fromarray(slide.render(max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE), pool))
+    mpp = max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE)
+    thumbnail = slide.thumbnail()
+    if thumbnail is not None and mpp < slide.mpp * width0 / thumbnail.width <= 2 * mpp:
+        mpp = slide.mpp * width0 / thumbnail.width  # the scanner's thumbnail, at least half the size limit, will do
+    canvas = Image.fromarray(slide.render(mpp, pool))
     to_px = canvas.width / width0
     contour = tissue.mask & ~ndimage.binary_erosion(tissue.mask, border_value=1)  # tissue pixels with a background 4-neighbour
     contour_layer = Image.fromarray(contour).resize(canvas.size, Image.Resampling.NEAREST)

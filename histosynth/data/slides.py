@@ -16,8 +16,6 @@ import numpy as np
 import openslide
 from PIL import Image
 from scipy import ndimage
-from skimage.color import rgb2hsv
-from skimage.filters import threshold_otsu
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +147,8 @@ class Slide:
         scale = self.mpp / mpp  # output pixels per level-0 pixel
         out_w, out_h = max(1, round(width0 * scale)), max(1, round(height0 * scale))
         level_ds = self.osr.level_downsamples[self.level_for(mpp)]
-        thumbnail = self._thumbnail(mpp, width0 / level_ds)
-        if thumbnail is not None:
+        thumbnail = self.thumbnail()
+        if thumbnail is not None and self.mpp * width0 / thumbnail.width <= mpp * (1 + 1e-6) and thumbnail.width < width0 / level_ds:
             return np.asarray(_on_white(thumbnail).resize((out_w, out_h), Image.Resampling.LANCZOS))
         chunk = max(1, int(READ_CHUNK * level_ds * scale))  # output pixels per read
         boxes = [(left, top, min(chunk, out_w - left), min(chunk, out_h - top))
@@ -165,17 +163,14 @@ class Slide:
             canvas[top : top + h, left : left + w] = pixels
         return canvas
 
-    def _thumbnail(self, mpp: float, level_width: float) -> Image.Image | None:
+    def thumbnail(self) -> Image.Image | None:
         """The associated thumbnail when it covers the scanned area (its aspect ratio matches
-        level 0 to a pixel: a glass overview does not), resolves `mpp` and is narrower than the
-        pyramid level (level_width pixels wide) a rendering would otherwise read; else None."""
+        level 0 to a pixel: a glass overview does not), else None."""
         if "thumbnail" not in self.osr.associated_images:
             return None
         thumbnail = self.osr.associated_images["thumbnail"]
         (width0, height0), (width, height) = self.dimensions, thumbnail.size
-        covers = abs(width * height0 - height * width0) <= max(width0, height0)
-        fine = self.mpp * width0 / width <= mpp * (1 + 1e-6)
-        return thumbnail if covers and fine and width < level_width else None
+        return thumbnail if abs(width * height0 - height * width0) <= max(width0, height0) else None
 
     def describe(self) -> dict:
         """Vendor, dimensions, levels and resolution, for `histosynth inspect`."""
@@ -390,6 +385,39 @@ def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -
                      "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey")
 
 
+# Tissue detection needs only HSV and Otsu's threshold of a small rendering: computed here in numpy
+# as scikit-image computes them (tests compare), since importing those two from scikit-image pulls
+# in scipy.linalg and most of scipy.ndimage: a third of `histosynth patches`' start-up.
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """Float HSV in [0, 1] of an RGB uint8 array (..., 3), as skimage.color.rgb2hsv."""
+    rgb = rgb.astype(np.float64) / 255
+    value = rgb.max(axis=-1)
+    delta = np.ptp(rgb, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        saturation = np.where(delta == 0, 0.0, delta / value)
+        red, green, blue = np.moveaxis(rgb, -1, 0)
+        hue = np.where(red == value, (green - blue) / delta,
+                       np.where(green == value, 2.0 + (blue - red) / delta, 4.0 + (red - green) / delta))
+    hue = np.where(delta == 0, 0.0, (hue / 6.0) % 1.0)
+    return np.stack([hue, saturation, value], axis=-1)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of integer values, as skimage.filters.threshold_otsu gives it for them: the
+    value maximising the between-class variance over a histogram with one bin per integer."""
+    low = int(values.min())
+    counts = np.bincount((values.ravel() - low).astype(np.intp)).astype(np.float64)
+    centres = np.arange(low, low + len(counts), dtype=np.float64)
+    weight1 = np.cumsum(counts)
+    weight2 = np.cumsum(counts[::-1])[::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean1 = np.cumsum(counts * centres) / weight1
+        mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
+    between = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return int(centres[np.nanargmax(between)])
+
+
 def _on_white(rgba: Image.Image) -> Image.Image:
     """An RGBA region as RGB with its transparent (unscanned) pixels white."""
     if rgba.mode == "RGBA" and rgba.getextrema()[3][0] < 255:
@@ -406,7 +434,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
     saturation = np.empty(rgb.shape[:2], np.uint8)  # saturation x 255: a quarter of float32's memory
     candidate = np.empty(rgb.shape[:2], bool)
     for top in range(0, rgb.shape[0], HSV_BAND):
-        hsv = rgb2hsv(rgb[top : top + HSV_BAND])
+        hsv = rgb_to_hsv(rgb[top : top + HSV_BAND])
         hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
         saturation[top : top + HSV_BAND] = np.round(sat * 255)
         keep = val < 0.92  # near-white glass
@@ -416,7 +444,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
         candidate[top : top + HSV_BAND] = keep
     threshold = params["min_saturation"]
     if params["otsu"] and saturation.min() < saturation.max():
-        threshold = max(threshold, float(threshold_otsu(saturation)) / 255)
+        threshold = max(threshold, otsu_threshold(saturation) / 255)
     tissue = (saturation >= threshold * 255) & candidate
     del saturation, candidate
     px_area = mpp * mpp
