@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 HISTOLAB = """
 import sys
 from histolab.slide import Slide
@@ -62,10 +64,11 @@ print(json.dumps({"patches": len(index), "nuclei_masks": len(index) / nuclei, "c
 """
 
 
-def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process run to completion."""
+def timed(command: list[str], env: dict | None, cwd: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process run to completion in `cwd` (not a checkout:
+    `python -m` puts its working directory first on the path, before PYTHONPATH)."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status):
@@ -75,10 +78,7 @@ def timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
 
 def checkout_env(checkout: Path | None) -> dict:
     """The environment that runs histosynth from `checkout` (this one when None)."""
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = str(Path(checkout).resolve())
-    return env
+    return {**os.environ, "PYTHONPATH": str(Path(checkout or REPO).resolve())}
 
 
 def histolab_works(python: str) -> bool:
@@ -97,7 +97,7 @@ def patch_runs(slide: Path, mpp: float, tools: dict, repeats: int, workdir: Path
             else:
                 command = [sys.executable, "-m", "histosynth.cli", "patches", str(slide), "--out", str(out), "--name", "s",
                            "--size", "256", "--stride", "128", "--mpp", str(mpp), "--min-tissue", "0.5"]
-            seconds, rss = timed(command, tool.get("env"))
+            seconds, rss = timed(command, tool.get("env"), workdir)
             kept = out.rglob("*.png") if tool["kind"] == "histolab" else (out / "s" / "images").glob("*.png")
             runs[name].append((seconds, rss, len(list(kept))))
     rows = []
@@ -119,7 +119,7 @@ def stage_rows(slide: Path, index: Path, count: int, workers: int, before: Path 
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         result = subprocess.run([sys.executable, "-c", STAGES, str(slide), str(index), str(out), str(count), str(processes)],
-                                env=checkout_env(checkout), capture_output=True, text=True)
+                                env=checkout_env(checkout), cwd=workdir, capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(f"stages ({label}) failed:\n{result.stderr}")
         figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -143,8 +143,9 @@ def main() -> None:
     from histosynth.data.slides import Slide
     from histosynth.demo import generate_demo_slide
 
+    args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    slides = list(args.slide)
+    slides = [slide.resolve() for slide in args.slide]
     for size in args.demo_sizes:
         slide = args.workdir / f"demo_{size}.tiff"
         if not slide.exists():
