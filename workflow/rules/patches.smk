@@ -18,7 +18,7 @@ rule extract_patches:
         "results/benchmarks/extract_patches/{slide}.tsv"
     conda:
         "../../envs/histosynth.yaml"
-    threads: config["patches"]["workers"] or 4
+    threads: 4
     resources:
         gpu=0,
         mem_mb=4000,
