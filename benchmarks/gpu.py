@@ -181,7 +181,8 @@ def sample_rows(config: dict, device, args, peak) -> list[dict]:
         reset_memory(device)
         one = timed(lambda: run(name, batch, 1), device, 1, 1)  # one step, noise and decoding
         several = timed(lambda: run(name, batch, k), device, 1, 0)
-        seconds = one + (several - one) / (k - 1) * (steps - 1)  # projected to the sampler's steps
+        # projected to the sampler's steps; a negative difference is timing noise (tiny models), not a free step
+        seconds = one + max(0.0, several - one) / (k - 1) * (steps - 1)
         rows.append(row("sampling", f"{name}-{steps}" + ("" if k == steps else f" (from {k} steps)"), batch,
                         seconds, None, device, peak))
     return rows
