@@ -67,12 +67,14 @@ print(json.dumps({"patches": len(index), "nuclei_masks": len(index) / nuclei, "c
 def timed(command: list[str], env: dict | None, cwd: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process run to completion in `cwd` (not a checkout:
     `python -m` puts its working directory first on the path, before PYTHONPATH)."""
-    started = time.perf_counter()
-    child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
+    log = cwd / "child.log"  # a file, not a pipe: nobody reads a pipe until wait4 returns, so a full one would hang the child
+    with open(log, "w") as stderr:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(command)} failed:\n{child.stderr.read()}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()}")
     return seconds, usage.ru_maxrss / 1024
 
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import jsonschema
 import yaml
 
-SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
-CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
-SLIDES_SCHEMA = SCHEMA_DIR / "slides.schema.yaml"
 if TYPE_CHECKING:
     import pandas as pd
 
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+SLIDES_SCHEMA = SCHEMA_DIR / "slides.schema.yaml"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # a checkout's config/ presets (load_preset)
 
 

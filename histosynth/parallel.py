@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -37,8 +39,13 @@ def forked_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterat
         _task = None
 
 
-def chunks(count: int, workers: int, per_worker: int = 8) -> list[range]:
-    """Consecutive index ranges covering range(count), about per_worker of them per worker (so
-    the progress bar moves and a slow stretch of patches does not idle the other workers)."""
-    size = max(1, -(-count // max(1, workers * per_worker)))
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+def map_chunks(fn: Callable[[range], R], count: int, workers: int, *, desc: str, progress: bool = True) -> Iterator[R]:
+    """fn(positions) over consecutive ranges covering range(count), in order, on forked_map's
+    `workers` processes, with a progress bar over the positions. There are about 8 ranges per
+    worker, so that the bar moves and a slow stretch of patches does not idle the other workers."""
+    size = max(1, -(-count // max(1, workers * 8)))
+    parts = [range(start, min(start + size, count)) for start in range(0, count, size)]
+    with tqdm(total=count, desc=desc, unit="patch", disable=not progress, mininterval=2) as bar:
+        for positions, result in zip(parts, forked_map(fn, parts, workers)):
+            bar.update(len(positions))
+            yield result

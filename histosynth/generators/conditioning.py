@@ -19,11 +19,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from skimage.segmentation import find_boundaries
-from tqdm import tqdm
 
 from histosynth.data.io import atomic_dir, write_png, write_table
 from histosynth.data.patches import QC_COLOURS
-from histosynth.parallel import chunks, forked_map
+from histosynth.parallel import map_chunks
 from histosynth.nuclei.instances import (
     NUCLEUS_CLASSES,
     NUCLEUS_COLOURS,
@@ -158,10 +157,8 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
                         regions = np.asarray(mask)
                 write_conditioning(encode_conditioning(regions, instances, classes), tmp_dir / f"{row.patch_id}.png")
 
-        parts = chunks(len(rows), workers)
-        with tqdm(total=len(rows), desc="conditioning", unit="patch", disable=not progress, mininterval=2) as bar:
-            for positions, _ in zip(parts, forked_map(encode, parts, workers)):
-                bar.update(len(positions))
+        for _ in map_chunks(encode, len(rows), workers, desc="conditioning", progress=progress):
+            pass
     seconds = time.perf_counter() - started
     log.info("%d conditioning maps in %.1f s (%.1f patches/s, %d processes)", len(index), seconds, len(index) / seconds, workers)
     return len(index)

@@ -26,7 +26,7 @@ from histosynth.nuclei.instances import (
     write_instances,
 )
 from histosynth.nuclei.model import NucleiModel, detect_with_model
-from histosynth.parallel import chunks, forked_map
+from histosynth.parallel import map_chunks
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
     slide_mpp = float(index["slide_mpp"].iloc[0])
     extent = (index["size"] * index["mpp"] / slide_mpp).to_numpy()  # level-0 window sides
     centres = np.column_stack([index["x"] + extent / 2, index["y"] + extent / 2])
+    nearest = cKDTree(centres)
     rows = list(index.itertuples(index=False))
     workers = 1 if model is not None else workers
     started = time.perf_counter()
@@ -115,7 +116,6 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
 
         def segment(positions: range) -> tuple[list[pd.DataFrame], list[dict]]:
             """The tables and primary nuclei's features of rows[positions], their masks written."""
-            nearest = cKDTree(centres)
             tables, features = [], []
             with Slide(slide_path, mpp=slide_mpp) as slide:
                 det_mpp = detection_mpp(params, slide.mpp, model)
@@ -135,13 +135,10 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
             return tables, features
 
         tables, features = [], []
-        parts = chunks(len(rows), workers)
-        bar = tqdm(total=len(rows), desc=f"{Path(slide_path).stem}: nuclei", unit="patch", disable=not progress, mininterval=2)
-        for positions, (part_tables, part_features) in zip(parts, forked_map(segment, parts, workers)):
+        for part_tables, part_features in map_chunks(segment, len(rows), workers, desc=f"{Path(slide_path).stem}: nuclei",
+                                                     progress=progress):
             tables += part_tables
             features += part_features
-            bar.update(len(positions))
-        bar.close()
     seconds = time.perf_counter() - started
     table = pd.concat(tables, ignore_index=True)
     log.info("%s: %d nuclei in %d patches at %.3f mpp, %.1f s (%.1f patches/s, %d processes)", slide_path, len(table),
