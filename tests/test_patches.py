@@ -209,9 +209,32 @@ def test_patches_command_imports_only_what_patching_needs(square_slide, tmp_path
         "import sys; from histosynth.cli import main; "
         f"code = main(['patches', {str(slide)!r}, '--annotations', {str(geojson)!r}, '--out', {str(tmp_path / 'out')!r}, "
         "'--size', '32', '--stride', '32', '--mpp', '1.0']); "
-        "print(sorted(m for m in ('torch', 'sqlalchemy', 'skimage.segmentation', 'skimage.morphology', 'timm') if m in sys.modules)); "
+        "print(sorted(m for m in ('torch', 'sqlalchemy', 'pandas', 'skimage.segmentation', 'skimage.morphology', 'timm') if m in sys.modules)); "
         "sys.exit(code)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "square.parquet").is_file()
+
+
+def test_arrow_table_matches_pyarrow_conversion():
+    import pyarrow as pa
+
+    from histosynth.data.io import arrow_table
+
+    rows = [
+        {"patch_id": "a_x0_y0", "x": 0, "fraction": 0.25, "label": None, "split": "tumour", "count": np.int64(3), "mixed": 1},
+        {"patch_id": "a_x1_y0", "x": 2**40, "fraction": np.float64(1 / 3), "label": None, "split": None, "count": None, "mixed": 2.5},
+        {"patch_id": "é_x2_y0", "x": -7, "fraction": None, "label": None, "split": "stroma", "count": np.int64(-1), "mixed": 0},
+    ]
+    table = arrow_table(rows)
+    assert table.schema == pa.schema([("patch_id", pa.string()), ("x", pa.int64()), ("fraction", pa.float64()), ("label", pa.string()),
+                                      ("split", pa.string()), ("count", pa.int64()), ("mixed", pa.float64())])
+    expected = [{**row, "count": None if row["count"] is None else int(row["count"]), "mixed": float(row["mixed"])} for row in rows]
+    assert table.to_pylist() == expected
+    reference = pa.Table.from_pylist(expected, schema=table.schema)
+    assert table.equals(reference)
+    with pytest.raises(TypeError, match="column 'x'.*str"):
+        arrow_table([{"x": 1}, {"x": "2"}])
+    with pytest.raises(TypeError, match="column 'flag'.*bool"):
+        arrow_table([{"flag": True}])

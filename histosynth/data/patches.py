@@ -8,7 +8,6 @@ import logging
 import os
 import math
 import re
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from scipy import ndimage
@@ -29,7 +27,7 @@ from histosynth.data.annotations import (
     class_fractions,
     load_regions,
 )
-from histosynth.data.io import atomic_dir, atomic_file, write_png
+from histosynth.data.io import arrow_table, atomic_dir, atomic_file, write_png
 from histosynth.data.slides import Slide, detect_tissue
 
 if TYPE_CHECKING:
@@ -160,9 +158,6 @@ def extract_slide(
     classes = classes or class_indices(config["classes"])
     threads = 2 * (workers or params.get("workers") or os.cpu_count() or 1)
     started = time.perf_counter()
-    # pyarrow imports pandas on its first array (a quarter of a second): done now, beside the window
-    # reads, it is off the path of the index, written when the last window is in
-    threading.Thread(target=pa.array, args=([0],), daemon=True).start()
     with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide, \
             ThreadPoolExecutor(threads, thread_name_prefix="patches") as pool:
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
@@ -214,11 +209,7 @@ def _write_index(rows, path: Path, **constant_columns) -> np.ndarray:
 
 
 def _flush(writer, batch: list[dict], path: Path):
-    table = pa.Table.from_pylist(batch)
-    if "label" in table.column_names and pa.types.is_null(table.schema.field("label").type):
-        # a string column even when every row is null, so indexes of labelled and unlabelled slides concatenate
-        position = table.column_names.index("label")
-        table = table.set_column(position, "label", table["label"].cast(pa.string()))
+    table = arrow_table(batch)  # label and split are string columns even when null, so indexes concatenate
     writer = writer or pq.ParquetWriter(path, table.schema)
     writer.write_table(table)
     batch.clear()
