@@ -19,7 +19,7 @@ from histosynth.nuclei.hdyolo import (
 from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError
 from histosynth.nuclei.metrics import match_instances
 from histosynth.nuclei.model import detect_with_model, load_detector
-from histosynth.nuclei.stage import segment_patch
+from histosynth.nuclei.stage import detector_settings, segment_patch
 
 EOSIN = (214, 120, 170)
 FILE_NMS = {"conf_thres": 0.15, "iou_thres": 0.45, "max_det": 300.0}  # a released file's own defaults
@@ -220,7 +220,9 @@ def test_overlaps_go_to_the_larger_label_then_the_higher_score():
 def test_patch_at_half_mpp_gives_instances_on_its_grid(hdyolo_path):
     nuclei = [(30, 30, 6, 1), (64, 64, 6, 3), (96, 30, 6, 2)]  # 113 px discs at 0.5 mpp
     rgb, truth = draw((128, 128), nuclei)
-    instances, table = segment_patch(rgb, 0.5, (128, 128), PARAMS, load_detector(hdyolo_path))
+    # only the settings nuclei_masks' params hold for a model (a KeyError if it read another)
+    params = detector_settings(PARAMS | {"model": str(hdyolo_path)})
+    instances, table = segment_patch(rgb, 0.5, (128, 128), params, load_detector(hdyolo_path))
     assert instances.shape == (128, 128)
     assert classes_by_truth(truth, instances, table) == {1: "tumor", 2: "immune", 3: "stromal"}
     # the model saw the discs at 0.25 mpp: about 4 x 113 px (scores 0.45; 0.11 at 0.5 mpp, below conf_thres 0.15)

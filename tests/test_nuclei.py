@@ -18,7 +18,7 @@ from histosynth.nuclei.geojson import NucleusRasterizer, nuclei_geojson, nucleus
 from histosynth.config import ConfigError, section_defaults
 from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError, read_instances
 from histosynth.nuclei.model import detect_with_model, load_detector
-from histosynth.nuclei.stage import segment_images, segment_patch, segment_slide_patches
+from histosynth.nuclei.stage import detector_settings, segment_images, segment_patch, segment_slide_patches
 
 EOSIN = (214, 120, 170)
 HEMATOXYLIN = (80, 50, 140)
@@ -222,6 +222,21 @@ def test_model_through_tiles_recovers_instances_and_classes(model_path):
     # through the dispatcher and the resolution handling: same nuclei on a grid half the size
     halved, halved_table = segment_patch(rgb, 0.25, (75, 100), MODEL_PARAMS, model)
     assert halved.max() == 8 and sorted(halved_table["class"]) == sorted(table["class"])
+
+
+def test_each_detector_reads_only_its_own_settings(model_path):
+    """detector_settings is what nuclei_masks' params hold: a setting it leaves out must not be
+    read, or a change to it would not rerun the rule (a plain dict raises KeyError on it)."""
+    rgb, truth = draw((128, 128), discs(FIELD, 8, (128, 128)))
+    classical = detector_settings(section_defaults("nuclei", {"mpp": 0.25}))
+    assert classical["model"] is None and "smoothing_um" in classical
+    assert not {"model_mpp", "model_classes", "tile", "pad", "train"} & set(classical)
+    instances, _ = segment_patch(rgb, 0.25, (128, 128), classical)
+    assert match_instances(truth, instances)[0] == len(FIELD)
+    learned = detector_settings(MODEL_PARAMS | {"model": str(model_path)})
+    assert set(learned) == {"model", "model_mpp", "model_classes", "tile", "pad"}
+    instances, table = segment_patch(rgb, 0.25, (128, 128), learned, load_detector(model_path))
+    assert match_instances(truth, instances)[0] == len(FIELD) and set(table["class"]) == {"tumor"}
 
 
 def test_unmapped_model_classes_are_listed(model_path):

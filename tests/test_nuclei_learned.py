@@ -50,6 +50,23 @@ def test_crops_are_seeded_by_index():
     assert not torch.equal(data[7]["image"], CropDataset(images, targets, 16, 100, seed=2)[7]["image"])
 
 
+def test_crops_hang_over_the_image_edge_as_inference_pads_it():
+    """Beyond the image a crop is white (detect_with_model's padding) and background in every target."""
+    image = np.full((40, 40, 3), 100, np.uint8)
+    instances = np.zeros((40, 40), np.int64)
+    instances[10:30, 10:30] = 1
+    data = CropDataset([image], [training_targets(instances, {1: 0})], 16, 200, seed=0, augment=False)
+    over = 0
+    for i in range(200):
+        pixels, target = data[i]["image"].numpy(), data[i]["target"].numpy()
+        outside = (pixels == 1.0).all(0)
+        assert np.allclose(pixels[:, ~outside], 100 / 255)
+        assert (target[:3, outside] == 0).all() and (target[3, outside] == -1).all()
+        assert outside.all(1).sum() <= 4 and outside.all(0).sum() <= 4  # at most crop // 4 rows or columns over
+        over += outside.any()
+    assert 0 < over < 200
+
+
 class KnownMaps(torch.nn.Module):
     """Stands in for the U-Net: outputs fixed logits (foreground, boundary, distance, 2 classes)."""
 

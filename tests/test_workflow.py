@@ -168,6 +168,10 @@ def test_trained_nuclei_model_through_the_workflow(tmp_path):
     result = snakemake(tmp_path, "--dry-run", "--until", "nuclei_quality",
                        overlay=overlay.replace("steps: 6", "steps: 8"))
     assert planned_jobs(result.stdout + result.stderr) == {"train_nuclei", "nuclei_masks", "nuclei_quality"}
+    # while the model detects, a classical detector's setting reruns nothing
+    result = snakemake(tmp_path, "--dry-run", "--until", "nuclei_quality",
+                       overlay=overlay.replace("model: trained,", "model: trained, smoothing_um: 0.75,"))
+    assert planned_jobs(result.stdout + result.stderr) == set(), result.stdout[-2000:]
 
 
 def test_a_gan_ratio_trains_classifiers_only(tiny_run):

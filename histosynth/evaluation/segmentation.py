@@ -126,21 +126,26 @@ def dihedral(images: torch.Tensor, targets: torch.Tensor | None, generator: torc
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(settings: Mapping, n_classes: int):
-    """The smp U-Net of the settings with random weights (pretrained ones are loaded separately,
-    so a saved config never asks smp to download)."""
+def unet(encoder: str, depth: int, decoder_channels: Sequence[int], n_classes: int, attention: str | None = None):
+    """smp's U-Net with random weights (pretrained ones are loaded separately, so a saved config
+    never asks smp to download)."""
     import segmentation_models_pytorch as smp
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return smp.Unet(encoder_name=encoder, encoder_depth=depth, encoder_weights=None,
+                        decoder_channels=list(decoder_channels), decoder_attention_type=attention, classes=n_classes)
+
+
+def build_model(settings: Mapping, n_classes: int):
+    """The U-Net of the segmentation settings (see unet), its decoder checked against them."""
     depth = int(settings["encoder_depth"])
     channels = list(settings["decoder_channels"])
     if len(channels) != depth:
         raise SegmentationError(f"segmentation.decoder_channels needs encoder_depth={depth} entries, got {channels}")
     if settings["attention"] == "scse" and min(channels) < 16:
         raise SegmentationError(f"segmentation.attention 'scse' needs decoder_channels >= 16 (its squeeze divides by 16), got {channels}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        return smp.Unet(encoder_name=settings["encoder"], encoder_depth=depth, encoder_weights=None,
-                        decoder_channels=channels, decoder_attention_type=settings["attention"], classes=n_classes)
+    return unet(settings["encoder"], depth, channels, n_classes, settings["attention"])
 
 
 def encoder_weights_file(settings: Mapping, weights_dir: str | Path) -> tuple[Path | None, str]:

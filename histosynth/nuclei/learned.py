@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from torch import nn
 
-from histosynth.evaluation.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from histosynth.evaluation.segmentation import IMAGENET_MEAN, IMAGENET_STD, unet
 from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError
 from histosynth.nuclei.model import META_FILE
 from histosynth.seeds import derive_seed
@@ -59,20 +58,13 @@ def training_targets(instances: np.ndarray, classes: Mapping[int, int] | None = 
     return np.stack([foreground, boundary, distance, class_map]).astype(np.float32)
 
 
-def resample(rgb: np.ndarray, instances: np.ndarray, mpp: float, target_mpp: float) -> tuple[np.ndarray, np.ndarray]:
-    """An image and its instance mask at target_mpp (Lanczos for the image, nearest for ids)."""
-    if abs(mpp / target_mpp - 1) < 0.01:
-        return rgb, instances
-    size = (max(1, round(rgb.shape[1] * mpp / target_mpp)), max(1, round(rgb.shape[0] * mpp / target_mpp)))
-    image = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-    mask = np.asarray(Image.fromarray(instances.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
-    return image, mask.astype(np.int64)
-
-
 class CropDataset(torch.utils.data.Dataset):
     """Random square crops of annotated images (each already at the model's mpp), one per item,
     the crop, its dihedral flip/rotation and a mild stain jitter all drawn from the item's index
-    and the seed, so every draw is reproducible and a resumed run sees the same data."""
+    and the seed, so every draw is reproducible and a resumed run sees the same data. A crop may
+    hang over an image edge by up to a quarter of its side, white and background there: inference
+    pads images with white (histosynth.nuclei.model.detect_with_model), and a model that never saw
+    such an edge finds nuclei along it."""
 
     def __init__(self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray], crop: int, length: int,
                  seed: int, augment: bool = True):
@@ -90,10 +82,7 @@ class CropDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(derive_seed(self.seed, "nuclei-crop", i))
         k = int(rng.choice(len(self.images), p=self.weights))
         image, target = self.images[k], self.targets[k]
-        y = int(rng.integers(0, image.shape[0] - self.crop + 1))
-        x = int(rng.integers(0, image.shape[1] - self.crop + 1))
-        image = image[y:y + self.crop, x:x + self.crop].astype(np.float32) / 255
-        target = target[:, y:y + self.crop, x:x + self.crop]
+        image, target = self._crop(image, target, rng)
         if self.augment:
             op = int(rng.integers(8))
             image, target = _dihedral(image, op, (0, 1)), _dihedral(target, op, (1, 2))
@@ -101,6 +90,19 @@ class CropDataset(torch.utils.data.Dataset):
             image = np.clip(image * rng.uniform(0.9, 1.1, 3) + rng.uniform(-0.05, 0.05, 3), 0, 1)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32)),
                 "target": torch.from_numpy(np.ascontiguousarray(target))}
+
+    def _crop(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A crop (float RGB in [0, 1], targets) at a random position, up to crop // 4 beyond the edges."""
+        margin, (h, w) = self.crop // 4, image.shape[:2]
+        y = int(rng.integers(-margin, h - self.crop + margin + 1))
+        x = int(rng.integers(-margin, w - self.crop + margin + 1))
+        crop = np.ones((self.crop, self.crop, 3), np.float32)
+        crop_target = np.zeros((target.shape[0], self.crop, self.crop), np.float32)
+        crop_target[3] = -1  # no class: background
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + self.crop, h), min(x + self.crop, w)
+        crop[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1] / 255
+        crop_target[:, y0 - y:y1 - y, x0 - x:x1 - x] = target[:, y0:y1, x0:x1]
+        return crop, crop_target
 
 
 def _dihedral(array: np.ndarray, op: int, axes: tuple[int, int]) -> np.ndarray:
@@ -117,14 +119,9 @@ class NucleiNet(ModelMixin, ConfigMixin):
     def __init__(self, encoder: str = "resnet18", encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 16),
                  classes: Sequence[str] = ("other",)):
         super().__init__()
-        import segmentation_models_pytorch as smp
-
         if len(decoder_channels) != encoder_depth:
             raise NucleiError(f"nuclei.train.decoder_channels needs encoder_depth={encoder_depth} entries, got {list(decoder_channels)}")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            self.unet = smp.Unet(encoder_name=encoder, encoder_depth=encoder_depth, encoder_weights=None,
-                                 decoder_channels=list(decoder_channels), classes=len(HEADS) + len(classes))
+        self.unet = unet(encoder, encoder_depth, decoder_channels, len(HEADS) + len(classes))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -313,7 +310,7 @@ def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: fl
     from histosynth.nuclei.annotations import read_annotated_folder
     from histosynth.nuclei.metrics import score_instances
     from histosynth.nuclei.model import load_detector
-    from histosynth.nuclei.stage import segment_patch
+    from histosynth.nuclei.stage import rescale, resize_instances, segment_patch
 
     data = read_annotated_folder(images_dir, annotations_dir)
     unknown = sorted(set(holdout) - {stem for stem, _, _ in data})
@@ -325,8 +322,8 @@ def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: fl
     s = params["train"]
     samples = []
     for _, rgb, inst in train:
-        image, instances = resample(rgb, inst, mpp, s["mpp"])
-        samples.append((image, instances, ["other"] * int(instances.max())))
+        image = rescale(rgb, mpp, s["mpp"])
+        samples.append((image, resize_instances(inst, image.shape[:2]), ["other"] * int(inst.max())))
     meta = {"data": {"images": str(images_dir), "annotations": str(annotations_dir), "mpp": mpp,
                      "train": [stem for stem, _, _ in train], "holdout": list(holdout)}}
     path = train_detector(samples, out_dir, s, seed=seed, min_area_um2=params["min_area_um2"], meta=meta)

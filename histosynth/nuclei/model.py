@@ -28,6 +28,9 @@ from histosynth.nuclei.instances import (
 META_FILE = "histosynth.json"  # extra file of a TorchScript model trained here (histosynth.nuclei.learned)
 # Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
 MODEL_STRIDE = 32
+# The nuclei settings a learned detector reads (here and in histosynth.nuclei.hdyolo); the others
+# but `train` are the classical detector's (see histosynth.nuclei.stage.detector_settings).
+MODEL_SETTINGS = ("model", "model_mpp", "model_classes", "tile", "pad")
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from histosynth.nuclei.instances import (
     shape_table,
     write_instances,
 )
-from histosynth.nuclei.model import NucleiModel, detect_with_model
+from histosynth.nuclei.model import MODEL_SETTINGS, NucleiModel, detect_with_model
 from histosynth.parallel import map_chunks
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,16 @@ def detection_mpp(params: Mapping, source_mpp: float, model: NucleiModel | None 
     if model is not None:
         return model.mpp or params["model_mpp"]
     return max(params["mpp"], source_mpp)
+
+
+def detector_settings(nuclei: Mapping) -> dict:
+    """The nuclei settings the configured detector reads: MODEL_SETTINGS when nuclei["model"] is
+    set, else every other one (and model: None). `train` is in neither: it reaches a trained
+    model's users through the model file. A rule's params hold these, so a changed setting of
+    the detector not in use, or of training, reruns nothing."""
+    if nuclei["model"]:
+        return {key: nuclei[key] for key in MODEL_SETTINGS}
+    return {"model": None} | {key: value for key, value in nuclei.items() if key not in (*MODEL_SETTINGS, "train")}
 
 
 @functools.cache
@@ -58,6 +68,14 @@ def detect(rgb: np.ndarray, mpp: float, params: Mapping,
     return detect_with_model(rgb, model, params)
 
 
+def rescale(rgb: np.ndarray, mpp: float, target_mpp: float) -> np.ndarray:
+    """An RGB image at `mpp` resampled (Lanczos) to target_mpp; unchanged within 1 %."""
+    if math.isclose(target_mpp, mpp, rel_tol=0.01):
+        return rgb
+    size = (max(1, round(rgb.shape[1] * mpp / target_mpp)), max(1, round(rgb.shape[0] * mpp / target_mpp)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+
 def resize_instances(instances: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize keeping instance ids: each output pixel takes the input pixel under its centre."""
     rows, cols = out_shape
@@ -73,10 +91,7 @@ def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], param
     return uint16 instances on the out_shape = (rows, cols) grid with their table measured on that
     grid; ids are kept, and nuclei too small to survive the resize are dropped."""
     det_mpp = detection_mpp(params, mpp, model)
-    if not math.isclose(det_mpp, mpp, rel_tol=0.01):
-        size = (max(1, round(rgb.shape[1] * mpp / det_mpp)), max(1, round(rgb.shape[0] * mpp / det_mpp)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-    instances, table = detect(rgb, det_mpp, params, model)
+    instances, table = detect(rescale(rgb, mpp, det_mpp), det_mpp, params, model)
     if instances.shape == tuple(out_shape):
         return instances, table
     instances = resize_instances(instances, out_shape)

@@ -11,6 +11,7 @@ from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
 from histosynth.generators.synthesis import MASKED_MODES
 from histosynth.generators.training import resume_key
+from histosynth.nuclei.stage import detector_settings
 
 
 def _resolve(path):
@@ -117,15 +118,16 @@ def config_params(*keys):
     """The config sections a job reads, as a job parameter with keys sorted at every level. Snakemake
     compares params by their text, so only a changed value (not a reordered file) reruns a job,
     and only the sections named here count. Section `labels` is the resolved one (LABELS); section
-    `nuclei` names the detector file (nuclei_model_path) and leaves out the training settings, which
-    reach its readers through the trained model file; `patches` leaves out its workers."""
+    `nuclei` holds only the configured detector's settings (detector_settings: a changed classical
+    setting reruns nothing while a model detects, and training settings reach a trained model's
+    users through its file) and names the model's file (nuclei_model_path); `patches` leaves out
+    its workers."""
     sections = {key: LABELS if key == "labels" else config[key] for key in keys}
     sections = json.loads(json.dumps(sections, sort_keys=True))
     if "patches" in sections:  # how many cores cut them: the rule's threads, not what the patches hold
         del sections["patches"]["workers"]
     if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
-        del sections["nuclei"]["train"]
-        sections["nuclei"]["model"] = nuclei_model_path()
+        sections["nuclei"] = detector_settings(sections["nuclei"]) | {"model": nuclei_model_path()}
     return sections
 
 

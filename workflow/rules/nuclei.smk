@@ -42,7 +42,8 @@ rule train_nuclei:
         mem_mb=8000,
         runtime=240,
     params:
-        nuclei=config_params("nuclei", "seed"),
+        seed=config["seed"],
+        min_area_um2=config["nuclei"]["min_area_um2"],  # the exported decoder's smallest nucleus
         train=json.loads(json.dumps(config["nuclei"]["train"], sort_keys=True)),
     script:
         "../../scripts/train_nuclei.py"
