@@ -98,7 +98,7 @@ class CropDataset(torch.utils.data.Dataset):
         x = int(rng.integers(-margin, w - self.crop + margin + 1))
         crop = np.ones((self.crop, self.crop, 3), np.float32)
         crop_target = np.zeros((target.shape[0], self.crop, self.crop), np.float32)
-        crop_target[3] = -1  # no class: background
+        crop_target[len(HEADS)] = -1  # the class channel: none, as off nuclei in training_targets
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + self.crop, h), min(x + self.crop, w)
         crop[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1] / 255
         crop_target[:, y0 - y:y1 - y, x0 - x:x1 - x] = target[:, y0:y1, x0:x1]

@@ -123,11 +123,11 @@ def config_params(*keys):
     users through its file) and names the model's file (nuclei_model_path); `patches` leaves out
     its workers."""
     sections = {key: LABELS if key == "labels" else config[key] for key in keys}
+    if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
+        sections["nuclei"] = detector_settings(sections["nuclei"]) | {"model": nuclei_model_path()}
     sections = json.loads(json.dumps(sections, sort_keys=True))
     if "patches" in sections:  # how many cores cut them: the rule's threads, not what the patches hold
         del sections["patches"]["workers"]
-    if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
-        sections["nuclei"] = detector_settings(sections["nuclei"]) | {"model": nuclei_model_path()}
     return sections
 
 
