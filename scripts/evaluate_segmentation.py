@@ -4,5 +4,6 @@ from histosynth.evaluation.segmentation import evaluate_segmentation
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
-evaluate_segmentation(snakemake.input.run, snakemake.input.indexes, snakemake.output.metrics, snakemake.output.overlays,
+evaluate_segmentation(snakemake.input.run, snakemake.input.indexes, snakemake.output.metrics, snakemake.output.images,
+                      snakemake.output.overlays,
                       config=snakemake.params.config, ratio=snakemake.wildcards.ratio, seed=int(snakemake.wildcards.seed))

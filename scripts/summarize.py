@@ -22,4 +22,7 @@ summarize(
     classification_paths=snakemake.input.classification,
     prediction_paths=snakemake.input.predictions,
     class_names=snakemake.params.class_names,
+    image_paths=snakemake.input.images,
+    verdict_settings=snakemake.params.verdict,
+    primary=snakemake.params.primary,
 )

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from histosynth.config import section_defaults
 from histosynth.data.io import write_table
 from histosynth.evaluation.report import (
     metrics_table, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, plot_verdict, seed_summary, summarize,
@@ -31,6 +32,30 @@ def seg_rows(values: dict[str, list[float]], slides=("t1",), classes=("Blood ves
                         rows.append({"ratio": ratio, "seed": seed, "slide": slide, "class": name, "metric": metric, "value": v})
                     rows.append({"ratio": ratio, "seed": seed, "slide": "all", "class": name, "metric": metric, "value": v})
     return pd.DataFrame(rows)
+
+
+def image_rows(shift: dict[str, list[float]], classes=("Blood vessel", "Fat"), images: int = 12) -> pd.DataFrame:
+    """Per-image TP/FP/FN of every ratio x seed: 100 labelled pixels per image and class, of which
+    the ratio's shift (plus per-image noise) moves a share between missed and found."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for ratio, shifts in shift.items():
+        for seed, s in enumerate(shifts):
+            for i in range(images):
+                for name in classes:
+                    fn = int(np.clip(40 - 100 * s + rng.normal(0, 5), 0, 100))
+                    rows.append({"ratio": ratio, "seed": seed, "patch_id": f"p{i}", "slide": "t1", "class": name,
+                                 "tp": 100 - fn, "fp": 20, "fn": fn})
+    return pd.DataFrame(rows)
+
+
+def verdict_of(images: pd.DataFrame) -> pd.DataFrame:
+    from histosynth.evaluation.verdict import verdict_table
+
+    return verdict_table(images=images, predictions=None, class_names=[], segmentation_metrics=["dice", "precision", "recall"],
+                         classification_metrics=[], baseline="real", order=["real", "k2", "syn"],
+                         settings=section_defaults("verdict"), primary={"task": "segmentation", "class": "Fat", "metric": "dice"},
+                         seed=0, sources={"k2": "synth"})
 
 
 def is_png(path) -> bool:
@@ -66,11 +91,9 @@ def test_plots_are_written(tmp_path):
     one_row, two_rows = plot_quality(offline, tmp_path / "q3.png"), plot_quality(offline, tmp_path / "q4.png", scores)
     with Image.open(one_row) as a, Image.open(two_rows) as b:
         assert b.size[1] > 1.6 * a.size[1]  # the per-image box plots add a row
-    from histosynth.evaluation.verdict import verdict
-
-    decided = verdict(seg, "real", ["dice", "recall"], task="segmentation", seed=0)
-    assert len(decided) == 2 * 2 * 2 and is_png(plot_verdict(decided, tmp_path / "v.png"))  # ratios x classes x metrics
-    assert is_png(plot_verdict(verdict(seg[seg.seed == 0], "real", ["dice"], task="segmentation", seed=0), tmp_path / "v1.png"))
+    decided = verdict_of(image_rows({"real": [0.0, 0.0, 0.0], "k2": [0.1, 0.05, 0.1], "syn": [-0.2, -0.3, -0.25]}))
+    assert len(decided) == 2 * 2 * 3 and is_png(plot_verdict(decided, tmp_path / "v.png", "an answer"))  # ratios x classes x metrics
+    assert is_png(plot_verdict(verdict_of(image_rows({"real": [0.0], "k2": [0.1]})), tmp_path / "v1.png"))
     csv = tmp_path / "run" / "loss.csv"
     csv.parent.mkdir()
     pd.DataFrame({"step": [2, 4], "epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9]}).to_csv(csv, index=False)
@@ -96,10 +119,13 @@ def test_gan_loss_curve_draws_both_networks_and_a_panel_per_fidelity_metric(tmp_
 
 def test_summarize_writes_everything(tmp_path):
     seg = seg_rows({"real": [0.5, 0.6, 0.7], "k2": [0.6, 0.8, 0.7], "syn": [0.3, 0.2, 0.25]})
-    paths = []
+    images = image_rows({"real": [0.0, 0.0, 0.0], "k2": [0.1, 0.12, 0.09], "syn": [-0.3, -0.32, -0.31]}, classes=("Blood vessel",))
+    paths, image_paths = [], []
     for (ratio, seed), part in seg.groupby(["ratio", "seed"]):
         paths.append(tmp_path / f"{ratio}_{seed}.parquet")
         write_table(part, paths[-1])
+        image_paths.append(tmp_path / f"{ratio}_{seed}.images.parquet")
+        write_table(images[(images["ratio"] == ratio) & (images["seed"] == seed)], image_paths[-1])
     shares = pd.DataFrame({"ratio": ["real", "k2", "syn"], "class": "Blood vessel", "share": [0.1, 0.2, 0.5],
                            "n_real": [8, 8, 0], "n_synthetic": [0, 2, 8]})
     write_table(shares, tmp_path / "share.parquet")
@@ -119,14 +145,16 @@ def test_summarize_writes_everything(tmp_path):
     audit = pd.DataFrame([{"set": "synth", "images": 8, "kept": 6, "copy_rate": 0.25}])
     write_table(audit, tmp_path / "audit.parquet")
     out = summarize(paths, outputs, ratios=RATIOS, seed=0, share_paths=[tmp_path / "share.parquet"],
-                    quality_paths=[tmp_path / "quality.parquet"], audit_paths=[tmp_path / "audit.parquet"], loss_csvs=[loss])
+                    quality_paths=[tmp_path / "quality.parquet"], audit_paths=[tmp_path / "audit.parquet"], loss_csvs=[loss],
+                    image_paths=image_paths, verdict_settings=section_defaults("verdict"),
+                    primary={"task": "segmentation", "class": "Blood vessel", "metric": "dice"})
     # every output goes exactly where the caller said
     assert set(out) == set(outputs) and all(out[name] == path for name, path in outputs.items() if name != "loss")
     assert out["loss"] == [summary / "loss" / "real_0.png"]
     decided = pd.read_csv(outputs["verdict"]).set_index(["ratio", "metric"])
     assert set(decided.index.get_level_values(0)) == {"k2", "syn"} and set(decided.baseline) == {"real"}
-    assert decided.loc[("syn", "dice"), "verdict"] == "hurt"  # -0.2, -0.4, -0.45 over 3 seeds
-    assert decided.loc[("k2", "dice"), "mean_diff"] == pytest.approx(0.1)
+    assert decided.loc[("syn", "dice"), "verdict"] == "hurt" and decided.loc[("syn", "dice"), "endpoint"] == "primary"
+    assert decided.loc[("k2", "dice"), "mean_diff"] > 0 and decided.loc[("k2", "recall"), "endpoint"] == "secondary"
     assert pd.read_csv(outputs["memorisation"])["kept"].tolist() == [6]
     assert pd.read_parquet(outputs["parquet"]).shape[0] == len(seg) + 1  # segmentation rows and the quality row
     assert pd.read_csv(outputs["table"]).shape[0] == len(seg) + 1

@@ -21,7 +21,7 @@ import pandas as pd  # noqa: E402
 
 from histosynth.config import baseline_ratio  # noqa: E402
 from histosynth.data.io import atomic_file, write_csv, write_table  # noqa: E402
-from histosynth.evaluation.verdict import sentence, verdict  # noqa: E402
+from histosynth.evaluation.verdict import answer, sentence, verdict_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -145,44 +145,77 @@ def plot_confusions(predictions: pd.DataFrame, class_names: Sequence[str], out: 
     return _save(fig, out)
 
 
+ADJUSTMENTS = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 VERDICT_COLOURS = {"helped": "#1a9850", "hurt": "#d73027", "no evidence": "#7f7f7f"}
 
 
-def plot_verdict(table: pd.DataFrame, out: str | Path) -> Path:
-    """The verdict at a glance: one row of panels per task, per metric a panel, per class x ratio a
-    line with the mean paired difference to the baseline and its 95 % t interval (bootstrap
-    interval as a thin line), coloured helped / hurt / no evidence, against the zero line."""
-    tasks = list(dict.fromkeys(table["task"])) if "task" in table and len(table) else ["segmentation"]
-    parts = {task: table[table["task"] == task] if "task" in table else table for task in tasks}
-    width = max(len(dict.fromkeys(part["metric"])) for part in parts.values()) or 1
-    heights = [0.32 * max(part[["class", "ratio"]].drop_duplicates().shape[0], 3) + 1.0 for part in parts.values()]
-    fig = plt.figure(figsize=(3.6 * width + 1.8, sum(heights) + 0.6))
-    baseline = table["baseline"].iloc[0] if len(table) else "baseline"
-    for sub, (task, part) in zip(fig.subfigures(len(tasks), 1, height_ratios=heights, squeeze=False)[:, 0], parts.items(),
-                                 strict=True):
-        metrics = list(dict.fromkeys(part["metric"])) or ["dice"]
-        labels = list(dict.fromkeys(f"{c} · {r}" for c, r in zip(part["class"], part["ratio"], strict=True)))
-        y = {label: i for i, label in enumerate(labels)}
-        axes = sub.subplots(1, width, squeeze=False, sharey=True)[0]
+def _forest(ax, rows: pd.DataFrame, labels: Sequence[str], *, band: bool) -> None:
+    """Rows as a forest: the difference with its interval (thick, coloured by the word), the
+    seed-only t interval (thin grey), the no-effect line and, with band, the detectable-effect band."""
+    y = {label: i for i, label in enumerate(labels)}
+    for row, label in zip(rows.to_dict("records"), rows["label"], strict=True):
+        i, colour = y[label], VERDICT_COLOURS[row["verdict"]]
+        if band and not math.isnan(row["mde"]):
+            ax.fill_betweenx([i - 0.4, i + 0.4], -row["mde"], row["mde"], color="#cccccc", alpha=0.5, lw=0)
+        ax.plot([row["t_low"], row["t_high"]], [i + 0.18, i + 0.18], color="#888888", lw=1)
+        ax.errorbar(row["mean_diff"], i, xerr=[[row["mean_diff"] - row["ci_low"]], [row["ci_high"] - row["mean_diff"]]]
+                    if not math.isnan(row["ci_low"]) else None, fmt="o", color=colour, capsize=3, lw=2)
+    ax.axvline(0, color="black", lw=0.8)
+    low = min(-0.05, np.nanmin(rows[["ci_low", "t_low", "mean_diff"]].to_numpy(float), initial=0) * 1.1)
+    high = max(0.05, np.nanmax(rows[["ci_high", "t_high", "mean_diff"]].to_numpy(float), initial=0) * 1.1)
+    ax.set_xlim(max(low, -1.05), min(high, 1.05))  # a difference of these metrics lies in [-1, 1]
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def plot_verdict(table: pd.DataFrame, out: str | Path, answer: str = "", adjustment: str = "holm") -> Path:
+    """The verdict at a glance. First panel: the primary endpoint alone, one row per ratio (and its
+    synthetic sources): the difference to the baseline with its interval over seeds and test images,
+    the seed-only t interval (thin grey), the detectable-effect band (grey) and the word; titled by
+    `answer`. Below, per task a row of panels (one per metric) of the secondary rows, class x ratio,
+    coloured by their word from the `adjustment` (holm or bh) adjusted p."""
+    table = table.assign(label=[f"{r} ({s})" if s else r for r, s in zip(table["ratio"], table["sources"].fillna(""), strict=True)])
+    primary, secondary = table[table["endpoint"] == "primary"], table[table["endpoint"] == "secondary"]
+    tasks = list(dict.fromkeys(secondary["task"]))
+    width = max([len(dict.fromkeys(secondary.loc[secondary["task"] == t, "metric"])) for t in tasks] + [1])
+    heights = [0.45 * max(len(primary), 2) + 1.4] + [
+        0.3 * max(secondary.loc[secondary["task"] == t, ["class", "ratio"]].drop_duplicates().shape[0], 3) + 1.0 for t in tasks]
+    fig = plt.figure(figsize=(max(3.6 * width + 1.8, 9), sum(heights) + 0.6), layout="constrained")
+    subs = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
+    ax = subs[0].subplots(1, 1)
+    if len(primary):
+        first = primary.iloc[0]
+        _forest(ax, primary, list(primary["label"]), band=True)
+        for i, row in enumerate(primary.to_dict("records")):
+            ax.annotate(row["verdict"], (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=9,
+                        color=VERDICT_COLOURS[row["verdict"]], weight="bold")
+        ax.set_title(f"Primary endpoint, {first['task']} {METRIC_TITLES.get(first['metric'], first['metric'])}"
+                     f"{'' if first['class'] == 'all' else ' of ' + first['class']}: ratio − {first['baseline']} "
+                     f"(interval over {first['n']} runs and {first['units']} test {first['unit']}; grey band: detectable effect)",
+                     fontsize=8)
+    else:
+        ax.axis("off")
+    subs[0].suptitle(_wrap(answer or "Primary endpoint", 150), fontsize=10, x=0.02, ha="left")
+    for sub, task in zip(subs[1:], tasks, strict=True):
+        part = secondary[secondary["task"] == task].assign(label=lambda t: t["class"] + " · " + t["label"])
+        metrics = list(dict.fromkeys(part["metric"]))
+        labels = list(dict.fromkeys(part["label"]))
+        axes = sub.subplots(1, width, squeeze=False)[0]
         for ax, metric in zip(axes, metrics):
-            for row in part[part["metric"] == metric].to_dict("records"):
-                i, colour = y[f"{row['class']} · {row['ratio']}"], VERDICT_COLOURS[row["verdict"]]
-                ax.plot([row["boot_low"], row["boot_high"]], [i, i], color=colour, lw=1, alpha=0.6)
-                ax.errorbar(row["mean_diff"], i, xerr=[[row["mean_diff"] - row["ci_low"]], [row["ci_high"] - row["mean_diff"]]]
-                            if not math.isnan(row["ci_low"]) else None, fmt="o", color=colour, capsize=3, lw=2)
-            ax.axvline(0, color="black", lw=0.8)
-            ax.set_title(f"{METRIC_TITLES.get(metric, metric)}: ratio − {baseline}", fontsize=9)
-            ax.grid(axis="x", alpha=0.3)
+            _forest(ax, part[part["metric"] == metric], labels, band=False)
+            ax.set_title(f"{METRIC_TITLES.get(metric, metric)}: ratio − {part['baseline'].iloc[0]}", fontsize=9)
+        for ax in axes[1:len(metrics)]:
+            ax.set_yticklabels([])
         for ax in axes[len(metrics):]:
             ax.set_visible(False)
-        axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
-        axes[0].invert_yaxis()
-        runs = int(part["n"].max()) if len(part) else 0
-        paired = part["paired_by"].iloc[0] if "paired_by" in part and len(part) else "seed"
-        sub.suptitle(f"{task}: paired by {paired}, {runs} runs", fontsize=9, x=0.02, ha="left")
+        sub.suptitle(f"{task}, secondary: paired by {part['paired_by'].iloc[0]}, {int(part['n'].max())} runs; words from "
+                     f"{ADJUSTMENTS[adjustment]}-adjusted p", fontsize=9, x=0.02, ha="left")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.03))
-    fig.suptitle("Did synthetic data help? Each ratio minus the baseline (95 % interval)", fontsize=10, y=1.02)
+    handles.append(plt.Line2D([], [], color="#888888", lw=1, label="seed-only t interval"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
     return _save(fig, out)
 
 
@@ -424,7 +457,8 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
               share_paths: Sequence[str | Path] = (), audit_paths: Sequence[str | Path] = (),
               loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
               baseline: str | None = None, classification_paths: Sequence[str | Path] = (),
-              prediction_paths: Sequence[str | Path] = (), class_names: Sequence[str] = ()) -> dict:
+              prediction_paths: Sequence[str | Path] = (), class_names: Sequence[str] = (),
+              image_paths: Sequence[str | Path] = (), verdict_settings: Mapping, primary: Mapping) -> dict:
     """Entry of rule summarize: write the files `outputs` names (the rule's output names): verdict
     (CSV) and verdict_plot over both tasks; parquet and table (CSV) of all metrics, seed_summary and
     metrics_plot; with classification results classification_plot (accuracy, balanced accuracy, F1,
@@ -432,8 +466,11 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     class_share and class_share_plot from the share tables; quality_plot and quality_per_class
     (the sets side by side per label) from the quality tables;
     memorisation (CSV) from the curated sets' audit rows; loss, a folder of one PNG per loss CSV.
-    The baseline is the first ratio with synthetic 0 and real true (override with `baseline`);
-    `seed` seeds the verdict's bootstrap. Returns {name: path or list of paths} of what was written."""
+    The verdict (histosynth.evaluation.verdict) is computed from the per-image tables: segmentation's
+    `image_paths` and classification's `prediction_paths`, with the `verdict` config section as
+    `verdict_settings` and the resolved `primary` endpoint. The baseline is the first ratio with
+    synthetic 0 and real true (override with `baseline`); `seed` deals the test units into jackknife
+    groups. Returns {name: path or list of paths} of what was written."""
     out = {name: Path(path) for name, path in outputs.items()}
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,19 +484,25 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     cls = read_tables(classification_paths)
     table = metrics_table(seg, quality, cls)
     write_table(table, out["parquet"])
-    tasks = [("segmentation", seg, SEGMENTATION_METRICS), ("classification", cls, CLASSIFICATION_METRICS)]
-    decided = pd.concat([verdict(scores, baseline, metrics, task=task, seed=seed, order=order)
-                         for task, scores, metrics in tasks if len(scores)], ignore_index=True)
+    predictions = read_tables(prediction_paths)
+    sources = {r["name"]: "+".join(r.get("sources") or []) for r in ratios}
+    decided = verdict_table(images=read_tables(image_paths), predictions=predictions, class_names=class_names,
+                            segmentation_metrics=SEGMENTATION_METRICS, classification_metrics=CLASSIFICATION_METRICS,
+                            baseline=baseline, order=order, settings=verdict_settings, primary=primary, seed=seed,
+                            sources=sources)
+    said = answer(decided)
+    log.info("verdict: %s", said)
     for row in decided.to_dict("records"):
         log.info("verdict: %s", sentence(row))
-    written = {"verdict": write_csv(decided, out["verdict"]), "verdict_plot": plot_verdict(decided, out["verdict_plot"]),
+    written = {"verdict": write_csv(decided, out["verdict"]),
+               "verdict_plot": plot_verdict(decided, out["verdict_plot"], said, verdict_settings["adjustment"]),
                "parquet": out["parquet"], "table": write_csv(table, out["table"]),
                "seed_summary": write_csv(seed_summary(pd.concat([seg, cls], ignore_index=True), order), out["seed_summary"])}
     if len(seg):
         written["metrics_plot"] = plot_metrics(seg, out["metrics_plot"], order, amounts)
     if len(cls):
         written["classification_plot"] = plot_metrics(cls, out["classification_plot"], order, amounts, CLASSIFICATION_METRICS)
-        written["confusion"] = plot_confusions(read_tables(prediction_paths), class_names, out["confusion"], order)
+        written["confusion"] = plot_confusions(predictions, class_names, out["confusion"], order)
     if shares is not None:
         written["class_share"] = write_csv(shares, out["class_share"])
         written["class_share_plot"] = plot_class_share(shares, out["class_share_plot"], order)

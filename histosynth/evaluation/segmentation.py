@@ -323,14 +323,12 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
-             batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
-    """Dice, precision and recall per class on test rows (absolute image/mask paths, a slide
-    column), per slide and pooled over all slides (slide 'all', from summed pixel counts).
-    Tidy columns: slide, class, metric, value, tp, fp, fn, n_patches. A class without test
-    pixels gets NaN Dice and recall (precision too unless it was predicted) and a warning.
-    With overlays_dir, writes TP/FP/FN overlays (TP green, FP red, FN blue over the image) of
-    the n_overlays test patches with most labelled pixels."""
+def image_counts(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
+                 batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
+    """TP, FP and FN pixels per test image and class on test rows (absolute image/mask paths, a
+    slide column): columns patch_id (patch{i} where rows have none), slide, class, tp, fp, fn.
+    With overlays_dir, writes TP/FP/FN overlays (TP green, FP red, FN blue over the image) of the
+    n_overlays test patches with most labelled pixels."""
     names = list(classes) if classes else list(model.classes)
     unknown = [c for c in names if c not in model.classes]
     if unknown:
@@ -339,42 +337,52 @@ def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str
     values = [model.classes[c] for c in names]
     if rows.empty:
         raise SegmentationError("no test rows: no slide has split 'test'; set one in the slide sheet")
+    ids = rows["patch_id"].astype(str).tolist() if "patch_id" in rows else [f"patch{i}" for i in range(len(rows))]
     slides = rows["slide"].astype(str).to_numpy() if "slide" in rows else np.full(len(rows), "all")
-    counts = {}  # slide -> (n_patches, (C, 3) tp/fp/fn)
+    counts = np.zeros((len(rows), len(names), 3), np.int64)  # image, class, tp/fp/fn
     candidates: list = []
-    loader = data_loader(SegmentationDataset(rows, values), batch_size, None, 0)
-    for batch in loader:
+    for batch in data_loader(SegmentationDataset(rows, values), batch_size, None, 0):
         probs = model.probabilities(batch["image"])[:, channels]
         target = batch["target"].int()
         pred, truth = probs >= model.threshold, target > 0
         stats = torch.stack([(pred & truth).sum((2, 3)), (pred & ~truth).sum((2, 3)), (~pred & truth).sum((2, 3))], -1)
-        for k, i in enumerate(batch["index"].tolist()):
-            n, c = counts.get(slides[i], (0, np.zeros((len(names), 3))))
-            counts[slides[i]] = (n + 1, c + stats[k].numpy())  # (C, 3): tp, fp, fn
-            if overlays_dir is not None and n_overlays > 0:
+        counts[batch["index"].numpy()] = stats.numpy()
+        if overlays_dir is not None and n_overlays > 0:
+            for k, i in enumerate(batch["index"].tolist()):
                 item = (float(target[k].sum()), -i, batch["image"][k].numpy(), target[k].numpy(), (probs[k] >= model.threshold).numpy())
                 (heapq.heappush if len(candidates) < n_overlays else heapq.heappushpop)(candidates, item)
-    pooled = (sum(n for n, _ in counts.values()), sum(c for _, c in counts.values()))
-    table = _score_rows({**counts, "all": pooled}, names)
     if overlays_dir is not None:
-        ids = rows["patch_id"].astype(str).tolist() if "patch_id" in rows else [f"patch{i}" for i in range(len(rows))]
         write_overlays(sorted(candidates, reverse=True), ids, names, Path(overlays_dir))
-    return table
+    return pd.DataFrame({"patch_id": np.repeat(ids, len(names)), "slide": np.repeat(slides, len(names)),
+                         "class": np.tile(names, len(rows)), **{k: counts[..., j].ravel() for j, k in enumerate(("tp", "fp", "fn"))}})
 
 
-def _score_rows(counts: Mapping[str, tuple[int, np.ndarray]], names: Sequence[str]) -> pd.DataFrame:
+def slide_scores(images: pd.DataFrame) -> pd.DataFrame:
+    """Dice, precision and recall per class from per-image counts (image_counts), per slide and
+    pooled over all slides (slide 'all', from summed pixel counts). Tidy columns: slide, class,
+    metric, value, tp, fp, fn, n_patches. A class without test pixels gets NaN Dice and recall
+    (precision too unless it was predicted) and a warning."""
+    names = list(dict.fromkeys(images["class"]))
+    groups = {slide: part for slide, part in images.groupby("slide", sort=False)} | {"all": images}
     rows = []
-    for slide, (n, c) in counts.items():
-        for j, name in enumerate(names):
-            tp, fp, fn = (float(v) for v in c[j])
+    for slide, part in groups.items():
+        sums = part.groupby("class", sort=False)[["tp", "fp", "fn"]].sum()
+        for name in names:
+            tp, fp, fn = (float(v) for v in sums.loc[name])
             if tp + fn == 0:
                 warnings.warn(f"class {name!r} has no pixels in the test patches of {'all slides' if slide == 'all' else slide}: "
-                              "Dice and recall are NaN", stacklevel=3)
+                              "Dice and recall are NaN", stacklevel=2)
             scores = overlap_scores(tp, fp, fn)
             for metric in SCORED:
                 rows.append({"slide": slide, "class": name, "metric": metric, "value": scores[metric],
-                             "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_patches": int(n)})
+                             "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_patches": part["patch_id"].nunique()})
     return pd.DataFrame(rows)
+
+
+def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
+             batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
+    """Dice, precision and recall per class on test rows, per slide and pooled (slide_scores of image_counts)."""
+    return slide_scores(image_counts(model, rows, classes, batch_size=batch_size, overlays_dir=overlays_dir, n_overlays=n_overlays))
 
 
 def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -424,15 +432,20 @@ def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_
                  settings=config["segmentation"], seed=seed, weights_dir=config["weights_dir"])
 
 
-def evaluate_segmentation(run_dir: str | Path, indexes: Sequence[str | Path], out: str | Path, overlays_dir: str | Path, *,
-                          config: Mapping, ratio: str, seed: int) -> pd.DataFrame:
-    """Entry of rule evaluate_segmentation: score one run on the test slides; write a tidy parquet
-    (evaluate's columns plus ratio and seed) and the overlays folder."""
+def evaluate_segmentation(run_dir: str | Path, indexes: Sequence[str | Path], out: str | Path, images_out: str | Path,
+                          overlays_dir: str | Path, *, config: Mapping, ratio: str, seed: int) -> pd.DataFrame:
+    """Entry of rule evaluate_segmentation: score one run on the test slides; write the per-image
+    counts (image_counts' columns plus ratio and seed) to images_out, the tidy per-slide and pooled
+    scores derived from them (slide_scores' columns plus ratio and seed) to out, and the overlays folder."""
     s = config["segmentation"]
     model = load_model(run_dir, s["device"])
     with atomic_dir(overlays_dir) as tmp:
-        table = evaluate(model, split_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp, n_overlays=s["overlays"])
-    table.insert(0, "seed", seed)
-    table.insert(0, "ratio", ratio)
+        images = image_counts(model, split_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp,
+                              n_overlays=s["overlays"])
+    table = slide_scores(images)
+    for frame in (table, images):
+        frame.insert(0, "seed", seed)
+        frame.insert(0, "ratio", ratio)
+    write_table(images, images_out)
     write_table(table, out)
     return table

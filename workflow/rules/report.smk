@@ -1,7 +1,11 @@
+from histosynth.evaluation.verdict import primary_endpoint
+
+
 rule summarize:
-    """The verdict (each ratio vs the baseline, paired by seed, 95 % intervals), one tidy table of every metric, plots across ratios, the memorisation audit."""
+    """The verdict (each ratio vs the baseline, paired by seed, intervals over seeds and test images, a primary endpoint, adjusted p), one tidy table of every metric, plots across ratios, the memorisation audit."""
     input:
         evaluations=segmentation_runs("results/evaluation/{ratio}/seed{seed}.parquet"),
+        images=segmentation_runs("results/evaluation/{ratio}/seed{seed}.images.parquet"),
         runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}"),
         classification=classification_runs("results/classification_evaluation/{ratio}/fold{fold}/seed{seed}.parquet"),
         predictions=classification_runs("results/classification_evaluation/{ratio}/fold{fold}/seed{seed}.predictions.parquet"),
@@ -46,8 +50,10 @@ rule summarize:
         mem_mb=4000,
         runtime=30,
     params:
-        ratios=list(RATIOS.values()),
+        ratios=[{**ratio, "sources": ratio_sources(name) if ratio["synthetic"] else []} for name, ratio in RATIOS.items()],
         seed=config["seed"],
+        verdict=config["verdict"],
+        primary=primary_endpoint(config),
         baseline=BASELINE,
         run_names=segmentation_runs("segmentation_{ratio}_seed{seed}")
         + classification_runs("classification_{ratio}_fold{fold}_seed{seed}") + list(generative_losses()),

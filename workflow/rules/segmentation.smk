@@ -25,13 +25,14 @@ rule train_segmentation:
 
 
 rule evaluate_segmentation:
-    """Dice, precision and recall per class on the test slides (per slide and pooled), TP/FP/FN overlays."""
+    """Dice, precision and recall per class on the test slides (per slide and pooled, from the per-image TP/FP/FN table), TP/FP/FN overlays."""
     input:
         run="results/segmentation/{ratio}/seed{seed}",
         indexes=patch_indexes("test"),
         patches=expand("results/patches/{slide}", slide=split_slides("test")),
     output:
         metrics="results/evaluation/{ratio}/seed{seed}.parquet",
+        images="results/evaluation/{ratio}/seed{seed}.images.parquet",
         overlays=report(
             directory("results/evaluation/{ratio}/seed{seed}_overlays"),
             patterns=["{name}.png"],
