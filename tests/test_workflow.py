@@ -287,7 +287,8 @@ def test_evaluation_table_and_report(tiny_run):
     audit = pd.read_csv(tiny_run / "results/report/memorisation.csv").set_index("set")
     assert set(audit.index) == {"synth", "inpaint"} and (audit["kept"] == audit["images"]).all()  # curation off in tiny
     curated = pd.read_parquet(tiny_run / "results/curated/synth.parquet")
-    assert curated["keep"].all() and curated["pixel_correlation"].notna().all() and curated["feature_distance"].notna().all()
+    assert curated["keep"].all() and curated["similarity"].notna().all() and curated["relative_distance"].notna().all()
+    assert curated["feature_distance"].notna().all()  # the baseline segmenter proposes candidates
     for png in ("verdict", "metrics", "class_share", "quality", "rulegraph", "classification", "confusion"):
         assert (tiny_run / f"results/report/{png}.png").stat().st_size > 5000
     assert len(list((tiny_run / "results/report/loss").glob("*.png"))) == 3 * 2 + 3 * 2 + 2

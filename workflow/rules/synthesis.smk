@@ -59,7 +59,7 @@ rule inpaint:
 
 
 rule curate_synthetic:
-    """Keep the synthetic images that agree with their mask and copy no training patch; score every image, audit memorisation."""
+    """Keep the synthetic images that agree with their mask and copy no training patch (judged on the image, calibrated per class on held-out real patches); score every image, audit memorisation."""
     input:
         unpack(curation_inputs),
     output:
@@ -70,7 +70,7 @@ rule curate_synthetic:
             caption="../report/memorisation.rst",
             category="5. Synthetic patches",
             subcategory="Curation and memorisation",
-            labels={"set": "{set}", "figure": "closest synthetic-training pairs"},
+            labels={"set": "{set}", "figure": "copies and closest synthetic-training matches"},
         ),
     log:
         "logs/curate_synthetic/{set}.log",
@@ -84,6 +84,6 @@ rule curate_synthetic:
         mem_mb=8000,
         runtime=60,
     params:
-        config=config_params("curation", "quality", "classes"),
+        config=config_params("curation", "quality", "classes", "labels"),
     script:
         "../../scripts/curate_synthetic.py"
