@@ -29,8 +29,9 @@ def test_aligned_ncc_finds_a_rotated_and_shifted_copy():
     moved = np.roll(train[1], (2, -3), axis=(0, 1))  # shifted by (2, -3) px
     query = dihedral(moved[None])[3, 0]  # and flipped/rotated
     pairs = np.array([[0, 0], [0, 1], [0, 2]])
-    best, view, offset = aligned_ncc(grey(query[None], 128), grey(train, 128), pairs, shift=4)
+    best, local, view, offset = aligned_ncc(grey(query[None], 128), grey(train, 128), pairs, shift=4)
     assert best[1] == pytest.approx(1.0, abs=1e-4) and best[[0, 2]].max() < 0.6
+    assert local[1] == pytest.approx(1.0, abs=1e-4) and local[[0, 2]].max() < 0.6
     # the view that matched undoes the flip/rotation, and the query's centre sits 2 down, 3 left of the patch's
     assert np.array_equal(dihedral(query[None])[view[1], 0], moved)
     assert tuple(offset[1]) == (4 - 2, 4 + 3)

@@ -2,24 +2,24 @@
 
 A class-level feature space (the task segmenter's encoder) maps every patch of a uniform class to
 nearly one point, so a nearest-neighbour distance there flags class membership, not copying. Here
-the feature space and a coarse grey-level correlation only pick candidates (the `candidates`
-nearest training patches in each); the decision rests on two measures of the image against those
-candidates:
+the feature space and a coarse grey correlation (whole and tile by tile, blurred against small
+shifts) only pick candidates, the `candidates` nearest training patches in each; the decision
+rests on two measures of the image against those candidates:
 
-- similarity: the normalised cross-correlation (NCC) of grey values at up to COMPARE_SIDE px a
-  side (a 64 px patch at full resolution), the best over the image's 8 flips/rotations and every
-  shift of up to `max_shift` px (the image's centre matched as a template inside the patch), and,
-  at that alignment, `local_similarity`: the median NCC over a TILES x TILES grid of tiles, each
-  standardised on its own, so a copy with a part repainted or colours changed still scores high
-  where most of it matches;
+- similarity: the image is aligned with each candidate, in grey values at up to COMPARE_SIDE px a
+  side (a 64 px patch at full resolution), by the best normalised cross-correlation (NCC) over its
+  8 flips/rotations and every shift of up to `max_shift` px (its centre matched as a template
+  inside the patch); at that alignment, the median NCC over a TILES x TILES grid of tiles, each
+  standardised on its own, so a copy recompressed, recoloured or with a part repainted still
+  scores high where most of it matches. The nearest patch is the most similar one.
 - relative distance (Carlini et al. 2023): the distance to the nearest patch over the distance to
-  the `relative_rank`-th nearest, in the same measure (d = sqrt(1 - NCC)): a copy is much nearer
-  its source than any other patch, while distinct images of a textureless or uniform class are
-  all about equally far from everything.
+  the `relative_rank`-th nearest, d = sqrt(1 - similarity): a copy is much nearer its source than
+  any other patch, while distinct images of a textureless or uniform class are all about equally
+  far from everything.
 
 Where a copy-detection descriptor is configured (a timm model, e.g. SSCD or a self-supervised
 encoder, with a local weights file), its cosine similarity (best of the 8 views) replaces the
-pixel NCC, as in Somepalli et al. (2023). Inpainted images are compared inside their painted
+pixel measure, as in Somepalli et al. (2023). Inpainted images are compared inside their painted
 region only, in place. Thresholds are calibrated on held-out real patches, which are not copies by
 definition: per class where it has enough of them (see `calibrate`).
 """
@@ -36,7 +36,7 @@ COMPARE_SIDE = 128  # the pixel measure compares grey images at most this many p
 CANDIDATE_SIDE = 16  # the cheap candidate search correlates blurred grey images at most this many px a side
 TILES = 4  # local similarity: the median NCC over a TILES x TILES grid of tiles
 POOLED = "pooled"  # the calibration of classes with too few held-out patches
-_PAIRS_PER_CHUNK = 512  # pairs whose 8 views' spectra are held at once (memory, not results)
+_CHUNK_PIXELS = 2 ** 24  # pairs x 8 views x pixels whose spectra are held at once (memory, not results)
 
 
 def dihedral(images: np.ndarray) -> np.ndarray:
@@ -96,16 +96,26 @@ def nearest(score: Callable[[slice], np.ndarray], n: int, count: int, exclude: n
     return np.concatenate(index), np.concatenate(best)
 
 
-def coarse_scores(queries: np.ndarray, train: np.ndarray, shift: int) -> Callable[[slice], np.ndarray]:
+def coarse_scores(queries: np.ndarray, train: np.ndarray, shift: int, tiled: bool) -> Callable[[slice], np.ndarray]:
     """Row-block scorer for `nearest`: the best grey correlation over the 8 views at CANDIDATE_SIDE
-    px, after a blur of shift / 2 px at COMPARE_SIDE, so a copy moved by up to `shift` px still scores high."""
+    px after a blur of shift / 2 px at COMPARE_SIDE (a copy moved by up to `shift` px still scores
+    high); tiled: the median of the correlations of TILES x TILES tiles (a copy with a part
+    repainted still scores high)."""
     def coarse(images: np.ndarray) -> np.ndarray:
-        values = ndimage.gaussian_filter(grey(images, COMPARE_SIDE), (0, shift / 2, shift / 2)) if shift else grey(images, COMPARE_SIDE)
-        return standardised(shrink(values, CANDIDATE_SIDE))
+        values = grey(images, COMPARE_SIDE)
+        values = shrink(ndimage.gaussian_filter(values, (0, shift / 2, shift / 2)) if shift else values, CANDIDATE_SIDE)
+        if not tiled:
+            return standardised(values)[None]  # (1, N, D)
+        n, side = len(values), values.shape[1] // TILES
+        parts = values[:, :side * TILES, :side * TILES].reshape(n, TILES, side, TILES, side).transpose(1, 3, 0, 2, 4)
+        return standardised(parts.reshape(-1, side * side)).reshape(TILES * TILES, n, side * side)  # (tiles, N, D)
 
-    views = np.stack([coarse(view) for view in dihedral(queries)])
-    reference = coarse(train)
-    return lambda rows: (views[:, rows] @ reference.T).max(axis=0)
+    views, reference = [coarse(view) for view in dihedral(queries)], coarse(train)
+
+    def score(rows: slice) -> np.ndarray:
+        return np.max([np.median(np.matmul(view[:, rows], reference.transpose(0, 2, 1)), axis=0) for view in views], axis=0)
+
+    return score
 
 
 def feature_scores(views: np.ndarray, train: np.ndarray) -> Callable[[slice], np.ndarray]:
@@ -116,14 +126,13 @@ def feature_scores(views: np.ndarray, train: np.ndarray) -> Callable[[slice], np
 
 @dataclass(frozen=True)
 class Matches:
-    """Per query, its compared training patches best first (index -1 / similarity NaN where fewer),
-    the view in which it matched the best one (the dihedral index applied to the query; 0 where
-    compared as it is), and its local similarity to the best one (NaN where not measured)."""
+    """Per query, its compared training patches best first (index -1 / similarity NaN where fewer)
+    and the view in which it matched the best one (the dihedral index applied to the query; 0 where
+    compared as it is)."""
 
     index: np.ndarray       # (N, K) training positions
     similarity: np.ndarray  # (N, K)
     view: np.ndarray        # (N,)
-    local: np.ndarray       # (N,)
 
     def relative(self, rank: int) -> np.ndarray:
         """Carlini's ratio: distance to the nearest over distance to the rank-th nearest (d = sqrt(1 - s))."""
@@ -141,16 +150,32 @@ def _window_norms(train: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.sqrt(np.clip(sums(train ** 2) - sums(train) ** 2 / (h * w), 0, None))
 
 
+def tile_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(P,) the median NCC over a TILES x TILES grid of tiles of image pairs a, b (P, S, S), each
+    tile standardised on its own."""
+    p, size = len(a), a.shape[1]
+    t = size // TILES
+
+    def tiles(x: np.ndarray) -> np.ndarray:
+        x = x[:, :t * TILES, :t * TILES].reshape(p, TILES, t, TILES, t).transpose(0, 1, 3, 2, 4).reshape(-1, t * t)
+        return standardised(x).reshape(p, TILES * TILES, t * t)
+
+    return np.median((tiles(a) * tiles(b)).sum(-1), axis=1)
+
+
 def aligned_ncc(queries: np.ndarray, train: np.ndarray, pairs: np.ndarray, shift: int) -> tuple[np.ndarray, ...]:
-    """For (query, train) index pairs (P, 2) of grey images (same square size), the best NCC of the
+    """For (query, train) index pairs (P, 2) of grey images (same square size): the best NCC of the
     query's centre (shift px margin) over its 8 views and every position inside the training image,
-    and its view and (dy, dx) offset (shift, shift = aligned as they are)."""
+    the local similarity at that alignment (tile_ncc), and the alignment: the view and the (dy, dx)
+    offset (shift, shift = as they are)."""
     n_pairs, side = len(pairs), queries.shape[1]
     s = min(shift, (side - 2) // 2)
     size = side - 2 * s
-    best, view, offset = np.full(n_pairs, np.nan), np.zeros(n_pairs, int), np.zeros((n_pairs, 2), int)
-    for start in range(0, n_pairs, _PAIRS_PER_CHUNK):
-        chunk = pairs[start:start + _PAIRS_PER_CHUNK]
+    best, local = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
+    view, offset = np.zeros(n_pairs, int), np.zeros((n_pairs, 2), int)
+    step = max(1, _CHUNK_PIXELS // (8 * side * side))
+    for start in range(0, n_pairs, step):
+        chunk, done = pairs[start:start + step], slice(start, start + min(step, n_pairs - start))
         unique, which = np.unique(chunk[:, 0], return_inverse=True)
         views = dihedral(queries[unique])[:, :, s:side - s, s:side - s]  # (8, Q, size, size)
         templates = np.conj(fft.rfft2(standardised(views.reshape(-1, size, size)).reshape(views.shape), s=(side, side)))
@@ -161,53 +186,34 @@ def aligned_ncc(queries: np.ndarray, train: np.ndarray, pairs: np.ndarray, shift
         flat = ncc.transpose(1, 0, 2, 3).reshape(len(chunk), -1)
         where = flat.argmax(axis=1)
         v, rest = np.divmod(where, (2 * s + 1) ** 2)
-        best[start:start + len(chunk)] = flat[np.arange(len(chunk)), where]
-        view[start:start + len(chunk)], offset[start:start + len(chunk)] = v, np.stack(np.divmod(rest, 2 * s + 1), 1)
-    return np.clip(best, -1, 1), view, offset
-
-
-def local_ncc(query: np.ndarray, target: np.ndarray, view: int, offset: tuple[int, int], shift: int) -> float:
-    """The median NCC over a TILES x TILES grid of the query's centre (in `view`) and the training
-    image's window at `offset` (aligned_ncc's alignment), each tile standardised on its own."""
-    side = query.shape[0]
-    s = min(shift, (side - 2) // 2)
-    size = side - 2 * s
-    a = dihedral(query[None])[view, 0, s:side - s, s:side - s]
-    b = target[offset[0]:offset[0] + size, offset[1]:offset[1] + size]
-    edges = np.linspace(0, size, TILES + 1).astype(int)
-    tiles = [(slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1])) for i in range(TILES) for j in range(TILES)]
-    scores = (standardised(np.stack([a[t] for t in tiles])) * standardised(np.stack([b[t] for t in tiles]))).sum(1)
-    return float(np.median(scores))
+        dy, dx = np.divmod(rest, 2 * s + 1)
+        windows = np.lib.stride_tricks.sliding_window_view(target, (size, size), axis=(1, 2))[np.arange(len(chunk)), dy, dx]
+        best[done], local[done] = flat[np.arange(len(chunk)), where], tile_ncc(views[v, which], windows)
+        view[done], offset[done] = v, np.stack([dy, dx], 1)
+    return np.clip(best, -1, 1), local, view, offset
 
 
 def pixel_matches(queries: np.ndarray, train: np.ndarray, candidates: np.ndarray, *, shift: int, keep: int) -> Matches:
-    """Matches of grey images (N, H, W) among their candidate training images (N, C; -1 = none) by
-    aligned_ncc, the best `keep` kept, the local similarity to the best measured."""
+    """Matches of grey images (N, H, W) among their candidate training images (N, C; -1 = none),
+    ranked by the local similarity at the best alignment (aligned_ncc), the best `keep` kept."""
     rows, cols = np.nonzero(candidates >= 0)
-    pairs = np.stack([rows, candidates[rows, cols]], 1)
-    score, view, offset = aligned_ncc(queries, train, pairs, shift)
+    _, local, view, _ = aligned_ncc(queries, train, np.stack([rows, candidates[rows, cols]], 1), shift)
     n, c = candidates.shape
-    table = np.full((n, c), -np.inf)
-    table[rows, cols] = score
+    table, views = np.full((n, c), -np.inf), np.zeros((n, c), int)
+    table[rows, cols], views[rows, cols] = local, view
     order = np.argsort(-table, axis=1, kind="stable")[:, :keep]
-    pick = lambda values: np.take_along_axis(values, order, 1)  # noqa: E731
-    where = np.full((n, c), -1)
-    where[rows, cols] = np.arange(len(pairs))
-    chosen = pick(where)
-    index = np.where(chosen >= 0, pick(np.where(candidates >= 0, candidates, -1)), -1)
-    similarity = np.where(chosen >= 0, pick(table), np.nan)
-    best = np.maximum(chosen[:, 0], 0)
-    local = np.array([local_ncc(queries[i], train[index[i, 0]], view[best[i]], offset[best[i]], shift)
-                      if index[i, 0] >= 0 else np.nan for i in range(n)])
-    return Matches(index, similarity, view[best], local)
+    similarity = np.take_along_axis(table, order, 1)
+    valid = np.isfinite(similarity)
+    index = np.where(valid, np.take_along_axis(candidates, order, 1), -1)
+    return Matches(index, np.where(valid, similarity, np.nan), views[np.arange(n), order[:, 0]])
 
 
 def dense_matches(score: Callable[[slice], np.ndarray], n: int, keep: int, exclude: np.ndarray | None = None) -> Matches:
     """Matches of n queries by a row-block scorer over every training patch (a descriptor's cosine,
-    a painted region's correlation), the best `keep` kept, aligned as they are (no local similarity)."""
+    a painted region's correlation), the best `keep` kept, compared as they are (view 0)."""
     index, best = nearest(score, n, keep, exclude)
     valid = np.isfinite(best)
-    return Matches(np.where(valid, index, -1), np.where(valid, best, np.nan), np.zeros(n, int), np.full(n, np.nan))
+    return Matches(np.where(valid, index, -1), np.where(valid, best, np.nan), np.zeros(n, int))
 
 
 def region_scores(queries: np.ndarray, regions: np.ndarray, train: np.ndarray) -> Callable[[slice], np.ndarray]:
@@ -249,11 +255,11 @@ def thresholds(similarity: np.ndarray, relative: np.ndarray, quantile: float) ->
 def calibrate(similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray, quantile: float,
               min_patches: int) -> dict[str, tuple[float, float]]:
     """{class: (similarity, relative) thresholds} from held-out patches' measures and classes: one
-    per class with at least min_patches held-out patches, and POOLED for the rest."""
+    per named class with at least min_patches held-out patches, and POOLED for the rest."""
     out = {POOLED: thresholds(similarity, relative, quantile)}
     for name in np.unique(classes):
         own = classes == name
-        if own.sum() >= min_patches:
+        if name and own.sum() >= min_patches:
             out[str(name)] = thresholds(similarity[own], relative[own], quantile)
     return out
 
@@ -298,35 +304,31 @@ def find_copies(images: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, c
         turns = regions[np.arange(len(heldout)) % len(regions)]
         found = dense_matches(region_scores(images, regions, train), len(images), keep)
         reference = dense_matches(region_scores(heldout, turns, train), len(heldout), keep)
-        judged, judged_heldout = found.similarity[:, 0], reference.similarity[:, 0]
     elif descriptor is not None:
         found = dense_matches(feature_scores(descriptor.images, descriptor.train), len(images), keep, exclude)
         reference = dense_matches(feature_scores(descriptor.heldout, descriptor.train), len(heldout), keep)
-        judged, judged_heldout = found.similarity[:, 0], reference.similarity[:, 0]
         if sources is not None:
             own = sources >= 0
             source_similarity[own] = (descriptor.images[:, own] * descriptor.train[sources[own]][None]).sum(-1).max(0)
     else:
-        train_grey = grey(train, COMPARE_SIDE)
-
         def matches(queries: np.ndarray, space: np.ndarray | None, leave_out: np.ndarray | None) -> Matches:
-            count = settings["candidates"]
-            found = [nearest(coarse_scores(queries, train, settings["max_shift"]), len(queries), count, leave_out)]
+            count, block = settings["candidates"], max(1, 2 ** 20 // len(train))
+            scorers = [coarse_scores(queries, train, shift, tiled) for tiled in (False, True)]
             if space is not None:
-                found.append(nearest(feature_scores(space, features.train), len(queries), count, leave_out))
+                scorers.append(feature_scores(space, features.train))
+            found = [nearest(score, len(queries), count, leave_out, block) for score in scorers]
             both = np.sort(np.concatenate([np.where(np.isfinite(score), index, -1) for index, score in found], 1), 1)
             both[:, 1:][both[:, 1:] == both[:, :-1]] = -1  # each candidate once
-            return pixel_matches(grey(queries, COMPARE_SIDE), train_grey, both, shift=settings["max_shift"], keep=keep)
+            return pixel_matches(grey(queries, COMPARE_SIDE), train_grey, both, shift=shift, keep=keep)
 
+        shift, train_grey = settings["max_shift"], grey(train, COMPARE_SIDE)
         found = matches(images, None if features is None else features.images, exclude)
         reference = matches(heldout, None if features is None else features.heldout, None)
-        judged, judged_heldout = found.local, reference.local
         if sources is not None and (sources >= 0).any():
             own = np.nonzero(sources >= 0)[0]
-            pairs = np.stack([own, sources[own]], 1)
-            source_similarity[own] = aligned_ncc(grey(images, COMPARE_SIDE), train_grey, pairs, settings["max_shift"])[0]
-    relative = found.relative(rank)
-    calibration = calibrate(judged_heldout, reference.relative(rank), heldout_classes, settings["copy_quantile"],
+            source_similarity[own] = aligned_ncc(grey(images, COMPARE_SIDE), train_grey, np.stack([own, sources[own]], 1), shift)[1]
+    judged, relative = found.similarity[:, 0], found.relative(rank)
+    calibration = calibrate(reference.similarity[:, 0], reference.relative(rank), heldout_classes, settings["copy_quantile"],
                             settings["min_class_patches"])
     return {"matches": found, "similarity": judged, "relative_distance": relative, "source_similarity": source_similarity,
             **decide(judged, relative, classes, calibration)}

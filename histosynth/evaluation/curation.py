@@ -34,8 +34,8 @@ from histosynth.evaluation.features import FeatureExtractor, pixel_features
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "nearest_score", "nearest_view", "second_patch",
-           "second_score", "similarity", "similarity_threshold", "relative_distance", "relative_threshold",
+COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "nearest_view", "similarity", "second_patch",
+           "second_similarity", "similarity_threshold", "relative_distance", "relative_threshold",
            "calibration", "source_similarity", "feature_distance", "closer_to_train", "closer_to_train_real", "copy",
            "copy_of", "keep", "reason")
 REASON_KINDS = ("nuclei consistency", "consistency", "copy")  # each reject message starts with its kind
@@ -130,8 +130,8 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
                         descriptor=descriptor_space, sources=None if painted is not None else sources, regions=painted)
     matches = found.pop("matches")
     named = lambda k: np.where(matches.index[:, k] >= 0, ids[np.maximum(matches.index[:, k], 0)], None)  # noqa: E731
-    out = out.assign(nearest_patch=named(0), nearest_score=matches.similarity[:, 0], nearest_view=matches.view,
-                     second_patch=named(1), second_score=matches.similarity[:, 1], **found)
+    out = out.assign(nearest_patch=named(0), nearest_view=matches.view, second_patch=named(1),
+                     second_similarity=matches.similarity[:, 1], **found)
     if features is not None:
         distances = (1 - features.images @ features.train.T).min(axis=0)
         distances[sources[:, None] == np.arange(len(ids))[None]] = np.inf

@@ -54,14 +54,14 @@ def montage_rows(curated: pd.DataFrame, n: int = MONTAGE_ROWS) -> pd.DataFrame:
 
 def _caption(row: dict, which: str) -> str:
     """The text under one montage image: the verdict and both measures against their thresholds
-    under the synthetic image, the patch and its whole-image match score under a training patch."""
+    under the synthetic image, the patch and its similarity under a training patch."""
     if which == "image":
         s, t_s, r, t_r = row["similarity"], row["similarity_threshold"], row["relative_distance"], row["relative_threshold"]
         return (f"{'COPY' if row['copy'] else 'not a copy'} ({row['calibration']} thresholds)\n"
                 f"similarity {s:.2f} {'>' if s > t_s else '≤'} {t_s:.2f}\nrelative dist. {r:.2f} {'<' if r < t_r else '≥'} {t_r:.2f}")
-    patch, score = row[f"{which}_patch"], row[f"{which}_score"]
-    label = "nearest" if which == "nearest" else "2nd nearest"
-    return f"{label}: {patch}\nmatch {score:.2f}" if patch is not None else f"{label}: none"
+    patch, label = row[f"{which}_patch"], "nearest" if which == "nearest" else "2nd nearest"
+    similarity = row["similarity"] if which == "nearest" else row["second_similarity"]
+    return f"{label}: {patch}\nsimilarity {similarity:.2f}" if patch is not None else f"{label}: none"
 
 
 def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
