@@ -91,6 +91,11 @@ def test_plots_are_written(tmp_path):
     one_row, two_rows = plot_quality(offline, tmp_path / "q3.png"), plot_quality(offline, tmp_path / "q4.png", scores)
     with Image.open(one_row) as a, Image.open(two_rows) as b:
         assert b.size[1] > 1.6 * a.size[1]  # the per-image box plots add a row
+    c2st = pd.DataFrame({"set": "synth", "metric": ["c2st_auc", "c2st_low", "c2st_high"], "class": "all",
+                         "value": [0.9, 0.8, 1.0], "status": "ok", "note": "", "extractor": ""})
+    with_c2st = plot_quality(pd.concat([offline, c2st]), tmp_path / "q5.png", scores)
+    with Image.open(two_rows) as a, Image.open(with_c2st) as b:
+        assert b.size[0] > a.size[0]  # a panel of its own beside the others
     decided = verdict_of(image_rows({"real": [0.0, 0.0, 0.0], "k2": [0.1, 0.05, 0.1], "syn": [-0.2, -0.3, -0.25]}))
     assert len(decided) == 2 * 2 * 3 and is_png(plot_verdict(decided, tmp_path / "v.png", "an answer"))  # ratios x classes x metrics
     assert is_png(plot_verdict(verdict_of(image_rows({"real": [0.0], "k2": [0.1]})), tmp_path / "v1.png"))

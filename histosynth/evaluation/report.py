@@ -275,7 +275,7 @@ def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str]
     return _save(fig, out)
 
 
-PER_CLASS_METRICS = ("fd", "kd", "fid", "kid", "is")  # the seeds' per-class table (000 Table 5: FID and IS per class)
+PER_CLASS_METRICS = ("c2st_auc", "fd", "kd", "fid", "kid", "is")  # the seeds' per-class table (000 Table 5: FID and IS per class)
 
 
 def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
@@ -293,7 +293,7 @@ def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
         x = np.arange(len(wide))
         for k, name in enumerate(wide.columns):
             ax.bar(x + _offset(k, len(wide.columns)), wide[name], GROUP_WIDTH / len(wide.columns), label=name, color=f"C{k}")
-        better = "higher" if metric == "is" else "lower"
+        better = "higher" if metric == "is" else "nearer 0.5" if metric == "c2st_auc" else "lower"
         space = ok.loc[ok["metric"] == metric, "extractor"].iloc[0] if "extractor" in ok else ""
         ax.set_title(f"{metric} ({better} is better)" + (f"\n{_wrap(_short_extractor(space), 32)}" if space else ""), fontsize=9)
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
@@ -319,11 +319,24 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
     overall = ok[(ok["class"] == "all") & ok["metric"].isin(QUALITY_METRICS)]
     metrics = [m for m in QUALITY_METRICS if m in set(overall["metric"])]
     consistency = ok[ok["metric"].isin(["mask_dice", "nuclei_dice"])]
+    c2st = ok[(ok["class"] == "all") & ok["metric"].isin(["c2st_auc", "c2st_low", "c2st_high"])]
+    c2st = c2st.pivot_table(index="set", columns="metric", values="value", sort=False) if len(c2st) else None
     per_image = scores.dropna(subset=["dice"]) if scores is not None and len(scores) else None
-    panels = len(metrics) + (1 if len(consistency) else 0)
-    width = 2.8 * len(metrics) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
+    panels = (1 if c2st is not None else 0) + len(metrics) + (1 if len(consistency) else 0)
+    width = 2.8 * (len(metrics) + (c2st is not None)) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
     rows = 2 if per_image is not None and len(per_image) else 1
-    fig, axes = plt.subplots(rows, max(1, panels), figsize=(max(6.0, width), 3.4 * rows), squeeze=False)
+    fig, grid = plt.subplots(rows, max(1, panels), figsize=(max(6.0, width), 3.4 * rows), squeeze=False)
+    axes = grid
+    if c2st is not None:
+        ax, axes = axes[0][0], axes[:, 1:]
+        x = np.arange(len(c2st))
+        ax.bar(x, c2st["c2st_auc"] - 0.5, bottom=0.5, color="C1")
+        ax.errorbar(x, c2st["c2st_auc"], yerr=[c2st["c2st_auc"] - c2st["c2st_low"], c2st["c2st_high"] - c2st["c2st_auc"]],
+                    fmt="none", color="black", capsize=4)
+        ax.axhline(0.5, color="0.3", ls="--", lw=1)
+        ax.set_xticks(x, c2st.index.astype(str))
+        ax.set_ylim(0.3, 1.02)
+        ax.set_title("C2ST AUC: real vs synthetic\n(0.5 = indistinguishable; 95 % interval)", fontsize=9)
     for ax, metric in zip(axes[0], metrics, strict=False):
         part = overall[overall["metric"] == metric]
         ax.bar(part["set"].astype(str), part["value"])
@@ -348,7 +361,7 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
     if not panels:
         axes[0][0].axis("off")
     if rows == 2:
-        for ax in axes[1]:
+        for ax in grid[1]:
             ax.axis("off")
         ax = fig.add_subplot(2, 1, 2)
         classes = list(dict.fromkeys(per_image["class"]))

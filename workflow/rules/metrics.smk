@@ -22,6 +22,33 @@ rule image_quality:
         "../../scripts/image_quality.py"
 
 
+rule realism:
+    """Can a classifier tell one synthetic set from the real training patches (C2ST AUC per class, out of fold), and are its images as sharp (Laplacian variance, power spectrum)? Needs no downloaded weights."""
+    input:
+        indexes=patch_indexes("train"),
+        synthetic="results/synthetic/{set}",
+    output:
+        table="results/quality/{set}.realism.parquet",
+        images="results/quality/{set}.realism_images.parquet",
+        figure=report("results/quality/{set}.realism.png", caption="../report/realism.rst", category="5. Synthetic patches",
+                      subcategory="Realism", labels={"set": "{set}", "figure": "realism"}),
+    log:
+        "logs/realism/{set}.log",
+    benchmark:
+        "results/benchmarks/realism/{set}.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        config=config_params("realism", "labels"),
+    script:
+        "../../scripts/realism.py"
+
+
 localrules:
     fetch_weights,
 
