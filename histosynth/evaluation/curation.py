@@ -15,6 +15,15 @@ image is drawn from a training patch's conditioning map, so it follows that sour
 (regions and nuclei) by design: its own source is left out of its search (its similarity with it
 is kept as `source_similarity`, not judged). An inpainted image is real outside its painted region
 by design, so only the painted region is compared.
+
+Columns added to the manifest (COLUMNS): consistency, nuclei_consistency; nearest_patch (the
+training patch most similar to the image), nearest_view (the flip/rotation of the image that
+matched it), similarity, second_patch and second_similarity (the next most similar);
+similarity_threshold, relative_distance, relative_threshold and calibration (the class whose
+held-out patches set the thresholds, or 'pooled'): the copy decision with both measures;
+source_similarity (with its own source patch, not judged); feature_distance (to the nearest
+training patch in the feature space), closer_to_train and closer_to_train_real (the audit's
+reference); copy, copy_of, keep and reason.
 """
 
 from __future__ import annotations
@@ -104,7 +113,7 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
            settings: Mapping, extractor: FeatureExtractor | None, batch_size: int,
            descriptor: FeatureExtractor | None = None) -> pd.DataFrame:
     """The manifest (absolute paths) with COLUMNS added: consistency scores, the nearest and
-    second-nearest training patches with their scores and the view that matched, the copy test's
+    second-nearest training patches with their similarity and the view that matched, the copy test's
     two judged measures with the thresholds of the image's calibration (its `class`, else pooled),
     `copy`, `keep` and the reason of each reject. `settings` is the `curation` config section; with
     enabled false every image is kept (still scored). `extractor` and `descriptor` are the spaces
