@@ -164,6 +164,7 @@ def test_stage_writes_rows_images_and_figure(tmp_path):
     auc_rows = table[table["metric"] == "c2st_auc"].set_index("class")
     assert set(auc_rows.index) == {"all", "background", "Fat"} and (auc_rows["value"] > 0.8).all()
     assert (auc_rows["n_synthetic"] == [20, 10, 10]).all() and auc_rows.loc["all", "n_real"] == 40
+    assert pd.read_parquet(out["table_out"]).equals(table)
     per_image = pd.read_parquet(out["images_out"])
     assert list(per_image.columns) == list(IMAGE_COLUMNS) and (per_image["kind"] == "synthetic").sum() == 20
     assert Image.open(out["figure_out"]).size[0] >= 1000

@@ -318,6 +318,7 @@ def realism_stage(real_indexes: Sequence, manifest, *, mode: str, table_out, ima
     rows, measures = realism(real_images, real_classes, syn_images, syn_classes, s, groups=groups,
                              min_images=s["min_images"], device=pick_device(s["device"]))
     table = pd.DataFrame([base | row for row in rows], columns=COLUMNS)
+    write_table(table, table_out)
     frequencies = measures.pop("frequencies")
     per_image = pd.DataFrame({"set": mode, "kind": ["real"] * len(real) + ["synthetic"] * len(synthetic),
                               "id": [*real["patch_id"].astype(str), *synthetic["id"].astype(str)],
