@@ -93,6 +93,7 @@ def plot_realism(per_image: pd.DataFrame, table: pd.DataFrame, frequencies: Sequ
     if len(per_image):
         _sharpness_panel(fig.add_subplot(grid[0, 1]), per_image)
         _spectrum_panel(fig.add_subplot(grid[0, 2]), per_image, frequencies)
+    strip_axes = []
     if len(shown):
         strip = grid[1, :].subgridspec(1, len(shown), wspace=0.08)
         for k, (_, row) in enumerate(shown.iterrows()):
@@ -101,8 +102,11 @@ def plot_realism(per_image: pd.DataFrame, table: pd.DataFrame, frequencies: Sequ
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{row['class']}\np(synthetic) {row['p_synthetic']:.2f}", fontsize=7)
-        fig.text(0.5, 0.02, "Synthetic images the test found most real (left) to least real (right)", ha="center", fontsize=9)
+            strip_axes.append(ax)
     mode = table["set"].iloc[0] if len(table) else ""
     fig.suptitle(f"Realism of synthetic set {mode} against real training patches", fontsize=10)
     fig.tight_layout()
+    if strip_axes:
+        fig.text(0.5, strip_axes[0].get_position().y0 - 0.015, "Synthetic images the test found most real (left) to "
+                 "least real (right), by their out-of-fold probability of being synthetic", ha="center", va="top", fontsize=9)
     return _save(fig, out)
