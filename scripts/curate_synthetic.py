@@ -17,4 +17,5 @@ curate_stage(
     pairs_out=snakemake.output.pairs,
     config=snakemake.params.config,
     segmentation_model=snakemake.input.get("segmentation"),
+    realism=snakemake.input.get("realism"),
 )

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from histosynth.config import section_defaults
-from histosynth.evaluation.curation import curate, image_consistency, load_reference
+from histosynth.evaluation.curation import curate, image_consistency, load_reference, reason_kinds
 from histosynth.evaluation.features import FeatureExtractor
 from histosynth.evaluation.memorisation import audit, montage_rows, write_montage
 
@@ -175,6 +175,24 @@ def test_consistency_rejects_images_that_contradict_their_mask(real):
     disabled = curate(synthetic, scores, reference, ["Blood vessel"], settings=settings(enabled=False), extractor=None,
                       batch_size=64)
     assert disabled["keep"].all() and disabled["reason"][1]  # still scored, the reason kept for the audit
+
+
+def test_realism_rejects_only_what_a_classifier_finds_obviously_synthetic(real):
+    root, train, heldout = real
+    synthetic = write(root / "realism", "r", bench.tissue(np.random.default_rng(6), 3, SIDE))
+    realism = pd.DataFrame({"id": ["r0", "r1", "r2"], "p_synthetic": [0.2, 0.95, 0.6]})
+    reference = load_reference(train, heldout, None, batch_size=64)
+    unused = curate(synthetic, pd.DataFrame(), reference, [], settings=settings(copy_quantile=0.001), extractor=None,
+                    batch_size=64, realism=realism)
+    assert unused["p_synthetic"].tolist() == [0.2, 0.95, 0.6] and unused["keep"].all()  # off by default: scored only
+    curated = curate(synthetic, pd.DataFrame(), reference, [], settings=settings(copy_quantile=0.001, max_synthetic_probability=0.9),
+                     extractor=None, batch_size=64, realism=realism)
+    assert curated["keep"].tolist() == [True, False, True]
+    assert curated["reason"][1].startswith("realism: p(synthetic) 0.95 > curation.max_synthetic_probability 0.9")
+    assert reason_kinds(curated)["realism"] == 1
+    missing = curate(synthetic, pd.DataFrame(), reference, [], settings=settings(copy_quantile=0.001), extractor=None,
+                     batch_size=64)
+    assert missing["p_synthetic"].isna().all()
 
 
 def test_an_image_is_not_judged_against_its_own_source_patch(real):

@@ -16,7 +16,11 @@ image is drawn from a training patch's conditioning map, so it follows that sour
 is kept as `source_similarity`, not judged). An inpainted image is real outside its painted region
 by design, so only the painted region is compared.
 
-Columns added to the manifest (COLUMNS): consistency, nuclei_consistency; nearest_patch (the
+Realism: each image's out-of-fold probability of being synthetic from rule realism's two-sample
+test (histosynth.evaluation.realism), `p_synthetic`; curation.max_synthetic_probability rejects the
+images a classifier finds most obviously synthetic (HistoGAN's selective augmentation).
+
+Columns added to the manifest (COLUMNS): consistency, nuclei_consistency, p_synthetic; nearest_patch (the
 training patch most similar to the image), nearest_view (the flip/rotation of the image that
 matched it), similarity, second_patch and second_similarity (the next most similar);
 similarity_threshold, relative_distance, relative_threshold and calibration (the class whose
@@ -43,11 +47,11 @@ from histosynth.evaluation.features import FeatureExtractor, pixel_features
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("consistency", "nuclei_consistency", "nearest_patch", "nearest_view", "similarity", "second_patch",
+COLUMNS = ("consistency", "nuclei_consistency", "p_synthetic", "nearest_patch", "nearest_view", "similarity", "second_patch",
            "second_similarity", "similarity_threshold", "relative_distance", "relative_threshold",
            "calibration", "source_similarity", "feature_distance", "closer_to_train", "closer_to_train_real", "copy",
            "copy_of", "keep", "reason")
-REASON_KINDS = ("nuclei consistency", "consistency", "copy")  # each reject message starts with its kind
+REASON_KINDS = ("nuclei consistency", "consistency", "realism", "copy")  # each reject message starts with its kind
 
 
 def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
@@ -111,18 +115,21 @@ def load_reference(train: pd.DataFrame, heldout: pd.DataFrame, extractor: Featur
 
 def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, classes: Sequence[str], *,
            settings: Mapping, extractor: FeatureExtractor | None, batch_size: int,
-           descriptor: FeatureExtractor | None = None) -> pd.DataFrame:
+           descriptor: FeatureExtractor | None = None, realism: pd.DataFrame | None = None) -> pd.DataFrame:
     """The manifest (absolute paths) with COLUMNS added: consistency scores, the nearest and
     second-nearest training patches with their similarity and the view that matched, the copy test's
     two judged measures with the thresholds of the image's calibration (its `class`, else pooled),
     `copy`, `keep` and the reason of each reject. `settings` is the `curation` config section; with
     enabled false every image is kept (still scored). `extractor` and `descriptor` are the spaces
-    `reference` was embedded in."""
+    `reference` was embedded in; `realism` the set's per-image realism rows (id, p_synthetic), when
+    rule realism ran."""
     s = settings
     out = manifest.reset_index(drop=True).copy()
     if out.empty:
         return out.assign(**{c: pd.Series(dtype=object) for c in COLUMNS})
     out = out.join(image_consistency(scores), on="id") if len(scores) else out.assign(consistency=np.nan, nuclei_consistency=np.nan)
+    probability = realism.set_index("id")["p_synthetic"] if realism is not None else pd.Series(dtype=float)
+    out["p_synthetic"] = out["id"].astype(str).map(probability).astype(float)
     pixels = np.stack([read_rgb(p) for p in out["image"]])
     ids = reference.train["patch_id"].astype(str).to_numpy()
     painted = _painted_regions(out, classes)
@@ -187,6 +194,9 @@ def _reason(row: Mapping, s: Mapping) -> str:
     if row["nuclei_consistency"] < s["min_nuclei_consistency"]:
         reasons.append(f"nuclei consistency {row['nuclei_consistency']:.2f} < curation.min_nuclei_consistency "
                        f"{s['min_nuclei_consistency']}")
+    if s["max_synthetic_probability"] is not None and row["p_synthetic"] > s["max_synthetic_probability"]:
+        reasons.append(f"realism: p(synthetic) {row['p_synthetic']:.2f} > curation.max_synthetic_probability "
+                       f"{s['max_synthetic_probability']} (out of fold, rule realism)")
     if row["copy"]:
         reasons.append(f"copy of {row['nearest_patch']}: similarity {row['similarity']:.3f} (copy above "
                        f"{row['similarity_threshold']:.3f}), relative distance {row['relative_distance']:.3f} (copy below "
@@ -225,11 +235,11 @@ def _descriptor(settings: Mapping, device: str) -> FeatureExtractor | None:
 
 def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str | Path], *, mode: str,
                  curated_out: str | Path, audit_out: str | Path, pairs_out: str | Path, config: Mapping,
-                 segmentation_model: str | Path | None = None) -> pd.DataFrame:
+                 segmentation_model: str | Path | None = None, realism: str | Path | None = None) -> pd.DataFrame:
     """Entry of rule curate_synthetic: one synthetic set's manifest against the real training
     (split train) and held-out (split val) patches of `indexes` (labelled as config['labels'] says),
     with the set's per-image consistency `scores` (rule image_quality) and the quality stage's
-    feature space. Writes the curated table (paths relative to its folder), the audit rows and the
+    feature space, and the per-image `realism` table (rule realism) when given. Writes the curated table (paths relative to its folder), the audit rows and the
     montage of flagged and closest pairs."""
     from histosynth.data.io import FILE_COLUMNS, read_file_table, read_patch_index, write_relative, write_table
     from histosynth.data.labels import patch_labels, run_labels
@@ -253,8 +263,15 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     descriptor = _descriptor(s, q["device"])
     reference = load_reference(real[real["split"] == "train"], real[real["split"] == "val"], extractor,
                                q["batch_size"], descriptor)
+    if s["max_synthetic_probability"] is not None and realism is None:
+        raise ValueError("curation.max_synthetic_probability needs each image's p_synthetic from rule realism "
+                         "(realism.enabled: true)")
+    realistic = None
+    if realism is not None:
+        realistic = pd.read_parquet(realism)
+        realistic = realistic[realistic["kind"] == "synthetic"]
     curated = curate(table, per_image, reference, config["classes"], settings=s, extractor=extractor,
-                     batch_size=q["batch_size"], descriptor=descriptor)
+                     batch_size=q["batch_size"], descriptor=descriptor, realism=realistic)
     log.info("%s: %s", mode, reject_summary(curated) if len(curated) else "empty set")
     write_relative(curated, curated_out, [c for c in FILE_COLUMNS if c in curated])
     write_table(audit(curated, len(reference.train), mode), audit_out)

@@ -264,7 +264,14 @@ def curation_inputs(wildcards):
               "patches": expand("results/patches/{slide}", slide=training_slides())}
     if config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
+    if config["realism"]["enabled"]:
+        inputs["realism"] = f"results/quality/{wildcards.set}.realism_images.parquet"
     return inputs
+
+
+if config["curation"]["max_synthetic_probability"] is not None and not config["realism"]["enabled"]:
+    raise WorkflowError("curation.max_synthetic_probability rejects on each image's p_synthetic from rule realism, "
+                        "but realism.enabled is false; enable realism or set curation.max_synthetic_probability: null")
 
 
 SEGMENTATION = config["segmentation"]["enabled"]
