@@ -8,25 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from histosynth.data.io import atomic_file  # noqa: E402
-
-DPI = 120
+from histosynth.evaluation.figures import plt, save_figure
 KIND_COLOURS = {"real": "0.35", "synthetic": "C1"}
 
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
 
 
 def _auc_panel(ax, table: pd.DataFrame) -> None:
@@ -109,4 +96,4 @@ def plot_realism(per_image: pd.DataFrame, table: pd.DataFrame, frequencies: Sequ
     if strip_axes:
         fig.text(0.5, strip_axes[0].get_position().y0 - 0.015, "Synthetic images the test found most real (left) to "
                  "least real (right), by their out-of-fold probability of being synthetic", ha="center", va="top", fontsize=9)
-    return _save(fig, out)
+    return save_figure(fig, out)

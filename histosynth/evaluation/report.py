@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from histosynth.config import baseline_ratio  # noqa: E402
-from histosynth.data.io import atomic_file, write_csv, write_table  # noqa: E402
+from histosynth.data.io import write_csv, write_table  # noqa: E402
+from histosynth.evaluation.figures import save_figure  # noqa: E402
 from histosynth.evaluation.verdict import answer, sentence, verdict_table  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ SEGMENTATION_METRICS = ("dice", "precision", "recall")
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")  # the verdict's and the plot's
 QUALITY_METRICS = ("fd", "kd", "feature_diversity", "fid", "kid", "is", "lpips_diversity")
 TABLE_COLUMNS = ("kind", "ratio", "fold", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
-DPI = 120
 GROUP_WIDTH = 0.8  # width of a tick's group of side-by-side bars
 
 
@@ -78,13 +78,6 @@ def _order(values, order: Sequence[str] | None) -> list[str]:
 
 # ----------------------------------------------------------------------------- plots
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
-
 
 METRIC_TITLES = {"dice": "Dice", "f1": "F1 (macro: all)", "auroc": "AUROC (one-vs-rest)", "balanced_accuracy": "Balanced accuracy"}
 
@@ -116,7 +109,7 @@ def plot_metrics(scores: pd.DataFrame, out: str | Path, order: Sequence[str] | N
                if name in set(summary["class"])]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="best")
     fig.supxlabel("training set (synthetic images)" if amounts else "training set", y=-0.04)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_confusions(predictions: pd.DataFrame, class_names: Sequence[str], out: str | Path,
@@ -142,7 +135,7 @@ def plot_confusions(predictions: pd.DataFrame, class_names: Sequence[str], out: 
         ax.set_xlabel("predicted", fontsize=8)
     axes[0][0].set_ylabel("true class", fontsize=8)
     fig.suptitle("Test-slide confusion matrices (colour: share of the true class)", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 ADJUSTMENTS = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
@@ -216,7 +209,7 @@ def plot_verdict(table: pd.DataFrame, out: str | Path, answer: str = "", adjustm
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOURS.items()]
     handles.append(plt.Line2D([], [], color="#888888", lw=1, label="seed-only t interval"))
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 LOSS_SERIES = (("train_loss", "train"), ("loss", "loss"), ("val_loss", "validation"), ("d_loss", "discriminator"),
@@ -249,7 +242,7 @@ def plot_loss_curve(csv_path: str | Path, out: str | Path, title: str | None = N
         ax.set_xlabel("step")
         ax.set_title(f"{column} vs training images (lower is better)", fontsize=9)
         ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_loss_curves(csv_paths: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -272,7 +265,7 @@ def plot_class_share(shares: pd.DataFrame, out: str | Path, order: Sequence[str]
     ax.set_ylabel("% of training pixels")
     ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.tick_params(axis="x", labelsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 PER_CLASS_METRICS = ("c2st_auc", "fd", "kd", "fid", "kid", "is")  # the seeds' per-class table (000 Table 5: FID and IS per class)
@@ -305,7 +298,7 @@ def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
                         fontsize=8, va="center")
     fig.suptitle("Synthetic sets per class against the real training patches", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | None = None) -> Path:
@@ -385,7 +378,7 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
     notes = sorted(set(skipped["note"]))
     if notes:
         fig.text(0.01, -0.02 * rows, "\n".join(_wrap(n, 140) for n in notes), fontsize=7, va="top")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _offset(k: int, n: int) -> float:
@@ -460,7 +453,7 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
         ax.text(x, y, node, ha="center", va="center", fontsize=8,
                 bbox={"boxstyle": "round,pad=0.35", "facecolor": "#dbe9f6", "edgecolor": "#3b6ea5"})
     ax.axis("off")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------- rule entry
