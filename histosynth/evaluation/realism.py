@@ -134,7 +134,7 @@ class TwoSampleTest:
             return math.nan, math.nan
         se = math.sqrt((1 / len(values) + 1 / (folds - 1)) * values.var(ddof=1))
         half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * se
-        return float(values.mean() - half), float(values.mean() + half)
+        return float(max(values.mean() - half, 0.0)), float(min(values.mean() + half, 1.0))  # an AUC lies in [0, 1]
 
 
 def _linear_probabilities(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
