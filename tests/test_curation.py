@@ -147,6 +147,9 @@ def test_inpainted_copies_are_measured_inside_the_painted_region(real):
     images = bench.tissue(np.random.default_rng(3), 6, SIDE)
     images[0][region] = donor[region]  # the donor's pixels pasted back: a copy inside the region
     masks = np.where(region, 1, 0).astype(np.uint8)[None].repeat(6, 0)
+    masks[5] = 0
+    masks[5, 30:33, 30] = 1  # a 3 px region: any 3 values correlate almost perfectly with some patch
+    images[5][masks[5] == 1] = donor[masks[5] == 1]
     synthetic = write(root / "inpaint", "i", images, masks).assign(donor_patch_id="t5", target_class="Blood vessel")
     reference = load_reference(train, heldout, pooled_colours(), batch_size=64)
     curated = curate(synthetic, pd.DataFrame(), reference, ["Blood vessel"], settings=settings(),
@@ -154,6 +157,7 @@ def test_inpainted_copies_are_measured_inside_the_painted_region(real):
     assert curated["copy"][0] and curated["copy_of"][0] == "t5"
     assert curated["feature_distance"].isna().all()  # the rest of the image is real by design: not compared
     assert not curated["copy"][1:].any()
+    assert np.isnan(curated["similarity"][5])  # too few pixels to judge
 
 
 def test_consistency_rejects_images_that_contradict_their_mask(real):

@@ -36,6 +36,7 @@ COMPARE_SIDE = 128  # the pixel measure compares grey images at most this many p
 CANDIDATE_SIDE = 16  # the cheap candidate search correlates blurred grey images at most this many px a side
 TILES = 4  # local similarity: the median NCC over a TILES x TILES grid of tiles
 POOLED = "pooled"  # the calibration of classes with too few held-out patches
+MIN_REGION = 64  # painted regions of fewer pixels are not compared: a correlation over a few pixels is chance
 _CHUNK_PIXELS = 2 ** 24  # pairs x 8 views x pixels whose spectra are held at once (memory, not results)
 
 
@@ -218,13 +219,14 @@ def dense_matches(score: Callable[[slice], np.ndarray], n: int, keep: int, exclu
 
 def region_scores(queries: np.ndarray, regions: np.ndarray, train: np.ndarray) -> Callable[[slice], np.ndarray]:
     """Row-block scorer for `nearest`: the grey correlation of each query's pixels inside its region
-    (bool (N, H, W)) with the same pixels of every training image, in place (NaN for regions under 2 px)."""
+    (bool (N, H, W)) with the same pixels of every training image, in place (NaN for regions under
+    MIN_REGION px)."""
     train_grey = train.astype(np.float32).mean(axis=-1)
 
     def score(rows: slice) -> np.ndarray:
         out = np.full((len(queries[rows]), len(train)), np.nan)
         for i, (query, region) in enumerate(zip(queries[rows], regions[rows], strict=True)):
-            if region.sum() >= 2:
+            if region.sum() >= MIN_REGION:
                 q = standardised(query.astype(np.float32).mean(axis=-1)[region][None])
                 out[i] = (standardised(train_grey[:, region]) @ q.T)[:, 0]
         return out
