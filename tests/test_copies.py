@@ -55,3 +55,23 @@ def test_the_benchmark_finds_every_kind_of_planted_copy(capsys):
     fresh = table[table["measure"] == "fresh real class"].set_index("name")
     assert set(fresh.index) == {"texture", "nuclei"} and (fresh["false_positive_rate"] <= 0.25).all()
     assert "inpaint" in capsys.readouterr().out
+
+
+def test_a_descriptor_replaces_the_pixel_measure():
+    from histosynth.config import section_defaults
+    from histosynth.evaluation.copies import Space, find_copies, unit
+
+    bench = load_benchmark()
+    train, _, heldout, classes = bench.tiny_patches(seed=3, n=20)
+    rng = np.random.default_rng(4)  # not the stream the patches were drawn from
+    images = np.stack([bench.plant("flip", train[7], heldout[0], rng), *bench.tissue(rng, 3, 64)])
+
+    def views(x):  # a stand-in descriptor (Space's interface): 8 x 8 average-pooled grey values of each view
+        return unit(np.stack([grey(v, 8).reshape(len(x), -1) - grey(v, 8).reshape(len(x), -1).mean(1, keepdims=True)
+                              for v in dihedral(x)]))
+
+    space = Space(views(train)[0], views(images), views(heldout))
+    found = find_copies(images, train, heldout, classes=np.full(4, "texture"), heldout_classes=classes,
+                        settings=section_defaults("curation", {"copy_quantile": 0.1}), descriptor=space)
+    assert found["copy"][0] and found["matches"].index[0, 0] == 7 and found["similarity"][0] == pytest.approx(1, abs=1e-5)
+    assert not found["copy"][1:].any()
