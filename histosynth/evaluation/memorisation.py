@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.data.io import atomic_file, read_rgb
+from histosynth.data.io import read_rgb
 from histosynth.evaluation.copies import dihedral
 from histosynth.evaluation.curation import Reference, reason_kinds
 
 MONTAGE_ROWS = 8  # flagged images first, then the closest kept ones
-PANEL_INCHES, DPI = 2.0, 100  # each image drawn 200 px wide
+PANEL_INCHES = 2.0  # a row's height per image: each is drawn about 180 px wide at figures.DPI
 
 
 def _rates(curated: pd.DataFrame, n_train: int) -> dict:
@@ -68,15 +68,12 @@ def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
     """A matplotlib figure: per row (montage_rows) the synthetic image in the flip/rotation that
     matched (inpainted images as they are: compared in place), its nearest and its second-nearest
     training patch, each with its measures; copies titled red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from histosynth.evaluation.figures import plt
 
     rows = montage_rows(curated, n)
     index = {pid: i for i, pid in enumerate(reference.train["patch_id"].astype(str))}
     figure, axes = plt.subplots(max(len(rows), 1), 3, figsize=(3 * PANEL_INCHES + 0.4, max(len(rows), 1) * (PANEL_INCHES + 0.7)),
-                                dpi=DPI, squeeze=False)
+                                squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     if rows.empty:
@@ -101,11 +98,7 @@ def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
 
 
 def write_montage(curated: pd.DataFrame, reference: Reference, path: str | Path) -> Path:
-    """Save the montage as a PNG at `path` (atomically)."""
-    import matplotlib.pyplot as plt
+    """Save the montage as a PNG at `path` (histosynth.evaluation.figures.save_figure)."""
+    from histosynth.evaluation.figures import save_figure
 
-    figure = montage(curated, reference)
-    with atomic_file(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
-    plt.close(figure)
-    return Path(path)
+    return save_figure(montage(curated, reference), path)
