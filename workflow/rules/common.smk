@@ -266,6 +266,8 @@ def curation_inputs(wildcards):
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
     if config["realism"]["enabled"]:
         inputs["realism"] = f"results/quality/{wildcards.set}.realism_images.parquet"
+    if config["curation"]["descriptor_weights"]:  # a replaced weights file reruns curation
+        inputs["descriptor_weights"] = config["curation"]["descriptor_weights"]
     return inputs
 
 
