@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     for mode in sets:
         start = time.perf_counter()
         run_stage(mode, model, indexes, out / mode, settings=config["synthesis"], classes=config["classes"],
-                  conditioning_cfg=config["conditioning"], seed=config["seed"])
+                  labels=config["labels"], conditioning_cfg=config["conditioning"], seed=config["seed"])
         row[f"{mode}_s"] = round(time.perf_counter() - start)
     manifests = {mode: out / mode / "manifest.parquet" for mode in sets}
     row.update(evaluate(config, results, train_real, manifests, out))
