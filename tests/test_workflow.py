@@ -137,13 +137,17 @@ EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="diffusion: {cond_dropout: 0.2}")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", *EVALUATION}
+    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", "realism", *EVALUATION}
     result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
     assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                                           "train_diffusion", "synthesize", "inpaint", *EVALUATION}
-    # the baseline's first model re-segments for quality, which curation reads, whose sets the other ratios mix
+                                                           "train_diffusion", "synthesize", "inpaint", "realism", *EVALUATION}
+    # the baseline's first model re-segments for quality, which curation reads, whose sets the other ratios mix;
+    # the realism test needs no model of the run, so it stays
     result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {lr: 1.0e-3}")
     assert planned_jobs(result.stdout + result.stderr) == EVALUATION
+    # curation reads the realism test only when it rejects on it: a realism setting reruns the test and the report
+    result = snakemake(tiny_run, "--dry-run", overlay="realism: {epochs: 2}")
+    assert planned_jobs(result.stdout + result.stderr) == {"realism", "summarize", "registry", "all"}
 
 
 def test_nuclei_training_settings_rerun_nothing_while_the_classical_detector_runs(tiny_run):
@@ -179,11 +183,12 @@ def test_a_gan_ratio_trains_classifiers_only(tiny_run):
                "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}")
     result = snakemake(tiny_run, "--dry-run", overlay=overlay)
     output = result.stdout + result.stderr
-    # enabling the GAN adds its own jobs and reruns nothing that ran: quality and curation of its set
+    # enabling the GAN adds its own jobs and reruns nothing that ran: quality, realism and curation of its set
     # only, its ratio's mix and classifiers, the report
-    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "curate_synthetic", "mix_dataset",
+    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "realism", "curate_synthetic", "mix_dataset",
                                     "train_classifier", "evaluate_classifier", "summarize", "registry", "all"}, output[-3000:]
-    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == 1 and "set=gan" in output
+    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == output.count("rule realism:") == 1
+    assert "set=gan" in output
     # gan4: its mix and 2 folds x 1 seed of train_classifier and evaluate_classifier; no segmentation run
     assert output.count("ratio=gan4") == 1 + 2 + 2
 

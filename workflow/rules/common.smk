@@ -264,7 +264,7 @@ def curation_inputs(wildcards):
               "patches": expand("results/patches/{slide}", slide=training_slides())}
     if config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
-    if config["realism"]["enabled"]:
+    if config["curation"]["max_synthetic_probability"] is not None:  # read only when it rejects: realism settings rerun no task model
         inputs["realism"] = f"results/quality/{wildcards.set}.realism_images.parquet"
     if config["curation"]["descriptor_weights"]:  # a replaced weights file reruns curation
         inputs["descriptor_weights"] = config["curation"]["descriptor_weights"]
