@@ -58,7 +58,10 @@ def _power(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def radial_spectrum(images: np.ndarray, bins: int = SPECTRUM_BINS) -> tuple[np.ndarray, np.ndarray]:
     """(bin centres in cycles/pixel, (N, bins) mean power per radial bin) up to the Nyquist frequency."""
-    power, radius = _power(images)
+    return _radial(*_power(images), bins)
+
+
+def _radial(power: np.ndarray, radius: np.ndarray, bins: int = SPECTRUM_BINS) -> tuple[np.ndarray, np.ndarray]:
     edges = np.linspace(0, 0.5, bins + 1)
     which = np.digitize(radius, edges) - 1
     inside = (which >= 0) & (which < bins) & (radius > 0)
@@ -69,22 +72,35 @@ def radial_spectrum(images: np.ndarray, bins: int = SPECTRUM_BINS) -> tuple[np.n
 
 def high_frequency_share(images: np.ndarray, cutoff: float = HIGH_FREQUENCY) -> np.ndarray:
     """(N,) share of each image's spectral power (DC left out) above `cutoff` cycles per pixel."""
-    power, radius = _power(images)
+    return _share(*_power(images), cutoff)
+
+
+def _share(power: np.ndarray, radius: np.ndarray, cutoff: float = HIGH_FREQUENCY) -> np.ndarray:
     total = power[:, radius > 0].sum(axis=1)
     return power[:, radius > cutoff].sum(axis=1) / np.maximum(total, 1e-12)
 
 
-def texture_statistics(images: np.ndarray) -> np.ndarray:
+def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image, from one power spectrum: laplacian_variance, high_frequency_share, spectrum
+    (N, SPECTRUM_BINS), and the bins' frequencies."""
+    power, radius = _power(images)
+    frequencies, spectrum = _radial(power, radius)
+    return {"laplacian_variance": laplacian_variance(images), "high_frequency_share": _share(power, radius),
+            "spectrum": spectrum, "frequencies": frequencies}
+
+
+def texture_statistics(images: np.ndarray, measures: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """(N, 8 + SPECTRUM_BINS) per-image statistics the linear learner sees: log Laplacian variance,
     log high-frequency share, log mean gradient magnitude, RGB means and standard deviations
-    (0-1) and the log spectral shape (each radial bin's share of the image's power)."""
-    values = grey(images)
-    gradient = np.hypot(*np.gradient(values, axis=(1, 2))).mean(axis=(1, 2))
-    _, spectrum = radial_spectrum(images)
+    (0-1) and the log spectral shape (each radial bin's share of the image's power); `measures` are
+    the images' image_measures where already computed."""
+    m = image_measures(images) if measures is None else measures
+    gradient = np.hypot(*np.gradient(grey(images), axis=(1, 2))).mean(axis=(1, 2))
+    spectrum = m["spectrum"]
     shape = spectrum / np.maximum(spectrum.sum(axis=1, keepdims=True), 1e-12)
     rgb = images.astype(np.float32) / 255
     return np.column_stack([
-        np.log1p(laplacian_variance(images)), np.log(high_frequency_share(images) + 1e-9), np.log1p(gradient),
+        np.log1p(m["laplacian_variance"]), np.log(m["high_frequency_share"] + 1e-9), np.log1p(gradient),
         rgb.mean(axis=(1, 2)), rgb.std(axis=(1, 2)), np.log(shape + 1e-9)])
 
 
@@ -194,9 +210,10 @@ def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray
 
 
 def two_sample_test(real: np.ndarray, synthetic: np.ndarray, settings: Mapping, *, seed: int,
-                    device="cpu") -> TwoSampleTest:
+                    device="cpu", features: np.ndarray | None = None) -> TwoSampleTest:
     """The C2ST's out-of-fold probabilities for (N, H, W, 3) uint8 real and synthetic images of one
-    size (settings: folds, epochs, width, batch_size, lr); folds are stratified by kind."""
+    size (settings: folds, epochs, width, batch_size, lr); folds are stratified by kind. `features`:
+    the texture_statistics of real then synthetic images, where already computed."""
     from sklearn.model_selection import StratifiedKFold
 
     images = np.concatenate([real, synthetic])
@@ -204,7 +221,7 @@ def two_sample_test(real: np.ndarray, synthetic: np.ndarray, settings: Mapping, 
     folds = min(settings["folds"], len(real), len(synthetic))
     if folds < 2:
         raise ValueError(f"a two-sample test needs at least 2 real and 2 synthetic images, got {len(real)} and {len(synthetic)}")
-    features = texture_statistics(images)
+    features = texture_statistics(images) if features is None else features
     linear, cnn, fold = np.zeros(len(images)), np.zeros(len(images)), np.zeros(len(images), int)
     split = StratifiedKFold(folds, shuffle=True, random_state=derive_seed(seed, "folds") % 2**32)
     for k, (train, test) in enumerate(split.split(images, labels)):
@@ -243,9 +260,10 @@ def realism(real: np.ndarray, real_classes: np.ndarray, synthetic: np.ndarray, s
     s = settings
     images = np.concatenate([real, synthetic])
     classes = np.concatenate([real_classes, synthetic_classes])
-    test = two_sample_test(real, synthetic, s, seed=s["seed"], device=device)
-    sharpness, share = laplacian_variance(images), high_frequency_share(images)
-    frequencies, spectrum = radial_spectrum(images)
+    measures = image_measures(images)
+    test = two_sample_test(real, synthetic, s, seed=s["seed"], device=device, features=texture_statistics(images, measures))
+    sharpness, share = measures["laplacian_variance"], measures["high_frequency_share"]
+    frequencies, spectrum = measures["frequencies"], measures["spectrum"]
     rows = []
     for group in ["all", *groups]:
         members = np.ones(len(images), bool) if group == "all" else classes == group
@@ -326,8 +344,8 @@ def realism_stage(real_indexes: Sequence, manifest, *, mode: str, table_out, ima
     write_table(per_image, images_out)
     shown = per_image[per_image["kind"] == "synthetic"].sort_values("p_synthetic")
     picks = pd.concat([shown.head(FIGURE_IMAGES), shown.tail(FIGURE_IMAGES)]).drop_duplicates("id")
-    paths = dict(zip(synthetic["id"].astype(str), synthetic["image"], strict=True))
-    plot_realism(per_image, table, frequencies, figure_out, images={i: read_rgb(paths[i]) for i in picks["id"]})
+    position = {name: k for k, name in enumerate(synthetic["id"].astype(str))}
+    plot_realism(per_image, table, frequencies, figure_out, images={i: syn_images[position[i]] for i in picks["id"]})
     return table
 
 
