@@ -62,7 +62,7 @@ def test_old_style_string_classification_and_other_class_keys(tmp_path):
     assert [r.class_name for r in load_regions(write(tmp_path, [old]))] == ["Tumor"]
     named = {"type": "Feature", "geometry": mapping(HOLED), "properties": {"name": "Vessel"}}
     path = write(tmp_path, [named], "named.json")
-    assert [r.class_name for r in load_regions(path, class_key="name")] == ["Vessel"]
+    assert [r.class_name for r in load_regions(path, {"class_key": "name"})] == ["Vessel"]
     with pytest.raises(AnnotationError, match="classification.name"):
         load_regions(path)  # properties.name is only used when class_key says so
 
@@ -219,3 +219,137 @@ def test_class_fractions_match_counts():
     assert fractions["A"] == np.count_nonzero(mask == 1) / mask.size
     assert fractions["B"] == np.count_nonzero(mask == 2) / mask.size
     assert fractions["C"] == 0
+
+
+# --- formats: ASAP XML, Aperio XML, label masks, told apart by content ----------------------------
+
+
+def asap_xml(annotations, groups=("Tumor", "Stroma")):
+    """An ASAP file: annotations are (type, group, [(x, y), ...])."""
+    items = []
+    for i, (kind, group, points) in enumerate(annotations):
+        coords = "".join(f'<Coordinate Order="{k}" X="{x}" Y="{y}"/>' for k, (x, y) in enumerate(points))
+        items.append(f'<Annotation Name="Annotation {i}" Type="{kind}" PartOfGroup="{group}" Color="#F4FA58">'
+                     f"<Coordinates>{coords}</Coordinates></Annotation>")
+    group_xml = "".join(f'<Group Name="{g}" PartOfGroup="None" Color="#64FE2E"><Attributes /></Group>' for g in groups)
+    return (f'<?xml version="1.0"?>\n<ASAP_Annotations><Annotations>{"".join(items)}</Annotations>'
+            f"<AnnotationGroups>{group_xml}</AnnotationGroups></ASAP_Annotations>")
+
+
+def aperio_xml(annotations):
+    """An Aperio ImageScope file: annotations are (name, description, [(negative, [(x, y), ...]), ...])."""
+    items = []
+    for i, (name, description, regions) in enumerate(annotations, start=1):
+        region_xml = "".join(
+            f'<Region Id="{k}" Type="0" NegativeROA="{int(negative)}"><Attributes/><Vertices>'
+            + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in points) + "</Vertices></Region>"
+            for k, (negative, points) in enumerate(regions, start=1))
+        items.append(f'<Annotation Id="{i}" Name="{name}" LineColor="65280" Type="4"><Attributes>'
+                     f'<Attribute Name="Description" Id="0" Value="{description}"/></Attributes>'
+                     f"<Regions><RegionAttributeHeaders/>{region_xml}</Regions></Annotation>")
+    return f'<?xml version="1.0"?>\n<Annotations MicronsPerPixel="0.5">{"".join(items)}</Annotations>'
+
+
+def square(x0, y0, x1, y1):
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def test_asap_groups_are_classes_and_rectangles_splines_are_areas_dots_skipped(tmp_path, caplog):
+    path = write(tmp_path, asap_xml([
+        ("Polygon", "Tumor", square(2, 2, 10, 6)),
+        ("Rectangle", "Stroma", square(12, 4, 16, 14)),
+        ("Spline", "Tumor", [(2, 10), (8, 10), (8, 14), (2, 14)]),
+        ("Dot", "Tumor", [(30, 30)]),
+    ]), "slide.xml")
+    with caplog.at_level(logging.INFO):
+        regions = load_regions(path)
+    assert "skipped 1 dot/point-set" in caplog.text
+    mask = rasterizer(regions, {"Tumor": 1, "Stroma": 2}).rasterize(0, 0, 20, 16, (16, 20))
+    expected = np.zeros((16, 20), np.uint8)
+    expected[2:6, 2:10] = 1
+    expected[10:14, 2:8] = 1
+    expected[4:14, 12:16] = 2
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_asap_annotation_outside_the_groups_lists_them(tmp_path):
+    path = write(tmp_path, asap_xml([("Polygon", "Necrosis", square(0, 0, 4, 4))]), "a.xml")
+    with pytest.raises(AnnotationError, match=r"a.xml: Annotation\[0\].*'Necrosis'.*groups: 'Tumor', 'Stroma'"):
+        load_regions(path)
+    path = write(tmp_path, asap_xml([("Polygon", "None", square(0, 0, 4, 4))]), "b.xml")
+    with pytest.raises(AnnotationError, match="assign it to a group"):
+        load_regions(path)
+
+
+def test_aperio_negative_region_is_a_hole_and_class_comes_from_name_or_attribute(tmp_path):
+    path = write(tmp_path, aperio_xml([
+        ("Tumor", "tumour bed", [(False, square(0, 0, 12, 12)), (True, square(4, 4, 8, 8))]),
+        ("Stroma", "stroma", [(False, square(14, 0, 18, 6)), (False, square(14, 8, 18, 12))]),
+    ]), "slide.xml")
+    regions = load_regions(path)
+    assert [r.class_name for r in regions] == ["Tumor", "Stroma"]
+    mask = rasterizer(regions, {"Tumor": 1, "Stroma": 2}).rasterize(0, 0, 20, 12, (12, 20))
+    expected = np.zeros((12, 20), np.uint8)
+    expected[0:12, 0:12] = 1
+    expected[4:8, 4:8] = 0
+    expected[0:6, 14:18] = 2
+    expected[8:12, 14:18] = 2
+    np.testing.assert_array_equal(mask, expected)
+    by_description = load_regions(path, {"aperio_class": "Description"})
+    assert [r.class_name for r in by_description] == ["tumour bed", "stroma"]
+    nameless = write(tmp_path, aperio_xml([("", "", [(False, square(0, 0, 4, 4))])]), "nameless.xml")
+    with pytest.raises(AnnotationError, match=r"nameless.xml: Annotation\[0\] has no class in 'Name'.*aperio_class"):
+        load_regions(nameless)
+
+
+def test_label_mask_at_a_downsample_paints_its_pixels_at_level_0(tmp_path):
+    from PIL import Image
+
+    small = np.zeros((5, 6), np.uint8)
+    small[1:3, 1:4] = 1
+    small[3, 4:6] = 2
+    small[4, 0] = 7
+    path = tmp_path / "slide.png"
+    Image.fromarray(small).save(path)
+    settings = {"mask_values": {1: "Tumor", 2: "Stroma", 7: "Tumor"}, "mask_downsample": 4}
+    regions = load_regions(path, settings, slide_size=(24, 20))
+    mask = rasterizer(regions, {"Tumor": 1, "Stroma": 2}).rasterize(0, 0, 24, 20, (20, 24))
+    expected = np.kron(np.select([small == 2, small > 0], [2, 1], 0), np.ones((4, 4), int)).astype(np.uint8)
+    np.testing.assert_array_equal(mask, expected)
+    with pytest.raises(AnnotationError, match=r"slide.png: the mask is 6x5 px but its image is 48x40.*mask_downsample: 8"):
+        load_regions(path, settings, slide_size=(48, 40))
+    with pytest.raises(AnnotationError, match=r"slide.png: mask values 7 have no class.*annotations.mask_values"):
+        load_regions(path, {"mask_values": {1: "Tumor", 2: "Stroma"}, "mask_downsample": 4})
+    with pytest.raises(AnnotationError, match="needs annotations.mask_values"):
+        load_regions(path)
+
+
+def test_the_same_slide_in_geojson_asap_and_aperio_gives_identical_masks(tmp_path):
+    tumor = [(20.3, 10.7), (180.2, 30.1), (170.6, 170.4), (30.9, 150.2)]
+    vessel = [(60.5, 40.2), (120.8, 55.9), (95.1, 130.3)]
+    geo = write(tmp_path, [feature(Polygon(tumor), "Tumor"), feature(Polygon(vessel), "Vessel")], "s.geojson")
+    asap = write(tmp_path, asap_xml([("Polygon", "Tumor", tumor), ("Polygon", "Vessel", vessel)], ("Tumor", "Vessel")), "s.asap")
+    aperio = write(tmp_path, aperio_xml([("Tumor", "", [(False, tumor)]), ("Vessel", "", [(False, vessel)])]), "s.xml")
+    classes = {"Tumor": 1, "Vessel": 2}
+    masks = [rasterizer(load_regions(p), classes, priority=["Vessel"]).rasterize(0, 0, 200, 200, (100, 100))
+             for p in (geo, asap, aperio)]
+    assert set(np.unique(masks[0])) == {0, 1, 2}
+    np.testing.assert_array_equal(masks[1], masks[0])
+    np.testing.assert_array_equal(masks[2], masks[0])
+
+
+def test_format_is_told_by_content_and_other_files_are_refused(tmp_path):
+    from histosynth.data.annotations import check_sheet_files, detect_format
+
+    assert detect_format(write(tmp_path, asap_xml([]), "wrong-suffix.json")) == "asap"
+    assert detect_format(write(tmp_path, aperio_xml([]), "a.txt")) == "aperio"
+    assert detect_format(write(tmp_path, [], "b.xml")) == "geojson"
+    with pytest.raises(AnnotationError, match=r"c.xml: XML with root <svg>"):
+        detect_format(write(tmp_path, "<svg></svg>", "c.xml"))
+    jpeg = tmp_path / "d.png"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)
+    with pytest.raises(AnnotationError, match="d.png: a JPEG image"):
+        detect_format(jpeg)
+    sheet = {"slide": ["s1", "s2"], "annotations": ["", str(tmp_path / "missing.geojson")], "nuclei": ["", str(jpeg)]}
+    with pytest.raises(AnnotationError, match=r"slides.tsv, slide s2, column nuclei: .*d.png: a JPEG image"):
+        check_sheet_files(sheet, "slides.tsv")

@@ -221,7 +221,7 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     if not annotations:
         return [], None, None
     settings = config["annotations"]
-    regions = load_regions(annotations, class_key=settings["class_key"])
+    regions = load_regions(annotations, settings, slide_size=slide.dimensions)
     tissue_class = settings["tissue_class"]
     ignore = [*settings["ignore_classes"], *([tissue_class] if tissue_class and tissue_class not in classes else [])]
     labels = RegionRasterizer(

@@ -33,7 +33,7 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
     for row in table.to_dict("records"):
         x0, y0, x1, y1 = (int(row[k]) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"))
         crop = np.pad(instances[y0:y1, x0:x1] == row["instance_id"], 1)  # padded: outlines close
-        geometry = _outline(crop, x + (x0 - 1) * scale, y + (y0 - 1) * scale, scale)
+        geometry = instance_outline(crop, x + (x0 - 1) * scale, y + (y0 - 1) * scale, scale)
         if geometry is None:
             continue
         name = row["class"]
@@ -55,7 +55,7 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
     return features
 
 
-def _outline(mask: np.ndarray, x: float, y: float, scale: float) -> dict | None:
+def instance_outline(mask: np.ndarray, x: float, y: float, scale: float) -> dict | None:
     """GeoJSON (Multi)Polygon of a boolean mask with a background border, whose pixel (r, c) has
     its centre at level-0 (x + (c + 0.5)*scale, y + (r + 0.5)*scale); None if it has no area.
     Several rings (holes, separate parts) combine by the even-odd rule."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.nuclei.annotations import annotation_files, image_shape, read_annotation
+from histosynth.nuclei.annotations import annotation_files, image_shape, is_mask, read_annotation
 from histosynth.nuclei.geojson import NucleusRasterizer
 from histosynth.nuclei.instances import NucleiError, read_instances
 from histosynth.overlap import overlap_counts, overlap_scores
@@ -155,8 +155,8 @@ def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshol
 def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str | Path | None = None,
                   iou_threshold: float = 0.5) -> pd.DataFrame:
     """Benchmark scores of a folder of predicted nuclei against a folder of ground truth, paired
-    by file stem (annotations: instance PNG/TIFF or MoNuSeg XML; an XML file is rasterised on
-    its counterpart mask's grid, or on its image's in images_dir when both sides are XML). One
+    by file stem (annotations in any format histosynth.nuclei.annotations reads; a polygon file is
+    rasterised on its counterpart mask's grid, or on its image's in images_dir when neither is a mask). One
     row per truth image, then `mean` (the mean over images, as MoNuSeg reports AJI) and `pooled`
     (counts summed over images). A truth image without a prediction scores as predicting
     nothing (logged); predictions without truth are ignored (logged)."""
@@ -189,7 +189,7 @@ def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str |
 
 def _read_pair(truth_path: Path, pred_path: Path | None, images_dir, stem: str) -> tuple[np.ndarray, np.ndarray]:
     """Truth and prediction instances of one image on one grid."""
-    masks = [p for p in (truth_path, pred_path) if p is not None and p.suffix.lower() != ".xml"]
+    masks = [p for p in (truth_path, pred_path) if p is not None and is_mask(p)]
     if masks:
         shape = read_annotation(masks[0]).shape
     elif images_dir is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
 from histosynth.config import ConfigError, baseline_ratio, lora_set, read_slide_sheet, validated
+from histosynth.data.annotations import AnnotationError, check_sheet_files
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
 from histosynth.generators.synthesis import MASKED_MODES
@@ -25,8 +26,9 @@ def _resolve(path):
 try:
     config.update(validated(config, " + ".join(map(str, workflow.configfiles)) or "config"))
     SLIDES = read_slide_sheet(_resolve(config["slides"]))
+    check_sheet_files(SLIDES, config["slides"])  # an annotation file of the wrong kind fails before any job
     LABELS = resolve_labels(config, list(SLIDES["label"]), config["slides"])  # every job numbers the classes alike
-except (ConfigError, LabelError) as err:
+except (ConfigError, LabelError, AnnotationError) as err:
     raise WorkflowError(str(err)) from None
 if config["lora"]["enabled"]:  # a missing base model fails now, not hours later in train_lora
     from histosynth.generators.lora import LoraError, check_base_model, require_extra
@@ -87,7 +89,7 @@ def nuclei_inputs(wildcards):
 
 
 def nuclei_truth(slide):
-    """The slide's hand-drawn nuclei (sheet column nuclei), or a demo slide's own; None if neither."""
+    """The slide's hand-drawn nuclei (sheet column nuclei, any format histosynth.nuclei.annotations reads), or a demo slide's own; None if neither."""
     if SLIDES.loc[slide, "nuclei"]:
         return SLIDES.loc[slide, "nuclei"]
     return f"{DEMO_DIR}/{slide}.nuclei.geojson" if slide in demo_slides() else None
@@ -103,7 +105,7 @@ def nuclei_training_inputs(wildcards):
     slides = nuclei_truth_slides(("train",))
     if not slides:
         raise WorkflowError("nuclei.model is 'trained' but no train-split slide has nuclei ground truth; fill the "
-                            "sheet's nuclei column (a QuPath GeoJSON of nucleus detections) for some train slides")
+                            "sheet's nuclei column (GeoJSON detections, MoNuSeg/Aperio or ASAP XML, or an instance mask) for some train slides")
     return {"index": [f"results/patches/{s}.parquet" for s in slides],
             "images": [SLIDES.loc[s, "image"] for s in slides],
             "truth": [nuclei_truth(s) for s in slides]}

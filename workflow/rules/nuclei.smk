@@ -45,6 +45,8 @@ rule train_nuclei:
         seed=config["seed"],
         min_area_um2=config["nuclei"]["min_area_um2"],  # the exported decoder's smallest nucleus
         train=json.loads(json.dumps(config["nuclei"]["train"], sort_keys=True)),
+        aperio_class=config["annotations"]["aperio_class"],  # how the sheet's nuclei files are read
+        mask_downsample=config["annotations"]["mask_downsample"],
     script:
         "../../scripts/train_nuclei.py"
 
@@ -66,6 +68,9 @@ rule nuclei_quality:
         gpu=0,
         mem_mb=2000,
         runtime=30,
+    params:
+        aperio_class=config["annotations"]["aperio_class"],  # how the sheet's nuclei files are read
+        mask_downsample=config["annotations"]["mask_downsample"],
     script:
         "../../scripts/nuclei_quality.py"
 
