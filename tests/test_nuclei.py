@@ -358,3 +358,48 @@ def test_segment_images(tmp_path):
     assert set(table["image"]) == {"a"} and len(table) == read_instances(tmp_path / "out" / "a.png").max()
     with pytest.raises(NucleiError, match=r"repeated: \['a'\]"):
         segment_images([tmp_path / "a.png", tmp_path / "x" / "a.tif"], 0.25, tmp_path / "out2", section_defaults("nuclei"))
+
+
+def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
+    """An instance mask at a downsample, MoNuSeg XML, ASAP XML and GeoJSON of the same nuclei:
+    read_nuclei gives polygons that NucleusRasterizer paints back into the same instances."""
+    from histosynth.nuclei.annotations import read_annotation, read_nuclei
+
+    small = np.zeros((12, 16), np.uint16)
+    small[disk((4, 4), 3, shape=small.shape)] = 1
+    small[2:6, 9:14] = 2
+    small[8:11, 3:12] = 3
+    Image.fromarray(small).save(tmp_path / "mask.png")
+    features = read_nuclei(tmp_path / "mask.png", mask_downsample=2)
+    assert len(features) == 3 and all("classification" not in f["properties"] for f in features)
+    painted, names = NucleusRasterizer(features).rasterize(0, 0, 32, 24, (12, 16))
+    np.testing.assert_array_equal(painted, small)
+    assert names == ["other"] * 3
+
+    squares = [(2.0, 2.0, 10.0, 8.0), (12.0, 4.0, 20.0, 14.0)]
+    regions = "".join(f'<Region Id="{k}" Type="0"><Vertices>' + "".join(
+        f'<Vertex X="{x}" Y="{y}"/>' for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]) + "</Vertices></Region>"
+        for k, (x0, y0, x1, y1) in enumerate(squares, start=1))
+    (tmp_path / "monuseg.xml").write_text(f'<Annotations><Annotation Id="1" Name=""><Regions>{regions}</Regions>'
+                                          "</Annotation></Annotations>")
+    coords = "".join(f'<Annotation Name="n{k}" Type="Polygon" PartOfGroup="tumor"><Coordinates>' + "".join(
+        f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]))
+        + "</Coordinates></Annotation>" for k, (x0, y0, x1, y1) in enumerate(squares))
+    (tmp_path / "asap.xml").write_text(f"<ASAP_Annotations><Annotations>{coords}</Annotations><AnnotationGroups>"
+                                       '<Group Name="tumor"/></AnnotationGroups></ASAP_Annotations>')
+    (tmp_path / "nuclei.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+         "properties": {"classification": {"name": "tumor"}}} for x0, y0, x1, y1 in squares]}))
+    expected = np.zeros((16, 24), np.int64)
+    expected[2:8, 2:10], expected[4:14, 12:20] = 1, 2
+    for name, classes in (("monuseg.xml", ["other", "other"]), ("asap.xml", ["tumor", "tumor"]),
+                          ("nuclei.geojson", ["tumor", "tumor"])):
+        painted, names = NucleusRasterizer(read_nuclei(tmp_path / name)).rasterize(0, 0, 24, 16, (16, 24))
+        np.testing.assert_array_equal(painted, expected, err_msg=name)
+        assert names == classes, name
+    # nuclei-score's folder reader: the GeoJSON rasterised on the image grid, the mask as it is
+    np.testing.assert_array_equal(read_annotation(tmp_path / "nuclei.geojson", (16, 24)), expected)
+    np.testing.assert_array_equal(read_annotation(tmp_path / "mask.png"), small)
+    (tmp_path / "bad.png").write_bytes(b"\xff\xd8\xff\xe0")
+    with pytest.raises(NucleiError, match=r"bad.png: a JPEG image"):
+        read_nuclei(tmp_path / "bad.png")

@@ -49,7 +49,7 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
         if kind == "asap":
             return [_feature({"type": "Polygon", "coordinates": [np.vstack([p, p[:1]]).tolist()]}, group)
                     for group, p, _ in asap_polygons(path) if len(p) >= 3]
-        return _mask_features(read_mask_image(path), mask_downsample)
+        return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
     except (AnnotationError, json.JSONDecodeError) as err:
         raise NucleiError(f"nuclei annotations: {err}") from None
 
@@ -101,9 +101,9 @@ def is_mask(path: str | Path) -> bool:
 def read_mask(path: str | Path) -> np.ndarray:
     """An instance mask (PNG/TIFF of integer ids, 0 = background) as int64."""
     try:
-        return read_mask_image(path)
+        return read_mask_image(path, "an instance mask")
     except AnnotationError as err:
-        raise NucleiError(f"{err} (an instance mask)") from None
+        raise NucleiError(str(err)) from None
 
 
 def read_xml(path: str | Path, shape: tuple[int, int]) -> np.ndarray:

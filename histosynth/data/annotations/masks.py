@@ -19,8 +19,8 @@ from histosynth.data.annotations.regions import AnnotationError, Region
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def read_mask_image(path: str | Path) -> np.ndarray:
-    """A one-channel integer image (PNG or TIFF; a palette PNG gives its indices)."""
+def read_mask_image(path: str | Path, what: str = "a label mask") -> np.ndarray:
+    """A one-channel integer image (PNG or TIFF; a palette PNG gives its indices) as int64."""
     path = Path(path)
     try:
         if path.read_bytes()[:4] in TIFF_MAGIC:
@@ -29,11 +29,9 @@ def read_mask_image(path: str | Path) -> np.ndarray:
             with Image.open(path) as image:
                 mask = np.asarray(image)
     except (OSError, ValueError, tifffile.TiffFileError) as err:
-        raise AnnotationError(f"{path}: cannot read the mask image ({err})") from None
-    if mask.ndim == 3 and mask.shape[-1] in (3, 4) and (mask[..., :3] == mask[..., :1]).all():
-        mask = mask[..., 0]  # a grey mask saved as RGB(A)
+        raise AnnotationError(f"{path}: cannot read {what} image ({err})") from None
     if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise AnnotationError(f"{path}: a mask must be one channel of integer values (0 = background), got shape "
+        raise AnnotationError(f"{path}: {what} must be one channel of integer ids (0 = background), got shape "
                               f"{mask.shape} of {mask.dtype}; save it as a grey or palette PNG/TIFF")
     return mask.astype(np.int64)
 
