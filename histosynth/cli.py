@@ -126,7 +126,7 @@ def cmd_sheet(args) -> None:
     from histosynth.data.sheet import build_sheet, summary, write_sheet
 
     sheet = build_sheet(args.folder, split=args.split, seed=args.seed, mpp=args.mpp, annotations_dir=args.annotations_dir,
-                        absolute=args.absolute, group=args.group)
+                        masks_dir=args.masks_dir, absolute=args.absolute, group=args.group)
     if args.out:
         write_sheet(sheet, args.out)
         print(f"{args.out}: {summary(sheet)}")
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("patches", help="cut one slide into patches, label masks, an index and a QC thumbnail")
     p.add_argument("slide", help="slide file: any format OpenSlide reads, a DICOM WSI (a .dcm file or its folder), "
                                  "or a plain PNG/JPEG/TIFF with --slide-mpp")
-    p.add_argument("--annotations", help="QuPath GeoJSON of region annotations")
+    p.add_argument("--annotations", help="region annotations: QuPath GeoJSON, ASAP/Aperio XML or a label mask")
     p.add_argument("--out", required=True, help="output folder: <name>/images, <name>/masks, <name>.parquet, <name>.qc.png")
     p.add_argument("--name", help="slide name in outputs (default: file stem)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split recorded in the index")
@@ -338,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split fractions, summing to 1 (default train=0.6,val=0.2,test=0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--out", help="sheet path (TSV; default: standard output, the summary on standard error)")
-    p.add_argument("--annotations-dir", help="folder searched for <class>/<name>.geojson, then <name>.geojson, per image")
+    p.add_argument("--annotations", "--annotations-dir", dest="annotations_dir",
+                   help="folder searched for <class>/<name>.<ext>, then <name>.<ext>, per image: QuPath GeoJSON "
+                        "(.geojson/.json), ASAP or Aperio XML (.xml)")
+    p.add_argument("--masks", dest="masks_dir", help="folder of label-mask images paired the same way (.png/.tif; "
+                   "their values' classes in config annotations.mask_values)")
     p.add_argument("--group", type=_parse_regex, help="regex whose first capture group on the image name (file stem) "
                                                       "keeps images together in one split, e.g. '^(patient[0-9]+)_'")
     p.add_argument("--absolute", action="store_true", help="write absolute paths (default: relative to the working "

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,3 +354,35 @@ def test_format_is_told_by_content_and_other_files_are_refused(tmp_path):
     sheet = {"slide": ["s1", "s2"], "annotations": ["", str(tmp_path / "missing.geojson")], "nuclei": ["", str(jpeg)]}
     with pytest.raises(AnnotationError, match=r"slides.tsv, slide s2, column nuclei: .*d.png: a JPEG image"):
         check_sheet_files(sheet, "slides.tsv")
+
+
+def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_path, capsys):
+    from PIL import Image
+
+    from histosynth.cli import main
+    from histosynth.config import read_slide_sheet
+
+    for name in ("a", "b", "c", "d", "e", "f"):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "ann").mkdir()
+    write(tmp_path / "ann", asap_xml([("Polygon", "Tumor", square(0, 0, 4, 4))]), "a.xml")
+    write(tmp_path / "ann", aperio_xml([("Tumor", "", [(False, square(0, 0, 4, 4))])]), "b.xml")
+    write(tmp_path / "ann", [feature(box(0, 0, 4, 4), "Tumor")], "c.geojson")
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / "d.png")
+    out = tmp_path / "sheet.tsv"
+    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann"),
+                 "--masks", str(tmp_path / "masks"), "--absolute", "--out", str(out)]) == 0
+    sheet = read_slide_sheet(out)
+    paired = {slide: Path(path).name for slide, path in zip(sheet["slide"], sheet["annotations"]) if path}
+    assert paired == {"a": "a.xml", "b": "b.xml", "c": "c.geojson", "d": "d.png"}
+    # a mask in the polygon folder (or an image annotated twice) is refused, naming the file
+    Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / "a.png")
+    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann"),
+                 "--masks", str(tmp_path / "masks")]) == 2
+    assert "images/a.png: annotated twice" in capsys.readouterr().err
+    (tmp_path / "masks" / "a.png").unlink()
+    (tmp_path / "ann" / "e.xml").write_bytes((tmp_path / "masks" / "d.png").read_bytes())
+    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann")]) == 2
+    assert "ann/e.xml: holds label-mask image (PNG/TIFF), but" in capsys.readouterr().err

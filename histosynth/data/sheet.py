@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.data.io import atomic_file
+from histosynth.files import atomic_file
+from histosynth.data.annotations import FORMATS, AnnotationError, detect_format
 from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")
 IMAGE_SUFFIXES = PLAIN_SUFFIXES + SLIDE_SUFFIXES
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")  # slides.schema.yaml's slide pattern
+POLYGON_SUFFIXES = (".geojson", ".json", ".xml")  # --annotations: QuPath GeoJSON, ASAP or Aperio XML
+MASK_SUFFIXES = (".png", ".tif", ".tiff")  # --masks: label-mask images
 
 
 class SheetError(ValueError):
@@ -250,13 +253,15 @@ def _counts(n: int, fractions: list[float]) -> list[int]:
 
 
 def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, mpp: float | None = None,
-                annotations_dir: str | Path | None = None, absolute: bool = False,
-                group: str | re.Pattern | None = None) -> pd.DataFrame:
+                annotations_dir: str | Path | None = None, masks_dir: str | Path | None = None,
+                absolute: bool = False, group: str | re.Pattern | None = None) -> pd.DataFrame:
     """The slide sheet (columns SHEET_COLUMNS) of the images under `folder`. Paths are written
     relative to the working directory (as the workflow resolves them), or absolute. `mpp` fills
     the mpp column (required when plain PNG/JPEG/TIFF images are present); `annotations_dir` is
-    searched for <relative path>.geojson, then <name>.geojson, per image; `group` is a regex whose
-    first capture group (on the image's name) keeps images together in one split."""
+    searched for <relative path>.<suffix>, then <name>.<suffix>, per image, for a polygon file
+    (.geojson, .json, .xml: QuPath GeoJSON, ASAP or Aperio XML), `masks_dir` likewise for a
+    label-mask image (.png, .tif, .tiff); `group` is a regex whose first capture group (on the
+    image's name) keeps images together in one split."""
     entries = scan_folder(folder)
     if mpp is None:
         plain = [e.path for e in entries if _is_plain(e.path)]
@@ -268,9 +273,10 @@ def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, m
     names = unique_names(entries)
     groups = _groups(entries, names, group)
     splits = assign_splits([e.label for e in entries], groups, split, seed)
-    annotations = [_annotations(e, Path(annotations_dir)) if annotations_dir else None for e in entries]
-    if annotations_dir:
-        log.info("%d of %d images have annotations in %s", sum(a is not None for a in annotations), len(entries), annotations_dir)
+    annotations = [_annotations(e, annotations_dir, masks_dir) for e in entries]
+    for folder_given in filter(None, (annotations_dir, masks_dir)):
+        found = sum(a is not None and Path(folder_given) in a.parents for a in annotations)
+        log.info("%d of %d images have annotations in %s", found, len(entries), folder_given)
     sheet = pd.DataFrame({
         "slide": names,
         "image": [_written(e.path, absolute) for e in entries],
@@ -316,10 +322,40 @@ def _groups(entries: list[Entry], names: list[str], group: str | re.Pattern | No
     return keys
 
 
-def _annotations(entry: Entry, directory: Path) -> Path | None:
-    for candidate in (directory / f"{entry.relative.as_posix()}.geojson", directory / f"{entry.name}.geojson"):
-        if candidate.is_file():
-            return candidate
+def _annotations(entry: Entry, annotations_dir, masks_dir) -> Path | None:
+    """The image's annotation file: a polygon file in annotations_dir or a mask in masks_dir
+    (both is an error), checked to be of the kind its folder holds."""
+    found = []
+    for directory, suffixes, kinds in ((annotations_dir, POLYGON_SUFFIXES, ("geojson", "asap", "aperio")),
+                                       (masks_dir, MASK_SUFFIXES, ("mask",))):
+        if not directory:
+            continue
+        path = _find(entry, Path(directory), suffixes)
+        if path is None:
+            continue
+        try:
+            kind = detect_format(path)
+        except AnnotationError as err:
+            raise SheetError(str(err)) from None
+        if kind not in kinds:
+            raise SheetError(f"{path}: holds {FORMATS[kind]}, but {directory} is searched for "
+                             f"{' or '.join(FORMATS[k] for k in kinds)}; move it to the other folder option")
+        found.append(path)
+    if len(found) > 1:
+        raise SheetError(f"{entry.path}: annotated twice ({found[0]} and {found[1]}); keep one of them")
+    return found[0] if found else None
+
+
+def _find(entry: Entry, directory: Path, suffixes: tuple[str, ...]) -> Path | None:
+    """<relative path>.<suffix>, then <name>.<suffix>, in `directory`; two suffixes of one stem are an error."""
+    for stem in (directory / entry.relative.as_posix(), directory / entry.name):
+        candidates = [stem.with_name(stem.name + suffix) for suffix in suffixes]
+        candidates = [c for c in candidates if c.is_file()]
+        if len(candidates) > 1:
+            raise SheetError(f"{directory}: {candidates[0].name} and {candidates[1].name} both annotate "
+                             f"{entry.path.name}; keep one")
+        if candidates:
+            return candidates[0]
     return None
 
 
