@@ -10,10 +10,15 @@ metric(baseline, s), each a pooled metric over the same G test units, the effect
 where s^2_d is the sample variance of d over seeds and C the mean covariance, over pairs of
 different seeds, of d_s and d_s' under resampling of the test units, estimated by the delete-one
 jackknife (every seed and both arms leave out the same unit, which keeps the pairing). s^2_d / S
-is the seed-only t variance; C adds what the seeds share, the test set. Each part gets the t
+is the seed-only t variance; C adds what the seeds share, the test set. s^2_d is floored at W, the
+test-image noise every seed's difference carries on its own (below), so that seeds agreeing by chance
+(3 seeds are few) cannot make the interval narrower than the one of these very models scored on
+another draw of the test set: Var >= W / S + C, the fixed-seed variance, as Hillis (2007) constrains
+Obuchowski-Rockette's reader term. Each part gets the t
 quantile of its own degrees of freedom (half_width: S - 1 for the seed part, G - 1 for the test
 set's), which simulation showed to hold its level at 3 seeds where one pooled Satterthwaite df did
-not (config/README.md); p is the level at which that interval reaches 0.
+not (config/README.md); a floored seed part gets Hillis's (S - 1) (max(s^2_d, W) / s^2_d)^2, at most
+G - 1. p is the level at which that interval reaches 0.
 
 Variance components (per run of this size): the seed x arm variance sigma2_seed = s^2_d - W, where
 W = mean_s jackknife Var(d_s) - C is the test-image noise that is not shared between seeds; the
@@ -50,9 +55,10 @@ def variance_components(differences: np.ndarray, replicates: np.ndarray) -> dict
     return {"seed_var": seed_var, "shared": shared, "within": within, "seed": np.maximum(seed_var - within, 0.0)}
 
 
-def half_width(seed_term: np.ndarray, shared: np.ndarray, seeds: int, units: int, level) -> np.ndarray:
+def half_width(seed_term: np.ndarray, shared: np.ndarray, seeds, units: int, level) -> np.ndarray:
     """sqrt(t^2_{seeds-1}(level) * seed_term + t^2_{units-1}(level) * shared): each variance term with
-    the t quantile of its own degrees of freedom (level the upper quantile, e.g. 0.975)."""
+    the t quantile of its own degrees of freedom (level the upper quantile, e.g. 0.975; seeds may be
+    an array, one per row)."""
     seed_q, unit_q = stats.t.ppf(level, seeds - 1), stats.t.ppf(level, max(units - 1, 1))
     return np.sqrt(seed_q**2 * seed_term + unit_q**2 * np.maximum(shared, 0.0))
 
@@ -84,18 +90,22 @@ def paired_effect(differences: np.ndarray, replicates: np.ndarray, *, confidence
     n, units = d.shape[-1], np.shape(replicates)[-1]
     parts = variance_components(d, np.asarray(replicates, float))
     estimate = d.mean(axis=-1)
-    seed_term, shared = parts["seed_var"] / n, np.maximum(parts["shared"], 0.0)
+    seed_term, shared = np.maximum(parts["seed_var"], parts["within"]) / n, np.maximum(parts["shared"], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # Hillis's df of the floored term, S - 1 up to G - 1
+        seed_df = 1 + np.clip((n - 1) * (seed_term * n / parts["seed_var"]) ** 2, n - 1, units - 1)
+    seed_df = np.where(np.isnan(seed_df), units, seed_df)
     out = {"estimate": estimate, "se": np.sqrt(seed_term + shared)}
     if n < 2:
         nan = np.full(estimate.shape, np.nan)
         return out | {k: nan for k in ("ci_low", "ci_high", "p", "t_low", "t_high", "p_t", "mde")} | {"var_" + k: v for k, v in parts.items()}
-    half = half_width(seed_term, shared, n, units, 0.5 + confidence / 2)
-    t_half = stats.t.ppf(0.5 + confidence / 2, n - 1) * np.sqrt(seed_term)
+    half = half_width(seed_term, shared, seed_df, units, 0.5 + confidence / 2)
+    seed_only = parts["seed_var"] / n
+    t_half = stats.t.ppf(0.5 + confidence / 2, n - 1) * np.sqrt(seed_only)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p_t = np.where(seed_term > 0, 2 * stats.t.sf(np.abs(estimate) / np.sqrt(seed_term), n - 1), np.where(estimate == 0, 1.0, 0.0))
-    out |= {"ci_low": estimate - half, "ci_high": estimate + half, "p": p_value(estimate, seed_term, shared, n, units),
+        p_t = np.where(seed_only > 0, 2 * stats.t.sf(np.abs(estimate) / np.sqrt(seed_only), n - 1), np.where(estimate == 0, 1.0, 0.0))
+    out |= {"ci_low": estimate - half, "ci_high": estimate + half, "p": p_value(estimate, seed_term, shared, seed_df, units),
             "t_low": estimate - t_half, "t_high": estimate + t_half, "p_t": p_t,
-            "mde": mde(seed_term, shared, n, units, confidence, power)}
+            "mde": mde(seed_term, shared, seed_df, units, confidence, power)}
     return out | {"var_" + k: v for k, v in parts.items()}
 
 
