@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -28,7 +28,8 @@ from histosynth.data.annotations import (
     load_regions,
 )
 from histosynth.data.io import arrow_table, atomic_dir, atomic_file, write_png
-from histosynth.data.slides import Slide, detect_tissue
+from histosynth.data.slides import Slide
+from histosynth.data.tissue import Tissue, detect_tissue, detection_mpp
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INDEX_BATCH = 4096  # index rows per parquet row group
 QC_MAX_SIDE = 1600  # longest side of the QC thumbnail in pixels
+QC_TISSUE, QC_EXCLUDED = (0, 160, 0), (70, 70, 90)  # the tissue outline; the shade over what is not tissue
 QC_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
@@ -84,9 +86,10 @@ def window_origins(extent: int, window: float, stride: float) -> np.ndarray:
 class TissueMap:
     """A low-resolution tissue mask and the per-window lookup the scan needs."""
 
-    def __init__(self, mask: np.ndarray, scale: float):
+    def __init__(self, mask: np.ndarray, scale: float, detection: Tissue | None = None):
         self.mask = mask
         self.scale = scale  # mask pixels per level-0 pixel
+        self.detection = detection  # how the mask was found (None: given)
 
     def fraction(self, x: float, y: float, extent: float, size: int) -> float:
         """The tissue fraction of a size x size patch over the level-0 window: the share of its
@@ -102,12 +105,13 @@ class TissueMap:
 
 def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | None,
                      labels: RegionRasterizer | None, pool: Executor | None = None) -> TissueMap:
-    """Detect tissue on a rendering at params["mpp"] (read through `pool` when given). Annotated label
-    regions count as tissue (fat and vessel lumens are pale but annotated tissue); an annotated
-    outline bounds the result."""
-    mask_mpp = max(params["mpp"], slide.mpp)
+    """Detect tissue on a rendering at params["mpp"] (finer for a small image: tissue.detection_mpp;
+    read through `pool` when given). Annotated label regions count as tissue (fat and vessel lumens
+    are pale but annotated tissue); an annotated outline bounds the result."""
+    mask_mpp = detection_mpp(slide.mpp, slide.dimensions, params["mpp"])
     thumb = slide.render(mask_mpp, pool)
-    mask, threshold = detect_tissue(thumb, mask_mpp, params)
+    detection = detect_tissue(thumb, mask_mpp, params)
+    mask = detection.mask.copy()
     scale = thumb.shape[1] / slide.dimensions[0]
     width0, height0 = slide.dimensions
     if labels is not None:
@@ -118,12 +122,13 @@ def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | 
         mask &= inside
     if not mask.any():
         raise PatchError(
-            f"{slide.path}: no tissue detected (saturation threshold {threshold:.3f} at {mask_mpp} mpp"
+            f"{slide.path}: no tissue detected at {mask_mpp:.3g} mpp ({detection.describe(params['min_glass'])}"
             f"{', inside the annotated tissue outline' if outline is not None else ''}); check the slide, "
             "or lower patches.tissue.min_saturation / patches.tissue.min_object_um2"
         )
-    log.info("%s: tissue covers %.1f%% of the slide (saturation threshold %.3f)", slide.path, 100 * mask.mean(), threshold)
-    return TissueMap(mask, scale)
+    log.info("%s: tissue covers %.1f%% of the slide at %.3g mpp (%s)", slide.path, 100 * mask.mean(), mask_mpp,
+             detection.describe(params["min_glass"]))
+    return TissueMap(mask, scale, detection)
 
 
 def extract_slide(
@@ -180,13 +185,25 @@ def extract_slide(
         if qc_path is not None:
             with atomic_file(qc_path) as qc_tmp:
                 write_png(np.asarray(qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes, pool)), qc_tmp)
+        plain = slide.plain
     seconds = time.perf_counter() - started
-    log.info(
-        "%s: kept %d of %d windows (%d with tissue >= %.2f) in %.1f s (%.1f patches/s, %d threads)",
-        slide_name, len(kept_xy), counts["windows"], counts["tissue"], params["min_tissue"], seconds,
-        len(kept_xy) / seconds, threads,
-    )
+    log.info("%s: %s in %.1f s (%.1f patches/s, %d threads)", slide_name, _kept_summary(params, counts, len(kept_xy)),
+             seconds, len(kept_xy) / seconds, threads)
+    if plain and len(kept_xy) < counts["windows"] / 2:
+        log.warning(
+            "%s: a plain image that keeps %d of the %d windows that fit: if it is tissue throughout, look at the QC "
+            "picture %s (shaded = not tissue) and raise patches.tissue.min_glass or lower min_saturation",
+            image, len(kept_xy), counts["windows"], qc_path or "(not written)")
     return index_path
+
+
+def _kept_summary(params: Mapping, counts: dict, kept: int) -> str:
+    """'kept K of N windows that fit; A had tissue < min_tissue, B target class < min_label'."""
+    text = f"kept {kept} of {counts['windows']} windows that fit"
+    reasons = [f"{counts['windows'] - counts['tissue']} had tissue < patches.min_tissue={params['min_tissue']}"]
+    if params["target_class"]:
+        reasons.append(f"{counts['tissue'] - kept} had {params['target_class']!r} < patches.min_label={params['min_label']}")
+    return f"{text}; {', '.join(reasons)}"
 
 
 def _write_index(rows, path: Path, **constant_columns) -> np.ndarray:
@@ -325,18 +342,20 @@ def _no_patch_message(image, params: Mapping, counts: dict) -> str:
 def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: list[Region],
                  extent: float, classes: dict[str, int], pool: Executor | None = None) -> Image.Image:
     """Slide thumbnail (longest side QC_MAX_SIDE at most, the associated one when it has at least half
-    that; read through `pool` when given) with the
-    detected tissue's contour, kept windows and annotated regions drawn over it, and a legend."""
+    that; read through `pool` when given) with what is not tissue shaded, the detected tissue's
+    smooth outline, kept windows and annotated regions drawn over it, and a legend."""
     width0, height0 = slide.dimensions
     mpp = max(slide.mpp, slide.mpp * max(width0, height0) / QC_MAX_SIDE)
     thumbnail = slide.thumbnail()
     if thumbnail is not None and mpp < slide.mpp * width0 / thumbnail.width <= 2 * mpp:
         mpp = slide.mpp * width0 / thumbnail.width  # the scanner's thumbnail, at least half the size limit, will do
-    canvas = Image.fromarray(slide.render(mpp, pool))
+    pixels = np.array(slide.render(mpp, pool))  # writable: a thumbnail's array is not
+    inside = _smooth_mask(tissue.mask, pixels.shape[:2])
+    pixels[~inside] = (0.45 * pixels[~inside] + 0.55 * np.array(QC_EXCLUDED)).astype(np.uint8)
+    contour = ndimage.binary_dilation(inside & ~ndimage.binary_erosion(inside, border_value=1))
+    pixels[contour] = QC_TISSUE
+    canvas = Image.fromarray(pixels)
     to_px = canvas.width / width0
-    contour = tissue.mask & ~ndimage.binary_erosion(tissue.mask, border_value=1)  # tissue pixels with a background 4-neighbour
-    contour_layer = Image.fromarray(contour).resize(canvas.size, Image.Resampling.NEAREST)
-    canvas.paste((0, 160, 0), mask=contour_layer)
     draw = ImageDraw.Draw(canvas)
     for x, y in kept_xy:
         draw.rectangle([x * to_px, y * to_px, (x + extent) * to_px, (y + extent) * to_px], outline=(255, 200, 0))
@@ -347,10 +366,18 @@ def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: 
             for ring in [polygon.exterior, *polygon.interiors]:
                 draw.line([(px * to_px, py * to_px) for px, py in ring.coords], fill=colour, width=2)
     present = {region.class_name for region in regions}
-    legend = [("kept window", (255, 200, 0)), ("detected tissue", (0, 160, 0))]
+    legend = [("kept window", (255, 200, 0)), ("detected tissue", QC_TISSUE), ("not tissue", QC_EXCLUDED)]
     legend += [(name, colour) for name, colour in colour_of.items() if name in present]
     legend += [(f"{name} (not a label)", (40, 40, 40)) for name in sorted(present - set(colour_of))]
     for i, (label, colour) in enumerate(legend):
-        draw.rectangle([6, 6 + 14 * i, 16, 16 + 14 * i], fill=colour)
-        draw.text((20, 5 + 14 * i), label, fill=(0, 0, 0))
+        draw.rectangle([6, 6 + 14 * i, 16, 16 + 14 * i], fill=colour, outline=(255, 255, 255))
+        draw.text((20, 5 + 14 * i), label, fill=(0, 0, 0), stroke_width=2, stroke_fill=(255, 255, 255))
     return canvas
+
+
+def _smooth_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A low-resolution mask at `shape` with smooth edges: interpolated bilinearly, blurred over
+    half a mask pixel and cut at one half, so its outline follows the tissue rather than its blocks."""
+    grey = Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.BILINEAR)
+    grey = grey.filter(ImageFilter.GaussianBlur(0.5 * shape[1] / mask.shape[1]))
+    return np.asarray(grey) >= 128

@@ -1,13 +1,14 @@
 """Whole-slide access through OpenSlide: opening with clear errors, resolution, reading at a
-target mpp, and tissue detection on a low-resolution rendering. Besides the slide formats
-OpenSlide reads (DICOM WSI included), a plain PNG/JPEG/TIFF (e.g. one tile of a tile dataset)
-opens as a single-level slide; it records no trustworthy resolution, so its mpp must be given."""
+target mpp, and low-resolution renderings (histosynth.data.tissue finds the tissue on them).
+Besides the slide formats OpenSlide reads (DICOM WSI included), a plain PNG/JPEG/TIFF (e.g. one
+tile of a tile dataset) opens as a single-level slide; it records no trustworthy resolution, so
+its mpp must be given (except to describe it)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +16,11 @@ from pathlib import Path
 import numpy as np
 import openslide
 from PIL import Image
-from scipy import ndimage
 
 log = logging.getLogger(__name__)
 
 # Largest region (pixels per side) read in one call while building low-resolution renderings.
 READ_CHUNK = 1024
-# Rows of a rendering converted to HSV at once by detect_tissue.
-HSV_BAND = 256
 
 
 class SlideError(RuntimeError):
@@ -63,10 +61,11 @@ def _damaged(path: Path) -> bool:
 class Slide:
     """An open whole-slide image with a known level-0 resolution."""
 
-    def __init__(self, path: str | Path, mpp: float | None = None, fallback_mpp: float = 0.5):
+    def __init__(self, path: str | Path, mpp: float | None = None, fallback_mpp: float = 0.5, need_mpp: bool = True):
         """Open `path` (a slide file, a DICOM WSI file or folder, or a plain PNG/JPEG/TIFF).
-        `mpp` overrides the recorded level-0 resolution and is required for plain images;
-        `fallback_mpp` is assumed (with a warning) for a slide format that records none."""
+        `mpp` overrides the recorded level-0 resolution and is required for plain images unless
+        `need_mpp` is false (then their mpp is None: enough to describe them, not to read at an
+        mpp); `fallback_mpp` is assumed (with a warning) for a slide format that records none."""
         self.path = Path(path)
         if self.path.is_dir():
             self.path = _dicom_in_folder(self.path)
@@ -87,9 +86,9 @@ class Slide:
                     f"{self.path}: has a slide file's name or TIFF header but OpenSlide cannot read it ({err}); "
                     "the file looks truncated or corrupt: copy it again (compare its size or checksum with the source)"
                 ) from err
-            image, self.vendor = _open_plain(self.path, mpp, err)
+            image, self.vendor = _open_plain(self.path, mpp, err, need_mpp)
             self.osr = openslide.ImageSlide(image)
-            self.mpp = float(mpp)  # _open_plain refused a plain image without one
+            self.mpp = float(mpp) if mpp else None  # None only where need_mpp is false
             return
         self.mpp = mpp if mpp else self._recorded_mpp()
         if self.mpp is None:
@@ -172,8 +171,13 @@ class Slide:
         (width0, height0), (width, height) = self.dimensions, thumbnail.size
         return thumbnail if abs(width * height0 - height * width0) <= max(width0, height0) else None
 
+    @property
+    def plain(self) -> bool:
+        """Whether the slide is a plain PNG/JPEG/TIFF image (a tile, not a whole-slide format)."""
+        return self.vendor is not None
+
     def describe(self) -> dict:
-        """Vendor, dimensions, levels and resolution, for `histosynth inspect`."""
+        """Vendor, dimensions, levels and resolution (mpp None where unknown), for `histosynth inspect`."""
         osr = self.osr
         return {
             "path": str(self.path),
@@ -181,7 +185,7 @@ class Slide:
             "dimensions": osr.dimensions,
             "levels": [
                 {"level": i, "dimensions": osr.level_dimensions[i], "downsample": osr.level_downsamples[i],
-                 "mpp": self.mpp * osr.level_downsamples[i]}
+                 "mpp": self.mpp * osr.level_downsamples[i] if self.mpp else None}
                 for i in range(osr.level_count)
             ],
             "mpp": self.mpp,
@@ -257,10 +261,10 @@ def _unlimited_pixels() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def _open_plain(path: Path, mpp: float | None, openslide_err: Exception) -> tuple[Image.Image, str]:
+def _open_plain(path: Path, mpp: float | None, openslide_err: Exception, need_mpp: bool) -> tuple[Image.Image, str]:
     """A plain image OpenSlide refused, as an RGB PIL image and its description ('plain image
     (PNG)', 'plain TIFF (3 pages, page 0 used)'). The format is identified first and the mpp
-    checked before any pixel is decoded."""
+    checked (where `need_mpp`) before any pixel is decoded."""
     with open(path, "rb") as handle:
         is_tiff = handle.read(4) in TIFF_MAGIC
     kind = "TIFF" if is_tiff else _pillow_format(path)
@@ -270,7 +274,7 @@ def _open_plain(path: Path, mpp: float | None, openslide_err: Exception) -> tupl
             "generic tiled TIFF, Hamamatsu ndpi/vms, MIRAX mrxs, Leica scn, Ventana bif, Philips TIFF, DICOM WSI, "
             "and plain PNG/JPEG/TIFF images (with their mpp)"
         )
-    if not mpp:
+    if need_mpp and not mpp:
         raise SlideError(f"{path}: a plain {kind} image (not a whole-slide format) records no trustworthy resolution; "
                          f"{MPP_FIX}")
     return _read_tiff(path) if is_tiff else _read_pillow(path)
@@ -385,78 +389,8 @@ def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -
                      "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey")
 
 
-# Tissue detection needs only HSV and Otsu's threshold of a small rendering: computed here in numpy
-# as scikit-image computes them (tests compare), since importing those two from scikit-image pulls
-# in scipy.linalg and most of scipy.ndimage: a third of `histosynth patches`' start-up.
-
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """Float HSV in [0, 1] of an RGB uint8 array (..., 3), as skimage.color.rgb2hsv."""
-    rgb = rgb.astype(np.float64) / 255
-    value = rgb.max(axis=-1)
-    delta = np.ptp(rgb, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        saturation = np.where(delta == 0, 0.0, delta / value)
-        red, green, blue = np.moveaxis(rgb, -1, 0)
-        hue = np.where(red == value, (green - blue) / delta,
-                       np.where(green == value, 2.0 + (blue - red) / delta, 4.0 + (red - green) / delta))
-    hue = np.where(delta == 0, 0.0, (hue / 6.0) % 1.0)
-    return np.stack([hue, saturation, value], axis=-1)
-
-
-def otsu_threshold(values: np.ndarray) -> int:
-    """Otsu's threshold of integer values, as skimage.filters.threshold_otsu gives it for them: the
-    value maximising the between-class variance over a histogram with one bin per integer."""
-    low = int(values.min())
-    counts = np.bincount((values.ravel() - low).astype(np.intp)).astype(np.float64)
-    centres = np.arange(low, low + len(counts), dtype=np.float64)
-    weight1 = np.cumsum(counts)
-    weight2 = np.cumsum(counts[::-1])[::-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean1 = np.cumsum(counts * centres) / weight1
-        mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
-    between = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
-    return int(centres[np.nanargmax(between)])
-
-
 def _on_white(rgba: Image.Image) -> Image.Image:
     """An RGBA region as RGB with its transparent (unscanned) pixels white."""
     if rgba.mode == "RGBA" and rgba.getextrema()[3][0] < 255:
         rgba = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return rgba.convert("RGB")
-
-
-def detect_tissue(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndarray, float]:
-    """Boolean tissue mask of a low-resolution RGB rendering taken at `mpp`, and the saturation
-    threshold used: Otsu on HSV saturation (floored at min_saturation; min_saturation alone when
-    params["otsu"] is false), near-white and pen-ink
-    pixels rejected, small objects removed and small holes filled. Works in row bands so the
-    float HSV copy never covers the whole rendering."""
-    saturation = np.empty(rgb.shape[:2], np.uint8)  # saturation x 255: a quarter of float32's memory
-    candidate = np.empty(rgb.shape[:2], bool)
-    for top in range(0, rgb.shape[0], HSV_BAND):
-        hsv = rgb_to_hsv(rgb[top : top + HSV_BAND])
-        hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-        saturation[top : top + HSV_BAND] = np.round(sat * 255)
-        keep = val < 0.92  # near-white glass
-        if params["reject_pen"]:
-            ink = (hue > 0.2) & (hue < 0.7) & (sat > 0.25)  # green through blue: neither eosin nor haematoxylin
-            keep &= ~ink & (val > 0.15)  # and not near-black marker
-        candidate[top : top + HSV_BAND] = keep
-    threshold = params["min_saturation"]
-    if params["otsu"] and saturation.min() < saturation.max():
-        threshold = max(threshold, otsu_threshold(saturation) / 255)
-    tissue = (saturation >= threshold * 255) & candidate
-    del saturation, candidate
-    px_area = mpp * mpp
-    tissue = _drop_components(tissue, int(params["min_object_um2"] / px_area))
-    tissue |= ~_drop_components(~tissue, int(params["max_hole_um2"] / px_area))  # fill small holes
-    return tissue, threshold
-
-
-def _drop_components(mask: np.ndarray, max_size: int) -> np.ndarray:
-    """`mask` without its 4-connected components of at most max_size pixels (int32 labels keep
-    the transient memory at four bytes per pixel)."""
-    labels, _ = ndimage.label(mask, output=np.int32)
-    keep = np.bincount(labels.ravel()) > max_size
-    keep[0] = False
-    return keep[labels]
