@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from histosynth.config import section_defaults
-from histosynth.evaluation.copies import dihedral, find_copies
+from histosynth.evaluation.copies import eight_views, find_copies
 
 KINDS = ("exact", "flip", "shift", "jpeg", "colour", "inpaint")
 
@@ -37,7 +37,7 @@ def plant(kind: str, source: np.ndarray, other: np.ndarray, rng: np.random.Gener
     if kind == "exact":
         return source.copy()
     if kind == "flip":
-        return dihedral(source[None])[rng.integers(1, 8), 0].copy()
+        return eight_views(source[None])[rng.integers(1, 8), 0].copy()
     if kind == "shift":
         dy, dx = rng.choice([-3, -2, 2, 3], 2)
         padded = np.pad(source, ((3, 3), (3, 3), (0, 0)), mode="reflect")

@@ -7,6 +7,7 @@ when present, else the schema's defaults); options override single keys.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -60,16 +61,18 @@ def cmd_inspect(args) -> None:
     from histosynth.data.slides import Slide
 
     for path in args.slides:
-        with Slide(path, mpp=args.slide_mpp, fallback_mpp=args.fallback_mpp) as slide:
+        with Slide(path, mpp=args.slide_mpp, fallback_mpp=args.fallback_mpp, need_mpp=False) as slide:
             info = slide.describe()
         if args.json:
             print(json.dumps(info))
             continue
         print(f"{info['path']}\n  vendor: {info['vendor']}\n  dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
-        print(f"  mpp: {info['mpp']:.4f}   objective: {info['objective_power'] or 'unknown'}")
+        mpp = f"{info['mpp']:.4f}" if info["mpp"] else "unknown (give --slide-mpp or the sheet's mpp)"
+        print(f"  mpp: {mpp}   objective: {info['objective_power'] or 'unknown'}")
         for level in info["levels"]:
             w, h = level["dimensions"]
-            print(f"  level {level['level']}: {w} x {h} px, downsample {level['downsample']:.3f}, {level['mpp']:.3f} mpp")
+            at = f", {level['mpp']:.3f} mpp" if level["mpp"] else ""
+            print(f"  level {level['level']}: {w} x {h} px, downsample {level['downsample']:.3f}{at}")
         print(f"  associated images: {', '.join(info['associated_images']) or 'none'}")
 
 
@@ -412,11 +415,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except Exception as err:
-        if not isinstance(err, _user_errors()):
+        if not isinstance(err, (OSError, *_user_errors())):
             raise
-        print(f"histosynth {args.command}: error: {err}", file=sys.stderr)
+        log.debug("the error's traceback", exc_info=True)
+        print(f"histosynth {args.command}: error: {_os_error(err) if isinstance(err, OSError) else err}", file=sys.stderr)
         return 2
     return 0
+
+
+OS_FIXES = {  # what to do about a failed read or write, by errno
+    errno.ENOSPC: "free space on that disk or write elsewhere with --out",
+    errno.EDQUOT: "free space within your quota or write elsewhere with --out",
+    errno.EACCES: "make it readable/writable for you or use another folder",
+    errno.EPERM: "make it readable/writable for you or use another folder",
+    errno.EROFS: "a read-only file system: write elsewhere with --out",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """A failed read or write as one line: the path, what the system said and what to do; outputs
+    are written atomically, so nothing is left half-written."""
+    path = f"{err.filename}: " if err.filename else ""
+    fix = OS_FIXES.get(err.errno, "check the path and the disk")
+    return f"{path}{err.strerror or err} ({fix}); nothing was left half-written"
 
 
 if __name__ == "__main__":

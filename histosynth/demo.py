@@ -28,7 +28,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon as fill_polygon
 from tqdm import tqdm
 
-from histosynth.data.io import atomic_file
+from histosynth.files import atomic_file
 
 DEMO_REGION_CLASSES = ("Tissue", "Blood vessel", "Inflammation", "Fat")
 DEMO_NUCLEUS_CLASSES = ("stromal", "immune", "blood")

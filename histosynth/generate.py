@@ -40,7 +40,7 @@ def generate(url: str, n: int, out: str | Path, *, config: dict, model_id: int |
     `out`, of label or region class `label` when given, with the config's synthesis settings
     (sampler and steps overridable), master seed `seed` (default the config's); registers the set
     under the folder's name and returns its manifest."""
-    from histosynth.generators.autoencoder import content_hash
+    from histosynth.files import content_hash
     from histosynth.generators.synthesis import MANIFEST, gan_stage, lora_stage, run_stage
 
     root, out = Path(root), Path(out)

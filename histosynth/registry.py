@@ -421,7 +421,7 @@ def register_results(engine: Engine, root: str | Path = ".", *, nuclei_model: st
     models, synthetic and curated sets with their images, mixed datasets, task runs, the report's
     metrics and verdict rows. Returns the counts registered."""
     from histosynth.data.io import read_file_table
-    from histosynth.generators.autoencoder import content_hash
+    from histosynth.files import content_hash
 
     root = Path(root)
     results = root / "results"

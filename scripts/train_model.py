@@ -15,5 +15,4 @@ launch(
     gpus=snakemake.resources.gpu,
     threads=snakemake.threads,
     autoencoder=snakemake.input.get("autoencoder"),
-    segmentation=snakemake.input.get("segmentation"),
 )

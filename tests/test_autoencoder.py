@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from histosynth.files import content_hash
 from histosynth.generators.autoencoder import (
-    build_autoencoder, main, content_hash, decode, encode, latent_factor, load_autoencoder, load_lpips, raw_latents,
-    train_autoencoder,
+    build_autoencoder, main, decode, encode, latent_factor, load_autoencoder, raw_latents, train_autoencoder,
 )
-from histosynth.generators.training import TrainingError
+from histosynth.nets import WeightsError, load_lpips
+from histosynth.training.errors import TrainingError
 from test_training import Shapes
 
 
@@ -132,7 +133,7 @@ def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
 
 
 def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):
-    with pytest.raises(TrainingError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         load_lpips(tmp_path / "missing.pth")
 
 

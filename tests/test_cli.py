@@ -160,3 +160,55 @@ def test_nuclei_score_errors_name_the_file(tmp_path, capsys):
     Image.fromarray(np.zeros((4, 8), np.uint16)).save(truth / "a.png")
     assert main(["nuclei-score", str(pred), str(truth)]) == 2
     assert "predict at the truth's resolution" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_nothing_is_half_written(square_slide, tmp_path, capsys,
+                                                                                monkeypatch):
+    import errno
+
+    import histosynth.data.patches as patches
+
+    monkeypatch.chdir(tmp_path)
+    written = []
+
+    def write_png(array, path, compression="fast"):
+        if len(written) == 5:  # the disk fills up at the sixth PNG
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(patches, "write_png", write_png)
+    argv = ["patches", str(square_slide[0]), "--out", "out", "--size", "32", "--stride", "32", "--mpp", "1.0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and line.startswith("histosynth patches: error: ")
+    assert str(Path("out") / "square") in line and "No space left on device" in line and "free space" in line
+    assert len(written) == 5 and not any(p.exists() for p in written)
+    assert not list((tmp_path / "out").iterdir())  # no patches, no index, no partial files
+
+
+def test_a_read_only_output_folder_is_one_line_naming_it(square_slide, tmp_path, capsys, monkeypatch):
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # a read-only file system (chmod alone does not stop root)
+        if locked in Path(self).absolute().parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    argv = ["patches", str(square_slide[0]), "--out", "locked/out", "--size", "32", "--stride", "32", "--mpp", "1.0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "locked/out" in err.splitlines()[-1] and "Read-only file system" in err and "write elsewhere" in err
+    assert not list(locked.iterdir())
+
+
+def test_a_missing_input_is_one_line(tmp_path, capsys):
+    assert main(["nuclei-score", str(tmp_path / "absent"), str(tmp_path / "absent")]) == 2
+    assert "absent" in capsys.readouterr().err

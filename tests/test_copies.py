@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from histosynth.evaluation.copies import aligned_ncc, dihedral, grey, thresholds
+from histosynth.evaluation.copies import aligned_ncc, eight_views, grey, thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,13 @@ def test_aligned_ncc_finds_a_rotated_and_shifted_copy():
     rng = np.random.default_rng(0)
     train = bench.tissue(rng, 3, 48)
     moved = np.roll(train[1], (2, -3), axis=(0, 1))  # shifted by (2, -3) px
-    query = dihedral(moved[None])[3, 0]  # and flipped/rotated
+    query = eight_views(moved[None])[3, 0]  # and flipped/rotated
     pairs = np.array([[0, 0], [0, 1], [0, 2]])
     best, local, view, offset = aligned_ncc(grey(query[None], 128), grey(train, 128), pairs, shift=4)
     assert best[1] == pytest.approx(1.0, abs=1e-4) and best[[0, 2]].max() < 0.6
     assert local[1] == pytest.approx(1.0, abs=1e-4) and local[[0, 2]].max() < 0.6
     # the view that matched undoes the flip/rotation, and the query's centre sits 2 down, 3 left of the patch's
-    assert np.array_equal(dihedral(query[None])[view[1], 0], moved)
+    assert np.array_equal(eight_views(query[None])[view[1], 0], moved)
     assert tuple(offset[1]) == (4 - 2, 4 + 3)
 
 
@@ -68,7 +68,7 @@ def test_a_descriptor_replaces_the_pixel_measure():
 
     def views(x):  # a stand-in descriptor (Space's interface): 8 x 8 average-pooled grey values of each view
         return unit(np.stack([grey(v, 8).reshape(len(x), -1) - grey(v, 8).reshape(len(x), -1).mean(1, keepdims=True)
-                              for v in dihedral(x)]))
+                              for v in eight_views(x)]))
 
     space = Space(views(train)[0], views(images), views(heldout))
     found = find_copies(images, train, heldout, classes=np.full(4, "texture"), heldout_classes=classes,

@@ -14,7 +14,7 @@ from histosynth.generators.autoencoder import build_autoencoder
 from histosynth.generators.diffusion import SpadeUNet, build_model, load_diffusion, parameter_count, model_output, train_scheduler
 from histosynth.generators.sampling import SAMPLERS, guided_output, make_sampler, sample
 from histosynth.generators.train_diffusion import train_diffusion
-from histosynth.generators.training import TrainingError
+from histosynth.training.errors import TrainingError
 from test_training import Shapes, tiny
 
 

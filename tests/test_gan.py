@@ -17,14 +17,13 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
+from histosynth.files import MODEL_INFO
 from histosynth.generators.gan import (
     GAN,
-    META_FILE,
     Generator,
     build_gan,
     diff_augment,
     diffaugment_policy,
-    dihedral,
     discriminator_widths,
     generate,
     generator_widths,
@@ -36,7 +35,9 @@ from histosynth.generators.gan import (
     train,
 )
 from histosynth.generators.monitor import FeatureSpace, FidelityMonitor, feature_spaces
-from histosynth.generators.training import TrainingError, checkpoints
+from histosynth.training.batches import random_dihedral
+from histosynth.training.checkpoints import checkpoints
+from histosynth.training.errors import TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -191,7 +192,7 @@ def test_discriminator_learns_to_separate_reals_from_the_initial_fakes():
 def test_dihedral_gives_one_of_the_eight_symmetries_of_each_image():
     torch.manual_seed(0)
     images = torch.randn(64, 3, 5, 5)
-    out = dihedral(images)
+    out = random_dihedral(images)
     found = set()
     for x, o in zip(images, out):
         symmetries = [torch.rot90(v, k, (-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
@@ -233,7 +234,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = build_gan({**TINY, "size": 32, "z_dim": 16}, num_classes=2, labels=["benign", "malignant"]).eval()
     model.save_pretrained(tmp_path)
-    (tmp_path / META_FILE).write_text("{}")
+    (tmp_path / MODEL_INFO).write_text("{}")
     loaded = load_gan(tmp_path)
     assert loaded.config.labels == ["benign", "malignant"] and loaded.config.size == 32
     seeds, y = [1, 2, 3], torch.tensor([0, 1, 1])
@@ -268,7 +269,7 @@ def test_training_writes_model_losses_and_class_rows_of_previews(tmp_path):
     data = [Toy()[i] for i in range(6)]  # a plain list of dicts; no per-item labels, so no class balance
     summary = train(data, tmp_path, tiny(class_balance=0.0), seed=1, labels=["red", "blue"])
     assert summary["steps"] == 4
-    meta = json.loads((tmp_path / "model" / META_FILE).read_text())
+    meta = json.loads((tmp_path / "model" / MODEL_INFO).read_text())
     assert meta["num_classes"] == 2 and meta["size"] == 16 and meta["z_dim"] == 128 and meta["labels"] == ["red", "blue"]
     assert meta["training"]["train"]["lr_d"] == 4e-4 and meta["generator_weights"] == "ema"
     with open(tmp_path / "loss.csv") as f:
@@ -344,16 +345,21 @@ def test_fidelity_during_training_joins_the_loss_rows_of_its_steps(tmp_path):
     assert not any(r["fd"] for r in loss_rows(tmp_path / "off"))
 
 
-def test_feature_spaces_say_what_is_missing_and_build_what_is_not(tmp_path, caplog, segmentation_run):
-    """Without the segmentation run or Inception weights: no space, and a log line naming each;
-    with the real-only segmenter: its encoder gives fd/kd."""
+def test_feature_spaces_say_what_is_missing_and_build_what_is_not(tmp_path, caplog):
+    """The segmenter's space (quality.extractor 'segmentation', the default) is left to the quality
+    stage and Inception is absent without its weights: no space, and a log line naming each; a timm
+    extractor with a local weights file gives fd/kd, with no model trained downstream."""
+    import timm
+
     quality = section_defaults("quality")
     with caplog.at_level("INFO", logger="histosynth.generators.monitor"):
         assert feature_spaces(quality, tmp_path / "weights") == []
-    assert "no fd/kd" in caplog.text and "segmentation run" in caplog.text
+    assert "no fd/kd" in caplog.text and "rule image_quality" in caplog.text
     assert "no fid/kid" in caplog.text and "fetch_weights" in caplog.text
-    [space] = feature_spaces(quality, tmp_path / "weights", segmentation_run)
-    assert (space.distance, space.kernel) == ("fd", "kd") and "segmentation encoder" in space.name
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), tmp_path / "timm.pth")
+    timm_quality = {**quality, "extractor": "test_efficientnet", "extractor_weights": str(tmp_path / "timm.pth")}
+    [space] = feature_spaces(timm_quality, tmp_path / "weights")
+    assert (space.distance, space.kernel) == ("fd", "kd") and "test_efficientnet" in space.name
     assert space.embed(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape[0] == 2
 
 
@@ -389,7 +395,7 @@ def test_command_line_entry_point_names_the_classes_of_a_resolved_config(tmp_pat
     args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "test_gan:factory",
             "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt")]
     assert main(args) == 0
-    assert json.loads((tmp_path / "out" / "model" / META_FILE).read_text())["labels"] == ["background", "tumour"]
+    assert json.loads((tmp_path / "out" / "model" / MODEL_INFO).read_text())["labels"] == ["background", "tumour"]
     assert (tmp_path / "ckpt" / "step-2" / "trainer.pt").is_file()
 
 
@@ -406,7 +412,7 @@ def test_gan_set_per_label_at_the_patch_size_feeds_mixing_but_not_segmentation(t
     torch.manual_seed(0)
     model = build_gan({**TINY, "size": 16, "z_dim": 16, "attention_g": [8], "attention_d": [16]}, 2, labels["classes"])
     model.save_pretrained(tmp_path / "gan")
-    (tmp_path / "gan" / META_FILE).write_text("{}")
+    (tmp_path / "gan" / MODEL_INFO).write_text("{}")
     patches = tmp_path / "patches"
     (patches / "p").mkdir(parents=True)
     rows = []

@@ -398,8 +398,13 @@ def plain_tiff(tmp_path) -> Path:
 
 def test_cli_inspect_and_patches_on_a_plain_tiff(plain_tiff, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no config/config.yaml: schema defaults
-    assert main(["inspect", str(plain_tiff)]) == 2
-    assert "tile.tif" in (err := capsys.readouterr().err) and "--slide-mpp" in err
+    assert main(["inspect", str(plain_tiff)]) == 0  # described without its mpp
+    out = capsys.readouterr().out
+    assert "vendor: plain TIFF" in out and "1024 x 1024 px" in out and "level 0: 1024 x 1024 px, downsample 1.000\n" in out
+    assert "mpp: unknown (give --slide-mpp or the sheet's mpp)" in out
+    assert main(["inspect", str(plain_tiff), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mpp"] is None and info["levels"][0]["mpp"] is None and info["dimensions"] == [1024, 1024]
     assert main(["inspect", str(plain_tiff), "--slide-mpp", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "vendor: plain TIFF" in out and "1024 x 1024 px" in out and "mpp: 0.5000" in out and "level 1" not in out

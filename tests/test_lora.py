@@ -29,7 +29,7 @@ from histosynth.generators.lora import (
     train,
 )
 from histosynth.generators.synthesis import MANIFEST, lora_stage
-from histosynth.generators.training import checkpoints
+from histosynth.training.checkpoints import checkpoints
 from test_gan import Toy
 from tiny_sd import write_tiny_stable_diffusion
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import histosynth.device
-import histosynth.generators.training
+import histosynth.training.loop
 
 ORIGINALS = {"autocast": histosynth.device.autocast, "prepare_model": histosynth.device.prepare_model,
-             "make_accelerator": histosynth.generators.training.make_accelerator}
+             "make_accelerator": histosynth.training.loop.make_accelerator}
 
 
 def _bf16_autocast(device):

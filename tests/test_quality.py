@@ -14,9 +14,9 @@ from PIL import Image
 
 from histosynth.config import section_defaults
 from histosynth.evaluation.consistency import nuclei_scores, pooled_consistency, region_scores
-from histosynth.evaluation.fidelity import (
-    fid, fid_from_features, gaussian_stats, inception_features, inception_score, kid, load_inception, load_lpips,
-)
+from histosynth.distances import fid, fid_from_features, gaussian_stats, inception_score, kid
+from histosynth.evaluation.fidelity import inception_features
+from histosynth.nets import WeightsError, load_inception, load_lpips
 from histosynth.evaluation.quality import COLUMNS, image_quality
 from histosynth.weights import WEIGHTS, weights_file
 
@@ -192,9 +192,9 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
     assert ok["lpips_diversity"] > 0  # distinct noisy images
     assert set(table["class"]) >= {"all", "Blood vessel"}
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="AlexNet"):
+    with pytest.raises(WeightsError, match="AlexNet"):
         load_lpips(tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="InceptionV3"):
+    with pytest.raises(WeightsError, match="InceptionV3"):
         load_inception(tmp_path / "bad.pth", 64)
 
 

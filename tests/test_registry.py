@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from histosynth.data.io import write_relative, write_table
-from histosynth.generators.autoencoder import content_hash
+from histosynth.files import content_hash
 from histosynth.registry import (
     RegistryError,
     connect,

@@ -14,7 +14,11 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from histosynth.generators.train_diffusion import train_diffusion
-from histosynth.generators.training import EMA, ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError, checkpoints, config_differences, epoch_order
+from histosynth.training.batches import epoch_order
+from histosynth.training.checkpoints import checkpoints
+from histosynth.training.ema import EMA
+from histosynth.training.errors import ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError
+from histosynth.training.resume import config_differences
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,7 +118,7 @@ def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_cover_everything
 
 
 def test_class_balance_draws_the_rare_label_as_often_as_the_common_one():
-    from histosynth.generators.training import balance_weights
+    from histosynth.training.batches import balance_weights
 
     labels = [0] * 90 + [1] * 10
     draws = []

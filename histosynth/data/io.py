@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from histosynth.files import atomic_dir as atomic_dir  # re-exported for callers not yet moved to histosynth.files
+from histosynth.files import atomic_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,37 +27,6 @@ PNG_COMPRESSION = {
     "deflate": {"level": 6},
     "none": {"level": 0},
 }
-
-
-@contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `final` only if the block succeeds,
-    so a failed stage leaves no half-written output."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-@contextmanager
-def atomic_file(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path that is renamed to `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial{final.suffix}")
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, final)
 
 
 def write_png(array: np.ndarray, path: str | Path, compression: str = "fast") -> None:

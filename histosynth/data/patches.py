@@ -27,7 +27,8 @@ from histosynth.data.annotations import (
     class_fractions,
     load_regions,
 )
-from histosynth.data.io import arrow_table, atomic_dir, atomic_file, write_png
+from histosynth.data.io import arrow_table, write_png
+from histosynth.files import atomic_dir, atomic_file
 from histosynth.data.slides import Slide
 from histosynth.data.tissue import Tissue, detect_tissue, detection_mpp
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.data.io import atomic_file
+from histosynth.files import atomic_file
 from histosynth.data.annotations import FORMATS, AnnotationError, detect_format
 from histosynth.seeds import derive_seed
 

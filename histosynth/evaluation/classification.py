@@ -11,7 +11,7 @@ augmentation (the 8 flips/rotations) are fixed by (seed, epoch).
 
 Training: cross-entropy (optionally weighted by inverse training-class frequency), Adam, early
 stopping on the validation loss (`patience` epochs without improvement; the one epoch loop of
-histosynth.evaluation.epochs), the best-validation model kept. Before each validation the
+histosynth.training.epochs), the best-validation model kept. Before each validation the
 BatchNorm statistics are recomputed at the epoch's weights (recalibrate_batchnorm), so the
 validated and the saved model are scored with statistics of their own weights. With `folds: 1` the training set
 is the ratio's manifest and the val slides validate; with k folds (slide-grouped and stratified,
@@ -57,13 +57,8 @@ from histosynth.data.io import (
 )
 from histosynth.data.labels import label_index, patch_labels
 from histosynth.device import autocast, pick_device, prepare_model
-from histosynth.evaluation.epochs import data_loader, fit_epochs, read_model_folder
-from histosynth.evaluation.segmentation import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    dihedral,
-    normalise,
-)
+from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops
+from histosynth.training.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.seeds import derive_seed, seed_everything
 from histosynth.weights import classifier_spec, read_state_dict, weights_file
 
@@ -402,7 +397,7 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequenc
         augment = torch.Generator().manual_seed(derive_seed(seed, "classification", "augment", epoch))
         for batch in data_loader(train_set, s["batch_size"], derive_seed(seed, "classification", "epoch", epoch),
                                  s["num_workers"], drop_last=drop_last):
-            yield dihedral(batch["image"], None, augment)[0] if s["augment"] else batch["image"], batch["target"]
+            yield dihedral(batch["image"], random_ops(len(batch["image"]), augment)) if s["augment"] else batch["image"], batch["target"]
 
     def batch_loss(batch) -> tuple[torch.Tensor, int]:
         x, y = batch[0].to(device), batch[1].to(device)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
+from histosynth.nets import dihedral
+
 COMPARE_SIDE = 128  # the pixel measure compares grey images at most this many px a side
 CANDIDATE_SIDE = 16  # the cheap candidate search correlates blurred grey images at most this many px a side
 TILES = 4  # local similarity: the median NCC over a TILES x TILES grid of tiles
@@ -40,13 +42,14 @@ MIN_REGION = 64  # painted regions of fewer pixels are not compared: a correlati
 _CHUNK_PIXELS = 2 ** 24  # pairs x 8 views x pixels whose spectra are held at once (memory, not results)
 
 
-def dihedral(images: np.ndarray) -> np.ndarray:
+# The op (histosynth.nets.dihedral) of each view, in the order the curated tables' nearest_view
+# records: view 2k is k quarter turns, view 2k + 1 that turn mirrored left-right.
+VIEW_OPS = (0, 4, 1, 7, 2, 6, 3, 5)
+
+
+def eight_views(images: np.ndarray) -> np.ndarray:
     """(8, N, ...) the 8 flips/rotations of (N, H, W, ...) square images; view 0 is the image itself."""
-    views = []
-    for k in range(4):
-        rotated = np.rot90(images, k, axes=(1, 2))
-        views += [rotated, rotated[:, :, ::-1]]
-    return np.stack(views)
+    return np.stack([dihedral(images, [op] * len(images), axes=(1, 2)) for op in VIEW_OPS])
 
 
 def shrink(values: np.ndarray, side: int) -> np.ndarray:
@@ -111,7 +114,7 @@ def coarse_scores(queries: np.ndarray, train: np.ndarray, shift: int, tiled: boo
         parts = values[:, :side * TILES, :side * TILES].reshape(n, TILES, side, TILES, side).transpose(1, 3, 0, 2, 4)
         return standardised(parts.reshape(-1, side * side)).reshape(TILES * TILES, n, side * side)  # (tiles, N, D)
 
-    views, reference = [coarse(view) for view in dihedral(queries)], coarse(train)
+    views, reference = [coarse(view) for view in eight_views(queries)], coarse(train)
 
     def score(rows: slice) -> np.ndarray:
         return np.max([np.median(np.matmul(view[:, rows], reference.transpose(0, 2, 1)), axis=0) for view in views], axis=0)
@@ -178,7 +181,7 @@ def aligned_ncc(queries: np.ndarray, train: np.ndarray, pairs: np.ndarray, shift
     for start in range(0, n_pairs, step):
         chunk, done = pairs[start:start + step], slice(start, start + min(step, n_pairs - start))
         unique, which = np.unique(chunk[:, 0], return_inverse=True)
-        views = dihedral(queries[unique])[:, :, s:side - s, s:side - s]  # (8, Q, size, size)
+        views = eight_views(queries[unique])[:, :, s:side - s, s:side - s]  # (8, Q, size, size)
         templates = np.conj(fft.rfft2(standardised(views.reshape(-1, size, size)).reshape(views.shape), s=(side, side)))
         target = train[chunk[:, 1]]
         spectrum = templates[:, which] * fft.rfft2(target)[None]

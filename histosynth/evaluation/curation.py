@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.io import read_mask, read_rgb
-from histosynth.evaluation.copies import Space, dihedral, find_copies, unit
+from histosynth.evaluation.copies import Space, eight_views, find_copies, unit
 from histosynth.evaluation.features import FeatureExtractor, pixel_features
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> 
 def view_features(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
     """(8, N, D) unit-normalised features of the 8 flips/rotations of (N, H, W, 3) images; view 0
     is the image itself."""
-    return np.stack([_embed(view, extractor, batch_size) for view in dihedral(images)])
+    return np.stack([_embed(view, extractor, batch_size) for view in eight_views(images)])
 
 
 def image_consistency(scores: pd.DataFrame) -> pd.DataFrame:
@@ -223,7 +223,7 @@ def reject_summary(curated: pd.DataFrame) -> str:
 
 def _descriptor(settings: Mapping, device: str) -> FeatureExtractor | None:
     """The configured copy-detection descriptor (curation.descriptor), None when not configured."""
-    from histosynth.evaluation.features import FeatureError, timm_encoder
+    from histosynth.nets import FeatureError, timm_encoder
 
     if not settings["descriptor"]:
         return None

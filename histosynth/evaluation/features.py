@@ -5,7 +5,7 @@ An extractor maps uint8 RGB images (N, 3, H, W) to one feature vector each:
 - `segmentation_encoder`: the encoder of a segmentation model trained in the same run (by
   default the real-only one), global-average-pooled at every stage and concatenated, so colour,
   texture and structure all count. Always available once the baseline segmenter is trained.
-- `timm_encoder`: any timm model (num_classes=0: its pooled features) with weights from a local
+- `timm_encoder` (histosynth.nets): any timm model (num_classes=0: its pooled features) with weights from a local
   file, e.g. an ImageNet ResNet or a pathology foundation model in timm format.
 
 Inception (FID/KID/IS) stays in histosynth.evaluation.quality; these spaces sit beside it, and every quality
@@ -14,8 +14,7 @@ row names the extractor it used (`FeatureExtractor.name`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from histosynth.data.io import read_rgb
-from histosynth.weights import read_state_dict
-
-SEGMENTATION = "segmentation"
-
-
-class FeatureError(ValueError):
-    """A feature extractor that cannot be built from the given model or weights."""
-
-
-@dataclass(frozen=True)
-class FeatureExtractor:
-    name: str                                        # written into every quality row that uses it
-    embed: Callable[[torch.Tensor], torch.Tensor]    # uint8 (N, 3, H, W) -> float (N, D)
-
-
-def _normalised(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device) -> torch.Tensor:
-    x = images.to(device).float() / 255.0
-    return (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
-
+from histosynth.nets import SEGMENTATION, FeatureError, FeatureExtractor, normalise, timm_encoder
 
 def segmentation_encoder(model) -> FeatureExtractor:
     """The encoder of a loaded segmentation model (histosynth.evaluation.segmentation.load_model, the same
     object that re-segments for mask consistency): each stage's feature map average-pooled,
     concatenated (resnet18 at depth 4: 512 values)."""
-    from histosynth.evaluation.segmentation import normalise
-
     encoder = model.net.encoder
 
     @torch.no_grad()
@@ -58,39 +37,6 @@ def segmentation_encoder(model) -> FeatureExtractor:
 
     return FeatureExtractor(f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, "
                             f"{model.source})", embed)
-
-
-def timm_encoder(model_name: str, weights: str | Path | None, device: str | torch.device = "auto") -> FeatureExtractor:
-    """A timm model's pooled features (num_classes=0) with weights from a local file (.safetensors,
-    .pth, .bin; a classifier head in the file is ignored), normalised as its pretrained config says."""
-    import timm
-
-    from histosynth.device import pick_device
-
-    if not weights:
-        raise FeatureError(f"quality.extractor={model_name!r} needs quality.extractor_weights: a local weights file "
-                           "for that timm model (nothing is downloaded)")
-    path = Path(weights)
-    if not path.is_file():
-        raise FeatureError(f"quality.extractor_weights={weights}: no such file (the weights of timm model {model_name!r})")
-    try:
-        net = timm.create_model(model_name, pretrained=False, num_classes=0)
-    except RuntimeError as err:
-        raise FeatureError(f"quality.extractor={model_name!r} is not a timm model name ({err})") from err
-    missing, _ = net.load_state_dict(read_state_dict(path), strict=False)
-    if missing:
-        raise FeatureError(f"{path} does not fit timm model {model_name!r}: {len(missing)} weights missing, "
-                           f"e.g. {missing[:3]}")
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    net = net.eval().to(device)
-    cfg = net.pretrained_cfg or {}
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-
-    @torch.no_grad()
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        return net(_normalised(images, mean, std, device)).float().cpu()
-
-    return FeatureExtractor(f"timm {model_name} ({path})", embed)
 
 
 def build_extractor(name: str, weights: str | Path | None, segmentation=None,

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from histosynth.data.io import atomic_file  # noqa: E402
+from histosynth.files import atomic_file  # noqa: E402
 
 DPI = 120
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.data.io import read_rgb
-from histosynth.evaluation.copies import dihedral
+from histosynth.evaluation.copies import eight_views
 from histosynth.evaluation.curation import Reference, reason_kinds
 
 MONTAGE_ROWS = 8  # flagged images first, then the closest kept ones
@@ -81,7 +81,7 @@ def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
     for ax, row in zip(axes, rows.to_dict("records"), strict=False):
         image = read_rgb(row["image"])
         if pd.isna(row.get("donor_patch_id")):
-            image = dihedral(image[None])[int(row["nearest_view"]), 0]
+            image = eight_views(image[None])[int(row["nearest_view"]), 0]
         panels = [(image, f"{row['id']}" + (f" ({row['class']})" if "class" in row else ""), _caption(row, "image"))]
         for which in ("nearest", "second"):
             patch = row[f"{which}_patch"]

@@ -41,15 +41,9 @@ from histosynth.evaluation.features import (
     image_features,
     pairwise_diversity,
 )
-from histosynth.evaluation.fidelity import (
-    fid,
-    inception_features,
-    inception_score,
-    kid,
-    load_inception,
-    load_lpips,
-    lpips_diversity,
-)
+from histosynth.distances import fid, inception_score, kid
+from histosynth.evaluation.fidelity import inception_features, lpips_diversity
+from histosynth.nets import load_inception, load_lpips
 from histosynth.weights import WEIGHTS, weights_file
 
 log = logging.getLogger(__name__)

@@ -179,7 +179,7 @@ def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray
                        seed: int, device) -> np.ndarray:
     import torch
 
-    from histosynth.evaluation.segmentation import dihedral
+    from histosynth.nets import dihedral, random_ops
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -198,7 +198,7 @@ def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray
         order = train[torch.randperm(len(train), generator=generator).numpy()]
         for start in range(0, len(order), s["batch_size"]):
             idx = order[start:start + s["batch_size"]]
-            batch, _ = dihedral(x[idx], None, generator)
+            batch = dihedral(x[idx], random_ops(len(idx), generator))
             loss = loss_fn(net(prepared(batch))[:, 0], y[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

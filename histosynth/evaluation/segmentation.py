@@ -47,15 +47,14 @@ from histosynth.data.io import (
 )
 from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
-from histosynth.evaluation.epochs import data_loader, fit_epochs, read_model_folder
+from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops, unet
 from histosynth.overlap import overlap_scores
 from histosynth.seeds import derive_seed, seed_everything
+from histosynth.training.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.weights import encoder_spec, read_state_dict, weights_file
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OVERLAY_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (0, 90, 255)}
 OVERLAY_ALPHA = 0.55
 OVERLAY_MIN_SIDE = 256  # overlays of small patches are enlarged (nearest) to at least this side
@@ -105,37 +104,7 @@ class SegmentationDataset(Dataset):
                 "target": torch.from_numpy(one_hot(mask, self.values)), "index": i}
 
 
-def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, (x / 255 - mean) / std per channel; ImageNet's by default (the encoders' convention)."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
-def dihedral(images: torch.Tensor, targets: torch.Tensor | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply one of the 8 flips/90-degree rotations per sample, drawn from `generator`, to the
-    images (N, C, H, W) and alike to their target masks; targets None (image-level labels, which
-    no flip changes) is returned as None."""
-    ops = torch.randint(0, 8, (len(images),), generator=generator).tolist()
-
-    def apply(batch: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.rot90(x.flip(-1) if op & 4 else x, op & 3, (-2, -1)) for x, op in zip(batch, ops, strict=True)])
-
-    return apply(images), None if targets is None else apply(targets)
-
-
 # ----------------------------------------------------------------------------- model
-
-def unet(encoder: str, depth: int, decoder_channels: Sequence[int], n_classes: int, attention: str | None = None):
-    """smp's U-Net with random weights (pretrained ones are loaded separately, so a saved config
-    never asks smp to download)."""
-    import segmentation_models_pytorch as smp
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        return smp.Unet(encoder_name=encoder, encoder_depth=depth, encoder_weights=None,
-                        decoder_channels=list(decoder_channels), decoder_attention_type=attention, classes=n_classes)
-
 
 def build_model(settings: Mapping, n_classes: int):
     """The U-Net of the segmentation settings (see unet), its decoder checked against them."""
@@ -296,7 +265,8 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
     def batch_loss(batch: dict) -> tuple[torch.Tensor, int]:
         images, targets = batch["image"], batch["target"]
         if s["augment"]:
-            images, targets = dihedral(images, targets, augment)
+            ops = random_ops(len(images), augment)
+            images, targets = dihedral(images, ops), dihedral(targets, ops)
         x, y = normalise(images.to(device)), targets.to(device)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -9,11 +9,9 @@ training latents), loss.csv, metrics.json (validation PSNR and SSIM), reconstruc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,18 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir, atomic_file
+from histosynth.files import atomic_dir, atomic_file
 from histosynth.device import autocast
+from histosynth.nets import WeightsError, load_lpips
 from histosynth.seeds import seed_everything
-from histosynth.weights import read_state_dict
 from histosynth.generators.launch import cli
-from histosynth.generators.training import (
-    TrainingError,
-    check_dataset,
-    fit,
-    make_accelerator,
-    save_grid,
-)
+from histosynth.training.batches import check_dataset
+from histosynth.training.errors import TrainingError
+from histosynth.training.grids import save_grid
+from histosynth.training.loop import fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.autoencoder")  # not __main__ under python -m
 
@@ -109,40 +104,6 @@ def load_autoencoder(path: str | Path):
     return classes[name].from_pretrained(path).eval().requires_grad_(False)
 
 
-def content_hash(path: str | Path) -> str:
-    """sha256 over a saved model's config and weights (file names and bytes), for provenance."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file()):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- perceptual loss
-
-def load_lpips(path: str | Path, net: str = "alex") -> nn.Module:
-    """torchmetrics' LPIPS network with weights from `path`, never downloading: either a full
-    LPIPS state dict (keys net.slice*, lin*) or a torchvision backbone state dict (keys features.*,
-    combined with the linear layers torchmetrics ships)."""
-    from torchmetrics.functional.image.lpips import _NoTrainLpips
-
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"autoencoder.lpips_weights: {path} does not exist")
-    lpips = _NoTrainLpips(net=net, pretrained=True, pnet_rand=True)  # random backbone, shipped linear layers
-    state = read_state_dict(path)
-    if any(k.startswith("features.") for k in state):  # torchvision `features` -> LPIPS slices
-        layer = re.compile(r"^net\.(?:slice\d+|slices\.\d+)\.(\d+)\.(.+)$")
-        state = {name: state[f"features.{m[1]}.{m[2]}"] for name in lpips.state_dict() if (m := layer.match(name))}
-    missing = [k for k in lpips.load_state_dict(state, strict=False).missing_keys if k.startswith("net.")]
-    if missing:
-        raise TrainingError(f"{path}: not LPIPS/{net} weights; missing {missing[:3]}...")
-    return lpips.eval().requires_grad_(False)
-
-
 # ----------------------------------------------------------------------------- training
 
 class _Posterior:
@@ -213,7 +174,10 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
     accelerator = accelerator or make_accelerator(c["train"])
     lpips = None
     if c["lpips_weights"]:
-        lpips = load_lpips(c["lpips_weights"], c["lpips_net"]).to(accelerator.device)
+        try:
+            lpips = load_lpips(c["lpips_weights"], c["lpips_net"]).to(accelerator.device)
+        except WeightsError as err:
+            raise TrainingError(f"autoencoder.lpips_weights: {err}") from err
         log.info("perceptual loss: LPIPS/%s from %s, weight %g", c["lpips_net"], c["lpips_weights"], c["lpips_weight"])
     else:
         log.info("perceptual loss skipped: autoencoder.lpips_weights is not set (no pretrained weights are "

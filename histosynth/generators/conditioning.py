@@ -20,7 +20,8 @@ import pandas as pd
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
-from histosynth.data.io import atomic_dir, write_png, write_table
+from histosynth.data.io import write_png, write_table
+from histosynth.files import atomic_dir
 from histosynth.data.patches import QC_COLOURS
 from histosynth.parallel import map_chunks
 from histosynth.nuclei.instances import (

@@ -26,15 +26,12 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
 from histosynth.config import section_defaults
-from histosynth.generators.autoencoder import (
-    content_hash,
-    load_autoencoder,
-)
+from histosynth.files import MODEL_INFO, content_hash
+from histosynth.generators.autoencoder import load_autoencoder
 from histosynth.generators.spade import SPADE, SPADEResBlock, _groups
-from histosynth.generators.training import TrainingError
+from histosynth.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
-META_FILE = "histosynth.json"
 
 
 # ----------------------------------------------------------------------------- the SPADE U-Net
@@ -209,9 +206,9 @@ def load_diffusion(path: str | Path, autoencoder: str | Path | None = None, devi
     from diffusers import DDPMScheduler, UNet2DModel
 
     path = Path(path)
-    meta_file = path / META_FILE
+    meta_file = path / MODEL_INFO
     if not meta_file.is_file():
-        raise TrainingError(f"{path} is not a histosynth diffusion model (no {META_FILE})")
+        raise TrainingError(f"{path} is not a histosynth diffusion model (no {MODEL_INFO})")
     meta = json.loads(meta_file.read_text())
     cls = SpadeUNet if meta["conditioning"] == "spade" else UNet2DModel
     model = cls.from_pretrained(path).eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """Stage train_gan: the class-conditional GAN of seeds 000 and 001 (Berezsky et al.): cell-based
 generator and discriminator with self-attention, hinge loss, spectral norm, TTUR, trained on the
-shared loop (histosynth.generators.training.fit) with one optimiser each.
+shared loop (histosynth.training.loop.fit) with one optimiser each.
 
     python -m histosynth.generators.gan train --config CONFIG --out DIR --dataset MODULE:FUNC --index ...
 
@@ -35,27 +35,19 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir
+from histosynth.files import MODEL_INFO, atomic_dir
 from histosynth.device import autocast
 from histosynth.generators.launch import cli
 from histosynth.generators.monitor import COLUMNS as MONITOR_COLUMNS
 from histosynth.generators.monitor import FeatureSpace, FidelityMonitor
-from histosynth.generators.training import (
-    TrainingError,
-    Update,
-    batch_draw,
-    check_dataset,
-    dataset_labels,
-    fit,
-    load_weights,
-    make_accelerator,
-    save_grid,
-    to_uint8,
-)
+from histosynth.training.batches import batch_draw, check_dataset, dataset_labels, random_dihedral
+from histosynth.training.checkpoints import load_weights
+from histosynth.training.errors import TrainingError
+from histosynth.training.grids import save_grid, to_uint8
+from histosynth.training.loop import fit, make_accelerator, Update
 from histosynth.seeds import derive_seed, seed_everything
 
 log = logging.getLogger("histosynth.generators.gan")  # not __main__ under python -m
-META_FILE = "histosynth.json"
 DIFFAUGMENT = ("colour", "translation", "cutout")
 SIZES = (16, 32, 64, 128, 256, 512)
 
@@ -320,19 +312,6 @@ def hinge_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
     return -d_fake.mean()
 
 
-def dihedral(images: torch.Tensor) -> torch.Tensor:
-    """Each (square) image flipped and rotated by a random multiple of 90 degrees (one of the 8
-    symmetries of the square), drawn from the global RNG per item of the global batch
-    (training.batch_draw): label-safe for histology, whose classes do not depend on orientation."""
-    n = len(images)
-    k = batch_draw(lambda m: torch.randint(0, 8, (m,), device=images.device), n).view(n, 1, 1, 1)
-    out = torch.where(k >= 4, images.flip(-1), images)
-    flipped = out
-    for quarter in (1, 2, 3):
-        out = torch.where(k % 4 == quarter, torch.rot90(flipped, quarter, (-2, -1)), out)
-    return out
-
-
 def _colour(x: torch.Tensor) -> torch.Tensor:
     n = len(x)
 
@@ -444,8 +423,8 @@ def load_gan(folder: str | Path, device=None) -> GAN:
     """The GAN saved by `train` in `folder` (model/), in eval mode; model.config has num_classes,
     size, z_dim and labels (also in histosynth.json)."""
     folder = Path(folder)
-    if not (folder / META_FILE).is_file() or not (folder / "config.json").is_file():
-        raise TrainingError(f"{folder} is not a histosynth GAN (no {META_FILE} or config.json); train it first (rule train_gan)")
+    if not (folder / MODEL_INFO).is_file() or not (folder / "config.json").is_file():
+        raise TrainingError(f"{folder} is not a histosynth GAN (no {MODEL_INFO} or config.json); train it first (rule train_gan)")
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if name != GAN.__name__:
         raise TrainingError(f"{folder} holds a {name}, not a {GAN.__name__}")
@@ -522,7 +501,7 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         if real.shape[-2:] != (size, size):  # the seed resized its images to 64x64 (seed 000, 8.1)
             real = F.interpolate(real, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if t["augment"]:
-            real = dihedral(real)
+            real = random_dihedral(real)
         z = batch_draw(lambda m: torch.randn(m, z_dim, device=real.device), len(y))
         d_real, d_fake = model(z, y, real=real, transform=transform)
         d_real, d_fake = d_real.float(), d_fake.float()
@@ -578,7 +557,7 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
             "training": json.loads(json.dumps(run_config, default=str))}
     with atomic_dir(out / "model") as tmp:
         trained.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))
     return {"model": str(out / "model"), "loss_csv": str(result.loss_csv), "steps": result.step, "parameters": counts}
 
 

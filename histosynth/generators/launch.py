@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from histosynth.generators.training import TrainingError
+from histosynth.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
     if stage == "diffusion":
         p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
-    if stage == "gan":
-        p.add_argument("--segmentation", help="the real-only segmentation run folder: the feature space of the "
-                                              "FD/KD during training when quality.extractor is 'segmentation'")
     args = parser.parse_args(argv)
     if args.log:
         from histosynth.logs import log_to
@@ -81,7 +78,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
         from histosynth.generators.monitor import feature_spaces
 
         quality = section_defaults("quality", config.get("quality"))
-        spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir"), args.segmentation) \
+        spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir")) \
             if section_defaults("gan", config.get("gan"))["train"]["eval_every"] else []
         extra.update(feature_spaces=spaces, quality=quality)
     if stage == "lora":  # the preview grids sample as synthesis.lora does
@@ -98,12 +95,11 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
 
 
 def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
-           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None,
-           segmentation: str | None = None) -> None:
+           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
     """Run the stage's trainer (`python -m TRAINERS[stage] train`) for a Snakemake job: in this process on one device,
     under `accelerate launch` with one process per GPU when the job was given gpus > 1 (`multi_process_command`).
 
-    The config's train.batch_size is the global batch whatever `gpus` is (histosynth.generators.training): more
+    The config's train.batch_size is the global batch whatever `gpus` is (histosynth.training.loop): more
     GPUs split each step's batch, they do not enlarge it. The `threads` are shared out among the processes."""
     import subprocess
 
@@ -118,8 +114,6 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
             "--threads", str(max(1, int(threads) // processes))]
     if autoencoder:
         argv += ["--autoencoder", str(autoencoder)]
-    if segmentation:
-        argv += ["--segmentation", str(segmentation)]
     if processes > 1:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as stream:  # the launcher's own messages (a worker's failure) join the workers' log

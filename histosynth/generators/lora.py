@@ -7,7 +7,7 @@ LoRA scales with Euler ancestral steps and classifier-free guidance.
 The base model is a local diffusers-layout folder (`lora.base_model`), read with
 local_files_only and HF_HUB_OFFLINE=1, never a hub id. Adapters (peft) sit on the U-Net's
 attention projections and, by default as in seed 004, the text encoder's; everything else is
-frozen. Training runs on the shared loop (histosynth.generators.training.fit): its checkpoints
+frozen. Training runs on the shared loop (histosynth.training.loop.fit): its checkpoints
 hold the LoRA weights and the optimiser alone (megabytes, not the base model's gigabytes), resume
 is bit-identical, bf16 autocast on CUDA only (fp16 LoRA training gives NaN losses).
 
@@ -18,7 +18,6 @@ prompts, rank, alpha, resolution), loss.csv, samples/step-<n>.png (one row per l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,22 +32,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir
+from histosynth.files import MODEL_INFO, atomic_dir, folder_hash
 from histosynth.generators.launch import cli
-from histosynth.generators.training import (
-    TrainingError,
-    Update,
-    batch_draw,
-    check_dataset,
-    dataset_labels,
-    fit,
-    make_accelerator,
-    save_grid,
-)
+from histosynth.training.batches import batch_draw, check_dataset, dataset_labels, random_dihedral
+from histosynth.training.errors import TrainingError
+from histosynth.training.grids import save_grid
+from histosynth.training.loop import fit, make_accelerator, Update
 from histosynth.seeds import derive_seed, seed_everything
 
 log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
-META_FILE = "histosynth.json"
 # what a diffusers Stable Diffusion folder must hold: {part: files one of which must exist there}
 PARTS = {"model_index.json": (), "unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
          "tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
@@ -106,13 +98,7 @@ def check_base_model(path: str | Path | None) -> Path:
 
 def base_model_hash(folder: str | Path) -> str:
     """sha256 over the base model's configs, vocabularies and weights (relative names and bytes)."""
-    folder, digest = Path(folder), hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".json", ".txt", ".safetensors", ".bin", ".model")):
-        digest.update(str(file.relative_to(folder)).encode())
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return folder_hash(folder, (".json", ".txt", ".safetensors", ".bin", ".model"), recursive=True)
 
 
 def class_prompts(setting: str | Mapping[str, str], classes: Sequence[str]) -> dict[str, str]:
@@ -270,13 +256,11 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     device = accelerator.device
 
     def loss(model, batch):
-        from histosynth.generators.gan import dihedral
-
         images = batch["image"].float()
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if t["augment"]:
-            images = dihedral(images)
+            images = random_dihedral(images)
         return model(images, batch["label"].long().reshape(-1)), {}
 
     preview_seeds = [derive_seed(seed, "preview", i) for i in range(t["sample_count"])]
@@ -320,7 +304,7 @@ def save_adapter(model: LoraStableDiffusion, folder: Path, *, base: Path, size: 
             "training": json.loads(json.dumps(settings, default=str))}
     with atomic_dir(folder) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))
     return folder
 
 
@@ -332,9 +316,9 @@ def load_pipeline(adapter: str | Path, device=None):
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     adapter = Path(adapter)
-    if not (adapter / META_FILE).is_file():
-        raise LoraError(f"{adapter}: not a LoRA adapter folder of rule train_lora (no {META_FILE})")
-    meta = json.loads((adapter / META_FILE).read_text())
+    if not (adapter / MODEL_INFO).is_file():
+        raise LoraError(f"{adapter}: not a LoRA adapter folder of rule train_lora (no {MODEL_INFO})")
+    meta = json.loads((adapter / MODEL_INFO).read_text())
     base = check_base_model(meta["base_model"])
     if base_model_hash(base) != meta["base_hash"]:
         raise LoraError(f"the base model {base} changed since the adapter {adapter} was trained on it (its hash "

@@ -1,8 +1,10 @@
 """Fidelity of a generator while it trains: the Fréchet distance and KID of its images against a
-fixed sample of real training images, in the feature spaces the quality stage uses (the offline
-one: the real-only segmenter's encoder or a timm model with local weights, giving `fd`/`kd`; and
+fixed sample of real training images, in the quality stage's feature spaces that need no model
+trained downstream (a timm model with local weights as quality.extractor, giving `fd`/`kd`; and
 Inception when its weights are present, giving `fid`/`kid`), written into the training's loss
-table every `eval_every` steps (GAN training: gan.train.eval_every).
+table every `eval_every` steps (GAN training: gan.train.eval_every). The segmenter's space
+(quality.extractor 'segmentation') is measured after training only, by the quality stage: a
+generator that waited for the downstream segmenter would retrain whenever its settings change.
 
 Values on a few hundred images are biased upwards against the final quality table's (more images)
 but comparable from step to step, which is what a training curve needs. Nothing here draws from
@@ -19,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histosynth.evaluation.features import SEGMENTATION, configured_extractor
-from histosynth.evaluation.fidelity import fid, inception_embeddings, kid, load_inception
+from histosynth.distances import fid, kid
+from histosynth.nets import SEGMENTATION, FeatureError, inception_embeddings, load_inception, timm_encoder
 from histosynth.weights import WEIGHTS, weights_file
 
 log = logging.getLogger(__name__)
@@ -36,21 +38,20 @@ class FeatureSpace:
     embed: Callable[[torch.Tensor], np.ndarray]       # uint8 (N, 3, H, W) -> float64 (N, D)
 
 
-def feature_spaces(quality: Mapping, weights_dir: str | Path, segmentation_model: str | Path | None = None) -> list[FeatureSpace]:
-    """The quality stage's feature spaces that can be built here (the `quality` config section;
-    segmentation_model: the real-only segmentation run folder when quality.extractor is
-    'segmentation'); each one that cannot is logged with how to enable it."""
+def feature_spaces(quality: Mapping, weights_dir: str | Path) -> list[FeatureSpace]:
+    """The quality stage's feature spaces that can be built here (the `quality` config section);
+    each one that cannot is logged with how to enable it."""
     spaces = []
-    segmenter = None
-    if quality["extractor"] == SEGMENTATION and segmentation_model is not None:
-        from histosynth.evaluation.segmentation import load_model
-
-        segmenter = load_model(segmentation_model, quality["device"])
-    extractor, why = configured_extractor(quality, segmenter)
-    if extractor is None:
-        log.info("fidelity during training: no fd/kd (%s)", why)
+    if quality["extractor"] == SEGMENTATION:
+        log.info("fidelity during training: no fd/kd (quality.extractor 'segmentation' is the downstream segmenter's "
+                 "space, measured after training by rule image_quality; a timm extractor with local weights gives "
+                 "fd/kd during training)")
     else:
-        spaces.append(FeatureSpace(extractor.name, "fd", "kd", lambda x: extractor.embed(x).double().numpy()))
+        try:
+            extractor = timm_encoder(quality["extractor"], quality["extractor_weights"], quality["device"])
+            spaces.append(FeatureSpace(extractor.name, "fd", "kd", lambda x: extractor.embed(x).double().numpy()))
+        except FeatureError as err:
+            log.info("fidelity during training: no fd/kd (%s)", err)
     inception_path, note = weights_file(WEIGHTS["inception"], quality["inception_weights"], weights_dir)
     if inception_path is None:
         log.info("fidelity during training: no fid/kid (%s)", note)

@@ -46,8 +46,8 @@ from histosynth.data.patches import (
 )
 from histosynth.device import autocast
 from histosynth.seeds import derive_seed
+from histosynth.files import content_hash
 from histosynth.generators.autoencoder import (
-    content_hash,
     decode,
     encode,
     latent_factor,
@@ -66,7 +66,8 @@ from histosynth.generators.sampling import (
     resize_cond,
     sample,
 )
-from histosynth.generators.training import balance_weights, save_grid, to_uint8
+from histosynth.training.batches import balance_weights
+from histosynth.training.grids import save_grid, to_uint8
 
 log = logging.getLogger("histosynth.generators.synthesis")
 

@@ -1,5 +1,5 @@
 """Stage train_diffusion: train the mask-conditioned diffusion model (histosynth.generators.diffusion)
-on the shared loop (histosynth.generators.training), with sample previews during training.
+on the shared loop (histosynth.training.loop), with sample previews during training.
 
     python -m histosynth.generators.train_diffusion train --config CONFIG --out DIR --dataset MODULE:FUNC --index ... [--autoencoder AE]
 
@@ -19,17 +19,15 @@ from pathlib import Path
 import torch
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir
+from histosynth.files import MODEL_INFO, atomic_dir, content_hash
 from histosynth.device import autocast
 from histosynth.seeds import derive_seed, seed_everything
 from histosynth.generators.autoencoder import (
-    content_hash,
     encode,
     latent_factor,
     load_autoencoder,
 )
 from histosynth.generators.diffusion import (
-    META_FILE,
     build_model,
     model_output,
     parameter_count,
@@ -37,15 +35,10 @@ from histosynth.generators.diffusion import (
 )
 from histosynth.generators.launch import cli
 from histosynth.generators.sampling import make_sampler, resize_cond, sample
-from histosynth.generators.training import (
-    TrainingError,
-    batch_draw,
-    check_dataset,
-    collate,
-    fit,
-    make_accelerator,
-    save_grid,
-)
+from histosynth.training.batches import batch_draw, check_dataset, collate
+from histosynth.training.errors import TrainingError
+from histosynth.training.grids import save_grid
+from histosynth.training.loop import fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.train_diffusion")  # not __main__ under python -m
 
@@ -170,7 +163,7 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     with atomic_dir(out / "model") as tmp:
         trained.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))
     return {"model": str(out / "model"), "loss_csv": str(result.loss_csv), "steps": result.step,
             "parameters": meta["parameters"]}
 

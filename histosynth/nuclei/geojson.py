@@ -15,7 +15,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, mapping, shape
 from skimage.measure import find_contours
 
-from histosynth.data.io import atomic_file
+from histosynth.files import atomic_file
 from histosynth.nuclei.instances import NUCLEUS_COLOURS
 
 log = logging.getLogger(__name__)

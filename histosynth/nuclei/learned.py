@@ -2,7 +2,7 @@
 predicts, per pixel, nucleus foreground, instance boundary, the distance to the nucleus border
 (normalised per nucleus to 0..1) and the nucleus class; a watershed by flooding of the distance
 map from seeds (high distance, no boundary) decodes instances. Trained with the shared loop
-(histosynth.generators.training.fit: checkpoints, bit-identical resume, loss CSV) and exported as
+(histosynth.training.loop.fit: checkpoints, bit-identical resume, loss CSV) and exported as
 one TorchScript file following histosynth's own detector contract (histosynth.nuclei.model), so
 `nuclei.model` and `histosynth nuclei --model` take it like any other detector."""
 
@@ -19,16 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from torch import nn
 
-from histosynth.evaluation.segmentation import IMAGENET_MEAN, IMAGENET_STD, unet
 from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError
-from histosynth.nuclei.model import META_FILE
+from histosynth.files import MODEL_INFO
+from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, unet
 from histosynth.seeds import derive_seed
+from histosynth.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class CropDataset(torch.utils.data.Dataset):
         image, target = self._crop(image, target, rng)
         if self.augment:
             op = int(rng.integers(8))
-            image, target = _dihedral(image, op, (0, 1)), _dihedral(target, op, (1, 2))
+            image, target = dihedral(image[None], [op], (1, 2))[0], dihedral(target[None], [op], (2, 3))[0]
             # stain jitter: per-channel gain and offset, as between scanners and staining runs
             image = np.clip(image * rng.uniform(0.9, 1.1, 3) + rng.uniform(-0.05, 0.05, 3), 0, 1)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32)),
@@ -105,22 +104,18 @@ class CropDataset(torch.utils.data.Dataset):
         return crop, crop_target
 
 
-def _dihedral(array: np.ndarray, op: int, axes: tuple[int, int]) -> np.ndarray:
-    return np.rot90(np.flip(array, axes[1]) if op & 4 else array, op & 3, axes)
-
-
 # ----------------------------------------------------------------------------- network
 
-class NucleiNet(ModelMixin, ConfigMixin):
+class NucleiNet(nn.Module):
     """smp U-Net with 3 + len(classes) output channels (HEADS, then class logits); input RGB in
     [0, 1], normalised inside."""
 
-    @register_to_config
     def __init__(self, encoder: str = "resnet18", encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 16),
                  classes: Sequence[str] = ("other",)):
         super().__init__()
         if len(decoder_channels) != encoder_depth:
             raise NucleiError(f"nuclei.train.decoder_channels needs encoder_depth={encoder_depth} entries, got {list(decoder_channels)}")
+        self.classes = list(classes)
         self.unet = unet(encoder, encoder_depth, decoder_channels, len(HEADS) + len(classes))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -212,10 +207,10 @@ class _Detector(nn.Module):
 
 def export_detector(net: NucleiNet, path: str | Path, *, mpp: float, seed_level: float, min_area_um2: float,
                     meta: Mapping) -> Path:
-    """Write `net` as a TorchScript detector of histosynth's contract, with META_FILE (kind, mpp,
+    """Write `net` as a TorchScript detector of histosynth's contract, with MODEL_INFO (kind, mpp,
     classes and `meta`) inside; returns the path."""
     net = net.cpu().eval()
-    classes = list(net.config.classes)
+    classes = list(net.classes)
     example = torch.rand(1, 3, 64, 64)
     min_area = max(1, round(min_area_um2 / mpp**2))
     with warnings.catch_warnings(), torch.no_grad():
@@ -229,7 +224,7 @@ def export_detector(net: NucleiNet, path: str | Path, *, mpp: float, seed_level:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    module.save(str(tmp), _extra_files={META_FILE: json.dumps(info, default=str)})
+    module.save(str(tmp), _extra_files={MODEL_INFO: json.dumps(info, default=str)})
     tmp.replace(path)
     return path
 
@@ -265,8 +260,6 @@ def train_detector(samples: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]
     settings["mpp"] (nuclei.train), and write out_dir/model.pt (the TorchScript detector) and
     out_dir/loss.csv, with checkpoints in checkpoint_dir (default out_dir/checkpoints), which a
     rerun resumes from; returns the model path."""
-    from histosynth.generators.training import fit
-
     if not samples:
         raise NucleiError("no annotated images to train the nuclei model on")
     s = dict(settings)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from skimage.color import rgb2hed
 
+from histosynth.files import MODEL_INFO  # the extra file of a TorchScript model trained here (histosynth.nuclei.learned)
 from histosynth.nuclei.hdyolo import detect_hdyolo, is_hdyolo, prepare_hdyolo
 from histosynth.nuclei.instances import (
     NUCLEUS_CLASSES,
@@ -25,7 +26,6 @@ from histosynth.nuclei.instances import (
     shape_table,
 )
 
-META_FILE = "histosynth.json"  # extra file of a TorchScript model trained here (histosynth.nuclei.learned)
 # Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
 MODEL_STRIDE = 32
 # The nuclei settings a learned detector reads (here and in histosynth.nuclei.hdyolo); the others
@@ -75,7 +75,7 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-            extra = {META_FILE: ""}
+            extra = {MODEL_INFO: ""}
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except RuntimeError as err:
         raise NucleiError(
@@ -93,7 +93,7 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
     if nms_params:
         raise NucleiError(f"{path}: nms_params apply to HD-Yolo files only; this model follows histosynth's contract")
     module.to(device).eval()
-    declared = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    declared = json.loads(extra[MODEL_INFO]) if extra[MODEL_INFO] else {}
     return NucleiModel(path, module, device, "contract", declared.get("mpp"))
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from histosynth.data.io import atomic_dir
+from histosynth.files import atomic_dir
 from histosynth.data.slides import Slide
 from histosynth.nuclei.classical import detect_nuclei
 from histosynth.nuclei.geojson import nuclei_geojson, nucleus_features

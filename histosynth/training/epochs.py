@@ -10,7 +10,7 @@ every epoch counts as the best, so the last one is kept.
 
 One row per epoch (step, epoch, train_loss, val_loss, val_<score>, lr, seconds) is returned for
 the run's loss.csv, which the report plots. The generators train through
-histosynth.generators.training.fit instead: a step-counted loop with resume, EMA and multi-process
+histosynth.training.loop.fit instead: a step-counted loop with resume, EMA and multi-process
 sharding, and no validation set to stop on; this loop is the epoch-counted one with early stopping.
 """
 
@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from histosynth.files import MODEL_INFO
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def read_model_folder(directory: str | Path, what: str, rule: str, error: type[E
     directory = Path(directory)
     if (directory / "model").is_dir():
         directory = directory / "model"
-    meta_path = directory / "histosynth.json"
+    meta_path = directory / MODEL_INFO
     if not meta_path.is_file():
-        raise error(f"{directory}: not a {what} folder (no histosynth.json); rerun rule {rule}")
+        raise error(f"{directory}: not a {what} folder (no {MODEL_INFO}); rerun rule {rule}")
     return directory, json.loads(meta_path.read_text())

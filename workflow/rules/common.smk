@@ -11,7 +11,7 @@ from histosynth.data.annotations import AnnotationError, check_sheet_files
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.seeds import derive_seed
 from histosynth.generators.synthesis import MASKED_MODES
-from histosynth.generators.training import resume_key
+from histosynth.training.resume import resume_key
 from histosynth.nuclei.stage import detector_settings
 
 
@@ -176,7 +176,7 @@ def training_config(stage):
 
 def checkpoint_folder(stage):
     """Where a training's checkpoints live, outside its outputs so a rerun can resume: one folder
-    per resume-relevant config (histosynth.generators.training.resume_key), so a changed config
+    per resume-relevant config (histosynth.training.resume.resume_key), so a changed config
     starts fresh and an unchanged one resumes."""
     cfg = training_config(stage)
     return f"results/checkpoints/{stage}/{resume_key(cfg[stage], cfg['seed'], cfg['classes'], cfg['conditioning'], cfg['labels'])}"
@@ -249,13 +249,10 @@ def mixing_inputs(wildcards):
 
 
 def gan_training_inputs(wildcards):
-    """The training slides' patches, and the baseline's first segmentation model when it is the
-    feature space of the GAN's FD/KD during training (quality.extractor 'segmentation')."""
-    inputs = {"indexes": expand("results/patches/{slide}.parquet", slide=training_slides()),
-              "patches": expand("results/patches/{slide}", slide=training_slides())}
-    if config["gan"]["train"]["eval_every"] and config["quality"]["extractor"] == "segmentation":
-        inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
-    return inputs
+    """The training slides' patches (the GAN's FD/KD during training needs no downstream model:
+    histosynth.generators.monitor)."""
+    return {"indexes": expand("results/patches/{slide}.parquet", slide=training_slides()),
+            "patches": expand("results/patches/{slide}", slide=training_slides())}
 
 
 def curation_inputs(wildcards):
