@@ -164,7 +164,7 @@ def _check_evaluation(config: dict, source: str) -> None:
                               f"make the sets {sorted(lora_sets)} (lora<scale x 100>)")
     if config["lora"]["enabled"] and not config["lora"]["base_model"]:
         raise ConfigError(f"{source}: lora.enabled is true but lora.base_model is null; point it at a local Stable "
-                          "Diffusion folder in diffusers layout (README: Stable Diffusion + LoRA)")
+                          "Diffusion folder in diffusers layout (docs/lora.md)")
     baseline = config["report"]["baseline"]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"{source}: report.baseline {baseline!r} is not one of mixing.ratios {names}")
