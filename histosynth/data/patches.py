@@ -5,8 +5,8 @@ index table and a QC thumbnail. Streams: only one window's pixels are in memory 
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 import re
 import time
 from collections import deque
@@ -28,9 +28,9 @@ from histosynth.data.annotations import (
     load_regions,
 )
 from histosynth.data.io import arrow_table, write_png
-from histosynth.files import atomic_dir, atomic_file
 from histosynth.data.slides import Slide
 from histosynth.data.tissue import Tissue, detect_tissue, detection_mpp
+from histosynth.files import atomic_dir, atomic_file
 
 if TYPE_CHECKING:
     import pandas as pd
