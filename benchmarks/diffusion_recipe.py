@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     from histosynth.config import load_preset, read_slide_sheet, validated
     from histosynth.data.labels import run_labels
     from histosynth.generators.datasets import patch_dataset
-    from histosynth.generators.train_diffusion import train_diffusion
     from histosynth.generators.synthesis import run_stage
+    from histosynth.generators.train_diffusion import train_diffusion
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,9 +55,9 @@ def bare_loop(model, scheduler, cond, steps: int, generator, channels: int):
 
 def load_or_build(args):
     """(model, training scheduler config, cond channels, image size), eval mode."""
+    from histosynth.config import load_preset
     from histosynth.generators import diffusion
     from histosynth.generators.conditioning import channel_names
-    from histosynth.config import load_preset
 
     if args.model:
         loaded = diffusion.load_diffusion(args.model)
@@ -176,8 +176,8 @@ def curve(args) -> int:
     from diffusion_recipe import append_row, demo_inputs, evaluate
 
     from histosynth.config import load_preset
-    from histosynth.generators.datasets import read_indexes
     from histosynth.device import pick_device
+    from histosynth.generators.datasets import read_indexes
     from histosynth.generators.diffusion import load_diffusion
     from histosynth.generators.synthesis import synthesize
 

@@ -20,8 +20,8 @@ import torch
 
 
 def build(stage: str, preset: str, image_size: int, cond_channels: int):
-    from histosynth.generators import autoencoder, diffusion
     from histosynth.config import load_preset
+    from histosynth.generators import autoencoder, diffusion
 
     config = load_preset(preset)[stage]
     if stage == "diffusion":
@@ -84,8 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
-    from histosynth.device import pick_device
     from histosynth.config import load_preset
+    from histosynth.device import pick_device
     from histosynth.generators.diffusion import build_model, parameter_count
 
     if args.threads:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of (N, D) features, float64."""
     features = np.asarray(features, np.float64)

@@ -9,13 +9,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 
-from histosynth.data.annotations import (
-    AnnotationError,
-    Region,
-    RegionRasterizer,
-    class_fractions,
-    load_regions,
-)
+from histosynth.data.annotations import AnnotationError, Region, RegionRasterizer, class_fractions, load_regions
 
 # A polygon with a hole and a two-part MultiPolygon, neither axis-aligned, in level-0 pixels.
 HOLED = Polygon(

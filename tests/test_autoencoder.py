@@ -10,15 +10,21 @@ import math
 import pytest
 import torch
 from PIL import Image
+from test_training import Shapes
 
 from histosynth.files import content_hash
 from histosynth.generators.autoencoder import (
-    build_autoencoder, main, decode, encode, latent_factor, load_autoencoder, raw_latents, train_autoencoder,
+    build_autoencoder,
+    decode,
+    encode,
+    latent_factor,
+    load_autoencoder,
+    main,
+    raw_latents,
+    train_autoencoder,
 )
 from histosynth.nets import WeightsError, load_lpips
 from histosynth.training.errors import TrainingError
-from test_training import Shapes
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

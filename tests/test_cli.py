@@ -4,8 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import feature, square, write_geojson
 from histosynth.cli import main
+
+from conftest import feature, square, write_geojson
 
 
 def test_inspect_prints_levels_and_mpp(square_slide, capsys):

@@ -1,10 +1,18 @@
 import pytest
 import yaml
 
-from conftest import REPO
 from histosynth.config import (
-    CONFIG_SCHEMA, ConfigError, key_table, load_config, load_preset, read_slide_sheet, section_defaults, validated,
+    CONFIG_SCHEMA,
+    ConfigError,
+    key_table,
+    load_config,
+    load_preset,
+    read_slide_sheet,
+    section_defaults,
+    validated,
 )
+
+from conftest import REPO
 
 
 def schema_keys(properties, prefix=""):

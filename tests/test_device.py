@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from histosynth.device import pick_device
-
 from histosynth.seeds import derive_seed
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of a job whose GPU is not usable")

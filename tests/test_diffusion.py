@@ -9,14 +9,20 @@ import shutil
 import pytest
 import torch
 from PIL import Image
+from test_training import Shapes, tiny
 
 from histosynth.generators.autoencoder import build_autoencoder
-from histosynth.generators.diffusion import SpadeUNet, build_model, load_diffusion, parameter_count, model_output, train_scheduler
+from histosynth.generators.diffusion import (
+    SpadeUNet,
+    build_model,
+    load_diffusion,
+    model_output,
+    parameter_count,
+    train_scheduler,
+)
 from histosynth.generators.sampling import SAMPLERS, guided_output, make_sampler, sample
 from histosynth.generators.train_diffusion import train_diffusion
 from histosynth.training.errors import TrainingError
-from test_training import Shapes, tiny
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

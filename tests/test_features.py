@@ -10,8 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from histosynth.evaluation.features import FeatureError, build_extractor, image_features, pairwise_diversity, timm_encoder
 from histosynth.distances import fid, kid
+from histosynth.evaluation.features import (
+    FeatureError,
+    build_extractor,
+    image_features,
+    pairwise_diversity,
+    timm_encoder,
+)
 from histosynth.evaluation.quality import image_quality
 from histosynth.evaluation.segmentation import load_model
 

@@ -9,13 +9,7 @@ import torchvision
 from skimage.draw import disk
 
 from histosynth.config import section_defaults
-from histosynth.nuclei.hdyolo import (
-    HD_WSI_NMS_PARAMS,
-    Detections,
-    detect_hdyolo,
-    paste_instances,
-    tile_detections,
-)
+from histosynth.nuclei.hdyolo import HD_WSI_NMS_PARAMS, Detections, detect_hdyolo, paste_instances, tile_detections
 from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError
 from histosynth.nuclei.metrics import match_instances
 from histosynth.nuclei.model import detect_with_model, load_detector

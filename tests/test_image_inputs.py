@@ -14,12 +14,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import GLASS, STROMA, feature, square, write_geojson, write_tiled_tiff
 from histosynth.cli import main
 from histosynth.config import load_config, read_slide_sheet
 from histosynth.data.patches import extract_slide
 from histosynth.data.sheet import SheetError, build_sheet, parse_split
 from histosynth.data.slides import Slide, SlideError
+
+from conftest import GLASS, STROMA, feature, square, write_geojson, write_tiled_tiff
 
 # A 320 x 192 px image at 0.5 mpp: four quadrants of 160 x 96 px, each a distinct colour, so a
 # swapped axis, a shifted window or a wrong channel order all show.

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_gan import Toy
 
 from histosynth.data.io import write_relative
 from histosynth.generators import lora
@@ -30,7 +31,7 @@ from histosynth.generators.lora import (
 )
 from histosynth.generators.synthesis import MANIFEST, lora_stage
 from histosynth.training.checkpoints import checkpoints
-from test_gan import Toy
+
 from tiny_sd import write_tiny_stable_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -2,7 +2,6 @@
 a tiny scripted model, resizing, GeoJSON round trips and the slide and folder drivers."""
 
 import json
-from typing import List, Tuple
 
 import numpy as np
 import pandas as pd
@@ -11,14 +10,15 @@ import torch
 from PIL import Image
 from skimage.draw import disk, ellipse
 
-from conftest import write_tiled_tiff
-from histosynth.nuclei.metrics import match_instances, score_instances
+from histosynth.config import ConfigError, section_defaults
 from histosynth.nuclei.classical import detect_nuclei
 from histosynth.nuclei.geojson import NucleusRasterizer, nuclei_geojson, nucleus_features
-from histosynth.config import ConfigError, section_defaults
 from histosynth.nuclei.instances import TABLE_COLUMNS, NucleiError, read_instances
+from histosynth.nuclei.metrics import match_instances, score_instances
 from histosynth.nuclei.model import detect_with_model, load_detector
 from histosynth.nuclei.stage import detector_settings, segment_images, segment_patch, segment_slide_patches
+
+from conftest import write_tiled_tiff
 
 EOSIN = (214, 120, 170)
 HEMATOXYLIN = (80, 50, 140)
@@ -171,7 +171,7 @@ class ThresholdDetector(torch.nn.Module):
     """Dark pixels, 8-connected components by max-pool label propagation; components above 150
     px are 'big_cell', smaller ones 'lymph'."""
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[str], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         dark = (x[0].mean(0) < 0.5).float()
         h, w = dark.shape
         labels = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w) * dark
@@ -185,8 +185,8 @@ class ThresholdDetector(torch.nn.Module):
             inverse = inverse + 1
         n = int(inverse.max())
         areas = torch.bincount(inverse.flatten(), minlength=n + 1)[1:]
-        classes: List[str] = []
-        area_list: List[int] = areas.tolist()
+        classes: list[str] = []
+        area_list: list[int] = areas.tolist()
         for area in area_list:
             classes.append("big_cell" if area > 150 else "lymph")
         return inverse, classes, torch.linspace(0.5, 1.0, n)
@@ -260,7 +260,7 @@ def test_model_file_errors(tmp_path):
 
 
 class OneClassTooFew(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[str], torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         return (x[0, 0] < 0.5).long() * 2, ["tumor"], torch.ones(1)
 
 

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import feature, square, write_geojson, write_tiled_tiff
 from histosynth.config import load_config
 from histosynth.data.patches import PatchError, extract_slide, fraction_column, keep_window, window_origins
+
+from conftest import feature, square, write_geojson, write_tiled_tiff
 
 
 def write(image, annotations, out, *, slide_name, **kwargs):

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from histosynth.config import section_defaults
-from histosynth.evaluation.consistency import nuclei_scores, pooled_consistency, region_scores
 from histosynth.distances import fid, fid_from_features, gaussian_stats, inception_score, kid
+from histosynth.evaluation.consistency import nuclei_scores, pooled_consistency, region_scores
 from histosynth.evaluation.fidelity import inception_features
-from histosynth.nets import WeightsError, load_inception, load_lpips
 from histosynth.evaluation.quality import COLUMNS, image_quality
+from histosynth.nets import WeightsError, load_inception, load_lpips
 from histosynth.weights import WEIGHTS, weights_file
 
 CLASSES = ["Blood vessel", "Fat"]
@@ -223,8 +223,8 @@ def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
 
 
 def test_nuclei_scores_are_exact_for_a_detector_wrong_in_a_known_way(tmp_path, monkeypatch):
-    from histosynth.nuclei import stage
     from histosynth.generators.conditioning import write_conditioning
+    from histosynth.nuclei import stage
     from histosynth.nuclei.instances import class_index
 
     cond = np.zeros((32, 32, 3), np.uint8)

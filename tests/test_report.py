@@ -13,7 +13,14 @@ from PIL import Image
 from histosynth.config import section_defaults
 from histosynth.data.io import write_table
 from histosynth.evaluation.report import (
-    metrics_table, plot_class_share, plot_loss_curves, plot_metrics, plot_quality, plot_verdict, seed_summary, summarize,
+    metrics_table,
+    plot_class_share,
+    plot_loss_curves,
+    plot_metrics,
+    plot_quality,
+    plot_verdict,
+    seed_summary,
+    summarize,
 )
 
 RATIOS = [{"name": "real", "synthetic": 0, "real": True}, {"name": "k2", "synthetic": 2, "real": True},

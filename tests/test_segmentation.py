@@ -16,8 +16,18 @@ from PIL import Image
 from histosynth.config import section_defaults
 from histosynth.data.io import write_table
 from histosynth.evaluation.segmentation import (
-    BceDiceLoss, SegmentationError, SegmentationModel, build_model, encoder_weights_file, evaluate, load_encoder_weights,
-    load_model, normalise, overlay, split_rows, train,
+    BceDiceLoss,
+    SegmentationError,
+    SegmentationModel,
+    build_model,
+    encoder_weights_file,
+    evaluate,
+    load_encoder_weights,
+    load_model,
+    normalise,
+    overlay,
+    split_rows,
+    train,
 )
 from histosynth.overlap import overlap_scores
 

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from conftest import GLASS, STROMA, write_tiled_tiff
 from histosynth.data.slides import Slide, SlideError
+
+from conftest import GLASS, STROMA, write_tiled_tiff
 
 
 def test_reads_mpp_levels_and_best_level(square_slide):

@@ -7,7 +7,6 @@ import torch
 
 from histosynth.generators.spade import SPADE, SPADEResBlock
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import GLASS, STROMA
 from histosynth.config import load_config, section_defaults
 from histosynth.data.patches import PatchError, extract_slide
 from histosynth.data.tissue import detect_tissue, detection_mpp, otsu_threshold, rgb_to_hsv
+
+from conftest import GLASS, STROMA
 
 DENSE_NUCLEI = (80, 45, 130)
 PALE = (228, 205, 222)  # pale, mucinous-looking tissue: saturation 0.10, value 0.89

@@ -20,7 +20,6 @@ from histosynth.training.ema import EMA
 from histosynth.training.errors import ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError
 from histosynth.training.resume import config_differences
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -48,18 +48,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
-from histosynth.data.io import (
-    atomic_dir,
-    read_patch_index,
-    read_rgb,
-    write_csv,
-    write_table,
-)
+from histosynth.data.io import atomic_dir, read_patch_index, read_rgb, write_csv, write_table
 from histosynth.data.labels import label_index, patch_labels
 from histosynth.device import autocast, pick_device, prepare_model
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops
-from histosynth.training.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.seeds import derive_seed, seed_everything
+from histosynth.training.epochs import data_loader, fit_epochs, read_model_folder
 from histosynth.weights import classifier_spec, read_state_dict, weights_file
 
 log = logging.getLogger(__name__)

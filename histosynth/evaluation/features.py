@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from histosynth.data.io import read_rgb
 from histosynth.nets import SEGMENTATION, FeatureError, FeatureExtractor, normalise, timm_encoder
 
+
 def segmentation_encoder(model) -> FeatureExtractor:
     """The encoder of a loaded segmentation model (histosynth.evaluation.segmentation.load_model, the same
     object that re-segments for mask consistency): each stage's feature map average-pooled,

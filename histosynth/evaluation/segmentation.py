@@ -37,14 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
-from histosynth.data.io import (
-    atomic_dir,
-    read_mask,
-    read_patch_index,
-    read_rgb,
-    write_csv,
-    write_table,
-)
+from histosynth.data.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv, write_table
 from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops, unet

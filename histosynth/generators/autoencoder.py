@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.config import section_defaults
-from histosynth.files import atomic_dir, atomic_file
 from histosynth.device import autocast
+from histosynth.files import atomic_dir, atomic_file
+from histosynth.generators.launch import cli
 from histosynth.nets import WeightsError, load_lpips
 from histosynth.seeds import seed_everything
-from histosynth.generators.launch import cli
 from histosynth.training.batches import check_dataset
 from histosynth.training.errors import TrainingError
 from histosynth.training.grids import save_grid
@@ -137,10 +137,7 @@ def _measure_scale(autoencoder, dataset, n: int, device, batch_size: int) -> flo
 def evaluate(autoencoder, dataset, device, n: int, batch_size: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """PSNR and SSIM (torchmetrics, images in [0, 1]) of reconstructions of up to n items; also
     returns the first batch of real images and reconstructions for the grid."""
-    from torchmetrics.image import (
-        PeakSignalNoiseRatio,
-        StructuralSimilarityIndexMeasure,
-    )
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
     psnr, ssim = PeakSignalNoiseRatio(data_range=1.0).to(device), StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     first = None

@@ -35,17 +35,17 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from histosynth.config import section_defaults
-from histosynth.files import MODEL_INFO, atomic_dir
 from histosynth.device import autocast
+from histosynth.files import MODEL_INFO, atomic_dir
 from histosynth.generators.launch import cli
 from histosynth.generators.monitor import COLUMNS as MONITOR_COLUMNS
 from histosynth.generators.monitor import FeatureSpace, FidelityMonitor
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.training.batches import batch_draw, check_dataset, dataset_labels, random_dihedral
 from histosynth.training.checkpoints import load_weights
 from histosynth.training.errors import TrainingError
 from histosynth.training.grids import save_grid, to_uint8
-from histosynth.training.loop import fit, make_accelerator, Update
-from histosynth.seeds import derive_seed, seed_everything
+from histosynth.training.loop import Update, fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.gan")  # not __main__ under python -m
 DIFFAUGMENT = ("colour", "translation", "cutout")
@@ -92,7 +92,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        tokens = lambda t: t.flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, positions, channels)
+
+        def tokens(t):  # (N, 1, positions, channels)
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
         q = tokens(self.query(x))
         k, v = tokens(F.max_pool2d(self.key(x), 2)), tokens(F.max_pool2d(self.value(x), 2))
         o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # SAGAN has no 1/sqrt(d)

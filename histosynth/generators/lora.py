@@ -34,11 +34,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from histosynth.config import section_defaults
 from histosynth.files import MODEL_INFO, atomic_dir, folder_hash
 from histosynth.generators.launch import cli
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.training.batches import batch_draw, check_dataset, dataset_labels, random_dihedral
 from histosynth.training.errors import TrainingError
 from histosynth.training.grids import save_grid
-from histosynth.training.loop import fit, make_accelerator, Update
-from histosynth.seeds import derive_seed, seed_everything
+from histosynth.training.loop import Update, fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
 # what a diffusers Stable Diffusion folder must hold: {part: files one of which must exist there}

@@ -7,11 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from histosynth.generators.autoencoder import (
-    decode,
-    encode,
-    latent_factor,
-)
+from histosynth.generators.autoencoder import decode, encode, latent_factor
 from histosynth.generators.diffusion import _core, model_output, num_classes
 
 

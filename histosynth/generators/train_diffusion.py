@@ -19,22 +19,13 @@ from pathlib import Path
 import torch
 
 from histosynth.config import section_defaults
-from histosynth.files import MODEL_INFO, atomic_dir, content_hash
 from histosynth.device import autocast
-from histosynth.seeds import derive_seed, seed_everything
-from histosynth.generators.autoencoder import (
-    encode,
-    latent_factor,
-    load_autoencoder,
-)
-from histosynth.generators.diffusion import (
-    build_model,
-    model_output,
-    parameter_count,
-    train_scheduler,
-)
+from histosynth.files import MODEL_INFO, atomic_dir, content_hash
+from histosynth.generators.autoencoder import encode, latent_factor, load_autoencoder
+from histosynth.generators.diffusion import build_model, model_output, parameter_count, train_scheduler
 from histosynth.generators.launch import cli
 from histosynth.generators.sampling import make_sampler, resize_cond, sample
+from histosynth.seeds import derive_seed, seed_everything
 from histosynth.training.batches import batch_draw, check_dataset, collate
 from histosynth.training.errors import TrainingError
 from histosynth.training.grids import save_grid

@@ -13,7 +13,6 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import List, Tuple
 
 import numpy as np
 import pandas as pd
@@ -23,9 +22,9 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from torch import nn
 
-from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError
 from histosynth.files import MODEL_INFO
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, unet
+from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError
 from histosynth.seeds import derive_seed
 from histosynth.training.loop import fit
 
@@ -155,7 +154,7 @@ class _Detector(nn.Module):
     dropped; an instance's class is its pixels' most probable class summed, its score its mean
     foreground probability."""
 
-    def __init__(self, net: nn.Module, classes: List[str], seed_level: float, min_area: int):
+    def __init__(self, net: nn.Module, classes: list[str], seed_level: float, min_area: int):
         super().__init__()
         self.net = net
         self.classes = classes
@@ -173,7 +172,7 @@ class _Detector(nn.Module):
             labels = grown
         return labels
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[str], List[float]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str], list[float]]:
         out = self.net(x)[0].float()
         fg_prob = torch.sigmoid(out[0])
         foreground = fg_prob > 0.5
@@ -197,11 +196,11 @@ class _Detector(nn.Module):
         flat = instances.flatten()
         probs = torch.softmax(out[3:], 0).reshape(out.shape[0] - 3, -1)
         sums = torch.zeros(m + 1, probs.shape[0], device=x.device).index_add_(0, flat, probs.t())
-        best: List[int] = sums[1:].argmax(1).tolist()
+        best: list[int] = sums[1:].argmax(1).tolist()
         counts = torch.bincount(flat, minlength=m + 1)[1:].clamp(min=1)
         score = torch.zeros(m + 1, device=x.device).index_add_(0, flat, fg_prob.flatten())[1:] / counts
         names = [self.classes[b] for b in best]
-        scores: List[float] = score.tolist()
+        scores: list[float] = score.tolist()
         return instances, names, scores
 
 

@@ -16,15 +16,9 @@ import numpy as np
 import pandas as pd
 from skimage.color import rgb2hed
 
-from histosynth.files import MODEL_INFO  # the extra file of a TorchScript model trained here (histosynth.nuclei.learned)
+from histosynth.files import MODEL_INFO  # the extra file of a TorchScript model trained here (nuclei.learned)
 from histosynth.nuclei.hdyolo import detect_hdyolo, is_hdyolo, prepare_hdyolo
-from histosynth.nuclei.instances import (
-    NUCLEUS_CLASSES,
-    NucleiError,
-    mean_per_instance,
-    renumber,
-    shape_table,
-)
+from histosynth.nuclei.instances import NUCLEUS_CLASSES, NucleiError, mean_per_instance, renumber, shape_table
 
 # Input sides of a learned model are rounded up to a multiple of this (detection networks' stride).
 MODEL_STRIDE = 32

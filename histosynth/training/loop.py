@@ -43,7 +43,14 @@ from tqdm.auto import tqdm
 from histosynth.device import pick_device, prepare_model
 from histosynth.seeds import derive_seed
 from histosynth.training.batches import balance_weights, check_dataset, epoch_order, loader, shape_text
-from histosynth.training.checkpoints import Progress, checkpoints, load_checkpoint, rng_state, save_checkpoint, save_weights
+from histosynth.training.checkpoints import (
+    Progress,
+    checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+)
 from histosynth.training.ema import EMA
 from histosynth.training.errors import DatasetError, NonFiniteLossError, TrainingError
 from histosynth.training.losslog import LossLog
