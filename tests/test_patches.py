@@ -239,3 +239,21 @@ def test_arrow_table_matches_pyarrow_conversion():
         arrow_table([{"x": 1}, {"x": "2"}])
     with pytest.raises(TypeError, match="column 'flag'.*bool"):
         arrow_table([{"flag": True}])
+
+
+def test_the_qc_outline_follows_the_tissue_not_its_mask_blocks():
+    from scipy import ndimage
+
+    from histosynth.data.patches import _smooth_mask
+
+    yy, xx = np.mgrid[:512, :512] + 0.5
+    disc = (xx - 256) ** 2 + (yy - 256) ** 2 < 150**2
+    coarse = disc.reshape(32, 16, 32, 16).mean(axis=(1, 3)) >= 0.5  # a 32 px tissue mask of it
+    blocks = np.repeat(np.repeat(coarse, 16, 0), 16, 1)
+    smooth = _smooth_mask(coarse, (512, 512))
+
+    def outline(mask):  # pixels on the mask's edge: a staircase is longer than the curve it steps along
+        return (mask & ~ndimage.binary_erosion(mask)).sum()
+
+    assert outline(blocks) > 1.2 * outline(disc) and abs(outline(smooth) - outline(disc)) < 0.05 * outline(disc)
+    assert (smooth != disc).sum() < (blocks != disc).sum()

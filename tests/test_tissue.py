@@ -151,9 +151,13 @@ def test_extraction_of_a_tile_with_glass_keeps_its_tissue_and_warns(tmp_path, co
     assert (np.abs(qc[10:60, 900:1000].astype(int) - GLASS).sum(-1) > 60).all()  # the glass is shaded
 
 
-def test_a_blank_glass_tile_yields_no_patches(tmp_path, config):
-    rgb = np.random.default_rng(1).integers(236, 246, (512, 512, 3)).astype(np.uint8)
-    rgb[200:215, :] = BLUE_PEN  # a pen line across the glass
+@pytest.mark.parametrize("pen", [None, BLUE_PEN, RED_PEN])
+def test_a_blank_glass_tile_yields_no_patches(tmp_path, config, pen):
+    """histolab's kind of fixtures: 512 px at 0.25 um/px of blank glass, with a pen line, with a red smear."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(236, 246, (512, 512, 3)).astype(np.uint8)
+    if pen is not None:
+        rgb[200:260, :] = (np.array(pen) + rng.normal(0, 5, (60, 512, 3))).clip(0, 255)  # across the tile
     with pytest.raises(PatchError, match="no tissue detected.*glass found"):
         extract_png(rgb, tmp_path, config, name="glass")
     assert not (tmp_path / "out" / "glass").exists() and not (tmp_path / "out" / "glass.parquet").exists()
