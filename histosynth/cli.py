@@ -33,7 +33,7 @@ USER_ERRORS = {
     "histosynth.config": "ConfigError", "histosynth.data.slides": "SlideError",
     "histosynth.data.annotations": "AnnotationError", "histosynth.data.patches": "PatchError",
     "histosynth.nuclei.instances": "NucleiError", "histosynth.data.sheet": "SheetError",
-    "histosynth.registry": "RegistryError",
+    "histosynth.registry": "RegistryError", "histosynth.export": "ExportError", "histosynth.data.labels": "LabelError",
 }
 
 
@@ -220,6 +220,20 @@ def cmd_nuclei_score(args) -> None:
           f"PQ {mean['pq']:.3f}  Dice {mean['dice']:.3f}")
 
 
+def cmd_export(args) -> None:
+    from histosynth.data.labels import run_labels
+    from histosynth.export import dataset_rows, export_dataset, finished_run, nuclei_reader, sheet_labels
+
+    config = _config(args)
+    run = finished_run(args.results, args.ratio)
+    labels = run_labels(config, sheet_labels(run["heldout"]))
+    rows = dataset_rows(run["manifest"], run["heldout"], run["curated"], labels)
+    nuclei = nuclei_reader(run["nuclei"]) if args.format == "coco" else None
+    export_dataset(rows, args.format, args.out, classes=config["classes"], name=args.ratio, nuclei=nuclei)
+    counts = rows.groupby(["split", "source"]).size()
+    print(f"{args.out}: {args.format} export of {args.ratio}: " + ", ".join(f"{s} {src} {n}" for (s, src), n in counts.items()))
+
+
 def _registry_url(args) -> str:
     return args.url or _config(args)["registry"]["url"]
 
@@ -379,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the table (.csv, or .parquet)")
     p.add_argument("--json", action="store_true", help="JSON records instead of a table")
     p.set_defaults(func=cmd_nuclei_score)
+
+    p = sub.add_parser("export", help="write a finished run's mixed dataset (a ratio) as files: segmentation, "
+                       "imagefolder or coco (docs/export.md)")
+    p.add_argument("ratio", help="the ratio's name (mixing.ratios), e.g. syn24")
+    p.add_argument("--format", required=True, choices=["segmentation", "imagefolder", "coco"], help="layout to write")
+    p.add_argument("--out", required=True, help="new folder for the dataset (replaced atomically)")
+    p.add_argument("--results", default="results", help="the run's results folder (default: results)")
+    p.add_argument("--config", help="the run's config, for classes and labels (default config/config.yaml)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("registry", help="query the registry of models, sets, images, runs and metrics (rule registry)")
     p.add_argument("what", choices=["models", "sets", "images", "datasets", "runs", "metrics", "show", "export"],

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histosynth.files import atomic_file
 from histosynth.data.annotations import FORMATS, AnnotationError, detect_format
+from histosynth.files import atomic_file
 from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)

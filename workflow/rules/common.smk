@@ -328,5 +328,6 @@ def all_outputs():
         *expand("results/synthetic/{mode}", mode=synthetic_sets()),
         "results/report/metrics.csv",
         *(["results/registry/registered.json"] if config["registry"]["enabled"] else []),
+        *export_targets(),  # workflow/rules/export.smk
         "results/report/rulegraph.png",
     ]
