@@ -78,10 +78,13 @@ def realism_row(config: dict, real: list[str], manifests: dict, out: Path) -> di
 def evaluate(config: dict, results: Path, real: list[str], manifests: dict, out: Path) -> dict:
     """The quality stage on `manifests` ({set: manifest}) with the real-only segmenter: one flat row
     of pooled mask-consistency Dice per set and class, and offline FD/KD per set."""
-    from histosynth.evaluation.quality import image_quality_stage
+    from histosynth.evaluation.quality import consistency_stage, image_quality_stage
 
-    table = image_quality_stage(real, manifests, out / "quality.parquet", scores_out=out / "scores.parquet", config=config,
-                                segmentation_model=results / "segmentation" / "real" / "seed0")
+    segmenter = results / "segmentation" / "real" / "seed0"
+    quality = image_quality_stage(real, manifests, out / "quality.parquet", config=config, segmentation_model=segmenter)
+    consistency, _ = consistency_stage(real, manifests, out / "consistency.parquet", out / "scores.parquet", config=config,
+                                       segmentation_model=segmenter)
+    table = pd.concat([quality, consistency], ignore_index=True)
     ok = table[table["status"] == "ok"]
     row = {}
     for _, r in ok[ok["metric"].isin(["mask_dice", "mask_dice_real", "nuclei_dice"])].iterrows():

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from histosynth.evaluation.curation import curate_stage
-from histosynth.generators.synthesis import MANIFEST
+from histosynth.generators.table import MANIFEST
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

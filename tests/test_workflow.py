@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import REPO
@@ -131,7 +132,7 @@ def planned_jobs(output: str) -> set[str]:
 
 
 EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "train_classifier",
-              "evaluate_classifier", "image_quality", "summarize", "registry", "all"}
+              "evaluate_classifier", "image_quality", "mask_consistency", "summarize", "registry", "all"}
 
 
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
@@ -148,6 +149,98 @@ def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     # curation reads the realism test only when it rejects on it: a realism setting reruns the test and the report
     result = snakemake(tiny_run, "--dry-run", overlay="realism: {epochs: 2}")
     assert planned_jobs(result.stdout + result.stderr) == {"realism", "summarize", "registry", "all"}
+
+
+# The tiny preset with the GAN and LoRA enabled, for the tests of what reruns (they record a run rather than run it).
+GENERATORS = {"gan": {"enabled": True, "size": 16, "ch_max": 32, "width": 8, "attention_g": [8], "attention_d": [16],
+                      "train": {"steps": 4}},
+              "lora": {"enabled": True}, "synthesis": {"lora": {"scales": [1.0]}}}
+
+
+def merged(base: dict, change: dict) -> dict:
+    """`base` with `change` laid over it key by key (as Snakemake layers config files)."""
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def fake_stable_diffusion(folder):
+    """The files lora.base_model must hold for the workflow to start (a dry run loads no weights)."""
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / part).mkdir(parents=True)
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "unet/w.safetensors", "vae/w.safetensors",
+                 "text_encoder/w.safetensors"):
+        (folder / name).write_text("{}")
+    return folder
+
+
+def recorded_run(workdir, settings: dict) -> dict:
+    """A working directory where, as far as Snakemake knows, every job of the tiny preset with `settings`
+    has run: each planned output made empty, then recorded (params, code, inputs) by --touch --forceall.
+    Returns the settings with lora.base_model pointing at a stand-in base model."""
+    settings = merged(settings, {"lora": {"base_model": str(fake_stable_diffusion(workdir / "sd"))}})
+    overlay = yaml.safe_dump(settings)
+    plan = snakemake(workdir, "--dry-run", overlay=overlay)
+    assert plan.returncode == 0, (plan.stdout + plan.stderr)[-3000:]
+    outputs = {path.strip() for line in plan.stdout.splitlines() if line.startswith("    output: ")
+               for path in line.removeprefix("    output: ").split(",")}
+    for path in map(workdir.joinpath, outputs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch() if path.suffix else path.mkdir(exist_ok=True)
+    result = snakemake(workdir, "--touch", "--forceall", overlay=overlay)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert planned_jobs(snakemake(workdir, "--dry-run", overlay=overlay).stdout) == set()
+    return settings
+
+
+def plan_after(workdir, settings: dict, change: dict) -> set[str]:
+    """The rules a dry run plans once `change` is laid over the recorded run's settings."""
+    result = snakemake(workdir, "--dry-run", overlay=yaml.safe_dump(merged(settings, change)))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return planned_jobs(result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="module")
+def generators_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("generators")
+    return workdir, recorded_run(workdir, GENERATORS)
+
+
+TRAININGS = {"train_autoencoder", "train_diffusion", "train_gan", "train_lora", "train_segmentation", "train_classifier"}
+
+
+def test_a_conditioning_setting_retrains_only_the_diffusion_model(generators_run):
+    """The GAN, LoRA and the autoencoder never see conditioning maps: they neither rerun nor change checkpoint folders."""
+    planned = plan_after(*generators_run, {"conditioning": {"boundaries": False}})
+    assert {"conditioning_maps", "train_diffusion", "synthesize", "inpaint"} <= planned
+    assert not planned & {"train_gan", "train_lora", "train_autoencoder", "gan_synthesize", "lora_synthesize"}, planned
+
+
+def test_a_report_only_quality_setting_reruns_the_report_only(generators_run):
+    """quality.lpips_pairs is read by the distribution scores alone: no consistency, curation, mixing or model."""
+    planned = plan_after(*generators_run, {"quality": {"lpips_pairs": 8}})
+    assert planned == {"image_quality", "summarize", "registry", "all"}, planned
+
+
+def test_the_gans_synthesis_settings_rerun_no_diffusion_sampling(generators_run):
+    planned = plan_after(*generators_run, {"synthesis": {"gan": {"n": 8}}})
+    assert "gan_synthesize" in planned
+    assert not planned & {"synthesize", "inpaint", "lora_synthesize", *TRAININGS}, planned
+
+
+def test_a_segmentation_setting_retrains_no_generator(generators_run):
+    """The GAN monitors fidelity in no space of a downstream model, so it waits for no segmenter."""
+    planned = plan_after(*generators_run, {"segmentation": {"lr": 1.0e-3}})
+    assert "train_segmentation" in planned
+    assert not planned & {"train_gan", "gan_synthesize", "train_lora", "train_diffusion"}, planned
+
+
+def test_kid_settings_retrain_no_gan_that_does_not_monitor_fidelity(tmp_path):
+    settings = recorded_run(tmp_path, merged(GENERATORS, {"gan": {"train": {"eval_every": 0}}}))
+    planned = plan_after(tmp_path, settings, {"quality": {"kid_subsets": 5}})
+    assert planned == {"image_quality", "summarize", "registry", "all"}, planned
 
 
 def test_nuclei_training_settings_rerun_nothing_while_the_classical_detector_runs(tiny_run):
@@ -185,9 +278,11 @@ def test_a_gan_ratio_trains_classifiers_only(tiny_run):
     output = result.stdout + result.stderr
     # enabling the GAN adds its own jobs and reruns nothing that ran: quality, realism and curation of its set
     # only, its ratio's mix and classifiers, the report
-    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "realism", "curate_synthetic", "mix_dataset",
-                                    "train_classifier", "evaluate_classifier", "summarize", "registry", "all"}, output[-3000:]
-    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == output.count("rule realism:") == 1
+    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "mask_consistency", "realism",
+                                    "curate_synthetic", "mix_dataset", "train_classifier", "evaluate_classifier", "summarize",
+                                    "registry", "all"}, output[-3000:]
+    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == output.count("rule realism:") \
+        == output.count("rule mask_consistency:") == 1
     assert "set=gan" in output
     # gan4: its mix and 2 folds x 1 seed of train_classifier and evaluate_classifier; no segmentation run
     assert output.count("ratio=gan4") == 1 + 2 + 2

@@ -32,7 +32,7 @@ from histosynth.data.io import read_file_table, read_mask, read_patch_index, wri
 from histosynth.data.labels import patch_labels
 from histosynth.data.patches import class_indices, fraction_column
 from histosynth.evaluation.curation import reject_summary
-from histosynth.generators.synthesis import MODE_RULES, set_rule
+from histosynth.generators.table import FAMILIES, set_rule
 from histosynth.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
     if wanted == 0:
         return pool.iloc[:0]
     if pool.empty:
-        modes = list(sources) if sources else list(MODE_RULES)
+        modes = list(sources) if sources else [kind.name for kind in FAMILIES]
         stages = ", ".join(f"{m} (rule {set_rule(m)})" for m in modes)
         raise MixingError(
             f"ratio {name!r} asks for {wanted} synthetic images but the synthetic sources [{stages}] have none to give"

@@ -26,7 +26,7 @@ from histosynth.config import section_defaults
 from histosynth.data.io import read_file_table, read_patch_index, write_table
 from histosynth.data.labels import patch_labels
 from histosynth.device import pick_device
-from histosynth.seeds import derive_seed
+from histosynth.distances import fid, inception_score, kid
 from histosynth.evaluation.consistency import (
     SCORE_COLUMNS,
     nuclei_scores,
@@ -41,9 +41,9 @@ from histosynth.evaluation.features import (
     image_features,
     pairwise_diversity,
 )
-from histosynth.distances import fid, inception_score, kid
 from histosynth.evaluation.fidelity import inception_features, lpips_diversity
 from histosynth.nets import load_inception, load_lpips
+from histosynth.seeds import derive_seed
 from histosynth.weights import WEIGHTS, weights_file
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,11 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     inception_path, inception_note = weights_file(WEIGHTS["inception"], s["inception_weights"], weights_dir)
     lpips_path, lpips_note = weights_file(WEIGHTS["lpips"], s["lpips_weights"], weights_dir)
     inception_name, lpips_name = f"inception-v3 pool {s['feature']} (torch-fidelity)", "lpips alexnet (torchmetrics)"
-    real_features = real_logits = None
+    real_features = None
     if inception_path is not None:
         net = load_inception(inception_path, s["feature"])
         log.info("Inception features of %d real images (%s)", len(real), inception_note)
-        real_features, real_logits = inception_features(real["image"].tolist(), net, s["batch_size"], device)
+        real_features, _ = inception_features(real["image"].tolist(), net, s["batch_size"], device)
     lpips_net = load_lpips(lpips_path) if lpips_path is not None else None
     real_embedded = None
     if extractor is not None:
@@ -152,69 +152,110 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
                 paths = table.loc[g, "image"].tolist()
                 add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device),
                     n_r, n_g, used=lpips_name)
-        if s["consistency"] and "mask" not in table:
-            add("mask_iou", "all", math.nan, 0, len(table), "skipped", f"synthetic set {mode} has no masks (a GAN set)")
-        elif s["consistency"]:
-            found = _consistency(table, classes, segment, nuclei_settings, nuclei_model, mpp,
-                                 lambda **kw: add(n_real=0, n_syn=len(table), **kw))
-            scores.append(found.assign(set=mode))
-            if segment is not None:
-                for row in real_reference(table, all_real, classes, segment):
-                    add(**row, n_real=int(table["source_patch_id"].nunique()), n_syn=len(table), used="segmentation model")
+        if s["consistency"]:
+            found, per_image = set_consistency(table, mode, all_real, classes, segment=segment,
+                                               nuclei_settings=nuclei_settings, nuclei_model=nuclei_model, mpp=mpp)
+            rows.extend(found)
+            scores.append(per_image)
+    return pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
+
+
+def _per_image(scores: list[pd.DataFrame]) -> pd.DataFrame:
     per_image = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
-    return pd.DataFrame(rows, columns=COLUMNS), per_image.reindex(columns=["set", *SCORE_COLUMNS])
+    return per_image.reindex(columns=["set", *SCORE_COLUMNS])
 
 
-def _consistency(table, classes, segment, nuclei_settings, nuclei_model, mpp, add) -> pd.DataFrame:
-    """Per-image scores of one set; adds the pooled rows (or skip rows) through `add`."""
+def set_consistency(table: pd.DataFrame, mode: str, real: pd.DataFrame, classes: Sequence[str], *,
+                    segment: Callable[[np.ndarray], np.ndarray] | None, nuclei_settings=None, nuclei_model=None,
+                    mpp: float | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Mask consistency of one synthetic set (manifest rows, absolute paths): quality rows (COLUMNS;
+    pooled per class, skip rows saying why, the real source patches' own agreement) and the
+    per-image scores (set, SCORE_COLUMNS) that curation reads. Arguments as image_quality's."""
+    rows: list[dict] = []
+
+    def add(metric, name, value, n_real=0, status="ok", note="", used=""):
+        rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
+                     "n_synthetic": len(table), "status": status, "note": note, "extractor": used})
+
+    if "mask" not in table:
+        add("mask_iou", "all", math.nan, status="skipped", note=f"synthetic set {mode} has no masks (a GAN set)")
+        return rows, _per_image([])
     found = []
     if segment is None:
-        add(metric="mask_iou", name="all", value=math.nan, status="skipped",
+        add("mask_iou", "all", math.nan, status="skipped",
             note="no segmentation model given (the ratio-0 model of rule train_segmentation)")
     else:
         found.append(region_scores(table, classes, segment))
     if nuclei_settings is None or mpp is None or "conditioning" not in table:
         why = "no conditioning maps in the manifest" if "conditioning" not in table else "nuclei settings not given"
-        add(metric="nuclei_iou", name="nuclei", value=math.nan, status="skipped", note=why)
+        add("nuclei_iou", "nuclei", math.nan, status="skipped", note=why)
     else:
         found.append(nuclei_scores(table, mpp, nuclei_settings, nuclei_model))
     scores = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=SCORE_COLUMNS)
     detector = "nuclei detector " + (str(nuclei_model.path) if nuclei_model is not None else "(classical)")
     for row in pooled_consistency(scores):
-        add(**{"name" if k == "class" else k: v for k, v in row.items()},
+        add(row["metric"], row["class"], row["value"], note=row["note"],
             used="segmentation model" if row["metric"].startswith("mask") else detector)
-    return scores
+    if segment is not None:
+        for row in real_reference(table, real, classes, segment):
+            add(row["metric"], row["name"], row["value"], n_real=int(table["source_patch_id"].nunique()), note=row["note"],
+                used="segmentation model")
+    return rows, _per_image([scores.assign(set=mode)])
 
 
 def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], out: str | Path, *,
-                        scores_out: str | Path | None = None, config: Mapping,
-                        segmentation_model: str | Path | None = None) -> pd.DataFrame:
-    """Entry of rule image_quality: real training patches vs each synthetic manifest ({mode: path});
-    the segmentation run folder (ratio 0) enables region mask consistency and, with
-    quality.extractor 'segmentation', the offline feature space. Writes `out` (the quality table)
-    and `scores_out` (per-image consistency scores)."""
-    from histosynth.nuclei.model import load_detector
-
+                        config: Mapping, segmentation_model: str | Path | None = None) -> pd.DataFrame:
+    """Entry of rule image_quality: the report's distribution scores of each synthetic manifest
+    ({mode: path}) against the real training patches; the segmentation run folder (ratio 0) is the
+    offline feature space when quality.extractor is 'segmentation'. Writes `out` (the quality table).
+    Mask consistency, which curation reads, is rule mask_consistency's (consistency_stage)."""
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     synthetic = {mode: read_file_table(path) for mode, path in manifests.items()}
-    s = config["quality"]
+    s = section_defaults("quality", config["quality"]) | {"consistency": False}
     segmenter = None
-    if segmentation_model is not None and (s["consistency"] or s["extractor"] == SEGMENTATION):
+    if segmentation_model is not None and s["extractor"] == SEGMENTATION:
         from histosynth.evaluation.segmentation import load_model
 
         segmenter = load_model(segmentation_model, s["device"])
-    segment = segmenter.predict if segmenter is not None and s["consistency"] else None
     extractor, why = configured_extractor(s, segmenter)
     extractor_note = f"offline FD/KD skipped: {why}" if extractor is None else ""
     if extractor is None:
         log.warning("%s", extractor_note)
-    nuclei = config["nuclei"]
-    nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
-    table, scores = image_quality(real, synthetic, config["classes"], labels=config["labels"], weights_dir=config["weights_dir"],
-                                  settings=s,
-                                  segment=segment, nuclei_settings=nuclei, nuclei_model=nuclei_model, mpp=config["patches"]["mpp"],
-                                  extractor=extractor, extractor_note=extractor_note)
+    table, _ = image_quality(real, synthetic, config["classes"], labels=config["labels"], weights_dir=config["weights_dir"],
+                             settings=s, extractor=extractor, extractor_note=extractor_note)
     write_table(table, out)
-    if scores_out is not None:
-        write_table(scores, scores_out)
     return table
+
+
+def consistency_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], table_out: str | Path,
+                      scores_out: str | Path, *, config: Mapping,
+                      segmentation_model: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Entry of rule mask_consistency: each synthetic manifest's ({mode: path}) images, sampled as
+    image_quality samples them, against their masks (the segmentation run folder of ratio 0) and
+    nuclei (config `nuclei`). Writes the pooled quality rows for the report (`table_out`) and the
+    per-image scores curation reads (`scores_out`); both empty while quality.consistency is off."""
+    s = section_defaults("quality", config["quality"])
+    rows, scores = [], []
+    if s["consistency"]:
+        from histosynth.nuclei.model import load_detector
+
+        real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
+        segment = None
+        if segmentation_model is not None:
+            from histosynth.evaluation.segmentation import load_model
+
+            segment = load_model(segmentation_model, s["device"]).predict
+        nuclei = config["nuclei"]
+        nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
+        for mode, path in manifests.items():
+            table = _sample(read_file_table(path), s["max_images"], derive_seed(s["seed"], "synthetic", mode))
+            if table.empty:
+                continue
+            found, per_image = set_consistency(table, mode, real, config["classes"], segment=segment, nuclei_settings=nuclei,
+                                               nuclei_model=nuclei_model, mpp=config["patches"]["mpp"])
+            rows += found
+            scores.append(per_image)
+    quality, per_image = pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
+    write_table(quality, table_out)
+    write_table(per_image, scores_out)
+    return quality, per_image

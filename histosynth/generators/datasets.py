@@ -27,12 +27,17 @@ def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.Da
 class PatchDataset(Dataset):
     """Items {'image': (3, H, W) float in [-1, 1], 'label': int64 (the patch's class index under
     resolved `labels`, histosynth.data.labels)} plus 'cond': (C, H, W) float when the table has
-    conditioning maps (conditioning indexes do, patch indexes do not)."""
+    conditioning maps (conditioning indexes do, patch indexes do not), whose channels `conditioning`
+    (the config section) selects: only their readers need it."""
 
-    def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict, labels: dict):
+    def __init__(self, table: pd.DataFrame, classes: Sequence[str], conditioning: dict | None, labels: dict):
         self.table = table.reset_index(drop=True)
         self.n_regions = len(classes)
-        self.channels = {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")}
+        if "conditioning" in self.table and conditioning is None:
+            raise ValueError("these indexes hold conditioning maps, but the job's config has no `conditioning` section "
+                             "to select their channels; pass it (the workflow's training_params gives it to diffusion)")
+        self.channels = {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")} \
+            if conditioning is not None else {}
         self.labels = label_index(patch_labels(self.table, labels), labels) if len(self.table) else np.empty(0, np.int64)
 
     def __len__(self) -> int:
@@ -56,4 +61,4 @@ def patch_dataset(indexes: Sequence[str | Path], split: str, config: dict) -> Pa
     job's (labels resolved by the workflow) or a validated one (labels resolved from the indexes)."""
     table = read_indexes(indexes, split)
     sheet_labels = table.drop_duplicates("slide")["label"].fillna("").tolist() if "label" in table else []
-    return PatchDataset(table, config["classes"], config["conditioning"], run_labels(config, sheet_labels))
+    return PatchDataset(table, config["classes"], config.get("conditioning"), run_labels(config, sheet_labels))

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import torch
 
+from histosynth.generators.table import BY_NAME, generator
 from histosynth.training.errors import TrainingError
 
 log = logging.getLogger(__name__)
-
-# The module whose main(argv) trains each stage's model.
-TRAINERS = {"autoencoder": "histosynth.generators.autoencoder", "diffusion": "histosynth.generators.train_diffusion",
-            "gan": "histosynth.generators.gan", "lora": "histosynth.generators.lora"}
 
 
 def _factory(spec: str) -> Callable:
@@ -43,7 +40,8 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     """`python -m <the stage's trainer module> train ...`, shared by the autoencoder, diffusion, GAN and LoRA trainers.
 
     The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
-    parser = argparse.ArgumentParser(prog=f"python -m {TRAINERS[stage]}", description=f"train the {stage} model")
+    trainer = generator(stage).trainer
+    parser = argparse.ArgumentParser(prog=f"python -m {trainer}", description=f"train the {stage} model")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
     p.add_argument("--config", required=True, help="full workflow config (YAML or JSON); section '%s' is used" % stage)
@@ -70,7 +68,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
     extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
-    if stage in ("gan", "lora"):  # class names in index order, where the job's labels are resolved (the workflow's are)
+    if generator(stage).draws_on == "labels":  # class names in index order, where the job's labels are resolved (the workflow's are)
         labels = config.get("labels") or {}
         extra = {"labels": list(labels["classes"]) if "regions" in labels else None}
     if stage == "gan":  # fidelity during training in the quality stage's feature spaces
@@ -88,7 +86,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
                         val_dataset=val if val is not None and len(val) else None,
                         checkpoint_dir=args.checkpoints, **extra)
     except TrainingError as err:
-        print(f"{TRAINERS[stage]} train: error: {err}", file=sys.stderr)
+        print(f"{trainer} train: error: {err}", file=sys.stderr)
         return 2
     log.info("%s", json.dumps(summary, default=str))
     return 0
@@ -96,15 +94,15 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
 
 def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
            log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
-    """Run the stage's trainer (`python -m TRAINERS[stage] train`) for a Snakemake job: in this process on one device,
+    """Run the stage's trainer (`python -m <its table row's trainer> train`) for a Snakemake job: in this process on one device,
     under `accelerate launch` with one process per GPU when the job was given gpus > 1 (`multi_process_command`).
 
     The config's train.batch_size is the global batch whatever `gpus` is (histosynth.training.loop): more
     GPUs split each step's batch, they do not enlarge it. The `threads` are shared out among the processes."""
     import subprocess
 
-    if stage not in TRAINERS:
-        raise TrainingError(f"no trainer for stage {stage!r}; one of {sorted(TRAINERS)}")
+    if stage not in BY_NAME:
+        raise TrainingError(f"no trainer for stage {stage!r}; one of {sorted(BY_NAME)}")
     run_config = Path(checkpoints) / "workflow-config.json"
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(json.dumps(config, indent=1, default=str))
@@ -119,7 +117,7 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
         with open(log, "a") as stream:  # the launcher's own messages (a worker's failure) join the workers' log
             code = subprocess.run(multi_process_command(stage, processes, argv), stdout=stream, stderr=subprocess.STDOUT).returncode
     else:
-        code = importlib.import_module(TRAINERS[stage]).main(argv)
+        code = importlib.import_module(generator(stage).trainer).main(argv)
     if code:
         raise TrainingError(f"{stage} training failed (exit {code}); see {log}")
 
@@ -133,4 +131,4 @@ def multi_process_command(stage: str, processes: int, argv: Sequence[str]) -> li
     port, so that jobs on one machine do not collide on the default 29500."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", TRAINERS[stage], *argv]
+            "-m", generator(stage).trainer, *argv]

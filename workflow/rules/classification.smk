@@ -18,7 +18,7 @@ rule train_classifier:
         mem_mb=8000,
         runtime=720,
     params:
-        config=classification_config(),
+        config=task_config("classification"),
         seed=lambda wc: derive_seed(config["seed"], "classification", int(wc.seed)),
         fold=lambda wc: int(wc.fold),
     script:
@@ -46,6 +46,6 @@ rule evaluate_classifier:
         mem_mb=8000,
         runtime=120,
     params:
-        config=classification_config(),
+        config=task_config("classification"),
     script:
         "../../scripts/evaluate_classifier.py"

@@ -6,13 +6,12 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
-from histosynth.config import ConfigError, baseline_ratio, lora_set, read_slide_sheet, validated
+from histosynth import params as rule_params
+from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
 from histosynth.data.annotations import AnnotationError, check_sheet_files
 from histosynth.data.labels import LabelError, resolve_labels
+from histosynth.generators import table
 from histosynth.seeds import derive_seed
-from histosynth.generators.synthesis import MASKED_MODES
-from histosynth.training.resume import resume_key
-from histosynth.nuclei.stage import detector_settings
 
 
 def _resolve(path):
@@ -117,82 +116,40 @@ def training_slides():
 
 
 def config_params(*keys):
-    """The config sections a job reads, as a job parameter with keys sorted at every level. Snakemake
-    compares params by their text, so only a changed value (not a reordered file) reruns a job,
-    and only the sections named here count. Section `labels` is the resolved one (LABELS); section
-    `nuclei` holds only the configured detector's settings (detector_settings: a changed classical
-    setting reruns nothing while a model detects, and training settings reach a trained model's
-    users through its file) and names the model's file (nuclei_model_path); `patches` leaves out
-    its workers."""
-    sections = {key: LABELS if key == "labels" else config[key] for key in keys}
-    if "nuclei" in sections:  # the detector its readers use: the model's file, not how it was trained
-        sections["nuclei"] = detector_settings(sections["nuclei"]) | {"model": nuclei_model_path()}
-    sections = json.loads(json.dumps(sections, sort_keys=True))
-    if "patches" in sections:  # how many cores cut them: the rule's threads, not what the patches hold
-        del sections["patches"]["workers"]
-    return sections
-
-
-GENERATOR_SETTINGS = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan", "lora": "lora"}
+    """The config sections a job reads, as its params (histosynth.params.config_params)."""
+    return rule_params.config_params(config, LABELS, *keys, nuclei_model=nuclei_model_path())
 
 
 def synthesis_config(mode, *keys):
-    """What one synthetic set's job reads: the shared synthesis settings and its own subsection, not
-    the other generators' (enabling the GAN must not rerun diffusion sampling), plus `keys`."""
-    params = config_params("synthesis", *keys)
-    own = GENERATOR_SETTINGS["lora" if mode.startswith("lora") else mode]
-    for other in set(GENERATOR_SETTINGS.values()) - {own}:
-        del params["synthesis"][other]
-    return params
-
-
-def segmentation_config():
-    """What a segmentation job reads: its settings without the seed list, which only names the runs
-    (adding a seed must not rerun the others)."""
-    params = config_params("segmentation", "classes", "seed", "weights_dir")
-    del params["segmentation"]["seeds"]
-    return params
-
-
-def classification_config():
-    """What a classification job reads: its settings without the seed list (adding a seed must not
-    rerun the others), the resolved labels and the weights folder."""
-    params = config_params("classification", "labels", "seed", "weights_dir")
-    del params["classification"]["seeds"]
-    return params
-
-
-TRAINING_READS = {"gan": ("quality", "weights_dir")}  # the GAN's fidelity during training: quality's feature spaces
+    """What one synthetic set's job reads (histosynth.params.synthesis_params)."""
+    return rule_params.synthesis_params(config, LABELS, mode, *keys)
 
 
 def training_config(stage):
-    """What a training job reads: its own section, the keys its data depends on and, for the GAN,
-    what its fidelity evaluations read; for LoRA, the sampling settings of its preview grids."""
-    params = config_params(stage, "seed", "classes", "conditioning", "labels", *TRAINING_READS.get(stage, ()))
-    if stage == "lora":
-        params["synthesis"] = synthesis_config("lora")["synthesis"]
-    return params
+    """What a generator's training reads (histosynth.params.training_params)."""
+    return rule_params.training_params(config, LABELS, stage)
+
+
+def task_config(task):
+    """What a segmentation or classification job reads (histosynth.params.task_params)."""
+    return rule_params.task_params(config, LABELS, task)
 
 
 def checkpoint_folder(stage):
     """Where a training's checkpoints live, outside its outputs so a rerun can resume: one folder
-    per resume-relevant config (histosynth.training.resume.resume_key), so a changed config
-    starts fresh and an unchanged one resumes."""
-    cfg = training_config(stage)
-    return f"results/checkpoints/{stage}/{resume_key(cfg[stage], cfg['seed'], cfg['classes'], cfg['conditioning'], cfg['labels'])}"
+    per resume key (histosynth.params.checkpoint_key), so a changed model starts fresh and an
+    unchanged one resumes."""
+    return f"results/checkpoints/{stage}/{rule_params.checkpoint_key(config, LABELS, stage)}"
 
 
 def uses_autoencoder():
     """Whether the diffusion model works in latent space: only then is the autoencoder trained."""
-    return config["diffusion"]["space"] == "latent"
+    return table.enabled(config, "autoencoder")
 
 
 def generative_losses():
     """{training name: loss CSV} of the generative models this config trains, for the report."""
-    return {**({"autoencoder": "results/autoencoder/loss.csv"} if uses_autoencoder() else {}),
-            "diffusion": "results/diffusion/loss.csv",
-            **({"gan": "results/gan/loss.csv"} if config["gan"]["enabled"] else {}),
-            **({"lora": "results/lora/loss.csv"} if config["lora"]["enabled"] else {})}
+    return {made.name: made.losses for made in table.trained(config)}
 
 
 def diffusion_inputs(wildcards):
@@ -228,11 +185,8 @@ SEGMENTATION_SEEDS = config["segmentation"]["seeds"]
 
 
 def synthetic_sets():
-    """The synthetic sets this config makes: synth always, inpaint when it has a target class, gan
-    when it is enabled, a LoRA set per synthesis.lora.scales entry when lora is enabled."""
-    return ["synth", *(["inpaint"] if config["synthesis"]["inpaint"]["target_class"] else []),
-            *(["gan"] if config["gan"]["enabled"] else []),
-            *([lora_set(scale) for scale in config["synthesis"]["lora"]["scales"]] if config["lora"]["enabled"] else [])]
+    """The synthetic sets this config makes (histosynth.generators.table.synthetic_sets)."""
+    return table.synthetic_sets(config)
 
 
 def ratio_sources(ratio):
@@ -289,7 +243,7 @@ if not SEGMENTATION and (config["quality"]["consistency"] or config["quality"]["
 def segmentation_runs(pattern):
     """One path per ratio x seed of the segmentation task (none when it is off), for the ratios
     whose synthetic images all have masks (the GAN set has none: its ratios feed classification only)."""
-    masked = [name for name in RATIOS if RATIOS[name]["synthetic"] == 0 or set(ratio_sources(name)) <= set(MASKED_MODES)]
+    masked = [name for name in RATIOS if RATIOS[name]["synthetic"] == 0 or all(map(table.has_masks, ratio_sources(name)))]
     return expand(pattern, ratio=masked, seed=SEGMENTATION_SEEDS) if SEGMENTATION else []
 
 
@@ -302,13 +256,22 @@ def classification_runs(pattern):
 
 
 def quality_inputs(wildcards):
-    """Real training patches, one synthetic set, and the baseline's first model (mask consistency,
-    and the offline feature space when quality.extractor is 'segmentation')."""
+    """Real training patches, one synthetic set, and the baseline's first model when it is the
+    offline feature space (quality.extractor 'segmentation')."""
     inputs = {"indexes": patch_indexes("train"), "synthetic": f"results/synthetic/{wildcards.set}"}
-    if config["quality"]["consistency"] and nuclei_model_path():
-        inputs["nuclei_model"] = nuclei_model_path()
-    if config["quality"]["consistency"] or config["quality"]["extractor"] == "segmentation":
+    if config["quality"]["extractor"] == "segmentation":
         inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
+    return inputs
+
+
+def consistency_inputs(wildcards):
+    """Real training patches (the reference: their own masks re-segmented), one synthetic set, and
+    while quality.consistency measures, the baseline's first model and the learned nuclei detector."""
+    inputs = {"indexes": patch_indexes("train"), "synthetic": f"results/synthetic/{wildcards.set}"}
+    if config["quality"]["consistency"]:
+        inputs["segmentation"] = f"results/segmentation/{BASELINE}/seed{SEGMENTATION_SEEDS[0]}"
+        if nuclei_model_path():
+            inputs["nuclei_model"] = nuclei_model_path()
     return inputs
 
 

@@ -58,6 +58,7 @@ rule gan_synthesize:
         mem_mb=8000,
         runtime=120,
     params:
-        config=synthesis_config("gan", "labels", "seed", "patches"),
+        config=synthesis_config("gan", "labels", "seed"),
+        size=config["patches"]["size"],
     script:
         "../../scripts/gan_synthesize.py"

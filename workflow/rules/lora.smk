@@ -61,7 +61,8 @@ rule lora_synthesize:
         mem_mb=16000,
         runtime=240,
     params:
-        config=synthesis_config("lora", "labels", "seed", "patches"),
+        config=synthesis_config("lora", "labels", "seed"),
+        size=config["patches"]["size"],
         scale=lambda wc: int(wc.scale) / 100,
     script:
         "../../scripts/lora_synthesize.py"

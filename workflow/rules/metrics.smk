@@ -1,10 +1,33 @@
+rule mask_consistency:
+    """Does each synthetic image agree with its mask (the baseline's segmenter) and its nuclei (the nuclei detector)? Per image, which curation reads, and pooled per class beside the real patches' own agreement, for the report."""
+    input:
+        unpack(consistency_inputs),
+    output:
+        table="results/quality/{set}.consistency.parquet",
+        scores="results/quality/{set}.scores.parquet",
+    log:
+        "logs/mask_consistency/{set}.log",
+    benchmark:
+        "results/benchmarks/mask_consistency/{set}.tsv"
+    conda:
+        "../../envs/histosynth.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    params:
+        config=rule_params.consistency_params(config, LABELS, nuclei_model_path()),
+    script:
+        "../../scripts/mask_consistency.py"
+
+
 rule image_quality:
-    """Mask consistency (pooled and per image), offline FD/KD, FID/KID/IS and diversity of one synthetic set against the real training patches."""
+    """Offline FD/KD, FID/KID/IS and diversity of one synthetic set against the real training patches, for the report."""
     input:
         unpack(quality_inputs),
     output:
         table="results/quality/{set}.parquet",
-        scores="results/quality/{set}.scores.parquet",
     log:
         "logs/image_quality/{set}.log",
     benchmark:
@@ -17,7 +40,7 @@ rule image_quality:
         mem_mb=8000,
         runtime=240,
     params:
-        config=config_params("quality", "classes", "labels", "nuclei", "patches", "weights_dir"),
+        config=rule_params.quality_params(config, LABELS),
     script:
         "../../scripts/image_quality.py"
 

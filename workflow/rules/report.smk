@@ -11,7 +11,7 @@ rule summarize:
         predictions=classification_runs("results/classification_evaluation/{ratio}/fold{fold}/seed{seed}.predictions.parquet"),
         classifiers=classification_runs("results/classification/{ratio}/fold{fold}/seed{seed}"),
         shares=expand("results/mixing/{ratio}.share.parquet", ratio=RATIOS),
-        quality=expand("results/quality/{mode}.parquet", mode=synthetic_sets())
+        quality=expand("results/quality/{mode}{table}.parquet", mode=synthetic_sets(), table=("", ".consistency"))
         + (expand("results/quality/{mode}.realism.parquet", mode=synthetic_sets()) if config["realism"]["enabled"] else []),
         scores=expand("results/quality/{mode}.scores.parquet", mode=synthetic_sets()),
         generative_losses=list(generative_losses().values()),

@@ -18,7 +18,7 @@ rule train_segmentation:
         mem_mb=8000,
         runtime=720,
     params:
-        config=segmentation_config(),
+        config=task_config("segmentation"),
         seed=lambda wc: derive_seed(config["seed"], "segmentation", int(wc.seed)),
     script:
         "../../scripts/train_segmentation.py"
@@ -53,6 +53,6 @@ rule evaluate_segmentation:
         mem_mb=8000,
         runtime=120,
     params:
-        config=segmentation_config(),
+        config=task_config("segmentation"),
     script:
         "../../scripts/evaluate_segmentation.py"

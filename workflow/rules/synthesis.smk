@@ -84,6 +84,6 @@ rule curate_synthetic:
         mem_mb=8000,
         runtime=60,
     params:
-        config=config_params("curation", "quality", "classes", "labels"),
+        config=rule_params.curation_params(config, LABELS),
     script:
         "../../scripts/curate_synthetic.py"
