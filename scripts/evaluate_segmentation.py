@@ -1,6 +1,6 @@
 """Rule evaluate_segmentation: score one run on the test slides (histosynth.evaluation.segmentation)."""
 
-from histosynth.evaluation.segmentation import evaluate_segmentation
+from histosynth.evaluation.segmentation_scores import evaluate_segmentation
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from histosynth.evaluation.report import plot_rule_graph
+from histosynth.evaluation.rule_graph import plot_rule_graph
 from histosynth.logs import log_to
 
 log = log_to(snakemake.log[0])

@@ -19,21 +19,22 @@ from histosynth.config import section_defaults
 from histosynth.data.io import write_relative
 from histosynth.evaluation import classification
 from histosynth.evaluation.classification import (
-    ClassificationDataset,
-    ClassificationError,
-    build_classifier,
     class_weights,
-    classification_metrics,
-    classifier_weights_file,
-    confusion,
     evaluate_classifier,
     fold_assignment,
-    initial_model,
-    load_backbone_weights,
-    load_classifier,
     train,
     train_classifier,
     training_sets,
+)
+from histosynth.evaluation.classification_metrics import classification_metrics, confusion
+from histosynth.evaluation.classifier import (
+    ClassificationDataset,
+    ClassificationError,
+    build_classifier,
+    classifier_weights_file,
+    initial_model,
+    load_backbone_weights,
+    load_classifier,
 )
 from histosynth.evaluation.mixing import write_mix
 
@@ -128,7 +129,7 @@ def test_metrics_with_absent_classes():
 
 
 def test_confusions_per_ratio_in_one_png(tmp_path):
-    from histosynth.evaluation.report import plot_confusions
+    from histosynth.evaluation.report_plots import plot_confusions
 
     predictions = pd.DataFrame({"ratio": ["real"] * 6 + ["syn"] * 6, "fold": 0, "seed": 0,
                                 "true": np.tile(TARGET, 2), "pred": np.tile(PROBS.argmax(1), 2)})

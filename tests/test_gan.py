@@ -19,14 +19,9 @@ from torch.utils.data import Dataset
 from histosynth.config import section_defaults
 from histosynth.files import MODEL_INFO
 from histosynth.generators.gan import (
-    GAN,
-    Generator,
-    build_gan,
     diff_augment,
     diffaugment_policy,
-    discriminator_widths,
     generate,
-    generator_widths,
     hinge_d_loss,
     hinge_g_loss,
     load_gan,
@@ -34,6 +29,7 @@ from histosynth.generators.gan import (
     noise,
     train,
 )
+from histosynth.generators.gan_networks import GAN, Generator, build_gan, discriminator_widths, generator_widths
 from histosynth.generators.monitor import FeatureSpace, FidelityMonitor, feature_spaces
 from histosynth.training.batches import random_dihedral
 from histosynth.training.checkpoints import checkpoints

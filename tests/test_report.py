@@ -12,16 +12,10 @@ from PIL import Image
 
 from histosynth.config import section_defaults
 from histosynth.data.io import write_table
-from histosynth.evaluation.report import (
-    metrics_table,
-    plot_class_share,
-    plot_loss_curves,
-    plot_metrics,
-    plot_quality,
-    plot_verdict,
-    seed_summary,
-    summarize,
-)
+from histosynth.evaluation.quality_plots import plot_quality
+from histosynth.evaluation.report import summarize
+from histosynth.evaluation.report_plots import plot_class_share, plot_loss_curves, plot_metrics, plot_verdict
+from histosynth.evaluation.report_tables import metrics_table, seed_summary
 
 RATIOS = [{"name": "real", "synthetic": 0, "real": True}, {"name": "k2", "synthetic": 2, "real": True},
           {"name": "syn", "synthetic": 1.0, "real": False}]
@@ -183,7 +177,7 @@ def test_rule_graph_with_a_rule_level_loop(tmp_path):
     dot = "digraph snakemake_dag {\n" + "".join(f'    {i}[label = "{n}", color = "0.1 0.6 0.85"];\n' for i, n in enumerate(names))
     dot += "".join(f"    {a} -> {b}\n" for a, b in edges) + "}\n"
     (tmp_path / "g.dot").write_text(dot)
-    from histosynth.evaluation.report import _back_edges, plot_rule_graph, read_rule_graph
+    from histosynth.evaluation.rule_graph import _back_edges, plot_rule_graph, read_rule_graph
 
     assert _back_edges(read_rule_graph(dot)) == {("curate_synthetic", "mix_dataset")}
     assert is_png(plot_rule_graph(tmp_path / "g.dot", tmp_path / "g.png"))

@@ -21,14 +21,13 @@ from histosynth.evaluation.segmentation import (
     SegmentationModel,
     build_model,
     encoder_weights_file,
-    evaluate,
     load_encoder_weights,
     load_model,
-    normalise,
-    overlay,
     split_rows,
     train,
 )
+from histosynth.evaluation.segmentation_scores import evaluate, overlay
+from histosynth.nets import normalise
 from histosynth.overlap import overlap_scores
 
 CLASSES = ["Blood vessel", "Fat"]

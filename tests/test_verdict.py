@@ -44,7 +44,7 @@ def image_table(dice_shift: dict[str, list[float]], *, images: int = 40, slides:
 
 
 def test_pooled_segmentation_scores_rebuilt_from_the_images_equal_the_evaluation():
-    from histosynth.evaluation.segmentation import slide_scores
+    from histosynth.evaluation.segmentation_scores import slide_scores
 
     images = image_table({"real": [0.0]})
     pooled = slide_scores(images.drop(columns=["ratio", "seed"]))
@@ -66,7 +66,7 @@ def test_pooled_segmentation_scores_rebuilt_from_the_images_equal_the_evaluation
 
 @pytest.mark.parametrize("n_classes, seed", [(2, 0), (4, 1), (4, 2)])
 def test_classification_scores_rebuilt_from_the_predictions_equal_the_evaluation(n_classes, seed):
-    from histosynth.evaluation.classification import classification_metrics
+    from histosynth.evaluation.classification_metrics import classification_metrics
 
     rng = np.random.default_rng(seed)
     true = rng.integers(0, n_classes - (seed == 2), 60)  # seed 2: the last class absent from the targets
