@@ -1,10 +1,12 @@
-"""Tests for histosynth.data.annotations: reading QuPath GeoJSON and rasterising label masks."""
+"""Tests for histosynth.data.annotations: reading QuPath GeoJSON, ASAP and Aperio XML and label masks, rasterising
+them, pairing them in `histosynth sheet`, and one tiny workflow run on plain images annotated so."""
 
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
@@ -380,3 +382,73 @@ def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_pa
     (tmp_path / "ann" / "e.xml").write_bytes((tmp_path / "masks" / "d.png").read_bytes())
     assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann")]) == 2
     assert "ann/e.xml: holds label-mask image (PNG/TIFF), but" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotations(tmp_path):
+    """One small run: three PNG slides annotated in ASAP XML (train, with nuclei as an instance
+    mask), a label mask at downsample 4 (val) and Aperio XML (test), up to the real ratio's
+    segmentation export and the nuclei scored against the instance mask; then a sheet naming a
+    file of the wrong kind is refused before any job."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    rng = np.random.default_rng(0)
+    side, down = 512, 4  # level-0 px; 0.5 mpp -> 128 px at the tiny preset's 2.0 mpp: 16 patches of 32 px
+    labels = np.zeros((side // down, side // down), np.uint8)  # in mask pixels (4 level-0 px each)
+    labels[8:40, 8:72] = 1  # Blood vessel
+    labels[72:120, 40:100] = 3  # Fat
+    labels[20:60, 90:120] = 2  # Inflammation
+    names = {1: "Blood vessel", 2: "Inflammation", 3: "Fat"}
+    boxes = {v: (xs.min() * down, ys.min() * down, (xs.max() + 1) * down, (ys.max() + 1) * down)
+             for v in names for ys, xs in [np.nonzero(labels == v)]}
+    for slide in ("a", "b", "c"):
+        pink = np.stack([rng.integers(170, 230, (side, side)), rng.integers(90, 140, (side, side)),
+                         rng.integers(150, 200, (side, side))], axis=-1).astype(np.uint8)
+        Image.fromarray(pink).save(tmp_path / f"{slide}.png")
+    asap = asap_xml([("Rectangle", names[v], square(*boxes[v])) for v in names], tuple(names.values()))
+    (tmp_path / "a.xml").write_text(asap)
+    Image.fromarray(labels).save(tmp_path / "b_labels.png")
+    (tmp_path / "c.xml").write_text(aperio_xml([(names[v], "", [(False, square(*boxes[v]))]) for v in names]))
+    nuclei = np.zeros_like(labels, np.uint16)
+    for k, (r, c) in enumerate([(20, 20), (50, 60), (90, 30), (100, 100)], start=1):
+        nuclei[r - 2:r + 2, c - 2:c + 2] = k
+    Image.fromarray(nuclei).save(tmp_path / "a_nuclei.png")
+    (tmp_path / "sheet.tsv").write_text(
+        "slide\timage\tannotations\tsplit\tmpp\tnuclei\n"
+        "a\ta.png\ta.xml\ttrain\t0.5\ta_nuclei.png\n"
+        "b\tb.png\tb_labels.png\tval\t0.5\t\n"
+        "c\tc.png\tc.xml\ttest\t0.5\t\n")
+    (tmp_path / "overlay.yaml").write_text(
+        "slides: sheet.tsv\npatches: {tissue: {otsu: false}}\n"
+        "annotations: {mask_values: {1: Blood vessel, 2: Inflammation, 3: Fat}, mask_downsample: 4}\n")
+
+    def snakemake(*args):
+        command = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"), "--directory",
+                   str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml"),
+                   str(tmp_path / "overlay.yaml"), "--cores", "2", "--resources", "gpu=1"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=1200)
+
+    result = snakemake("results/export/real/segmentation", "results/nuclei/a.quality.csv")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for slide in ("a", "b", "c"):  # every patch's mask is the label mask's pixels under it (4 level-0 px each)
+        index = pd.read_parquet(tmp_path / f"results/patches/{slide}.parquet")
+        assert len(index) == 16
+        for row in index.itertuples():
+            mask = np.asarray(Image.open(tmp_path / "results/patches" / row.mask))
+            expected = labels[row.y // down:row.y // down + 32, row.x // down:row.x // down + 32]
+            np.testing.assert_array_equal(mask, expected, err_msg=f"{slide} {row.patch_id}")
+    export = tmp_path / "results/export/real/segmentation"
+    assert json.loads((export / "dataset.json").read_text())["splits"] == {"train": 16, "val": 16, "test": 16}
+    quality = pd.read_csv(tmp_path / "results/nuclei/a.quality.csv").set_index("metric")["value"]
+    assert {"f1", "aji", "dice"} <= set(quality.index)
+
+    Image.fromarray(labels).convert("RGB").save(tmp_path / "c.jpg")
+    (tmp_path / "sheet.tsv").write_text((tmp_path / "sheet.tsv").read_text().replace("c.xml", "c.jpg"))
+    result = snakemake("--dry-run")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "sheet.tsv, slide c, column annotations: c.jpg: a JPEG image" in output
