@@ -9,8 +9,9 @@ import shapely
 from shapely.geometry import Polygon, box, shape
 from skimage.color import rgb2hsv
 
-from histosynth import demo
-from histosynth.demo import DEMO_NUCLEUS_CLASSES, DEMO_REGION_CLASSES, generate_demo_slide
+from histosynth.demo import generate_demo_slide
+from histosynth.demo.render import Renderer
+from histosynth.demo.scene import DEMO_NUCLEUS_CLASSES, DEMO_REGION_CLASSES
 
 SIZE = 1024
 
@@ -201,7 +202,7 @@ def test_physical_sizes_follow_mpp_and_progress_names_the_file(tmp_path, capsys)
 
 def test_a_failure_leaves_no_files(tmp_path, monkeypatch):
     calls = []
-    real_tile = demo._Renderer.tile
+    real_tile = Renderer.tile
 
     def failing_tile(self, *args):
         calls.append(1)
@@ -209,7 +210,7 @@ def test_a_failure_leaves_no_files(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real_tile(self, *args)
 
-    monkeypatch.setattr(demo._Renderer, "tile", failing_tile)
+    monkeypatch.setattr(Renderer, "tile", failing_tile)
     with pytest.raises(RuntimeError, match="disk full"):
         make(tmp_path / "out", size=512, levels=1)
     assert list((tmp_path / "out").iterdir()) == []
