@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir, read_patch_index, write_csv, write_table
+from histosynth.data.io import read_patch_index, write_csv, write_table
 from histosynth.data.labels import patch_labels
 from histosynth.device import autocast, pick_device, prepare_model
 from histosynth.evaluation.classification_metrics import classification_metrics
@@ -58,6 +58,7 @@ from histosynth.evaluation.classifier import (
     normalisation,
     save_classifier,
 )
+from histosynth.files import atomic_dir
 from histosynth.nets import dihedral, random_ops
 from histosynth.seeds import derive_seed
 from histosynth.training.epochs import data_loader, fit_epochs

@@ -34,9 +34,10 @@ import torch
 from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
-from histosynth.data.io import atomic_dir, read_mask, read_patch_index, read_rgb, write_csv
+from histosynth.data.io import read_mask, read_patch_index, read_rgb, write_csv
 from histosynth.data.patches import class_indices
 from histosynth.device import autocast, pick_device, prepare_model
+from histosynth.files import MODEL_INFO, atomic_dir
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops, unet
 from histosynth.overlap import overlap_scores
 from histosynth.seeds import derive_seed, seed_everything
@@ -185,7 +186,7 @@ def save_model(net, directory: Path, classes: Mapping[str, int], settings: Mappi
     net.save_pretrained(str(directory))
     meta = {"classes": dict(classes), "threshold": settings["threshold"], "normalisation":
             {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input": "RGB uint8 / 255"}, "settings": dict(settings), **extra}
-    (directory / "histosynth.json").write_text(json.dumps(meta, indent=2, default=str))
+    (directory / MODEL_INFO).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def load_model(directory: str | Path, device: str | torch.device = "auto") -> SegmentationModel:

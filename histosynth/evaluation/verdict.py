@@ -155,13 +155,18 @@ def verdict_table(*, images: pd.DataFrame | None, predictions: pd.DataFrame | No
     return decide(rows, primary, settings, sources)
 
 
+def effect(row: pd.Series | Mapping) -> str:
+    """A verdict row's difference and interval in words, e.g. '-0.030 [-0.060, +0.000]'."""
+    interval = f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" if not math.isnan(row["ci_low"]) else "(no interval)"
+    return f"{row['mean_diff']:+.3f} {interval}"
+
+
 def sentence(row: pd.Series | Mapping) -> str:
     """One verdict row in words, e.g. 'syn64 vs real, Blood vessel dice: -0.030 [-0.060, +0.000] over
     3 seeds and 120 test images: no evidence (p 0.210; detectable ±0.045)'."""
-    interval = f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" if not math.isnan(row["ci_low"]) else "(no interval)"
     runs = f"seed{'s' if row['n'] != 1 else ''}" if row["paired_by"] == "seed" else f"runs ({row['paired_by']})"
     p = f"p {row['p']:.3f}" if row["endpoint"] == "primary" else f"p {row['p']:.3f}, Holm {row['p_holm']:.3f}, BH {row['p_bh']:.3f}"
-    return (f"{row['ratio']} vs {row['baseline']}, {row['class']} {row['metric']}: {row['mean_diff']:+.3f} {interval} over "
+    return (f"{row['ratio']} vs {row['baseline']}, {row['class']} {row['metric']}: {effect(row)} over "
             f"{row['n']} {runs} and {row['units']} test {row['unit']}: {row['verdict']} ({p}; detectable ±{row['mde']:.3f})")
 
 
@@ -173,8 +178,7 @@ def answer(table: pd.DataFrame) -> str:
         return "No primary endpoint was scored (verdict.primary names a task, class or metric without results)."
     first = rows.iloc[0]
     name = f"{first['task']} {METRIC_NAMES.get(first['metric'], first['metric'].replace('_', ' '))}" + (f" of {first['class']}" if first["class"] != "all" else "")
-    parts = [f"{r['ratio']} {r['verdict']} ({r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}])"
-             for r in rows.to_dict("records")]
+    parts = [f"{r['ratio']} {r['verdict']} ({effect(r)})" for r in rows.to_dict("records")]
     text = f"Did synthetic data help {name} against {first['baseline']}? " + "; ".join(parts) + "."
     if not math.isnan(rows["mde"].max()):
         text += f" This run could see a change of ±{rows['mde'].max():.3f} or more"
