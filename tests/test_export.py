@@ -181,6 +181,11 @@ def test_coco_export_masks_equal_the_instance_masks(run, tmp_path):
             assert found == {1, 2, 3} and (out / "images" / split / image["file_name"]).is_file()
             total += 1
     assert total == len(rows)
+    from torchvision.datasets import CocoDetection
+
+    loaded = CocoDetection(str(out / "images" / "test"), str(out / "annotations" / "instances_test.json"))
+    image, targets = loaded[0]
+    assert len(loaded) == 2 and image.size == (SIZE, SIZE) and len(targets) == 3
 
 
 def test_rle_round_trips_through_pycocotools():
