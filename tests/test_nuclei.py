@@ -403,3 +403,20 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\xff\xd8\xff\xe0")
     with pytest.raises(NucleiError, match=r"bad.png: a JPEG image"):
         read_nuclei(tmp_path / "bad.png")
+
+
+def test_nuclei_geojson_in_every_shape_and_its_errors(tmp_path):
+    from histosynth.nuclei.annotations import read_nuclei
+
+    nucleus = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]},
+               "properties": {}}
+    for name, data in (("collection", {"type": "FeatureCollection", "features": [nucleus]}), ("list", [nucleus]),
+                       ("feature", nucleus)):
+        (tmp_path / f"{name}.geojson").write_text(json.dumps(data))
+        assert read_nuclei(tmp_path / f"{name}.geojson") == [nucleus], name
+    (tmp_path / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')
+    with pytest.raises(NucleiError, match=r"broken.geojson: not JSON \(.* at line 1"):
+        read_nuclei(tmp_path / "broken.geojson")
+    (tmp_path / "scalar.json").write_text("42")
+    with pytest.raises(NucleiError, match="scalar.json: expected a GeoJSON FeatureCollection"):
+        read_nuclei(tmp_path / "scalar.json")

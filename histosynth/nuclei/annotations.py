@@ -40,9 +40,7 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
     try:
         kind = detect_format(path)
         if kind == "geojson":
-            text = path.read_text(encoding="utf-8-sig").strip()
-            data = json.loads(text) if text else []
-            return list(data.get("features", []) if isinstance(data, dict) else data)
+            return _geojson_features(path)
         if kind == "aperio":
             regions = [r for r in aperio_regions(path, aperio_class) if not r.negative]
             return [_feature(mapping(r.geometry), r.class_name) for r in regions]
@@ -50,8 +48,24 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
             return [_feature({"type": "Polygon", "coordinates": [np.vstack([p, p[:1]]).tolist()]}, group)
                     for group, p, _ in asap_polygons(path) if len(p) >= 3]
         return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
-    except (AnnotationError, json.JSONDecodeError) as err:
+    except AnnotationError as err:
         raise NucleiError(f"nuclei annotations: {err}") from None
+
+
+def _geojson_features(path: Path) -> list[dict]:
+    """The Features of a GeoJSON file: a FeatureCollection, a bare list or one Feature ([] if empty)."""
+    text = path.read_text(encoding="utf-8-sig").strip()
+    try:
+        data = json.loads(text) if text else []
+    except json.JSONDecodeError as err:
+        raise NucleiError(f"{path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno}); export the "
+                          "nuclei from QuPath with File > Export objects as GeoJSON") from None
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    features = data.get("features") if isinstance(data, dict) and data.get("type") == "FeatureCollection" else data
+    if not isinstance(features, list):
+        raise NucleiError(f"{path}: expected a GeoJSON FeatureCollection, a list of Features or a Feature")
+    return features
 
 
 def _feature(geometry: dict, class_name: str) -> dict:
