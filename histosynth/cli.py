@@ -221,15 +221,9 @@ def cmd_nuclei_score(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from histosynth.data.labels import run_labels
-    from histosynth.export import dataset_rows, export_dataset, finished_run, nuclei_reader, sheet_labels
+    from histosynth.export import export_run
 
-    config = _config(args)
-    run = finished_run(args.results, args.ratio)
-    labels = run_labels(config, sheet_labels(run["heldout"]))
-    rows = dataset_rows(run["manifest"], run["heldout"], run["curated"], labels)
-    nuclei = nuclei_reader(run["nuclei"]) if args.format == "coco" else None
-    export_dataset(rows, args.format, args.out, classes=config["classes"], name=args.ratio, nuclei=nuclei)
+    rows = export_run(args.results, args.ratio, args.format, args.out, _config(args))
     counts = rows.groupby(["split", "source"]).size()
     print(f"{args.out}: {args.format} export of {args.ratio}: " + ", ".join(f"{s} {src} {n}" for (s, src), n in counts.items()))
 

@@ -37,7 +37,7 @@ from scipy import ndimage
 from skimage.segmentation import expand_labels
 
 from histosynth.data.io import read_file_table, read_patch_index, write_csv
-from histosynth.data.labels import patch_labels
+from histosynth.data.labels import patch_labels, run_labels
 from histosynth.evaluation.mixing import read_mix
 from histosynth.files import atomic_dir
 from histosynth.nuclei.instances import NUCLEUS_CLASSES, read_instances
@@ -294,3 +294,14 @@ def sheet_labels(indexes: list[str | Path]) -> list[str]:
         column = pd.read_parquet(path, columns=["label"])["label"]
         labels.append("" if column.empty or pd.isna(column.iloc[0]) else str(column.iloc[0]))
     return labels
+
+
+def export_run(results: str | Path, ratio: str, fmt: str, out: str | Path, config: Mapping) -> pd.DataFrame:
+    """`histosynth export`: the ratio of a finished run (results folder, its validated config)
+    exported in format `fmt` to `out`; returns the dataset's rows."""
+    run = finished_run(results, ratio)
+    labels = run_labels(config, sheet_labels(run["heldout"]))
+    rows = dataset_rows(run["manifest"], run["heldout"], run["curated"], labels)
+    nuclei = nuclei_reader(run["nuclei"]) if fmt == "coco" else None
+    export_dataset(rows, fmt, out, classes=config["classes"], name=ratio, nuclei=nuclei)
+    return rows
