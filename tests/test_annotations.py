@@ -341,6 +341,10 @@ def test_format_is_told_by_content_and_other_files_are_refused(tmp_path):
     assert detect_format(write(tmp_path, asap_xml([]), "wrong-suffix.json")) == "asap"
     assert detect_format(write(tmp_path, aperio_xml([]), "a.txt")) == "aperio"
     assert detect_format(write(tmp_path, [], "b.xml")) == "geojson"
+    utf16 = tmp_path / "utf16.xml"
+    utf16.write_text(aperio_xml([("Tumor", "", [(False, square(0, 0, 4, 4))])]).replace('"1.0"?>', '"1.0" encoding="UTF-16"?>'),
+                     encoding="utf-16")
+    assert detect_format(utf16) == "aperio" and [r.class_name for r in load_regions(utf16)] == ["Tumor"]
     with pytest.raises(AnnotationError, match=r"c.xml: XML with root <svg>"):
         detect_format(write(tmp_path, "<svg></svg>", "c.xml"))
     jpeg = tmp_path / "d.png"

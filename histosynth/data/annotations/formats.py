@@ -37,6 +37,8 @@ def detect_format(path: str | Path) -> str:
         raise AnnotationError(f"{path}: cannot read the annotation file ({err.strerror}); fix the path in the sheet") from None
     if head.startswith(b"\x89PNG") or head[:4] in TIFF_MAGIC:
         return "mask"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 (some Windows tools save XML so)
+        head = head.decode("utf-16", errors="ignore").encode()
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text[:1] == b"<":
         return _xml_format(path)
