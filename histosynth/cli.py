@@ -129,7 +129,7 @@ def cmd_sheet(args) -> None:
     from histosynth.data.sheet import build_sheet, summary, write_sheet
 
     sheet = build_sheet(args.folder, split=args.split, seed=args.seed, mpp=args.mpp, annotations_dir=args.annotations_dir,
-                        masks_dir=args.masks_dir, absolute=args.absolute, group=args.group)
+                        masks_dir=args.masks_dir, nuclei_dir=args.nuclei_dir, absolute=args.absolute, group=args.group)
     if args.out:
         write_sheet(sheet, args.out)
         print(f"{args.out}: {summary(sheet)}")
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(.geojson/.json), ASAP or Aperio XML (.xml)")
     p.add_argument("--masks", dest="masks_dir", help="folder of label-mask images paired the same way (.png/.tif; "
                    "their values' classes in config annotations.mask_values)")
+    p.add_argument("--nuclei", dest="nuclei_dir", help="folder of hand-drawn nuclei paired the same way (GeoJSON, "
+                   "MoNuSeg/ASAP XML or instance masks): fills the sheet's nuclei column")
     p.add_argument("--group", type=_parse_regex, help="regex whose first capture group on the image name (file stem) "
                                                       "keeps images together in one split, e.g. '^(patient[0-9]+)_'")
     p.add_argument("--absolute", action="store_true", help="write absolute paths (default: relative to the working "

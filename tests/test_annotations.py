@@ -377,6 +377,14 @@ def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_pa
     sheet = read_slide_sheet(out)
     paired = {slide: Path(path).name for slide, path in zip(sheet["slide"], sheet["annotations"]) if path}
     assert paired == {"a": "a.xml", "b": "b.xml", "c": "c.geojson", "d": "d.png"}
+    assert "nuclei" not in out.read_text().splitlines()[0].split("\t")  # the column only with --nuclei
+    (tmp_path / "nuclei").mkdir()
+    (tmp_path / "nuclei" / "e.xml").write_text(aperio_xml([("", "", [(False, square(0, 0, 4, 4))])]))
+    Image.fromarray(np.eye(8, dtype=np.uint16)).save(tmp_path / "nuclei" / "f.png")
+    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--nuclei", str(tmp_path / "nuclei"),
+                 "--out", str(out)]) == 0
+    sheet = read_slide_sheet(out)
+    assert {s: Path(p).name for s, p in zip(sheet["slide"], sheet["nuclei"]) if p} == {"e": "e.xml", "f": "f.png"}
     # a mask in the polygon folder (or an image annotated twice) is refused, naming the file
     Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / "a.png")
     assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann"),

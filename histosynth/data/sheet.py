@@ -34,6 +34,7 @@ IMAGE_SUFFIXES = PLAIN_SUFFIXES + SLIDE_SUFFIXES
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")  # slides.schema.yaml's slide pattern
 POLYGON_SUFFIXES = (".geojson", ".json", ".xml")  # --annotations: QuPath GeoJSON, ASAP or Aperio XML
 MASK_SUFFIXES = (".png", ".tif", ".tiff")  # --masks: label-mask images
+POLYGON_KINDS = ("geojson", "asap", "aperio")  # histosynth.data.annotations.FORMATS of polygon files
 
 
 class SheetError(ValueError):
@@ -254,14 +255,16 @@ def _counts(n: int, fractions: list[float]) -> list[int]:
 
 def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, mpp: float | None = None,
                 annotations_dir: str | Path | None = None, masks_dir: str | Path | None = None,
-                absolute: bool = False, group: str | re.Pattern | None = None) -> pd.DataFrame:
+                nuclei_dir: str | Path | None = None, absolute: bool = False,
+                group: str | re.Pattern | None = None) -> pd.DataFrame:
     """The slide sheet (columns SHEET_COLUMNS) of the images under `folder`. Paths are written
     relative to the working directory (as the workflow resolves them), or absolute. `mpp` fills
     the mpp column (required when plain PNG/JPEG/TIFF images are present); `annotations_dir` is
     searched for <relative path>.<suffix>, then <name>.<suffix>, per image, for a polygon file
     (.geojson, .json, .xml: QuPath GeoJSON, ASAP or Aperio XML), `masks_dir` likewise for a
-    label-mask image (.png, .tif, .tiff); `group` is a regex whose first capture group (on the
-    image's name) keeps images together in one split."""
+    label-mask image (.png, .tif, .tiff), `nuclei_dir` for hand-drawn nuclei in any of those
+    formats (an instance mask for a mask; adds the nuclei column); `group` is a regex whose first
+    capture group (on the image's name) keeps images together in one split."""
     entries = scan_folder(folder)
     if mpp is None:
         plain = [e.path for e in entries if _is_plain(e.path)]
@@ -273,10 +276,14 @@ def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, m
     names = unique_names(entries)
     groups = _groups(entries, names, group)
     splits = assign_splits([e.label for e in entries], groups, split, seed)
-    annotations = [_annotations(e, annotations_dir, masks_dir) for e in entries]
-    for folder_given in filter(None, (annotations_dir, masks_dir)):
-        found = sum(a is not None and Path(folder_given) in a.parents for a in annotations)
-        log.info("%d of %d images have annotations in %s", found, len(entries), folder_given)
+    regions = [(annotations_dir, POLYGON_SUFFIXES, POLYGON_KINDS), (masks_dir, MASK_SUFFIXES, ("mask",))]
+    annotations = [_annotation_file(e, regions) for e in entries]
+    nuclei = [_annotation_file(e, [(nuclei_dir, POLYGON_SUFFIXES + MASK_SUFFIXES, (*POLYGON_KINDS, "mask"))])
+              for e in entries]
+    for folder_given, files in ((annotations_dir, annotations), (masks_dir, annotations), (nuclei_dir, nuclei)):
+        if folder_given:
+            found = sum(a is not None and Path(folder_given) in a.parents for a in files)
+            log.info("%d of %d images have annotations in %s", found, len(entries), folder_given)
     sheet = pd.DataFrame({
         "slide": names,
         "image": [_written(e.path, absolute) for e in entries],
@@ -284,8 +291,9 @@ def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, m
         "split": splits,
         "mpp": f"{mpp:g}" if mpp else "",
         "label": [e.label for e in entries],
-    }, columns=list(SHEET_COLUMNS))
-    for column in ("image", "annotations", "label"):
+        **({"nuclei": [_written(n, absolute) if n else "" for n in nuclei]} if nuclei_dir else {}),
+    }, columns=[*SHEET_COLUMNS, *(["nuclei"] if nuclei_dir else [])])
+    for column in ("image", "annotations", "label", *(["nuclei"] if nuclei_dir else [])):
         bad = [text for text in sheet[column] if any(ch in text for ch in "\t\n\r#")]
         if bad:
             raise SheetError(f"{column} {bad[0]!r} holds a tab, line break or '#', which the slide sheet cannot carry "
@@ -322,12 +330,11 @@ def _groups(entries: list[Entry], names: list[str], group: str | re.Pattern | No
     return keys
 
 
-def _annotations(entry: Entry, annotations_dir, masks_dir) -> Path | None:
-    """The image's annotation file: a polygon file in annotations_dir or a mask in masks_dir
-    (both is an error), checked to be of the kind its folder holds."""
+def _annotation_file(entry: Entry, searches: list[tuple]) -> Path | None:
+    """The image's annotation file among the (folder, suffixes, accepted formats) searches (a
+    folder of None is skipped; found in two is an error), checked to be of a format its folder holds."""
     found = []
-    for directory, suffixes, kinds in ((annotations_dir, POLYGON_SUFFIXES, ("geojson", "asap", "aperio")),
-                                       (masks_dir, MASK_SUFFIXES, ("mask",))):
+    for directory, suffixes, kinds in searches:
         if not directory:
             continue
         path = _find(entry, Path(directory), suffixes)
