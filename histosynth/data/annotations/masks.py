@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import shapely
-from shapely import affinity
 import tifffile
 from PIL import Image
+from shapely import affinity
 
 from histosynth.data.annotations.regions import AnnotationError, Region
 
