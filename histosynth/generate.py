@@ -9,6 +9,7 @@ workflow's own seed and settings reproduce its images byte for byte; the new set
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from pathlib import Path
 
@@ -17,10 +18,18 @@ import pandas as pd
 from histosynth.config import read_slide_sheet
 from histosynth.data.io import read_file_table
 from histosynth.data.labels import resolve_labels
+from histosynth.files import content_hash
+from histosynth.generators.table import GENERATORS, MANIFEST, Generator
 from histosynth.registry import RegistryError, connect, model_by_id, newest_model, register_set
 
 log = logging.getLogger(__name__)
-GENERATORS = ("diffusion", "gan", "lora")
+IMAGE_MAKERS = {made.name: made for made in GENERATORS if made.sets}  # the registry's model kinds that make images
+
+
+def _entry(spec: str):
+    """The sampling function named 'module:function' by the generator table."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _slides(config: dict, root: Path, split: str | tuple, folder: str) -> list[Path]:
@@ -40,15 +49,15 @@ def generate(url: str, n: int, out: str | Path, *, config: dict, model_id: int |
     `out`, of label or region class `label` when given, with the config's synthesis settings
     (sampler and steps overridable), master seed `seed` (default the config's); registers the set
     under the folder's name and returns its manifest."""
-    from histosynth.files import content_hash
-    from histosynth.generators.synthesis import MANIFEST, gan_stage, lora_stage, run_stage
-
     root, out = Path(root), Path(out)
     engine = connect(url, create=False)
     model = model_by_id(engine, model_id) if model_id is not None else newest_model(engine, ["diffusion"])
-    if model["kind"] not in GENERATORS:
+    if model["kind"] not in IMAGE_MAKERS:
         raise RegistryError(f"model {model['id']} is a {model['kind']}, which makes no images; pick a "
-                            f"{'/'.join(GENERATORS)} model (`histosynth registry models`)")
+                            f"{'/'.join(IMAGE_MAKERS)} model (`histosynth registry models`)")
+    made: Generator = IMAGE_MAKERS[model["kind"]]
+    kind = made.sets[0]  # the set family generate draws (the diffusion model's: synthesize)
+    sample = _entry(kind.entry)
     path = root / model["path"]
     if not path.is_dir() or content_hash(path) != model["content_hash"]:
         raise RegistryError(f"model {model['id']} ({model['path']}) is no longer on disk as registered (its files changed "
@@ -60,8 +69,8 @@ def generate(url: str, n: int, out: str | Path, *, config: dict, model_id: int |
     labels = resolve_labels(config, list(sheet["label"]), config["slides"])
     synthesis = copy.deepcopy(config["synthesis"])
     log.info("generate: %d images from model %d (%s, %s) into %s, seed %d", n, model["id"], model["kind"], model["path"], out, seed)
-    if model["kind"] == "diffusion":
-        draw = synthesis["synthesize"]
+    draw = synthesis[kind.settings]
+    if made.draws_on == "maps":
         draw.update(n=n, **({"sampler": sampler} if sampler else {}), **({"steps": steps} if steps else {}))
         if label in config["classes"]:
             draw.update(target_class=label, per_class={})
@@ -71,20 +80,15 @@ def generate(url: str, n: int, out: str | Path, *, config: dict, model_id: int |
             raise RegistryError(f"--class {label!r} is neither a region class {list(config['classes'])} nor a label "
                                 f"{labels['classes']}")
         parent = model_by_id(engine, model["parent_id"]) if model["parent_id"] else None
-        manifest = run_stage("synth", path, _slides(config, root, ("train", "val"), "conditioning"), out, settings=synthesis,
-                             classes=config["classes"], labels=labels, conditioning_cfg=config["conditioning"], seed=seed,
-                             autoencoder=root / parent["path"] if parent else None)
+        manifest = sample(kind.name, path, _slides(config, root, ("train", "val"), "conditioning"), out, settings=synthesis,
+                          classes=config["classes"], labels=labels, conditioning_cfg=config["conditioning"], seed=seed,
+                          autoencoder=root / parent["path"] if parent else None)
     else:
         if label is not None and label not in labels["classes"]:
             raise RegistryError(f"--class {label!r} is not one of the labels {labels['classes']}")
-        draw = synthesis[model["kind"]]
-        draw.update(n=n, per_class={label: n} if label else {})
-        if model["kind"] == "lora" and steps:
-            draw["steps"] = steps
-        stage_args = dict(settings=synthesis, labels=labels, size=config["patches"]["size"], seed=seed)
-        indexes = _slides(config, root, "train", "patches")
-        manifest = gan_stage(path, indexes, out, **stage_args) if model["kind"] == "gan" else \
-            lora_stage(path, indexes, out, scale=scale, **stage_args)
+        draw.update(n=n, per_class={label: n} if label else {}, **({"steps": steps} if steps and "steps" in draw else {}))
+        manifest = sample(path, _slides(config, root, "train", "patches"), out, settings=synthesis, labels=labels,
+                          size=config["patches"]["size"], seed=seed, **({"scale": scale} if kind.per_scale else {}))
     with engine.begin() as db:
         register_set(db, out.name, "synthetic", read_file_table(out / MANIFEST), out / MANIFEST, root=root,
                      model_ids={model["content_hash"]: model["id"]})

@@ -1,6 +1,6 @@
-"""Rule gan_synthesize: the GAN's synthetic set, its manifest and grids (histosynth.generators.synthesis.gan_stage)."""
+"""Rule gan_synthesize: the GAN's synthetic set, its manifest and grids (histosynth.generators.label_sets.gan_stage)."""
 
-from histosynth.generators.synthesis import gan_stage
+from histosynth.generators.label_sets import gan_stage
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

@@ -1,6 +1,6 @@
-"""Rule lora_synthesize: one LoRA scale's synthetic set, its manifest and grids (histosynth.generators.synthesis.lora_stage)."""
+"""Rule lora_synthesize: one LoRA scale's synthetic set, its manifest and grids (histosynth.generators.label_sets.lora_stage)."""
 
-from histosynth.generators.synthesis import lora_stage
+from histosynth.generators.label_sets import lora_stage
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

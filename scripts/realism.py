@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from histosynth.evaluation.realism import realism_stage
-from histosynth.generators.synthesis import MANIFEST
+from histosynth.generators.table import MANIFEST
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

@@ -7,11 +7,23 @@ import yaml
 
 from histosynth.data.io import atomic_file
 from histosynth.logs import log_to
-from histosynth.registry import connect, register_results
+from histosynth.registry import Run, connect, register_results
 
 log = log_to(snakemake.log[0])
 engine = connect(snakemake.params.url)
-counts = register_results(engine, ".", nuclei_model=snakemake.params.nuclei_model)
+inputs, params = snakemake.input, snakemake.params
+counts = register_results(
+    engine,
+    ".",
+    models=dict(zip(params.generators, inputs.models, strict=True)),
+    nuclei_model=inputs.nuclei_model[0] if inputs.nuclei_model else None,
+    sets=dict(zip(params.sets, inputs.sets, strict=True)),
+    curated=dict(zip(params.sets, inputs.curated, strict=True)),
+    datasets=dict(zip(params.ratios, inputs.datasets, strict=True)),
+    runs_made=[Run(**run, folder=folder) for run, folder in zip(params.runs, inputs.runs, strict=True)],
+    metrics=inputs.metrics,
+    verdict=inputs.verdict,
+)
 log.info("registered in %s: %s", snakemake.params.url, counts)
 with atomic_file(snakemake.output.config) as tmp:  # the effective config, for `histosynth generate`
     effective = json.loads(json.dumps(dict(snakemake.config), default=str))

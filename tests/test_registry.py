@@ -15,16 +15,7 @@ from PIL import Image
 
 from histosynth.data.io import write_relative, write_table
 from histosynth.files import content_hash
-from histosynth.registry import (
-    RegistryError,
-    connect,
-    export,
-    lineage,
-    models,
-    now,
-    register_results,
-    table_rows,
-)
+from histosynth.registry import RegistryError, Run, connect, export, lineage, models, now, register_results, table_rows
 
 
 def write_model(folder: Path, payload: bytes, meta: dict | None = None) -> str:
@@ -81,17 +72,28 @@ def write_results(root: Path) -> Path:
     return results
 
 
+def rule_inputs(root: Path) -> dict:
+    """What rule registry names as its inputs for the tree write_results leaves (paths under `root`)."""
+    results = root / "results"
+    return {"models": {"diffusion": results / "diffusion/model"}, "sets": {"synth": results / "synthetic/synth"},
+            "curated": {"synth": results / "curated/synth.parquet"},
+            "datasets": {ratio: results / f"mixing/{ratio}.parquet" for ratio in ("real", "syn2")},
+            "runs_made": [Run("segmentation", ratio, None, 0, str(results / f"segmentation/{ratio}/seed0"))
+                          for ratio in ("real", "syn2")],
+            "metrics": results / "report/metrics.parquet", "verdict": results / "report/verdict.csv"}
+
+
 def test_registering_twice_changes_nothing_and_new_content_keeps_history(tmp_path):
     write_results(tmp_path)
     engine = connect(f"sqlite:///{tmp_path}/registry.sqlite")
-    first = register_results(engine, tmp_path)
+    first = register_results(engine, tmp_path, **rule_inputs(tmp_path))
     assert first == {"models": 3, "sets": 1, "images": 3, "datasets": 2, "runs": 2, "metrics": 4}
     sizes = {name: len(table_rows(engine, name, history=True)) for name in ("models", "sets", "images", "datasets", "runs")}
-    assert register_results(engine, tmp_path) == first
+    assert register_results(engine, tmp_path, **rule_inputs(tmp_path)) == first
     assert {name: len(table_rows(engine, name, history=True)) for name in sizes} == sizes
     # a resampled set (new images, a new manifest) is a new set row; the old one stays as history
     write_set(tmp_path / "results", content_hash(tmp_path / "results/diffusion/model"), seed=9)
-    register_results(engine, tmp_path)
+    register_results(engine, tmp_path, **rule_inputs(tmp_path))
     history = table_rows(engine, "sets", kind="synthetic", history=True)
     assert history["current"].tolist() == [False, True]
     assert len(table_rows(engine, "sets", kind="synthetic")) == 1
@@ -102,7 +104,7 @@ def test_lineage_of_a_run_back_to_slide_patches(tmp_path, monkeypatch):
     write_results(tmp_path)
     monkeypatch.chdir(tmp_path)  # as rule registry runs: root "." and paths relative to it, '..' and all
     engine = connect("sqlite:///registry.sqlite")
-    register_results(engine, ".")
+    register_results(engine, ".", **rule_inputs(Path(".")))
     [diffusion] = table_rows(engine, "models", kind="diffusion").to_dict("records")
     assert diffusion["path"] == "results/diffusion/model" and diffusion["data"] == {"items": 4} and diffusion["steps"] == 10
     found = lineage(engine, diffusion["id"])

@@ -44,7 +44,7 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {trainer}", description=f"train the {stage} model")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
-    p.add_argument("--config", required=True, help="full workflow config (YAML or JSON); section '%s' is used" % stage)
+    p.add_argument("--config", required=True, help=f"full workflow config (YAML or JSON); section '{stage}' is used")
     p.add_argument("--out", required=True, help="output folder: model/, loss.csv and the stage's reports")
     p.add_argument("--dataset", required=True, help="MODULE:FUNCTION building a Dataset from (indexes, split, config)")
     p.add_argument("--index", nargs="+", required=True, help="patch index parquet files")

@@ -16,10 +16,8 @@ pixels, so the seam lies inside the regenerated area; after decoding, the source
 pasted back outside the pixel-space region. In both spaces the pixels outside the region are
 the source's bytes.
 
-Outputs in out_dir: images/<id>.png (RGB), masks/<id>.png (uint8 region classes),
-conditioning/<id>.png (encoded map), manifest.parquet (one row per image; paths relative to it;
-`class` the image's label and `label` its class index, histosynth.data.labels),
-grid_<class>.png (rows: real patch, conditioning preview, synthetic patch).
+Outputs in out_dir (histosynth.generators.set_files): images/<id>.png (RGB), masks/<id>.png
+(uint8 region classes), conditioning/<id>.png (encoded map), manifest.parquet, grid_<class>.png.
 Deterministic given the seed: image i uses its own generator seeded derive_seed(seed, mode, i).
 """
 
@@ -28,70 +26,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from histosynth.config import lora_set, section_defaults
-from histosynth.data.io import atomic_dir, read_mask, read_rgb, write_png, write_table
+from histosynth.config import section_defaults
+from histosynth.data.io import read_mask, read_rgb
 from histosynth.data.labels import label_index, patch_labels
-from histosynth.data.patches import (
-    class_indices,
-    fraction_column,
-    fraction_columns,
-)
-from histosynth.device import autocast
+from histosynth.data.patches import class_indices, fraction_column, fraction_columns
+from histosynth.device import autocast, pick_device
+from histosynth.files import atomic_dir
+from histosynth.generators.autoencoder import decode, encode, latent_factor
+from histosynth.generators.conditioning import conditioning_channels, read_conditioning
+from histosynth.generators.datasets import read_indexes
+from histosynth.generators.diffusion import Diffusion, load_diffusion, num_classes
+from histosynth.generators.inpaint_regions import dilate, latent_region, paste_region
+from histosynth.generators.sampling import make_sampler, repaint, repaint_scheduler, resize_cond, sample
+from histosynth.generators.set_files import SynthesisError, finish, manifest_row, model_record, to_model, write_images
 from histosynth.seeds import derive_seed
-from histosynth.files import content_hash
-from histosynth.generators.autoencoder import (
-    decode,
-    encode,
-    latent_factor,
-)
-from histosynth.generators.conditioning import (
-    conditioning_channels,
-    preview,
-    read_conditioning,
-    write_conditioning,
-)
-from histosynth.generators.diffusion import Diffusion, num_classes
-from histosynth.generators.sampling import (
-    make_sampler,
-    repaint,
-    repaint_scheduler,
-    resize_cond,
-    sample,
-)
 from histosynth.training.batches import balance_weights
-from histosynth.training.grids import save_grid, to_uint8
+from histosynth.training.grids import to_uint8
 
 log = logging.getLogger("histosynth.generators.synthesis")
 
-MODE_RULES = {"synth": "synthesize", "inpaint": "inpaint", "gan": "gan_synthesize"}  # synthetic set (mode) -> its rule
-MASKED_MODES = ("synth", "inpaint")  # the sets with label masks, which segmentation can train on
-MODES = ("synth", "inpaint")  # the diffusion model's modes (run_stage)
-
-
-def set_rule(mode: str) -> str:
-    """The rule that makes synthetic set `mode`."""
-    return "lora_synthesize" if mode.startswith("lora") else MODE_RULES.get(mode, mode)
-MANIFEST = "manifest.parquet"
-SPLIT = "synthetic"
+MODES = ("synth", "inpaint")  # the diffusion model's sets (run_stage)
 DONORS = ("random",)
-
-
-def set_manifests(folders) -> dict[str, Path]:
-    """{mode: manifest path} of synthetic-set folders, which are named after their mode
-    (results/synthetic/synth, results/synthetic/inpaint)."""
-    return {Path(folder).name: Path(folder) / MANIFEST for folder in folders}
-
-
-class SynthesisError(ValueError):
-    """Sources, classes or model that cannot produce the requested synthetic set."""
 
 
 # ----------------------------------------------------------------------------- sources
@@ -133,20 +94,7 @@ def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
                              "(histosynth.generators.datasets.read_indexes)")
 
 
-def _to_model(pixels: np.ndarray, device) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-
-
 # ----------------------------------------------------------------------------- model
-
-def model_record(model_path: str | Path | None) -> tuple[str, str]:
-    """(path, content hash) of a saved model folder for the manifest; ('', '') without one."""
-    if model_path is None:
-        return "", ""
-    path = Path(model_path)
-    return str(model_path), content_hash(path) if path.is_dir() else ""
-
 
 class _Runner:
     """What both modes need from a loaded model: device, space, conditioning channels, labels."""
@@ -218,41 +166,13 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def paste_region(clean_mask: np.ndarray, clean_encoded: np.ndarray, donor_mask: np.ndarray,
-                 target_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The donor's target-class region pasted at the same location: (label mask, encoded map,
-    region bool mask). In the map the region channel is the class inside the region and the
-    nucleus class and boundary channels are cleared there (pixel-wise), for the model to draw
-    new nuclei."""
-    if clean_mask.shape != donor_mask.shape or clean_encoded.shape[:2] != clean_mask.shape:
-        raise SynthesisError(f"patch sizes differ: clean mask {clean_mask.shape}, its map {clean_encoded.shape[:2]}, "
-                             f"donor mask {donor_mask.shape}")
-    region = donor_mask == target_index
-    mask = np.where(region, np.uint8(target_index), clean_mask).astype(np.uint8)
-    encoded = clean_encoded.copy()
-    encoded[region, 0] = target_index
-    encoded[region, 1:] = 0
-    return mask, encoded, region
-
-
-def _grow(region: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Binary dilation of (N, 1, H, W) by `pixels` (square structuring element)."""
-    return F.max_pool2d(region, 2 * pixels + 1, 1, pixels) if pixels > 0 else region
-
-
-def latent_region(region: torch.Tensor, factor: int, dilation: int) -> torch.Tensor:
-    """A pixel-space region (N, 1, H, W) on the latent grid: every latent pixel covering a region
-    pixel, dilated by `dilation` latent pixels so the seam falls inside the regenerated area."""
-    return _grow(F.max_pool2d(region, factor, factor), dilation)
-
-
 def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndarray], encoded: list[np.ndarray],
            labels: np.ndarray, generators, *, steps: int, jump_length: int, jump_n_sample: int, guidance: float,
            grow: int, latent_dilation: int) -> np.ndarray:
     """RePaint one batch of sources (N, H, W, 3) uint8 inside their regions (grown by `grow` px)
     under the edited maps, in the model's space; (N, H, W, 3) uint8 with the source's bytes outside."""
-    region = _grow(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
-    known, keep, cond, ae = _to_model(pixels, runner.device), 1 - region, runner.cond(encoded), runner.autoencoder
+    region = dilate(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
+    known, keep, cond, ae = to_model(pixels, runner.device), 1 - region, runner.cond(encoded), runner.autoencoder
     if ae is not None:
         known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
         cond = resize_cond(cond, known.shape[-2:])
@@ -261,70 +181,6 @@ def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndar
                     jump_n_sample=jump_n_sample, guidance=guidance, generator=generators, prediction=runner.prediction)
         x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
     return np.where(region[:, 0].bool().cpu().numpy()[..., None], to_uint8(x), pixels)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def _write(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray, encoded: np.ndarray) -> dict:
-    write_png(image, root / "images" / f"{image_id}.png")
-    write_png(mask, root / "masks" / f"{image_id}.png")
-    write_conditioning(encoded, root / "conditioning" / f"{image_id}.png")
-    return {"image": f"images/{image_id}.png", "mask": f"masks/{image_id}.png",
-            "conditioning": f"conditioning/{image_id}.png"}
-
-
-def _manifest(rows: list[dict], labels: Mapping) -> pd.DataFrame:
-    manifest = pd.DataFrame(rows)
-    manifest.insert(manifest.columns.get_loc("created_at"), "label", label_index(manifest["class"], labels))
-    for column in ("jump_length", "jump_n_sample"):
-        manifest[column] = manifest[column].astype("Int64")
-    manifest["split"] = SPLIT
-    return manifest
-
-
-def _row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner: _Runner, sampler: str, steps: int,
-         guidance: float, strength: float, seed: int, source: pd.Series, donor_id: str | None, target_class: str | None,
-         jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str], class_name: str) -> dict:
-    return {"id": image_id, **paths, "mode": mode, "class": class_name, "model_path": record[0], "model_hash": record[1],
-            "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
-            "strength": float(strength),
-            "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
-            "target_class": target_class, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **fraction_columns(mask, class_indices(classes)), "source_slide": str(source.get("slide", "")),
-            "jump_length": jumps[0], "jump_n_sample": jumps[1], "autoencoder_hash": runner.autoencoder_hash}
-
-
-def _finish(tmp: Path, rows: list[dict], labels: Mapping, sources: pd.DataFrame, grid_per_class: int) -> pd.DataFrame:
-    manifest = _manifest(rows, labels)
-    write_table(manifest, tmp / MANIFEST)
-    if grid_per_class:
-        class_grids(manifest, tmp, sources, tmp, per_class=grid_per_class)
-    return manifest
-
-
-def comparison_grid(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, path: str | Path) -> Path:
-    """One PNG of manifest rows side by side: the real source patch, the preview of the map the
-    image was generated from, the synthetic (or inpainted) patch."""
-    root = Path(root)
-    images = sources.drop_duplicates("patch_id").set_index("patch_id")["image"]
-    as_tensor = lambda arrays: _to_model(np.stack(arrays), "cpu")  # noqa: E731
-    real = as_tensor([read_rgb(images[pid]) for pid in manifest["source_patch_id"]])
-    maps = as_tensor([preview(read_conditioning(root / p)) for p in manifest["conditioning"]])
-    synthetic = as_tensor([read_rgb(root / p) for p in manifest["image"]])
-    return save_grid([real, maps, synthetic], path)
-
-
-def grid_name(class_name: str) -> str:
-    return f"grid_{fraction_column(class_name)[5:]}.png"
-
-
-def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, out_dir: str | Path,
-                per_class: int = 8) -> list[Path]:
-    """grid_<class>.png per class (the inpainting target class, else the image's `class`), each
-    with the first `per_class` images."""
-    key = manifest["target_class"].where(manifest["target_class"].notna(), manifest["class"])
-    return [comparison_grid(manifest[key == name].head(per_class), root, sources, Path(out_dir) / grid_name(name))
-            for name in dict.fromkeys(key)]
 
 
 # ----------------------------------------------------------------------------- the two modes
@@ -382,7 +238,7 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             encoded = [read_conditioning(p) for p in batch["conditioning"]]
             masks = [read_mask(p).astype(np.uint8) for p in batch["mask"]]
             names = image_classes(masks, batch, labels)
-            init = _to_model(np.stack([read_rgb(p) for p in batch["image"]]), runner.device) if strength < 1 else None
+            init = to_model(np.stack([read_rgb(p) for p in batch["image"]]), runner.device) if strength < 1 else None
             with autocast(runner.device):
                 images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(label_index(names, labels)),
                                 steps=steps, guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder,
@@ -390,11 +246,11 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             for i, s, (_, source), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks,
                                                                  encoded, names):
                 image_id = f"synth-{i:06d}"
-                paths = _write(tmp, image_id, image, mask, enc)
-                rows.append(_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, strength, s, source, None,
+                paths = write_images(tmp, image_id, image, mask, enc)
+                rows.append(manifest_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, strength, s, source, None,
                                  target_class, (None, None), mask, classes, name))
             log.info("synthesize: %d/%d images", len(rows), n)
-        return _finish(tmp, rows, labels, sources, grid_per_class)
+        return finish(tmp, rows, labels, sources, grid_per_class)
 
 
 def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, target_class: str,
@@ -444,131 +300,11 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
             for i, s, (_, source), (_, d), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
                                                                           images, masks, encoded, names):
                 image_id = f"inpaint-{i:06d}"
-                paths = _write(tmp, image_id, image, mask, enc)
-                rows.append(_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, 1.0, s, source,
+                paths = write_images(tmp, image_id, image, mask, enc)
+                rows.append(manifest_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, 1.0, s, source,
                                  str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes, name))
             log.info("inpaint: %d/%d images", len(rows), n)
-        return _finish(tmp, rows, labels, sources, grid_per_class)
-
-
-def class_counts(n: int, per_class: Mapping[str, int] | None, labels: Mapping) -> dict[str, int]:
-    """Images per label: per_class (names checked), else n spread evenly over the labels (the
-    first labels take the remainder)."""
-    names = list(labels["classes"])
-    if per_class:
-        unknown = [name for name in per_class if name not in names]
-        if unknown:
-            raise SynthesisError(f"per_class names {unknown}, which are not among the labels {names}")
-        return {name: int(per_class[name]) for name in names if name in per_class}
-    return {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
-
-
-def write_label_set(out_dir: str | Path, mode: str, names: Sequence[str], seeds: Sequence[int], draw, *, labels: Mapping,
-                    real: pd.DataFrame, size: int, batch_size: int, grid_per_class: int, record: Mapping,
-                    per_label: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
-    """A synthetic set of labelled images without masks (a GAN's, Stable Diffusion's): image i of
-    label names[i] from seed seeds[i], drawn batch by batch by draw(names, seeds) -> uint8 (N, h, w,
-    3) and resized to the patch size `size` (Lanczos). Writes out_dir (atomically): images/,
-    manifest.parquet (id, image, mode, class, the fields of `record` and of per_label[class], seed,
-    created_at, label, split) and grid_<class>.png (the `real` training rows of the class above the
-    set's images)."""
-    from histosynth.generators.gan import resize_images
-
-    real_names = patch_labels(real, labels) if len(real) else np.empty(0, object)
-    rows, grids = [], {}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "images").mkdir()
-        for start in range(0, len(names), batch_size):
-            chunk = slice(start, start + batch_size)
-            images = resize_images(draw(list(names[chunk]), list(seeds[chunk])), size)
-            for i, (name, image_seed, image) in enumerate(zip(names[chunk], seeds[chunk], images), start):
-                image_id = f"{mode}-{i:06d}"
-                write_png(image, tmp / "images" / f"{image_id}.png")
-                grids.setdefault(name, []).append(image)
-                rows.append({"id": image_id, "image": f"images/{image_id}.png", "mode": mode, "class": name, **record,
-                             **(per_label or {}).get(name, {}), "seed": int(image_seed), "source_patch_id": None,
-                             "source_slide": None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            log.info("%s: %d/%d images", mode, len(rows), len(names))
-        manifest = pd.DataFrame(rows)
-        manifest.insert(manifest.columns.get_loc("created_at"), "label", label_index(manifest["class"], labels))
-        manifest["split"] = SPLIT
-        write_table(manifest, tmp / MANIFEST)
-        for name, made in grids.items() if grid_per_class else ():
-            real_rows = real[real_names == name].head(grid_per_class)
-            grid = [_to_model(np.stack([read_rgb(p) for p in real_rows["image"]]), "cpu")] if len(real_rows) else []
-            save_grid([*grid, _to_model(np.stack(made[:grid_per_class]), "cpu")], tmp / grid_name(name))
-    return manifest
-
-
-def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, settings: Mapping,
-              labels: Mapping, size: int, seed: int, device: str = "auto") -> pd.DataFrame:
-    """Rule gan_synthesize: images per label from the trained GAN (histosynth.generators.gan),
-    image i from its own noise seed derive_seed(seed, 'gan', i), at the patch size `size`; no
-    masks (write_label_set; the manifest records model path and hash and the truncation).
-    `settings` is the `synthesis` config section (its gan, batch_size and grid_per_class);
-    `indexes` the training slides' patch indexes."""
-    from histosynth.device import pick_device
-    from histosynth.generators.datasets import read_indexes
-    from histosynth.generators.gan import generate, load_gan
-
-    model = load_gan(model_path, pick_device(device))
-    if list(model.config.labels or []) != list(labels["classes"]):
-        raise SynthesisError(f"the GAN at {model_path} was trained on the labels {model.config.labels}, this run's are "
-                             f"{labels['classes']}; retrain it (rule train_gan)")
-    s = section_defaults("synthesis", settings)
-    gan = s["gan"]
-    counts = class_counts(gan["n"], gan["per_class"], labels)
-    names = [name for name, count in counts.items() for _ in range(count)]
-    seeds = [derive_seed(seed, "gan", i) for i in range(len(names))]
-    path, digest = model_record(model_path)
-    if model.config.size != size:
-        log.info("gan_synthesize: the GAN draws %d px images; resized to the %d px patches", model.config.size, size)
-
-    def draw(batch_names, batch_seeds):
-        return generate(model, torch.as_tensor(label_index(batch_names, labels)), batch_seeds, gan["truncation"])
-
-    return write_label_set(out_dir, "gan", names, seeds, draw, labels=labels, real=read_indexes(indexes, "train"),
-                           size=size, batch_size=s["batch_size"], grid_per_class=s["grid_per_class"],
-                           record={"model_path": path, "model_hash": digest, "truncation": gan["truncation"]})
-
-
-def lora_stage(adapter: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, settings: Mapping,
-               labels: Mapping, size: int, seed: int, scale: float, device: str = "auto") -> pd.DataFrame:
-    """Rule lora_synthesize: images per label from Stable Diffusion with the trained LoRA adapter
-    (histosynth.generators.lora) at LoRA weight `scale`, prompt per label, Euler ancestral
-    sampling; image i from seed derive_seed(seed, 'lora', i), the same at every scale so the sets
-    pair image for image; resized to the patch size `size`; no masks (write_label_set; the manifest
-    records adapter and base model paths and hashes, prompt, scale, steps and guidance).
-    `settings` is the `synthesis` config section (its lora, batch_size and grid_per_class)."""
-    from histosynth.device import pick_device
-    from histosynth.generators.datasets import read_indexes
-    from histosynth.generators.lora import load_pipeline, sample
-
-    s = section_defaults("synthesis", settings)
-    draw_settings = s["lora"]
-    pipe, meta = load_pipeline(adapter, pick_device(device))
-    if list(meta["labels"]) != list(labels["classes"]):
-        raise SynthesisError(f"the LoRA adapter at {adapter} was trained on the labels {meta['labels']}, this run's are "
-                             f"{labels['classes']}; retrain it (rule train_lora)")
-    prompts = meta["prompts"]
-    counts = class_counts(draw_settings["n"], draw_settings["per_class"], labels)
-    names = [name for name, count in counts.items() for _ in range(count)]
-    seeds = [derive_seed(seed, "lora", i) for i in range(len(names))]
-    path, digest = model_record(adapter)
-    log.info("lora_synthesize: %d images at LoRA scale %s, %d px resized to %d px, %d Euler ancestral steps, guidance %s",
-             len(names), scale, meta["resolution"], size, draw_settings["steps"], draw_settings["guidance"])
-
-    def draw(batch_names, batch_seeds):
-        return sample(pipe, [prompts[name] for name in batch_names], batch_seeds, size=meta["resolution"],
-                      steps=draw_settings["steps"], guidance=draw_settings["guidance"],
-                      negative_prompt=draw_settings["negative_prompt"], scale=scale)
-
-    record = {"model_path": path, "model_hash": digest, "base_model": meta["base_model"], "base_hash": meta["base_hash"],
-              "lora_scale": float(scale), "sampler": "euler_ancestral", "steps": draw_settings["steps"],
-              "guidance": draw_settings["guidance"], "negative_prompt": draw_settings["negative_prompt"]}
-    return write_label_set(out_dir, lora_set(scale), names, seeds, draw, labels=labels, real=read_indexes(indexes, "train"),
-                           size=size, batch_size=s["batch_size"], grid_per_class=s["grid_per_class"], record=record,
-                           per_label={name: {"prompt": prompts[name]} for name in counts})
+        return finish(tmp, rows, labels, sources, grid_per_class)
 
 
 def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
@@ -577,10 +313,6 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
     `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings` and the resolved
     `labels` (histosynth.data.labels.resolve_labels)."""
-    from histosynth.device import pick_device
-    from histosynth.generators.datasets import read_indexes
-    from histosynth.generators.diffusion import load_diffusion
-
     if mode not in MODES:
         raise SynthesisError(f"mode must be one of {MODES}, got {mode!r}")
     s = section_defaults("synthesis", settings)

@@ -240,11 +240,17 @@ if not SEGMENTATION and (config["quality"]["consistency"] or config["quality"]["
                         "timm model with local weights (quality.extractor_weights), or enable segmentation")
 
 
+def segmentation_ratios():
+    """The ratios the segmentation task trains on (none when it is off): those whose synthetic images
+    all have masks (the GAN set has none: its ratios feed classification only)."""
+    if not SEGMENTATION:
+        return []
+    return [name for name in RATIOS if RATIOS[name]["synthetic"] == 0 or all(map(table.has_masks, ratio_sources(name)))]
+
+
 def segmentation_runs(pattern):
-    """One path per ratio x seed of the segmentation task (none when it is off), for the ratios
-    whose synthetic images all have masks (the GAN set has none: its ratios feed classification only)."""
-    masked = [name for name in RATIOS if RATIOS[name]["synthetic"] == 0 or all(map(table.has_masks, ratio_sources(name)))]
-    return expand(pattern, ratio=masked, seed=SEGMENTATION_SEEDS) if SEGMENTATION else []
+    """One path per ratio x seed of the segmentation task."""
+    return expand(pattern, ratio=segmentation_ratios(), seed=SEGMENTATION_SEEDS)
 
 
 def classification_runs(pattern):
@@ -253,6 +259,18 @@ def classification_runs(pattern):
         return []
     return expand(pattern, ratio=RATIOS, fold=range(config["classification"]["folds"]),
                   seed=config["classification"]["seeds"])
+
+
+def task_runs():
+    """Each task run of this config, for rule registry: its task, ratio, fold and seed, and the run
+    folder its training rule writes."""
+    runs = [{"task": "segmentation", "ratio": ratio, "fold": None, "seed": seed, "folder": f"results/segmentation/{ratio}/seed{seed}"}
+            for ratio in segmentation_ratios() for seed in SEGMENTATION_SEEDS]
+    if CLASSIFICATION:
+        runs += [{"task": "classification", "ratio": ratio, "fold": fold, "seed": seed,
+                  "folder": f"results/classification/{ratio}/fold{fold}/seed{seed}"}
+                 for ratio in RATIOS for fold in range(config["classification"]["folds"]) for seed in config["classification"]["seeds"]]
+    return runs
 
 
 def quality_inputs(wildcards):

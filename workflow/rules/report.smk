@@ -86,14 +86,12 @@ rule registry:
     input:
         metrics="results/report/metrics.parquet",
         verdict="results/report/verdict.csv",
-        models=[path for path in ["results/autoencoder/model" if uses_autoencoder() else None, "results/diffusion/model",
-                                  "results/gan/model" if config["gan"]["enabled"] else None,
-                                  "results/lora/adapter" if config["lora"]["enabled"] else None,
-                                  TRAINED_NUCLEI_MODEL if config["nuclei"]["model"] == "trained" else None] if path],
+        models=[made.model for made in table.trained(config)],
+        nuclei_model=[nuclei_model_path()] if nuclei_model_path() else [],
         sets=expand("results/synthetic/{mode}", mode=synthetic_sets()),
         curated=expand("results/curated/{mode}.parquet", mode=synthetic_sets()),
         datasets=expand("results/mixing/{ratio}.parquet", ratio=RATIOS),
-        runs=segmentation_runs("results/segmentation/{ratio}/seed{seed}") + classification_runs("results/classification/{ratio}/fold{fold}/seed{seed}"),
+        runs=[run["folder"] for run in task_runs()],
     output:
         counts="results/registry/registered.json",
         config="results/registry/config.yaml",
@@ -110,6 +108,9 @@ rule registry:
         runtime=30,
     params:
         url=config["registry"]["url"],
-        nuclei_model=nuclei_model_path(),
+        generators=[made.name for made in table.trained(config)],  # the kinds of input.models
+        sets=synthetic_sets(),  # the names of input.sets and input.curated
+        ratios=list(RATIOS),  # of input.datasets
+        runs=[{key: value for key, value in run.items() if key != "folder"} for run in task_runs()],  # of input.runs
     script:
         "../../scripts/registry.py"
