@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from PIL import Image
-from test_training import Shapes
 
 from histosynth.files import content_hash
 from histosynth.generators.autoencoder import (
@@ -25,6 +24,8 @@ from histosynth.generators.autoencoder import (
 )
 from histosynth.nets import WeightsError, load_lpips
 from histosynth.training.errors import TrainingError
+
+from helpers import Shapes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,7 +147,7 @@ def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):
 def test_command_line_entry_point(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"seed": 1, "autoencoder": tiny(train={"steps": 1, "batch_size": 2})}))
-    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "test_training:shapes_factory",
+    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "helpers:shapes_factory",
             "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt"), "--threads", "1"]
     assert main(args) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["split"] == "val"

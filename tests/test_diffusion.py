@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from test_training import Shapes, tiny
 
 from histosynth.generators.autoencoder import build_autoencoder
 from histosynth.generators.diffusion import (
@@ -24,13 +23,9 @@ from histosynth.generators.sampling import SAMPLERS, guided_output, make_sampler
 from histosynth.generators.train_diffusion import train_diffusion
 from histosynth.training.errors import TrainingError
 
+from helpers import Shapes, tiny, tiny_model
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_model(conditioning="spade", image_channels=3, cond_channels=3, num_classes=0):
-    torch.manual_seed(0)
-    return build_model({**tiny(), "conditioning": conditioning, "num_classes": num_classes},
-                       image_channels, cond_channels, 16).eval()
 
 
 @pytest.mark.parametrize("conditioning", ["spade", "concat"])

@@ -18,13 +18,14 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import Shapes, assert_identical, tiny
 
 from histosynth.config import load_preset
 from histosynth.data.io import write_png, write_table
 from histosynth.generators.conditioning import write_conditioning
 from histosynth.generators.launch import launch
 from histosynth.training.checkpoints import checkpoints
+
+from helpers import Shapes, assert_identical, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

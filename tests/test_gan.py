@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch.nn.utils import parametrize
-from torch.utils.data import Dataset
 
 from histosynth.config import section_defaults
 from histosynth.files import MODEL_INFO
@@ -35,6 +34,8 @@ from histosynth.training.batches import random_dihedral
 from histosynth.training.checkpoints import checkpoints
 from histosynth.training.errors import TrainingError
 
+from helpers import Toy
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {"ch_max": 32, "width": 8}
@@ -44,24 +45,6 @@ def tiny(**train_settings) -> dict:
     return {**TINY, "size": 16, "attention_g": [8], "attention_d": [16],
             "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
                       "sample_every": 2, "sample_count": 3, "ema_decay": 0.9, "diffaugment": True, **train_settings}}
-
-
-class Toy(Dataset):
-    """Items {'image', 'label'} as PatchDataset gives them: class 0 reddish, class 1 bluish 32 px
-    patches with noise (the GAN resizes them to gan.size); `labels` per item for class balance."""
-
-    def __init__(self, n: int = 6, size: int = 32):
-        self.n, self.size = n, size
-        self.labels = np.arange(n) % 2
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        colour = torch.tensor([0.8, -0.6, -0.6]) if self.labels[i] == 0 else torch.tensor([-0.6, -0.6, 0.8])
-        image = colour.view(3, 1, 1) + 0.1 * torch.randn(3, self.size, self.size, generator=g)
-        return {"image": image.clamp(-1, 1), "label": torch.tensor(int(self.labels[i]))}
 
 
 def colour_space() -> FeatureSpace:
@@ -379,16 +362,11 @@ def test_defaults_are_the_cpu_demo_with_the_seed_optimiser():
     assert (t["lr_g"], t["lr_d"], t["betas"], t["n_critic"]) == (1e-4, 4e-4, [0.5, 0.999], 1)
 
 
-def factory(indexes, split, config):
-    """A dataset factory as the CLI's --dataset expects: (indexes, split, config) -> Dataset."""
-    return Toy(n=4 if split == "train" else 0)
-
-
 def test_command_line_entry_point_names_the_classes_of_a_resolved_config(tmp_path):
     config = tmp_path / "config.json"
     labels = {"source": "region", "classes": ["background", "tumour"], "regions": ["tumour"], "background": "background"}
     config.write_text(json.dumps({"seed": 2, "labels": labels, "gan": tiny(steps=2, sample_every=0)}))
-    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "test_gan:factory",
+    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "helpers:toy_factory",
             "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt")]
     assert main(args) == 0
     assert json.loads((tmp_path / "out" / "model" / MODEL_INFO).read_text())["labels"] == ["background", "tumour"]
@@ -402,7 +380,8 @@ def test_gan_set_per_label_at_the_patch_size_feeds_mixing_but_not_segmentation(t
     from histosynth.data.io import write_relative
     from histosynth.evaluation.mixing import mix_dataset, read_mix, without_masks
     from histosynth.evaluation.segmentation import SegmentationError, train_segmentation
-    from histosynth.generators.synthesis import SynthesisError, gan_stage
+    from histosynth.generators.label_sets import gan_stage
+    from histosynth.generators.set_files import SynthesisError
 
     labels = {"source": "sheet", "classes": ["benign", "malignant"], "regions": ["Tumour"], "background": "background"}
     torch.manual_seed(0)

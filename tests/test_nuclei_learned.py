@@ -10,6 +10,7 @@ from PIL import Image
 from skimage.draw import disk
 
 from histosynth.config import section_defaults
+from histosynth.nuclei.instances import NucleiError
 from histosynth.nuclei.learned import CropDataset, _Detector, train_on_folder, training_targets
 from histosynth.nuclei.metrics import score_instances
 from histosynth.nuclei.model import load_detector
@@ -152,10 +153,10 @@ def test_train_on_folder_errors(tmp_path):
     rgb, truth = drawn_tile(0)
     Image.fromarray(rgb).save(images / "a.png")
     params = section_defaults("nuclei")
-    with pytest.raises(Exception, match="no annotation .* for a.png"):
+    with pytest.raises(NucleiError, match="no annotation .* for a.png"):
         train_on_folder(images, annotations, 0.5, tmp_path / "m", params, seed=0)
     Image.fromarray(truth.astype(np.uint16)).save(annotations / "a.png")
-    with pytest.raises(Exception, match="every image is held out"):
+    with pytest.raises(NucleiError, match="every image is held out"):
         train_on_folder(images, annotations, 0.5, tmp_path / "m", params, seed=0, holdout=["a"])
-    with pytest.raises(Exception, match=r"--holdout names \['b'\]"):
+    with pytest.raises(NucleiError, match=r"--holdout names \['b'\]"):
         train_on_folder(images, annotations, 0.5, tmp_path / "m", params, seed=0, holdout=["b"])

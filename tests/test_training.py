@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from histosynth.generators.train_diffusion import train_diffusion
 from histosynth.training.batches import epoch_order
@@ -20,32 +19,9 @@ from histosynth.training.ema import EMA
 from histosynth.training.errors import ConfigMismatchError, DatasetError, NonFiniteLossError, TrainingError
 from histosynth.training.resume import config_differences
 
+from helpers import Shapes, assert_identical, tiny
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class Shapes(Dataset):
-    """Learnable toy data: a square whose colour follows the mask (red inside, blue outside);
-    cond = one-hot [background, square, boundary]; label = which half the square is in."""
-
-    def __init__(self, n: int = 10, size: int = 16, nan_at: int | None = None, sizes: dict | None = None):
-        self.n, self.size, self.nan_at, self.sizes = n, size, nan_at, sizes or {}
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        s = self.sizes.get(i, self.size)
-        g = torch.Generator().manual_seed(i)
-        y, x = torch.randint(0, s // 2, (2,), generator=g).tolist()
-        mask = torch.zeros(s, s)
-        mask[y:y + s // 2, x:x + s // 2] = 1
-        edge = mask + torch.nn.functional.max_pool2d(-mask[None, None], 3, 1, 1)[0, 0]  # mask - erosion
-        image = torch.stack([2 * mask - 1, -torch.ones(s, s), 1 - 2 * mask]) + 0.05 * torch.randn(3, s, s, generator=g)
-        if i == self.nan_at:
-            image = torch.full_like(image, float("nan"))
-        cond = torch.stack([1 - mask, mask, edge])
-        return {"image": image.clamp(-1, 1) if i != self.nan_at else image, "cond": cond,
-                "label": torch.tensor(int(x >= s // 4))}
 
 
 class Crashing(Shapes):
@@ -62,26 +38,8 @@ class Crashing(Shapes):
         return super().__getitem__(i)
 
 
-def shapes_factory(indexes, split, config):
-    """A dataset factory as the CLI's --dataset expects: (indexes, split, config) -> Dataset."""
-    return Shapes(n=4 if split == "train" else 2)
-
-
-def tiny(**train) -> dict:
-    return {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8,
-            "num_classes": 2, "cond_dropout": 0.2,
-            "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "keep_checkpoints": 2,
-                      "log_every": 1, "sample_every": 0, "ema_decay": 0.9, "sample_count": 2, **train}}
-
-
 def weights(folder: Path) -> dict:
     return load_file(next(Path(folder).glob("*.safetensors")))
-
-
-def assert_identical(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ: {different[:5]}"
 
 
 # ----------------------------------------------------------------------------- EMA
