@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy import ndimage
-from skimage.segmentation import expand_labels
+from skimage.segmentation import watershed
 
 from histosynth.data.io import read_file_table, read_patch_index, write_csv
 from histosynth.data.labels import patch_labels, run_labels
@@ -258,16 +258,26 @@ def nuclei_reader(nuclei: Mapping[str, tuple[str | Path, str | Path]]) -> Nuclei
 def conditioning_instances(encoded: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The nuclei a synthetic image was drawn to have, from its encoded conditioning map
     (histosynth.generators.conditioning: channel 1 nucleus class index, channel 2 the instances'
-    inner boundary): the boundary-free cores of the nucleus pixels, grown back over the boundary
-    pixels. Touching nuclei stay apart; a nucleus with no pixel off its boundary (one or two pixels
-    wide) is lost."""
-    nucleus, boundary = encoded[..., 1], encoded[..., 2] > 0
-    cores, n = ndimage.label((nucleus > 0) & ~boundary)
-    instances = expand_labels(cores, distance=2)
-    instances[nucleus == 0] = 0
-    core_class = np.zeros(n + 1, np.int64)
-    core_class[cores.ravel()] = nucleus.ravel()  # a core lies inside one nucleus: any of its pixels gives the class
-    return instances.astype(np.int64), [NUCLEUS_CLASSES[int(c) - 1] for c in core_class[1:]]
+    inner boundary). Each core (a nucleus's pixels off its boundary, 8-connected: two nuclei's
+    cores never touch even diagonally) floods its class's pixels (watershed); pixels no core
+    reaches (a nucleus one or two pixels wide, all boundary) are nuclei of their own. Touching
+    nuclei of one class whose cores a narrow neck splits cannot be told from two nuclei."""
+    nucleus, boundary = encoded[..., 1].astype(np.int64), encoded[..., 2] > 0
+    eight = np.ones((3, 3), bool)
+    cores, n = ndimage.label((nucleus > 0) & ~boundary, structure=eight)
+    instances = np.zeros(nucleus.shape, np.int64)
+    for value in np.unique(nucleus[nucleus > 0]):
+        region = nucleus == value
+        instances += watershed(np.zeros(nucleus.shape), markers=cores * region, mask=region, connectivity=2)
+    rest = (nucleus > 0) & (instances == 0)
+    small, _ = ndimage.label(rest, structure=eight)
+    instances[rest] = small[rest] + n
+    ids = np.unique(instances[instances > 0])
+    lut = np.zeros(int(instances.max(initial=0)) + 1, np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    classes = np.zeros(len(ids) + 1, np.int64)
+    classes[lut[instances].ravel()] = nucleus.ravel()  # one class per instance: any of its pixels gives it
+    return lut[instances], [NUCLEUS_CLASSES[int(c) - 1] for c in classes[1:]]
 
 
 def finished_run(results: str | Path, ratio: str) -> dict:

@@ -216,3 +216,21 @@ def test_export_is_atomic_and_the_cli_exports_a_finished_run(run, tmp_path, caps
     assert main(["export", "nope", "--format", "coco", "--out", str(tmp_path / "x"), "--results", str(run["results"]),
                  "--config", str(config)]) == 2
     assert "mixing/nope.parquet: no such manifest; the run's ratios are ['syn2']" in capsys.readouterr().err
+
+
+def test_conditioning_map_gives_back_touching_and_tiny_nuclei():
+    from histosynth.export import conditioning_instances
+
+    truth = np.zeros((20, 30), np.int64)
+    truth[2:9, 2:9] = 1
+    truth[2:9, 9:16] = 2  # touches 1, same class
+    truth[10:17, 5:12] = 3  # touches 1 and 2, another class
+    truth[14:16, 20:22] = 4  # 2 x 2: all boundary, no core
+    truth[3:8, 20:26] = 5
+    classes = {1: class_index("tumor"), 2: class_index("tumor"), 3: class_index("immune"), 4: class_index("other"),
+               5: class_index("tumor")}
+    instances, names = conditioning_instances(encode_conditioning(None, truth, classes))
+    pairs = {(int(t), int(i)) for t, i in zip(truth.ravel(), instances.ravel(), strict=True)}
+    assert len(pairs) == 6 and len({t for t, _ in pairs}) == 6 and len({i for _, i in pairs}) == 6  # a bijection
+    name_of = {t: names[i - 1] for t, i in pairs if t}
+    assert name_of == {1: "tumor", 2: "tumor", 3: "immune", 4: "other", 5: "tumor"}
