@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_gan import Toy
 
 from histosynth.data.io import write_relative
 from histosynth.generators import lora
+from histosynth.generators.label_sets import lora_stage
 from histosynth.generators.lora import (
     LoraError,
     check_base_model,
@@ -29,9 +29,11 @@ from histosynth.generators.lora import (
     sample,
     train,
 )
-from histosynth.generators.synthesis import MANIFEST, lora_stage
+from histosynth.generators.set_files import SynthesisError
+from histosynth.generators.table import MANIFEST
 from histosynth.training.checkpoints import checkpoints
 
+from helpers import Toy
 from tiny_sd import write_tiny_stable_diffusion
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -169,7 +171,7 @@ def test_lora_set_per_label_and_scale_at_the_patch_size(trained, base, tmp_path)
     other = np.asarray(Image.open(tmp_path / "lora0.0" / "images" / "lora0-000000.png"))  # the same seed at weight 0
     assert np.abs(image.astype(int) - other).mean() > 2
     assert {p.name for p in (tmp_path / "lora1.0").glob("grid_*.png")} == {"grid_red.png", "grid_blue.png"}
-    with pytest.raises(Exception, match="trained on the labels"):
+    with pytest.raises(SynthesisError, match="trained on the labels"):
         lora_stage(trained / "adapter", [real / "index.parquet"], tmp_path / "wrong", settings=synthesis,
                    labels={**labels, "classes": ["a", "b"]}, size=64, seed=0, scale=1.0)
 
