@@ -260,7 +260,7 @@ def cmd_registry(args) -> None:
         for made in found["sets"]:
             kept = next((c["n_kept"] for c in found["curated"] if c["name"] == made["name"]), None)
             print(f"  set {made['id']} {made['name']}: {made['n_images']} images ({made['path']}), "
-                  f"{'%d kept by curation' % kept if kept is not None else 'not curated'}")
+                  f"{f'{kept} kept by curation' if kept is not None else 'not curated'}")
             for row in (q for q in found["quality"] if q["set"] == made["name"]):
                 print(f"    {row['metric']}: {row['value']:.4g}")
         for dataset in found["datasets"]:

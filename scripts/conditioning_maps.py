@@ -3,10 +3,7 @@
 import pandas as pd
 
 from histosynth.data.io import read_patch_index
-from histosynth.generators.conditioning import (
-    build_slide_conditioning,
-    write_conditioning_index,
-)
+from histosynth.generators.conditioning import build_slide_conditioning, write_conditioning_index
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from histosynth.data.io import write_table
-from histosynth.evaluation.mixing import MixingError, class_share, mix, mix_dataset, read_mix, read_synthetic, synthetic_count
+from histosynth.evaluation.mixing import (
+    MixingError,
+    class_share,
+    mix,
+    mix_dataset,
+    read_mix,
+    read_synthetic,
+    synthetic_count,
+)
 
 CLASSES = ["Blood vessel", "Fat"]
 LABELS = {"source": "region", "classes": ["background", *CLASSES], "regions": CLASSES, "background": "background"}

@@ -21,12 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 from tqdm import tqdm
 
-from histosynth.data.annotations import (
-    Region,
-    RegionRasterizer,
-    class_fractions,
-    load_regions,
-)
+from histosynth.data.annotations import Region, RegionRasterizer, class_fractions, load_regions
 from histosynth.data.io import arrow_table, write_png
 from histosynth.data.slides import Slide
 from histosynth.data.tissue import Tissue, detect_tissue, detection_mpp

@@ -21,11 +21,15 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage, stats
 
 from histosynth.seeds import derive_seed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +298,7 @@ def realism(real: np.ndarray, real_classes: np.ndarray, synthetic: np.ndarray, s
 
 
 def realism_stage(real_indexes: Sequence, manifest, *, mode: str, table_out, images_out, figure_out,
-                  config: Mapping) -> "pd.DataFrame":
+                  config: Mapping) -> pd.DataFrame:
     """Entry of rule realism: one synthetic set (manifest path) against the real training patches
     (patch indexes). Writes the quality rows (histosynth.evaluation.quality.COLUMNS) to
     `table_out`, the per-image measures (IMAGE_COLUMNS, real and synthetic) to `images_out` and the

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.evaluation.figures import plt, save_figure
+
 KIND_COLOURS = {"real": "0.35", "synthetic": "C1"}
 
 

@@ -18,12 +18,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image, h_maxima, remove_small_holes
 from skimage.segmentation import relabel_sequential, watershed
 
-from histosynth.nuclei.instances import (
-    empty_table,
-    mean_per_instance,
-    renumber,
-    shape_table,
-)
+from histosynth.nuclei.instances import empty_table, mean_per_instance, renumber, shape_table
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,7 @@ import numpy as np
 import pandas as pd
 from skimage.color import rgb2hed
 
-from histosynth.nuclei.instances import (
-    NucleiError,
-    mean_per_instance,
-    renumber,
-    shape_table,
-)
+from histosynth.nuclei.instances import NucleiError, mean_per_instance, renumber, shape_table
 
 # Resolution the released files were trained at (40x); nuclei.model_mpp should be this.
 HDYOLO_MPP = 0.25

@@ -16,15 +16,11 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from histosynth.files import atomic_dir
 from histosynth.data.slides import Slide
+from histosynth.files import atomic_dir
 from histosynth.nuclei.classical import detect_nuclei
 from histosynth.nuclei.geojson import nuclei_geojson, nucleus_features
-from histosynth.nuclei.instances import (
-    NucleiError,
-    shape_table,
-    write_instances,
-)
+from histosynth.nuclei.instances import NucleiError, shape_table, write_instances
 from histosynth.nuclei.model import MODEL_SETTINGS, NucleiModel, detect_with_model
 from histosynth.parallel import map_chunks
 
