@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import sys
-from pathlib import Path
 
-from histosynth.config import load_config, validated
+from histosynth.cli.options import parse_classes, parse_regex, parse_split
+from histosynth.cli.runs import REGISTERED_CONFIG, cmd_export, cmd_generate, cmd_registry
+from histosynth.cli.stages import (
+    cmd_demo_slides,
+    cmd_inspect,
+    cmd_nuclei,
+    cmd_nuclei_score,
+    cmd_nuclei_train,
+    cmd_patches,
+    cmd_sheet,
+)
 
 log = logging.getLogger("histosynth")
-DEFAULT_CONFIG = Path("config/config.yaml")
-IMAGE_SUFFIXES = {".png", ".tif", ".tiff"}
-
-
-def _config(args) -> dict:
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    config = load_config(path)
-    log.info("defaults from %s", path or "the schema (no config file)")
-    return config
 
 
 # The errors a command reports as one line (bad input, with its fix) rather than a traceback, by module:
@@ -39,258 +38,6 @@ USER_ERRORS = {
 
 def _user_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
-
-
-PATCH_SECTIONS = ("run_id", "seed", "annotations", "classes", "priority", "patches")
-
-
-def _parse_classes(text: str) -> dict[str, int]:
-    """'Blood vessel=1,Fat=3' -> {'Blood vessel': 1, 'Fat': 3}."""
-    classes = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, index = item.rpartition("=")
-        if not sep or not name or not index.strip().isdigit() or not 1 <= int(index) <= 255:
-            raise argparse.ArgumentTypeError(f"--classes: {item!r} is not NAME=INDEX with INDEX in 1..255")
-        classes[name.strip()] = int(index)
-    if len(set(classes.values())) != len(classes):
-        raise argparse.ArgumentTypeError(f"--classes: indices must be unique, got {classes}")
-    return classes
-
-
-def cmd_inspect(args) -> None:
-    from histosynth.data.slides import Slide
-
-    for path in args.slides:
-        with Slide(path, mpp=args.slide_mpp, fallback_mpp=args.fallback_mpp, need_mpp=False) as slide:
-            info = slide.describe()
-        if args.json:
-            print(json.dumps(info))
-            continue
-        print(f"{info['path']}\n  vendor: {info['vendor']}\n  dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
-        mpp = f"{info['mpp']:.4f}" if info["mpp"] else "unknown (give --slide-mpp or the sheet's mpp)"
-        print(f"  mpp: {mpp}   objective: {info['objective_power'] or 'unknown'}")
-        for level in info["levels"]:
-            w, h = level["dimensions"]
-            at = f", {level['mpp']:.3f} mpp" if level["mpp"] else ""
-            print(f"  level {level['level']}: {w} x {h} px, downsample {level['downsample']:.3f}{at}")
-        print(f"  associated images: {', '.join(info['associated_images']) or 'none'}")
-
-
-def cmd_demo_slides(args) -> None:
-    from histosynth.demo import generate_demo_slide
-    from histosynth.seeds import derive_seed
-
-    config = _config(args)
-    demo = config["demo"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in args.names:
-        summary = generate_demo_slide(
-            out / f"{name}.tiff", out / f"{name}.geojson", out / f"{name}.nuclei.geojson",
-            size=args.size or demo["size"], mpp=demo["mpp"], tile_size=demo["tile_size"], levels=demo["levels"],
-            seed=derive_seed(config["seed"], "demo", name), jpeg_quality=demo["jpeg_quality"],
-        )
-        log.info("%s: %s", name, summary)
-
-
-def cmd_patches(args) -> None:
-    import pyarrow.parquet as pq
-
-    from histosynth.data.patches import class_indices, extract_slide
-
-    # Only the sections this command reads come from the config file (the rest from the schema),
-    # so classes given here need not agree with another stage's settings (e.g. diffusion.num_classes).
-    loaded = _config(args)
-    config = {key: loaded[key] for key in PATCH_SECTIONS if key in loaded}
-    overrides = {
-        "size": args.size, "stride": args.stride, "mpp": args.mpp, "min_tissue": args.min_tissue,
-        "min_label": args.min_label, "target_class": args.target_class,
-    }
-    config["patches"].update({k: v for k, v in overrides.items() if v is not None})
-    if args.classes is not None:  # classes on the command line bring their own priority
-        config["classes"] = sorted(args.classes, key=args.classes.get)
-        config["priority"] = list(args.classes)
-    if args.priority is not None:
-        config["priority"] = [name.strip() for name in args.priority.split(",") if name.strip()]
-    config = validated(config, "command-line options")
-    classes = args.classes or class_indices(config["classes"])
-    slide = Path(args.slide)
-    name = args.name or slide.stem
-    stem = Path(args.out) / name
-    index_path = extract_slide(
-        slide, args.annotations, stem, stem.with_suffix(".parquet"), stem.with_suffix(".qc.png"), slide_name=name,
-        split=args.split, config=config, classes=classes, mpp=args.slide_mpp, label=args.label,
-    )
-    count = pq.read_metadata(index_path).num_rows
-    print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
-
-
-def cmd_sheet(args) -> None:
-    from histosynth.data.sheet import build_sheet, summary, write_sheet
-
-    sheet = build_sheet(args.folder, split=args.split, seed=args.seed, mpp=args.mpp, annotations_dir=args.annotations_dir,
-                        masks_dir=args.masks_dir, nuclei_dir=args.nuclei_dir, absolute=args.absolute, group=args.group)
-    if args.out:
-        write_sheet(sheet, args.out)
-        print(f"{args.out}: {summary(sheet)}")
-    else:
-        sys.stdout.write(sheet.to_csv(sep="\t", index=False))
-        print(summary(sheet), file=sys.stderr)
-
-
-def _parse_split(text: str) -> dict[str, float]:
-    from histosynth.data.sheet import SheetError, parse_split
-
-    try:
-        return parse_split(text)
-    except SheetError as err:
-        raise argparse.ArgumentTypeError(str(err).removeprefix("--split: ")) from err
-
-
-def _parse_regex(text: str):
-    import re
-
-    try:
-        return re.compile(text)
-    except re.error as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({err})") from err
-
-
-def cmd_nuclei(args) -> None:
-    from histosynth.data.io import read_patch_index, write_table
-    from histosynth.device import pick_device
-    from histosynth.nuclei.instances import NucleiError
-    from histosynth.nuclei.model import load_detector
-    from histosynth.nuclei.stage import segment_images
-
-    config = _config(args)
-    if args.model:
-        config["nuclei"]["model"] = args.model
-    params = config["nuclei"]
-    source = Path(args.input)
-    if source.suffix == ".parquet":
-        index = read_patch_index(source)
-        paths, mpp = index["image"].tolist(), args.mpp or float(index["mpp"].iloc[0])
-    elif source.is_dir():
-        paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if args.mpp is None:
-            raise NucleiError(f"{source}: give the images' resolution with --mpp (microns per pixel)")
-        mpp = args.mpp
-    else:
-        raise NucleiError(f"{source}: expected a folder of PNG/TIFF images or a patch index (.parquet)")
-    model = load_detector(params["model"], str(pick_device())) if params["model"] else None
-    table = segment_images(paths, mpp, args.out, params, model)
-    write_table(table, Path(args.out) / "nuclei.parquet")
-    print(f"{len(table)} nuclei in {len(paths)} images -> {args.out}/<stem>.png, {args.out}/nuclei.parquet")
-
-
-def cmd_nuclei_train(args) -> None:
-    from histosynth.nuclei.learned import train_on_folder
-
-    config = _config(args)
-    params = config["nuclei"]
-    if args.steps:
-        params["train"]["steps"] = args.steps
-    holdout = [s for s in (args.holdout or "").split(",") if s]
-    table = train_on_folder(args.images, args.annotations, args.mpp, args.out, params,
-                            seed=config["seed"] if args.seed is None else args.seed, holdout=holdout)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    for split, rows in table.groupby("split", sort=False):
-        print(f"{split}: mean over {len(rows)} images F1@0.5 {rows['f1'].mean():.3f}  AJI {rows['aji'].mean():.3f}  "
-              f"PQ {rows['pq'].mean():.3f}  Dice {rows['dice'].mean():.3f}")
-    print(f"model -> {Path(args.out) / 'model.pt'} (use: histosynth nuclei IMAGES --mpp M --model {args.out})")
-
-
-def cmd_nuclei_score(args) -> None:
-    from histosynth.data.io import write_csv, write_table
-    from histosynth.nuclei.metrics import score_folders
-
-    table = score_folders(args.pred, args.truth, args.images, args.iou)
-    if args.out:
-        out = Path(args.out)
-        (write_table if out.suffix == ".parquet" else write_csv)(table, out)
-    if args.json:
-        print(table.to_json(orient="records"))
-        return
-    shown = table[["image", "truth", "pred", "precision", "recall", "f1", "aji", "pq", "dq", "sq", "dice"]].copy()
-    shown[["truth", "pred"]] = shown[["truth", "pred"]].astype("string").fillna("")
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
-    mean = table.set_index("image").loc["mean"]
-    print(f"mean over {len(table) - 2} images: F1@{args.iou:g} {mean['f1']:.3f}  AJI {mean['aji']:.3f}  "
-          f"PQ {mean['pq']:.3f}  Dice {mean['dice']:.3f}")
-
-
-def cmd_export(args) -> None:
-    from histosynth.export import export_run
-
-    rows = export_run(args.results, args.ratio, args.format, args.out, _config(args))
-    counts = rows.groupby(["split", "source"]).size()
-    print(f"{args.out}: {args.format} export of {args.ratio}: " + ", ".join(f"{s} {src} {n}" for (s, src), n in counts.items()))
-
-
-def _registry_url(args) -> str:
-    return args.url or _config(args)["registry"]["url"]
-
-
-def _print_table(table, as_json: bool) -> None:
-    if as_json:
-        print(table.to_json(orient="records", default_handler=str))
-    elif table.empty:
-        print("(none)")
-    else:
-        print(table.drop(columns=[c for c in ("config", "data") if c in table]).to_string(index=False))
-
-
-def cmd_registry(args) -> None:
-    from histosynth import registry
-
-    engine = registry.connect(_registry_url(args), create=False)
-    if args.what == "show":
-        found = registry.lineage(engine, args.id)
-        if args.json:
-            print(json.dumps(found, default=str, indent=1))
-            return
-        model, parent = found["model"], found["parent"]
-        print(f"model {model['id']}: {model['kind']} {model['path']}\n  hash {model['content_hash'][:16]}, "
-              f"{model['steps']} steps, registered {model['registered_at']}")
-        if parent:
-            print(f"  parent: model {parent['id']} ({parent['kind']} {parent['path']})")
-        if model["data"]:
-            print(f"  trained on: {json.dumps(model['data'])}")
-        for made in found["sets"]:
-            kept = next((c["n_kept"] for c in found["curated"] if c["name"] == made["name"]), None)
-            print(f"  set {made['id']} {made['name']}: {made['n_images']} images ({made['path']}), "
-                  f"{f'{kept} kept by curation' if kept is not None else 'not curated'}")
-            for row in (q for q in found["quality"] if q["set"] == made["name"]):
-                print(f"    {row['metric']}: {row['value']:.4g}")
-        for dataset in found["datasets"]:
-            n_runs = sum(r["ratio"] == dataset["ratio"] for r in found["runs"])
-            print(f"  dataset {dataset['id']} {dataset['ratio']}: {dataset['n_real']} real + {dataset['n_synthetic']} "
-                  f"synthetic; {n_runs} task runs")
-        for row in found["verdicts"]:
-            print(f"    {row['ratio']} {row['metric']} [{row['class']}]: {row['note']}")
-        return
-    if args.what == "export":
-        for path in registry.export(engine, args.out, args.format):
-            print(path)
-        return
-    table = registry.table_rows(engine, args.what, kind=args.kind, label=args.label, history=args.history)
-    _print_table(table, args.json)
-
-
-REGISTERED_CONFIG = Path("results/registry/config.yaml")  # the workflow's effective config, written by rule registry
-
-
-def cmd_generate(args) -> None:
-    from histosynth.generate import generate
-
-    if args.config is None and REGISTERED_CONFIG.is_file():
-        args.config = REGISTERED_CONFIG
-    config = _config(args)
-    manifest = generate(_registry_url(args), args.n, args.out, config=config, model_id=args.model, label=args.label,
-                        sampler=args.sampler, steps=args.steps, seed=args.seed, scale=args.scale)
-    counts = manifest["class"].value_counts().to_dict() if "class" in manifest else {}
-    print(f"{len(manifest)} images -> {args.out}/ (manifest.parquet, registered as set {Path(args.out).name!r}); per class {counts}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, help="minimum tissue fraction (config patches.min_tissue)")
     p.add_argument("--min-label", type=float, help="minimum target-class fraction (config patches.min_label)")
     p.add_argument("--target-class", help="class that must reach --min-label (config patches.target_class)")
-    p.add_argument("--classes", type=_parse_classes, help="label classes as NAME=INDEX,... (config classes); "
+    p.add_argument("--classes", type=parse_classes, help="label classes as NAME=INDEX,... (config classes); "
                                                         "their order is the priority unless --priority is given")
     p.add_argument("--priority", help="class names, comma-separated, the winner first where annotations overlap "
                                       "(config priority)")
@@ -345,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="ImageFolder (one sub-folder per class) or flat folder of images")
     p.add_argument("--mpp", type=float, help="microns per pixel of the images, written to the mpp column "
                                              "(required for plain PNG/JPEG/TIFF; overrides what slide files record)")
-    p.add_argument("--split", type=_parse_split, default="train=0.6,val=0.2,test=0.2",
+    p.add_argument("--split", type=parse_split, default="train=0.6,val=0.2,test=0.2",
                    help="split fractions, summing to 1 (default train=0.6,val=0.2,test=0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--out", help="sheet path (TSV; default: standard output, the summary on standard error)")
@@ -356,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "their values' classes in config annotations.mask_values)")
     p.add_argument("--nuclei", dest="nuclei_dir", help="folder of hand-drawn nuclei paired the same way (GeoJSON, "
                    "MoNuSeg/ASAP XML or instance masks): fills the sheet's nuclei column")
-    p.add_argument("--group", type=_parse_regex, help="regex whose first capture group on the image name (file stem) "
+    p.add_argument("--group", type=parse_regex, help="regex whose first capture group on the image name (file stem) "
                                                       "keeps images together in one split, e.g. '^(patient[0-9]+)_'")
     p.add_argument("--absolute", action="store_true", help="write absolute paths (default: relative to the working "
                                                            "directory, as the workflow resolves them)")
@@ -459,6 +206,3 @@ def _os_error(err: OSError) -> str:
     fix = OS_FIXES.get(err.errno, "check the path and the disk")
     return f"{path}{err.strerror or err} ({fix}); nothing was left half-written"
 
-
-if __name__ == "__main__":
-    sys.exit(main())
