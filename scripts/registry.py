@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from histosynth.data.io import atomic_file
+from histosynth.files import atomic_file
 from histosynth.logs import log_to
 from histosynth.registry import Run, connect, register_results
 

@@ -1,4 +1,4 @@
-"""Dataset readers and writers shared by the stages: atomic outputs and patch indexes."""
+"""Dataset readers and writers shared by the stages: images, masks, tables and patch indexes, written atomically."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from histosynth.files import atomic_dir as atomic_dir  # re-exported for callers not yet moved to histosynth.files
 from histosynth.files import atomic_file
 
 if TYPE_CHECKING:
