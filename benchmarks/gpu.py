@@ -87,8 +87,8 @@ def row(kind: str, name: str, batch: int, seconds: float, flops: int | None, dev
 def diffusion_parts(config: dict, device: torch.device):
     """The preset's diffusion model, training scheduler, autoencoder (latent space) and the shapes."""
     from histosynth.generators.autoencoder import build_autoencoder
-    from histosynth.generators.conditioning import channel_names
     from histosynth.generators.diffusion import build_model, train_scheduler
+    from histosynth.nuclei.conditioning import channel_names
 
     size = config["patches"]["size"]
     c = config["conditioning"]

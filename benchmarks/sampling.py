@@ -57,7 +57,7 @@ def load_or_build(args):
     """(model, training scheduler config, cond channels, image size), eval mode."""
     from histosynth.config import load_preset
     from histosynth.generators import diffusion
-    from histosynth.generators.conditioning import channel_names
+    from histosynth.nuclei.conditioning import channel_names
 
     if args.model:
         loaded = diffusion.load_diffusion(args.model)

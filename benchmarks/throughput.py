@@ -45,7 +45,7 @@ import inspect, json, sys, time
 import pandas as pd
 from histosynth.config import load_config
 from histosynth.data.io import read_patch_index
-from histosynth.generators.conditioning import build_slide_conditioning
+from histosynth.nuclei.conditioning import build_slide_conditioning
 from histosynth.nuclei.stage import segment_slide_patches
 slide, index_path, out, count, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 index = read_patch_index(index_path).head(count)

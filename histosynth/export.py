@@ -257,7 +257,7 @@ def nuclei_reader(nuclei: Mapping[str, tuple[str | Path, str | Path]]) -> Nuclei
 
 def conditioning_instances(encoded: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The nuclei a synthetic image was drawn to have, from its encoded conditioning map
-    (histosynth.generators.conditioning: channel 1 nucleus class index, channel 2 the instances'
+    (histosynth.nuclei.conditioning: channel 1 nucleus class index, channel 2 the instances'
     inner boundary). Each core (a nucleus's pixels off its boundary, 8-connected: two nuclei's
     cores never touch even diagonally) floods its class's pixels (watershed); pixels no core
     reaches (a nucleus one or two pixels wide, all boundary) are nuclei of their own. Touching

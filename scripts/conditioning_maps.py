@@ -3,8 +3,8 @@
 import pandas as pd
 
 from histosynth.data.io import read_patch_index
-from histosynth.generators.conditioning import build_slide_conditioning, write_conditioning_index
 from histosynth.logs import log_to
+from histosynth.nuclei.conditioning import build_slide_conditioning, write_conditioning_index
 
 log_to(snakemake.log[0])
 index = read_patch_index(snakemake.input.index)

@@ -1,4 +1,4 @@
-"""Tests for histosynth.generators.conditioning: encoding, channel expansion, previews and the slide builder."""
+"""Tests for histosynth.nuclei.conditioning: encoding, channel expansion, previews and the slide builder."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from histosynth.generators.conditioning import (
+from histosynth.nuclei.conditioning import (
     PREVIEW_BACKGROUND,
     PREVIEW_BOUNDARY,
     build_slide_conditioning,

@@ -76,7 +76,7 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path):
 
 def test_thesis_preset_is_about_90m_parameters():
     from histosynth.config import load_preset
-    from histosynth.generators.conditioning import channel_names
+    from histosynth.nuclei.conditioning import channel_names
 
     config = load_preset("thesis")  # config/thesis.yaml layered on config/config.yaml, as the workflow reads it
     thesis, autoencoder = config["diffusion"], config["autoencoder"]

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from histosynth.config import load_preset
 from histosynth.data.io import write_png, write_table
-from histosynth.generators.conditioning import write_conditioning
 from histosynth.generators.launch import launch
+from histosynth.nuclei.conditioning import write_conditioning
 from histosynth.training.checkpoints import checkpoints
 
 from helpers import Shapes, assert_identical, tiny

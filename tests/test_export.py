@@ -20,7 +20,7 @@ from histosynth.data.labels import resolve_labels
 from histosynth.data.patches import fraction_column
 from histosynth.evaluation.mixing import write_mix
 from histosynth.export import ExportError, dataset_rows, export_dataset, finished_run, nuclei_reader, rle_encode
-from histosynth.generators.conditioning import encode_conditioning
+from histosynth.nuclei.conditioning import encode_conditioning
 from histosynth.nuclei.instances import class_index
 
 CLASSES = ["Tumor", "Stroma"]

@@ -199,7 +199,7 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
 
 
 def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
-    from histosynth.generators.conditioning import write_conditioning
+    from histosynth.nuclei.conditioning import write_conditioning
 
     yy, xx = np.mgrid[:32, :32]
     cond = np.zeros((32, 32, 3), np.uint8)
@@ -223,8 +223,8 @@ def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
 
 
 def test_nuclei_scores_are_exact_for_a_detector_wrong_in_a_known_way(tmp_path, monkeypatch):
-    from histosynth.generators.conditioning import write_conditioning
     from histosynth.nuclei import stage
+    from histosynth.nuclei.conditioning import write_conditioning
     from histosynth.nuclei.instances import class_index
 
     cond = np.zeros((32, 32, 3), np.uint8)

@@ -17,12 +17,12 @@ from PIL import Image
 from histosynth.data.patches import fraction_column
 from histosynth.files import content_hash
 from histosynth.generators.autoencoder import build_autoencoder
-from histosynth.generators.conditioning import read_conditioning, write_conditioning
 from histosynth.generators.diffusion import Diffusion, build_model, load_diffusion, train_scheduler
 from histosynth.generators.inpaint_regions import latent_region, paste_region
 from histosynth.generators.sampling import repaint, repaint_scheduler
 from histosynth.generators.set_files import SynthesisError, class_grids
 from histosynth.generators.synthesis import inpaint, run_stage, synthesize
+from histosynth.nuclei.conditioning import read_conditioning, write_conditioning
 from histosynth.nuclei.instances import NUCLEUS_CLASSES
 from histosynth.training.errors import TrainingError
 

@@ -60,7 +60,7 @@ def test_every_label_class_appears_somewhere(tiny_run):
 
 def test_nuclei_and_conditioning_maps(tiny_run):
 
-    from histosynth.generators.conditioning import read_conditioning
+    from histosynth.nuclei.conditioning import read_conditioning
     from histosynth.nuclei.instances import read_instances
 
     patches = pd.read_parquet(tiny_run / "results/patches/tiny_a.parquet")

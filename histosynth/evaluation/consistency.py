@@ -70,7 +70,7 @@ def nuclei_scores(rows: pd.DataFrame, mpp: float, params, model=None) -> pd.Data
     """Per image (kind 'nuclei'): the same counts for the re-detected nuclei (histosynth.nuclei.stage
     with the `nuclei` settings `params`, a learned model when params["model"] is set) against the conditioning map's
     nucleus channel: the foreground (class 'nuclei') and each nucleus class drawn or found."""
-    from histosynth.generators.conditioning import read_conditioning
+    from histosynth.nuclei.conditioning import read_conditioning
     from histosynth.nuclei.instances import NUCLEUS_CLASSES, instance_class_indices
     from histosynth.nuclei.stage import segment_patch
 

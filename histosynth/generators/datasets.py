@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from histosynth.data.io import read_file_table, read_rgb
 from histosynth.data.labels import label_index, patch_labels, run_labels
-from histosynth.generators.conditioning import conditioning_channels, read_conditioning
+from histosynth.nuclei.conditioning import conditioning_channels, read_conditioning
 
 
 def read_indexes(paths: Sequence[str | Path], split: str | None = None) -> pd.DataFrame:

@@ -18,8 +18,8 @@ from histosynth.data.io import read_rgb, write_png, write_table
 from histosynth.data.labels import label_index
 from histosynth.data.patches import class_indices, fraction_column, fraction_columns
 from histosynth.files import content_hash
-from histosynth.generators.conditioning import preview, read_conditioning, write_conditioning
 from histosynth.generators.table import MANIFEST
+from histosynth.nuclei.conditioning import preview, read_conditioning, write_conditioning
 from histosynth.training.grids import save_grid
 
 SPLIT = "synthetic"

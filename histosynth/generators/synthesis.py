@@ -39,12 +39,12 @@ from histosynth.data.patches import class_indices, fraction_column, fraction_col
 from histosynth.device import autocast, pick_device
 from histosynth.files import atomic_dir
 from histosynth.generators.autoencoder import decode, encode, latent_factor
-from histosynth.generators.conditioning import conditioning_channels, read_conditioning
 from histosynth.generators.datasets import read_indexes
 from histosynth.generators.diffusion import Diffusion, load_diffusion, num_classes
 from histosynth.generators.inpaint_regions import dilate, latent_region, paste_region
 from histosynth.generators.sampling import make_sampler, repaint, repaint_scheduler, resize_cond, sample
 from histosynth.generators.set_files import SynthesisError, finish, manifest_row, model_record, to_model, write_images
+from histosynth.nuclei.conditioning import conditioning_channels, read_conditioning
 from histosynth.seeds import derive_seed
 from histosynth.training.batches import balance_weights
 from histosynth.training.grids import to_uint8
