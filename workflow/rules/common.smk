@@ -7,24 +7,16 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
 from histosynth import params as rule_params
-from histosynth.config import ConfigError, baseline_ratio, read_slide_sheet, validated
+from histosynth.config import ConfigError, baseline_ratio, config_path, read_slide_sheet, validated
 from histosynth.data.annotations import AnnotationError, check_sheet_files
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.generators import table
 from histosynth.seeds import derive_seed
 
 
-def _resolve(path):
-    """A config path relative to the working directory, else relative to the workflow."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return str(candidate)
-    return str(Path(workflow.basedir) / candidate)
-
-
 try:
     config.update(validated(config, " + ".join(map(str, workflow.configfiles)) or "config"))
-    SLIDES = read_slide_sheet(_resolve(config["slides"]))
+    SLIDES = read_slide_sheet(config_path(config["slides"], ".", workflow.basedir))
     check_sheet_files(SLIDES, config["slides"])  # an annotation file of the wrong kind fails before any job
     LABELS = resolve_labels(config, list(SLIDES["label"]), config["slides"])  # every job numbers the classes alike
 except (ConfigError, LabelError, AnnotationError) as err:
@@ -34,7 +26,7 @@ if config["lora"]["enabled"]:  # a missing base model fails now, not hours later
 
     try:
         require_extra()
-        check_base_model(_resolve(config["lora"]["base_model"]))
+        check_base_model(config_path(config["lora"]["base_model"], ".", workflow.basedir))
     except LoraError as err:
         raise WorkflowError(str(err)) from None
 
