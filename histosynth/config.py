@@ -214,6 +214,16 @@ def load_preset(name: str) -> dict:
     return validated(config, f"preset {name}")
 
 
+def config_path(path: str | Path, *folders: str | Path) -> Path:
+    """A path the config names (the slide sheet, a base model): as given when absolute; else under the
+    first of `folders` that holds it (the working directory, then the workflow's folder), else under
+    the last of them."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    return next((Path(f) / path for f in folders if (Path(f) / path).exists()), Path(folders[-1]) / path)
+
+
 def read_slide_sheet(path: str | Path) -> pd.DataFrame:
     """Read and validate the slide sheet (TSV): one row per slide with image, annotations, nuclei, split, mpp, label."""
     import pandas as pd

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from histosynth.config import read_slide_sheet
+from histosynth.config import config_path, read_slide_sheet
 from histosynth.data.io import read_file_table
 from histosynth.data.labels import resolve_labels
 from histosynth.files import content_hash
@@ -33,7 +33,7 @@ def _entry(spec: str):
 
 
 def _slides(config: dict, root: Path, split: str | tuple, folder: str) -> list[Path]:
-    sheet = read_slide_sheet(root / config["slides"] if not Path(config["slides"]).is_absolute() else config["slides"])
+    sheet = read_slide_sheet(config_path(config["slides"], root))
     splits = (split,) if isinstance(split, str) else split
     paths = [root / "results" / folder / f"{slide}.parquet" for slide in sheet.index[sheet["split"].isin(splits)]]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -65,7 +65,7 @@ def generate(url: str, n: int, out: str | Path, *, config: dict, model_id: int |
     if out.exists():
         raise RegistryError(f"{out} exists; give a new folder for the set (nothing was written)")
     seed = config["seed"] if seed is None else seed
-    sheet = read_slide_sheet(root / config["slides"] if not Path(config["slides"]).is_absolute() else config["slides"])
+    sheet = read_slide_sheet(config_path(config["slides"], root))
     labels = resolve_labels(config, list(sheet["label"]), config["slides"])
     synthesis = copy.deepcopy(config["synthesis"])
     log.info("generate: %d images from model %d (%s, %s) into %s, seed %d", n, model["id"], model["kind"], model["path"], out, seed)

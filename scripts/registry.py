@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from histosynth.config import config_path
 from histosynth.files import atomic_file
 from histosynth.logs import log_to
 from histosynth.registry import Run, connect, register_results
@@ -27,9 +28,8 @@ counts = register_results(
 log.info("registered in %s: %s", snakemake.params.url, counts)
 with atomic_file(snakemake.output.config) as tmp:  # the effective config, for `histosynth generate`
     effective = json.loads(json.dumps(dict(snakemake.config), default=str))
-    slides = Path(effective["slides"])  # as the workflow resolves it: the working directory, else the workflow's
-    if not slides.is_absolute() and not slides.exists():
-        effective["slides"] = str((Path(snakemake.scriptdir).parent / slides).resolve())
+    # the sheet as the workflow resolves it (the working directory, else the workflow's), absolute
+    effective["slides"] = str(config_path(effective["slides"], ".", Path(snakemake.scriptdir).parent).resolve())
     tmp.write_text(yaml.safe_dump(effective, sort_keys=False))
 with atomic_file(snakemake.output.counts) as tmp:
     tmp.write_text(json.dumps({"url": snakemake.params.url, **counts}, indent=1))

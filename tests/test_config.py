@@ -205,3 +205,17 @@ def test_baseline_is_the_configured_ratio_else_the_first_real_only_one():
     assert baseline_ratio(ratios) == "real"
     assert baseline_ratio(ratios, "syn4") == "syn4"
     assert baseline_ratio(ratios[:2]) == "synonly"
+
+
+def test_config_paths_resolve_in_the_working_directory_then_the_workflows(tmp_path):
+    from histosynth.config import config_path
+
+    here, workflow = tmp_path / "here", tmp_path / "workflow"
+    for folder in (here, workflow):
+        (folder / "config").mkdir(parents=True)
+    (workflow / "config" / "slides.tsv").write_text("slide\n")
+    assert config_path("config/slides.tsv", here, workflow) == workflow / "config" / "slides.tsv"
+    (here / "config" / "slides.tsv").write_text("slide\n")
+    assert config_path("config/slides.tsv", here, workflow) == here / "config" / "slides.tsv"
+    assert config_path("config/absent.tsv", here, workflow) == workflow / "config" / "absent.tsv"
+    assert config_path(tmp_path / "elsewhere.tsv", here, workflow) == tmp_path / "elsewhere.tsv"
