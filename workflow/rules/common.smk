@@ -2,7 +2,6 @@
 import json
 import re
 import sys
-from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # the histosynth package, also when it is not pip-installed
 
