@@ -191,7 +191,8 @@ def recorded_run(workdir, settings: dict) -> dict:
         path.touch() if path.suffix else path.mkdir(exist_ok=True)
     result = snakemake(workdir, "--touch", "--forceall", overlay=overlay)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert planned_jobs(snakemake(workdir, "--dry-run", overlay=overlay).stdout) == set()
+    recorded = snakemake(workdir, "--dry-run", overlay=overlay)
+    assert planned_jobs(recorded.stdout) == set(), recorded.stdout[-3000:]
     return settings
 
 

@@ -238,7 +238,7 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
                  segmentation_model: str | Path | None = None, realism: str | Path | None = None) -> pd.DataFrame:
     """Entry of rule curate_synthetic: one synthetic set's manifest against the real training
     (split train) and held-out (split val) patches of `indexes` (labelled as config['labels'] says),
-    with the set's per-image consistency `scores` (rule image_quality) and the quality stage's
+    with the set's per-image consistency `scores` (rule mask_consistency) and the quality stage's
     feature space, and the per-image `realism` table (rule realism) when given. Writes the curated table (paths relative to its folder), the audit rows and the
     montage of flagged and closest pairs."""
     from histosynth.data.io import FILE_COLUMNS, read_file_table, read_patch_index, write_relative, write_table

@@ -253,7 +253,7 @@ def classification_runs(pattern):
 
 
 def task_runs():
-    """Each task run of this config, for rule registry: its task, ratio, fold and seed, and the run
+    """Each task run of this config, as rule registry records it (task, ratio, fold, seed) with the run
     folder its training rule writes."""
     runs = [{"task": "segmentation", "ratio": ratio, "fold": None, "seed": seed, "folder": f"results/segmentation/{ratio}/seed{seed}"}
             for ratio in segmentation_ratios() for seed in SEGMENTATION_SEEDS]
