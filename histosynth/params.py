@@ -72,14 +72,14 @@ def task_params(config: Mapping, labels: Mapping, task: str) -> dict:
 
 def training_params(config: Mapping, labels: Mapping, stage: str) -> dict:
     """What a generator's training reads (histosynth.generators.table: its section and data keys);
-    the GAN also its fidelity monitor's quality keys and weights folder while gan.train.eval_every
-    measures, LoRA its preview grids' sampling settings."""
+    a monitoring one (the GAN) also its fidelity monitor's quality keys and weights folder while
+    <stage>.train.eval_every measures; a previewing one (LoRA) the sampling settings of its grids."""
     made = generator(stage)
     params = config_params(config, labels, stage, *made.reads)
-    if stage == "gan" and config["gan"]["train"]["eval_every"]:
+    if made.monitors and config[stage]["train"]["eval_every"]:
         params |= _sorted({"quality": _only(config["quality"], MONITOR_QUALITY_KEYS), "weights_dir": config["weights_dir"]})
-    if stage == "lora":
-        params["synthesis"] = synthesis_params(config, labels, "lora")["synthesis"]
+    if made.previews:
+        params["synthesis"] = synthesis_params(config, labels, made.previews)["synthesis"]
     return params
 
 

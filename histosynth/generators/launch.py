@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from histosynth.config import default, section_defaults
+from histosynth.generators.monitor import feature_spaces
 from histosynth.generators.table import BY_NAME, generator
 from histosynth.training.errors import TrainingError
 
@@ -40,7 +42,8 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     """`python -m <the stage's trainer module> train ...`, shared by the autoencoder, diffusion, GAN and LoRA trainers.
 
     The dataset comes from a factory FUNCTION(indexes, split, config) -> Dataset named by --dataset."""
-    trainer = generator(stage).trainer
+    made = generator(stage)
+    trainer = made.trainer
     parser = argparse.ArgumentParser(prog=f"python -m {trainer}", description=f"train the {stage} model")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help=f"train (or resume training) the {stage} model")
@@ -52,8 +55,8 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
                                          "Snakemake outputs so that a rerun can resume")
     p.add_argument("--log", help="log file (default: stderr)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
-    if stage == "diffusion":
-        p.add_argument("--autoencoder", help="autoencoder model folder (space: latent)")
+    if made.builds_on:
+        p.add_argument(f"--{made.builds_on}", help=f"the {made.builds_on} model folder it trains on (if any)")
     args = parser.parse_args(argv)
     if args.log:
         from histosynth.logs import log_to
@@ -67,19 +70,16 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     factory = _factory(args.dataset)
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
-    extra = {"autoencoder": args.autoencoder} if stage == "diffusion" else {}
-    if generator(stage).draws_on == "labels":  # class names in index order, where the job's labels are resolved (the workflow's are)
+    extra = {made.builds_on: getattr(args, made.builds_on)} if made.builds_on else {}
+    if made.draws_on == "labels":  # class names in index order, where the job's labels are resolved (the workflow's are)
         labels = config.get("labels") or {}
-        extra = {"labels": list(labels["classes"]) if "regions" in labels else None}
-    if stage == "gan":  # fidelity during training in the quality stage's feature spaces
-        from histosynth.config import default, section_defaults
-        from histosynth.generators.monitor import feature_spaces
-
+        extra["labels"] = list(labels["classes"]) if "regions" in labels else None
+    if made.monitors:  # fidelity during training in the quality stage's feature spaces
         quality = section_defaults("quality", config.get("quality"))
         spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir")) \
-            if section_defaults("gan", config.get("gan"))["train"]["eval_every"] else []
+            if section_defaults(stage, config.get(stage))["train"]["eval_every"] else []
         extra.update(feature_spaces=spaces, quality=quality)
-    if stage == "lora":  # the preview grids sample as synthesis.lora does
+    if made.previews:  # the preview grids sample as its synthetic sets do
         extra["synthesis"] = config.get("synthesis")
     try:
         summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),

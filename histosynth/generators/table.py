@@ -43,6 +43,9 @@ class Generator:
     draws_on: str | None  # what sampling is conditioned on: "maps" (conditioning maps), "labels", None (makes no set)
     sets: tuple[SetFamily, ...] = ()
     enabled_by: str | None = None  # the config key `<section>.enabled` that turns it on; None: always trained
+    builds_on: str | None = None  # a model it trains on top of (the latent diffusion model's autoencoder)
+    monitors: bool = False  # measures fidelity while it trains (histosynth.generators.monitor; <section>.train.eval_every)
+    previews: str | None = None  # the set family whose sampling settings its preview grids use
 
     @property
     def losses(self) -> str:
@@ -60,14 +63,14 @@ GENERATORS = (
               ("seed", "classes", "conditioning", "labels"), "maps",
               (SetFamily("synth", "synthesize", "synthesize", True, "histosynth.generators.synthesis:run_stage"),
                SetFamily("inpaint", "inpaint", "inpaint", True, "histosynth.generators.synthesis:run_stage",
-                         requires="target_class"))),
+                         requires="target_class")), builds_on="autoencoder"),
     Generator("gan", "train_gan", "histosynth.generators.gan", "results/gan/model", DATA_KEYS, "labels",
               (SetFamily("gan", "gan_synthesize", "gan", False, "histosynth.generators.label_sets:gan_stage"),),
-              enabled_by="gan"),
+              enabled_by="gan", monitors=True),
     Generator("lora", "train_lora", "histosynth.generators.lora", "results/lora/adapter", DATA_KEYS, "labels",
               (SetFamily("lora", "lora_synthesize", "lora", False, "histosynth.generators.label_sets:lora_stage",
                          per_scale=True),),
-              enabled_by="lora"),
+              enabled_by="lora", previews="lora"),
 )
 BY_NAME = {generator.name: generator for generator in GENERATORS}
 FAMILIES = tuple(family for generator in GENERATORS for family in generator.sets)
