@@ -42,7 +42,7 @@ class Generator:
     reads: tuple[str, ...]  # top-level config keys its training reads besides its own section
     draws_on: str | None  # what sampling is conditioned on: "maps" (conditioning maps), "labels", None (makes no set)
     sets: tuple[SetFamily, ...] = ()
-    enabled_by: str | None = None  # the config key `<section>.enabled` that turns it on; None: always trained
+    trained_when: tuple[str, str, object] | None = None  # (section, key, value) of the config that turns it on; None: always
     builds_on: str | None = None  # a model it trains on top of (the latent diffusion model's autoencoder)
     monitors: bool = False  # measures fidelity while it trains (histosynth.generators.monitor; <section>.train.eval_every)
     previews: str | None = None  # the set family whose sampling settings its preview grids use
@@ -58,7 +58,7 @@ DATA_KEYS = ("seed", "classes", "labels")
 
 GENERATORS = (
     Generator("autoencoder", "train_autoencoder", "histosynth.generators.autoencoder", "results/autoencoder/model",
-              DATA_KEYS, None),
+              DATA_KEYS, None, trained_when=("diffusion", "space", "latent")),
     Generator("diffusion", "train_diffusion", "histosynth.generators.train_diffusion", "results/diffusion/model",
               ("seed", "classes", "conditioning", "labels"), "maps",
               (SetFamily("synth", "synthesize", "synthesize", True, "histosynth.generators.synthesis:run_stage"),
@@ -66,11 +66,11 @@ GENERATORS = (
                          requires="target_class")), builds_on="autoencoder"),
     Generator("gan", "train_gan", "histosynth.generators.gan", "results/gan/model", DATA_KEYS, "labels",
               (SetFamily("gan", "gan_synthesize", "gan", False, "histosynth.generators.label_sets:gan_stage"),),
-              enabled_by="gan", monitors=True),
+              trained_when=("gan", "enabled", True), monitors=True),
     Generator("lora", "train_lora", "histosynth.generators.lora", "results/lora/adapter", DATA_KEYS, "labels",
               (SetFamily("lora", "lora_synthesize", "lora", False, "histosynth.generators.label_sets:lora_stage",
                          per_scale=True),),
-              enabled_by="lora", previews="lora"),
+              trained_when=("lora", "enabled", True), previews="lora"),
 )
 BY_NAME = {generator.name: generator for generator in GENERATORS}
 FAMILIES = tuple(family for generator in GENERATORS for family in generator.sets)
@@ -114,12 +114,10 @@ def has_masks(set_name: str) -> bool:
 
 
 def enabled(config: Mapping, name: str) -> bool:
-    """Whether the config trains generator `name`: the autoencoder only for a latent diffusion
-    model, a generator with an `enabled` switch when it is on, the others always."""
-    if name == "autoencoder":
-        return config["diffusion"]["space"] == "latent"
-    switch = generator(name).enabled_by
-    return bool(config[switch]["enabled"]) if switch else True
+    """Whether the config trains generator `name` (its `trained_when` setting; the autoencoder only
+    for a latent diffusion model, the GAN and LoRA when enabled)."""
+    when = generator(name).trained_when
+    return when is None or config[when[0]][when[1]] == when[2]
 
 
 def trained(config: Mapping) -> list[Generator]:
