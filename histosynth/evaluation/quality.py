@@ -1,7 +1,9 @@
-"""The image-quality table of the synthetic sets (rule image_quality): distribution scores
-(histosynth.evaluation.fidelity: FID/KID/IS with Inception weights, FD/KD and feature diversity in
-an offline feature space, LPIPS diversity) and mask consistency (histosynth.evaluation.consistency),
-overall and per class, as tidy rows (COLUMNS), plus the per-image consistency scores.
+"""The image-quality table of the synthetic sets: distribution scores (rule image_quality;
+histosynth.evaluation.fidelity: FID/KID/IS with Inception weights, FD/KD and feature diversity in
+an offline feature space, LPIPS diversity) and mask consistency (rule mask_consistency;
+histosynth.evaluation.consistency), overall and per class, as tidy rows (COLUMNS), plus the
+per-image consistency scores that curation reads. Two rules, so that a setting only the report
+reads reruns no curation, mixing or task model.
 
 Weights come from histosynth.weights and are never downloaded here: when a file is missing, the
 metrics needing it get rows with status "skipped" and a note naming the file, the config key and
