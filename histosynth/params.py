@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from histosynth.generators.table import family, generator
+from histosynth.generators.table import FAMILIES, family, generator
 from histosynth.nuclei.stage import detector_settings
 from histosynth.training.resume import resume_key
 
@@ -25,7 +25,7 @@ CONSISTENCY_QUALITY_KEYS = ("consistency", "max_images", "seed", "device")
 MONITOR_QUALITY_KEYS = (*EXTRACTOR_KEYS, "inception_weights", "feature", "batch_size", "kid_subsets",
                         "kid_subset_size", "seed")
 # Subsections of `synthesis`, one per set family; the other keys are shared by every sampler.
-_SAMPLERS = ("synthesize", "inpaint", "gan", "lora")
+_SAMPLERS = tuple(kind.settings for kind in FAMILIES)
 
 
 def _sorted(value):

@@ -25,8 +25,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 
+from histosynth.generators.table import GENERATORS
+
 SCHEMA_VERSION = "1"
-MODEL_KINDS = ("autoencoder", "diffusion", "gan", "lora", "segmentation", "classifier", "nuclei")
+MODEL_KINDS = (*(made.name for made in GENERATORS), "segmentation", "classifier", "nuclei")
 metadata = MetaData()
 
 info = Table("histosynth_registry", metadata, Column("key", String(64), primary_key=True), Column("value", String(256)))
