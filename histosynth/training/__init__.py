@@ -1,4 +1,5 @@
-"""Training shared by every model of the workflow (ground layer: no stage imports it back up).
+"""Training shared by every model of the workflow; it imports only the ground modules (nets, files,
+seeds, device), never a stage, so every stage can train through it.
 
 - `loop.fit`: the step-counted loop of the generators and the learned nuclei model (EMA,
   checkpoints with bit-identical resume, several optimisers, multi-process sharding, loss CSV).
