@@ -136,7 +136,7 @@ def test_nuclei_score_against_monuseg_xml(tmp_path, capsys):
         f.unlink()
     _monuseg_xml(pred / "a.xml", [(2, 2, 12, 12), (20, 20, 30, 30)])
     assert main(["nuclei-score", str(pred), str(truth)]) == 2
-    assert "a.xml: XML on both sides" in capsys.readouterr().err
+    assert "a.xml: polygons (XML or GeoJSON) on both sides" in capsys.readouterr().err
     (truth / "b.xml").unlink()
     assert main(["nuclei-score", str(pred), str(truth), "--images", str(images), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print vendor, dimensions, levels, downsamples and mpp of slides")
     p.add_argument("slides", nargs="+", help="slide files: any format OpenSlide reads, a DICOM WSI (a .dcm file or "
-                                             "its folder), or a plain PNG/JPEG/TIFF with --slide-mpp")
-    p.add_argument("--slide-mpp", type=float, help="microns per pixel of the slides (required for plain images; "
-                                                   "overrides what a slide records)")
+                                             "its folder), or a plain PNG/JPEG/TIFF")
+    p.add_argument("--slide-mpp", type=float, help="microns per pixel of the slides (overrides what a slide records; "
+                                                   "a plain image without it shows mpp: unknown)")
     p.add_argument("--fallback-mpp", type=float, default=0.5, help="mpp shown when a slide format records none")
     p.add_argument("--json", action="store_true", help="one JSON object per slide")
     p.set_defaults(func=cmd_inspect)
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nuclei-train", help="train a nuclei model (U-Net + watershed) on images with instance annotations")
     p.add_argument("images", help="folder of RGB images (PNG/TIFF/JPEG)")
-    p.add_argument("annotations", help="folder of their nuclei: MoNuSeg/Aperio XML or instance masks, <stem>.xml/.png/.tif")
+    p.add_argument("annotations", help="folder of their nuclei, <stem>.<ext>: instance masks (.png/.tif), MoNuSeg/Aperio "
+                                       "or ASAP XML (.xml) or GeoJSON (.geojson/.json)")
     p.add_argument("--mpp", type=float, required=True, help="microns per pixel of the images")
     p.add_argument("--out", required=True, help="output folder: model.pt (a TorchScript detector), loss.csv, scores.csv, checkpoints/")
     p.add_argument("--holdout", help="comma-separated image stems left out of training and scored apart")
@@ -129,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_nuclei_train)
 
     p = sub.add_parser("nuclei-score", help="score predicted nuclei against ground truth: F1 at IoU 0.5, AJI, PQ, pixel Dice")
-    p.add_argument("pred", help="folder of predictions: <stem>.png/.tif instance masks (0 = background) or <stem>.xml")
-    p.add_argument("truth", help="folder of ground truth: instance masks or MoNuSeg/Aperio XML (<stem>.xml)")
-    p.add_argument("--images", help="folder of the images (<stem>.tif/.png), for the size of XML files when no mask gives it")
+    p.add_argument("pred", help="folder of predictions, <stem>.<ext>: instance masks (.png/.tif, 0 = background), "
+                                "MoNuSeg/Aperio or ASAP XML (.xml) or GeoJSON (.geojson/.json)")
+    p.add_argument("truth", help="folder of ground truth in the same formats")
+    p.add_argument("--images", help="folder of the images (<stem>.tif/.png), for the size of XML/GeoJSON files when no "
+                                    "mask gives it")
     p.add_argument("--iou", type=float, default=0.5, help="IoU a match must exceed (default 0.5, the benchmark's)")
     p.add_argument("--out", help="also write the table (.csv, or .parquet)")
     p.add_argument("--json", action="store_true", help="JSON records instead of a table")

@@ -295,7 +295,7 @@ def class_names(tables: Sequence[Sequence[str]]) -> list[str]:
 def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: float, out_dir: str | Path,
                     params: Mapping, *, seed: int, holdout: Sequence[str] = ()) -> pd.DataFrame:
     """`histosynth nuclei-train`: train on a folder of images at `mpp` with instance annotations
-    (MoNuSeg XML or masks; every nucleus class `other`), leaving the `holdout` stems out, then
+    (any format histosynth.nuclei.annotations reads; every nucleus class `other`), leaving the `holdout` stems out, then
     score the exported model on the training and held-out images (out_dir/scores.csv: split,
     image and histosynth.nuclei.metrics' scores per image). Returns that table."""
     from histosynth.data.io import write_csv

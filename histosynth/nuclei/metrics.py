@@ -162,7 +162,7 @@ def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str |
     nothing (logged); predictions without truth are ignored (logged)."""
     truth_files, pred_files = annotation_files(truth_dir), annotation_files(pred_dir)
     if not truth_files:
-        raise NucleiError(f"{truth_dir}: no ground truth (<stem>.png/.tif instance masks or <stem>.xml)")
+        raise NucleiError(f"{truth_dir}: no ground truth (<stem>.png/.tif instance masks, <stem>.xml or <stem>.geojson)")
     missing = sorted(set(truth_files) - set(pred_files))
     if missing:
         log.warning("%d truth image(s) without a prediction in %s score as empty: %s", len(missing), pred_dir,
@@ -195,7 +195,8 @@ def _read_pair(truth_path: Path, pred_path: Path | None, images_dir, stem: str) 
     elif images_dir is not None:
         shape = image_shape(images_dir, stem)
     else:
-        raise NucleiError(f"{truth_path}: XML on both sides (or no prediction): give the images folder (--images) for its size")
+        raise NucleiError(f"{truth_path}: polygons (XML or GeoJSON) on both sides (or no prediction): give the images "
+                          "folder (--images) for its size")
     truth = read_annotation(truth_path, shape)
     pred = read_annotation(pred_path, shape) if pred_path is not None else np.zeros(shape, np.int64)
     if truth.shape != pred.shape:
