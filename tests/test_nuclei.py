@@ -420,3 +420,6 @@ def test_nuclei_geojson_in_every_shape_and_its_errors(tmp_path):
     (tmp_path / "scalar.json").write_text("42")
     with pytest.raises(NucleiError, match="scalar.json: expected a GeoJSON FeatureCollection"):
         read_nuclei(tmp_path / "scalar.json")
+    (tmp_path / "numbers.json").write_text("[1, 2]")  # JSON, but its items are no Features
+    with pytest.raises(NucleiError, match=r"numbers.json: feature\[0\] is not a GeoJSON Feature"):
+        read_nuclei(tmp_path / "numbers.json")

@@ -6,7 +6,6 @@ for nuclei_quality and train_nuclei) and nuclei-score (instance masks of image f
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from skimage.draw import polygon as draw_polygon
 from histosynth.data.annotations import AnnotationError, detect_format
 from histosynth.data.annotations.aperio import aperio_regions
 from histosynth.data.annotations.asap import asap_polygons
+from histosynth.data.annotations.geojson import read_features
 from histosynth.data.annotations.masks import read_mask_image
 from histosynth.nuclei.geojson import NucleusRasterizer, instance_outline
 from histosynth.nuclei.instances import NucleiError
@@ -40,7 +40,7 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
     try:
         kind = detect_format(path)
         if kind == "geojson":
-            return _geojson_features(path)
+            return read_features(path)
         if kind == "aperio":
             regions = [r for r in aperio_regions(path, aperio_class) if not r.negative]
             return [_feature(mapping(r.geometry), r.class_name) for r in regions]
@@ -50,22 +50,6 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
         return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
     except AnnotationError as err:
         raise NucleiError(f"nuclei annotations: {err}") from None
-
-
-def _geojson_features(path: Path) -> list[dict]:
-    """The Features of a GeoJSON file: a FeatureCollection, a bare list or one Feature ([] if empty)."""
-    text = path.read_text(encoding="utf-8-sig").strip()
-    try:
-        data = json.loads(text) if text else []
-    except json.JSONDecodeError as err:
-        raise NucleiError(f"{path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno}); export the "
-                          "nuclei from QuPath with File > Export objects as GeoJSON") from None
-    if isinstance(data, dict) and data.get("type") == "Feature":
-        return [data]
-    features = data.get("features") if isinstance(data, dict) and data.get("type") == "FeatureCollection" else data
-    if not isinstance(features, list):
-        raise NucleiError(f"{path}: expected a GeoJSON FeatureCollection, a list of Features or a Feature")
-    return features
 
 
 def _feature(geometry: dict, class_name: str) -> dict:

@@ -19,7 +19,7 @@ _NON_AREA_TYPES = {"Point", "MultiPoint", "LineString", "MultiLineString"}
 # QuPath object types that are not region annotations (an "export all objects" includes them): skipped.
 _NON_REGION_OBJECTS = {"detection", "cell", "tile"}
 _AREA_TYPES = {"Polygon", "MultiPolygon"}
-_EXPORT_HINT = "export region annotations from QuPath with File > Export objects as GeoJSON"
+_EXPORT_HINT = "export the annotations from QuPath with File > Export objects as GeoJSON"
 
 
 def read_geojson(path: str | Path, class_key: str) -> list[Region]:
@@ -31,23 +31,10 @@ def read_geojson(path: str | Path, class_key: str) -> list[Region]:
     and QuPath detections/cells/tiles, are skipped with a warning; invalid polygons are repaired. An empty file or collection gives [].
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise AnnotationError(f"{path}: cannot read the annotation file ({err})") from err
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise AnnotationError(
-            f"{path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno}); {_EXPORT_HINT}"
-        ) from err
-
     regions: list[Region] = []
     skipped: dict[str, int] = {}
     repaired: list[int] = []
-    for index, feature in enumerate(_features(data, path)):
+    for index, feature in enumerate(read_features(path)):
         where = _describe(path, index, feature)
         object_type = (feature.get("properties") or {}).get("objectType")
         if object_type in _NON_REGION_OBJECTS:
@@ -96,6 +83,26 @@ def _geometry_errors(geometry: dict) -> str | None:
     if isinstance(errors, list):  # MultiPolygon: one entry per polygon
         errors = "; ".join(str(e) for e in errors if e)
     return str(errors) if errors else None
+
+
+def read_features(path: str | Path) -> list[dict]:
+    """The Feature objects of a GeoJSON file (a FeatureCollection, a bare list of Features or one
+    Feature; [] for an empty file), for region annotations and nuclei alike; a file that is not
+    JSON, or JSON that is not Features, is an AnnotationError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: cannot read the annotation file ({err})") from err
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AnnotationError(
+            f"{path}: not JSON ({err.msg} at line {err.lineno}, column {err.colno}); {_EXPORT_HINT}"
+        ) from err
+    return _features(data, path)
 
 
 def _features(data, path: Path) -> list[dict]:
