@@ -213,3 +213,29 @@ def test_a_read_only_output_folder_is_one_line_naming_it(square_slide, tmp_path,
 def test_a_missing_input_is_one_line(tmp_path, capsys):
     assert main(["nuclei-score", str(tmp_path / "absent"), str(tmp_path / "absent")]) == 2
     assert "absent" in capsys.readouterr().err
+
+
+def test_nuclei_train_resuming_with_other_settings_is_one_line(tmp_path, capsys):
+    """The checkpoint of a first training under --out, resumed with another --holdout: the
+    message says which keys differ and what to delete, as one line instead of a traceback."""
+    import numpy as np
+    from PIL import Image
+    from skimage.draw import disk
+
+    images, annotations = tmp_path / "images", tmp_path / "annotations"
+    images.mkdir(), annotations.mkdir()
+    for name, shift in (("a", 0), ("b", 9)):
+        rgb = np.full((128, 128, 3), (230, 160, 200), np.uint8)
+        truth = np.zeros((128, 128), np.uint16)
+        for k, (r, c) in enumerate(((30, 30), (80, 90), (100, 40)), start=1):
+            rr, cc = disk((r + shift, c), 6, shape=truth.shape)
+            rgb[rr, cc], truth[rr, cc] = (70, 40, 130), k
+        Image.fromarray(rgb).save(images / f"{name}.png")
+        Image.fromarray(truth).save(annotations / f"{name}.png")
+    argv = ["nuclei-train", str(images), str(annotations), "--mpp", "0.5", "--out", str(tmp_path / "m"), "--steps", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--holdout", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("histosynth nuclei-train: error: checkpoint ")
+    assert "data.holdout" in err and "delete" in err

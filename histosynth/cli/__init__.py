@@ -33,6 +33,7 @@ USER_ERRORS = {
     "histosynth.data.annotations": "AnnotationError", "histosynth.data.patches": "PatchError",
     "histosynth.nuclei.instances": "NucleiError", "histosynth.data.sheet": "SheetError",
     "histosynth.registry": "RegistryError", "histosynth.export": "ExportError", "histosynth.data.labels": "LabelError",
+    "histosynth.training.errors": "TrainingError",  # nuclei-train: e.g. a checkpoint made with other settings
 }
 
 
