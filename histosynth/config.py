@@ -69,6 +69,7 @@ def validated(config: dict, source: str = "config") -> dict:
     if message:
         raise ConfigError(f"{source}: {message}\nSee config/README.md for every key, its type and default.")
     _check_class_references(config, source)
+    _check_mask_values(config, source)
     _check_evaluation(config, source)
     return config
 
@@ -115,6 +116,16 @@ def _check_class_references(config: dict, source: str) -> None:
         if unknown:
             raise ConfigError(f"{source}: {key} names {unknown}, which are not in classes {classes}")
     _check_label_references(config, source)
+
+
+def _check_mask_values(config: dict, source: str) -> None:
+    """annotations.mask_values' keys are mask values from 1 (the schema's pattern checks string
+    keys only; YAML reads `{0: Tumor}` with an integer key)."""
+    bad = [key for key in config["annotations"]["mask_values"]
+           if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1]
+    if bad:
+        raise ConfigError(f"{source}: annotations.mask_values maps {bad}, but its keys are label-mask values from 1 "
+                          "(0 is background, never a class); renumber or remove them")
 
 
 def _check_label_references(config: dict, source: str) -> None:

@@ -61,6 +61,10 @@ def test_shipped_presets_validate(preset):
         ({"patchez": {}}, "Additional properties are not allowed"),
         ({"patches": {"target_class": "Tumour"}}, r"patches.target_class names \['Tumour'\], which are not in classes"),
         ({"priority": ["Fat", "Tissue"]}, r"priority names \['Tissue'\]"),
+        # YAML's `{0: Fat}` has an integer key, which the schema's key pattern does not see
+        ({"annotations": {"mask_values": {0: "Fat", 1: "Fat"}}}, r"annotations.mask_values maps \[0\].*0 is background"),
+        ({"annotations": {"mask_values": {-2: "Fat"}}}, r"annotations.mask_values maps \[-2\]"),
+        ({"annotations": {"mask_values": {"x": "Fat"}}}, r"annotations.mask_values: 'x' does not match"),
     ],
 )
 def test_wrong_types_are_schema_errors(bad, message):
