@@ -400,6 +400,12 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
     # nuclei-score's folder reader: the GeoJSON rasterised on the image grid, the mask as it is
     np.testing.assert_array_equal(read_annotation(tmp_path / "nuclei.geojson", (16, 24)), expected)
     np.testing.assert_array_equal(read_annotation(tmp_path / "mask.png"), small)
+    # ASAP nuclei left in no group (ASAP's "None") are unclassified, as GeoJSON and masks may be
+    (tmp_path / "ungrouped.xml").write_text((tmp_path / "asap.xml").read_text().replace('PartOfGroup="tumor"',
+                                                                                        'PartOfGroup="None"'))
+    painted, names = NucleusRasterizer(read_nuclei(tmp_path / "ungrouped.xml")).rasterize(0, 0, 24, 16, (16, 24))
+    np.testing.assert_array_equal(painted, expected)
+    assert names == ["other", "other"]
     (tmp_path / "bad.png").write_bytes(b"\xff\xd8\xff\xe0")
     with pytest.raises(NucleiError, match=r"bad.png: a JPEG image"):
         read_nuclei(tmp_path / "bad.png")

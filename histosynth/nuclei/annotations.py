@@ -46,7 +46,7 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
             return [_feature(mapping(r.geometry), r.class_name) for r in regions]
         if kind == "asap":
             return [_feature({"type": "Polygon", "coordinates": [np.vstack([p, p[:1]]).tolist()]}, group)
-                    for group, p, _ in asap_polygons(path) if len(p) >= 3]
+                    for group, p, _ in asap_polygons(path, need_group=False) if len(p) >= 3]
         return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
     except AnnotationError as err:
         raise NucleiError(f"nuclei annotations: {err}") from None

@@ -22,10 +22,11 @@ POINT_TYPES = ("Dot", "PointSet")
 _FIX = "export the annotations from ASAP (File > Save annotations)"
 
 
-def asap_polygons(path: str | Path) -> Iterator[tuple[str, np.ndarray, str]]:
+def asap_polygons(path: str | Path, need_group: bool = True) -> Iterator[tuple[str, np.ndarray, str]]:
     """(group, (n, 2) vertices, element description) of every area annotation of an ASAP file, in
-    file order. An annotation without a group, or whose group the file does not define, is an
-    error listing the file's groups; unknown annotation types are an error."""
+    file order. An annotation whose group the file does not define is an error listing the file's
+    groups, and so is one without a group (ASAP's "None") unless `need_group` is false (nuclei,
+    whose class is optional: its group is then ''); unknown annotation types are an error."""
     root = parse_xml(path, "ASAP_Annotations", _FIX)
     groups = [g.get("Name") for g in root.iter("Group") if g.get("Name")]
     skipped = 0
@@ -40,7 +41,9 @@ def asap_polygons(path: str | Path) -> Iterator[tuple[str, np.ndarray, str]]:
             raise AnnotationError(f"{where} has Type {kind!r}; ASAP area types are {', '.join(AREA_TYPES)} "
                                   f"(and {', '.join(POINT_TYPES)}, skipped); redraw it as a polygon")
         group = annotation.get("PartOfGroup") or "None"
-        if group == "None" or (groups and group not in groups):
+        if group == "None" and not need_group:
+            group = ""
+        elif group == "None" or (groups and group not in groups):
             listed = ", ".join(map(repr, groups)) or "none"
             raise AnnotationError(f"{where} belongs to group {group!r}, not one the file defines (groups: {listed}); "
                                   "assign it to a group in ASAP: the group is its class")
