@@ -284,6 +284,27 @@ def consistency_inputs(wildcards):
     return inputs
 
 
+def export_inputs(wildcards):
+    """Rule export_dataset's data: the ratio's manifest and what it reads (mixing_inputs), the
+    val/test patch indexes, the patch and synthetic folders holding the files, and for coco the nuclei."""
+    inputs = mixing_inputs(wildcards)
+    inputs.pop("indexes")
+    inputs["manifest"] = f"results/mixing/{wildcards.ratio}.parquet"
+    inputs["heldout"] = patch_indexes("val") + patch_indexes("test")
+    inputs["patches"] = expand("results/patches/{slide}", slide=SLIDES.index)
+    if "curated" in inputs:
+        inputs["synthetic"] = expand("results/synthetic/{mode}", mode=ratio_sources(wildcards.ratio))
+    if wildcards.format == "coco":
+        inputs["nuclei_masks"] = expand("results/nuclei/{slide}", slide=SLIDES.index)
+        inputs["nuclei_tables"] = expand("results/nuclei/{slide}.parquet", slide=SLIDES.index)
+    return inputs
+
+
+def export_targets():
+    """Every ratio in every layout of export.formats (none by default)."""
+    return expand("results/export/{ratio}/{format}", ratio=RATIOS, format=config["export"]["formats"])
+
+
 def demo_slides():
     """Slides rendered by rule demo_slides (their sheet row points at results/demo/<slide>.tiff)."""
     return [name for name in SLIDES.index if SLIDES.loc[name, "image"] == f"{DEMO_DIR}/{name}.tiff"]
@@ -300,6 +321,6 @@ def all_outputs():
         *expand("results/synthetic/{mode}", mode=synthetic_sets()),
         "results/report/metrics.csv",
         *(["results/registry/registered.json"] if config["registry"]["enabled"] else []),
-        *export_targets(),  # workflow/rules/export.smk
+        *export_targets(),  # rule export_dataset (workflow/rules/export.smk)
         "results/report/rulegraph.png",
     ]
