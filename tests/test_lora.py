@@ -18,17 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from histosynth.data.io import write_relative
-from histosynth.generators import lora
+from histosynth.generators import base_model, lora
+from histosynth.generators.base_model import LoraError, check_base_model, require_extra
 from histosynth.generators.label_sets import lora_stage
-from histosynth.generators.lora import (
-    LoraError,
-    check_base_model,
-    class_prompts,
-    load_pipeline,
-    require_extra,
-    sample,
-    train,
-)
+from histosynth.generators.lora import class_prompts, load_pipeline, sample, train
 from histosynth.generators.set_files import SynthesisError
 from histosynth.generators.table import MANIFEST
 from histosynth.training.checkpoints import checkpoints
@@ -77,7 +70,7 @@ def test_base_model_errors_list_what_is_missing_and_how_to_get_it(base, tmp_path
 
 def test_missing_extra_names_the_pip_command(monkeypatch):
     require_extra()
-    monkeypatch.setattr(lora, "_absent", lambda module: module == "peft")
+    monkeypatch.setattr(base_model, "_absent", lambda module: module == "peft")
     with pytest.raises(LoraError, match=r"need peft: pip install -e '\.\[lora\]'"):
         require_extra()
 

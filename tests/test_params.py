@@ -22,7 +22,7 @@ def config(**sections) -> dict:
 
 def test_the_workflows_modules_load_no_torch():
     """The DAG parse imports these: a tuple and a hash must not cost loading torch and diffusers."""
-    code = ("import sys, histosynth.params, histosynth.generators.table; "
+    code = ("import sys, histosynth.params, histosynth.generators.table, histosynth.generators.base_model; "
             "print(sorted(m for m in ('torch', 'diffusers', 'timm') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -32,7 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from histosynth.config import section_defaults
-from histosynth.files import MODEL_INFO, atomic_dir, folder_hash
+from histosynth.files import MODEL_INFO, atomic_dir
+from histosynth.generators.base_model import LoraError, base_model_hash, check_base_model, require_extra
 from histosynth.generators.launch import cli
 from histosynth.seeds import derive_seed, seed_everything
 from histosynth.training.batches import batch_draw, check_dataset, dataset_labels, random_dihedral
@@ -41,64 +42,8 @@ from histosynth.training.grids import save_grid
 from histosynth.training.loop import Update, fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
-# what a diffusers Stable Diffusion folder must hold: {part: files one of which must exist there}
-PARTS = {"model_index.json": (), "unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
-         "tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
-WEIGHTED = ("unet", "vae", "text_encoder")
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]      # diffusers' train_text_to_image_lora.py
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention projections
-HOW_TO_GET = ("on a machine with network, save one in diffusers layout and copy the folder here, e.g. "
-              "python -c \"from diffusers import StableDiffusionPipeline; StableDiffusionPipeline.from_pretrained("
-              "'stable-diffusion-v1-5/stable-diffusion-v1-5').save_pretrained('FOLDER')\", or from one checkpoint "
-              "file: StableDiffusionPipeline.from_single_file('model.safetensors').save_pretrained('FOLDER')")
-
-
-class LoraError(TrainingError):
-    """A base model, prompt or adapter the LoRA stages cannot use."""
-
-
-def require_extra() -> None:
-    """peft and transformers, the optional dependencies of the LoRA stages, or an error naming the extra."""
-    missing = [name for name in ("peft", "transformers") if _absent(name)]
-    if missing:
-        raise LoraError(f"the LoRA stages need {' and '.join(missing)}: pip install -e '.[lora]' "
-                        "(or set lora.enabled: false)")
-
-
-def _absent(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
-
-
-def check_base_model(path: str | Path | None) -> Path:
-    """The base model folder, after checking it holds every part of a diffusers Stable Diffusion
-    (model_index.json; unet, vae, text_encoder with config and weights; tokenizer; scheduler)."""
-    if not path:
-        raise LoraError(f"lora.base_model is not set: point it at a local Stable Diffusion folder in diffusers layout; "
-                        f"{HOW_TO_GET}")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LoraError(f"lora.base_model={path}: no such folder; {HOW_TO_GET}")
-    missing = []
-    for part, files in PARTS.items():
-        where = folder / part
-        if not where.exists():
-            missing.append(part)
-        elif files and not any((where / f).is_file() for f in files):
-            missing.append(f"{part}/{' or '.join(files)}")
-    for part in WEIGHTED:
-        if (folder / part).is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in (folder / part).iterdir()):
-            missing.append(f"{part}/ weights (*.safetensors)")
-    if missing:
-        raise LoraError(f"lora.base_model={path} is not a complete Stable Diffusion folder: missing {', '.join(missing)}; "
-                        f"{HOW_TO_GET}")
-    return folder
-
-
-def base_model_hash(folder: str | Path) -> str:
-    """sha256 over the base model's configs, vocabularies and weights (relative names and bytes)."""
-    return folder_hash(folder, (".json", ".txt", ".safetensors", ".bin", ".model"), recursive=True)
 
 
 def class_prompts(setting: str | Mapping[str, str], classes: Sequence[str]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from histosynth.config import ConfigError, baseline_ratio, config_path, read_sli
 from histosynth.data.annotations import AnnotationError, check_sheet_files
 from histosynth.data.labels import LabelError, resolve_labels
 from histosynth.generators import table
+from histosynth.generators.base_model import LoraError, check_base_model, require_extra
 from histosynth.seeds import derive_seed
 
 
@@ -21,8 +22,6 @@ try:
 except (ConfigError, LabelError, AnnotationError) as err:
     raise WorkflowError(str(err)) from None
 if config["lora"]["enabled"]:  # a missing base model fails now, not hours later in train_lora
-    from histosynth.generators.lora import LoraError, check_base_model, require_extra
-
     try:
         require_extra()
         check_base_model(config_path(config["lora"]["base_model"], ".", workflow.basedir))
