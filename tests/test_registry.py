@@ -155,3 +155,18 @@ def test_a_corrupt_or_foreign_file_is_refused_and_left_alone(tmp_path):
     assert foreign.read_bytes() == before
     with pytest.raises(RegistryError, match="no registry at"):
         connect(f"sqlite:///{tmp_path}/absent.sqlite", create=False)
+
+
+def test_only_what_the_rule_names_is_registered(tmp_path):
+    """The registry takes the rule's inputs, not whatever lies under results/: a set left from an
+    earlier configuration, or a run of a ratio no longer configured, is not registered."""
+    results = write_results(tmp_path)
+    stale = results / "synthetic/old"
+    stale.mkdir(parents=True)
+    (stale / "manifest.parquet").write_bytes((results / "synthetic/synth/manifest.parquet").read_bytes())
+    write_model(results / "segmentation/gone/seed0/model", b"unet gone")
+    engine = connect(f"sqlite:///{tmp_path}/registry.sqlite")
+    counts = register_results(engine, tmp_path, **rule_inputs(tmp_path))
+    assert counts["sets"] == 1 and counts["runs"] == 2
+    assert table_rows(engine, "sets", kind="synthetic")["name"].tolist() == ["synth"]
+    assert sorted(table_rows(engine, "runs")["ratio"]) == ["real", "syn2"]
