@@ -41,7 +41,7 @@ def plant(kind: str, source: np.ndarray, other: np.ndarray, rng: np.random.Gener
     if kind == "shift":
         dy, dx = rng.choice([-3, -2, 2, 3], 2)
         padded = np.pad(source, ((3, 3), (3, 3), (0, 0)), mode="reflect")
-        return padded[3 + dy:3 + dy + side, 3 + dx:3 + dx + side].copy()
+        return padded[3 + dy : 3 + dy + side, 3 + dx : 3 + dx + side].copy()
     if kind == "jpeg":
         buffer = io.BytesIO()
         Image.fromarray(source).save(buffer, format="JPEG", quality=60)
@@ -52,7 +52,7 @@ def plant(kind: str, source: np.ndarray, other: np.ndarray, rng: np.random.Gener
     if kind == "inpaint":
         out, part = source.copy(), int(round(side * 0.55))
         y, x = rng.integers(0, side - part + 1, 2)
-        out[y:y + part, x:x + part] = other[y:y + part, x:x + part]
+        out[y : y + part, x : x + part] = other[y : y + part, x : x + part]
         return out
     raise ValueError(f"unknown copy kind {kind!r}; one of {KINDS}")
 
@@ -99,7 +99,9 @@ def index_patches(indexes, config: str | None) -> tuple[np.ndarray, ...]:
     labels = run_labels(load_config(config) if config else load_config(), [])
     real["class"] = patch_labels(real, labels)
     parts = [real[real["split"] == split] for split in ("train", "val")]
-    return tuple(x for part in parts for x in (np.stack([read_rgb(p) for p in part["image"]]), part["class"].to_numpy()))
+    return tuple(
+        x for part in parts for x in (np.stack([read_rgb(p) for p in part["image"]]), part["class"].to_numpy())
+    )
 
 
 def tile_patches(folder: str | Path, size: int, downsample: int) -> tuple[np.ndarray, ...]:
@@ -110,16 +112,28 @@ def tile_patches(folder: str | Path, size: int, downsample: int) -> tuple[np.nda
     for path in tiles:
         image = Image.open(path).convert("RGB")
         image = np.asarray(image.resize((image.width // downsample, image.height // downsample), Image.LANCZOS))
-        out.append(np.stack([image[y:y + size, x:x + size] for y in range(0, image.shape[0] - size + 1, size)
-                             for x in range(0, image.shape[1] - size + 1, size)]))
+        out.append(
+            np.stack(
+                [
+                    image[y : y + size, x : x + size]
+                    for y in range(0, image.shape[0] - size + 1, size)
+                    for x in range(0, image.shape[1] - size + 1, size)
+                ]
+            )
+        )
     half = len(tiles) // 2
     classes = [np.full(len(p), path.stem[:12]) for p, path in zip(out, tiles, strict=True)]
-    return (np.concatenate(out[:half]), np.concatenate(classes[:half]), np.concatenate(out[half:]),
-            np.concatenate(classes[half:]))
+    return (
+        np.concatenate(out[:half]),
+        np.concatenate(classes[:half]),
+        np.concatenate(out[half:]),
+        np.concatenate(classes[half:]),
+    )
 
 
-def run(train: np.ndarray, heldout: np.ndarray, heldout_classes: np.ndarray, *, per_kind: int, settings: dict,
-        seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def run(
+    train: np.ndarray, heldout: np.ndarray, heldout_classes: np.ndarray, *, per_kind: int, settings: dict, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The copy test on planted copies (per_kind of each KINDS kind) among half of the held-out
     patches, calibrated on the other half: (the judged images with kind, source and the test's
     columns; the table of recall/precision per kind and false-positive rate per class)."""
@@ -131,10 +145,21 @@ def run(train: np.ndarray, heldout: np.ndarray, heldout_classes: np.ndarray, *, 
     kinds = np.repeat(KINDS, per_kind)
     planted = np.stack([plant(k, train[s], heldout[f], rng) for k, s, f in zip(kinds, sources, fills, strict=True)])
     images = np.concatenate([heldout[fresh], planted])
-    judged = pd.DataFrame({"kind": ["fresh"] * len(fresh) + list(kinds), "source": [-1] * len(fresh) + list(sources),
-                           "class": list(heldout_classes[fresh]) + ["planted"] * len(planted)})
-    found = find_copies(images, train, heldout[calibrate], classes=judged["class"].to_numpy(),
-                        heldout_classes=heldout_classes[calibrate], settings=settings)
+    judged = pd.DataFrame(
+        {
+            "kind": ["fresh"] * len(fresh) + list(kinds),
+            "source": [-1] * len(fresh) + list(sources),
+            "class": list(heldout_classes[fresh]) + ["planted"] * len(planted),
+        }
+    )
+    found = find_copies(
+        images,
+        train,
+        heldout[calibrate],
+        classes=judged["class"].to_numpy(),
+        heldout_classes=heldout_classes[calibrate],
+        settings=settings,
+    )
     judged["copy"], judged["nearest"] = found["copy"], found["matches"].index[:, 0]
     judged["similarity"], judged["relative_distance"] = found["similarity"], found["relative_distance"]
     judged["right"] = judged["copy"] & (judged["nearest"] == judged["source"])
@@ -143,10 +168,19 @@ def run(train: np.ndarray, heldout: np.ndarray, heldout_classes: np.ndarray, *, 
     for kind in KINDS:
         part = judged[judged["kind"] == kind]
         flagged = part["copy"].sum() + false_rate * len(part)  # as many genuine images as copies
-        rows.append({"measure": "copy kind", "name": kind, "n": len(part), "recall": part["right"].mean(),
-                     "precision": part["right"].sum() / flagged if flagged else np.nan})
+        rows.append(
+            {
+                "measure": "copy kind",
+                "name": kind,
+                "n": len(part),
+                "recall": part["right"].mean(),
+                "precision": part["right"].sum() / flagged if flagged else np.nan,
+            }
+        )
     for name, part in judged[judged["kind"] == "fresh"].groupby("class"):
-        rows.append({"measure": "fresh real class", "name": name, "n": len(part), "false_positive_rate": part["copy"].mean()})
+        rows.append(
+            {"measure": "fresh real class", "name": name, "n": len(part), "false_positive_rate": part["copy"].mean()}
+        )
     return judged, pd.DataFrame(rows)
 
 
@@ -173,8 +207,10 @@ def main(argv=None) -> pd.DataFrame:
     overrides = {} if args.copy_quantile is None else {"copy_quantile": args.copy_quantile}
     settings = section_defaults("curation", overrides)
     _, table = run(train, heldout, classes, per_kind=args.per_kind, settings=settings, seed=args.seed)
-    print(f"{len(train)} training, {len(heldout)} held-out patches ({len(heldout) - len(heldout) // 2} fresh), "
-          f"copy_quantile {settings['copy_quantile']}")
+    print(
+        f"{len(train)} training, {len(heldout)} held-out patches ({len(heldout) - len(heldout) // 2} fresh), "
+        f"copy_quantile {settings['copy_quantile']}"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out:
         table.to_csv(args.out, index=False)

@@ -51,7 +51,9 @@ def demo_inputs(config: dict, results: Path, real_split: str = "train") -> tuple
     from histosynth.config import read_slide_sheet
 
     split = read_slide_sheet(ROOT / config["slides"])["split"]
-    conditioning = [str(results / "conditioning" / f"{slide}.parquet") for slide in split.index[split.isin(["train", "val"])]]
+    conditioning = [
+        str(results / "conditioning" / f"{slide}.parquet") for slide in split.index[split.isin(["train", "val"])]
+    ]
     real = [str(results / "patches" / f"{slide}.parquet") for slide in split.index[split == real_split]]
     return conditioning, real
 
@@ -67,9 +69,15 @@ def realism_row(config: dict, real: list[str], manifests: dict, out: Path) -> di
     table = pd.concat([read_patch_index(p) for p in real], ignore_index=True).assign(split="train")
     write_table(table, out / "real.parquet")
     for mode, manifest in manifests.items():
-        found = realism_stage([out / "real.parquet"], manifest, mode=mode, table_out=out / f"{mode}.realism.parquet",
-                              images_out=out / f"{mode}.realism_images.parquet", figure_out=out / f"{mode}.realism.png",
-                              config=config)
+        found = realism_stage(
+            [out / "real.parquet"],
+            manifest,
+            mode=mode,
+            table_out=out / f"{mode}.realism.parquet",
+            images_out=out / f"{mode}.realism_images.parquet",
+            figure_out=out / f"{mode}.realism.png",
+            config=config,
+        )
         found = found[(found["class"] == "all") & (found["status"] == "ok")].set_index("metric")["value"]
         row.update({f"{mode}:{metric}": round(float(value), 3) for metric, value in found.items()})
     return row
@@ -82,14 +90,22 @@ def evaluate(config: dict, results: Path, real: list[str], manifests: dict, out:
 
     segmenter = results / "segmentation" / "real" / "seed0"
     quality = image_quality_stage(real, manifests, out / "quality.parquet", config=config, segmentation_model=segmenter)
-    consistency, _ = consistency_stage(real, manifests, out / "consistency.parquet", out / "scores.parquet", config=config,
-                                       segmentation_model=segmenter)
+    consistency, _ = consistency_stage(
+        real,
+        manifests,
+        out / "consistency.parquet",
+        out / "scores.parquet",
+        config=config,
+        segmentation_model=segmenter,
+    )
     table = pd.concat([quality, consistency], ignore_index=True)
     ok = table[table["status"] == "ok"]
     row = {}
     for _, r in ok[ok["metric"].isin(["mask_dice", "mask_dice_real", "nuclei_dice"])].iterrows():
         if r["metric"] != "nuclei_dice" or r["class"] == "nuclei":
-            row[f"{r['set']}:{r['class']}" + (" (real)" if r["metric"] == "mask_dice_real" else "")] = round(float(r["value"]), 3)
+            row[f"{r['set']}:{r['class']}" + (" (real)" if r["metric"] == "mask_dice_real" else "")] = round(
+                float(r["value"]), 3
+            )
     for _, r in ok[ok["metric"].isin(["fd", "kd"]) & (ok["class"] == "all")].iterrows():
         row[f"{r['set']}:{r['metric']}"] = round(float(r["value"]), 4)
     return row
@@ -115,7 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument("--name", required=True, help="the recipe's name (its folder under --out)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--results", default="results", help="the workflow's results folder (conditioning, segmentation)")
+    parser.add_argument(
+        "--results", default="results", help="the workflow's results folder (conditioning, segmentation)"
+    )
     parser.add_argument("--out", default="results/benchmarks/recipes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--config", help="a config file layered on the preset before --set (e.g. a real data set's)")
@@ -134,7 +152,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     preset = load_preset(args.preset)
     if args.config:
-        preset = apply_overrides(preset, [f"{k}={json.dumps(v)}" for k, v in _flat(yaml.safe_load(Path(args.config).read_text()))])
+        preset = apply_overrides(
+            preset, [f"{k}={json.dumps(v)}" for k, v in _flat(yaml.safe_load(Path(args.config).read_text()))]
+        )
     config = validated(apply_overrides(preset, args.set), f"preset {args.preset} + --config + --set")
     config["labels"] = run_labels(config, read_slide_sheet(ROOT / config["slides"])["label"].fillna("").tolist())
     results, out = Path(args.results), Path(args.out) / args.name
@@ -145,14 +165,24 @@ def main(argv=None) -> int:
     if not args.model:
         train, val = patch_dataset(indexes, "train", config), patch_dataset(indexes, "val", config)
         start = time.perf_counter()
-        train_diffusion(train, out, config["diffusion"], seed=config["seed"], val_dataset=val,
-                        checkpoint_dir=out / "checkpoints")
+        train_diffusion(
+            train, out, config["diffusion"], seed=config["seed"], val_dataset=val, checkpoint_dir=out / "checkpoints"
+        )
         row["train_s"] = round(time.perf_counter() - start)
     sets = args.sets.split(",")
     for mode in sets:
         start = time.perf_counter()
-        run_stage(mode, model, indexes, out / mode, settings=config["synthesis"], classes=config["classes"],
-                  labels=config["labels"], conditioning_cfg=config["conditioning"], seed=config["seed"])
+        run_stage(
+            mode,
+            model,
+            indexes,
+            out / mode,
+            settings=config["synthesis"],
+            classes=config["classes"],
+            labels=config["labels"],
+            conditioning_cfg=config["conditioning"],
+            seed=config["seed"],
+        )
         row[f"{mode}_s"] = round(time.perf_counter() - start)
     manifests = {mode: out / mode / "manifest.parquet" for mode in sets}
     row.update(evaluate(config, results, train_real, manifests, out))

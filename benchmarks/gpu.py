@@ -77,11 +77,17 @@ def reset_memory(device: torch.device) -> None:
 
 def row(kind: str, name: str, batch: int, seconds: float, flops: int | None, device, peak) -> dict:
     achieved = flops / seconds if flops else None
-    return {"kind": kind, "name": name, "batch": batch, "step_s": round(seconds, 5),
-            "per_s": round(batch / seconds, 2), "peak_gpu_gb": peak_memory_gb(device),
-            "gflop_per_step": round(flops / 1e9, 2) if flops else None,
-            "achieved_gflop_s": round(achieved / 1e9, 2) if achieved else None,
-            "of_peak": round(achieved / peak, 3) if achieved and peak else None}
+    return {
+        "kind": kind,
+        "name": name,
+        "batch": batch,
+        "step_s": round(seconds, 5),
+        "per_s": round(batch / seconds, 2),
+        "peak_gpu_gb": peak_memory_gb(device),
+        "gflop_per_step": round(flops / 1e9, 2) if flops else None,
+        "achieved_gflop_s": round(achieved / 1e9, 2) if achieved else None,
+        "of_peak": round(achieved / peak, 3) if achieved and peak else None,
+    }
 
 
 def diffusion_parts(config: dict, device: torch.device):
@@ -92,8 +98,11 @@ def diffusion_parts(config: dict, device: torch.device):
 
     size = config["patches"]["size"]
     c = config["conditioning"]
-    cond_channels = len(channel_names(config["classes"], use_regions=c["regions"], use_nuclei=c["nuclei"],
-                                      use_boundaries=c["boundaries"]))
+    cond_channels = len(
+        channel_names(
+            config["classes"], use_regions=c["regions"], use_nuclei=c["nuclei"], use_boundaries=c["boundaries"]
+        )
+    )
     ae = None
     if config["diffusion"]["space"] == "latent":
         ae = build_autoencoder(config["autoencoder"], 3, size).to(device).eval()
@@ -123,8 +132,10 @@ def train_rows(config: dict, device, args, peak) -> list[dict]:
         batch = args.batch or config["diffusion"]["train"]["batch_size"]
         # the latent-space objective on latents directly: the frozen encoder is not part of the step
         loss_fn = denoising_loss(config["diffusion"], scheduler, scheduler.alphas_cumprod.to(device))
-        data = {"image": torch.randn(batch, channels, latent, latent, device=device),
-                "cond": (torch.rand(batch, cond_channels, latent, latent, device=device) > 0.5).float()}
+        data = {
+            "image": torch.randn(batch, channels, latent, latent, device=device),
+            "cond": (torch.rand(batch, cond_channels, latent, latent, device=device) > 0.5).float(),
+        }
         if config["diffusion"]["num_classes"]:
             data["label"] = torch.zeros(batch, dtype=torch.long, device=device)
         if channels_last:
@@ -183,8 +194,17 @@ def sample_rows(config: dict, device, args, peak) -> list[dict]:
         several = timed(lambda: run(name, batch, k), device, 1, 0)
         # projected to the sampler's steps; a negative difference is timing noise (tiny models), not a free step
         seconds = one + max(0.0, several - one) / (k - 1) * (steps - 1)
-        rows.append(row("sampling", f"{name}-{steps}" + ("" if k == steps else f" (from {k} steps)"), batch,
-                        seconds, None, device, peak))
+        rows.append(
+            row(
+                "sampling",
+                f"{name}-{steps}" + ("" if k == steps else f" (from {k} steps)"),
+                batch,
+                seconds,
+                None,
+                device,
+                peak,
+            )
+        )
     return rows
 
 
@@ -210,8 +230,17 @@ def segmentation_rows(config: dict, device, args, peak) -> list[dict]:
 
     reset_memory(device)
     seconds = timed(step, device, args.steps, args.warmup)
-    return [row("segmentation_train", s["encoder"] + (" bf16" if device.type == "cuda" else " fp32"), batch, seconds,
-                flops_of(step), device, peak)]
+    return [
+        row(
+            "segmentation_train",
+            s["encoder"] + (" bf16" if device.type == "cuda" else " fp32"),
+            batch,
+            seconds,
+            flops_of(step),
+            device,
+            peak,
+        )
+    ]
 
 
 def projection(table: pd.DataFrame, config: dict) -> pd.DataFrame:
@@ -227,20 +256,32 @@ def projection(table: pd.DataFrame, config: dict) -> pd.DataFrame:
     measured = sampling[sampling["name"].str.startswith(f"{synthesize['sampler']}-")].iloc[0]
     measured_steps = int(measured["name"].split("-")[-1].split()[0])
     per_image = measured["step_s"] / measured["batch"] * synthesize["steps"] / measured_steps
-    return pd.DataFrame([
-        {"work": "diffusion training", "scale": f"{settings['steps']} steps x batch {settings['batch_size']}",
-         "hours": train_h},
-        {"work": "synthetic patches", "scale": f"{synthesize['n']} images, {synthesize['sampler']}-{synthesize['steps']}",
-         "hours": synthesize["n"] * per_image / 3600},
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "work": "diffusion training",
+                "scale": f"{settings['steps']} steps x batch {settings['batch_size']}",
+                "hours": train_h,
+            },
+            {
+                "work": "synthetic patches",
+                "scale": f"{synthesize['n']} images, {synthesize['sampler']}-{synthesize['steps']}",
+                "hours": synthesize["n"] * per_image / 3600,
+            },
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--tiny", action="store_true", help="the tiny preset (CI-sized models) instead of the thesis one")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the tiny preset (CI-sized models) instead of the thesis one"
+    )
     parser.add_argument("--preset", help="a preset name (config/<name>.yaml over config.yaml); overrides --tiny")
-    parser.add_argument("--batch", type=int, help="one batch for every row (default: the preset's, largest for sampling)")
+    parser.add_argument(
+        "--batch", type=int, help="one batch for every row (default: the preset's, largest for sampling)"
+    )
     parser.add_argument("--max-batch", type=int, default=1024, help="largest sampling batch tried")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -258,11 +299,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device)
     started = time.perf_counter()
-    rows = train_rows(config, device, args, peak) + sample_rows(config, device, args, peak) + segmentation_rows(config, device, args, peak)
+    rows = (
+        train_rows(config, device, args, peak)
+        + sample_rows(config, device, args, peak)
+        + segmentation_rows(config, device, args, peak)
+    )
     table = pd.DataFrame(rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{name}; preset {args.preset or ('tiny' if args.tiny else 'thesis')}; "
-          f"bf16 dense peak {peak / 1e12:.0f} TFLOP/s" if peak else f"{name}; peak unknown")
+    print(
+        f"{name}; preset {args.preset or ('tiny' if args.tiny else 'thesis')}; "
+        f"bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+        if peak
+        else f"{name}; peak unknown"
+    )
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
         print("projected on this device from the rates above (one GPU, the preset's scale):")

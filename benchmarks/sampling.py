@@ -85,11 +85,15 @@ def timed(fn, device) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a trained model folder (pixel-space SpadeUNet); default: random weights")
-    parser.add_argument("--preset", default="demo", help="config preset (config/<name>.yaml over config.yaml) for the model size")
+    parser.add_argument(
+        "--preset", default="demo", help="config preset (config/<name>.yaml over config.yaml) for the model size"
+    )
     parser.add_argument("--size", type=int, default=0, help="patch size (default: the preset's patches.size)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per loop and sampler (DDPM-1000: 1)")
-    parser.add_argument("--samplers", default=SAMPLERS, help="comma-separated NAME-STEPS (NAME: ddpm, ddim, dpmsolver++)")
+    parser.add_argument(
+        "--samplers", default=SAMPLERS, help="comma-separated NAME-STEPS (NAME: ddpm, ddim, dpmsolver++)"
+    )
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (the long row)")
     parser.add_argument("--repaint", action="store_true", help="also time RePaint (50 steps, jump 10, 5 samples)")
     parser.add_argument("--device", default="auto")
@@ -126,8 +130,10 @@ def main(argv=None) -> int:
         return lambda: bare_loop(model, bare_scheduler(name, config), cond, steps, gen(), channels)
 
     project("ddim", 3)(), bare("ddim", 3)()  # warm-up
-    print(f"device {device}, threads {torch.get_num_threads()}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {size} px, {cond_channels} cond channels, batch {args.batch}")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"parameters, {size} px, {cond_channels} cond channels, batch {args.batch}"
+    )
     header = f"{'sampler':<16}{'evals/img':>10}{'project img/s':>15}{'bare img/s':>12}{'project/bare':>14}"
     print(header + "\n" + "-" * len(header))
     rows = []
@@ -145,22 +151,39 @@ def main(argv=None) -> int:
                 evals[loop] = len(calls)
         assert evals["project"] == evals["bare"], evals
         best = {loop: min(t) for loop, t in times.items()}
-        row = {"sampler": f"{name}-{steps}", "evals_per_image": evals["project"], "batch": args.batch,
-               "project_images_per_s": args.batch / best["project"], "bare_images_per_s": args.batch / best["bare"],
-               "ratio": best["project"] / best["bare"]}
+        row = {
+            "sampler": f"{name}-{steps}",
+            "evals_per_image": evals["project"],
+            "batch": args.batch,
+            "project_images_per_s": args.batch / best["project"],
+            "bare_images_per_s": args.batch / best["bare"],
+            "ratio": best["project"] / best["bare"],
+        }
         rows.append(row)
-        print(f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}"
-              f"{row['bare_images_per_s']:>12.3f}{row['ratio']:>14.3f}" + ("" if row["ratio"] <= 1.05 else "  > 1.05"))
+        print(
+            f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}"
+            f"{row['bare_images_per_s']:>12.3f}{row['ratio']:>14.3f}" + ("" if row["ratio"] <= 1.05 else "  > 1.05")
+        )
     if args.repaint:
         scheduler = repaint_scheduler(config, eta=1.0)
         keep = torch.ones(args.batch, 1, size, size, device=device)
-        keep[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0
+        keep[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 0
         known = torch.zeros(args.batch, channels, size, size, device=device)
         calls.clear()
-        seconds = timed(lambda: repaint(model, scheduler, known, keep, cond, steps=50, jump_length=10, jump_n_sample=5,
-                                        generator=gen()), device)
-        row = {"sampler": "repaint-50-j10-r5", "evals_per_image": len(calls), "batch": args.batch,
-               "project_images_per_s": args.batch / seconds, "bare_images_per_s": None, "ratio": None}
+        seconds = timed(
+            lambda: repaint(
+                model, scheduler, known, keep, cond, steps=50, jump_length=10, jump_n_sample=5, generator=gen()
+            ),
+            device,
+        )
+        row = {
+            "sampler": "repaint-50-j10-r5",
+            "evals_per_image": len(calls),
+            "batch": args.batch,
+            "project_images_per_s": args.batch / seconds,
+            "bare_images_per_s": None,
+            "ratio": None,
+        }
         rows.append(row)
         print(f"{row['sampler']:<16}{row['evals_per_image']:>10}{row['project_images_per_s']:>15.3f}{'-':>12}{'-':>14}")
     if args.json:
@@ -196,13 +219,31 @@ def curve(args) -> int:
         name, steps = spec.rsplit("-", 1)
         calls.clear()
         start = time.perf_counter()
-        synthesize(diffusion, sources, out / spec, n=args.n, classes=config["classes"], conditioning_cfg=config["conditioning"],
-                   sampler=name, steps=int(steps), guidance=args.guidance, batch_size=config["synthesis"]["batch_size"],
-                   class_balance=config["synthesis"]["synthesize"]["class_balance"], seed=config["seed"], grid_per_class=4)
+        synthesize(
+            diffusion,
+            sources,
+            out / spec,
+            n=args.n,
+            classes=config["classes"],
+            conditioning_cfg=config["conditioning"],
+            sampler=name,
+            steps=int(steps),
+            guidance=args.guidance,
+            batch_size=config["synthesis"]["batch_size"],
+            class_balance=config["synthesis"]["synthesize"]["class_balance"],
+            seed=config["seed"],
+            grid_per_class=4,
+        )
         seconds = time.perf_counter() - start
         batches = -(-args.n // config["synthesis"]["batch_size"])
-        row = {"sampler": name, "steps": int(steps), "guidance": args.guidance, "evals_per_image": len(calls) // batches,
-               "seconds": round(seconds, 1), "images_per_s": round(args.n / seconds, 3)}
+        row = {
+            "sampler": name,
+            "steps": int(steps),
+            "guidance": args.guidance,
+            "evals_per_image": len(calls) // batches,
+            "seconds": round(seconds, 1),
+            "images_per_s": round(args.n / seconds, 3),
+        }
         row.update(evaluate(config, results, real, {"synth": out / spec / "manifest.parquet"}, out / spec))
         append_row(row, out / "curve.csv")
     print(pd.read_csv(out / "curve.csv").to_string(index=False))

@@ -37,10 +37,13 @@ def build(stage: str, preset: str, image_size: int, cond_channels: int):
         def loss(model, x, cond):
             recon, codebook = model(x, return_dict=False) if config["kind"] == "vq" else (model(x).sample, 0.0)
             return torch.nn.functional.l1_loss(recon.float(), x) + codebook
+
     return config, model, loss
 
 
-def time_steps(model, loss, batch: int, size: int, cond_channels: int, device, steps: int, warmup: int, bf16: bool) -> dict:
+def time_steps(
+    model, loss, batch: int, size: int, cond_channels: int, device, steps: int, warmup: int, bf16: bool
+) -> dict:
     from histosynth.device import prepare_model
 
     model = prepare_model(model, device).train()
@@ -65,8 +68,13 @@ def time_steps(model, loss, batch: int, size: int, cond_channels: int, device, s
         if i >= warmup:
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    row = {"precision": "bf16" if bf16 else "fp32", "batch": batch, "size": size, "step_s": round(seconds, 4),
-           "samples_per_s": round(batch / seconds, 2)}
+    row = {
+        "precision": "bf16" if bf16 else "fp32",
+        "batch": batch,
+        "size": size,
+        "step_s": round(seconds, 4),
+        "samples_per_s": round(batch / seconds, 2),
+    }
     if device.type == "cuda":
         row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return row
@@ -92,18 +100,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with torch.device("meta"):
         thesis = build_model(load_preset("thesis")["diffusion"], 3, args.cond_channels, 256)
-    print(json.dumps({"thesis_diffusion_parameters": parameter_count(thesis),
-                      "thesis_diffusion_parameters_M": round(parameter_count(thesis) / 1e6, 2)}))
+    print(
+        json.dumps(
+            {
+                "thesis_diffusion_parameters": parameter_count(thesis),
+                "thesis_diffusion_parameters_M": round(parameter_count(thesis) / 1e6, 2),
+            }
+        )
+    )
 
     device = pick_device(args.device)
     size = args.size or {"tiny": 16, "demo": 64, "thesis": 256}[args.preset]
-    for bf16 in ([False, True] if device.type == "cuda" else [False]):
+    for bf16 in [False, True] if device.type == "cuda" else [False]:
         torch.manual_seed(0)
         config, model, loss = build(args.stage, args.preset, size, args.cond_channels)
         batch = args.batch or config["train"]["batch_size"]
         row = time_steps(model, loss, batch, size, args.cond_channels, device, args.steps, args.warmup, bf16)
-        print(json.dumps({"stage": args.stage, "preset": args.preset, "device": str(device),
-                          "threads": torch.get_num_threads(), "parameters": parameter_count(model), **row}))
+        print(
+            json.dumps(
+                {
+                    "stage": args.stage,
+                    "preset": args.preset,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "parameters": parameter_count(model),
+                    **row,
+                }
+            )
+        )
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

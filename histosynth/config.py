@@ -121,30 +121,42 @@ def _check_class_references(config: dict, source: str) -> None:
 def _check_mask_values(config: dict, source: str) -> None:
     """annotations.mask_values' keys are mask values from 1 (the schema's pattern checks string
     keys only; YAML reads `{0: Tumor}` with an integer key)."""
-    bad = [key for key in config["annotations"]["mask_values"]
-           if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1]
+    bad = [
+        key
+        for key in config["annotations"]["mask_values"]
+        if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1
+    ]
     if bad:
-        raise ConfigError(f"{source}: annotations.mask_values maps {bad}, but its keys are label-mask values from 1 "
-                          "(0 is background, never a class); renumber or remove them")
+        raise ConfigError(
+            f"{source}: annotations.mask_values maps {bad}, but its keys are label-mask values from 1 "
+            "(0 is background, never a class); renumber or remove them"
+        )
 
 
 def _check_label_references(config: dict, source: str) -> None:
     """diffusion.num_classes and synthesis.synthesize.per_class against the labels, where the config
     alone fixes them (sheet labels without labels.classes are checked once the sheet is read)."""
     labels, regions = config["labels"], [config["labels"]["background"], *config["classes"]]
-    known = {"region": [regions], "sheet": [labels["classes"]] if labels["classes"] else [],
-             "auto": [regions, *([labels["classes"]] if labels["classes"] else [])]}[labels["source"]]
+    known = {
+        "region": [regions],
+        "sheet": [labels["classes"]] if labels["classes"] else [],
+        "auto": [regions, *([labels["classes"]] if labels["classes"] else [])],
+    }[labels["source"]]
     if not known or (labels["source"] == "auto" and not labels["classes"]):
         return
     num_classes = config["diffusion"]["num_classes"]
     if num_classes and num_classes not in {len(names) for names in known}:
-        raise ConfigError(f"{source}: diffusion.num_classes must be 0 (no class embedding) or the number of labels "
-                          f"({' or '.join(f'{len(n)}: {n}' for n in known)}), got {num_classes}")
+        raise ConfigError(
+            f"{source}: diffusion.num_classes must be 0 (no class embedding) or the number of labels "
+            f"({' or '.join(f'{len(n)}: {n}' for n in known)}), got {num_classes}"
+        )
     per_class = config["synthesis"]["synthesize"]["per_class"] or {}
     unknown = [name for name in per_class if not any(name in names for names in known)]
     if unknown:
-        raise ConfigError(f"{source}: synthesis.synthesize.per_class names {unknown}, which are not labels "
-                          f"({' or '.join(map(str, known))})")
+        raise ConfigError(
+            f"{source}: synthesis.synthesize.per_class names {unknown}, which are not labels "
+            f"({' or '.join(map(str, known))})"
+        )
 
 
 def lora_set(scale: float) -> str:
@@ -158,38 +170,57 @@ def _check_evaluation(config: dict, source: str) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"{source}: mixing.ratios names must be unique; repeated: {', '.join(repeated)}")
-    drawn = {*config["mixing"]["sources"], *(m for ratio in config["mixing"]["ratios"] for m in ratio.get("sources", []))}
+    drawn = {
+        *config["mixing"]["sources"],
+        *(m for ratio in config["mixing"]["ratios"] for m in ratio.get("sources", [])),
+    }
     if "inpaint" in drawn and not config["synthesis"]["inpaint"]["target_class"]:
-        raise ConfigError(f"{source}: mixing draws from inpaint but synthesis.inpaint.target_class is null; "
-                          "set the class to paint or drop inpaint from mixing.sources and the ratios' sources")
+        raise ConfigError(
+            f"{source}: mixing draws from inpaint but synthesis.inpaint.target_class is null; "
+            "set the class to paint or drop inpaint from mixing.sources and the ratios' sources"
+        )
     if "gan" in drawn and not config["gan"]["enabled"]:
-        raise ConfigError(f"{source}: mixing draws from gan but gan.enabled is false; enable the GAN or drop gan "
-                          "from mixing.sources and the ratios' sources")
+        raise ConfigError(
+            f"{source}: mixing draws from gan but gan.enabled is false; enable the GAN or drop gan "
+            "from mixing.sources and the ratios' sources"
+        )
     lora_sets = {lora_set(scale) for scale in config["synthesis"]["lora"]["scales"]}
     for name in sorted(m for m in drawn if m.startswith("lora")):
         if not config["lora"]["enabled"]:
-            raise ConfigError(f"{source}: mixing draws from {name} but lora.enabled is false; enable LoRA (and set "
-                              "lora.base_model) or drop it from mixing.sources and the ratios' sources")
+            raise ConfigError(
+                f"{source}: mixing draws from {name} but lora.enabled is false; enable LoRA (and set "
+                "lora.base_model) or drop it from mixing.sources and the ratios' sources"
+            )
         if name not in lora_sets:
-            raise ConfigError(f"{source}: mixing draws from {name}, but synthesis.lora.scales {config['synthesis']['lora']['scales']} "
-                              f"make the sets {sorted(lora_sets)} (lora<scale x 100>)")
+            raise ConfigError(
+                f"{source}: mixing draws from {name}, but synthesis.lora.scales {config['synthesis']['lora']['scales']} "
+                f"make the sets {sorted(lora_sets)} (lora<scale x 100>)"
+            )
     if config["lora"]["enabled"] and not config["lora"]["base_model"]:
-        raise ConfigError(f"{source}: lora.enabled is true but lora.base_model is null; point it at a local Stable "
-                          "Diffusion folder in diffusers layout (docs/lora.md)")
+        raise ConfigError(
+            f"{source}: lora.enabled is true but lora.base_model is null; point it at a local Stable "
+            "Diffusion folder in diffusers layout (docs/lora.md)"
+        )
     baseline = config["report"]["baseline"]
     if baseline is not None and baseline not in names:
         raise ConfigError(f"{source}: report.baseline {baseline!r} is not one of mixing.ratios {names}")
     seg = config["segmentation"]
     if len(seg["decoder_channels"]) != seg["encoder_depth"]:
-        raise ConfigError(f"{source}: segmentation.decoder_channels needs one entry per encoder stage "
-                          f"(encoder_depth = {seg['encoder_depth']}), got {seg['decoder_channels']}")
+        raise ConfigError(
+            f"{source}: segmentation.decoder_channels needs one entry per encoder stage "
+            f"(encoder_depth = {seg['encoder_depth']}), got {seg['decoder_channels']}"
+        )
     if seg["attention"] == "scse" and min(seg["decoder_channels"]) < 16:
-        raise ConfigError(f"{source}: segmentation.attention scse needs decoder_channels >= 16 (its squeeze divides "
-                          f"by 16), got {seg['decoder_channels']}; raise them or set attention to null")
+        raise ConfigError(
+            f"{source}: segmentation.attention scse needs decoder_channels >= 16 (its squeeze divides "
+            f"by 16), got {seg['decoder_channels']}; raise them or set attention to null"
+        )
     size = config["patches"]["size"]
     if seg["enabled"] and size % 2 ** seg["encoder_depth"]:
-        raise ConfigError(f"{source}: patches.size {size} is not divisible by 2^segmentation.encoder_depth = "
-                          f"{2 ** seg['encoder_depth']}; lower segmentation.encoder_depth or change the patch size")
+        raise ConfigError(
+            f"{source}: patches.size {size} is not divisible by 2^segmentation.encoder_depth = "
+            f"{2 ** seg['encoder_depth']}; lower segmentation.encoder_depth or change the patch size"
+        )
 
 
 def baseline_ratio(ratios: list[dict], configured: str | None = None) -> str | None:

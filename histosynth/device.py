@@ -17,13 +17,19 @@ def pick_device(requested: str = "auto"):
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device "
-                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use 'auto' or 'cpu'")
+        raise RuntimeError(
+            "device 'cuda' requested but torch sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use 'auto' or 'cpu'"
+        )
     device = torch.device(requested)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if device.type == "cuda":
-        log.info("device: %s (%s; CUDA_VISIBLE_DEVICES=%s), bf16 autocast and channels_last on",
-                 device, torch.cuda.get_device_name(device), visible)
+        log.info(
+            "device: %s (%s; CUDA_VISIBLE_DEVICES=%s), bf16 autocast and channels_last on",
+            device,
+            torch.cuda.get_device_name(device),
+            visible,
+        )
     else:
         note = f"; CUDA_VISIBLE_DEVICES={visible} but torch sees no CUDA device" if visible else ""
         log.info("device: cpu (%d threads), fp32%s", torch.get_num_threads(), note)

@@ -41,8 +41,13 @@ def kid(real: np.ndarray, synthetic: np.ndarray, subsets: int, subset_size: int,
     if size < 2:
         raise ValueError(f"KID needs at least 2 images per set, got {len(real_t)} real and {len(syn_t)} synthetic")
     generator = torch.Generator().manual_seed(seed)
-    scores = [poly_mmd(real_t[torch.randperm(len(real_t), generator=generator)[:size]],
-                       syn_t[torch.randperm(len(syn_t), generator=generator)[:size]]) for _ in range(subsets)]
+    scores = [
+        poly_mmd(
+            real_t[torch.randperm(len(real_t), generator=generator)[:size]],
+            syn_t[torch.randperm(len(syn_t), generator=generator)[:size]],
+        )
+        for _ in range(subsets)
+    ]
     scores = torch.stack(scores)
     return float(scores.mean()), float(scores.std(unbiased=False))
 
@@ -59,4 +64,3 @@ def inception_score(logits: np.ndarray, splits: int, seed: int) -> tuple[float, 
         values.append(kl.exp())
     values = torch.stack(values)
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
-

@@ -47,10 +47,27 @@ log = logging.getLogger(__name__)
 EXPORT_FORMATS = ("segmentation", "imagefolder", "coco")
 SPLITS = ("train", "val", "test")
 # Curation's per-image scores (histosynth.evaluation.curation) carried into metadata.csv when present.
-SCORE_COLUMNS = ("consistency", "nuclei_consistency", "similarity", "relative_distance", "source_similarity",
-                 "feature_distance", "copy")
-METADATA_COLUMNS = ("file_name", "split", "label", "source", "generator", "model_hash", "seed", "slide",
-                    "source_slide", "origin_id")
+SCORE_COLUMNS = (
+    "consistency",
+    "nuclei_consistency",
+    "similarity",
+    "relative_distance",
+    "source_similarity",
+    "feature_distance",
+    "copy",
+)
+METADATA_COLUMNS = (
+    "file_name",
+    "split",
+    "label",
+    "source",
+    "generator",
+    "model_hash",
+    "seed",
+    "slide",
+    "source_slide",
+    "origin_id",
+)
 
 # (instances, class name per instance id 1..N) of one dataset row, or None when it has no nuclei
 NucleiReader = Callable[[pd.Series], "tuple[np.ndarray, list[str]] | None"]
@@ -60,8 +77,9 @@ class ExportError(ValueError):
     """A dataset that cannot be exported as asked; the message says why and what to do."""
 
 
-def dataset_rows(manifest: str | Path, heldout_indexes: list[str | Path], curated: Mapping[str, str | Path],
-                 labels: Mapping) -> pd.DataFrame:
+def dataset_rows(
+    manifest: str | Path, heldout_indexes: list[str | Path], curated: Mapping[str, str | Path], labels: Mapping
+) -> pd.DataFrame:
     """One row per image of the exported dataset: the ratio's manifest (split train) and the
     val/test rows of the held-out patch indexes, with columns name, split, label, source,
     generator, image, mask, slide, source_slide, origin_id, model_hash, seed, conditioning and the
@@ -72,10 +90,21 @@ def dataset_rows(manifest: str | Path, heldout_indexes: list[str | Path], curate
         index = read_patch_index(path)
         index = index[index["split"].isin(("val", "test"))]
         if len(index):
-            frames.append(pd.DataFrame({
-                "source": "real", "generator": "real", "image": index["image"], "mask": index["mask"],
-                "split": index["split"], "origin_id": index["patch_id"], "slide": index["slide"],
-                "source_slide": index["slide"], "label": patch_labels(index, labels)}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "source": "real",
+                        "generator": "real",
+                        "image": index["image"],
+                        "mask": index["mask"],
+                        "split": index["split"],
+                        "origin_id": index["patch_id"],
+                        "slide": index["slide"],
+                        "source_slide": index["slide"],
+                        "label": patch_labels(index, labels),
+                    }
+                )
+            )
     rows = pd.concat(frames, ignore_index=True)
     synthetic = [read_file_table(path).assign(generator=mode) for mode, path in curated.items()]
     if synthetic:
@@ -88,7 +117,9 @@ def dataset_rows(manifest: str | Path, heldout_indexes: list[str | Path], curate
     rows["name"] = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(o)) for o in rows["origin_id"]]
     repeated = rows["name"][rows["name"].duplicated()].tolist()
     if repeated:
-        raise ExportError(f"image names repeat across the dataset ({repeated[:5]}); slide and synthetic ids must be unique")
+        raise ExportError(
+            f"image names repeat across the dataset ({repeated[:5]}); slide and synthetic ids must be unique"
+        )
     return rows
 
 
@@ -101,8 +132,9 @@ def link_or_copy(source: str | Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def export_dataset(rows: pd.DataFrame, fmt: str, out: str | Path, *, classes: list[str], name: str,
-                   nuclei: NucleiReader | None = None) -> Path:
+def export_dataset(
+    rows: pd.DataFrame, fmt: str, out: str | Path, *, classes: list[str], name: str, nuclei: NucleiReader | None = None
+) -> Path:
     """Write `rows` (dataset_rows) in format `fmt` to the folder `out`, atomically; returns `out`."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -136,8 +168,9 @@ def _segmentation(rows: pd.DataFrame, out: Path, classes: list[str], name: str) 
     """images/, masks/, <split>.txt and dataset.json; rows without a mask (GAN images) are left out."""
     masked = rows[rows["mask"].notna()].copy()
     if len(masked) < len(rows):
-        log.warning("%d image(s) without a label mask (GAN images) left out of the segmentation export",
-                    len(rows) - len(masked))
+        log.warning(
+            "%d image(s) without a label mask (GAN images) left out of the segmentation export", len(rows) - len(masked)
+        )
     masked["file_name"] = "images/" + masked["name"] + ".png"
     for row in masked.itertuples(index=False):
         link_or_copy(row.image, out / row.file_name)
@@ -189,30 +222,50 @@ def _coco(rows: pd.DataFrame, out: Path, nuclei: NucleiReader) -> pd.DataFrame:
             link_or_copy(row.image, out / "images" / file_name)
             image_id = len(images) + 1
             height, width = instances.shape
-            images.append({"id": image_id, "file_name": f"{row.name}.png", "height": height, "width": width,
-                           "source": row.source, "generator": row.generator})
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": f"{row.name}.png",
+                    "height": height,
+                    "width": width,
+                    "source": row.source,
+                    "generator": row.generator,
+                }
+            )
             for instance_id, name in enumerate(names, start=1):
                 mask = instances == instance_id
                 if not mask.any():
                     continue
                 annotations.append(_coco_annotation(mask, len(annotations) + 1, image_id, category[name]))
             written.append({**row._asdict(), "file_name": f"images/{file_name}"})
-        document = {"info": {"description": "histosynth export: nuclei instances"}, "images": images,
-                    "annotations": annotations, "categories": categories}
+        document = {
+            "info": {"description": "histosynth export: nuclei instances"},
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         path = out / "annotations" / f"instances_{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document))
     if skipped:
-        log.warning("%d image(s) without nuclei (no nuclei masks or conditioning map) left out of the coco export", skipped)
+        log.warning(
+            "%d image(s) without nuclei (no nuclei masks or conditioning map) left out of the coco export", skipped
+        )
     return pd.DataFrame(written, columns=[*rows.columns, "file_name"])
 
 
 def _coco_annotation(mask: np.ndarray, annotation_id: int, image_id: int, category_id: int) -> dict:
     rows, cols = np.nonzero(mask)
     x0, y0 = int(cols.min()), int(rows.min())
-    return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
-            "segmentation": rle_encode(mask), "area": int(mask.sum()),
-            "bbox": [x0, y0, int(cols.max()) - x0 + 1, int(rows.max()) - y0 + 1]}
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": 0,
+        "segmentation": rle_encode(mask),
+        "area": int(mask.sum()),
+        "bbox": [x0, y0, int(cols.max()) - x0 + 1, int(rows.max()) - y0 + 1],
+    }
 
 
 def rle_encode(mask: np.ndarray) -> dict:
@@ -288,13 +341,22 @@ def finished_run(results: str | Path, ratio: str) -> dict:
     manifest = results / "mixing" / f"{ratio}.parquet"
     if not manifest.is_file():
         made = sorted(p.stem for p in (results / "mixing").glob("*.parquet") if not p.stem.endswith(".share"))
-        raise ExportError(f"{manifest}: no such manifest; the run's ratios are {made or 'none (run the workflow first)'}")
+        raise ExportError(
+            f"{manifest}: no such manifest; the run's ratios are {made or 'none (run the workflow first)'}"
+        )
     modes = pd.read_parquet(manifest, columns=["source", "mode"]).query("source == 'synthetic'")["mode"].unique()
     indexes = sorted(p for p in (results / "patches").glob("*.parquet"))
-    nuclei = {p.stem: (p.with_suffix(""), p) for p in sorted((results / "nuclei").glob("*.parquet"))
-              if p.with_suffix("").is_dir()}
-    return {"manifest": manifest, "heldout": indexes, "nuclei": nuclei,
-            "curated": {mode: results / "curated" / f"{mode}.parquet" for mode in modes}}
+    nuclei = {
+        p.stem: (p.with_suffix(""), p)
+        for p in sorted((results / "nuclei").glob("*.parquet"))
+        if p.with_suffix("").is_dir()
+    }
+    return {
+        "manifest": manifest,
+        "heldout": indexes,
+        "nuclei": nuclei,
+        "curated": {mode: results / "curated" / f"{mode}.parquet" for mode in modes},
+    }
 
 
 def sheet_labels(indexes: list[str | Path]) -> list[str]:

@@ -31,7 +31,10 @@ class FeatureError(ValueError):
 
 # ----------------------------------------------------------------------------- transforms
 
-def normalise(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+
+def normalise(
+    images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, (x / 255 - mean) / std per channel; ImageNet's by default (the encoders' convention)."""
     mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
@@ -55,11 +58,16 @@ def dihedral(images, ops, axes: tuple[int, int] = (-2, -1)):
             out = torch.where(ops % 4 == quarter, torch.rot90(flipped, quarter, axes), out)
         return out
     item_axes = tuple(a - 1 if a > 0 else a for a in axes)
-    return np.stack([np.rot90(np.flip(x, item_axes[1]) if op & 4 else x, op & 3, item_axes)
-                     for x, op in zip(images, ops, strict=True)])
+    return np.stack(
+        [
+            np.rot90(np.flip(x, item_axes[1]) if op & 4 else x, op & 3, item_axes)
+            for x, op in zip(images, ops, strict=True)
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- networks
+
 
 def unet(encoder: str, depth: int, decoder_channels: Sequence[int], n_classes: int, attention: str | None = None):
     """smp's U-Net with random weights (pretrained ones are loaded separately, so a saved config
@@ -68,14 +76,20 @@ def unet(encoder: str, depth: int, decoder_channels: Sequence[int], n_classes: i
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        return smp.Unet(encoder_name=encoder, encoder_depth=depth, encoder_weights=None,
-                        decoder_channels=list(decoder_channels), decoder_attention_type=attention, classes=n_classes)
+        return smp.Unet(
+            encoder_name=encoder,
+            encoder_depth=depth,
+            encoder_weights=None,
+            decoder_channels=list(decoder_channels),
+            decoder_attention_type=attention,
+            classes=n_classes,
+        )
 
 
 @dataclass(frozen=True)
 class FeatureExtractor:
-    name: str                                        # written into every quality row that uses it
-    embed: Callable[[torch.Tensor], torch.Tensor]    # uint8 (N, 3, H, W) -> float (N, D)
+    name: str  # written into every quality row that uses it
+    embed: Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, H, W) -> float (N, D)
 
 
 def timm_encoder(model_name: str, weights: str | Path | None, device: str | torch.device = "auto") -> FeatureExtractor:
@@ -84,19 +98,24 @@ def timm_encoder(model_name: str, weights: str | Path | None, device: str | torc
     import timm
 
     if not weights:
-        raise FeatureError(f"quality.extractor={model_name!r} needs quality.extractor_weights: a local weights file "
-                           "for that timm model (nothing is downloaded)")
+        raise FeatureError(
+            f"quality.extractor={model_name!r} needs quality.extractor_weights: a local weights file "
+            "for that timm model (nothing is downloaded)"
+        )
     path = Path(weights)
     if not path.is_file():
-        raise FeatureError(f"quality.extractor_weights={weights}: no such file (the weights of timm model {model_name!r})")
+        raise FeatureError(
+            f"quality.extractor_weights={weights}: no such file (the weights of timm model {model_name!r})"
+        )
     try:
         net = timm.create_model(model_name, pretrained=False, num_classes=0)
     except RuntimeError as err:
         raise FeatureError(f"quality.extractor={model_name!r} is not a timm model name ({err})") from err
     missing, _ = net.load_state_dict(read_state_dict(path), strict=False)
     if missing:
-        raise FeatureError(f"{path} does not fit timm model {model_name!r}: {len(missing)} weights missing, "
-                           f"e.g. {missing[:3]}")
+        raise FeatureError(
+            f"{path} does not fit timm model {model_name!r}: {len(missing)} weights missing, e.g. {missing[:3]}"
+        )
     device = device if isinstance(device, torch.device) else pick_device(device)
     net = net.eval().to(device)
     cfg = net.pretrained_cfg or {}
@@ -116,11 +135,14 @@ def load_inception(path: str | Path, feature: int):
     if str(feature) not in ("64", "192", "768", "2048"):
         raise ValueError(f"quality.feature must be 64, 192, 768 or 2048, got {feature}")
     try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", [str(feature), "logits_unbiased"],
-                                          feature_extractor_weights_path=str(path))
+        net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", [str(feature), "logits_unbiased"], feature_extractor_weights_path=str(path)
+        )
     except RuntimeError as err:
-        raise WeightsError(f"{path}: not an InceptionV3 state dict for torch-fidelity ({err}); "
-                           f"replace it with {WEIGHTS['inception'].url}") from err
+        raise WeightsError(
+            f"{path}: not an InceptionV3 state dict for torch-fidelity ({err}); "
+            f"replace it with {WEIGHTS['inception'].url}"
+        ) from err
     return net.eval()
 
 
@@ -148,7 +170,10 @@ def load_lpips(path: str | Path, net: str = "alex") -> torch.nn.Module:
         state = {name: state[f"features.{m[1]}.{m[2]}"] for name in lpips.state_dict() if (m := layer.match(name))}
     missing = [k for k in lpips.load_state_dict(state, strict=False).missing_keys if k.startswith("net.")]
     if missing:
-        expected = f"a torchvision AlexNet state dict such as {WEIGHTS['lpips'].url}" if net == "alex" else \
-            f"a torchvision {net} state dict"
+        expected = (
+            f"a torchvision AlexNet state dict such as {WEIGHTS['lpips'].url}"
+            if net == "alex"
+            else f"a torchvision {net} state dict"
+        )
         raise WeightsError(f"{path}: not LPIPS/{net} weights; missing {missing[:3]}...; expected {expected}")
     return lpips.eval().requires_grad_(False)

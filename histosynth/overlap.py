@@ -23,5 +23,9 @@ def overlap_scores(tp, fp, fn, empty: float = np.nan) -> dict:
             out = np.where(den > 0, num / np.where(den > 0, den, 1), empty)
         return float(out) if out.ndim == 0 else out
 
-    return {"dice": ratio(2 * tp, 2 * tp + fp + fn), "iou": ratio(tp, tp + fp + fn),
-            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn)}
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+        "iou": ratio(tp, tp + fp + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+    }

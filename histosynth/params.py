@@ -22,8 +22,15 @@ from histosynth.training.resume import resume_key
 EXTRACTOR_KEYS = ("extractor", "extractor_weights", "device")
 CURATION_QUALITY_KEYS = (*EXTRACTOR_KEYS, "batch_size")
 CONSISTENCY_QUALITY_KEYS = ("consistency", "max_images", "seed", "device")
-MONITOR_QUALITY_KEYS = (*EXTRACTOR_KEYS, "inception_weights", "feature", "batch_size", "kid_subsets",
-                        "kid_subset_size", "seed")
+MONITOR_QUALITY_KEYS = (
+    *EXTRACTOR_KEYS,
+    "inception_weights",
+    "feature",
+    "batch_size",
+    "kid_subsets",
+    "kid_subset_size",
+    "seed",
+)
 # Subsections of `synthesis`, one per set family; the other keys are shared by every sampler.
 _SAMPLERS = tuple(kind.settings for kind in FAMILIES)
 
@@ -77,7 +84,9 @@ def training_params(config: Mapping, labels: Mapping, stage: str) -> dict:
     made = generator(stage)
     params = config_params(config, labels, stage, *made.reads)
     if made.monitors and config[stage]["train"]["eval_every"]:
-        params |= _sorted({"quality": _only(config["quality"], MONITOR_QUALITY_KEYS), "weights_dir": config["weights_dir"]})
+        params |= _sorted(
+            {"quality": _only(config["quality"], MONITOR_QUALITY_KEYS), "weights_dir": config["weights_dir"]}
+        )
     if made.previews:
         params["synthesis"] = synthesis_params(config, labels, made.previews)["synthesis"]
     return params
@@ -101,8 +110,9 @@ def consistency_params(config: Mapping, labels: Mapping, nuclei_model: str | Non
     """What the per-image mask consistency (rule mask_consistency, which curation reads) reads: the
     consistency keys of `quality`, the region classes, the nuclei detector and the patches' mpp."""
     params = config_params(config, labels, "classes", "labels", "nuclei", nuclei_model=nuclei_model)
-    return params | _sorted({"quality": _only(config["quality"], CONSISTENCY_QUALITY_KEYS),
-                             "patches": {"mpp": config["patches"]["mpp"]}})
+    return params | _sorted(
+        {"quality": _only(config["quality"], CONSISTENCY_QUALITY_KEYS), "patches": {"mpp": config["patches"]["mpp"]}}
+    )
 
 
 def quality_params(config: Mapping, labels: Mapping) -> dict:

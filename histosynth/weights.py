@@ -21,18 +21,24 @@ class WeightsSpec:
     """One downloadable weights file."""
 
     file: str  # its name in the weights folder
-    url: str   # where fetch_weights downloads it from
-    key: str   # the config key naming another local copy
-    use: str   # what needs it (for messages)
+    url: str  # where fetch_weights downloads it from
+    key: str  # the config key naming another local copy
+    use: str  # what needs it (for messages)
 
 
 WEIGHTS = {
     "inception": WeightsSpec(
         "weights-inception-2015-12-05-6726825d.pth",
         "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-        "quality.inception_weights", "FID, KID and IS"),
-    "lpips": WeightsSpec("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-                         "quality.lpips_weights", "LPIPS"),
+        "quality.inception_weights",
+        "FID, KID and IS",
+    ),
+    "lpips": WeightsSpec(
+        "alexnet-owt-7be5be79.pth",
+        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        "quality.lpips_weights",
+        "LPIPS",
+    ),
 }
 
 
@@ -44,8 +50,12 @@ def encoder_spec(encoder: str) -> WeightsSpec | None:
     if spec is None or "repo_id" not in spec:
         return None
     url = f"https://huggingface.co/{spec['repo_id']}/resolve/{spec['revision']}/model.safetensors"
-    return WeightsSpec(f"smp-{encoder}-imagenet.safetensors", url, "segmentation.encoder_weights_path",
-                       f"the ImageNet start of encoder {encoder}")
+    return WeightsSpec(
+        f"smp-{encoder}-imagenet.safetensors",
+        url,
+        "segmentation.encoder_weights_path",
+        f"the ImageNet start of encoder {encoder}",
+    )
 
 
 def classifier_spec(model: str) -> WeightsSpec | None:
@@ -59,8 +69,9 @@ def classifier_spec(model: str) -> WeightsSpec | None:
         return None
     repo, _, revision = hub.partition("@")
     url = f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/model.safetensors"
-    return WeightsSpec(f"timm-{model}.safetensors", url, "classification.weights_path",
-                       f"the ImageNet start of classifier {model}")
+    return WeightsSpec(
+        f"timm-{model}.safetensors", url, "classification.weights_path", f"the ImageNet start of classifier {model}"
+    )
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -87,13 +98,17 @@ def weights_file(spec: WeightsSpec, configured: str | Path | None, weights_dir: 
         path = Path(configured)
         if path.is_file():
             return path, f"weights {path}"
-        return None, (f"{spec.use} skipped: {spec.key}={configured} does not exist; point {spec.key} at a copy of "
-                      f"{spec.url} or set it to null to use {Path(weights_dir) / spec.file}")
+        return None, (
+            f"{spec.use} skipped: {spec.key}={configured} does not exist; point {spec.key} at a copy of "
+            f"{spec.url} or set it to null to use {Path(weights_dir) / spec.file}"
+        )
     path = Path(weights_dir) / spec.file
     if path.is_file():
         return path, f"weights {path}"
-    return None, (f"{spec.use} skipped: missing {path}; run `snakemake fetch_weights` (downloads {spec.url} there), "
-                  f"copy that file there, or set {spec.key} to a local copy")
+    return None, (
+        f"{spec.use} skipped: missing {path}; run `snakemake fetch_weights` (downloads {spec.url} there), "
+        f"copy that file there, or set {spec.key} to a local copy"
+    )
 
 
 def fetch(spec: WeightsSpec, weights_dir: str | Path, progress: bool = True) -> Path:

@@ -4,6 +4,13 @@ from histosynth.evaluation.classification import evaluate_classifier
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
-evaluate_classifier(snakemake.input.run, snakemake.input.indexes, snakemake.output.metrics, snakemake.output.predictions,
-                    config=snakemake.params.config, ratio=snakemake.wildcards.ratio, fold=int(snakemake.wildcards.fold),
-                    seed=int(snakemake.wildcards.seed))
+evaluate_classifier(
+    snakemake.input.run,
+    snakemake.input.indexes,
+    snakemake.output.metrics,
+    snakemake.output.predictions,
+    config=snakemake.params.config,
+    ratio=snakemake.wildcards.ratio,
+    fold=int(snakemake.wildcards.fold),
+    seed=int(snakemake.wildcards.seed),
+)

@@ -12,15 +12,21 @@ segmentation = config["segmentation"]
 if segmentation["encoder_weights"] == "imagenet" and not segmentation["encoder_weights_path"]:
     spec = encoder_spec(segmentation["encoder"])
     if spec is None:
-        log.info("encoder %s: smp has no ImageNet file for it; its training starts from random weights", segmentation["encoder"])
+        log.info(
+            "encoder %s: smp has no ImageNet file for it; its training starts from random weights",
+            segmentation["encoder"],
+        )
     else:
         specs.append(spec)
 classification = config.get("classification")  # in params when the rule passes the section
 if classification and classification["enabled"] and classification["pretrained"] and not classification["weights_path"]:
     spec = classifier_spec(classification["model"])
     if spec is None:
-        log.info("classifier %s: timm has no ImageNet file for it on the Hugging Face Hub; its training starts from "
-                 "random weights", classification["model"])
+        log.info(
+            "classifier %s: timm has no ImageNet file for it on the Hugging Face Hub; its training starts from "
+            "random weights",
+            classification["model"],
+        )
     else:
         specs.append(spec)
 for spec in specs:

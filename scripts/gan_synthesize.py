@@ -5,5 +5,12 @@ from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
 config = snakemake.params.config
-gan_stage(snakemake.input.model, snakemake.input.indexes, snakemake.output[0], settings=config["synthesis"],
-          labels=config["labels"], size=snakemake.params.size, seed=config["seed"])
+gan_stage(
+    snakemake.input.model,
+    snakemake.input.indexes,
+    snakemake.output[0],
+    settings=config["synthesis"],
+    labels=config["labels"],
+    size=snakemake.params.size,
+    seed=config["seed"],
+)

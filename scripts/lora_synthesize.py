@@ -5,5 +5,13 @@ from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
 config = snakemake.params.config
-lora_stage(snakemake.input.model, snakemake.input.indexes, snakemake.output[0], settings=config["synthesis"],
-           labels=config["labels"], size=snakemake.params.size, seed=config["seed"], scale=snakemake.params.scale)
+lora_stage(
+    snakemake.input.model,
+    snakemake.input.indexes,
+    snakemake.output[0],
+    settings=config["synthesis"],
+    labels=config["labels"],
+    size=snakemake.params.size,
+    seed=config["seed"],
+    scale=snakemake.params.scale,
+)

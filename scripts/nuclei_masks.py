@@ -11,7 +11,11 @@ log_to(snakemake.log[0])
 params = snakemake.params.nuclei
 model = load_detector(snakemake.input.model, str(pick_device())) if "model" in snakemake.input.keys() else None
 table, geojson = segment_slide_patches(
-    read_patch_index(snakemake.input.index), snakemake.input.image, snakemake.output.masks, params, model,
+    read_patch_index(snakemake.input.index),
+    snakemake.input.image,
+    snakemake.output.masks,
+    params,
+    model,
     workers=snakemake.threads,
 )
 write_table(table, snakemake.output.table)

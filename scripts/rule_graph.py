@@ -15,7 +15,16 @@ snakefile = Path(snakemake.scriptdir).parent / "Snakefile"
 with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
     yaml.safe_dump(dict(snakemake.config), config)
     config.flush()
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--configfile", config.name, "--rulegraph"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile),
+        "--configfile",
+        config.name,
+        "--rulegraph",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
 if result.returncode:
     sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")

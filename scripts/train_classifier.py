@@ -9,5 +9,11 @@ from histosynth.evaluation.classification import train_classifier
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
-train_classifier(snakemake.input.manifest, snakemake.input.indexes, snakemake.output[0],
-                 config=snakemake.params.config, seed=snakemake.params.seed, fold=snakemake.params.fold)
+train_classifier(
+    snakemake.input.manifest,
+    snakemake.input.indexes,
+    snakemake.output[0],
+    config=snakemake.params.config,
+    seed=snakemake.params.seed,
+    fold=snakemake.params.fold,
+)

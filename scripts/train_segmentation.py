@@ -7,5 +7,10 @@ from histosynth.evaluation.segmentation import train_segmentation
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])
-train_segmentation(snakemake.input.manifest, snakemake.input.indexes, snakemake.output[0],
-                   config=snakemake.params.config, seed=snakemake.params.seed)
+train_segmentation(
+    snakemake.input.manifest,
+    snakemake.input.indexes,
+    snakemake.output[0],
+    config=snakemake.params.config,
+    seed=snakemake.params.seed,
+)

@@ -22,8 +22,14 @@ def write_tiled_tiff(path: Path, rgb: np.ndarray, mpp: float | None = 0.5, level
             extra = {}
             if mpp is not None:
                 extra = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
-            tw.write(np.ascontiguousarray(rgb[::ds, ::ds]), tile=(tile, tile), compression="jpeg",
-                     photometric="rgb", subfiletype=1 if level else 0, **extra)
+            tw.write(
+                np.ascontiguousarray(rgb[::ds, ::ds]),
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=1 if level else 0,
+                **extra,
+            )
     return path
 
 
@@ -34,8 +40,11 @@ def write_geojson(path: Path, features: list[dict], bare_list: bool = False) -> 
 
 
 def feature(class_name: str, geometry: dict) -> dict:
-    return {"type": "Feature", "geometry": geometry,
-            "properties": {"objectType": "annotation", "classification": {"name": class_name}}}
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {"objectType": "annotation", "classification": {"name": class_name}},
+    }
 
 
 def square(x0, y0, x1, y1) -> dict:
@@ -60,10 +69,10 @@ def square_slide(tmp_path) -> tuple[Path, Path]:
     rgb = np.full((1024, 1024, 3), GLASS, np.uint8)
     rgb[256:768, 256:768] = STROMA
     slide = write_tiled_tiff(tmp_path / "square.tiff", rgb)
-    geojson = write_geojson(tmp_path / "square.geojson", [
-        feature("Tissue", square(240, 240, 784, 784)),
-        feature("Blood vessel", square(256, 256, 384, 384)),
-    ])
+    geojson = write_geojson(
+        tmp_path / "square.geojson",
+        [feature("Tissue", square(240, 240, 784, 784)), feature("Blood vessel", square(256, 256, 384, 384))],
+    )
     return slide, geojson
 
 

@@ -24,14 +24,17 @@ class Shapes(Dataset):
         g = torch.Generator().manual_seed(i)
         y, x = torch.randint(0, s // 2, (2,), generator=g).tolist()
         mask = torch.zeros(s, s)
-        mask[y:y + s // 2, x:x + s // 2] = 1
+        mask[y : y + s // 2, x : x + s // 2] = 1
         edge = mask + torch.nn.functional.max_pool2d(-mask[None, None], 3, 1, 1)[0, 0]  # mask - erosion
         image = torch.stack([2 * mask - 1, -torch.ones(s, s), 1 - 2 * mask]) + 0.05 * torch.randn(3, s, s, generator=g)
         if i == self.nan_at:
             image = torch.full_like(image, float("nan"))
         cond = torch.stack([1 - mask, mask, edge])
-        return {"image": image.clamp(-1, 1) if i != self.nan_at else image, "cond": cond,
-                "label": torch.tensor(int(x >= s // 4))}
+        return {
+            "image": image.clamp(-1, 1) if i != self.nan_at else image,
+            "cond": cond,
+            "label": torch.tensor(int(x >= s // 4)),
+        }
 
 
 class Toy(Dataset):
@@ -54,17 +57,35 @@ class Toy(Dataset):
 
 def tiny(**train) -> dict:
     """A tiny diffusion config (a few steps, checkpoints every 2) with `train` settings overriding the defaults."""
-    return {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8,
-            "num_classes": 2, "cond_dropout": 0.2,
-            "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "keep_checkpoints": 2,
-                      "log_every": 1, "sample_every": 0, "ema_decay": 0.9, "sample_count": 2, **train}}
+    return {
+        "channels": 8,
+        "multipliers": [1, 2],
+        "attention_head_dim": 8,
+        "norm_groups": 4,
+        "spade_hidden": 8,
+        "num_classes": 2,
+        "cond_dropout": 0.2,
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 2,
+            "log_every": 1,
+            "sample_every": 0,
+            "ema_decay": 0.9,
+            "sample_count": 2,
+            **train,
+        },
+    }
 
 
 def tiny_model(conditioning="spade", image_channels=3, cond_channels=3, num_classes=0):
     """A tiny diffusion U-Net (16 px) with seeded weights, in eval mode."""
     torch.manual_seed(0)
-    return build_model({**tiny(), "conditioning": conditioning, "num_classes": num_classes},
-                       image_channels, cond_channels, 16).eval()
+    return build_model(
+        {**tiny(), "conditioning": conditioning, "num_classes": num_classes}, image_channels, cond_channels, 16
+    ).eval()
 
 
 def assert_identical(a: dict, b: dict):

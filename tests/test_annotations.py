@@ -101,7 +101,12 @@ def test_feature_without_geometry_or_with_bad_geometry_errors(tmp_path):
 def test_points_lines_and_detections_are_skipped_with_a_warning(tmp_path, caplog):
     cell = feature(HOLED, "Tumor")
     cell["properties"]["objectType"] = "cell"
-    features = [feature(shapely.Point(1, 2)), feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"), cell, feature(HOLED, "Tumor")]
+    features = [
+        feature(shapely.Point(1, 2)),
+        feature(shapely.LineString([(0, 0), (5, 5)]), "Ruler"),
+        cell,
+        feature(HOLED, "Tumor"),
+    ]
     with caplog.at_level(logging.WARNING, logger="histosynth.data.annotations"):
         regions = load_regions(write(tmp_path, features))
     assert [r.class_name for r in regions] == ["Tumor"]
@@ -194,7 +199,11 @@ def test_unlisted_classes_rank_below_listed_and_by_index():
 
 
 def test_regions_outside_the_slide_are_clipped_or_dropped(caplog):
-    regions = [Region("A", box(80, 10, 120, 30)), Region("B", box(200, 200, 220, 220)), Region("A", box(10, 10, 20, 20))]
+    regions = [
+        Region("A", box(80, 10, 120, 30)),
+        Region("B", box(200, 200, 220, 220)),
+        Region("A", box(10, 10, 20, 20)),
+    ]
     with caplog.at_level(logging.WARNING, logger="histosynth.data.annotations"):
         raster = rasterizer(regions, {"A": 1, "B": 2}, slide_size=(100, 50), source="s.geojson")
     assert "s.geojson: clipped 1 region" in caplog.text and "s.geojson: dropped 1 region" in caplog.text
@@ -226,11 +235,15 @@ def asap_xml(annotations, groups=("Tumor", "Stroma")):
     items = []
     for i, (kind, group, points) in enumerate(annotations):
         coords = "".join(f'<Coordinate Order="{k}" X="{x}" Y="{y}"/>' for k, (x, y) in enumerate(points))
-        items.append(f'<Annotation Name="Annotation {i}" Type="{kind}" PartOfGroup="{group}" Color="#F4FA58">'
-                     f"<Coordinates>{coords}</Coordinates></Annotation>")
+        items.append(
+            f'<Annotation Name="Annotation {i}" Type="{kind}" PartOfGroup="{group}" Color="#F4FA58">'
+            f"<Coordinates>{coords}</Coordinates></Annotation>"
+        )
     group_xml = "".join(f'<Group Name="{g}" PartOfGroup="None" Color="#64FE2E"><Attributes /></Group>' for g in groups)
-    return (f'<?xml version="1.0"?>\n<ASAP_Annotations><Annotations>{"".join(items)}</Annotations>'
-            f"<AnnotationGroups>{group_xml}</AnnotationGroups></ASAP_Annotations>")
+    return (
+        f'<?xml version="1.0"?>\n<ASAP_Annotations><Annotations>{"".join(items)}</Annotations>'
+        f"<AnnotationGroups>{group_xml}</AnnotationGroups></ASAP_Annotations>"
+    )
 
 
 def aperio_xml(annotations):
@@ -239,11 +252,15 @@ def aperio_xml(annotations):
     for i, (name, description, regions) in enumerate(annotations, start=1):
         region_xml = "".join(
             f'<Region Id="{k}" Type="0" NegativeROA="{int(negative)}"><Attributes/><Vertices>'
-            + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in points) + "</Vertices></Region>"
-            for k, (negative, points) in enumerate(regions, start=1))
-        items.append(f'<Annotation Id="{i}" Name="{name}" LineColor="65280" Type="4"><Attributes>'
-                     f'<Attribute Name="Description" Id="0" Value="{description}"/></Attributes>'
-                     f"<Regions><RegionAttributeHeaders/>{region_xml}</Regions></Annotation>")
+            + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in points)
+            + "</Vertices></Region>"
+            for k, (negative, points) in enumerate(regions, start=1)
+        )
+        items.append(
+            f'<Annotation Id="{i}" Name="{name}" LineColor="65280" Type="4"><Attributes>'
+            f'<Attribute Name="Description" Id="0" Value="{description}"/></Attributes>'
+            f"<Regions><RegionAttributeHeaders/>{region_xml}</Regions></Annotation>"
+        )
     return f'<?xml version="1.0"?>\n<Annotations MicronsPerPixel="0.5">{"".join(items)}</Annotations>'
 
 
@@ -252,12 +269,18 @@ def square(x0, y0, x1, y1):
 
 
 def test_asap_groups_are_classes_and_rectangles_splines_are_areas_dots_skipped(tmp_path, caplog):
-    path = write(tmp_path, asap_xml([
-        ("Polygon", "Tumor", square(2, 2, 10, 6)),
-        ("Rectangle", "Stroma", square(12, 4, 16, 14)),
-        ("Spline", "Tumor", [(2, 10), (8, 10), (8, 14), (2, 14)]),
-        ("Dot", "Tumor", [(30, 30)]),
-    ]), "slide.xml")
+    path = write(
+        tmp_path,
+        asap_xml(
+            [
+                ("Polygon", "Tumor", square(2, 2, 10, 6)),
+                ("Rectangle", "Stroma", square(12, 4, 16, 14)),
+                ("Spline", "Tumor", [(2, 10), (8, 10), (8, 14), (2, 14)]),
+                ("Dot", "Tumor", [(30, 30)]),
+            ]
+        ),
+        "slide.xml",
+    )
     with caplog.at_level(logging.INFO):
         regions = load_regions(path)
     assert "skipped 1 dot/point-set" in caplog.text
@@ -279,10 +302,16 @@ def test_asap_annotation_outside_the_groups_lists_them(tmp_path):
 
 
 def test_aperio_negative_region_is_a_hole_and_class_comes_from_name_or_attribute(tmp_path):
-    path = write(tmp_path, aperio_xml([
-        ("Tumor", "tumour bed", [(False, square(0, 0, 12, 12)), (True, square(4, 4, 8, 8))]),
-        ("Stroma", "stroma", [(False, square(14, 0, 18, 6)), (False, square(14, 8, 18, 12))]),
-    ]), "slide.xml")
+    path = write(
+        tmp_path,
+        aperio_xml(
+            [
+                ("Tumor", "tumour bed", [(False, square(0, 0, 12, 12)), (True, square(4, 4, 8, 8))]),
+                ("Stroma", "stroma", [(False, square(14, 0, 18, 6)), (False, square(14, 8, 18, 12))]),
+            ]
+        ),
+        "slide.xml",
+    )
     regions = load_regions(path)
     assert [r.class_name for r in regions] == ["Tumor", "Stroma"]
     mask = rasterizer(regions, {"Tumor": 1, "Stroma": 2}).rasterize(0, 0, 20, 12, (12, 20))
@@ -313,7 +342,9 @@ def test_label_mask_at_a_downsample_paints_its_pixels_at_level_0(tmp_path):
     mask = rasterizer(regions, {"Tumor": 1, "Stroma": 2}).rasterize(0, 0, 24, 20, (20, 24))
     expected = np.kron(np.select([small == 2, small > 0], [2, 1], 0), np.ones((4, 4), int)).astype(np.uint8)
     np.testing.assert_array_equal(mask, expected)
-    with pytest.raises(AnnotationError, match=r"slide.png: the mask is 6x5 px but its image is 48x40.*mask_downsample: 8"):
+    with pytest.raises(
+        AnnotationError, match=r"slide.png: the mask is 6x5 px but its image is 48x40.*mask_downsample: 8"
+    ):
         load_regions(path, settings, slide_size=(48, 40))
     with pytest.raises(AnnotationError, match=r"slide.png: mask values 7 have no class.*annotations.mask_values"):
         load_regions(path, {"mask_values": {1: "Tumor", 2: "Stroma"}, "mask_downsample": 4})
@@ -325,11 +356,15 @@ def test_the_same_slide_in_geojson_asap_and_aperio_gives_identical_masks(tmp_pat
     tumor = [(20.3, 10.7), (180.2, 30.1), (170.6, 170.4), (30.9, 150.2)]
     vessel = [(60.5, 40.2), (120.8, 55.9), (95.1, 130.3)]
     geo = write(tmp_path, [feature(Polygon(tumor), "Tumor"), feature(Polygon(vessel), "Vessel")], "s.geojson")
-    asap = write(tmp_path, asap_xml([("Polygon", "Tumor", tumor), ("Polygon", "Vessel", vessel)], ("Tumor", "Vessel")), "s.asap")
+    asap = write(
+        tmp_path, asap_xml([("Polygon", "Tumor", tumor), ("Polygon", "Vessel", vessel)], ("Tumor", "Vessel")), "s.asap"
+    )
     aperio = write(tmp_path, aperio_xml([("Tumor", "", [(False, tumor)]), ("Vessel", "", [(False, vessel)])]), "s.xml")
     classes = {"Tumor": 1, "Vessel": 2}
-    masks = [rasterizer(load_regions(p), classes, priority=["Vessel"]).rasterize(0, 0, 200, 200, (100, 100))
-             for p in (geo, asap, aperio)]
+    masks = [
+        rasterizer(load_regions(p), classes, priority=["Vessel"]).rasterize(0, 0, 200, 200, (100, 100))
+        for p in (geo, asap, aperio)
+    ]
     assert set(np.unique(masks[0])) == {0, 1, 2}
     np.testing.assert_array_equal(masks[1], masks[0])
     np.testing.assert_array_equal(masks[2], masks[0])
@@ -342,8 +377,10 @@ def test_format_is_told_by_content_and_other_files_are_refused(tmp_path):
     assert detect_format(write(tmp_path, aperio_xml([]), "a.txt")) == "aperio"
     assert detect_format(write(tmp_path, [], "b.xml")) == "geojson"
     utf16 = tmp_path / "utf16.xml"
-    utf16.write_text(aperio_xml([("Tumor", "", [(False, square(0, 0, 4, 4))])]).replace('"1.0"?>', '"1.0" encoding="UTF-16"?>'),
-                     encoding="utf-16")
+    utf16.write_text(
+        aperio_xml([("Tumor", "", [(False, square(0, 0, 4, 4))])]).replace('"1.0"?>', '"1.0" encoding="UTF-16"?>'),
+        encoding="utf-16",
+    )
     assert detect_format(utf16) == "aperio" and [r.class_name for r in load_regions(utf16)] == ["Tumor"]
     with pytest.raises(AnnotationError, match=r"c.xml: XML with root <svg>"):
         detect_format(write(tmp_path, "<svg></svg>", "c.xml"))
@@ -372,8 +409,24 @@ def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_pa
     (tmp_path / "masks").mkdir()
     Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / "d.png")
     out = tmp_path / "sheet.tsv"
-    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann"),
-                 "--masks", str(tmp_path / "masks"), "--absolute", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sheet",
+                str(tmp_path / "images"),
+                "--mpp",
+                "0.5",
+                "--annotations",
+                str(tmp_path / "ann"),
+                "--masks",
+                str(tmp_path / "masks"),
+                "--absolute",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sheet = read_slide_sheet(out)
     paired = {slide: Path(path).name for slide, path in zip(sheet["slide"], sheet["annotations"]) if path}
     assert paired == {"a": "a.xml", "b": "b.xml", "c": "c.geojson", "d": "d.png"}
@@ -381,14 +434,31 @@ def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_pa
     (tmp_path / "nuclei").mkdir()
     (tmp_path / "nuclei" / "e.xml").write_text(aperio_xml([("", "", [(False, square(0, 0, 4, 4))])]))
     Image.fromarray(np.eye(8, dtype=np.uint16)).save(tmp_path / "nuclei" / "f.png")
-    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--nuclei", str(tmp_path / "nuclei"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            ["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--nuclei", str(tmp_path / "nuclei"), "--out", str(out)]
+        )
+        == 0
+    )
     sheet = read_slide_sheet(out)
     assert {s: Path(p).name for s, p in zip(sheet["slide"], sheet["nuclei"]) if p} == {"e": "e.xml", "f": "f.png"}
     # a mask in the polygon folder (or an image annotated twice) is refused, naming the file
     Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "masks" / "a.png")
-    assert main(["sheet", str(tmp_path / "images"), "--mpp", "0.5", "--annotations", str(tmp_path / "ann"),
-                 "--masks", str(tmp_path / "masks")]) == 2
+    assert (
+        main(
+            [
+                "sheet",
+                str(tmp_path / "images"),
+                "--mpp",
+                "0.5",
+                "--annotations",
+                str(tmp_path / "ann"),
+                "--masks",
+                str(tmp_path / "masks"),
+            ]
+        )
+        == 2
+    )
     assert "images/a.png: annotated twice" in capsys.readouterr().err
     (tmp_path / "masks" / "a.png").unlink()
     (tmp_path / "ann" / "e.xml").write_bytes((tmp_path / "masks" / "d.png").read_bytes())
@@ -416,11 +486,20 @@ def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotatio
     labels[72:120, 40:100] = 3  # Fat
     labels[20:60, 90:120] = 2  # Inflammation
     names = {1: "Blood vessel", 2: "Inflammation", 3: "Fat"}
-    boxes = {v: (xs.min() * down, ys.min() * down, (xs.max() + 1) * down, (ys.max() + 1) * down)
-             for v in names for ys, xs in [np.nonzero(labels == v)]}
+    boxes = {
+        v: (xs.min() * down, ys.min() * down, (xs.max() + 1) * down, (ys.max() + 1) * down)
+        for v in names
+        for ys, xs in [np.nonzero(labels == v)]
+    }
     for slide in ("a", "b", "c"):
-        pink = np.stack([rng.integers(170, 230, (side, side)), rng.integers(90, 140, (side, side)),
-                         rng.integers(150, 200, (side, side))], axis=-1).astype(np.uint8)
+        pink = np.stack(
+            [
+                rng.integers(170, 230, (side, side)),
+                rng.integers(90, 140, (side, side)),
+                rng.integers(150, 200, (side, side)),
+            ],
+            axis=-1,
+        ).astype(np.uint8)
         Image.fromarray(pink).save(tmp_path / f"{slide}.png")
     asap = asap_xml([("Rectangle", names[v], square(*boxes[v])) for v in names], tuple(names.values()))
     (tmp_path / "a.xml").write_text(asap)
@@ -428,21 +507,38 @@ def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotatio
     (tmp_path / "c.xml").write_text(aperio_xml([(names[v], "", [(False, square(*boxes[v]))]) for v in names]))
     nuclei = np.zeros_like(labels, np.uint16)
     for k, (r, c) in enumerate([(20, 20), (50, 60), (90, 30), (100, 100)], start=1):
-        nuclei[r - 2:r + 2, c - 2:c + 2] = k
+        nuclei[r - 2 : r + 2, c - 2 : c + 2] = k
     Image.fromarray(nuclei).save(tmp_path / "a_nuclei.png")
     (tmp_path / "sheet.tsv").write_text(
         "slide\timage\tannotations\tsplit\tmpp\tnuclei\n"
         "a\ta.png\ta.xml\ttrain\t0.5\ta_nuclei.png\n"
         "b\tb.png\tb_labels.png\tval\t0.5\t\n"
-        "c\tc.png\tc.xml\ttest\t0.5\t\n")
+        "c\tc.png\tc.xml\ttest\t0.5\t\n"
+    )
     (tmp_path / "overlay.yaml").write_text(
         "slides: sheet.tsv\npatches: {tissue: {otsu: false}}\n"
-        "annotations: {mask_values: {1: Blood vessel, 2: Inflammation, 3: Fat}, mask_downsample: 4}\n")
+        "annotations: {mask_values: {1: Blood vessel, 2: Inflammation, 3: Fat}, mask_downsample: 4}\n"
+    )
 
     def snakemake(*args):
-        command = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"), "--directory",
-                   str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml"),
-                   str(tmp_path / "overlay.yaml"), "--cores", "2", "--resources", "gpu=1"]
+        command = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            *args,
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(REPO / "config/config.yaml"),
+            str(REPO / "config/tiny.yaml"),
+            str(tmp_path / "overlay.yaml"),
+            "--cores",
+            "2",
+            "--resources",
+            "gpu=1",
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=1200)
 
     result = snakemake("results/export/real/segmentation", "results/nuclei/a.quality.csv")
@@ -452,7 +548,7 @@ def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotatio
         assert len(index) == 16
         for row in index.itertuples():
             mask = np.asarray(Image.open(tmp_path / "results/patches" / row.mask))
-            expected = labels[row.y // down:row.y // down + 32, row.x // down:row.x // down + 32]
+            expected = labels[row.y // down : row.y // down + 32, row.x // down : row.x // down + 32]
             np.testing.assert_array_equal(mask, expected, err_msg=f"{slide} {row.patch_id}")
     export = tmp_path / "results/export/real/segmentation"
     assert json.loads((export / "dataset.json").read_text())["splits"] == {"train": 16, "val": 16, "test": 16}

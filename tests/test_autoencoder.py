@@ -31,9 +31,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**over) -> dict:
-    config = {"channels": [8, 16, 16], "norm_groups": 4, "codebook_size": 32, "latent_channels": 4, "factor": 4,
-              "scale_items": 8, "val_items": 8,
-              "train": {"steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100}}
+    config = {
+        "channels": [8, 16, 16],
+        "norm_groups": 4,
+        "codebook_size": 32,
+        "latent_channels": 4,
+        "factor": 4,
+        "scale_items": 8,
+        "val_items": 8,
+        "train": {"steps": 12, "batch_size": 4, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100},
+    }
     return {**config, **over}
 
 
@@ -108,7 +115,9 @@ def test_training_reduces_the_loss_and_writes_model_csv_metrics_grid(tmp_path):
 
 
 def test_kl_training_logs_the_kl_term(tmp_path):
-    train_autoencoder(Shapes(n=4), tmp_path, tiny(kind="kl", train={"steps": 2, "batch_size": 2, "log_every": 1}), seed=0)
+    train_autoencoder(
+        Shapes(n=4), tmp_path, tiny(kind="kl", train={"steps": 2, "batch_size": 2, "log_every": 1}), seed=0
+    )
     with open(tmp_path / "loss.csv") as f:
         assert {"recon", "kl"} <= set(next(csv.DictReader(f)))
     assert load_autoencoder(tmp_path / "model").__class__.__name__ == "AutoencoderKL"
@@ -117,7 +126,9 @@ def test_kl_training_logs_the_kl_term(tmp_path):
 def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)  # squeezenet: the smallest LPIPS backbone, quick to build
-    backbone = {f"features.{k}": v for k, v in torchvision.models.squeezenet1_1(weights=None).features.state_dict().items()}
+    backbone = {
+        f"features.{k}": v for k, v in torchvision.models.squeezenet1_1(weights=None).features.state_dict().items()
+    }
     torch.save(backbone, tmp_path / "squeeze.pth")
     lpips = load_lpips(tmp_path / "squeeze.pth", "squeeze")
     assert torch.equal(lpips.net.slices[0][0].weight, backbone["features.0.weight"])
@@ -135,7 +146,9 @@ def test_lpips_from_a_backbone_file_is_used_in_the_loss(tmp_path):
     # the same first step (same seed, same batch) except for the perceptual term, weighted in the loss
     assert with_lpips["recon"] == without["recon"] and with_lpips["vq"] == without["vq"]
     assert without["loss"] == pytest.approx(without["recon"] + without["vq"], rel=1e-4)  # vq_weight 1
-    assert with_lpips["loss"] == pytest.approx(with_lpips["recon"] + with_lpips["vq"] + 2.5 * with_lpips["lpips"], rel=1e-4)
+    assert with_lpips["loss"] == pytest.approx(
+        with_lpips["recon"] + with_lpips["vq"] + 2.5 * with_lpips["lpips"], rel=1e-4
+    )
     assert with_lpips["loss"] - without["loss"] == pytest.approx(2.5 * with_lpips["lpips"], rel=1e-3)
 
 
@@ -147,8 +160,21 @@ def test_lpips_path_that_does_not_exist_is_an_error(tmp_path):
 def test_command_line_entry_point(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps({"seed": 1, "autoencoder": tiny(train={"steps": 1, "batch_size": 2})}))
-    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "helpers:shapes_factory",
-            "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt"), "--threads", "1"]
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "out"),
+        "--dataset",
+        "helpers:shapes_factory",
+        "--index",
+        "unused.parquet",
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["split"] == "val"
     assert (tmp_path / "ckpt" / "step-1" / "trainer.pt").is_file() and not (tmp_path / "out" / "checkpoints").exists()

@@ -21,10 +21,32 @@ def gpu():
 
 def test_gpu_benchmark_runs_on_cpu_in_tiny_mode(gpu, tmp_path, capsys):
     out = tmp_path / "gpu.csv"
-    table = gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--sample-steps", "2",
-                      "--max-batch", "4", "--out", str(out)])
-    assert list(table["name"]) == ["fp32", "bf16", "bf16+channels_last", "ddpm-1000 (from 2 steps)",
-                                   "ddim-50 (from 2 steps)", "dpmsolver++-20 (from 2 steps)", "resnet18 fp32"]
+    table = gpu.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--sample-steps",
+            "2",
+            "--max-batch",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    assert list(table["name"]) == [
+        "fp32",
+        "bf16",
+        "bf16+channels_last",
+        "ddpm-1000 (from 2 steps)",
+        "ddim-50 (from 2 steps)",
+        "dpmsolver++-20 (from 2 steps)",
+        "resnet18 fp32",
+    ]
     assert table[["per_s", "step_s"]].notna().all().all()  # every row measured (how fast is the machine's business)
     train = table[table["kind"].isin(["diffusion_train", "segmentation_train"])]
     assert (train["gflop_per_step"] > 0).all()  # counted from the models, not timed
@@ -42,14 +64,18 @@ def test_projection_scales_the_fastest_measured_rates_to_the_preset(gpu):
     """Training: the faster of 0.5 and 0.75 s per image, 100 steps of 8 images: 400 s. Sampling:
     DDIM measured at 10 s per batch of 4 for 50 steps, run at 25 steps: 1.25 s an image, 144
     images: 180 s."""
-    table = pd.DataFrame([
-        {"kind": "diffusion_train", "name": "fp32", "step_s": 3.0, "batch": 4},
-        {"kind": "diffusion_train", "name": "bf16", "step_s": 2.0, "batch": 4},
-        {"kind": "sampling", "name": "ddpm-1000 (from 2 steps)", "step_s": 99.0, "batch": 4},
-        {"kind": "sampling", "name": "ddim-50 (from 2 steps)", "step_s": 10.0, "batch": 4},
-    ])
-    config = {"diffusion": {"train": {"steps": 100, "batch_size": 8}},
-              "synthesis": {"synthesize": {"n": 144, "sampler": "ddim", "steps": 25}}}
+    table = pd.DataFrame(
+        [
+            {"kind": "diffusion_train", "name": "fp32", "step_s": 3.0, "batch": 4},
+            {"kind": "diffusion_train", "name": "bf16", "step_s": 2.0, "batch": 4},
+            {"kind": "sampling", "name": "ddpm-1000 (from 2 steps)", "step_s": 99.0, "batch": 4},
+            {"kind": "sampling", "name": "ddim-50 (from 2 steps)", "step_s": 10.0, "batch": 4},
+        ]
+    )
+    config = {
+        "diffusion": {"train": {"steps": 100, "batch_size": 8}},
+        "synthesis": {"synthesize": {"n": 144, "sampler": "ddim", "steps": 25}},
+    }
     hours = gpu.projection(table, config).set_index("work")["hours"]
     assert math.isclose(hours["diffusion training"], 400 / 3600)
     assert math.isclose(hours["synthetic patches"], 180 / 3600)

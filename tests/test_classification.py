@@ -57,15 +57,25 @@ def make_rows(folder, n, slide, label, seed=0) -> pd.DataFrame:
         path = folder / f"{slide}_{i}.png"
         Image.fromarray(image).save(path)
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / f"{slide}_{i}_mask.png")
-        rows.append({"patch_id": f"{slide}_{i}", "slide": slide, "image": str(path),
-                     "mask": str(folder / f"{slide}_{i}_mask.png"), "class": label, "label": label})
+        rows.append(
+            {
+                "patch_id": f"{slide}_{i}",
+                "slide": slide,
+                "image": str(path),
+                "mask": str(folder / f"{slide}_{i}_mask.png"),
+                "class": label,
+                "label": label,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def two_slides(folder, n, first, seed=0) -> pd.DataFrame:
     """n images of a red and n of a blue slide."""
-    return pd.concat([make_rows(folder, n, f"{first}r", "red", seed), make_rows(folder, n, f"{first}b", "blue", seed + 1)],
-                     ignore_index=True)
+    return pd.concat(
+        [make_rows(folder, n, f"{first}r", "red", seed), make_rows(folder, n, f"{first}b", "blue", seed + 1)],
+        ignore_index=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +83,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
     train_rows = two_slides(root / "train", 12, "t").assign(source=["real"] * 20 + ["synthetic"] * 4)
     val_rows = two_slides(root / "val", 8, "v", seed=5)
-    summary = train(train_rows, val_rows, CLASSES, root / "run", settings=TINY, seed=3, weights_dir=root / "weights",
-                    progress=False)
+    summary = train(
+        train_rows, val_rows, CLASSES, root / "run", settings=TINY, seed=3, weights_dir=root / "weights", progress=False
+    )
     return root, summary, train_rows, val_rows
 
 
@@ -82,8 +93,7 @@ def trained(tmp_path_factory):
 
 # 6 patches, 3 classes; argmax predictions 0 1 1 1 2 0 against targets 0 0 1 1 2 2
 TARGET = np.array([0, 0, 1, 1, 2, 2])
-PROBS = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
-                  [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
+PROBS = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
 
 
 def scores(table: pd.DataFrame) -> dict:
@@ -117,7 +127,16 @@ def test_perfect_predictions_score_one():
 def test_metrics_with_absent_classes():
     """Class c is predicted but never true, class d neither: NaN where undefined, macros over the defined."""
     target = np.array([0, 0, 1, 1, 0, 1])
-    probs = np.array([[.8, .1, .1, 0], [.6, .2, .2, 0], [.2, .7, .1, 0], [.1, .2, .7, 0], [.3, .3, .4, 0], [.3, .6, .1, 0]])
+    probs = np.array(
+        [
+            [0.8, 0.1, 0.1, 0],
+            [0.6, 0.2, 0.2, 0],
+            [0.2, 0.7, 0.1, 0],
+            [0.1, 0.2, 0.7, 0],
+            [0.3, 0.3, 0.4, 0],
+            [0.3, 0.6, 0.1, 0],
+        ]
+    )
     got = scores(classification_metrics(target, probs, ["a", "b", "c", "d"]))  # predictions 0 0 1 2 2 1
     assert got[("all", "balanced_accuracy")] == pytest.approx(2 / 3)  # a 2/3, b 2/3; c and d have no recall
     assert got[("c", "f1")] == 0.0 and math.isnan(got[("d", "f1")])  # c was predicted (wrongly), d never
@@ -131,8 +150,15 @@ def test_metrics_with_absent_classes():
 def test_confusions_per_ratio_in_one_png(tmp_path):
     from histosynth.evaluation.report_plots import plot_confusions
 
-    predictions = pd.DataFrame({"ratio": ["real"] * 6 + ["syn"] * 6, "fold": 0, "seed": 0,
-                                "true": np.tile(TARGET, 2), "pred": np.tile(PROBS.argmax(1), 2)})
+    predictions = pd.DataFrame(
+        {
+            "ratio": ["real"] * 6 + ["syn"] * 6,
+            "fold": 0,
+            "seed": 0,
+            "true": np.tile(TARGET, 2),
+            "pred": np.tile(PROBS.argmax(1), 2),
+        }
+    )
     with Image.open(plot_confusions(predictions, ["a", "b", "c"], tmp_path / "c.png", ["real", "syn"])) as image:
         assert image.format == "PNG" and image.width > 1.6 * image.height  # two panels side by side
 
@@ -144,6 +170,7 @@ def test_class_weights_are_inverse_frequency():
 
 
 # ----------------------------------------------------------------------------- folds
+
 
 def test_folds_group_slides_stratify_and_repeat():
     # 9 slides of class a, 3 of b, 5 patches each: a stratified 3-fold split puts one b slide in every fold
@@ -160,10 +187,20 @@ def test_folds_group_slides_stratify_and_repeat():
 
 
 def test_training_sets_of_folds(tmp_path):
-    real = pd.concat([make_rows(tmp_path, 3, f"s{j}", "red" if j % 2 else "blue").assign(split="train" if j < 4 else "val")
-                      for j in range(6)], ignore_index=True).assign(source="real")
-    synthetic = pd.concat([make_rows(tmp_path, 2, "syn_a", "red").assign(source_slide="s1"),
-                           make_rows(tmp_path, 1, "syn_b", "blue").assign(source_slide="s2")], ignore_index=True)
+    real = pd.concat(
+        [
+            make_rows(tmp_path, 3, f"s{j}", "red" if j % 2 else "blue").assign(split="train" if j < 4 else "val")
+            for j in range(6)
+        ],
+        ignore_index=True,
+    ).assign(source="real")
+    synthetic = pd.concat(
+        [
+            make_rows(tmp_path, 2, "syn_a", "red").assign(source_slide="s1"),
+            make_rows(tmp_path, 1, "syn_b", "blue").assign(source_slide="s2"),
+        ],
+        ignore_index=True,
+    )
     manifest = pd.concat([real[real["split"] == "train"], synthetic.assign(source="synthetic")], ignore_index=True)
     train_rows, val_rows = training_sets(manifest, real, folds=1, fold=0, seed=0)
     assert train_rows is manifest and set(val_rows["slide"]) == {"s4", "s5"}
@@ -174,7 +211,9 @@ def test_training_sets_of_folds(tmp_path):
         assert held and not held & set(train_rows.loc[train_rows["source"] == "real", "slide"])
         # the manifest's synthetic rows train in every fold, except those made from a validating slide's maps
         made_from = train_rows.loc[train_rows["source"] == "synthetic", "source_slide"]
-        assert set(made_from) == {"s1", "s2"} - held and len(made_from) == 2 * ("s1" in set(made_from)) + ("s2" in set(made_from))
+        assert set(made_from) == {"s1", "s2"} - held and len(made_from) == 2 * ("s1" in set(made_from)) + (
+            "s2" in set(made_from)
+        )
         assert len(train_rows[train_rows["source"] == "real"]) + len(val_rows) == len(real)  # real rows from the index
         seen |= held
     assert seen == set(real["slide"])
@@ -183,6 +222,7 @@ def test_training_sets_of_folds(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def test_training_learns_red_from_blue_and_writes_the_run(trained):
     root, summary, _, val_rows = trained
@@ -195,7 +235,12 @@ def test_training_learns_red_from_blue_and_writes_the_run(trained):
     meta = json.loads((run / "model" / "histosynth.json").read_text())
     assert summary["best_epoch"] == best == meta["best_epoch"] and meta["class_names"] == CLASSES
     assert meta["model"] == MODEL and meta["normalisation"]["mean"] == [0.485, 0.456, 0.406]
-    assert (summary["n_train"], summary["n_val"], summary["n_train_real"], summary["n_train_synthetic"]) == (24, 16, 20, 4)
+    assert (summary["n_train"], summary["n_val"], summary["n_train_real"], summary["n_train_synthetic"]) == (
+        24,
+        16,
+        20,
+        4,
+    )
     assert summary["train_class_counts"] == {"blue": 12, "red": 12} and "random init" in summary["weights"]
     assert json.loads((run / "summary.json").read_text())["best_val_loss"] == pytest.approx(loss["val_loss"].min())
     # the saved model is the best epoch's: it reproduces that epoch's validation loss and accuracy
@@ -205,13 +250,17 @@ def test_training_learns_red_from_blue_and_writes_the_run(trained):
     assert -np.log(probs[np.arange(len(target)), target]).mean() == pytest.approx(loss["val_loss"].min(), rel=1e-4)
     assert (probs.argmax(1) == target).mean() == pytest.approx(loss.loc[loss["epoch"] == best, "val_accuracy"].item())
     # uint8 batches give the same probabilities as rows
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p)).transpose(2, 0, 1).copy()) for p in val_rows["image"]])
+    images = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(p)).transpose(2, 0, 1).copy()) for p in val_rows["image"]]
+    )
     assert np.allclose(model.predict_proba(images, batch_size=5), probs, atol=1e-5)
 
 
 def test_deterministic_given_seed(trained, tmp_path):
     root, _, train_rows, val_rows = trained
-    train(train_rows, val_rows, CLASSES, tmp_path / "again", settings=TINY, seed=3, weights_dir=tmp_path, progress=False)
+    train(
+        train_rows, val_rows, CLASSES, tmp_path / "again", settings=TINY, seed=3, weights_dir=tmp_path, progress=False
+    )
     a, b = pd.read_csv(root / "run" / "loss.csv"), pd.read_csv(tmp_path / "again" / "loss.csv")
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
 
@@ -235,7 +284,9 @@ def test_initial_weights_depend_on_the_seed_only(trained, tmp_path, monkeypatch)
     other = two_slides(tmp_path / "other", 5, "o", seed=9)  # a different training set, as another ratio's
     one = {**TINY, "epochs": 1}
     for i, (rows, seed) in enumerate(((train_rows, 4), (other, 4), (other, 5))):
-        train(rows, val_rows, CLASSES, tmp_path / f"r{i}", settings=one, seed=seed, weights_dir=tmp_path, progress=False)
+        train(
+            rows, val_rows, CLASSES, tmp_path / f"r{i}", settings=one, seed=seed, weights_dir=tmp_path, progress=False
+        )
     assert len(states) == 3
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
@@ -244,8 +295,16 @@ def test_initial_weights_depend_on_the_seed_only(trained, tmp_path, monkeypatch)
 def test_freeze_trains_the_head_alone(trained, tmp_path, monkeypatch):
     _, _, train_rows, val_rows = trained
     states = start_states(monkeypatch)
-    train(train_rows, val_rows, CLASSES, tmp_path / "frozen", settings={**TINY, "epochs": 2, "freeze": True}, seed=1,
-          weights_dir=tmp_path, progress=False)
+    train(
+        train_rows,
+        val_rows,
+        CLASSES,
+        tmp_path / "frozen",
+        settings={**TINY, "epochs": 2, "freeze": True},
+        seed=1,
+        weights_dir=tmp_path,
+        progress=False,
+    )
     trained_state = load_classifier(tmp_path / "frozen", "cpu").net.state_dict()
     backbone = [k for k in trained_state if k.startswith("backbone.")]
     head = [k for k in trained_state if k.startswith("head.")]
@@ -266,6 +325,7 @@ def test_dataset_resizes_and_normalises(tmp_path):
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def test_backbone_weights_from_a_local_file(tmp_path):
     import timm
@@ -321,8 +381,10 @@ def test_hugging_face_cache_is_read_without_network(tmp_path, monkeypatch):
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text("abc123")
     (folder / "snapshots" / "abc123").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in timm.create_model(MODEL).state_dict().items()},
-              folder / "snapshots" / "abc123" / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in timm.create_model(MODEL).state_dict().items()},
+        folder / "snapshots" / "abc123" / "model.safetensors",
+    )
     path, note = classifier_weights_file(settings, tmp_path / "weights")
     assert path == folder / "snapshots" / "abc123" / "model.safetensors" and "Hugging Face cache" in note
     net, _ = initial_model(settings, 2, seed=0, weights_dir=tmp_path / "weights")
@@ -331,6 +393,7 @@ def test_hugging_face_cache_is_read_without_network(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- rule entries
 
+
 def test_train_and_evaluate_entries(tmp_path):
     index_dir = tmp_path / "patches"
     for name, split, seed in (("a", "train", 0), ("b", "val", 2), ("c", "test", 4)):
@@ -338,17 +401,35 @@ def test_train_and_evaluate_entries(tmp_path):
         write_relative(table.drop(columns="class"), index_dir / f"{name}.parquet", ("image", "mask"))
     indexes = [index_dir / f"{n}.parquet" for n in "abc"]
     train_index = pd.read_parquet(indexes[0])
-    manifest = pd.DataFrame({"source": "real", "mode": "real", "image": [str(index_dir / p) for p in train_index["image"]],
-                             "mask": [str(index_dir / p) for p in train_index["mask"]], "split": "train",
-                             "origin_id": train_index["patch_id"], "slide": train_index["slide"],
-                             "source_slide": train_index["slide"], "class": train_index["label"]})
+    manifest = pd.DataFrame(
+        {
+            "source": "real",
+            "mode": "real",
+            "image": [str(index_dir / p) for p in train_index["image"]],
+            "mask": [str(index_dir / p) for p in train_index["mask"]],
+            "split": "train",
+            "origin_id": train_index["patch_id"],
+            "slide": train_index["slide"],
+            "source_slide": train_index["slide"],
+            "class": train_index["label"],
+        }
+    )
     write_mix(manifest, tmp_path / "mixing" / "real.parquet")
     config = {"classification": {**TINY, "epochs": 2}, "labels": LABELS, "seed": 0, "weights_dir": str(tmp_path / "w")}
-    summary = train_classifier(tmp_path / "mixing" / "real.parquet", indexes[:2], tmp_path / "run", config=config, seed=7,
-                               fold=0)
+    summary = train_classifier(
+        tmp_path / "mixing" / "real.parquet", indexes[:2], tmp_path / "run", config=config, seed=7, fold=0
+    )
     assert (summary["n_train"], summary["n_val"], summary["n_train_synthetic"]) == (12, 12, 0)
-    metrics = evaluate_classifier(tmp_path / "run", indexes[2:], tmp_path / "m.parquet", tmp_path / "p.parquet",
-                                  config=config, ratio="real", fold=0, seed=1)
+    metrics = evaluate_classifier(
+        tmp_path / "run",
+        indexes[2:],
+        tmp_path / "m.parquet",
+        tmp_path / "p.parquet",
+        config=config,
+        ratio="real",
+        fold=0,
+        seed=1,
+    )
     table, predictions = pd.read_parquet(tmp_path / "m.parquet"), pd.read_parquet(tmp_path / "p.parquet")
     pd.testing.assert_frame_equal(table, metrics)
     assert list(table.columns) == ["task", "ratio", "seed", "fold", "slide", "class", "metric", "value"]
@@ -363,4 +444,6 @@ def test_train_and_evaluate_entries(tmp_path):
     assert accuracy == pytest.approx((predictions["true"] == predictions["pred"]).mean())
     with pytest.raises(ClassificationError, match="no `class` column"):
         write_mix(manifest.drop(columns="class"), tmp_path / "mixing" / "bare.parquet")
-        train_classifier(tmp_path / "mixing" / "bare.parquet", indexes[:2], tmp_path / "bare", config=config, seed=7, fold=0)
+        train_classifier(
+            tmp_path / "mixing" / "bare.parquet", indexes[:2], tmp_path / "bare", config=config, seed=7, fold=0
+        )

@@ -20,9 +20,28 @@ def test_inspect_prints_levels_and_mpp(square_slide, capsys):
 def test_patches_command_with_options(square_slide, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no config/config.yaml here: schema defaults
     slide, geojson = square_slide
-    argv = ["patches", str(slide), "--annotations", str(geojson), "--out", "out", "--size", "32", "--stride", "32",
-            "--mpp", "1.0", "--min-tissue", "0.5", "--target-class", "Blood vessel", "--min-label", "0.1",
-            "--classes", "Blood vessel=7,Fat=2"]
+    argv = [
+        "patches",
+        str(slide),
+        "--annotations",
+        str(geojson),
+        "--out",
+        "out",
+        "--size",
+        "32",
+        "--stride",
+        "32",
+        "--mpp",
+        "1.0",
+        "--min-tissue",
+        "0.5",
+        "--target-class",
+        "Blood vessel",
+        "--min-label",
+        "0.1",
+        "--classes",
+        "Blood vessel=7,Fat=2",
+    ]
     assert main(argv) == 0
     index = pd.read_parquet(tmp_path / "out/square.parquet")
     assert len(index) == 4 and set(index.columns) >= {"frac_blood_vessel", "frac_fat", "tissue_fraction"}
@@ -80,8 +99,20 @@ def test_nuclei_command_needs_mpp_for_a_folder(tmp_path, capsys):
 def test_classes_option_brings_its_own_priority_inside_the_project(square_slide, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # config/config.yaml here: priority of three classes
     slide, geojson = square_slide
-    base = ["patches", str(slide), "--annotations", str(geojson), "--size", "32", "--stride", "32", "--mpp", "1.0",
-            "--classes", "Fat=1,Blood vessel=2"]
+    base = [
+        "patches",
+        str(slide),
+        "--annotations",
+        str(geojson),
+        "--size",
+        "32",
+        "--stride",
+        "32",
+        "--mpp",
+        "1.0",
+        "--classes",
+        "Fat=1,Blood vessel=2",
+    ]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     assert main([*base, "--out", str(tmp_path / "b"), "--priority", "Blood vessel,Fat"]) == 0
     assert main([*base, "--out", str(tmp_path / "c"), "--priority", "Necrosis"]) == 2
@@ -91,11 +122,14 @@ def test_classes_option_brings_its_own_priority_inside_the_project(square_slide,
 def _monuseg_xml(path, squares):
     """An Aperio XML file as MoNuSeg ships it: one Region of Vertices per nucleus."""
     regions = "".join(
-        f'<Region Id="{i + 1}"><Vertices>' + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in
-                                                 [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]) + "</Vertices></Region>"
-        for i, (x0, y0, x1, y1) in enumerate(squares))
-    path.write_text(f'<?xml version="1.0"?><Annotations><Annotation Id="1"><Regions>{regions}</Regions>'
-                    "</Annotation></Annotations>")
+        f'<Region Id="{i + 1}"><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        + "</Vertices></Region>"
+        for i, (x0, y0, x1, y1) in enumerate(squares)
+    )
+    path.write_text(
+        f'<?xml version="1.0"?><Annotations><Annotation Id="1"><Regions>{regions}</Regions></Annotation></Annotations>'
+    )
 
 
 def test_nuclei_score_against_monuseg_xml(tmp_path, capsys):
@@ -163,8 +197,9 @@ def test_nuclei_score_errors_name_the_file(tmp_path, capsys):
     assert "predict at the truth's resolution" in capsys.readouterr().err
 
 
-def test_a_full_disk_is_one_line_naming_the_output_and_nothing_is_half_written(square_slide, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_a_full_disk_is_one_line_naming_the_output_and_nothing_is_half_written(
+    square_slide, tmp_path, capsys, monkeypatch
+):
     import errno
 
     import histosynth.data.patches as patches
@@ -206,7 +241,12 @@ def test_a_read_only_output_folder_is_one_line_naming_it(square_slide, tmp_path,
     argv = ["patches", str(square_slide[0]), "--out", "locked/out", "--size", "32", "--stride", "32", "--mpp", "1.0"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "locked/out" in err.splitlines()[-1] and "Read-only file system" in err and "write elsewhere" in err
+    assert (
+        "Traceback" not in err
+        and "locked/out" in err.splitlines()[-1]
+        and "Read-only file system" in err
+        and "write elsewhere" in err
+    )
     assert not list(locked.iterdir())
 
 

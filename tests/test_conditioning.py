@@ -137,7 +137,9 @@ def test_build_slide_conditioning(patch, tmp_path):
     nuclei_dir.mkdir()
     Image.fromarray(instances).save(nuclei_dir / "p1.png")
     Image.fromarray(np.zeros_like(instances)).save(nuclei_dir / "p2.png")
-    index = pd.DataFrame({"patch_id": ["p1", "p2"], "mask": [str(tmp_path / "p1_mask.png"), str(tmp_path / "p2_mask.png")]})
+    index = pd.DataFrame(
+        {"patch_id": ["p1", "p2"], "mask": [str(tmp_path / "p1_mask.png"), str(tmp_path / "p2_mask.png")]}
+    )
     table = pd.DataFrame({"patch_id": ["p1", "p1"], "instance_id": [1, 4], "class": ["immune", "tumor"]})
     assert build_slide_conditioning(index, nuclei_dir, table, tmp_path / "cond", progress=False) == 2
     first = read_conditioning(tmp_path / "cond" / "p1.png")

@@ -37,8 +37,11 @@ def test_every_key_has_a_default_a_description_and_documentation():
     assert len(properties) > 100 and "patches.tissue.mpp" in properties  # the walk reaches nested sections
     missing = [key for key, sub in properties.items() if "default" not in sub]
     assert not missing, f"schema keys without a default: {missing}"
-    undocumented = [key for key, sub in properties.items()
-                    if "properties" not in sub and not " ".join(sub.get("description", "").split())]
+    undocumented = [
+        key
+        for key, sub in properties.items()
+        if "properties" not in sub and not " ".join(sub.get("description", "").split())
+    ]
     assert not undocumented, f"schema keys without a description: {undocumented}"
     for key in schema_keys(schema["properties"]):
         assert f"| `{key}` |" in key_table()
@@ -62,7 +65,10 @@ def test_shipped_presets_validate(preset):
         ({"patches": {"target_class": "Tumour"}}, r"patches.target_class names \['Tumour'\], which are not in classes"),
         ({"priority": ["Fat", "Tissue"]}, r"priority names \['Tissue'\]"),
         # YAML's `{0: Fat}` has an integer key, which the schema's key pattern does not see
-        ({"annotations": {"mask_values": {0: "Fat", 1: "Fat"}}}, r"annotations.mask_values maps \[0\].*0 is background"),
+        (
+            {"annotations": {"mask_values": {0: "Fat", 1: "Fat"}}},
+            r"annotations.mask_values maps \[0\].*0 is background",
+        ),
         ({"annotations": {"mask_values": {-2: "Fat"}}}, r"annotations.mask_values maps \[-2\]"),
         ({"annotations": {"mask_values": {"x": "Fat"}}}, r"annotations.mask_values: 'x' does not match"),
     ],
@@ -93,7 +99,8 @@ def test_section_defaults_are_the_schema_defaults_with_overrides_merged():
     nuclei = section_defaults("nuclei")
     properties = schema["nuclei"]["properties"]
     assert nuclei == {key: sub["default"] for key, sub in properties.items() if key != "train"} | {
-        "train": {key: sub["default"] for key, sub in properties["train"]["properties"].items()}}
+        "train": {key: sub["default"] for key, sub in properties["train"]["properties"].items()}
+    }
     assert nuclei == validated({}, "defaults")["nuclei"]
     nuclei["mpp"] = 99.0  # a fresh copy each call: mutating one cannot change the next
     assert section_defaults("nuclei")["mpp"] == schema["nuclei"]["properties"]["mpp"]["default"] == 0.5
@@ -106,7 +113,8 @@ def test_section_defaults_are_the_schema_defaults_with_overrides_merged():
     assert diffusion["multipliers"] == schema["diffusion"]["properties"]["multipliers"]["default"]
     tissue = schema["patches"]["properties"]["tissue"]["properties"]
     assert section_defaults("patches", {"tissue": {"mpp": 4.0}})["tissue"] == {
-        key: sub["default"] for key, sub in tissue.items()} | {"mpp": 4.0}
+        key: sub["default"] for key, sub in tissue.items()
+    } | {"mpp": 4.0}
 
 
 @pytest.mark.parametrize(
@@ -154,11 +162,18 @@ def test_presets_layer_on_the_default(preset):
     assert section_defaults("diffusion")["prediction"] == "epsilon" and section_defaults("patches")["size"] == 64
     assert config["priority"] == ["Blood vessel", "Inflammation", "Fat"]  # schema default []
     assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"] and config["diffusion"]["num_classes"] == 4
-    expected = {"demo": (64, "v_prediction", 0.5, 800), "tiny": (32, "v_prediction", 0.5, 4),
-                "thesis": (256, "epsilon", 0.0, 940000)}[preset]
+    expected = {
+        "demo": (64, "v_prediction", 0.5, 800),
+        "tiny": (32, "v_prediction", 0.5, 4),
+        "thesis": (256, "epsilon", 0.0, 940000),
+    }[preset]
     # tiny's diffusion.train sets steps but not class_balance: the nested dicts merge key by key
-    assert (config["patches"]["size"], config["diffusion"]["prediction"], config["diffusion"]["train"]["class_balance"],
-            config["diffusion"]["train"]["steps"]) == expected
+    assert (
+        config["patches"]["size"],
+        config["diffusion"]["prediction"],
+        config["diffusion"]["train"]["class_balance"],
+        config["diffusion"]["train"]["steps"],
+    ) == expected
 
 
 def test_thesis_preset_is_the_thesis():
@@ -175,8 +190,13 @@ def test_num_classes_and_per_class_must_fit_the_labels():
     with pytest.raises(ConfigError, match=r"number of labels \(2: \['1', '2'\]\), got 4"):
         validated({"labels": {"source": "sheet", "classes": ["1", "2"]}, "diffusion": {"num_classes": 4}}, "my.yaml")
     with pytest.raises(ConfigError, match=r"per_class names \['3'\], which are not labels"):
-        validated({"labels": {"source": "sheet", "classes": ["1", "2"]},
-                   "synthesis": {"synthesize": {"per_class": {"1": 4, "3": 4}}}}, "my.yaml")
+        validated(
+            {
+                "labels": {"source": "sheet", "classes": ["1", "2"]},
+                "synthesis": {"synthesize": {"per_class": {"1": 4, "3": 4}}},
+            },
+            "my.yaml",
+        )
     # auto without labels.classes: the sheet decides, and the workflow checks once it has read it
     assert validated({"diffusion": {"num_classes": 3}}, "my.yaml")["diffusion"]["num_classes"] == 3
 
@@ -186,9 +206,15 @@ def test_num_classes_and_per_class_must_fit_the_labels():
     [
         ({"mixing": {"ratios": [{"name": "a", "synthetic": 1}, {"name": "a", "synthetic": 0}]}}, "repeated: a"),
         ({"mixing": {"ratios": [{"name": "a b", "synthetic": 1}]}}, r"mixing.ratios.0.name: 'a b' does not match"),
-        ({"mixing": {"ratios": [{"name": "a", "synthetic": -1}]}}, "mixing.ratios.0.synthetic: -1 is less than the minimum"),
+        (
+            {"mixing": {"ratios": [{"name": "a", "synthetic": -1}]}},
+            "mixing.ratios.0.synthetic: -1 is less than the minimum",
+        ),
         ({"mixing": {"sources": ["inpaint"]}}, "synthesis.inpaint.target_class is null"),
-        ({"report": {"baseline": "nope"}}, r"report.baseline 'nope' is not one of mixing.ratios \['real', 'syn50', 'syn100'\]"),
+        (
+            {"report": {"baseline": "nope"}},
+            r"report.baseline 'nope' is not one of mixing.ratios \['real', 'syn50', 'syn100'\]",
+        ),
         ({"segmentation": {"encoder_depth": 3}}, "one entry per encoder stage"),
         ({"segmentation": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}}, "scse needs decoder_channels >= 16"),
         ({"patches": {"size": 48}}, "48 is not divisible by 2\\^segmentation.encoder_depth = 32"),
@@ -204,8 +230,11 @@ def test_evaluation_settings_are_checked(bad, message):
 def test_baseline_is_the_configured_ratio_else_the_first_real_only_one():
     from histosynth.config import baseline_ratio
 
-    ratios = [{"name": "synonly", "synthetic": 8, "real": False}, {"name": "syn4", "synthetic": 4},
-              {"name": "real", "synthetic": 0}]
+    ratios = [
+        {"name": "synonly", "synthetic": 8, "real": False},
+        {"name": "syn4", "synthetic": 4},
+        {"name": "real", "synthetic": 0},
+    ]
     assert baseline_ratio(ratios) == "real"
     assert baseline_ratio(ratios, "syn4") == "syn4"
     assert baseline_ratio(ratios[:2]) == "synonly"

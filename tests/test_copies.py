@@ -67,11 +67,26 @@ def test_a_descriptor_replaces_the_pixel_measure():
     images = np.stack([bench.plant("flip", train[7], heldout[0], rng), *bench.tissue(rng, 3, 64)])
 
     def views(x):  # a stand-in descriptor (Space's interface): 8 x 8 average-pooled grey values of each view
-        return unit(np.stack([grey(v, 8).reshape(len(x), -1) - grey(v, 8).reshape(len(x), -1).mean(1, keepdims=True)
-                              for v in eight_views(x)]))
+        return unit(
+            np.stack(
+                [
+                    grey(v, 8).reshape(len(x), -1) - grey(v, 8).reshape(len(x), -1).mean(1, keepdims=True)
+                    for v in eight_views(x)
+                ]
+            )
+        )
 
     space = Space(views(train)[0], views(images), views(heldout))
-    found = find_copies(images, train, heldout, classes=np.full(4, "texture"), heldout_classes=classes,
-                        settings=section_defaults("curation", {"copy_quantile": 0.1}), descriptor=space)
-    assert found["copy"][0] and found["matches"].index[0, 0] == 7 and found["similarity"][0] == pytest.approx(1, abs=1e-5)
+    found = find_copies(
+        images,
+        train,
+        heldout,
+        classes=np.full(4, "texture"),
+        heldout_classes=classes,
+        settings=section_defaults("curation", {"copy_quantile": 0.1}),
+        descriptor=space,
+    )
+    assert (
+        found["copy"][0] and found["matches"].index[0, 0] == 7 and found["similarity"][0] == pytest.approx(1, abs=1e-5)
+    )
     assert not found["copy"][1:].any()

@@ -96,7 +96,9 @@ def test_region_geojson_layout(slide):
         assert props["objectType"] == "annotation"
         assert len(props["classification"]["color"]) == 3
         assert f["geometry"]["type"] in ("Polygon", "MultiPolygon")
-        polygons = f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon" else [f["geometry"]["coordinates"]]
+        polygons = (
+            f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon" else [f["geometry"]["coordinates"]]
+        )
         assert all(ring[0] == ring[-1] for poly in polygons for ring in poly)
     geoms = [shape(f["geometry"]) for f in features]
     assert all(g.is_valid for g in geoms)
@@ -134,7 +136,9 @@ def test_nuclei_geojson_layout(slide):
         elif name == "immune":
             assert inflammation.contains(poly)
     # varied sizes, none below what the nuclei detector keeps (8 um^2, red cells 12 um^2; 4 px^2 per um^2)
-    areas = {name: np.array([p.area for n, p in zip(names, polygons) if n == name]) / 4 for name in DEMO_NUCLEUS_CLASSES}
+    areas = {
+        name: np.array([p.area for n, p in zip(names, polygons) if n == name]) / 4 for name in DEMO_NUCLEUS_CLASSES
+    }
     assert areas["stromal"].min() > 0.98 * 8 and areas["immune"].min() > 0.98 * 8 and areas["blood"].min() > 0.98 * 12
     assert 8 < areas["immune"].mean() < 15 and areas["stromal"].std() > 2
     assert areas["stromal"].max() < np.pi * 3.5**2
@@ -185,7 +189,11 @@ def test_same_seed_same_bytes_other_seed_differs(slide, tmp_path):
     for first, second, third in zip(slide[:3], again[:3], other[:3]):
         assert first.read_bytes() == second.read_bytes()
         assert first.read_bytes() != third.read_bytes()
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["demo.geojson", "demo.nuclei.geojson", "demo.tiff"]
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
+        "demo.geojson",
+        "demo.nuclei.geojson",
+        "demo.tiff",
+    ]
 
 
 def test_physical_sizes_follow_mpp_and_progress_names_the_file(tmp_path, capsys):
@@ -195,8 +203,11 @@ def test_physical_sizes_follow_mpp_and_progress_names_the_file(tmp_path, capsys)
         assert float(osr.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.25)
         assert osr.level_dimensions == ((512, 512), (128, 128))
     assert summary["size"] == 512 and summary["levels"] == 2
-    areas = [Polygon(f["geometry"]["coordinates"][0]).area for f in nuclei_features(nuclei)
-             if f["properties"]["classification"]["name"] == "immune"]
+    areas = [
+        Polygon(f["geometry"]["coordinates"][0]).area
+        for f in nuclei_features(nuclei)
+        if f["properties"]["classification"]["name"] == "immune"
+    ]
     assert 8 * 16 < np.mean(areas) < 15 * 16  # as many um^2 as at 0.5 mpp, at 16 px^2 per um^2
 
 

@@ -31,8 +31,13 @@ def test_derived_seeds_are_stable_and_distinct():
     # and the same in a fresh interpreter with another string-hash seed (hash() would differ there)
     code = "from histosynth.seeds import derive_seed; print(derive_seed(2025, 'segmentation', 0))"
     for hash_seed in ("0", "12345"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        ).stdout
         assert int(out) == 1740193993
     assert len({derive_seed(2025, "segmentation", s) for s in range(100)}) == 100
     assert derive_seed(2025, "a") != derive_seed(2026, "a")

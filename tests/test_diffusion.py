@@ -53,7 +53,9 @@ def test_conditioning_and_class_change_the_prediction(conditioning):
 
 def test_spade_unet_gradients_reach_encoder_and_spade_convs():
     model = tiny_model().train()
-    model_output(model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)).square().mean().backward()
+    model_output(
+        model, torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.rand(2, 3, 16, 16)
+    ).square().mean().backward()
     assert model.conv_in.weight.grad.abs().sum() > 0
     assert model.up[0][0].norm1.gamma.weight.grad.abs().sum() > 0
     assert model.mid_attention.to_q.weight.grad.abs().sum() > 0
@@ -69,7 +71,12 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = SpadeUNet.from_pretrained(tmp_path).eval()
     assert json.loads((tmp_path / "config.json").read_text())["out_channels"] == 3
-    x, cond, t, labels = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16), torch.tensor([5, 700]), torch.tensor([1, 0])
+    x, cond, t, labels = (
+        torch.randn(2, 3, 16, 16),
+        torch.rand(2, 3, 16, 16),
+        torch.tensor([5, 700]),
+        torch.tensor([1, 0]),
+    )
     with torch.no_grad():
         assert torch.equal(model(x, t, cond, labels), loaded(x, t, cond, labels))
 
@@ -82,11 +89,15 @@ def test_thesis_preset_is_about_90m_parameters():
     thesis, autoencoder = config["diffusion"], config["autoencoder"]
     assert thesis["space"] == "latent" and thesis["conditioning"] == "spade"
     cond = config["conditioning"]
-    cond_channels = len(channel_names(config["classes"], use_regions=cond["regions"], use_nuclei=cond["nuclei"],
-                                      use_boundaries=cond["boundaries"]))
+    cond_channels = len(
+        channel_names(
+            config["classes"], use_regions=cond["regions"], use_nuclei=cond["nuclei"], use_boundaries=cond["boundaries"]
+        )
+    )
     with torch.device("meta"):  # on the latents of the thesis autoencoder: 4 x 32 x 32 for 256 px patches
-        model = build_model(thesis, autoencoder["latent_channels"], cond_channels,
-                            config["patches"]["size"] // autoencoder["factor"])
+        model = build_model(
+            thesis, autoencoder["latent_channels"], cond_channels, config["patches"]["size"] // autoencoder["factor"]
+        )
     assert 85e6 < parameter_count(model) < 95e6
     assert len(model.down) == 5 and model.mid_attention is not None  # 4 downsamplings, attention at the bottleneck
 
@@ -95,8 +106,15 @@ def test_thesis_preset_is_about_90m_parameters():
 def test_each_sampler_runs_through_sample_with_guidance(sampler):
     model, cond, labels = tiny_model(num_classes=2), torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
     config = train_scheduler({}).config
-    out = sample(model, make_sampler(sampler, config), cond, labels, steps=3, guidance=2.0,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model,
+        make_sampler(sampler, config),
+        cond,
+        labels,
+        steps=3,
+        guidance=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     # the same run written out: standard normal start, the scheduler's 3 steps on the guided output
     # u + 2 (c - u) (u: mask zeroed and the null class 2), clamped to [-1, 1] at the end
     scheduler, generator = make_sampler(sampler, config), torch.Generator().manual_seed(0)
@@ -110,7 +128,9 @@ def test_each_sampler_runs_through_sample_with_guidance(sampler):
             u = model_output(model, x_in, t, torch.zeros_like(cond), torch.tensor([2, 2]))
             x = scheduler.step(u + 2.0 * (c - u), t, x, generator=generator).prev_sample
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
-    unguided = sample(model, make_sampler(sampler, config), cond, labels, steps=3, generator=torch.Generator().manual_seed(0))
+    unguided = sample(
+        model, make_sampler(sampler, config), cond, labels, steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert not torch.allclose(out, unguided)
 
 
@@ -158,8 +178,13 @@ def test_latent_training_records_its_autoencoder_and_needs_it_to_load(tmp_path):
     assert meta["space"] == "latent" and len(meta["autoencoder"]["sha256"]) == 64
     loaded = load_diffusion(tmp_path / "d" / "model")
     assert loaded.model.config.in_channels == 4 and loaded.autoencoder is not None
-    out = sample(loaded.model, make_sampler("dpmsolver++", loaded.scheduler.config), Shapes(n=1, size=32)[0]["cond"][None],
-                 steps=2, autoencoder=loaded.autoencoder)
+    out = sample(
+        loaded.model,
+        make_sampler("dpmsolver++", loaded.scheduler.config),
+        Shapes(n=1, size=32)[0]["cond"][None],
+        steps=2,
+        autoencoder=loaded.autoencoder,
+    )
     assert out.shape == (1, 3, 32, 32)  # decoded back to pixels
     assert Image.open(tmp_path / "d" / "samples" / "step-1.png").size[0] == 2 * 34 + 2
 
@@ -216,8 +241,13 @@ def test_v_prediction_training_learns_the_mask_to_colour_mapping(tmp_path):
     give samples whose red channel follows the mask; the loss falls on the way."""
     import pandas as pd
 
-    config = {**tiny(steps=150, batch_size=8, lr=3e-3, lr_warmup=10, checkpoint_every=150, log_every=10, ema_decay=0.95),
-              "prediction": "v_prediction", "min_snr_gamma": 5.0, "num_classes": 0, "cond_dropout": 0.0}
+    config = {
+        **tiny(steps=150, batch_size=8, lr=3e-3, lr_warmup=10, checkpoint_every=150, log_every=10, ema_decay=0.95),
+        "prediction": "v_prediction",
+        "min_snr_gamma": 5.0,
+        "num_classes": 0,
+        "cond_dropout": 0.0,
+    }
     train_diffusion(Shapes(n=32), tmp_path, config, seed=0)
     losses = pd.read_csv(tmp_path / "loss.csv")["loss"]
     assert losses.iloc[-3:].mean() < 0.5 * losses.iloc[:3].mean()
@@ -225,8 +255,13 @@ def test_v_prediction_training_learns_the_mask_to_colour_mapping(tmp_path):
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     items = [Shapes(n=40)[i] for i in range(32, 40)]  # masks not seen in training
     cond, masks = torch.stack([it["cond"] for it in items]), torch.stack([it["cond"][1] for it in items]).bool()
-    out = sample(loaded.model, make_sampler("ddim", loaded.scheduler.config), cond, steps=20,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        loaded.model,
+        make_sampler("ddim", loaded.scheduler.config),
+        cond,
+        steps=20,
+        generator=torch.Generator().manual_seed(0),
+    )
     red = out[:, 0]
     assert red[masks].mean() - red[~masks].mean() > 1.0  # targets: +1 inside, -1 outside
 
@@ -236,8 +271,11 @@ def test_epsilon_training_lowers_the_loss_on_the_toy_squares(tmp_path):
     several times over (from ~1, the untrained model's error on unit-variance noise)."""
     import pandas as pd
 
-    config = {**tiny(steps=60, batch_size=8, lr=3e-3, checkpoint_every=60, log_every=5, ema_decay=None),
-              "num_classes": 0, "cond_dropout": 0.0}
+    config = {
+        **tiny(steps=60, batch_size=8, lr=3e-3, checkpoint_every=60, log_every=5, ema_decay=None),
+        "num_classes": 0,
+        "cond_dropout": 0.0,
+    }
     assert config.get("prediction", "epsilon") == "epsilon" and config.get("min_snr_gamma") is None
     train_diffusion(Shapes(n=32), tmp_path, config, seed=0)
     losses = pd.read_csv(tmp_path / "loss.csv")["loss"]

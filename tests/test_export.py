@@ -56,14 +56,25 @@ def run(tmp_path):
             patch_id = f"{slide}_x{k * SIZE}_y0"
             mask = np.full((SIZE, SIZE), k + 1, np.uint8)  # patch 0 all Tumor, patch 1 all Stroma
             instances = nuclei_of(len(real_rows) + k)
-            index.append({
-                "patch_id": patch_id, "slide": slide, "split": split, "label": None,
-                "image": write_png(rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8), results / "patches" / slide / "images" / f"{patch_id}.png"),
-                "mask": write_png(mask, results / "patches" / slide / "masks" / f"{patch_id}.png"),
-                **{fraction_column(c): float(i == k) for i, c in enumerate(CLASSES)},
-            })
+            index.append(
+                {
+                    "patch_id": patch_id,
+                    "slide": slide,
+                    "split": split,
+                    "label": None,
+                    "image": write_png(
+                        rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8),
+                        results / "patches" / slide / "images" / f"{patch_id}.png",
+                    ),
+                    "mask": write_png(mask, results / "patches" / slide / "masks" / f"{patch_id}.png"),
+                    **{fraction_column(c): float(i == k) for i, c in enumerate(CLASSES)},
+                }
+            )
             write_png(instances, results / "nuclei" / slide / f"{patch_id}.png")
-            table += [{"patch_id": patch_id, "instance_id": i, "class": ("tumor", "immune", "other")[i - 1]} for i in (1, 2, 3)]
+            table += [
+                {"patch_id": patch_id, "instance_id": i, "class": ("tumor", "immune", "other")[i - 1]}
+                for i in (1, 2, 3)
+            ]
         write_relative(pd.DataFrame(index), results / "patches" / f"{slide}.parquet", ("image", "mask"))
         pd.DataFrame(table).to_parquet(results / "nuclei" / f"{slide}.parquet")
         real_rows += [r for r in index if split == "train"]
@@ -71,23 +82,62 @@ def run(tmp_path):
     for k in range(2):
         synthetic_id = f"synth-{k:06d}"
         instances = nuclei_of(10 + k)
-        encoded = encode_conditioning(np.full((SIZE, SIZE), 2 - k, np.uint8), instances,
-                                      {1: class_index("tumor"), 2: class_index("stromal"), 3: class_index("dead")})
+        encoded = encode_conditioning(
+            np.full((SIZE, SIZE), 2 - k, np.uint8),
+            instances,
+            {1: class_index("tumor"), 2: class_index("stromal"), 3: class_index("dead")},
+        )
         folder = results / "synthetic" / "synth"
-        curated.append({
-            "id": synthetic_id, "mode": "synth", "class": CLASSES[1 - k], "source_slide": "s_train", "keep": True,
-            "image": write_png(rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8), folder / "images" / f"{synthetic_id}.png"),
-            "mask": write_png(np.full((SIZE, SIZE), 2 - k, np.uint8), folder / "masks" / f"{synthetic_id}.png"),
-            "conditioning": write_png(encoded, folder / "conditioning" / f"{synthetic_id}.png"),
-            "model_hash": "abc123", "seed": 1000 + k, "consistency": 0.9 - k / 10, "similarity": 0.2, "copy": False,
-        })
+        curated.append(
+            {
+                "id": synthetic_id,
+                "mode": "synth",
+                "class": CLASSES[1 - k],
+                "source_slide": "s_train",
+                "keep": True,
+                "image": write_png(
+                    rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8), folder / "images" / f"{synthetic_id}.png"
+                ),
+                "mask": write_png(np.full((SIZE, SIZE), 2 - k, np.uint8), folder / "masks" / f"{synthetic_id}.png"),
+                "conditioning": write_png(encoded, folder / "conditioning" / f"{synthetic_id}.png"),
+                "model_hash": "abc123",
+                "seed": 1000 + k,
+                "consistency": 0.9 - k / 10,
+                "similarity": 0.2,
+                "copy": False,
+            }
+        )
     write_relative(pd.DataFrame(curated), results / "curated" / "synth.parquet", FILE_COLUMNS)
     manifest = pd.DataFrame(
-        [{"source": "real", "mode": "real", "image": r["image"], "mask": r["mask"], "split": "train",
-          "origin_id": r["patch_id"], "slide": r["slide"], "source_slide": r["slide"],
-          "class": CLASSES[i]} for i, r in enumerate(real_rows)]
-        + [{"source": "synthetic", "mode": "synth", "image": c["image"], "mask": c["mask"], "split": "train",
-            "origin_id": c["id"], "slide": None, "source_slide": "s_train", "class": c["class"]} for c in curated])
+        [
+            {
+                "source": "real",
+                "mode": "real",
+                "image": r["image"],
+                "mask": r["mask"],
+                "split": "train",
+                "origin_id": r["patch_id"],
+                "slide": r["slide"],
+                "source_slide": r["slide"],
+                "class": CLASSES[i],
+            }
+            for i, r in enumerate(real_rows)
+        ]
+        + [
+            {
+                "source": "synthetic",
+                "mode": "synth",
+                "image": c["image"],
+                "mask": c["mask"],
+                "split": "train",
+                "origin_id": c["id"],
+                "slide": None,
+                "source_slide": "s_train",
+                "class": c["class"],
+            }
+            for c in curated
+        ]
+    )
     write_mix(manifest, results / "mixing" / "syn2.parquet")
     config = {"labels": section_defaults("labels"), "classes": CLASSES}
     labels = resolve_labels(config, [""] * 3)
@@ -102,7 +152,11 @@ def rows_of(run):
 def test_dataset_rows_join_manifest_heldout_patches_and_curation(run):
     rows, _ = rows_of(run)
     assert rows.groupby(["split", "source"]).size().to_dict() == {
-        ("test", "real"): 2, ("train", "real"): 2, ("train", "synthetic"): 2, ("val", "real"): 2}
+        ("test", "real"): 2,
+        ("train", "real"): 2,
+        ("train", "synthetic"): 2,
+        ("val", "real"): 2,
+    }
     synthetic = rows[rows["source"] == "synthetic"].set_index("name")
     assert synthetic.loc["synth-000001", "seed"] == 1001 and synthetic.loc["synth-000001", "model_hash"] == "abc123"
     assert synthetic.loc["synth-000001", "consistency"] == pytest.approx(0.8)
@@ -136,7 +190,8 @@ def test_imagefolder_export_loads_with_torchvision_and_hugging_face(run, tmp_pat
     assert train.classes == ["Stroma", "Tumor"] and len(train) == 4
     expected = dict(zip(rows["name"], rows["label"], strict=True))
     assert {Path(p).stem: train.classes[c] for p, c in train.samples} == {
-        n: label for n, label in expected.items() if n in set(rows.loc[rows["split"] == "train", "name"])}
+        n: label for n, label in expected.items() if n in set(rows.loc[rows["split"] == "train", "name"])
+    }
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf"))
@@ -153,8 +208,9 @@ def test_coco_export_masks_equal_the_instance_masks(run, tmp_path):
     from pycocotools.coco import COCO
 
     rows, files = rows_of(run)
-    out = export_dataset(rows, "coco", tmp_path / "coco", classes=CLASSES, name="syn2",
-                         nuclei=nuclei_reader(files["nuclei"]))
+    out = export_dataset(
+        rows, "coco", tmp_path / "coco", classes=CLASSES, name="syn2", nuclei=nuclei_reader(files["nuclei"])
+    )
     total = 0
     for split in ("train", "val", "test"):
         coco = COCO(str(out / "annotations" / f"instances_{split}.json"))
@@ -209,12 +265,42 @@ def test_export_is_atomic_and_the_cli_exports_a_finished_run(run, tmp_path, caps
     (out / "images" / "stale.png").write_bytes(b"old")
     config = tmp_path / "config.yaml"
     config.write_text("classes: [Tumor, Stroma]\n")
-    assert main(["export", "syn2", "--format", "segmentation", "--out", str(out), "--results", str(run["results"]),
-                 "--config", str(config)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "syn2",
+                "--format",
+                "segmentation",
+                "--out",
+                str(out),
+                "--results",
+                str(run["results"]),
+                "--config",
+                str(config),
+            ]
+        )
+        == 0
+    )
     assert "train real 2, train synthetic 2" in capsys.readouterr().out
     assert not (out / "images" / "stale.png").exists() and len(list((out / "images").iterdir())) == 8
-    assert main(["export", "nope", "--format", "coco", "--out", str(tmp_path / "x"), "--results", str(run["results"]),
-                 "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "nope",
+                "--format",
+                "coco",
+                "--out",
+                str(tmp_path / "x"),
+                "--results",
+                str(run["results"]),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     assert "mixing/nope.parquet: no such manifest; the run's ratios are ['syn2']" in capsys.readouterr().err
 
 
@@ -227,8 +313,13 @@ def test_conditioning_map_gives_back_touching_and_tiny_nuclei():
     truth[10:17, 5:12] = 3  # touches 1 and 2, another class
     truth[14:16, 20:22] = 4  # 2 x 2: all boundary, no core
     truth[3:8, 20:26] = 5
-    classes = {1: class_index("tumor"), 2: class_index("tumor"), 3: class_index("immune"), 4: class_index("other"),
-               5: class_index("tumor")}
+    classes = {
+        1: class_index("tumor"),
+        2: class_index("tumor"),
+        3: class_index("immune"),
+        4: class_index("other"),
+        5: class_index("tumor"),
+    }
     instances, names = conditioning_instances(encode_conditioning(None, truth, classes))
     pairs = {(int(t), int(i)) for t, i in zip(truth.ravel(), instances.ravel(), strict=True)}
     assert len(pairs) == 6 and len({t for t, _ in pairs}) == 6 and len({i for _, i in pairs}) == 6  # a bijection

@@ -37,8 +37,16 @@ def tissue_images(folder, n, shift=0, seed=0):
         mask[:16] = 1
         Image.fromarray(image).save(folder / f"{i}.png")
         Image.fromarray(mask).save(folder / f"{i}_m.png")
-        rows.append({"image": str(folder / f"{i}.png"), "mask": str(folder / f"{i}_m.png"), "split": "train",
-                     "frac_blood_vessel": 0.5, "frac_fat": 0.0, "label": 1})
+        rows.append(
+            {
+                "image": str(folder / f"{i}.png"),
+                "mask": str(folder / f"{i}_m.png"),
+                "split": "train",
+                "frac_blood_vessel": 0.5,
+                "frac_fat": 0.0,
+                "label": 1,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -49,7 +57,9 @@ def test_segmentation_encoder_fd_is_zero_on_itself_and_grows_with_the_shift(tmp_
     assert fid(real, real) == pytest.approx(0.0, abs=1e-6)
     distances, kernel = [], []
     for shift in (10, 40, 80):
-        shifted = image_features(tissue_images(tmp_path / f"s{shift}", 24, shift, seed=1)["image"].tolist(), extractor, 8)
+        shifted = image_features(
+            tissue_images(tmp_path / f"s{shift}", 24, shift, seed=1)["image"].tolist(), extractor, 8
+        )
         distances.append(fid(real, shifted))
         kernel.append(kid(real, shifted, subsets=5, subset_size=24, seed=0)[0])
     assert distances[0] < distances[1] < distances[2]
@@ -91,9 +101,15 @@ def test_quality_table_has_offline_rows_without_any_weights(tmp_path, segmentati
     near, far = tissue_images(tmp_path / "near", 12, 5, seed=1), tissue_images(tmp_path / "far", 12, 70, seed=2)
     extractor = build_extractor("segmentation", None, load_model(segmentation_run, "cpu"))
     assert str(segmentation_run / "model") in extractor.name
-    table, _ = image_quality(real, {"near": near, "far": far}, CLASSES, labels=LABELS, extractor=extractor,
-                             weights_dir=tmp_path / "weights",
-                             settings={"min_images": 10, "device": "cpu", "consistency": False, "kid_subsets": 5})
+    table, _ = image_quality(
+        real,
+        {"near": near, "far": far},
+        CLASSES,
+        labels=LABELS,
+        extractor=extractor,
+        weights_dir=tmp_path / "weights",
+        settings={"min_images": 10, "device": "cpu", "consistency": False, "kid_subsets": 5},
+    )
     offline = table[table["metric"].isin(["fd", "kd", "feature_diversity"])]
     assert (offline["status"] == "ok").all() and set(offline["class"]) == {"all", "Blood vessel"}
     assert offline["extractor"].str.startswith("segmentation encoder").all()
@@ -102,4 +118,7 @@ def test_quality_table_has_offline_rows_without_any_weights(tmp_path, segmentati
     fid_rows = table[table["metric"] == "fid"]
     assert (fid_rows["status"] == "skipped").all()
     missing = str(tmp_path / "weights" / "weights-inception-2015-12-05-6726825d.pth")  # the file weights_dir lacks
-    assert fid_rows["note"].str.contains(missing, regex=False).all() and fid_rows["note"].str.contains("fetch_weights").all()
+    assert (
+        fid_rows["note"].str.contains(missing, regex=False).all()
+        and fid_rows["note"].str.contains("fetch_weights").all()
+    )

@@ -42,13 +42,29 @@ TINY = {"ch_max": 32, "width": 8}
 
 
 def tiny(**train_settings) -> dict:
-    return {**TINY, "size": 16, "attention_g": [8], "attention_d": [16],
-            "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
-                      "sample_every": 2, "sample_count": 3, "ema_decay": 0.9, "diffaugment": True, **train_settings}}
+    return {
+        **TINY,
+        "size": 16,
+        "attention_g": [8],
+        "attention_d": [16],
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 2,
+            "log_every": 1,
+            "sample_every": 2,
+            "sample_count": 3,
+            "ema_decay": 0.9,
+            "diffaugment": True,
+            **train_settings,
+        },
+    }
 
 
 def colour_space() -> FeatureSpace:
     """A feature space any test affords: each image's per-channel mean and standard deviation."""
+
     def embed(images: torch.Tensor) -> np.ndarray:
         x = images.double() / 255
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1).numpy()
@@ -73,6 +89,7 @@ def assert_identical(a: dict, b: dict):
 
 # ----------------------------------------------------------------------------- architecture
 
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_shapes_stages_and_attention_per_size(size):
     torch.manual_seed(0)
@@ -83,10 +100,10 @@ def test_shapes_stages_and_attention_per_size(size):
     assert images.shape == (2, 3, size, size) and images.abs().max() <= 1
     assert d(images, y).shape == (2,)
     stages = int(np.log2(size // 4))
-    assert len(g.ups) == len(d.downs) == stages            # log2(size / 4) up- and downsamplings
+    assert len(g.ups) == len(d.downs) == stages  # log2(size / 4) up- and downsamplings
     assert g.resolutions == [4 * 2**i for i in range(stages)]  # cells at 4 .. size/2
     assert d.resolutions == [size // 2**i for i in range(stages)]  # cells at size .. 8
-    assert set(g.attention) == {str(r) for r in (16, 32) if r < size}   # seed: 16 and 32, toward the output
+    assert set(g.attention) == {str(r) for r in (16, 32) if r < size}  # seed: 16 and 32, toward the output
     assert set(d.attention) == {str(r) for r in (32, 64) if r <= size}  # seed: 64 and 32, near the input
 
 
@@ -168,6 +185,7 @@ def test_discriminator_learns_to_separate_reals_from_the_initial_fakes():
 
 # ----------------------------------------------------------------------------- augmentation and noise
 
+
 def test_dihedral_gives_one_of_the_eight_symmetries_of_each_image():
     torch.manual_seed(0)
     images = torch.randn(64, 3, 5, 5)
@@ -209,6 +227,7 @@ def test_noise_is_a_function_of_the_seed_and_truncation_bounds_it():
 
 # ----------------------------------------------------------------------------- save, load, generate
 
+
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
     model = build_gan({**TINY, "size": 32, "z_dim": 16}, num_classes=2, labels=["benign", "malignant"]).eval()
@@ -244,12 +263,15 @@ def test_load_gan_refuses_a_folder_without_a_gan(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
+
 def test_training_writes_model_losses_and_class_rows_of_previews(tmp_path):
     data = [Toy()[i] for i in range(6)]  # a plain list of dicts; no per-item labels, so no class balance
     summary = train(data, tmp_path, tiny(class_balance=0.0), seed=1, labels=["red", "blue"])
     assert summary["steps"] == 4
     meta = json.loads((tmp_path / "model" / MODEL_INFO).read_text())
-    assert meta["num_classes"] == 2 and meta["size"] == 16 and meta["z_dim"] == 128 and meta["labels"] == ["red", "blue"]
+    assert (
+        meta["num_classes"] == 2 and meta["size"] == 16 and meta["z_dim"] == 128 and meta["labels"] == ["red", "blue"]
+    )
     assert meta["training"]["train"]["lr_d"] == 4e-4 and meta["generator_weights"] == "ema"
     with open(tmp_path / "loss.csv") as f:
         rows = list(csv.DictReader(f))
@@ -286,7 +308,9 @@ def test_resume_is_bit_identical_and_keeps_both_optimisers(tmp_path):
     assert straight["steps"] == resumed["steps"] == 4
     assert_identical(weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model"))
     for part in ("model", "ema"):
-        assert_identical(weights(tmp_path / f"a/checkpoints/step-4/{part}"), weights(tmp_path / f"b/checkpoints/step-4/{part}"))
+        assert_identical(
+            weights(tmp_path / f"a/checkpoints/step-4/{part}"), weights(tmp_path / f"b/checkpoints/step-4/{part}")
+        )
     states = [torch.load(tmp_path / f"{run}/checkpoints/step-4/trainer.pt", weights_only=False) for run in "ab"]
     assert set(states[0]["optimizers"]) == {"d", "g"} and set(states[0]["lr_schedules"]) == {"d", "g"}
     for name in ("d", "g"):
@@ -296,8 +320,9 @@ def test_resume_is_bit_identical_and_keeps_both_optimisers(tmp_path):
     with open(tmp_path / "a" / "loss.csv") as fa, open(tmp_path / "b" / "loss.csv") as fb:
         a, b = list(csv.DictReader(fa)), list(csv.DictReader(fb))
     assert [r["step"] for r in b] == ["1", "2", "3", "4"]
-    assert [(r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in a] == \
-        [(r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in b]
+    assert [(r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in a] == [
+        (r["d_loss"], r["g_loss"], r["d_real"], r["fd"], r["kd"]) for r in b
+    ]
     assert all(float(r["fd"]) > 0 for r in a)
 
 
@@ -314,8 +339,13 @@ def test_fidelity_monitor_is_zero_for_the_real_images_and_grows_with_a_colour_sh
 def test_fidelity_during_training_joins_the_loss_rows_of_its_steps(tmp_path):
     """eval_every 2 of 4 steps with rows every 3: rows at 2 (evaluation), 3 (log) and 4 (both);
     FD/KD of the EMA generator's images at 2 and 4 only; no space, no columns filled."""
-    train(Toy(n=8), tmp_path / "on", tiny(steps=4, log_every=3, eval_every=2, eval_images=6, sample_every=0), seed=0,
-          feature_spaces=[colour_space()])
+    train(
+        Toy(n=8),
+        tmp_path / "on",
+        tiny(steps=4, log_every=3, eval_every=2, eval_images=6, sample_every=0),
+        seed=0,
+        feature_spaces=[colour_space()],
+    )
     rows = loss_rows(tmp_path / "on")
     assert [r["step"] for r in rows] == ["2", "3", "4"]
     assert [bool(r["fd"]) for r in rows] == [True, False, True] and [bool(r["kd"]) for r in rows] == [True, False, True]
@@ -364,10 +394,26 @@ def test_defaults_are_the_cpu_demo_with_the_seed_optimiser():
 
 def test_command_line_entry_point_names_the_classes_of_a_resolved_config(tmp_path):
     config = tmp_path / "config.json"
-    labels = {"source": "region", "classes": ["background", "tumour"], "regions": ["tumour"], "background": "background"}
+    labels = {
+        "source": "region",
+        "classes": ["background", "tumour"],
+        "regions": ["tumour"],
+        "background": "background",
+    }
     config.write_text(json.dumps({"seed": 2, "labels": labels, "gan": tiny(steps=2, sample_every=0)}))
-    args = ["train", "--config", str(config), "--out", str(tmp_path / "out"), "--dataset", "helpers:toy_factory",
-            "--index", "unused.parquet", "--checkpoints", str(tmp_path / "ckpt")]
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(tmp_path / "out"),
+        "--dataset",
+        "helpers:toy_factory",
+        "--index",
+        "unused.parquet",
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+    ]
     assert main(args) == 0
     assert json.loads((tmp_path / "out" / "model" / MODEL_INFO).read_text())["labels"] == ["background", "tumour"]
     assert (tmp_path / "ckpt" / "step-2" / "trainer.pt").is_file()
@@ -394,31 +440,80 @@ def test_gan_set_per_label_at_the_patch_size_feeds_mixing_but_not_segmentation(t
     for i, label in enumerate(["benign", "malignant", "benign"]):
         Image.fromarray(np.full((24, 24, 3), 60 * i, np.uint8)).save(patches / "p" / f"i{i}.png")
         Image.fromarray(np.zeros((24, 24), np.uint8)).save(patches / "p" / f"m{i}.png")
-        rows.append({"patch_id": f"p{i}", "slide": f"s{i}", "image": str(patches / "p" / f"i{i}.png"),
-                     "mask": str(patches / "p" / f"m{i}.png"), "frac_tumour": 0.0, "label": label, "split": "train"})
+        rows.append(
+            {
+                "patch_id": f"p{i}",
+                "slide": f"s{i}",
+                "image": str(patches / "p" / f"i{i}.png"),
+                "mask": str(patches / "p" / f"m{i}.png"),
+                "frac_tumour": 0.0,
+                "label": label,
+                "split": "train",
+            }
+        )
     write_relative(pd.DataFrame(rows), patches / "s.parquet", ("image", "mask"))
     settings = {"batch_size": 2, "grid_per_class": 2, "gan": {"per_class": {"malignant": 3, "benign": 2}}}
-    manifest = gan_stage(tmp_path / "gan", [patches / "s.parquet"], tmp_path / "set", settings=settings, labels=labels,
-                         size=24, seed=3, device="cpu")
+    manifest = gan_stage(
+        tmp_path / "gan",
+        [patches / "s.parquet"],
+        tmp_path / "set",
+        settings=settings,
+        labels=labels,
+        size=24,
+        seed=3,
+        device="cpu",
+    )
     assert list(manifest["class"]) == ["benign"] * 2 + ["malignant"] * 3 and list(manifest["label"]) == [0, 0, 1, 1, 1]
     assert "mask" not in manifest and (manifest["mode"] == "gan").all() and manifest["seed"].is_unique
     assert all(np.asarray(Image.open(tmp_path / "set" / p)).shape == (24, 24, 3) for p in manifest["image"])  # resized
     assert sorted(p.name for p in (tmp_path / "set").glob("grid_*.png")) == ["grid_benign.png", "grid_malignant.png"]
-    again = gan_stage(tmp_path / "gan", [patches / "s.parquet"], tmp_path / "again", settings=settings, labels=labels,
-                      size=24, seed=3, device="cpu")
+    again = gan_stage(
+        tmp_path / "gan",
+        [patches / "s.parquet"],
+        tmp_path / "again",
+        settings=settings,
+        labels=labels,
+        size=24,
+        seed=3,
+        device="cpu",
+    )
     for a, b in zip(manifest["image"], again["image"]):  # deterministic given the seed
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "set" / a)), np.asarray(Image.open(tmp_path / "again" / b)))
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "set" / a)), np.asarray(Image.open(tmp_path / "again" / b))
+        )
     with pytest.raises(SynthesisError, match="trained on the labels"):
-        gan_stage(tmp_path / "gan", [patches / "s.parquet"], tmp_path / "other", settings=settings, size=24, seed=3,
-                  labels={**labels, "classes": ["1", "2"]}, device="cpu")
+        gan_stage(
+            tmp_path / "gan",
+            [patches / "s.parquet"],
+            tmp_path / "other",
+            settings=settings,
+            size=24,
+            seed=3,
+            labels={**labels, "classes": ["1", "2"]},
+            device="cpu",
+        )
 
     curated = manifest.assign(image=[str(tmp_path / "set" / p) for p in manifest["image"]], keep=True, reason="")
     write_relative(curated, tmp_path / "curated" / "gan.parquet", ("image",))
-    mix_dataset([patches / "s.parquet"], {"gan": tmp_path / "curated" / "gan.parquet"}, {"name": "gan4", "synthetic": 4},
-                0, ["Tumour"], labels, tmp_path / "mix.parquet", tmp_path / "share.parquet", on_shortfall="error")
+    mix_dataset(
+        [patches / "s.parquet"],
+        {"gan": tmp_path / "curated" / "gan.parquet"},
+        {"name": "gan4", "synthetic": 4},
+        0,
+        ["Tumour"],
+        labels,
+        tmp_path / "mix.parquet",
+        tmp_path / "share.parquet",
+        on_shortfall="error",
+    )
     mixed = read_mix(tmp_path / "mix.parquet")
     assert without_masks(mixed) == 4 and set(mixed.loc[mixed["mask"].isna(), "mode"]) == {"gan"}
     assert pd.read_parquet(tmp_path / "share.parquet")["n_synthetic"].iloc[0] == 4
     with pytest.raises(SegmentationError, match="4 synthetic images have no label mask"):
-        train_segmentation(tmp_path / "mix.parquet", [patches / "s.parquet"], tmp_path / "seg", seed=0,
-                           config={"classes": ["Tumour"], "segmentation": {}, "weights_dir": str(tmp_path)})
+        train_segmentation(
+            tmp_path / "mix.parquet",
+            [patches / "s.parquet"],
+            tmp_path / "seg",
+            seed=0,
+            config={"classes": ["Tumour"], "segmentation": {}, "weights_dir": str(tmp_path)},
+        )

@@ -62,11 +62,19 @@ class Det(torch.nn.Module):
         keep = torch.nonzero(score_t >= self.nms_params["conf_thres"])[:, 0]
         keep = keep[torchvision.ops.nms(box_t[keep], score_t[keep], self.nms_params["iou_thres"])]
         keep = keep[: int(self.nms_params["max_det"])]
-        det = {"boxes": box_t[keep], "scores": score_t[keep].half(),
-               "labels": torch.tensor(classes, dtype=torch.int64)[keep]}
+        det = {
+            "boxes": box_t[keep],
+            "scores": score_t[keep].half(),
+            "labels": torch.tensor(classes, dtype=torch.int64)[keep],
+        }
         if compute_masks and keep.shape[0] > 0:
-            rois = torch.cat([torch.arange(keep.shape[0], dtype=torch.float32)[:, None],
-                              box_t[keep] + torch.tensor([0.0, 0.0, 1.0, 1.0])], 1)
+            rois = torch.cat(
+                [
+                    torch.arange(keep.shape[0], dtype=torch.float32)[:, None],
+                    box_t[keep] + torch.tensor([0.0, 0.0, 1.0, 1.0]),
+                ],
+                1,
+            )
             det["masks"] = torchvision.ops.roi_align(regions[keep], rois, [28, 28], 1.0, 2, True)
         return det
 
@@ -86,8 +94,9 @@ class HdYoloStandIn(torch.nn.Module):
             self.stem.bias.zero_()
         self.headers = Headers()
 
-    def forward(self, x: torch.Tensor, compute_masks: bool = True
-                ) -> tuple[dict[str, torch.Tensor], list[dict[str, dict[str, torch.Tensor]]]]:
+    def forward(
+        self, x: torch.Tensor, compute_masks: bool = True
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, dict[str, torch.Tensor]]]]:
         y = self.stem(x).float()
         outputs: list[dict[str, dict[str, torch.Tensor]]] = []
         for i in range(y.shape[0]):
@@ -153,10 +162,16 @@ def test_loads_as_hd_wsi_does(hdyolo_path):
 
 def test_nucleus_on_a_tile_border_is_counted_once(hdyolo_path):
     shape = (256, 320)  # 2 x 3 cores of 128 px; the last core runs past the image into zeros
-    nuclei = [(128, 128, 10, 1),  # on a core corner
-              (60, 128, 9, 2), (128, 200, 9, 3), (200, 256, 8, 4),  # on core borders
-              (40, 40, 8, 5), (200, 60, 11, 6),  # inside cores
-              (60, 300, 8, 7), (250, 180, 9, 1)]  # inside cores at the image edge, the last one cut by it
+    nuclei = [
+        (128, 128, 10, 1),  # on a core corner
+        (60, 128, 9, 2),
+        (128, 200, 9, 3),
+        (200, 256, 8, 4),  # on core borders
+        (40, 40, 8, 5),
+        (200, 60, 11, 6),  # inside cores
+        (60, 300, 8, 7),
+        (250, 180, 9, 1),
+    ]  # inside cores at the image edge, the last one cut by it
     rgb, truth = draw(shape, nuclei)
     model = load_detector(hdyolo_path)
     detections = tile_detections(rgb, model.module, PARAMS, hdyolo_path)
@@ -258,10 +273,13 @@ def test_own_contract_still_loads_and_other_modules_are_named(tmp_path):
     model = load_detector(tmp_path / "own.pt")
     assert model.kind == "contract"
     rgb, truth = draw((64, 64), [(32, 32, 10, 1)])
-    instances, table = detect_with_model(rgb, model, section_defaults("nuclei", {"model_classes": {"lymph": "immune"},
-                                                                                 "tile": 64, "pad": 0}))
+    instances, table = detect_with_model(
+        rgb, model, section_defaults("nuclei", {"model_classes": {"lymph": "immune"}, "tile": 64, "pad": 0})
+    )
     assert classes_by_truth(truth, instances, table) == {1: "immune"}
     with pytest.raises(NucleiError, match="nms_params apply to HD-Yolo files only"):
         load_detector(tmp_path / "own.pt", nms_params={"max_det": 5})
-    with pytest.raises(NucleiError, match=r"other.pt: a TorchScript module but neither an HD-Yolo file .* nor histosynth's"):
+    with pytest.raises(
+        NucleiError, match=r"other.pt: a TorchScript module but neither an HD-Yolo file .* nor histosynth's"
+    ):
         load_detector(tmp_path / "other.pt")

@@ -76,7 +76,8 @@ def test_plain_image_reads_as_a_single_level_slide(kind, tmp_path):
         assert slide.dimensions == (320, 192) and slide.mpp == 0.5
         info = slide.describe()
         assert info["vendor"] == vendor and info["levels"] == [
-            {"level": 0, "dimensions": (320, 192), "downsample": 1.0, "mpp": 0.5}]
+            {"level": 0, "dimensions": (320, 192), "downsample": 1.0, "mpp": 0.5}
+        ]
         assert slide.level_for(1.0) == 0
         at_1um = slide.read(0, 0, 320, 192, (160, 96))  # the whole image at 1.0 mpp
         window = slide.read(160, 96, 160, 96, (80, 48))  # the bottom-right quadrant only
@@ -101,7 +102,7 @@ def test_plain_image_without_mpp_is_refused(kind, tmp_path):
 
 
 def test_plain_tiff_grey_16_bit_planar_and_alpha(tmp_path):
-    grey16 = (np.arange(256, dtype=np.uint16)[None, :].repeat(8, 0) * 257)  # 0..65535 across the columns
+    grey16 = np.arange(256, dtype=np.uint16)[None, :].repeat(8, 0) * 257  # 0..65535 across the columns
     tifffile.imwrite(tmp_path / "grey16.tif", grey16)
     with Slide(tmp_path / "grey16.tif", mpp=1.0) as slide:
         grey = slide.read(0, 0, 256, 8, (256, 8))
@@ -126,7 +127,9 @@ def test_files_that_are_no_image_or_are_cut_short(tmp_path):
     notes.write_text("not an image")
     with pytest.raises(SlideError, match=r"notes\.txt: not a slide format OpenSlide reads .* nor a plain image"):
         Slide(notes, mpp=0.5)
-    data = write_png(tmp_path / "full.png", np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8)).read_bytes()
+    data = write_png(
+        tmp_path / "full.png", np.random.default_rng(0).integers(0, 255, (256, 256, 3), np.uint8)
+    ).read_bytes()
     cut = tmp_path / "cut.png"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(SlideError, match=r"cut\.png: a PNG image Pillow cannot decode.*truncated"):
@@ -134,6 +137,7 @@ def test_files_that_are_no_image_or_are_cut_short(tmp_path):
 
 
 # --- patches from a plain image, with annotations and the sheet label --------------------------
+
 
 def disk_polygon(cx, cy, r, n=96) -> dict:
     ring = [[cx + r * math.cos(2 * math.pi * k / n), cy + r * math.sin(2 * math.pi * k / n)] for k in range(n)]
@@ -164,8 +168,19 @@ def config():
 def test_extract_slide_on_a_png_labels_masks_and_the_index(vessel_png, config, tmp_path):
     image, geojson = vessel_png
     out = tmp_path / "out"
-    index_path = extract_slide(image, geojson, out / "v", out / "v.parquet", slide_name="v", split="train",
-                               config=config, classes={"Blood vessel": 1}, mpp=0.5, label="grade_2", progress=False)
+    index_path = extract_slide(
+        image,
+        geojson,
+        out / "v",
+        out / "v.parquet",
+        slide_name="v",
+        split="train",
+        config=config,
+        classes={"Blood vessel": 1},
+        mpp=0.5,
+        label="grade_2",
+        progress=False,
+    )
     index = pd.read_parquet(index_path)
     assert len(index) == 16  # the stroma square: 4 x 4 windows of 64 level-0 px
     assert index["x"].between(128, 320).all() and index["y"].between(128, 320).all()
@@ -189,17 +204,35 @@ def test_extract_slide_on_a_png_labels_masks_and_the_index(vessel_png, config, t
 
 def test_extract_slide_without_label_or_mpp(vessel_png, config, tmp_path):
     image, geojson = vessel_png
-    index_path = extract_slide(image, None, tmp_path / "n", tmp_path / "n.parquet", slide_name="n", split="val",
-                               config=config, mpp=0.5, progress=False)
+    index_path = extract_slide(
+        image,
+        None,
+        tmp_path / "n",
+        tmp_path / "n.parquet",
+        slide_name="n",
+        split="val",
+        config=config,
+        mpp=0.5,
+        progress=False,
+    )
     assert pd.read_parquet(index_path)["label"].isna().all()
     assert pq.read_schema(index_path).field("label").type == "string"  # typed, so indexes concatenate
     with pytest.raises(SlideError, match=r"vessel\.png.*mpp column"):
-        extract_slide(image, geojson, tmp_path / "m", tmp_path / "m.parquet", slide_name="m", split="val",
-                      config=config, progress=False)
+        extract_slide(
+            image,
+            geojson,
+            tmp_path / "m",
+            tmp_path / "m.parquet",
+            slide_name="m",
+            split="val",
+            config=config,
+            progress=False,
+        )
     assert not (tmp_path / "m.parquet").exists()
 
 
 # --- DICOM WSI -----------------------------------------------------------------------------------
+
 
 def square_pattern() -> np.ndarray:
     """1024 px: glass, stroma square [256, 768)^2, a red block (blood) [320, 448)^2 inside it."""
@@ -216,8 +249,9 @@ def dicom_wsi(tmp_path_factory) -> tuple[Path, Path]:
     wsidicomizer = pytest.importorskip("wsidicomizer")
     folder = tmp_path_factory.mktemp("dicom")
     source = write_tiled_tiff(folder / "source.tiff", square_pattern(), mpp=0.5, levels=2, tile=256)
-    files = wsidicomizer.WsiDicomizer.convert(source, folder / "wsi", tile_size=256, include_label=False,
-                                              include_overview=False, include_thumbnail=False)
+    files = wsidicomizer.WsiDicomizer.convert(
+        source, folder / "wsi", tile_size=256, include_label=False, include_overview=False, include_thumbnail=False
+    )
     assert len(files) == 2
     return folder / "wsi", source
 
@@ -281,6 +315,7 @@ def test_malformed_dicom_names_the_missing_attributes(tmp_path):
 
 # --- histosynth sheet ------------------------------------------------------------------------------
 
+
 def tiny_png(path: Path, value: int = 120) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
@@ -297,11 +332,34 @@ def image_folder(tmp_path, monkeypatch) -> Path:
 
 
 def test_sheet_from_an_image_folder(image_folder, tmp_path, capsys):
-    assert main(["sheet", str(image_folder), "--mpp", "0.25", "--split", "train=0.6,val=0.2,test=0.2",
-                 "--seed", "0", "--out", "sheet.tsv"]) == 0
+    assert (
+        main(
+            [
+                "sheet",
+                str(image_folder),
+                "--mpp",
+                "0.25",
+                "--split",
+                "train=0.6,val=0.2,test=0.2",
+                "--seed",
+                "0",
+                "--out",
+                "sheet.tsv",
+            ]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out
     sheet = read_slide_sheet(tmp_path / "sheet.tsv")  # validates against the schema
-    assert list(sheet.columns) == ["slide", "image", "annotations", "split", "mpp", "label", "nuclei"]  # nuclei: filled, empty
+    assert list(sheet.columns) == [
+        "slide",
+        "image",
+        "annotations",
+        "split",
+        "mpp",
+        "label",
+        "nuclei",
+    ]  # nuclei: filled, empty
     assert len(sheet) == 15 and sheet["slide"].is_unique
     assert set(sheet["mpp"]) == {"0.25"} and set(sheet["annotations"]) == {""}
     # the same names in every class: prefixed with the (sanitised) class
@@ -343,8 +401,15 @@ def test_sheet_groups_and_annotations(tmp_path):
             tiny_png(tmp_path / "frames" / f"p{patient}_f{frame}.png")
     (tmp_path / "ann").mkdir()
     write_geojson(tmp_path / "ann" / "p0_f1.geojson", [feature("Fat", square(0, 0, 4, 4))])
-    sheet = build_sheet(tmp_path / "frames", split=parse_split("train=0.6,val=0.2,test=0.2"), seed=3, mpp=0.5,
-                        annotations_dir=tmp_path / "ann", group=r"^(p\d+)_", absolute=True)
+    sheet = build_sheet(
+        tmp_path / "frames",
+        split=parse_split("train=0.6,val=0.2,test=0.2"),
+        seed=3,
+        mpp=0.5,
+        annotations_dir=tmp_path / "ann",
+        group=r"^(p\d+)_",
+        absolute=True,
+    )
     patients = sheet["slide"].str.split("_").str[0]
     assert sheet.groupby(patients)["split"].nunique().eq(1).all()  # every patient in one split
     assert sheet.drop_duplicates("split").shape[0] == 3
@@ -384,11 +449,14 @@ def test_sheet_errors_are_clear(tmp_path):
 def test_read_slide_sheet_label_column(tmp_path):
     (tmp_path / "old.tsv").write_text("slide\timage\tsplit\na\ta.svs\ttrain\n")
     assert read_slide_sheet(tmp_path / "old.tsv")["label"].tolist() == [""]  # absent: filled, like mpp
-    (tmp_path / "new.tsv").write_text("slide\timage\tsplit\tmpp\tlabel\na\ta.png\ttrain\t0.5\tgrade 2\nb\tb.png\tval\t0.5\t\n")
+    (tmp_path / "new.tsv").write_text(
+        "slide\timage\tsplit\tmpp\tlabel\na\ta.png\ttrain\t0.5\tgrade 2\nb\tb.png\tval\t0.5\t\n"
+    )
     assert read_slide_sheet(tmp_path / "new.tsv")["label"].tolist() == ["grade 2", ""]
 
 
 # --- CLI on a plain TIFF tile and on a DICOM WSI ------------------------------------------------------
+
 
 @pytest.fixture
 def plain_tiff(tmp_path) -> Path:
@@ -401,7 +469,9 @@ def test_cli_inspect_and_patches_on_a_plain_tiff(plain_tiff, tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)  # no config/config.yaml: schema defaults
     assert main(["inspect", str(plain_tiff)]) == 0  # described without its mpp
     out = capsys.readouterr().out
-    assert "vendor: plain TIFF" in out and "1024 x 1024 px" in out and "level 0: 1024 x 1024 px, downsample 1.000\n" in out
+    assert (
+        "vendor: plain TIFF" in out and "1024 x 1024 px" in out and "level 0: 1024 x 1024 px, downsample 1.000\n" in out
+    )
     assert "mpp: unknown (give --slide-mpp or the sheet's mpp)" in out
     assert main(["inspect", str(plain_tiff), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -411,8 +481,22 @@ def test_cli_inspect_and_patches_on_a_plain_tiff(plain_tiff, tmp_path, capsys, m
     assert "vendor: plain TIFF" in out and "1024 x 1024 px" in out and "mpp: 0.5000" in out and "level 1" not in out
     assert main(["inspect", str(plain_tiff), "--slide-mpp", "0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["levels"][0]["mpp"] == 0.5
-    argv = ["patches", str(plain_tiff), "--out", "out", "--size", "32", "--stride", "32", "--mpp", "1.0",
-            "--slide-mpp", "0.5", "--label", "G2"]
+    argv = [
+        "patches",
+        str(plain_tiff),
+        "--out",
+        "out",
+        "--size",
+        "32",
+        "--stride",
+        "32",
+        "--mpp",
+        "1.0",
+        "--slide-mpp",
+        "0.5",
+        "--label",
+        "G2",
+    ]
     assert main(argv) == 0
     assert "64 patches" in capsys.readouterr().out
     index = pd.read_parquet(tmp_path / "out/tile.parquet")

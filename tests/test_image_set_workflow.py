@@ -63,14 +63,29 @@ def write_tiles(folder, label: str, radius: int, n: int, seed: int) -> None:
         rgb = np.empty((256, 256, 3), np.uint8)
         rgb[:] = (232, 178, 200)
         for cy, cx in rng.integers(0, 256, (60, 2)):
-            rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2] = (110, 55, 150)
+            rgb[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = (110, 55, 150)
         Image.fromarray(rgb).save(folder / label / f"{label}_{i}.png")
 
 
 def snakemake(workdir, *args):
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml"), str(workdir / "overlay.yaml"),
-               "--cores", "2", "--resources", "gpu=1", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(REPO / "config/config.yaml"),
+        str(REPO / "config/tiny.yaml"),
+        str(workdir / "overlay.yaml"),
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=1200)
 
 
@@ -79,8 +94,24 @@ def image_set_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("image_set")
     write_tiles(workdir / "tiles", "low", 2, 8, seed=0)
     write_tiles(workdir / "tiles", "high", 4, 8, seed=1)
-    sheet = subprocess.run([sys.executable, "-m", "histosynth.cli", "sheet", "tiles", "--mpp", "1.0", "--split",
-                            "train=0.5,val=0.25,test=0.25", "--out", "sheet.tsv"], cwd=workdir, capture_output=True, text=True)
+    sheet = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histosynth.cli",
+            "sheet",
+            "tiles",
+            "--mpp",
+            "1.0",
+            "--split",
+            "train=0.5,val=0.25,test=0.25",
+            "--out",
+            "sheet.tsv",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
     assert sheet.returncode == 0, sheet.stderr
     write_tiny_stable_diffusion(workdir / "tiny-sd", sample_size=32)
     (workdir / "overlay.yaml").write_text(OVERLAY)
@@ -117,7 +148,9 @@ def test_the_gan_set_per_label_beside_the_diffusion_sets(image_set_run):
     assert sorted(manifest["class"]) == ["high"] * 3 + ["low"] * 3 and "mask" not in manifest
     image = Image.open(image_set_run / "results/synthetic/gan" / manifest["image"].iloc[0])
     assert image.size == (32, 32)  # drawn at gan.size 16, resized to the patches
-    assert (image_set_run / "results/gan/loss.csv").is_file() and list((image_set_run / "results/gan/samples").glob("*.png"))
+    assert (image_set_run / "results/gan/loss.csv").is_file() and list(
+        (image_set_run / "results/gan/samples").glob("*.png")
+    )
     mixed = pd.read_parquet(image_set_run / "results/mixing/gan6.parquet")
     assert set(mixed.loc[mixed["source"] == "synthetic", "mode"]) == {"gan"} and mixed["mask"].isna().sum() == 6
     quality = pd.read_parquet(image_set_run / "results/quality/gan.parquet")
@@ -127,14 +160,19 @@ def test_the_gan_set_per_label_beside_the_diffusion_sets(image_set_run):
     # quality.extractor resnet18 has no weights here and Inception is absent: no fidelity during
     # training, and the log says why (tests/test_gan.py measures it)
     assert pd.read_csv(image_set_run / "results/gan/loss.csv")["fd"].isna().all()
-    assert "no fd/kd (quality.extractor='resnet18' needs quality.extractor_weights" in (image_set_run / "logs/train_gan.log").read_text()
+    assert (
+        "no fd/kd (quality.extractor='resnet18' needs quality.extractor_weights"
+        in (image_set_run / "logs/train_gan.log").read_text()
+    )
     assert (image_set_run / "results/report/loss/gan.png").is_file()
 
 
 def test_stable_diffusion_lora_sets_per_scale_feed_classification(image_set_run):
     adapter = image_set_run / "results/lora/adapter"
     assert (adapter / "pytorch_lora_weights.safetensors").is_file() and (adapter / "histosynth.json").is_file()
-    sets = {scale: pd.read_parquet(image_set_run / f"results/synthetic/lora{scale}/manifest.parquet") for scale in (100, 50)}
+    sets = {
+        scale: pd.read_parquet(image_set_run / f"results/synthetic/lora{scale}/manifest.parquet") for scale in (100, 50)
+    }
     for scale, manifest in sets.items():
         assert sorted(manifest["class"]) == ["high"] * 3 + ["low"] * 3 and set(manifest["lora_scale"]) == {scale / 100}
         assert manifest["prompt"].str.startswith("histopathology patch, ").all() and "mask" not in manifest
@@ -145,4 +183,6 @@ def test_stable_diffusion_lora_sets_per_scale_feed_classification(image_set_run)
     assert set(mixed.loc[mixed["source"] == "synthetic", "mode"]) == {"lora100"}
     quality = pd.concat(pd.read_parquet(image_set_run / f"results/quality/lora{scale}.parquet") for scale in (100, 50))
     assert {"high", "low"} <= set(quality["class"])
-    assert (image_set_run / "results/report/loss/lora.png").is_file() and list((image_set_run / "results/lora/samples").glob("*.png"))
+    assert (image_set_run / "results/report/loss/lora.png").is_file() and list(
+        (image_set_run / "results/lora/samples").glob("*.png")
+    )

@@ -16,8 +16,14 @@ def config(**labels) -> dict:
 
 
 def index_rows() -> pd.DataFrame:
-    return pd.DataFrame({"slide": ["a", "a", "b"], "frac_blood_vessel": [0.0, 0.3, 0.1], "frac_fat": [0.0, 0.1, 0.6],
-                         "label": ["2", "2", "1"]})
+    return pd.DataFrame(
+        {
+            "slide": ["a", "a", "b"],
+            "frac_blood_vessel": [0.0, 0.3, 0.1],
+            "frac_fat": [0.0, 0.1, 0.6],
+            "label": ["2", "2", "1"],
+        }
+    )
 
 
 def test_region_labels_are_the_dominant_class_or_background():

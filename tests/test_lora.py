@@ -39,9 +39,20 @@ def base(tmp_path_factory) -> Path:
 
 
 def settings(base: Path, **train_settings) -> dict:
-    return {"base_model": str(base), "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-                                               "sample_every": 2, "sample_count": 2, "lr": 1e-2, "lr_text": 1e-2,
-                                               **train_settings}}
+    return {
+        "base_model": str(base),
+        "train": {
+            "steps": 4,
+            "batch_size": 2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "sample_every": 2,
+            "sample_count": 2,
+            "lr": 1e-2,
+            "lr_text": 1e-2,
+            **train_settings,
+        },
+    }
 
 
 FAST = {"lora": {"steps": 2, "guidance": 3.0}}  # preview and set sampling: 2 Euler steps
@@ -76,8 +87,10 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 
 
 def test_prompts_from_a_template_or_a_mapping():
-    assert class_prompts("histopathology patch, {class}", LABELS) == {"red": "histopathology patch, red",
-                                                                       "blue": "histopathology patch, blue"}
+    assert class_prompts("histopathology patch, {class}", LABELS) == {
+        "red": "histopathology patch, red",
+        "blue": "histopathology patch, blue",
+    }
     assert class_prompts({"red": "eosin", "blue": "haematoxylin"}, LABELS)["blue"] == "haematoxylin"
     with pytest.raises(LoraError, match=r"labels \['blue'\]"):
         class_prompts({"red": "eosin"}, LABELS)
@@ -110,8 +123,11 @@ def test_the_adapter_reloads_onto_the_base_model_and_changes_its_images(trained)
     pipe, meta = load_pipeline(trained / "adapter")
     draw = dict(size=32, steps=2, guidance=3.0)
     prompts, seeds = ["histopathology patch, red"] * 2, [5, 6]
-    adapted, again, plain = sample(pipe, prompts, seeds, **draw), sample(pipe, prompts, seeds, **draw, scale=1.0), \
-        sample(pipe, prompts, seeds, **draw, scale=0.0)
+    adapted, again, plain = (
+        sample(pipe, prompts, seeds, **draw),
+        sample(pipe, prompts, seeds, **draw, scale=1.0),
+        sample(pipe, prompts, seeds, **draw, scale=0.0),
+    )
     pipe.unload_lora_weights()
     base_images = sample(pipe, prompts, seeds, **draw)
     assert adapted.shape == (2, 32, 32, 3) and adapted.dtype == np.uint8
@@ -133,7 +149,9 @@ def test_resume_is_bit_identical(base, tmp_path):
     train(Toy(n=6), tmp_path / "a", settings(base, **quiet), seed=1, labels=LABELS)
     train(Toy(n=6), tmp_path / "b", settings(base, steps=2, **quiet), seed=1, labels=LABELS)
     train(Toy(n=6), tmp_path / "b", settings(base, **quiet), seed=1, labels=LABELS)
-    a, b = (load_file(next((tmp_path / run / "checkpoints" / "step-4" / "model").glob("*.safetensors"))) for run in "ab")
+    a, b = (
+        load_file(next((tmp_path / run / "checkpoints" / "step-4" / "model").glob("*.safetensors"))) for run in "ab"
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [pd.read_csv(tmp_path / run / "loss.csv")["loss"].tolist() for run in "ab"]
     assert losses[0] == losses[1]
@@ -145,18 +163,39 @@ def test_lora_set_per_label_and_scale_at_the_patch_size(trained, base, tmp_path)
     rows = []
     for i, colour in enumerate([(200, 40, 40), (40, 40, 200)] * 2):
         Image.fromarray(np.full((64, 64, 3), colour, np.uint8)).save(real / f"{i}.png")
-        rows.append({"patch_id": f"p{i}", "slide": "s", "image": str(real / f"{i}.png"), "split": "train", "label": LABELS[i % 2]})
+        rows.append(
+            {
+                "patch_id": f"p{i}",
+                "slide": "s",
+                "image": str(real / f"{i}.png"),
+                "split": "train",
+                "label": LABELS[i % 2],
+            }
+        )
     write_relative(pd.DataFrame(rows), real / "index.parquet", ("image",))
     labels = {"source": "sheet", "classes": LABELS, "regions": [], "background": None}
     synthesis = {"batch_size": 2, "grid_per_class": 2, "lora": {"n": 3, "steps": 2, "guidance": 3.0}}
-    sets = {scale: lora_stage(trained / "adapter", [real / "index.parquet"], tmp_path / f"lora{scale}", settings=synthesis,
-                              labels=labels, size=64, seed=0, scale=scale) for scale in (1.0, 0.0)}
+    sets = {
+        scale: lora_stage(
+            trained / "adapter",
+            [real / "index.parquet"],
+            tmp_path / f"lora{scale}",
+            settings=synthesis,
+            labels=labels,
+            size=64,
+            seed=0,
+            scale=scale,
+        )
+        for scale in (1.0, 0.0)
+    }
     full = sets[1.0]
     assert full["class"].tolist() == ["red", "red", "blue"] and full["label"].tolist() == [0, 0, 1]
     assert (full["mode"] == "lora100").all() and full["id"].iloc[0] == "lora100-000000"
     assert full["prompt"].tolist() == ["histopathology patch, red"] * 2 + ["histopathology patch, blue"]
-    assert set(full["lora_scale"]) == {1.0} and (full["base_hash"] == json.loads(
-        (trained / "adapter" / "histosynth.json").read_text())["base_hash"]).all()
+    assert (
+        set(full["lora_scale"]) == {1.0}
+        and (full["base_hash"] == json.loads((trained / "adapter" / "histosynth.json").read_text())["base_hash"]).all()
+    )
     assert full["seed"].tolist() == sets[0.0]["seed"].tolist()  # the scales pair image for image
     written = pd.read_parquet(tmp_path / "lora1.0" / MANIFEST)
     image = np.asarray(Image.open(tmp_path / "lora1.0" / written["image"].iloc[0]))
@@ -165,8 +204,16 @@ def test_lora_set_per_label_and_scale_at_the_patch_size(trained, base, tmp_path)
     assert np.abs(image.astype(int) - other).mean() > 2
     assert {p.name for p in (tmp_path / "lora1.0").glob("grid_*.png")} == {"grid_red.png", "grid_blue.png"}
     with pytest.raises(SynthesisError, match="trained on the labels"):
-        lora_stage(trained / "adapter", [real / "index.parquet"], tmp_path / "wrong", settings=synthesis,
-                   labels={**labels, "classes": ["a", "b"]}, size=64, seed=0, scale=1.0)
+        lora_stage(
+            trained / "adapter",
+            [real / "index.parquet"],
+            tmp_path / "wrong",
+            settings=synthesis,
+            labels={**labels, "classes": ["a", "b"]},
+            size=64,
+            seed=0,
+            scale=1.0,
+        )
 
 
 def test_a_changed_base_model_is_refused(trained, base, tmp_path):

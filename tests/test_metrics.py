@@ -53,8 +53,20 @@ def test_empty_cases():
     empty, one = canvas(), canvas()
     one[2:5, 2:5] = 1
     both_empty = scores(empty, empty)
-    assert both_empty == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0, "aji": 1.0,
-                          "pq": 1.0, "dq": 1.0, "sq": 1.0, "dice": 1.0, "images": 1}
+    assert both_empty == {
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "tp": 0,
+        "fp": 0,
+        "fn": 0,
+        "aji": 1.0,
+        "pq": 1.0,
+        "dq": 1.0,
+        "sq": 1.0,
+        "dice": 1.0,
+        "images": 1,
+    }
     spurious = scores(empty, one)
     assert spurious["f1"] == 0.0 and spurious["fp"] == 1 and spurious["precision"] == 0.0
     missed = scores(one, empty)

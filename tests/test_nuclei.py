@@ -201,8 +201,9 @@ def model_path(tmp_path_factory):
 
 
 # 96 px tiles with 16 px of context, rounded up to 32: the model sees 160 x 160 windows
-MODEL_PARAMS = section_defaults("nuclei", {"model_mpp": 0.25, "model_classes": {"big_cell": "tumor", "lymph": "immune"},
-                                           "tile": 96, "pad": 16})
+MODEL_PARAMS = section_defaults(
+    "nuclei", {"model_mpp": 0.25, "model_classes": {"big_cell": "tumor", "lymph": "immune"}, "tile": 96, "pad": 16}
+)
 
 
 def test_model_through_tiles_recovers_instances_and_classes(model_path):
@@ -284,9 +285,18 @@ def test_geojson_round_trip():
     instances[disk((10, 24), 7, shape=shape)] = 3  # touches nucleus 1
     instances[8:12, 22:26] = 0  # a hole
     instances[0:3, 40:48] = 4  # on the border
-    table = pd.DataFrame({"instance_id": [1, 2, 3, 4], "class": ["immune", "stromal", "tumor", "other"],
-                          "score": 1.0, "hematoxylin": 0.1, "area": 1.0, "perimeter": 1.0,
-                          "eccentricity": 0.0, "solidity": 1.0})
+    table = pd.DataFrame(
+        {
+            "instance_id": [1, 2, 3, 4],
+            "class": ["immune", "stromal", "tumor", "other"],
+            "score": 1.0,
+            "hematoxylin": 0.1,
+            "area": 1.0,
+            "perimeter": 1.0,
+            "eccentricity": 0.0,
+            "solidity": 1.0,
+        }
+    )
     rows, cols = np.indices(shape)
     for column, values in (("bbox_y0", rows), ("bbox_x0", cols)):
         table[column] = [values[instances == i].min() for i in table["instance_id"]]
@@ -322,8 +332,16 @@ def test_segment_slide_patches(tmp_path):
     # 64 px patches at 0.5 mpp (128 level-0 px), stride 64 level-0 px: every nucleus is in 1 to 4
     # patches; the patch at x=256 holds none
     origins = [(x, y) for y in (0, 64, 128) for x in (0, 64, 128)] + [(256, 0)]
-    index = pd.DataFrame({"patch_id": [f"s_x{x}_y{y}" for x, y in origins], "x": [x for x, _ in origins],
-                          "y": [y for _, y in origins], "size": 64, "mpp": 0.5, "slide_mpp": 0.25})
+    index = pd.DataFrame(
+        {
+            "patch_id": [f"s_x{x}_y{y}" for x, y in origins],
+            "x": [x for x, _ in origins],
+            "y": [y for _, y in origins],
+            "size": 64,
+            "mpp": 0.5,
+            "slide_mpp": 0.25,
+        }
+    )
     params = section_defaults("nuclei", {"mpp": 0.25})
     table, collection = segment_slide_patches(index, slide, tmp_path / "nuclei", params, progress=False)
     masks = {p: read_instances(tmp_path / "nuclei" / f"{p}.png") for p in index["patch_id"]}
@@ -340,11 +358,15 @@ def test_segment_slide_patches(tmp_path):
     assert score_instances([(truth, painted)])["f1"] == 1.0
     assert not list(tmp_path.glob(".*partial*"))
     # on 3 processes: the same masks byte for byte, the same table and GeoJSON
-    forked, forked_collection = segment_slide_patches(index, slide, tmp_path / "forked", params, progress=False, workers=3)
+    forked, forked_collection = segment_slide_patches(
+        index, slide, tmp_path / "forked", params, progress=False, workers=3
+    )
     pd.testing.assert_frame_equal(forked, table)
     assert forked_collection == collection
     for patch_id in index["patch_id"]:
-        assert (tmp_path / "forked" / f"{patch_id}.png").read_bytes() == (tmp_path / "nuclei" / f"{patch_id}.png").read_bytes()
+        assert (tmp_path / "forked" / f"{patch_id}.png").read_bytes() == (
+            tmp_path / "nuclei" / f"{patch_id}.png"
+        ).read_bytes()
 
 
 def test_segment_images(tmp_path):
@@ -357,7 +379,9 @@ def test_segment_images(tmp_path):
     assert not read_instances(tmp_path / "out" / "b.png").any()
     assert set(table["image"]) == {"a"} and len(table) == read_instances(tmp_path / "out" / "a.png").max()
     with pytest.raises(NucleiError, match=r"repeated: \['a'\]"):
-        segment_images([tmp_path / "a.png", tmp_path / "x" / "a.tif"], 0.25, tmp_path / "out2", section_defaults("nuclei"))
+        segment_images(
+            [tmp_path / "a.png", tmp_path / "x" / "a.tif"], 0.25, tmp_path / "out2", section_defaults("nuclei")
+        )
 
 
 def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
@@ -377,23 +401,53 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
     assert names == ["other"] * 3
 
     squares = [(2.0, 2.0, 10.0, 8.0), (12.0, 4.0, 20.0, 14.0)]
-    regions = "".join(f'<Region Id="{k}" Type="0"><Vertices>' + "".join(
-        f'<Vertex X="{x}" Y="{y}"/>' for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]) + "</Vertices></Region>"
-        for k, (x0, y0, x1, y1) in enumerate(squares, start=1))
-    (tmp_path / "monuseg.xml").write_text(f'<Annotations><Annotation Id="1" Name=""><Regions>{regions}</Regions>'
-                                          "</Annotation></Annotations>")
-    coords = "".join(f'<Annotation Name="n{k}" Type="Polygon" PartOfGroup="tumor"><Coordinates>' + "".join(
-        f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]))
-        + "</Coordinates></Annotation>" for k, (x0, y0, x1, y1) in enumerate(squares))
-    (tmp_path / "asap.xml").write_text(f"<ASAP_Annotations><Annotations>{coords}</Annotations><AnnotationGroups>"
-                                       '<Group Name="tumor"/></AnnotationGroups></ASAP_Annotations>')
-    (tmp_path / "nuclei.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-         "properties": {"classification": {"name": "tumor"}}} for x0, y0, x1, y1 in squares]}))
+    regions = "".join(
+        f'<Region Id="{k}" Type="0"><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        + "</Vertices></Region>"
+        for k, (x0, y0, x1, y1) in enumerate(squares, start=1)
+    )
+    (tmp_path / "monuseg.xml").write_text(
+        f'<Annotations><Annotation Id="1" Name=""><Regions>{regions}</Regions></Annotation></Annotations>'
+    )
+    coords = "".join(
+        f'<Annotation Name="n{k}" Type="Polygon" PartOfGroup="tumor"><Coordinates>'
+        + "".join(
+            f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>'
+            for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        )
+        + "</Coordinates></Annotation>"
+        for k, (x0, y0, x1, y1) in enumerate(squares)
+    )
+    (tmp_path / "asap.xml").write_text(
+        f"<ASAP_Annotations><Annotations>{coords}</Annotations><AnnotationGroups>"
+        '<Group Name="tumor"/></AnnotationGroups></ASAP_Annotations>'
+    )
+    (tmp_path / "nuclei.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+                        },
+                        "properties": {"classification": {"name": "tumor"}},
+                    }
+                    for x0, y0, x1, y1 in squares
+                ],
+            }
+        )
+    )
     expected = np.zeros((16, 24), np.int64)
     expected[2:8, 2:10], expected[4:14, 12:20] = 1, 2
-    for name, classes in (("monuseg.xml", ["other", "other"]), ("asap.xml", ["tumor", "tumor"]),
-                          ("nuclei.geojson", ["tumor", "tumor"])):
+    for name, classes in (
+        ("monuseg.xml", ["other", "other"]),
+        ("asap.xml", ["tumor", "tumor"]),
+        ("nuclei.geojson", ["tumor", "tumor"]),
+    ):
         painted, names = NucleusRasterizer(read_nuclei(tmp_path / name)).rasterize(0, 0, 24, 16, (16, 24))
         np.testing.assert_array_equal(painted, expected, err_msg=name)
         assert names == classes, name
@@ -401,8 +455,9 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
     np.testing.assert_array_equal(read_annotation(tmp_path / "nuclei.geojson", (16, 24)), expected)
     np.testing.assert_array_equal(read_annotation(tmp_path / "mask.png"), small)
     # ASAP nuclei left in no group (ASAP's "None") are unclassified, as GeoJSON and masks may be
-    (tmp_path / "ungrouped.xml").write_text((tmp_path / "asap.xml").read_text().replace('PartOfGroup="tumor"',
-                                                                                        'PartOfGroup="None"'))
+    (tmp_path / "ungrouped.xml").write_text(
+        (tmp_path / "asap.xml").read_text().replace('PartOfGroup="tumor"', 'PartOfGroup="None"')
+    )
     painted, names = NucleusRasterizer(read_nuclei(tmp_path / "ungrouped.xml")).rasterize(0, 0, 24, 16, (16, 24))
     np.testing.assert_array_equal(painted, expected)
     assert names == ["other", "other"]
@@ -414,10 +469,16 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
 def test_nuclei_geojson_in_every_shape_and_its_errors(tmp_path):
     from histosynth.nuclei.annotations import read_nuclei
 
-    nucleus = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]},
-               "properties": {}}
-    for name, data in (("collection", {"type": "FeatureCollection", "features": [nucleus]}), ("list", [nucleus]),
-                       ("feature", nucleus)):
+    nucleus = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]},
+        "properties": {},
+    }
+    for name, data in (
+        ("collection", {"type": "FeatureCollection", "features": [nucleus]}),
+        ("list", [nucleus]),
+        ("feature", nucleus),
+    ):
         (tmp_path / f"{name}.geojson").write_text(json.dumps(data))
         assert read_nuclei(tmp_path / f"{name}.geojson") == [nucleus], name
     (tmp_path / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')

@@ -107,7 +107,7 @@ def drawn_tile(seed: int, size: int = 96):
     while k < 12:
         c = rng.integers(8, size - 8, 2)
         rr, cc = disk(tuple(c), 5, shape=truth.shape)
-        if truth[max(0, c[0] - 7):c[0] + 8, max(0, c[1] - 7):c[1] + 8].any():
+        if truth[max(0, c[0] - 7) : c[0] + 8, max(0, c[1] - 7) : c[1] + 8].any():
             continue
         k += 1
         rgb[rr, cc] = HEMATOXYLIN
@@ -123,9 +123,23 @@ def test_tiny_model_trains_exports_and_finds_nuclei(tmp_path, caplog):
         rgb, truth = drawn_tile(i)
         Image.fromarray(rgb).save(images / f"t{i}.png")
         Image.fromarray(truth.astype(np.uint16)).save(annotations / f"t{i}.png")
-    params = section_defaults("nuclei", {"train": {
-        "mpp": 0.5, "crop": 32, "steps": 150, "batch_size": 8, "lr": 3e-3, "lr_warmup": 0, "encoder_depth": 3,
-        "decoder_channels": [16, 16, 16], "checkpoint_every": 75, "log_every": 25}})
+    params = section_defaults(
+        "nuclei",
+        {
+            "train": {
+                "mpp": 0.5,
+                "crop": 32,
+                "steps": 150,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "lr_warmup": 0,
+                "encoder_depth": 3,
+                "decoder_channels": [16, 16, 16],
+                "checkpoint_every": 75,
+                "log_every": 25,
+            }
+        },
+    )
     out = tmp_path / "model"
     table = train_on_folder(images, annotations, 0.5, out, params, seed=0, holdout=["t2"])
     assert list(table["split"]) == ["train", "train", "holdout"]

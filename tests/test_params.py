@@ -22,8 +22,10 @@ def config(**sections) -> dict:
 
 def test_the_workflows_modules_load_no_torch():
     """The DAG parse imports these: a tuple and a hash must not cost loading torch and diffusers."""
-    code = ("import sys, histosynth.params, histosynth.generators.table, histosynth.generators.base_model; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'timm') if m in sys.modules))")
+    code = (
+        "import sys, histosynth.params, histosynth.generators.table, histosynth.generators.base_model; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'timm') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -48,8 +50,9 @@ def test_the_gan_reads_its_monitors_quality_keys_only_while_it_monitors():
     # what the monitor reads changes no weights: the checkpoints resume
     more_subsets = config(quality={"kid_subsets": 7})
     assert params.checkpoint_key(more_subsets, LABELS, "gan") == params.checkpoint_key(config(), LABELS, "gan")
-    assert params.checkpoint_key(config(gan={"enabled": True, "z_dim": 64}), LABELS, "gan") \
-        != params.checkpoint_key(config(), LABELS, "gan")
+    assert params.checkpoint_key(config(gan={"enabled": True, "z_dim": 64}), LABELS, "gan") != params.checkpoint_key(
+        config(), LABELS, "gan"
+    )
 
 
 def test_run_length_changes_no_resume_key_but_the_model_does():
@@ -79,7 +82,9 @@ def test_params_are_sorted_and_leave_out_what_only_names_or_schedules_runs():
     cfg = config()
     shuffled = copy.deepcopy(cfg)
     shuffled["patches"] = dict(reversed(list(shuffled["patches"].items())))
-    assert list(params.config_params(shuffled, LABELS, "patches")["patches"]) == sorted(set(cfg["patches"]) - {"workers"})
+    assert list(params.config_params(shuffled, LABELS, "patches")["patches"]) == sorted(
+        set(cfg["patches"]) - {"workers"}
+    )
     assert "seeds" not in params.task_params(cfg, LABELS, "segmentation")["segmentation"]
     assert set(params.task_params(cfg, LABELS, "classification")) == {"classification", "labels", "seed", "weights_dir"}
 
@@ -93,8 +98,12 @@ def test_each_set_reads_the_shared_synthesis_settings_and_its_own_family():
 
 
 def test_the_table_names_each_sets_rule_and_which_sets_have_masks():
-    assert [table.set_rule(name) for name in ("synth", "inpaint", "gan", "lora50")] == \
-        ["synthesize", "inpaint", "gan_synthesize", "lora_synthesize"]
+    assert [table.set_rule(name) for name in ("synth", "inpaint", "gan", "lora50")] == [
+        "synthesize",
+        "inpaint",
+        "gan_synthesize",
+        "lora_synthesize",
+    ]
     assert [table.has_masks(name) for name in ("synth", "inpaint", "gan", "lora100")] == [True, True, False, False]
     assert table.maker("lora80").model == "results/lora/adapter" and table.maker("inpaint").name == "diffusion"
     with pytest.raises(table.UnknownGeneratorError, match="no generator makes a synthetic set named 'loraX'"):
@@ -105,10 +114,18 @@ def test_the_table_names_each_sets_rule_and_which_sets_have_masks():
 
 def test_the_sets_and_trainings_a_config_makes():
     base = validated({})
-    assert table.synthetic_sets(base) == ["synth", *(["inpaint"] if base["synthesis"]["inpaint"]["target_class"] else [])]
-    every = validated({"gan": {"enabled": True}, "lora": {"enabled": True, "base_model": "sd"},
-                       "diffusion": {"space": "latent"}, "synthesis": {"inpaint": {"target_class": "Fat"},
-                                                                      "lora": {"scales": [1.0, 0.5]}}})
+    assert table.synthetic_sets(base) == [
+        "synth",
+        *(["inpaint"] if base["synthesis"]["inpaint"]["target_class"] else []),
+    ]
+    every = validated(
+        {
+            "gan": {"enabled": True},
+            "lora": {"enabled": True, "base_model": "sd"},
+            "diffusion": {"space": "latent"},
+            "synthesis": {"inpaint": {"target_class": "Fat"}, "lora": {"scales": [1.0, 0.5]}},
+        }
+    )
     assert table.synthetic_sets(every) == ["synth", "inpaint", "gan", "lora100", "lora50"]
     assert [g.name for g in table.trained(every)] == ["autoencoder", "diffusion", "gan", "lora"]
     assert [g.name for g in table.trained(base)] == ["diffusion"]

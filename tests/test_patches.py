@@ -15,8 +15,15 @@ def write(image, annotations, out, *, slide_name, **kwargs):
     """Extract one slide as the CLI lays it out: out/<slide>/ (images/, masks/), the index
     out/<slide>.parquet and the QC thumbnail out/<slide>.qc.png; returns the index path."""
     out = Path(out)
-    return extract_slide(image, annotations, out / slide_name, out / f"{slide_name}.parquet", out / f"{slide_name}.qc.png",
-                         slide_name=slide_name, **kwargs)
+    return extract_slide(
+        image,
+        annotations,
+        out / slide_name,
+        out / f"{slide_name}.parquet",
+        out / f"{slide_name}.qc.png",
+        slide_name=slide_name,
+        **kwargs,
+    )
 
 
 def extract(*args, **kwargs) -> pd.DataFrame:
@@ -133,17 +140,34 @@ def test_outputs_go_where_the_caller_says(square_slide, config, tmp_path):
     """Every output path comes from the caller; image and mask columns are relative to the index's folder."""
     index_path = tmp_path / "indexes" / "sq.parquet"
     qc_path = tmp_path / "qc" / "sq.png"
-    returned = extract_slide(*square_slide, tmp_path / "patches" / "sq", index_path, qc_path, slide_name="sq",
-                             split="train", config=config, progress=False)
+    returned = extract_slide(
+        *square_slide,
+        tmp_path / "patches" / "sq",
+        index_path,
+        qc_path,
+        slide_name="sq",
+        split="train",
+        config=config,
+        progress=False,
+    )
     assert returned == index_path and qc_path.is_file()
     index = pd.read_parquet(index_path)
     assert len(index) == 64 and index["image"].str.startswith("../patches/sq/").all()
     assert all((index_path.parent / path).is_file() for path in [*index["image"], *index["mask"]])
     assert sorted(p.name for p in (tmp_path / "patches" / "sq").iterdir()) == ["images", "masks"]
     # no QC thumbnail unless asked for
-    extract_slide(*square_slide, tmp_path / "again", tmp_path / "again.parquet", slide_name="sq", split="train",
-                  config=config, progress=False)
-    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix not in (".tiff", ".geojson"))  # not the fixture's slide
+    extract_slide(
+        *square_slide,
+        tmp_path / "again",
+        tmp_path / "again.parquet",
+        slide_name="sq",
+        split="train",
+        config=config,
+        progress=False,
+    )
+    written = sorted(
+        p.name for p in tmp_path.iterdir() if p.suffix not in (".tiff", ".geojson")
+    )  # not the fixture's slide
     assert written == ["again", "again.parquet", "indexes", "patches", "qc"]
 
 
@@ -163,7 +187,9 @@ def test_outputs_do_not_depend_on_the_number_of_workers(textured_slide, config, 
     outputs = {}
     for workers in (1, 3):
         out = tmp_path / f"w{workers}"
-        index = extract(*textured_slide, out, slide_name="t", split="train", config=config, workers=workers, progress=False)
+        index = extract(
+            *textured_slide, out, slide_name="t", split="train", config=config, workers=workers, progress=False
+        )
         files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "t").rglob("*.png"))}
         outputs[workers] = index, files
     (index1, files1), (index3, files3) = outputs[1], outputs[3]
@@ -176,7 +202,9 @@ def test_outputs_do_not_depend_on_the_number_of_workers(textured_slide, config, 
 def test_png_compression_changes_bytes_not_pixels(textured_slide, config, tmp_path, compression):
     fast = extract(*textured_slide, tmp_path / "fast", slide_name="t", split="train", config=config, progress=False)
     config["patches"]["png_compression"] = compression
-    other = extract(*textured_slide, tmp_path / compression, slide_name="t", split="train", config=config, progress=False)
+    other = extract(
+        *textured_slide, tmp_path / compression, slide_name="t", split="train", config=config, progress=False
+    )
     pd.testing.assert_frame_equal(fast, other)
     sizes = {}
     for name, root in (("fast", tmp_path / "fast"), (compression, tmp_path / compression)):
@@ -224,14 +252,50 @@ def test_arrow_table_matches_pyarrow_conversion():
     from histosynth.data.io import arrow_table
 
     rows = [
-        {"patch_id": "a_x0_y0", "x": 0, "fraction": 0.25, "label": None, "split": "tumour", "count": np.int64(3), "mixed": 1},
-        {"patch_id": "a_x1_y0", "x": 2**40, "fraction": np.float64(1 / 3), "label": None, "split": None, "count": None, "mixed": 2.5},
-        {"patch_id": "é_x2_y0", "x": -7, "fraction": None, "label": None, "split": "stroma", "count": np.int64(-1), "mixed": 0},
+        {
+            "patch_id": "a_x0_y0",
+            "x": 0,
+            "fraction": 0.25,
+            "label": None,
+            "split": "tumour",
+            "count": np.int64(3),
+            "mixed": 1,
+        },
+        {
+            "patch_id": "a_x1_y0",
+            "x": 2**40,
+            "fraction": np.float64(1 / 3),
+            "label": None,
+            "split": None,
+            "count": None,
+            "mixed": 2.5,
+        },
+        {
+            "patch_id": "é_x2_y0",
+            "x": -7,
+            "fraction": None,
+            "label": None,
+            "split": "stroma",
+            "count": np.int64(-1),
+            "mixed": 0,
+        },
     ]
     table = arrow_table(rows)
-    assert table.schema == pa.schema([("patch_id", pa.string()), ("x", pa.int64()), ("fraction", pa.float64()), ("label", pa.string()),
-                                      ("split", pa.string()), ("count", pa.int64()), ("mixed", pa.float64())])
-    expected = [{**row, "count": None if row["count"] is None else int(row["count"]), "mixed": float(row["mixed"])} for row in rows]
+    assert table.schema == pa.schema(
+        [
+            ("patch_id", pa.string()),
+            ("x", pa.int64()),
+            ("fraction", pa.float64()),
+            ("label", pa.string()),
+            ("split", pa.string()),
+            ("count", pa.int64()),
+            ("mixed", pa.float64()),
+        ]
+    )
+    expected = [
+        {**row, "count": None if row["count"] is None else int(row["count"]), "mixed": float(row["mixed"])}
+        for row in rows
+    ]
     assert table.to_pylist() == expected
     reference = pa.Table.from_pylist(expected, schema=table.schema)
     assert table.equals(reference)

@@ -12,8 +12,11 @@ import histosynth.training.loop
 
 from helpers import Shapes, Toy, tiny, tiny_model
 
-ORIGINALS = {"autocast": histosynth.device.autocast, "prepare_model": histosynth.device.prepare_model,
-             "make_accelerator": histosynth.training.loop.make_accelerator}
+ORIGINALS = {
+    "autocast": histosynth.device.autocast,
+    "prepare_model": histosynth.device.prepare_model,
+    "make_accelerator": histosynth.training.loop.make_accelerator,
+}
 
 
 def _bf16_autocast(device):
@@ -78,8 +81,10 @@ def test_diffusion_trains_and_samples_in_bf16(cuda_precision_on_cpu, tmp_path):
     train_diffusion(Shapes(n=4), tmp_path, config, seed=0)
     assert torch.isfinite(load_diffusion(tmp_path / "model").model.conv_in.weight).all()
     # the training step (accelerate's bf16 forward inside fit) and the preview sampling
-    assert {"histosynth.generators.diffusion:model_output in fit", "histosynth.generators.train_diffusion:on_step in fit"} \
-        <= cuda_precision_on_cpu, cuda_precision_on_cpu
+    assert {
+        "histosynth.generators.diffusion:model_output in fit",
+        "histosynth.generators.train_diffusion:on_step in fit",
+    } <= cuda_precision_on_cpu, cuda_precision_on_cpu
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
@@ -90,33 +95,69 @@ def test_every_sampler_loops_in_bf16_channels_last(cuda_precision_on_cpu, sample
     model = tiny_model(num_classes=2).to(memory_format=torch.channels_last)
     cond = torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sample(model, make_sampler(sampler, train_scheduler({}).config), cond, torch.tensor([0, 1]), steps=3,
-                     guidance=2.0, generator=torch.Generator().manual_seed(0))
+        out = sample(
+            model,
+            make_sampler(sampler, train_scheduler({}).config),
+            cond,
+            torch.tensor([0, 1]),
+            steps=3,
+            guidance=2.0,
+            generator=torch.Generator().manual_seed(0),
+        )
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all() and out.abs().max() <= 1
 
 
 def test_autoencoder_trains_and_evaluates_in_bf16(cuda_precision_on_cpu, tmp_path):
     from histosynth.generators.autoencoder import load_autoencoder, train_autoencoder
 
-    config = {"kind": "kl", "channels": [8, 16, 16], "norm_groups": 4, "latent_channels": 4, "factor": 4, "scale_items": 8,
-              "val_items": 8, "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100}}
+    config = {
+        "kind": "kl",
+        "channels": [8, 16, 16],
+        "norm_groups": 4,
+        "latent_channels": 4,
+        "factor": 4,
+        "scale_items": 8,
+        "val_items": 8,
+        "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "log_every": 1, "checkpoint_every": 100},
+    }
     train_autoencoder(Shapes(n=4), tmp_path, config, seed=0)
     assert load_autoencoder(tmp_path / "model").__class__.__name__ == "AutoencoderKL"
     # the training step, the latent scale measurement and the reconstruction metrics
-    assert {"histosynth.generators.autoencoder:loss_fn in fit", "histosynth.generators.autoencoder:_measure_scale",
-            "histosynth.generators.autoencoder:evaluate"} <= cuda_precision_on_cpu, cuda_precision_on_cpu
+    assert {
+        "histosynth.generators.autoencoder:loss_fn in fit",
+        "histosynth.generators.autoencoder:_measure_scale",
+        "histosynth.generators.autoencoder:evaluate",
+    } <= cuda_precision_on_cpu, cuda_precision_on_cpu
 
 
 def test_gan_trains_and_generates_in_bf16(cuda_precision_on_cpu, tmp_path):
     from histosynth.generators.gan import generate, load_gan, train
 
-    settings = {"ch_max": 32, "width": 8, "size": 16, "attention_g": [8], "attention_d": [16],
-                "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "sample_every": 2,
-                          "sample_count": 2, "ema_decay": 0.9, "diffaugment": True, "class_balance": 0.0}}
+    settings = {
+        "ch_max": 32,
+        "width": 8,
+        "size": 16,
+        "attention_g": [8],
+        "attention_d": [16],
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "sample_every": 2,
+            "sample_count": 2,
+            "ema_decay": 0.9,
+            "diffaugment": True,
+            "class_balance": 0.0,
+        },
+    }
     train([Toy()[i] for i in range(6)], tmp_path, settings, seed=1, labels=["red", "blue"])
     images = generate(load_gan(tmp_path / "model"), torch.tensor([0, 1]), [1, 2])
     assert images.shape == (2, 16, 16, 3)
     # the discriminator and generator steps, the preview grid and generation from the saved model
-    assert {"histosynth.generators.gan:d_loss in fit", "histosynth.generators.gan:g_loss in fit",
-            "histosynth.generators.gan:preview in fit", "histosynth.generators.gan:generate"} <= cuda_precision_on_cpu, \
-        cuda_precision_on_cpu
+    assert {
+        "histosynth.generators.gan:d_loss in fit",
+        "histosynth.generators.gan:g_loss in fit",
+        "histosynth.generators.gan:preview in fit",
+        "histosynth.generators.gan:generate",
+    } <= cuda_precision_on_cpu, cuda_precision_on_cpu

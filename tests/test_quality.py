@@ -65,12 +65,21 @@ def write_images(folder, n, colour, label=None, seed=0):
         mask[:16] = 1
         Image.fromarray(image).save(folder / f"{i}.png")
         Image.fromarray(mask).save(folder / f"{i}_m.png")
-        rows.append({"image": str(folder / f"{i}.png"), "mask": str(folder / f"{i}_m.png"), "split": "train",
-                     "frac_blood_vessel": 0.5, "frac_fat": 0.0, **({"label": label} if label is not None else {})})
+        rows.append(
+            {
+                "image": str(folder / f"{i}.png"),
+                "mask": str(folder / f"{i}_m.png"),
+                "split": "train",
+                "frac_blood_vessel": 0.5,
+                "frac_fat": 0.0,
+                **({"label": label} if label is not None else {}),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- maths
+
 
 def test_fid_of_a_set_with_itself_is_zero():
     x = np.random.default_rng(0).normal(size=(200, 8))
@@ -123,10 +132,13 @@ def test_inception_score_counts_confident_distinct_classes():
     # (marginal p(y) = (0.75, 0.25): KL log(1/0.75) for a confident image, 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25) else)
     mixed = np.vstack([np.tile([30.0, -30.0], (20, 1)), np.tile([0.0, 0.0], (20, 1))])
     kl_confident, kl_unsure = np.log(1 / 0.75), 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
-    assert inception_score(mixed, splits=1, seed=0)[0] == pytest.approx(np.exp((kl_confident + kl_unsure) / 2), rel=1e-6)
+    assert inception_score(mixed, splits=1, seed=0)[0] == pytest.approx(
+        np.exp((kl_confident + kl_unsure) / 2), rel=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def test_weights_lookup_and_skip_notes(tmp_path):
     weights_dir = tmp_path / "weights"
@@ -155,9 +167,16 @@ def wrong_segmenter(rgb):
 def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path):
     real = write_images(tmp_path / "real", 3, (200, 120, 170))
     syn = write_images(tmp_path / "syn", 3, (200, 120, 170), label=1, seed=1)
-    table, scores = image_quality(real, {"inpaint": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights",
-                                  settings={"min_images": 2, "device": "cpu"}, segment=wrong_segmenter,
-                                  extractor_note="offline FD/KD skipped: no extractor")
+    table, scores = image_quality(
+        real,
+        {"inpaint": syn},
+        CLASSES,
+        labels=LABELS,
+        weights_dir=tmp_path / "weights",
+        settings={"min_images": 2, "device": "cpu"},
+        segment=wrong_segmenter,
+        extractor_note="offline FD/KD skipped: no extractor",
+    )
     skipped = table[table.status == "skipped"]
     assert {"fid", "kid", "is", "lpips_diversity", "fd", "kd"} <= set(skipped.metric)
     assert (skipped[skipped.metric == "fd"]["note"] == "offline FD/KD skipped: no extractor").all()
@@ -165,7 +184,9 @@ def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path):
     assert skipped[skipped.metric == "lpips_diversity"]["note"].str.contains("alexnet-owt").all()
     ok = table[table.status == "ok"].set_index(["metric", "class"])["value"]
     # per image: vessel intersection 8 rows, truth 16, predicted 12 -> IoU 8/20, Dice 16/28
-    assert ok[("mask_iou", "Blood vessel")] == pytest.approx(0.4) and ok[("mask_dice", "Blood vessel")] == pytest.approx(4 / 7)
+    assert ok[("mask_iou", "Blood vessel")] == pytest.approx(0.4) and ok[
+        ("mask_dice", "Blood vessel")
+    ] == pytest.approx(4 / 7)
     assert ok[("mask_iou", "Fat")] == 0.0 and ok[("mask_dice", "Fat")] == 0.0  # predicted, never drawn
     assert list(table.columns) == list(COLUMNS)
     vessel = scores[scores["class"] == "Blood vessel"]
@@ -178,9 +199,18 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
     torch.manual_seed(0)
     real = write_images(tmp_path / "real", 2, (200, 120, 170))
     syn = real.assign(label=1)  # the same images on both sides: FID ~ 0 through the whole feature path
-    settings = {"inception_weights": str(inception_file), "lpips_weights": str(alexnet_file), "min_images": 2,
-                "kid_subsets": 2, "feature": 64, "device": "cpu", "consistency": False}
-    table, _ = image_quality(real, {"synth": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights", settings=settings)
+    settings = {
+        "inception_weights": str(inception_file),
+        "lpips_weights": str(alexnet_file),
+        "min_images": 2,
+        "kid_subsets": 2,
+        "feature": 64,
+        "device": "cpu",
+        "consistency": False,
+    }
+    table, _ = image_quality(
+        real, {"synth": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights", settings=settings
+    )
     ok = table[(table.status == "ok") & (table["class"] == "all")].set_index("metric")["value"]
     assert {"fid", "kid", "is", "lpips_diversity"} <= set(ok.index)
     assert ok["fid"] == pytest.approx(0.0, abs=1e-6) and abs(ok["kid"]) < 0.05
@@ -211,8 +241,13 @@ def test_nuclei_scores_find_drawn_nuclei_and_miss_absent_ones(tmp_path):
     for name, image in (("drawn", drawn), ("blank", blank)):
         Image.fromarray(image).save(tmp_path / f"{name}.png")
     write_conditioning(cond, tmp_path / "c.png")
-    rows = pd.DataFrame({"id": ["drawn", "blank"], "image": [str(tmp_path / "drawn.png"), str(tmp_path / "blank.png")],
-                         "conditioning": [str(tmp_path / "c.png")] * 2})
+    rows = pd.DataFrame(
+        {
+            "id": ["drawn", "blank"],
+            "image": [str(tmp_path / "drawn.png"), str(tmp_path / "blank.png")],
+            "conditioning": [str(tmp_path / "c.png")] * 2,
+        }
+    )
     scores = nuclei_scores(rows, 0.5, section_defaults("nuclei"))
     foreground = scores[scores["class"] == "nuclei"].set_index("id")
     assert foreground.loc["drawn", "dice"] > 0.8
@@ -228,12 +263,12 @@ def test_nuclei_scores_are_exact_for_a_detector_wrong_in_a_known_way(tmp_path, m
     from histosynth.nuclei.instances import class_index
 
     cond = np.zeros((32, 32, 3), np.uint8)
-    cond[0:4, 0:4, 1] = class_index("tumor")     # 16 px
+    cond[0:4, 0:4, 1] = class_index("tumor")  # 16 px
     cond[10:14, 0:4, 1] = class_index("immune")  # 16 px
     write_conditioning(cond, tmp_path / "c.png")
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "a.png")
     instances = np.zeros((32, 32), np.uint16)
-    instances[0:4, 2:6] = 1    # the tumour nucleus shifted by 2 columns: 8 of its 16 px
+    instances[0:4, 2:6] = 1  # the tumour nucleus shifted by 2 columns: 8 of its 16 px
     instances[10:14, 0:4] = 2  # the immune nucleus found exactly, but called stromal
     table = pd.DataFrame({"instance_id": [1, 2], "class": ["tumor", "stromal"]})
     monkeypatch.setattr(stage, "segment_patch", lambda rgb, mpp, shape, params, model=None: (instances, table))
@@ -251,7 +286,9 @@ def test_nuclei_scores_are_exact_for_a_detector_wrong_in_a_known_way(tmp_path, m
 def test_region_scores_and_pooled_consistency_maths(tmp_path):
     rows = write_images(tmp_path / "imgs", 2, (200, 120, 170))
     # Predict the top 8 rows as vessel: intersection 8 rows, truth 16 rows, prediction 8 rows, per image.
-    scores = region_scores(rows, CLASSES, lambda rgb: np.where(np.arange(32)[:, None] < 8, 1, 0).repeat(32, 1).astype(np.uint8))
+    scores = region_scores(
+        rows, CLASSES, lambda rgb: np.where(np.arange(32)[:, None] < 8, 1, 0).repeat(32, 1).astype(np.uint8)
+    )
     vessel = scores[scores["class"] == "Blood vessel"]
     assert list(vessel["intersection"]) == [256, 256] and list(vessel["truth_pixels"]) == [512, 512]
     assert vessel["dice"].tolist() == pytest.approx([2 * 8 / 24] * 2)
@@ -263,18 +300,31 @@ def test_region_scores_and_pooled_consistency_maths(tmp_path):
 
 def test_synthetic_sets_get_their_real_source_patches_as_reference(tmp_path):
     real = write_images(tmp_path / "real", 3, (200, 120, 170)).assign(patch_id=["p0", "p1", "p2"])
-    syn = write_images(tmp_path / "syn", 2, (90, 40, 120), label=1, seed=1).assign(source_patch_id=["p0", "p2"], donor_patch_id=None)
+    syn = write_images(tmp_path / "syn", 2, (90, 40, 120), label=1, seed=1).assign(
+        source_patch_id=["p0", "p2"], donor_patch_id=None
+    )
+
     # The segmenter finds the vessel (top half) only in pink, real-looking images.
-    segment = lambda rgb: np.where((np.arange(32)[:, None] < 16) & (rgb[..., 0].mean() > 150), 1, 0).repeat(32, 1).astype(np.uint8)  # noqa: E731
+    def segment(rgb):
+        return np.where((np.arange(32)[:, None] < 16) & (rgb[..., 0].mean() > 150), 1, 0).repeat(32, 1).astype(np.uint8)
+
     # Inpainted: Fat painted into the bottom quarter; the vessel rows above it are the source's pixels.
     painted = write_images(tmp_path / "painted", 2, (90, 40, 120), label=1, seed=1).assign(
-        source_patch_id=["p0", "p2"], donor_patch_id="p1", target_class="Fat")
+        source_patch_id=["p0", "p2"], donor_patch_id="p1", target_class="Fat"
+    )
     for path in painted["mask"]:
         mask = np.asarray(Image.open(path)).copy()
         mask[24:] = 2
         Image.fromarray(mask).save(path)
-    table, _ = image_quality(real, {"synth": syn, "inpaint": painted}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights",
-                             settings={"min_images": 2, "device": "cpu"}, segment=segment)
+    table, _ = image_quality(
+        real,
+        {"synth": syn, "inpaint": painted},
+        CLASSES,
+        labels=LABELS,
+        weights_dir=tmp_path / "weights",
+        settings={"min_images": 2, "device": "cpu"},
+        segment=segment,
+    )
     ok = table[table.status == "ok"].set_index(["set", "metric", "class"])["value"]
     assert ok[("synth", "mask_dice", "Blood vessel")] == 0.0 and ok[("synth", "mask_dice_real", "Blood vessel")] == 1.0
     assert ok[("inpaint", "mask_dice_real", "Blood vessel")] == 1.0  # the source's vessel, found in the real patch

@@ -46,8 +46,12 @@ def tissue(n: int, seed: int, size: int = 32) -> np.ndarray:
 
 
 def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
-    return np.stack([np.clip(ndimage.gaussian_filter(i.astype(np.float32), (sigma, sigma, 0)), 0, 255).astype(np.uint8)
-                     for i in images])
+    return np.stack(
+        [
+            np.clip(ndimage.gaussian_filter(i.astype(np.float32), (sigma, sigma, 0)), 0, 255).astype(np.uint8)
+            for i in images
+        ]
+    )
 
 
 def jpeg(images: np.ndarray, quality: int) -> np.ndarray:
@@ -104,14 +108,20 @@ def test_the_interval_holds_0_5_as_often_as_it_says_when_nothing_differs():
         features = rng.normal(size=(160, 20))
         probability = np.zeros(160)
         for k in range(5):
-            probability[fold == k] = _linear_probabilities(features, labels, np.flatnonzero(fold != k), np.flatnonzero(fold == k))
+            probability[fold == k] = _linear_probabilities(
+                features, labels, np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            )
         low, high = TwoSampleTest(labels, probability, probability, probability, fold).interval(0.95)
         held.append(low < 0.5 < high)
     assert 0.9 <= np.mean(held) <= 0.99
 
 
 def test_sharpness_and_spectrum_fall_under_blur(real):
-    sharp, soft, softer = laplacian_variance(real), laplacian_variance(blurred(real, 1.0)), laplacian_variance(blurred(real, 2.0))
+    sharp, soft, softer = (
+        laplacian_variance(real),
+        laplacian_variance(blurred(real, 1.0)),
+        laplacian_variance(blurred(real, 2.0)),
+    )
     assert np.all(soft < sharp) and np.all(softer < soft)
     share = high_frequency_share(real)
     assert np.all(high_frequency_share(blurred(real, 1.0)) < share)
@@ -132,8 +142,14 @@ def test_rows_per_class_ratio_one_for_a_set_against_itself(real):
     rows, _ = realism(real, classes, blurred(real, 1.0), classes, TINY, groups=["a"], min_images=40)
     table = pd.DataFrame(rows).set_index(["class", "metric"])
     assert table.loc[("all", "laplacian_ratio"), "value"] < 0.5
-    assert table.loc[("a", "c2st_auc"), "status"] == "skipped" and "realism.min_images=40" in table.loc[("a", "c2st_auc"), "note"]
-    assert len(measures["p_synthetic"]) == 2 * len(real) and ((0 <= measures["p_synthetic"]) & (measures["p_synthetic"] <= 1)).all()
+    assert (
+        table.loc[("a", "c2st_auc"), "status"] == "skipped"
+        and "realism.min_images=40" in table.loc[("a", "c2st_auc"), "note"]
+    )
+    assert (
+        len(measures["p_synthetic"]) == 2 * len(real)
+        and ((0 <= measures["p_synthetic"]) & (measures["p_synthetic"] <= 1)).all()
+    )
 
 
 def test_real_images_follow_the_synthetic_class_composition():
@@ -150,17 +166,42 @@ def test_stage_writes_rows_images_and_figure(tmp_path):
     rows = []
     for i, image in enumerate(images[:40]):
         write_png(image, real_dir / "images" / f"p{i}.png")
-        rows.append({"patch_id": f"p{i}", "image": f"images/p{i}.png", "mask": f"images/p{i}.png", "split": "train",
-                     "frac_fat": float(i % 2), "label": None})
+        rows.append(
+            {
+                "patch_id": f"p{i}",
+                "image": f"images/p{i}.png",
+                "mask": f"images/p{i}.png",
+                "split": "train",
+                "frac_fat": float(i % 2),
+                "label": None,
+            }
+        )
     write_table(pd.DataFrame(rows), real_dir / "index.parquet")
     for i, image in enumerate(blurred(images[40:], 1.0)):
         write_png(image, syn_dir / "images" / f"s{i}.png")
-    write_table(pd.DataFrame({"id": [f"s{i}" for i in range(20)], "image": [f"images/s{i}.png" for i in range(20)],
-                              "class": ["Fat", "background"] * 10}), syn_dir / "manifest.parquet")
-    config = {"realism": TINY | {"min_images": 5}, "labels": {"source": "region", "classes": ["background", "Fat"],
-                                                             "regions": ["Fat"], "background": "background"}}
+    write_table(
+        pd.DataFrame(
+            {
+                "id": [f"s{i}" for i in range(20)],
+                "image": [f"images/s{i}.png" for i in range(20)],
+                "class": ["Fat", "background"] * 10,
+            }
+        ),
+        syn_dir / "manifest.parquet",
+    )
+    config = {
+        "realism": TINY | {"min_images": 5},
+        "labels": {
+            "source": "region",
+            "classes": ["background", "Fat"],
+            "regions": ["Fat"],
+            "background": "background",
+        },
+    }
     out = {"table_out": tmp_path / "t.parquet", "images_out": tmp_path / "i.parquet", "figure_out": tmp_path / "f.png"}
-    table = realism_stage([real_dir / "index.parquet"], syn_dir / "manifest.parquet", mode="synth", config=config, **out)
+    table = realism_stage(
+        [real_dir / "index.parquet"], syn_dir / "manifest.parquet", mode="synth", config=config, **out
+    )
     auc_rows = table[table["metric"] == "c2st_auc"].set_index("class")
     assert set(auc_rows.index) == {"all", "background", "Fat"} and (auc_rows["value"] > 0.8).all()
     assert (auc_rows["n_synthetic"] == [20, 10, 10]).all() and auc_rows.loc["all", "n_real"] == 40
@@ -169,6 +210,10 @@ def test_stage_writes_rows_images_and_figure(tmp_path):
     assert list(per_image.columns) == list(IMAGE_COLUMNS) and (per_image["kind"] == "synthetic").sum() == 20
     assert Image.open(out["figure_out"]).size[0] >= 1000
 
-    write_table(pd.DataFrame({"id": ["s0"], "image": ["images/s0.png"], "class": ["Fat"]}), syn_dir / "manifest.parquet")
-    table = realism_stage([real_dir / "index.parquet"], syn_dir / "manifest.parquet", mode="synth", config=config, **out)
+    write_table(
+        pd.DataFrame({"id": ["s0"], "image": ["images/s0.png"], "class": ["Fat"]}), syn_dir / "manifest.parquet"
+    )
+    table = realism_stage(
+        [real_dir / "index.parquet"], syn_dir / "manifest.parquet", mode="synth", config=config, **out
+    )
     assert (table["status"] == "skipped").all() and "fewer than realism.folds" in table["note"].iloc[0]

@@ -31,8 +31,18 @@ from histosynth.nets import normalise
 from histosynth.overlap import overlap_scores
 
 CLASSES = ["Blood vessel", "Fat"]
-TINY = {"encoder": "mobilenet_v2", "encoder_depth": 3, "decoder_channels": [32, 16, 16], "encoder_weights": None,
-        "epochs": 2, "batch_size": 4, "lr": 1e-3, "patience": 5, "device": "cpu", "overlays": 2}
+TINY = {
+    "encoder": "mobilenet_v2",
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 16],
+    "encoder_weights": None,
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "patience": 5,
+    "device": "cpu",
+    "overlays": 2,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,13 +57,19 @@ def make_rows(folder, n, slide="s", seed=0, with_fat=True) -> pd.DataFrame:
         image = np.full((16, 16, 3), (214, 120, 170), np.uint8)
         mask = np.zeros((16, 16), np.uint8)
         y, x = rng.integers(0, 10, 2)
-        image[y:y + 6, x:x + 6], mask[y:y + 6, x:x + 6] = (60, 20, 80), 1
+        image[y : y + 6, x : x + 6], mask[y : y + 6, x : x + 6] = (60, 20, 80), 1
         if with_fat:
             image[:, 14:], mask[:, 14:] = (250, 250, 250), 2
         Image.fromarray(image).save(folder / f"{slide}_{i}.png")
         Image.fromarray(mask).save(folder / f"{slide}_{i}_mask.png")
-        rows.append({"patch_id": f"{slide}_{i}", "slide": slide, "image": str(folder / f"{slide}_{i}.png"),
-                     "mask": str(folder / f"{slide}_{i}_mask.png")})
+        rows.append(
+            {
+                "patch_id": f"{slide}_{i}",
+                "slide": slide,
+                "image": str(folder / f"{slide}_{i}.png"),
+                "mask": str(folder / f"{slide}_{i}_mask.png"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -61,8 +77,9 @@ def make_rows(folder, n, slide="s", seed=0, with_fat=True) -> pd.DataFrame:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("seg")
     train_rows, val_rows = make_rows(root / "train", 8), make_rows(root / "val", 4, seed=1)
-    summary = train(train_rows, val_rows, CLASSES, root / "run", settings=TINY, seed=3, weights_dir=root / "weights",
-                    progress=False)
+    summary = train(
+        train_rows, val_rows, CLASSES, root / "run", settings=TINY, seed=3, weights_dir=root / "weights", progress=False
+    )
     return root, summary, train_rows, val_rows
 
 
@@ -97,7 +114,9 @@ def test_run_folder_and_loss_csv(trained):
 
 def test_deterministic_given_seed(trained, tmp_path):
     root, _, train_rows, val_rows = trained
-    train(train_rows, val_rows, CLASSES, tmp_path / "again", settings=TINY, seed=3, weights_dir=tmp_path, progress=False)
+    train(
+        train_rows, val_rows, CLASSES, tmp_path / "again", settings=TINY, seed=3, weights_dir=tmp_path, progress=False
+    )
     a, b = pd.read_csv(root / "run" / "loss.csv"), pd.read_csv(tmp_path / "again" / "loss.csv")
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
 
@@ -105,8 +124,9 @@ def test_deterministic_given_seed(trained, tmp_path):
 def test_early_stopping(trained, tmp_path):
     _, _, train_rows, val_rows = trained
     settings = {**TINY, "epochs": 6, "patience": 1, "min_delta": 1e9}  # nothing counts as better after epoch 1
-    summary = train(train_rows, val_rows, CLASSES, tmp_path / "es", settings=settings, seed=0, weights_dir=tmp_path,
-                    progress=False)
+    summary = train(
+        train_rows, val_rows, CLASSES, tmp_path / "es", settings=settings, seed=0, weights_dir=tmp_path, progress=False
+    )
     assert summary["epochs_run"] == 2 and summary["best_epoch"] == 1
     loss = pd.read_csv(tmp_path / "es" / "loss.csv")
     assert len(loss) == 2 and loss["val_loss"].iloc[0] != loss["val_loss"].iloc[1]
@@ -118,7 +138,9 @@ def test_evaluate_per_slide_pooled_and_overlays(trained, tmp_path):
     root, *_ = trained
     model = load_model(root / "run", "cpu")
     # Slide "b" has no fat at all: its per-slide Fat Dice/recall must be NaN, pooled still defined.
-    rows = pd.concat([make_rows(tmp_path / "a", 3, "a", seed=5), make_rows(tmp_path / "b", 2, "b", seed=6, with_fat=False)])
+    rows = pd.concat(
+        [make_rows(tmp_path / "a", 3, "a", seed=5), make_rows(tmp_path / "b", 2, "b", seed=6, with_fat=False)]
+    )
     with pytest.warns(UserWarning, match="no pixels"):
         # 5 rows in batches of 4: the last batch holds one patch (torchmetrics squeezes its stats).
         table = evaluate(model, rows.reset_index(drop=True), batch_size=4, overlays_dir=tmp_path / "ov", n_overlays=2)
@@ -199,8 +221,9 @@ def test_training_learns_the_toy_masks(tmp_path):
     raise the validation Dice far above the untrained network's."""
     train_rows, val_rows = make_rows(tmp_path / "train", 16), make_rows(tmp_path / "val", 8, seed=1)
     settings = {**TINY, "epochs": 8, "lr": 1e-2, "augment": False, "batch_size": 8, "patience": 100}
-    summary = train(train_rows, val_rows, CLASSES, tmp_path / "run", settings=settings, seed=0, weights_dir=tmp_path,
-                    progress=False)
+    summary = train(
+        train_rows, val_rows, CLASSES, tmp_path / "run", settings=settings, seed=0, weights_dir=tmp_path, progress=False
+    )
     loss = pd.read_csv(tmp_path / "run" / "loss.csv")
     assert len(loss) == 8 and summary["best_epoch"] == int(loss.loc[loss["val_loss"].idxmin(), "epoch"])
     assert loss["train_loss"].iloc[-1] < 0.3 * loss["train_loss"].iloc[0]
@@ -259,8 +282,16 @@ def test_evaluate_scores_a_single_class(tmp_path):
 
 def test_validation_dice_uses_the_threshold(trained, tmp_path):
     root, _, train_rows, val_rows = trained
-    train(train_rows, val_rows, CLASSES, tmp_path / "strict", settings={**TINY, "threshold": 0.95}, seed=3,
-          weights_dir=tmp_path, progress=False)
+    train(
+        train_rows,
+        val_rows,
+        CLASSES,
+        tmp_path / "strict",
+        settings={**TINY, "threshold": 0.95},
+        seed=3,
+        weights_dir=tmp_path,
+        progress=False,
+    )
     default, strict = pd.read_csv(root / "run" / "loss.csv"), pd.read_csv(tmp_path / "strict" / "loss.csv")
     # the threshold changes nothing of the training, only which pixels count as found
     pd.testing.assert_frame_equal(default[["train_loss", "val_loss"]], strict[["train_loss", "val_loss"]])
@@ -270,13 +301,24 @@ def test_validation_dice_uses_the_threshold(trained, tmp_path):
 
 def test_split_rows_reads_one_split_with_absolute_paths(tmp_path):
     for name, splits in (("a", ["train", "val"]), ("b", ["val", "test"])):
-        index = pd.DataFrame({"patch_id": [f"{name}{i}" for i in range(2)], "split": splits,
-                              "image": [f"{name}/images/{i}.png" for i in range(2)],
-                              "mask": [f"{name}/masks/{i}.png" for i in range(2)]})
+        index = pd.DataFrame(
+            {
+                "patch_id": [f"{name}{i}" for i in range(2)],
+                "split": splits,
+                "image": [f"{name}/images/{i}.png" for i in range(2)],
+                "mask": [f"{name}/masks/{i}.png" for i in range(2)],
+            }
+        )
         write_table(index, tmp_path / "indexes" / f"{name}.parquet")
     paths = [tmp_path / "indexes" / "a.parquet", tmp_path / "indexes" / "b.parquet"]
     val = split_rows(paths, "val")
     assert val["patch_id"].tolist() == ["a1", "b0"] and val.index.tolist() == [0, 1]
-    assert val["image"].tolist() == [str(tmp_path / "indexes" / "a/images/1.png"), str(tmp_path / "indexes" / "b/images/0.png")]
-    assert val["mask"].tolist() == [str(tmp_path / "indexes" / "a/masks/1.png"), str(tmp_path / "indexes" / "b/masks/0.png")]
+    assert val["image"].tolist() == [
+        str(tmp_path / "indexes" / "a/images/1.png"),
+        str(tmp_path / "indexes" / "b/images/0.png"),
+    ]
+    assert val["mask"].tolist() == [
+        str(tmp_path / "indexes" / "a/masks/1.png"),
+        str(tmp_path / "indexes" / "b/masks/0.png"),
+    ]
     assert split_rows(paths, "test")["patch_id"].tolist() == ["b1"] and split_rows(paths, "none").empty

@@ -32,15 +32,37 @@ LABELS = {"source": "region", "classes": ["background", *CLASSES], "regions": CL
 COND_CHANNELS = len(CLASSES) + 1 + len(NUCLEUS_CLASSES) + 1
 TINY = {"channels": 8, "multipliers": [1, 2], "attention_head_dim": 8, "norm_groups": 4, "spade_hidden": 8}
 SIZE = 16
-MANIFEST_COLUMNS = ["id", "image", "mask", "conditioning", "mode", "class", "model_path", "model_hash", "space", "sampler", "steps",
-                    "guidance", "strength", "seed", "source_patch_id", "donor_patch_id", "target_class", "label", "created_at",
-                    "frac_blood_vessel", "frac_inflammation", "split"]
+MANIFEST_COLUMNS = [
+    "id",
+    "image",
+    "mask",
+    "conditioning",
+    "mode",
+    "class",
+    "model_path",
+    "model_hash",
+    "space",
+    "sampler",
+    "steps",
+    "guidance",
+    "strength",
+    "seed",
+    "source_patch_id",
+    "donor_patch_id",
+    "target_class",
+    "label",
+    "created_at",
+    "frac_blood_vessel",
+    "frac_inflammation",
+    "split",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- tiny data and models
+
 
 def write_sources(folder, n_vessel: int = 2, n_clean: int = 3, size: int = SIZE) -> pd.DataFrame:
     """Training patches: n_vessel with a 'Blood vessel' square (class 1), n_clean without one
@@ -54,46 +76,74 @@ def write_sources(folder, n_vessel: int = 2, n_clean: int = 3, size: int = SIZE)
         mask = np.zeros((size, size), np.uint8)
         y, x = rng.integers(0, size // 2, 2)
         if i < n_vessel:
-            mask[y:y + size // 2, x:x + size // 2] = 1
+            mask[y : y + size // 2, x : x + size // 2] = 1
         elif i % 2:
             mask[: size // 4] = 2
         encoded = np.zeros((size, size, 3), np.uint8)
         encoded[..., 0] = mask
         for k, (cy, cx) in enumerate(rng.integers(2, size - 3, (2, 2))):
-            encoded[cy - 1:cy + 2, cx - 1:cx + 2, 1] = k + 1
-            encoded[cy - 1:cy + 2, cx - 1:cx + 2, 2] = 255
+            encoded[cy - 1 : cy + 2, cx - 1 : cx + 2, 1] = k + 1
+            encoded[cy - 1 : cy + 2, cx - 1 : cx + 2, 2] = 255
             encoded[cy, cx, 2] = 0
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "images" / f"{pid}.png")
         Image.fromarray(mask).save(folder / "masks" / f"{pid}.png")
         write_conditioning(encoded, folder / "cond" / f"{pid}.png")
-        rows.append({"patch_id": pid, "slide": f"s{i % 2}", "image": str(folder / "images" / f"{pid}.png"),
-                     "mask": str(folder / "masks" / f"{pid}.png"), "conditioning": str(folder / "cond" / f"{pid}.png"),
-                     **{fraction_column(c): float((mask == j).mean()) for j, c in enumerate(CLASSES, 1)},
-                     "split": "train"})
+        rows.append(
+            {
+                "patch_id": pid,
+                "slide": f"s{i % 2}",
+                "image": str(folder / "images" / f"{pid}.png"),
+                "mask": str(folder / "masks" / f"{pid}.png"),
+                "conditioning": str(folder / "cond" / f"{pid}.png"),
+                **{fraction_column(c): float((mask == j).mean()) for j, c in enumerate(CLASSES, 1)},
+                "split": "train",
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def save_model(folder, *, space="pixel", ae_dir=None, num_classes=0, conditioning="spade", size=SIZE, prediction="epsilon"):
+def save_model(
+    folder, *, space="pixel", ae_dir=None, num_classes=0, conditioning="spade", size=SIZE, prediction="epsilon"
+):
     """A random-weight model folder as train_diffusion writes it."""
     torch.manual_seed(0)
     channels, inner = 3, size
     if space == "latent":
         config = json.loads((ae_dir / "config.json").read_text())
         channels, inner = config["latent_channels"], size // 2 ** (len(config["block_out_channels"]) - 1)
-    model = build_model({**TINY, "conditioning": conditioning, "num_classes": num_classes}, channels, COND_CHANNELS, inner)
+    model = build_model(
+        {**TINY, "conditioning": conditioning, "num_classes": num_classes}, channels, COND_CHANNELS, inner
+    )
     model.save_pretrained(folder)
     train_scheduler({"space": space, "prediction": prediction}).save_pretrained(folder)
     ae = {"path": str(ae_dir), "sha256": content_hash(ae_dir)} if space == "latent" else None
-    meta = {"conditioning": conditioning, "space": space, "image_channels": 3, "image_size": [size, size],
-            "cond_channels": COND_CHANNELS, "num_classes": num_classes, "autoencoder": ae}
+    meta = {
+        "conditioning": conditioning,
+        "space": space,
+        "image_channels": 3,
+        "image_size": [size, size],
+        "cond_channels": COND_CHANNELS,
+        "num_classes": num_classes,
+        "autoencoder": ae,
+    }
     (folder / "histosynth.json").write_text(json.dumps(meta))
     return folder
 
 
 def save_autoencoder(folder):
     torch.manual_seed(0)
-    ae = build_autoencoder({"channels": [8, 8, 8], "norm_groups": 4, "codebook_size": 16, "factor": 4, "kind": "kl",
-                            "mid_attention": False}, 3, SIZE)
+    ae = build_autoencoder(
+        {
+            "channels": [8, 8, 8],
+            "norm_groups": 4,
+            "codebook_size": 16,
+            "factor": 4,
+            "kind": "kl",
+            "mid_attention": False,
+        },
+        3,
+        SIZE,
+    )
     ae.save_pretrained(folder)
     return folder
 
@@ -114,14 +164,36 @@ def latent_model(tmp_path):
 
 
 def run_synth(model_dir, sources, out, **kw):
-    settings = dict(n=3, classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, sampler="ddim", steps=2, batch_size=2,
-                    seed=1, model_path=model_dir, grid_per_class=2)
+    settings = dict(
+        n=3,
+        classes=CLASSES,
+        labels=LABELS,
+        conditioning_cfg=CONDITIONING,
+        sampler="ddim",
+        steps=2,
+        batch_size=2,
+        seed=1,
+        model_path=model_dir,
+        grid_per_class=2,
+    )
     return synthesize(load_diffusion(model_dir), sources, out, **{**settings, **kw})
 
 
 def run_inpaint(model_dir, sources, out, **kw):
-    settings = dict(n=3, target_class="Blood vessel", classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, steps=4,
-                    jump_length=2, jump_n_sample=2, batch_size=2, seed=1, model_path=model_dir, grid_per_class=2)
+    settings = dict(
+        n=3,
+        target_class="Blood vessel",
+        classes=CLASSES,
+        labels=LABELS,
+        conditioning_cfg=CONDITIONING,
+        steps=4,
+        jump_length=2,
+        jump_n_sample=2,
+        batch_size=2,
+        seed=1,
+        model_path=model_dir,
+        grid_per_class=2,
+    )
     return inpaint(load_diffusion(model_dir), sources, out, **{**settings, **kw})
 
 
@@ -131,7 +203,7 @@ def read(path) -> np.ndarray:
 
 
 def assert_manifest_matches_files(manifest: pd.DataFrame, out):
-    assert list(manifest.columns[:len(MANIFEST_COLUMNS) - 1]) == MANIFEST_COLUMNS[:-1] and "split" in manifest
+    assert list(manifest.columns[: len(MANIFEST_COLUMNS) - 1]) == MANIFEST_COLUMNS[:-1] and "split" in manifest
     on_disk = pd.read_parquet(out / "manifest.parquet")
     pd.testing.assert_frame_equal(on_disk, manifest)
     for row in manifest.itertuples():
@@ -147,6 +219,7 @@ def assert_manifest_matches_files(manifest: pd.DataFrame, out):
 
 
 # ----------------------------------------------------------------------------- synthesize
+
 
 def test_synthesize_writes_images_masks_maps_manifest_and_grids(tmp_path, sources, pixel_model):
     manifest = run_synth(pixel_model, sources, tmp_path / "out")
@@ -210,7 +283,9 @@ def test_latent_model_without_its_autoencoder_fails_clearly(tmp_path, sources, l
     diffusion = load_diffusion(latent_model)
     bare = Diffusion(diffusion.model, diffusion.scheduler, None, diffusion.meta)
     with pytest.raises(SynthesisError, match="latent-space diffusion model but no autoencoder"):
-        synthesize(bare, sources, tmp_path / "out", n=1, classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, steps=1)
+        synthesize(
+            bare, sources, tmp_path / "out", n=1, classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, steps=1
+        )
     shutil.rmtree(tmp_path / "ae")
     with pytest.raises(TrainingError, match="latent-space model trained on the autoencoder"):
         run_synth(latent_model, sources, tmp_path / "out")
@@ -219,7 +294,9 @@ def test_latent_model_without_its_autoencoder_fails_clearly(tmp_path, sources, l
 def test_latent_synthesis_decodes_to_pixels(tmp_path, sources, latent_model):
     manifest = run_synth(latent_model, sources, tmp_path / "out", n=2, sampler="dpmsolver++", grid_per_class=0)
     assert_manifest_matches_files(manifest, tmp_path / "out")
-    assert (manifest["space"] == "latent").all() and (manifest["autoencoder_hash"] == content_hash(tmp_path / "ae")).all()
+    assert (manifest["space"] == "latent").all() and (
+        manifest["autoencoder_hash"] == content_hash(tmp_path / "ae")
+    ).all()
 
 
 def test_conditioning_settings_other_than_the_models_are_an_error(tmp_path, sources, pixel_model):
@@ -228,6 +305,7 @@ def test_conditioning_settings_other_than_the_models_are_an_error(tmp_path, sour
 
 
 # ----------------------------------------------------------------------------- inpaint
+
 
 def test_paste_region_sets_the_class_and_clears_nuclei_inside_only():
     clean = np.zeros((8, 8), np.uint8)
@@ -257,8 +335,17 @@ def test_repaint_keeps_known_pixels_exactly_and_counts_resampling_evaluations():
     known = torch.rand(2, 3, 16, 16) * 2 - 1
     keep = torch.ones(2, 1, 16, 16)
     keep[:, :, 4:10, 4:10] = 0
-    out = repaint(model, scheduler, known, keep, torch.rand(2, 4, 16, 16), steps=6, jump_length=2, jump_n_sample=3,
-                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    out = repaint(
+        model,
+        scheduler,
+        known,
+        keep,
+        torch.rand(2, 4, 16, 16),
+        steps=6,
+        jump_length=2,
+        jump_n_sample=3,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+    )
     assert torch.equal(out[keep.expand_as(out) == 1], known[keep.expand_as(known) == 1])
     assert not torch.allclose(out[:, :, 4:10, 4:10], known[:, :, 4:10, 4:10])
     # T = 6 denoising steps, plus 2 jumps (at t = 2 and 4) each re-denoising jump_length = 2 steps jump_n_sample - 1 = 2 times
@@ -268,8 +355,11 @@ def test_repaint_keeps_known_pixels_exactly_and_counts_resampling_evaluations():
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])
 def test_inpainting_changes_only_the_pasted_region(tmp_path, sources, space):
-    model_dir = (save_model(tmp_path / "m", num_classes=len(CLASSES) + 1) if space == "pixel"
-                 else save_model(tmp_path / "m", space="latent", ae_dir=save_autoencoder(tmp_path / "ae")))
+    model_dir = (
+        save_model(tmp_path / "m", num_classes=len(CLASSES) + 1)
+        if space == "pixel"
+        else save_model(tmp_path / "m", space="latent", ae_dir=save_autoencoder(tmp_path / "ae"))
+    )
     manifest = run_inpaint(model_dir, sources, tmp_path / "out", guidance=1.5 if space == "pixel" else 1.0)
     out = tmp_path / "out"
     assert_manifest_matches_files(manifest, out)
@@ -294,7 +384,9 @@ def test_inpainting_is_deterministic_given_the_seed(tmp_path, sources, pixel_mod
     b = run_inpaint(pixel_model, sources, tmp_path / "b", grid_per_class=0)
     c = run_inpaint(pixel_model, sources, tmp_path / "c", seed=5, grid_per_class=0)
     assert all((tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes() for p in a["image"])
-    assert [(tmp_path / "a" / p).read_bytes() for p in a["image"]] != [(tmp_path / "c" / p).read_bytes() for p in c["image"]]
+    assert [(tmp_path / "a" / p).read_bytes() for p in a["image"]] != [
+        (tmp_path / "c" / p).read_bytes() for p in c["image"]
+    ]
     pd.testing.assert_frame_equal(a.drop(columns="created_at"), b.drop(columns="created_at"))
 
 
@@ -315,20 +407,35 @@ def test_class_grids_are_written_per_target_class(tmp_path, sources, pixel_model
     assert Image.open(paths[0]).size == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2)
 
 
-
 def test_run_stage_reads_conditioning_indexes_and_runs_both_modes(tmp_path, sources, pixel_model):
     index = sources.copy()
     for column in ("image", "mask", "conditioning"):  # stored relative to the index, as the workflow writes them
         index[column] = [str(Path(p).relative_to(tmp_path / "patches")) for p in index[column]]
     index.loc[0, "split"] = "test"  # a held-out patch is never a source
     index.to_parquet(tmp_path / "patches" / "index.parquet")
-    settings = {"batch_size": 2, "grid_per_class": 1, "synthesize": {"n": 2, "steps": 1},
-                "inpaint": {"n": 2, "target_class": "Blood vessel", "steps": 2, "jump_length": 1, "jump_n_sample": 2}}
+    settings = {
+        "batch_size": 2,
+        "grid_per_class": 1,
+        "synthesize": {"n": 2, "steps": 1},
+        "inpaint": {"n": 2, "target_class": "Blood vessel", "steps": 2, "jump_length": 1, "jump_n_sample": 2},
+    }
     for mode in ("synth", "inpaint"):
-        manifest = run_stage(mode, pixel_model, [tmp_path / "patches" / "index.parquet"], tmp_path / mode, settings=settings,
-                             classes=CLASSES, labels=LABELS, conditioning_cfg=CONDITIONING, seed=0, device="cpu")
+        manifest = run_stage(
+            mode,
+            pixel_model,
+            [tmp_path / "patches" / "index.parquet"],
+            tmp_path / mode,
+            settings=settings,
+            classes=CLASSES,
+            labels=LABELS,
+            conditioning_cfg=CONDITIONING,
+            seed=0,
+            device="cpu",
+        )
         assert (manifest["mode"] == mode).all() and len(manifest) == 2
-        assert index.loc[0, "patch_id"] not in set(manifest["source_patch_id"]) | set(manifest["donor_patch_id"].dropna())
+        assert index.loc[0, "patch_id"] not in set(manifest["source_patch_id"]) | set(
+            manifest["donor_patch_id"].dropna()
+        )
         assert (tmp_path / mode / "manifest.parquet").is_file() and list((tmp_path / mode).glob("grid_*.png"))
 
 
@@ -337,9 +444,15 @@ def test_strength_below_one_keeps_the_source_and_is_recorded(tmp_path, sources, 
     full = run_synth(pixel_model, sources, tmp_path / "full", steps=20, grid_per_class=0)
     assert (light["strength"] == 0.05).all() and (full["strength"] == 1.0).all()
     by_id = sources.set_index("patch_id")
-    distance = lambda manifest, out: np.mean([np.abs(read(out / row.image).astype(float)  # noqa: E731
-                                                     - read(by_id.loc[row.source_patch_id, "image"])).mean()
-                                              for row in manifest.itertuples()])
+
+    def distance(manifest, out):
+        return np.mean(
+            [
+                np.abs(read(out / row.image).astype(float) - read(by_id.loc[row.source_patch_id, "image"])).mean()
+                for row in manifest.itertuples()
+            ]
+        )
+
     assert distance(light, tmp_path / "light") < 0.5 * distance(full, tmp_path / "full")
     with pytest.raises(SynthesisError, match="strength"):
         run_synth(pixel_model, sources, tmp_path / "bad", strength=1.5)
@@ -360,8 +473,16 @@ def test_class_balance_draws_rare_classes_as_often_as_common_ones(tmp_path, sour
     rare = sources[sources["frac_inflammation"] > 0]["patch_id"].tolist()
     counts = {}
     for balance in (0.0, 1.0):
-        manifest = run_synth(pixel_model, sources, tmp_path / f"b{balance}", n=200, steps=1, batch_size=100,
-                             class_balance=balance, grid_per_class=0)
+        manifest = run_synth(
+            pixel_model,
+            sources,
+            tmp_path / f"b{balance}",
+            n=200,
+            steps=1,
+            batch_size=100,
+            class_balance=balance,
+            grid_per_class=0,
+        )
         counts[balance] = manifest["source_patch_id"].isin(rare).sum()
     assert counts[0.0] < 55 < counts[1.0]  # expected 40 (1 of 5 maps) vs 67 (1 of 3 classes), sd ~6
     assert counts[1.0] < 85
@@ -413,7 +534,9 @@ def test_eta_sets_the_repaint_noise_and_changes_only_the_region(tmp_path, source
 
     made = []
     real_scheduler = synthesis.repaint_scheduler
-    monkeypatch.setattr(synthesis, "repaint_scheduler", lambda config, eta: made.append(real_scheduler(config, eta)) or made[-1])
+    monkeypatch.setattr(
+        synthesis, "repaint_scheduler", lambda config, eta: made.append(real_scheduler(config, eta)) or made[-1]
+    )
     ddpm = run_inpaint(pixel_model, sources, tmp_path / "ddpm", eta=1.0, grid_per_class=0)
     ddim = run_inpaint(pixel_model, sources, tmp_path / "ddim", eta=0.0, grid_per_class=0)
     assert [s.config.eta for s in made] == [1.0, 0.0]
@@ -428,13 +551,18 @@ def test_eta_sets_the_repaint_noise_and_changes_only_the_region(tmp_path, source
 
 
 def test_per_class_synthesis_draws_maps_of_each_label_and_records_it(tmp_path, sources, pixel_model):
-    manifest = run_synth(pixel_model, sources, tmp_path / "out", per_class={"Blood vessel": 2, "background": 1}, grid_per_class=0)
+    manifest = run_synth(
+        pixel_model, sources, tmp_path / "out", per_class={"Blood vessel": 2, "background": 1}, grid_per_class=0
+    )
     assert list(manifest["class"]) == ["background", "Blood vessel", "Blood vessel"]  # in the labels' order
     assert list(manifest["label"]) == [0, 1, 1]
     by_id = sources.set_index("patch_id")
     for row in manifest.itertuples():  # each map comes from a training patch of the image's label
         fractions = by_id.loc[row.source_patch_id, ["frac_blood_vessel", "frac_inflammation"]].to_numpy(float)
-        assert LABELS["classes"][int(np.argmax(fractions)) + 1 if fractions.max() > 0 else 0] == manifest.loc[row.Index, "class"]
+        assert (
+            LABELS["classes"][int(np.argmax(fractions)) + 1 if fractions.max() > 0 else 0]
+            == manifest.loc[row.Index, "class"]
+        )
     with pytest.raises(SynthesisError, match="not among the labels"):
         run_synth(pixel_model, sources, tmp_path / "bad", per_class={"Tumour": 1}, grid_per_class=0)
 

@@ -94,7 +94,9 @@ def test_only_enclosed_background_is_a_hole():
     assert found.mask[28:32, 28:32].all()  # the enclosed hole is filled
     assert not found.mask[:, :20].any() and not found.mask[:, 40:].any()
     strip = detect_tissue(rgb[:12, 14:46], 8.0, tissue(min_object_um2=0, max_hole_um2=1e9))  # any size is small
-    assert strip.mask[:, 6:26].all() and not strip.mask[:, :6].any() and not strip.mask[:, 26:].any()  # open to the edge
+    assert (
+        strip.mask[:, 6:26].all() and not strip.mask[:, :6].any() and not strip.mask[:, 26:].any()
+    )  # open to the edge
 
 
 def test_small_holes_filled_and_debris_removed():
@@ -125,8 +127,19 @@ def extract_png(rgb, tmp_path, config, name="tile"):
     path = tmp_path / f"{name}.png"
     Image.fromarray(rgb).save(path)
     out = tmp_path / "out"
-    index = extract_slide(path, None, out / name, out / f"{name}.parquet", out / f"{name}.qc.png", slide_name=name,
-                          split="train", config=config, mpp=0.25, progress=False, workers=1)
+    index = extract_slide(
+        path,
+        None,
+        out / name,
+        out / f"{name}.parquet",
+        out / f"{name}.qc.png",
+        slide_name=name,
+        split="train",
+        config=config,
+        mpp=0.25,
+        progress=False,
+        workers=1,
+    )
     return pd.read_parquet(index)
 
 

@@ -44,6 +44,7 @@ def weights(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- EMA
 
+
 def test_ema_update_is_exactly_the_moving_average():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -67,6 +68,7 @@ def test_ema_warmup_decay():
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def test_epoch_order_is_a_function_of_seed_and_epoch_and_shards_cover_everything():
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0)
     assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
@@ -83,9 +85,13 @@ def test_class_balance_draws_the_rare_label_as_often_as_the_common_one():
         draws += epoch_order(100, 3, epoch, weights=balance_weights(labels, 1.0))
     share = sum(labels[i] for i in draws) / len(draws)
     assert 0.45 < share < 0.55  # 10 % of the items, half of the draws
-    half = sum(labels[i] for e in range(20) for i in epoch_order(100, 3, e, weights=balance_weights(labels, 0.5))) / 2000
-    assert 0.2 < half < 0.3     # 10 / (10 + 90 / 3) = 0.25
-    assert epoch_order(100, 3, 0, weights=balance_weights(labels, 1.0)) == epoch_order(100, 3, 0, weights=balance_weights(labels, 1.0))
+    half = (
+        sum(labels[i] for e in range(20) for i in epoch_order(100, 3, e, weights=balance_weights(labels, 0.5))) / 2000
+    )
+    assert 0.2 < half < 0.3  # 10 / (10 + 90 / 3) = 0.25
+    assert epoch_order(100, 3, 0, weights=balance_weights(labels, 1.0)) == epoch_order(
+        100, 3, 0, weights=balance_weights(labels, 1.0)
+    )
     assert torch.equal(balance_weights(labels, 0.0), torch.ones(100, dtype=torch.float64))
 
 
@@ -105,6 +111,7 @@ def test_config_differences_ignore_run_length():
 
 # ----------------------------------------------------------------------------- data errors
 
+
 def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="empty"):
         train_diffusion(Shapes(n=0), tmp_path, tiny())
@@ -121,6 +128,7 @@ def test_mixed_sizes_across_batches_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
+
 
 def test_kill_and_resume_gives_bit_identical_weights(tmp_path):
     """6 steps straight vs. killed during step 5 (checkpoints at 2 and 4, mid-epoch: 10 items in

@@ -24,7 +24,9 @@ SETTINGS = section_defaults("verdict")
 CLASSES = ("Blood vessel", "Fat")
 
 
-def image_table(dice_shift: dict[str, list[float]], *, images: int = 40, slides: int = 2, seed: int = 0) -> pd.DataFrame:
+def image_table(
+    dice_shift: dict[str, list[float]], *, images: int = 40, slides: int = 2, seed: int = 0
+) -> pd.DataFrame:
     """Per-image TP/FP/FN of every ratio x seed: each image has its own difficulty (shared by every
     run), each run its own noise; a ratio's shift moves FP+FN pixels into TP (a higher Dice)."""
     rng = np.random.default_rng(seed)
@@ -38,8 +40,18 @@ def image_table(dice_shift: dict[str, list[float]], *, images: int = 40, slides:
             fp = np.round(truth * miss * 0.5).astype(int)
             for i in range(images):
                 for c, name in enumerate(CLASSES):
-                    rows.append({"ratio": ratio, "seed": run_seed, "patch_id": f"p{i}", "slide": f"s{i % slides}",
-                                 "class": name, "tp": truth[i, c] - fn[i, c], "fp": fp[i, c], "fn": fn[i, c]})
+                    rows.append(
+                        {
+                            "ratio": ratio,
+                            "seed": run_seed,
+                            "patch_id": f"p{i}",
+                            "slide": f"s{i % slides}",
+                            "class": name,
+                            "tp": truth[i, c] - fn[i, c],
+                            "fp": fp[i, c],
+                            "fn": fn[i, c],
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -79,8 +91,14 @@ def test_classification_scores_rebuilt_from_the_predictions_equal_the_evaluation
         key = ("all" if row._1 == "all" else int(row._1[1:]), row.metric)
         if key in ours:
             assert ours[key] == pytest.approx(row.value, abs=1e-6, nan_ok=True), key
-    table = pd.DataFrame({"patch_id": [f"p{i}" for i in range(60)], "slide": "s", "true": true,
-                          **{f"prob_{i}": probs[:, i] for i in range(n_classes)}})
+    table = pd.DataFrame(
+        {
+            "patch_id": [f"p{i}" for i in range(60)],
+            "slide": "s",
+            "true": true,
+            **{f"prob_{i}": probs[:, i] for i in range(n_classes)},
+        }
+    )
     unit, _ = jackknife_units(table, min_slides=5, groups=10, seed=0)
     full, reps = classification_replicates(table, unit, n_classes, [("all", "accuracy"), (0, "auroc")])
     assert full[0] == pytest.approx((probs.argmax(1) == true).mean()) and reps.shape == (2, 10)
@@ -104,15 +122,22 @@ def test_adjusted_p_values_follow_their_definitions():
     p = np.array([0.01, 0.04, 0.03, np.nan, 0.2])
     assert holm(p)[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.2])  # 4*.01, 3*.03, max(2*.04, .09), .2
     assert math.isnan(holm(p)[3])
-    assert benjamini_hochberg(p)[[0, 2, 1, 4]] == pytest.approx([0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])  # min over ranks >= r of p m / rank
+    assert benjamini_hochberg(p)[[0, 2, 1, 4]] == pytest.approx(
+        [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2]
+    )  # min over ranks >= r of p m / rank
 
 
 def test_primary_endpoint_defaults():
-    config = {"verdict": {"primary": None}, "classes": ["Inflammation", "Blood vessel", "Fat"],
-              "segmentation": {"enabled": True, "classes": None},
-              "mixing": {"sources": ["synth"], "ratios": [{"name": "real", "synthetic": 0}, {"name": "i", "synthetic": 4,
-                                                                                            "sources": ["inpaint"]}]},
-              "synthesis": {"synthesize": {"target_class": None}, "inpaint": {"target_class": "Fat"}}}
+    config = {
+        "verdict": {"primary": None},
+        "classes": ["Inflammation", "Blood vessel", "Fat"],
+        "segmentation": {"enabled": True, "classes": None},
+        "mixing": {
+            "sources": ["synth"],
+            "ratios": [{"name": "real", "synthetic": 0}, {"name": "i", "synthetic": 4, "sources": ["inpaint"]}],
+        },
+        "synthesis": {"synthesize": {"target_class": None}, "inpaint": {"target_class": "Fat"}},
+    }
     assert primary_endpoint(config) == {"task": "segmentation", "class": "Fat", "metric": "dice"}
     config["mixing"]["ratios"].pop()
     assert primary_endpoint(config)["class"] == "Inflammation"  # no set targets a class: the first segmented one
@@ -123,9 +148,19 @@ def test_primary_endpoint_defaults():
 def test_verdict_table_primary_first_with_adjusted_secondary_rows_and_a_plan():
     images = image_table({"real": [0.0, 0.0, 0.0], "up": [0.15, 0.14, 0.16], "same": [0.0, 0.0, 0.0]})
     primary = {"task": "segmentation", "class": "Fat", "metric": "dice"}
-    table = verdict_table(images=images, predictions=None, class_names=[], segmentation_metrics=["dice", "recall"],
-                          classification_metrics=[], baseline="real", order=["real", "same", "up"], settings=SETTINGS,
-                          primary=primary, seed=0, sources={"up": "inpaint", "same": "synth"})
+    table = verdict_table(
+        images=images,
+        predictions=None,
+        class_names=[],
+        segmentation_metrics=["dice", "recall"],
+        classification_metrics=[],
+        baseline="real",
+        order=["real", "same", "up"],
+        settings=SETTINGS,
+        primary=primary,
+        seed=0,
+        sources={"up": "inpaint", "same": "synth"},
+    )
     assert list(table["endpoint"][:2]) == ["primary"] * 2 and (table["endpoint"][2:] == "secondary").all()
     assert len(table) == 2 * 2 * 2 and (table["n"] == 3).all() and (table["unit"] == "images").all()
     up = table[(table["ratio"] == "up") & (table["endpoint"] == "primary")].iloc[0]
@@ -139,16 +174,37 @@ def test_verdict_table_primary_first_with_adjusted_secondary_rows_and_a_plan():
     assert same["verdict"] == "no evidence" and same["mde"] > 0
     assert same["seeds_needed"] >= 2 or math.isnan(same["seeds_needed"])
     assert "up helped" in answer(table) and "This run could see a change of ±" in answer(table)
-    assert sentence(up).startswith("up vs real, Fat dice: +") and "over 3 seeds and 40 test images: helped" in sentence(up)
+    assert sentence(up).startswith("up vs real, Fat dice: +") and "over 3 seeds and 40 test images: helped" in sentence(
+        up
+    )
     with pytest.raises(ValueError, match="baseline"):
-        verdict_table(images=images, predictions=None, class_names=[], segmentation_metrics=["dice"],
-                      classification_metrics=[], baseline="nope", order=["real"], settings=SETTINGS, primary=primary, seed=0)
+        verdict_table(
+            images=images,
+            predictions=None,
+            class_names=[],
+            segmentation_metrics=["dice"],
+            classification_metrics=[],
+            baseline="nope",
+            order=["real"],
+            settings=SETTINGS,
+            primary=primary,
+            seed=0,
+        )
 
 
 def test_one_seed_gives_no_interval():
     images = image_table({"real": [0.0], "up": [0.2]})
-    table = verdict_table(images=images, predictions=None, class_names=[], segmentation_metrics=["dice"],
-                          classification_metrics=[], baseline="real", order=["real", "up"], settings=SETTINGS,
-                          primary={"task": "segmentation", "class": "Fat", "metric": "dice"}, seed=0)
+    table = verdict_table(
+        images=images,
+        predictions=None,
+        class_names=[],
+        segmentation_metrics=["dice"],
+        classification_metrics=[],
+        baseline="real",
+        order=["real", "up"],
+        settings=SETTINGS,
+        primary={"task": "segmentation", "class": "Fat", "metric": "dice"},
+        seed=0,
+    )
     assert (table["n"] == 1).all() and table["ci_low"].isna().all() and (table["verdict"] == "no evidence").all()
     assert table["mean_diff"].gt(0).all()

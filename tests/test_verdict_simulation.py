@@ -20,16 +20,25 @@ def simulate(rng: np.random.Generator, experiments: int, seeds: int, effect: flo
     per-image score, ratio minus baseline, for K independent endpoints."""
     shape = (experiments, endpoints)
     arm = np.array([0.0, 1.0]).reshape(1, 1, 2, 1, 1)
-    y = (0.7 + rng.normal(0, SD["seed"], (*shape, 1, seeds, 1)) + rng.normal(0, SD["seed_arm"], (*shape, 2, seeds, 1))
-         + rng.normal(0, SD["image"], (*shape, 1, 1, IMAGES)) + arm * (effect + rng.normal(0, SD["image_arm"], (*shape, 1, 1, IMAGES)))
-         + rng.normal(0, SD["residual"], (*shape, 2, seeds, IMAGES)))
+    y = (
+        0.7
+        + rng.normal(0, SD["seed"], (*shape, 1, seeds, 1))
+        + rng.normal(0, SD["seed_arm"], (*shape, 2, seeds, 1))
+        + rng.normal(0, SD["image"], (*shape, 1, 1, IMAGES))
+        + arm * (effect + rng.normal(0, SD["image_arm"], (*shape, 1, 1, IMAGES)))
+        + rng.normal(0, SD["residual"], (*shape, 2, seeds, IMAGES))
+    )
     d = y[:, :, 1] - y[:, :, 0]
     return d.mean(-1), (d.sum(-1, keepdims=True) - d) / (IMAGES - 1)
 
 
 def components() -> dict[str, float]:
     """The true per-run variance components of the simulated design (statistics.variance_components' meaning)."""
-    return {"seed": 2 * SD["seed_arm"] ** 2, "shared": SD["image_arm"] ** 2 / IMAGES, "within": 2 * SD["residual"] ** 2 / IMAGES}
+    return {
+        "seed": 2 * SD["seed_arm"] ** 2,
+        "shared": SD["image_arm"] ** 2 / IMAGES,
+        "within": 2 * SD["residual"] ** 2 / IMAGES,
+    }
 
 
 def covers(out: dict, effect: float, low: str = "ci_low", high: str = "ci_high") -> float:
@@ -40,7 +49,9 @@ def covers(out: dict, effect: float, low: str = "ci_low", high: str = "ci_high")
 def test_interval_covers_the_planted_effect(seeds, lowest, highest):
     out = paired_effect(*simulate(np.random.default_rng(seeds), 2000, seeds, 0.02), confidence=0.95, power=0.8)
     new, seed_only = covers(out, 0.02), covers(out, 0.02, "t_low", "t_high")
-    print(f"\n{seeds} seeds x {IMAGES} images, 2000 experiments: 95 % interval covers {new:.3f}, seed-only t {seed_only:.3f}")
+    print(
+        f"\n{seeds} seeds x {IMAGES} images, 2000 experiments: 95 % interval covers {new:.3f}, seed-only t {seed_only:.3f}"
+    )
     assert lowest <= new <= highest
     assert seed_only < new  # the seed-only interval misses the test images' share
 
@@ -50,11 +61,15 @@ def test_no_effect_is_rarely_called_and_holm_keeps_the_family_wise_rate(seeds):
     rng = np.random.default_rng(10 + seeds)
     primary = paired_effect(*simulate(rng, 2000, seeds, 0.0), confidence=0.95, power=0.8)
     called = float(np.mean(primary["p"] < 0.05))
-    assert np.array_equal(primary["p"] < 0.05, (primary["ci_low"] > 0) | (primary["ci_high"] < 0))  # p and interval agree
+    assert np.array_equal(
+        primary["p"] < 0.05, (primary["ci_low"] > 0) | (primary["ci_high"] < 0)
+    )  # p and interval agree
     secondary = paired_effect(*simulate(rng, 1000, seeds, 0.0, endpoints=12), confidence=0.95, power=0.8)["p"]
     raw = float(np.mean((secondary < 0.05).any(axis=1)))
     family = float(np.mean([(holm(p) < 0.05).any() for p in secondary]))
-    print(f"\n{seeds} seeds, no effect: primary called {called:.3f}; 12 secondary rows, any called: raw {raw:.3f}, Holm {family:.3f}")
+    print(
+        f"\n{seeds} seeds, no effect: primary called {called:.3f}; 12 secondary rows, any called: raw {raw:.3f}, Holm {family:.3f}"
+    )
     assert called <= 0.06 and family <= 0.06 < raw
 
 
@@ -64,7 +79,9 @@ def test_the_printed_detectable_effect_is_detected_four_times_in_five():
     effect = float(mde(seed_term, shared, seeds, IMAGES, 0.95, 0.8))
     out = paired_effect(*simulate(np.random.default_rng(7), 2000, seeds, effect), confidence=0.95, power=0.8)
     detected = float(np.mean(out["ci_low"] > 0))
-    print(f"\n{seeds} seeds: detectable effect {effect:.4f} (median printed by a run {np.median(out['mde']):.4f}), detected {detected:.3f}")
+    print(
+        f"\n{seeds} seeds: detectable effect {effect:.4f} (median printed by a run {np.median(out['mde']):.4f}), detected {detected:.3f}"
+    )
     assert 0.75 <= detected <= 0.85
     assert np.median(out["mde"]) == pytest.approx(effect, rel=0.15)  # what a run prints estimates the design's
 

@@ -22,9 +22,20 @@ def snakemake(workdir, *args, overlay: str | None = None, snakefile=REPO / "Snak
         (workdir / "overlay.yaml").write_text(overlay)
         configs.append(str(workdir / "overlay.yaml"))
     command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-        "--configfile", *configs,
-        "--cores", "2", "--resources", "gpu=1", *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        *configs,
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        *args,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=1200)
 
@@ -91,7 +102,9 @@ def test_models_trained_with_their_reports(tiny_run):
     assert metrics["split"] == "val"
     # the recorded PSNR is the saved model's on the first val_items validation patches (tiny_b)
     config = load_preset("tiny")
-    val = patch_dataset([tiny_run / "results/patches/tiny_a.parquet", tiny_run / "results/patches/tiny_b.parquet"], "val", config)
+    val = patch_dataset(
+        [tiny_run / "results/patches/tiny_a.parquet", tiny_run / "results/patches/tiny_b.parquet"], "val", config
+    )
     images = torch.stack([val[i]["image"] for i in range(min(len(val), config["autoencoder"]["val_items"]))]).float()
     with torch.no_grad():
         autoencoder = load_autoencoder(tiny_run / "results/autoencoder/model")
@@ -131,17 +144,42 @@ def planned_jobs(output: str) -> set[str]:
     return {line.split()[0] for line in table.splitlines()[2:] if line.split()[0] != "total"}
 
 
-EVALUATION = {"curate_synthetic", "mix_dataset", "train_segmentation", "evaluate_segmentation", "train_classifier",
-              "evaluate_classifier", "image_quality", "mask_consistency", "summarize", "registry", "all"}
+EVALUATION = {
+    "curate_synthetic",
+    "mix_dataset",
+    "train_segmentation",
+    "evaluate_segmentation",
+    "train_classifier",
+    "evaluate_classifier",
+    "image_quality",
+    "mask_consistency",
+    "summarize",
+    "registry",
+    "all",
+}
 
 
 def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
     result = snakemake(tiny_run, "--dry-run", overlay="diffusion: {cond_dropout: 0.2}")
     assert result.returncode == 0, result.stdout[-2000:]
-    assert planned_jobs(result.stdout + result.stderr) == {"train_diffusion", "synthesize", "inpaint", "realism", *EVALUATION}
+    assert planned_jobs(result.stdout + result.stderr) == {
+        "train_diffusion",
+        "synthesize",
+        "inpaint",
+        "realism",
+        *EVALUATION,
+    }
     result = snakemake(tiny_run, "--dry-run", overlay="nuclei: {min_solidity: 0.7}")
-    assert planned_jobs(result.stdout + result.stderr) == {"nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                                           "train_diffusion", "synthesize", "inpaint", "realism", *EVALUATION}
+    assert planned_jobs(result.stdout + result.stderr) == {
+        "nuclei_masks",
+        "nuclei_quality",
+        "conditioning_maps",
+        "train_diffusion",
+        "synthesize",
+        "inpaint",
+        "realism",
+        *EVALUATION,
+    }
     # the baseline's first model re-segments for quality, which curation reads, whose sets the other ratios mix;
     # the realism test needs no model of the run, so it stays
     result = snakemake(tiny_run, "--dry-run", overlay="segmentation: {lr: 1.0e-3}")
@@ -152,9 +190,19 @@ def test_changing_one_stage_reruns_it_and_its_descendants_only(tiny_run):
 
 
 # The tiny preset with the GAN and LoRA enabled, for the tests of what reruns (they record a run rather than run it).
-GENERATORS = {"gan": {"enabled": True, "size": 16, "ch_max": 32, "width": 8, "attention_g": [8], "attention_d": [16],
-                      "train": {"steps": 4}},
-              "lora": {"enabled": True}, "synthesis": {"lora": {"scales": [1.0]}}}
+GENERATORS = {
+    "gan": {
+        "enabled": True,
+        "size": 16,
+        "ch_max": 32,
+        "width": 8,
+        "attention_g": [8],
+        "attention_d": [16],
+        "train": {"steps": 4},
+    },
+    "lora": {"enabled": True},
+    "synthesis": {"lora": {"scales": [1.0]}},
+}
 
 
 def merged(base: dict, change: dict) -> dict:
@@ -169,9 +217,17 @@ def fake_stable_diffusion(folder):
     """The files lora.base_model must hold for the workflow to start (a dry run loads no weights)."""
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / part).mkdir(parents=True)
-    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                 "tokenizer/vocab.json", "scheduler/scheduler_config.json", "unet/w.safetensors", "vae/w.safetensors",
-                 "text_encoder/w.safetensors"):
+    for name in (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+        "unet/w.safetensors",
+        "vae/w.safetensors",
+        "text_encoder/w.safetensors",
+    ):
         (folder / name).write_text("{}")
     return folder
 
@@ -184,8 +240,12 @@ def recorded_run(workdir, settings: dict) -> dict:
     overlay = yaml.safe_dump(settings)
     plan = snakemake(workdir, "--dry-run", overlay=overlay)
     assert plan.returncode == 0, (plan.stdout + plan.stderr)[-3000:]
-    outputs = {path.strip() for line in plan.stdout.splitlines() if line.startswith("    output: ")
-               for path in line.removeprefix("    output: ").split(",")}
+    outputs = {
+        path.strip()
+        for line in plan.stdout.splitlines()
+        if line.startswith("    output: ")
+        for path in line.removeprefix("    output: ").split(",")
+    }
     for path in map(workdir.joinpath, outputs):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch() if path.suffix else path.mkdir(exist_ok=True)
@@ -209,7 +269,14 @@ def generators_run(tmp_path_factory):
     return workdir, recorded_run(workdir, GENERATORS)
 
 
-TRAININGS = {"train_autoencoder", "train_diffusion", "train_gan", "train_lora", "train_segmentation", "train_classifier"}
+TRAININGS = {
+    "train_autoencoder",
+    "train_diffusion",
+    "train_gan",
+    "train_lora",
+    "train_segmentation",
+    "train_classifier",
+}
 
 
 def test_a_conditioning_setting_retrains_only_the_diffusion_model(generators_run):
@@ -250,8 +317,10 @@ def test_nuclei_training_settings_rerun_nothing_while_the_classical_detector_run
 
 
 def test_trained_nuclei_model_through_the_workflow(tmp_path):
-    overlay = ("nuclei: {model: trained, train: {steps: 6, batch_size: 2, crop: 64, encoder_depth: 3,\n"
-               "         decoder_channels: [16, 16, 16], checkpoint_every: 3, log_every: 1}}")
+    overlay = (
+        "nuclei: {model: trained, train: {steps: 6, batch_size: 2, crop: 64, encoder_depth: 3,\n"
+        "         decoder_channels: [16, 16, 16], checkpoint_every: 3, log_every: 1}}"
+    )
     result = snakemake(tmp_path, "--until", "nuclei_quality", overlay=overlay)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -263,27 +332,51 @@ def test_trained_nuclei_model_through_the_workflow(tmp_path):
     quality = pd.read_csv(tmp_path / "results/nuclei/tiny_c.quality.csv").set_index("metric")["value"]
     assert {"f1", "aji", "pq", "dice"} <= set(quality.index)
     # a changed training setting retrains the model and re-segments with it
-    result = snakemake(tmp_path, "--dry-run", "--until", "nuclei_quality",
-                       overlay=overlay.replace("steps: 6", "steps: 8"))
+    result = snakemake(
+        tmp_path, "--dry-run", "--until", "nuclei_quality", overlay=overlay.replace("steps: 6", "steps: 8")
+    )
     assert planned_jobs(result.stdout + result.stderr) == {"train_nuclei", "nuclei_masks", "nuclei_quality"}
     # while the model detects, a classical detector's setting reruns nothing
-    result = snakemake(tmp_path, "--dry-run", "--until", "nuclei_quality",
-                       overlay=overlay.replace("model: trained,", "model: trained, smoothing_um: 0.75,"))
+    result = snakemake(
+        tmp_path,
+        "--dry-run",
+        "--until",
+        "nuclei_quality",
+        overlay=overlay.replace("model: trained,", "model: trained, smoothing_um: 0.75,"),
+    )
     assert planned_jobs(result.stdout + result.stderr) == set(), result.stdout[-2000:]
 
 
 def test_a_gan_ratio_trains_classifiers_only(tiny_run):
-    overlay = ("gan: {enabled: true, size: 16, ch_max: 32, width: 8, attention_g: [8], attention_d: [16], train: {steps: 4}}\n"
-               "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}")
+    overlay = (
+        "gan: {enabled: true, size: 16, ch_max: 32, width: 8, attention_g: [8], attention_d: [16], train: {steps: 4}}\n"
+        "mixing: {ratios: [{name: real, synthetic: 0}, {name: gan4, synthetic: 4, sources: [gan]}]}"
+    )
     result = snakemake(tiny_run, "--dry-run", overlay=overlay)
     output = result.stdout + result.stderr
     # enabling the GAN adds its own jobs and reruns nothing that ran: quality, realism and curation of its set
     # only, its ratio's mix and classifiers, the report
-    assert planned_jobs(output) == {"train_gan", "gan_synthesize", "image_quality", "mask_consistency", "realism",
-                                    "curate_synthetic", "mix_dataset", "train_classifier", "evaluate_classifier", "summarize",
-                                    "registry", "all"}, output[-3000:]
-    assert output.count("rule image_quality:") == output.count("rule curate_synthetic:") == output.count("rule realism:") \
-        == output.count("rule mask_consistency:") == 1
+    assert planned_jobs(output) == {
+        "train_gan",
+        "gan_synthesize",
+        "image_quality",
+        "mask_consistency",
+        "realism",
+        "curate_synthetic",
+        "mix_dataset",
+        "train_classifier",
+        "evaluate_classifier",
+        "summarize",
+        "registry",
+        "all",
+    }, output[-3000:]
+    assert (
+        output.count("rule image_quality:")
+        == output.count("rule curate_synthetic:")
+        == output.count("rule realism:")
+        == output.count("rule mask_consistency:")
+        == 1
+    )
     assert "set=gan" in output
     # gan4: its mix and 2 folds x 1 seed of train_classifier and evaluate_classifier; no segmentation run
     assert output.count("ratio=gan4") == 1 + 2 + 2
@@ -292,9 +385,11 @@ def test_a_gan_ratio_trains_classifiers_only(tiny_run):
 def test_registry_shows_lineage_and_generate_reproduces_the_sets_images(tiny_run):
     """The registry rule's database: the diffusion model's lineage, and `histosynth generate` with
     the workflow's seed and settings (its registered config) remaking the synth set byte for byte."""
+
     def cli(*args):
-        result = subprocess.run([sys.executable, "-m", "histosynth.cli", *args], cwd=tiny_run, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "histosynth.cli", *args], cwd=tiny_run, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
@@ -338,7 +433,9 @@ def test_editing_a_script_reruns_its_rules(tiny_run, tmp_path):
     edited = snakemake(tiny_run, "--dry-run", snakefile=copy / "Snakefile")
     output = edited.stdout + edited.stderr
     # the registry reads the report's tables, so it follows
-    assert planned_jobs(output) == {"summarize", "registry", "all"} and "Code has changed since last execution" in output
+    assert (
+        planned_jobs(output) == {"summarize", "registry", "all"} and "Code has changed since last execution" in output
+    )
 
 
 def test_replacing_one_slides_annotations_reruns_only_that_slides_chain(tiny_run):
@@ -353,8 +450,17 @@ def test_replacing_one_slides_annotations_reruns_only_that_slides_chain(tiny_run
     sheet.to_csv(tiny_run / "slides.edited.tsv", sep="\t", index=False)
     result = snakemake(tiny_run, "--dry-run", overlay="slides: slides.edited.tsv")
     output = result.stdout + result.stderr
-    assert planned_jobs(output) == {"extract_patches", "nuclei_masks", "nuclei_quality", "conditioning_maps",
-                                    "evaluate_segmentation", "evaluate_classifier", "summarize", "registry", "all"}, output[-3000:]
+    assert planned_jobs(output) == {
+        "extract_patches",
+        "nuclei_masks",
+        "nuclei_quality",
+        "conditioning_maps",
+        "evaluate_segmentation",
+        "evaluate_classifier",
+        "summarize",
+        "registry",
+        "all",
+    }, output[-3000:]
     assert "slide=tiny_c" in output and "slide=tiny_a" not in output and "slide=tiny_b" not in output
 
 
@@ -367,8 +473,10 @@ def test_evaluation_table_and_report(tiny_run):
     quality = table[table["kind"] == "quality"]
     skipped = quality[quality["status"] == "skipped"]
     assert set(skipped["metric"]) >= {"fid", "kid", "is", "lpips_diversity"}  # no weights here
-    for_weights = skipped[skipped["metric"].isin(["fid", "kid", "kid_std", "is", "is_std", "lpips_diversity"])
-                          & ~skipped["note"].str.contains("min_images")]
+    for_weights = skipped[
+        skipped["metric"].isin(["fid", "kid", "kid_std", "is", "is_std", "lpips_diversity"])
+        & ~skipped["note"].str.contains("min_images")
+    ]
     assert len(for_weights) and for_weights["note"].str.contains("fetch_weights").all()
     offline = quality[quality["metric"].isin(["fd", "kd"]) & (quality["class"] == "all")]
     assert set(offline["set"]) == {"synth", "inpaint"} and (offline["status"] == "ok").all()  # no weights needed
@@ -379,7 +487,9 @@ def test_evaluation_table_and_report(tiny_run):
     counts = shares.groupby("ratio")[["n_real", "n_synthetic"]].first()
     assert counts.loc["syn4", "n_synthetic"] == 4 and counts.loc["synonly", "n_real"] == 0
     assert counts.loc["real", "n_real"] == counts.loc["syn4", "n_real"] > 0
-    assert set(pd.read_parquet(tiny_run / "results/mixing/syn4.parquet").query("source == 'synthetic'")["mode"]) == {"inpaint"}
+    assert set(pd.read_parquet(tiny_run / "results/mixing/syn4.parquet").query("source == 'synthetic'")["mode"]) == {
+        "inpaint"
+    }
     assert set(pd.read_parquet(tiny_run / "results/mixing/synonly.parquet")["mode"]) == {"synth", "inpaint"}
     decided = pd.read_csv(tiny_run / "results/report/verdict.csv")
     assert set(decided["baseline"]) == {"real"} and set(decided["ratio"]) == {"syn4", "synonly"}
@@ -408,8 +518,15 @@ def test_evaluation_table_and_report(tiny_run):
     result = snakemake(tiny_run, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-2000:]
     html = (tiny_run / "report.html").read_text()
-    for text in ("1. Verdict", "4. Generative models", "8. Results", "9. Training curves", "rulegraph.png", "Did synthetic data help?",
-                 "Curation and memorisation"):
+    for text in (
+        "1. Verdict",
+        "4. Generative models",
+        "8. Results",
+        "9. Training curves",
+        "rulegraph.png",
+        "Did synthetic data help?",
+        "Curation and memorisation",
+    ):
         assert text in html
 
 

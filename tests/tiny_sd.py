@@ -49,25 +49,60 @@ def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, sample_size: int
     tokenizer = _write_tokenizer(folder / "tokenizer")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size // 2 ** (len(VAE_CHANNELS) - 1), in_channels=4, out_channels=4,
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, cross_attention_dim=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+        sample_size=sample_size // 2 ** (len(VAE_CHANNELS) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=VAE_CHANNELS, layers_per_block=1,
-        norm_num_groups=8, sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
         down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS))
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+    )
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder

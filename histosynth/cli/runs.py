@@ -14,7 +14,10 @@ def cmd_export(args) -> None:
 
     rows = export_run(args.results, args.ratio, args.format, args.out, config_for(args))
     counts = rows.groupby(["split", "source"]).size()
-    print(f"{args.out}: {args.format} export of {args.ratio}: " + ", ".join(f"{s} {src} {n}" for (s, src), n in counts.items()))
+    print(
+        f"{args.out}: {args.format} export of {args.ratio}: "
+        + ", ".join(f"{s} {src} {n}" for (s, src), n in counts.items())
+    )
 
 
 def registry_url(args) -> str:
@@ -40,22 +43,28 @@ def cmd_registry(args) -> None:
             print(json.dumps(found, default=str, indent=1))
             return
         model, parent = found["model"], found["parent"]
-        print(f"model {model['id']}: {model['kind']} {model['path']}\n  hash {model['content_hash'][:16]}, "
-              f"{model['steps']} steps, registered {model['registered_at']}")
+        print(
+            f"model {model['id']}: {model['kind']} {model['path']}\n  hash {model['content_hash'][:16]}, "
+            f"{model['steps']} steps, registered {model['registered_at']}"
+        )
         if parent:
             print(f"  parent: model {parent['id']} ({parent['kind']} {parent['path']})")
         if model["data"]:
             print(f"  trained on: {json.dumps(model['data'])}")
         for made in found["sets"]:
             kept = next((c["n_kept"] for c in found["curated"] if c["name"] == made["name"]), None)
-            print(f"  set {made['id']} {made['name']}: {made['n_images']} images ({made['path']}), "
-                  f"{f'{kept} kept by curation' if kept is not None else 'not curated'}")
+            print(
+                f"  set {made['id']} {made['name']}: {made['n_images']} images ({made['path']}), "
+                f"{f'{kept} kept by curation' if kept is not None else 'not curated'}"
+            )
             for row in (q for q in found["quality"] if q["set"] == made["name"]):
                 print(f"    {row['metric']}: {row['value']:.4g}")
         for dataset in found["datasets"]:
             n_runs = sum(r["ratio"] == dataset["ratio"] for r in found["runs"])
-            print(f"  dataset {dataset['id']} {dataset['ratio']}: {dataset['n_real']} real + {dataset['n_synthetic']} "
-                  f"synthetic; {n_runs} task runs")
+            print(
+                f"  dataset {dataset['id']} {dataset['ratio']}: {dataset['n_real']} real + {dataset['n_synthetic']} "
+                f"synthetic; {n_runs} task runs"
+            )
         for row in found["verdicts"]:
             print(f"    {row['ratio']} {row['metric']} [{row['class']}]: {row['note']}")
         return
@@ -76,7 +85,19 @@ def cmd_generate(args) -> None:
     if args.config is None and REGISTERED_CONFIG.is_file():
         args.config = REGISTERED_CONFIG
     config = config_for(args)
-    manifest = generate(registry_url(args), args.n, args.out, config=config, model_id=args.model, label=args.label,
-                        sampler=args.sampler, steps=args.steps, seed=args.seed, scale=args.scale)
+    manifest = generate(
+        registry_url(args),
+        args.n,
+        args.out,
+        config=config,
+        model_id=args.model,
+        label=args.label,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        scale=args.scale,
+    )
     counts = manifest["class"].value_counts().to_dict() if "class" in manifest else {}
-    print(f"{len(manifest)} images -> {args.out}/ (manifest.parquet, registered as set {Path(args.out).name!r}); per class {counts}")
+    print(
+        f"{len(manifest)} images -> {args.out}/ (manifest.parquet, registered as set {Path(args.out).name!r}); per class {counts}"
+    )

@@ -25,7 +25,9 @@ def cmd_inspect(args) -> None:
         if args.json:
             print(json.dumps(info))
             continue
-        print(f"{info['path']}\n  vendor: {info['vendor']}\n  dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px")
+        print(
+            f"{info['path']}\n  vendor: {info['vendor']}\n  dimensions: {info['dimensions'][0]} x {info['dimensions'][1]} px"
+        )
         mpp = f"{info['mpp']:.4f}" if info["mpp"] else "unknown (give --slide-mpp or the sheet's mpp)"
         print(f"  mpp: {mpp}   objective: {info['objective_power'] or 'unknown'}")
         for level in info["levels"]:
@@ -45,9 +47,15 @@ def cmd_demo_slides(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         summary = generate_demo_slide(
-            out / f"{name}.tiff", out / f"{name}.geojson", out / f"{name}.nuclei.geojson",
-            size=args.size or demo["size"], mpp=demo["mpp"], tile_size=demo["tile_size"], levels=demo["levels"],
-            seed=derive_seed(config["seed"], "demo", name), jpeg_quality=demo["jpeg_quality"],
+            out / f"{name}.tiff",
+            out / f"{name}.geojson",
+            out / f"{name}.nuclei.geojson",
+            size=args.size or demo["size"],
+            mpp=demo["mpp"],
+            tile_size=demo["tile_size"],
+            levels=demo["levels"],
+            seed=derive_seed(config["seed"], "demo", name),
+            jpeg_quality=demo["jpeg_quality"],
         )
         log.info("%s: %s", name, summary)
 
@@ -62,8 +70,12 @@ def cmd_patches(args) -> None:
     loaded = config_for(args)
     config = {key: loaded[key] for key in PATCH_SECTIONS if key in loaded}
     overrides = {
-        "size": args.size, "stride": args.stride, "mpp": args.mpp, "min_tissue": args.min_tissue,
-        "min_label": args.min_label, "target_class": args.target_class,
+        "size": args.size,
+        "stride": args.stride,
+        "mpp": args.mpp,
+        "min_tissue": args.min_tissue,
+        "min_label": args.min_label,
+        "target_class": args.target_class,
     }
     config["patches"].update({k: v for k, v in overrides.items() if v is not None})
     if args.classes is not None:  # classes on the command line bring their own priority
@@ -77,8 +89,17 @@ def cmd_patches(args) -> None:
     name = args.name or slide.stem
     stem = Path(args.out) / name
     index_path = extract_slide(
-        slide, args.annotations, stem, stem.with_suffix(".parquet"), stem.with_suffix(".qc.png"), slide_name=name,
-        split=args.split, config=config, classes=classes, mpp=args.slide_mpp, label=args.label,
+        slide,
+        args.annotations,
+        stem,
+        stem.with_suffix(".parquet"),
+        stem.with_suffix(".qc.png"),
+        slide_name=name,
+        split=args.split,
+        config=config,
+        classes=classes,
+        mpp=args.slide_mpp,
+        label=args.label,
     )
     count = pq.read_metadata(index_path).num_rows
     print(f"{count} patches in {stem}/, index {index_path}, QC thumbnail {stem}.qc.png")
@@ -87,8 +108,17 @@ def cmd_patches(args) -> None:
 def cmd_sheet(args) -> None:
     from histosynth.data.sheet import build_sheet, summary, write_sheet
 
-    sheet = build_sheet(args.folder, split=args.split, seed=args.seed, mpp=args.mpp, annotations_dir=args.annotations_dir,
-                        masks_dir=args.masks_dir, nuclei_dir=args.nuclei_dir, absolute=args.absolute, group=args.group)
+    sheet = build_sheet(
+        args.folder,
+        split=args.split,
+        seed=args.seed,
+        mpp=args.mpp,
+        annotations_dir=args.annotations_dir,
+        masks_dir=args.masks_dir,
+        nuclei_dir=args.nuclei_dir,
+        absolute=args.absolute,
+        group=args.group,
+    )
     if args.out:
         write_sheet(sheet, args.out)
         print(f"{args.out}: {summary(sheet)}")
@@ -133,12 +163,21 @@ def cmd_nuclei_train(args) -> None:
     if args.steps:
         params["train"]["steps"] = args.steps
     holdout = [s for s in (args.holdout or "").split(",") if s]
-    table = train_on_folder(args.images, args.annotations, args.mpp, args.out, params,
-                            seed=config["seed"] if args.seed is None else args.seed, holdout=holdout)
+    table = train_on_folder(
+        args.images,
+        args.annotations,
+        args.mpp,
+        args.out,
+        params,
+        seed=config["seed"] if args.seed is None else args.seed,
+        holdout=holdout,
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for split, rows in table.groupby("split", sort=False):
-        print(f"{split}: mean over {len(rows)} images F1@0.5 {rows['f1'].mean():.3f}  AJI {rows['aji'].mean():.3f}  "
-              f"PQ {rows['pq'].mean():.3f}  Dice {rows['dice'].mean():.3f}")
+        print(
+            f"{split}: mean over {len(rows)} images F1@0.5 {rows['f1'].mean():.3f}  AJI {rows['aji'].mean():.3f}  "
+            f"PQ {rows['pq'].mean():.3f}  Dice {rows['dice'].mean():.3f}"
+        )
     print(f"model -> {Path(args.out) / 'model.pt'} (use: histosynth nuclei IMAGES --mpp M --model {args.out})")
 
 
@@ -157,5 +196,7 @@ def cmd_nuclei_score(args) -> None:
     shown[["truth", "pred"]] = shown[["truth", "pred"]].astype("string").fillna("")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""))
     mean = table.set_index("image").loc["mean"]
-    print(f"mean over {len(table) - 2} images: F1@{args.iou:g} {mean['f1']:.3f}  AJI {mean['aji']:.3f}  "
-          f"PQ {mean['pq']:.3f}  Dice {mean['dice']:.3f}")
+    print(
+        f"mean over {len(table) - 2} images: F1@{args.iou:g} {mean['f1']:.3f}  AJI {mean['aji']:.3f}  "
+        f"PQ {mean['pq']:.3f}  Dice {mean['dice']:.3f}"
+    )

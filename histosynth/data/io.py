@@ -65,12 +65,18 @@ def _arrow_column(name: str, values: list) -> pa.Array:
         np.cumsum([len(text) for text in encoded], out=offsets[1:])
         buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
         return pa.Array.from_buffers(pa.string(), len(values), buffers, null_count=nulls)
-    if not all(isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) for value in present):
+    if not all(
+        isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) for value in present
+    ):
         kinds = sorted({type(value).__name__ for value in present})
-        raise TypeError(f"column {name!r}: values must be all str or all numbers (None allowed), got {', '.join(kinds)}")
+        raise TypeError(
+            f"column {name!r}: values must be all str or all numbers (None allowed), got {', '.join(kinds)}"
+        )
     floating = any(isinstance(value, (float, np.floating)) for value in present)
     data = np.array([value if value is not None else 0 for value in values], np.float64 if floating else np.int64)
-    return pa.Array.from_buffers(pa.float64() if floating else pa.int64(), len(values), [bitmap, pa.py_buffer(data)], null_count=nulls)
+    return pa.Array.from_buffers(
+        pa.float64() if floating else pa.int64(), len(values), [bitmap, pa.py_buffer(data)], null_count=nulls
+    )
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
@@ -99,7 +105,11 @@ def write_relative(table: pd.DataFrame, path: str | Path, columns: Sequence[str]
     write_table(out, path)
 
 
-FILE_COLUMNS = ("image", "mask", "conditioning")  # the file columns patch indexes and the tables derived from them may hold
+FILE_COLUMNS = (
+    "image",
+    "mask",
+    "conditioning",
+)  # the file columns patch indexes and the tables derived from them may hold
 
 
 def read_file_table(path: str | Path) -> pd.DataFrame:

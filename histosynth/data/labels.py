@@ -30,23 +30,31 @@ def resolve_labels(config: Mapping, sheet_labels: Sequence[str], sheet: str = "t
     source = settings["source"]
     if source == "auto":
         if given and len(given) < len(sheet_labels):
-            raise LabelError(f"{sheet}: {len(sheet_labels) - len(given)} of {len(sheet_labels)} slides have no label; "
-                             "fill the label column for every slide, or set labels.source: region to label patches "
-                             "by their dominant annotated class")
+            raise LabelError(
+                f"{sheet}: {len(sheet_labels) - len(given)} of {len(sheet_labels)} slides have no label; "
+                "fill the label column for every slide, or set labels.source: region to label patches "
+                "by their dominant annotated class"
+            )
         source = "sheet" if given else "region"
     regions = list(config["classes"])
     if source == "region":
         classes = [settings["background"], *regions]
     else:
         if len(given) < len(sheet_labels):
-            raise LabelError(f"labels.source is sheet but {sheet} has {len(sheet_labels) - len(given)} slides without a label")
+            raise LabelError(
+                f"labels.source is sheet but {sheet} has {len(sheet_labels) - len(given)} slides without a label"
+            )
         found = sorted(set(given))
         classes = list(settings["classes"]) if settings["classes"] else found
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise LabelError(f"{sheet}: labels {unknown} are not in labels.classes {classes}; add them or fix the sheet")
+            raise LabelError(
+                f"{sheet}: labels {unknown} are not in labels.classes {classes}; add them or fix the sheet"
+            )
         if len(classes) < 2:
-            raise LabelError(f"{sheet}: every slide has the label {classes[0]!r}; classification needs at least two classes")
+            raise LabelError(
+                f"{sheet}: every slide has the label {classes[0]!r}; classification needs at least two classes"
+            )
     return {"source": source, "classes": classes, "regions": regions, "background": settings["background"]}
 
 
@@ -55,8 +63,10 @@ def patch_labels(table: pd.DataFrame, labels: Mapping) -> np.ndarray:
     `label` column (the sheet's) or the dominant region class from the frac_<class> columns."""
     if labels["source"] == "sheet":
         if "label" not in table or table["label"].isna().any():
-            raise LabelError("labels.source is sheet but the patch index has patches without a label; "
-                             "rerun extract_patches after filling the sheet's label column")
+            raise LabelError(
+                "labels.source is sheet but the patch index has patches without a label; "
+                "rerun extract_patches after filling the sheet's label column"
+            )
         return table["label"].astype(str).to_numpy()
     names = np.asarray(labels["classes"], dtype=object)  # background first, then the region classes
     return names[dominant_class(table, labels["regions"])]

@@ -93,14 +93,23 @@ class TissueMap:
         once with the number of centres on it rather than looked up per centre."""
         centres = (np.arange(size) + 0.5) * (extent / size)
         h, w = self.mask.shape
-        rows, row_counts = np.unique(np.minimum(((y + centres) * self.scale).astype(np.int64), h - 1), return_counts=True)
-        cols, col_counts = np.unique(np.minimum(((x + centres) * self.scale).astype(np.int64), w - 1), return_counts=True)
+        rows, row_counts = np.unique(
+            np.minimum(((y + centres) * self.scale).astype(np.int64), h - 1), return_counts=True
+        )
+        cols, col_counts = np.unique(
+            np.minimum(((x + centres) * self.scale).astype(np.int64), w - 1), return_counts=True
+        )
         on_tissue = row_counts @ self.mask[np.ix_(rows, cols)].astype(np.int64) @ col_counts
         return float(on_tissue) / (size * size)
 
 
-def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | None,
-                     labels: RegionRasterizer | None, pool: Executor | None = None) -> TissueMap:
+def build_tissue_map(
+    slide: Slide,
+    params: Mapping,
+    outline: RegionRasterizer | None,
+    labels: RegionRasterizer | None,
+    pool: Executor | None = None,
+) -> TissueMap:
     """Detect tissue on a rendering at params["mpp"] (finer for a small image: tissue.detection_mpp;
     read through `pool` when given). Annotated label regions count as tissue (fat and vessel lumens
     are pale but annotated tissue); an annotated outline bounds the result."""
@@ -114,7 +123,9 @@ def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | 
         mask |= labels.rasterize(0, 0, width0, height0, mask.shape) > 0
     if outline is not None:
         inside = outline.rasterize(0, 0, width0, height0, mask.shape) > 0
-        log.info("%s: tissue restricted to the annotated outline (%.1f%% of the slide)", slide.path, 100 * inside.mean())
+        log.info(
+            "%s: tissue restricted to the annotated outline (%.1f%% of the slide)", slide.path, 100 * inside.mean()
+        )
         mask &= inside
     if not mask.any():
         raise PatchError(
@@ -122,8 +133,13 @@ def build_tissue_map(slide: Slide, params: Mapping, outline: RegionRasterizer | 
             f"{', inside the annotated tissue outline' if outline is not None else ''}); check the slide, "
             "or lower patches.tissue.min_saturation / patches.tissue.min_object_um2"
         )
-    log.info("%s: tissue covers %.1f%% of the slide at %.3g mpp (%s)", slide.path, 100 * mask.mean(), mask_mpp,
-             detection.describe(params["min_glass"]))
+    log.info(
+        "%s: tissue covers %.1f%% of the slide at %.3g mpp (%s)",
+        slide.path,
+        100 * mask.mean(),
+        mask_mpp,
+        detection.describe(params["min_glass"]),
+    )
     return TissueMap(mask, scale, detection)
 
 
@@ -159,18 +175,27 @@ def extract_slide(
     classes = classes or class_indices(config["classes"])
     threads = 2 * (workers or params.get("workers") or os.cpu_count() or 1)
     started = time.perf_counter()
-    with Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide, \
-            ThreadPoolExecutor(threads, thread_name_prefix="patches") as pool:
+    with (
+        Slide(image, mpp=mpp, fallback_mpp=config["patches"]["fallback_mpp"]) as slide,
+        ThreadPoolExecutor(threads, thread_name_prefix="patches") as pool,
+    ):
         regions, labels, outline = _annotation_rasterizers(slide, annotations, classes, config)
         tissue = build_tissue_map(slide, params["tissue"], outline, labels, pool)
         extent = params["size"] * params["mpp"] / slide.mpp
         step = params["stride"] * params["mpp"] / slide.mpp
         if extent / params["size"] < 1 - 1e-6:
-            log.warning("%s: target %.3f mpp is finer than the slide's %.3f mpp; patches are upsampled", image, params["mpp"], slide.mpp)
+            log.warning(
+                "%s: target %.3f mpp is finer than the slide's %.3f mpp; patches are upsampled",
+                image,
+                params["mpp"],
+                slide.mpp,
+            )
         xs = window_origins(slide.dimensions[0], extent, step)
         ys = window_origins(slide.dimensions[1], extent, step)
         if not len(xs) or not len(ys):
-            raise PatchError(f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)")
+            raise PatchError(
+                f"{image}: slide ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller than one window ({extent:.0f} px at level 0)"
+            )
         with atomic_dir(patches_dir) as tmp_dir, atomic_file(index_path) as index_tmp:
             counts = {"windows": len(xs) * len(ys), "tissue": 0, "max_tissue": 0.0, "max_label": 0.0}
             window = _Window(slide, labels, params, classes, extent, tmp_dir, relative, slide_name)
@@ -183,13 +208,23 @@ def extract_slide(
                 write_png(np.asarray(qc_thumbnail(slide, tissue, kept_xy, regions, extent, classes, pool)), qc_tmp)
         plain = slide.plain
     seconds = time.perf_counter() - started
-    log.info("%s: %s in %.1f s (%.1f patches/s, %d threads)", slide_name, _kept_summary(params, counts, len(kept_xy)),
-             seconds, len(kept_xy) / seconds, threads)
+    log.info(
+        "%s: %s in %.1f s (%.1f patches/s, %d threads)",
+        slide_name,
+        _kept_summary(params, counts, len(kept_xy)),
+        seconds,
+        len(kept_xy) / seconds,
+        threads,
+    )
     if plain and len(kept_xy) < counts["windows"] / 2:
         log.warning(
             "%s: a plain image that keeps %d of the %d windows that fit: if it is tissue throughout, look at the QC "
             "picture %s (shaded = not tissue) and raise patches.tissue.min_glass or lower min_saturation",
-            image, len(kept_xy), counts["windows"], qc_path or "(not written)")
+            image,
+            len(kept_xy),
+            counts["windows"],
+            qc_path or "(not written)",
+        )
     return index_path
 
 
@@ -198,7 +233,9 @@ def _kept_summary(params: Mapping, counts: dict, kept: int) -> str:
     text = f"kept {kept} of {counts['windows']} windows that fit"
     reasons = [f"{counts['windows'] - counts['tissue']} had tissue < patches.min_tissue={params['min_tissue']}"]
     if params["target_class"]:
-        reasons.append(f"{counts['tissue'] - kept} had {params['target_class']!r} < patches.min_label={params['min_label']}")
+        reasons.append(
+            f"{counts['tissue'] - kept} had {params['target_class']!r} < patches.min_label={params['min_label']}"
+        )
     return f"{text}; {', '.join(reasons)}"
 
 
@@ -238,7 +275,12 @@ def _annotation_rasterizers(slide: Slide, annotations, classes: dict[str, int], 
     tissue_class = settings["tissue_class"]
     ignore = [*settings["ignore_classes"], *([tissue_class] if tissue_class and tissue_class not in classes else [])]
     labels = RegionRasterizer(
-        regions, classes, slide_size=slide.dimensions, ignore=ignore, priority=config["priority"], source=str(annotations)
+        regions,
+        classes,
+        slide_size=slide.dimensions,
+        ignore=ignore,
+        priority=config["priority"],
+        source=str(annotations),
     )
     outline_regions = [r for r in regions if tissue_class and r.class_name == tissue_class]
     outline = (
@@ -291,7 +333,9 @@ class _Window:
         return label_fraction, row
 
 
-def _scan_windows(window: _Window, tissue: TissueMap, xs, ys, pool: Executor, threads: int, progress: bool, counts: dict):
+def _scan_windows(
+    window: _Window, tissue: TissueMap, xs, ys, pool: Executor, threads: int, progress: bool, counts: dict
+):
     """Slide the window over the grid row by row and yield the kept windows' index rows in grid
     order; windows with enough tissue go to `pool` (at most 8 per thread in flight, so memory
     stays flat). `counts` tallies windows seen, windows with enough tissue and the best fractions met."""
@@ -335,8 +379,15 @@ def _no_patch_message(image, params: Mapping, counts: dict) -> str:
     return message + "."
 
 
-def qc_thumbnail(slide: Slide, tissue: TissueMap, kept_xy: np.ndarray, regions: list[Region],
-                 extent: float, classes: dict[str, int], pool: Executor | None = None) -> Image.Image:
+def qc_thumbnail(
+    slide: Slide,
+    tissue: TissueMap,
+    kept_xy: np.ndarray,
+    regions: list[Region],
+    extent: float,
+    classes: dict[str, int],
+    pool: Executor | None = None,
+) -> Image.Image:
     """Slide thumbnail (longest side QC_MAX_SIDE at most, the associated one when it has at least half
     that; read through `pool` when given) with what is not tissue shaded, the detected tissue's
     smooth outline, kept windows and annotated regions drawn over it, and a legend."""

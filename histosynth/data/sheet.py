@@ -63,8 +63,10 @@ def parse_split(text: str) -> dict[str, float]:
         except ValueError:
             fraction = -1.0
         if not sep or name not in SPLITS or not 0 <= fraction <= 1 or name in fractions:
-            raise SheetError(f"--split: {item!r} is not SPLIT=FRACTION with SPLIT one of {', '.join(SPLITS)} "
-                             "(each once) and FRACTION in [0, 1]")
+            raise SheetError(
+                f"--split: {item!r} is not SPLIT=FRACTION with SPLIT one of {', '.join(SPLITS)} "
+                "(each once) and FRACTION in [0, 1]"
+            )
         fractions[name] = fraction
     if not fractions or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
         raise SheetError(f"--split: fractions must sum to 1, got {text!r}")
@@ -88,18 +90,26 @@ def scan_folder(folder: str | Path) -> list[Entry]:
         for class_dir in classes:
             found, nested, skipped = _classify(class_dir)
             if nested:
-                raise SheetError(f"{class_dir}: holds sub-folders ({', '.join(d.name for d in nested[:3])}); an "
-                                 "ImageFolder has images directly in each class folder (FOLDER/<class>/<image>)")
+                raise SheetError(
+                    f"{class_dir}: holds sub-folders ({', '.join(d.name for d in nested[:3])}); an "
+                    "ImageFolder has images directly in each class folder (FOLDER/<class>/<image>)"
+                )
             if not found:
-                log.warning("%s: class folder without images (%s); no images of class %r", class_dir,
-                            _describe_other(skipped) or "empty", class_dir.name)
+                log.warning(
+                    "%s: class folder without images (%s); no images of class %r",
+                    class_dir,
+                    _describe_other(skipped) or "empty",
+                    class_dir.name,
+                )
             entries += _entries(folder, found, class_dir.name)
     else:
         entries = _entries(folder, images, "")
     if not entries:
         detail = _describe_other(other)
-        raise SheetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found"
-                         + (f"; it holds only {detail}" if detail else ": the folder is empty"))
+        raise SheetError(
+            f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found"
+            + (f"; it holds only {detail}" if detail else ": the folder is empty")
+        )
     return entries
 
 
@@ -159,7 +169,9 @@ def _dicom_series(files: list[Path]) -> list[list[Path]]:
     groups: dict[str, list[Path]] = defaultdict(list)
     for path in files:
         try:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+            uid = str(
+                pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+            )
         except Exception:  # noqa: BLE001 - unreadable or without the UID: its own image, reported when opened
             uid = f"file:{path}"
         groups[uid].append(path)
@@ -178,8 +190,10 @@ def unique_names(entries: list[Entry]) -> list[str]:
     labels_of: dict[str, set[str]] = defaultdict(set)
     for name, entry in zip(names, entries, strict=True):
         labels_of[name].add(entry.label)
-    names = [_sanitise(f"{entry.label}_{name}") if len(labels_of[name]) > 1 else name
-             for name, entry in zip(names, entries, strict=True)]
+    names = [
+        _sanitise(f"{entry.label}_{name}") if len(labels_of[name]) > 1 else name
+        for name, entry in zip(names, entries, strict=True)
+    ]
     taken = set(names)
     seen: set[str] = set()
     result = []
@@ -253,10 +267,18 @@ def _counts(n: int, fractions: list[float]) -> list[int]:
     return counts
 
 
-def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, mpp: float | None = None,
-                annotations_dir: str | Path | None = None, masks_dir: str | Path | None = None,
-                nuclei_dir: str | Path | None = None, absolute: bool = False,
-                group: str | re.Pattern | None = None) -> pd.DataFrame:
+def build_sheet(
+    folder: str | Path,
+    *,
+    split: dict[str, float],
+    seed: int = 0,
+    mpp: float | None = None,
+    annotations_dir: str | Path | None = None,
+    masks_dir: str | Path | None = None,
+    nuclei_dir: str | Path | None = None,
+    absolute: bool = False,
+    group: str | re.Pattern | None = None,
+) -> pd.DataFrame:
     """The slide sheet (columns SHEET_COLUMNS) of the images under `folder`. Paths are written
     relative to the working directory (as the workflow resolves them), or absolute. `mpp` fills
     the mpp column (required when plain PNG/JPEG/TIFF images are present); `annotations_dir` is
@@ -269,8 +291,10 @@ def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, m
     if mpp is None:
         plain = [e.path for e in entries if _is_plain(e.path)]
         if plain:
-            raise SheetError(f"{folder}: {len(plain)} plain image(s) (e.g. {plain[0]}) record no trustworthy resolution; "
-                             "give their microns per pixel with --mpp")
+            raise SheetError(
+                f"{folder}: {len(plain)} plain image(s) (e.g. {plain[0]}) record no trustworthy resolution; "
+                "give their microns per pixel with --mpp"
+            )
     elif not mpp > 0:
         raise SheetError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
     names = unique_names(entries)
@@ -278,26 +302,32 @@ def build_sheet(folder: str | Path, *, split: dict[str, float], seed: int = 0, m
     splits = assign_splits([e.label for e in entries], groups, split, seed)
     regions = [(annotations_dir, POLYGON_SUFFIXES, POLYGON_KINDS), (masks_dir, MASK_SUFFIXES, ("mask",))]
     annotations = [_annotation_file(e, regions) for e in entries]
-    nuclei = [_annotation_file(e, [(nuclei_dir, POLYGON_SUFFIXES + MASK_SUFFIXES, (*POLYGON_KINDS, "mask"))])
-              for e in entries]
+    nuclei = [
+        _annotation_file(e, [(nuclei_dir, POLYGON_SUFFIXES + MASK_SUFFIXES, (*POLYGON_KINDS, "mask"))]) for e in entries
+    ]
     for folder_given, files in ((annotations_dir, annotations), (masks_dir, annotations), (nuclei_dir, nuclei)):
         if folder_given:
             found = sum(a is not None and Path(folder_given) in a.parents for a in files)
             log.info("%d of %d images have annotations in %s", found, len(entries), folder_given)
-    sheet = pd.DataFrame({
-        "slide": names,
-        "image": [_written(e.path, absolute) for e in entries],
-        "annotations": [_written(a, absolute) if a else "" for a in annotations],
-        "split": splits,
-        "mpp": f"{mpp:g}" if mpp else "",
-        "label": [e.label for e in entries],
-        **({"nuclei": [_written(n, absolute) if n else "" for n in nuclei]} if nuclei_dir else {}),
-    }, columns=[*SHEET_COLUMNS, *(["nuclei"] if nuclei_dir else [])])
+    sheet = pd.DataFrame(
+        {
+            "slide": names,
+            "image": [_written(e.path, absolute) for e in entries],
+            "annotations": [_written(a, absolute) if a else "" for a in annotations],
+            "split": splits,
+            "mpp": f"{mpp:g}" if mpp else "",
+            "label": [e.label for e in entries],
+            **({"nuclei": [_written(n, absolute) if n else "" for n in nuclei]} if nuclei_dir else {}),
+        },
+        columns=[*SHEET_COLUMNS, *(["nuclei"] if nuclei_dir else [])],
+    )
     for column in ("image", "annotations", "label", *(["nuclei"] if nuclei_dir else [])):
         bad = [text for text in sheet[column] if any(ch in text for ch in "\t\n\r#")]
         if bad:
-            raise SheetError(f"{column} {bad[0]!r} holds a tab, line break or '#', which the slide sheet cannot carry "
-                             "('#' starts a comment there); rename it")
+            raise SheetError(
+                f"{column} {bad[0]!r} holds a tab, line break or '#', which the slide sheet cannot carry "
+                "('#' starts a comment there); rename it"
+            )
     return sheet.sort_values(["label", "slide"], kind="stable").reset_index(drop=True)
 
 
@@ -325,8 +355,13 @@ def _groups(entries: list[Entry], names: list[str], group: str | re.Pattern | No
         else:
             keys.append(f"group:{match.group(1)}")
     if unmatched:
-        log.warning("--group %r matches %d of %d image names (not e.g. %r); those are split on their own",
-                    pattern.pattern, len(entries) - len(unmatched), len(entries), unmatched[0])
+        log.warning(
+            "--group %r matches %d of %d image names (not e.g. %r); those are split on their own",
+            pattern.pattern,
+            len(entries) - len(unmatched),
+            len(entries),
+            unmatched[0],
+        )
     return keys
 
 
@@ -345,8 +380,10 @@ def _annotation_file(entry: Entry, searches: list[tuple]) -> Path | None:
         except AnnotationError as err:
             raise SheetError(str(err)) from None
         if kind not in kinds:
-            raise SheetError(f"{path}: holds {FORMATS[kind]}, but {directory} is searched for "
-                             f"{' or '.join(FORMATS[k] for k in kinds)}; move it to the other folder option")
+            raise SheetError(
+                f"{path}: holds {FORMATS[kind]}, but {directory} is searched for "
+                f"{' or '.join(FORMATS[k] for k in kinds)}; move it to the other folder option"
+            )
         found.append(path)
     if len(found) > 1:
         raise SheetError(f"{entry.path}: annotated twice ({found[0]} and {found[1]}); keep one of them")
@@ -359,8 +396,9 @@ def _find(entry: Entry, directory: Path, suffixes: tuple[str, ...]) -> Path | No
         candidates = [stem.with_name(stem.name + suffix) for suffix in suffixes]
         candidates = [c for c in candidates if c.is_file()]
         if len(candidates) > 1:
-            raise SheetError(f"{directory}: {candidates[0].name} and {candidates[1].name} both annotate "
-                             f"{entry.path.name}; keep one")
+            raise SheetError(
+                f"{directory}: {candidates[0].name} and {candidates[1].name} both annotate {entry.path.name}; keep one"
+            )
         if candidates:
             return candidates[0]
     return None

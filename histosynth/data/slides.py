@@ -33,9 +33,21 @@ WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Im
 # Attributes OpenSlide 4 (libdicom) needs in each DICOM WSI instance: without any one of them it
 # refuses the file (checked by deleting each from a wsidicomizer-written instance).
 DICOM_WSI_REQUIRED = (
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns",
-    "TotalPixelMatrixRows", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "ImageType",
+    "TotalPixelMatrixColumns",
+    "TotalPixelMatrixRows",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
 )
 MPP_FIX = "give its microns per pixel in the slide sheet's mpp column, or --slide-mpp on the CLI"
 
@@ -147,11 +159,18 @@ class Slide:
         out_w, out_h = max(1, round(width0 * scale)), max(1, round(height0 * scale))
         level_ds = self.osr.level_downsamples[self.level_for(mpp)]
         thumbnail = self.thumbnail()
-        if thumbnail is not None and self.mpp * width0 / thumbnail.width <= mpp * (1 + 1e-6) and thumbnail.width < width0 / level_ds:
+        if (
+            thumbnail is not None
+            and self.mpp * width0 / thumbnail.width <= mpp * (1 + 1e-6)
+            and thumbnail.width < width0 / level_ds
+        ):
             return np.asarray(_on_white(thumbnail).resize((out_w, out_h), Image.Resampling.LANCZOS))
         chunk = max(1, int(READ_CHUNK * level_ds * scale))  # output pixels per read
-        boxes = [(left, top, min(chunk, out_w - left), min(chunk, out_h - top))
-                 for top in range(0, out_h, chunk) for left in range(0, out_w, chunk)]
+        boxes = [
+            (left, top, min(chunk, out_w - left), min(chunk, out_h - top))
+            for top in range(0, out_h, chunk)
+            for left in range(0, out_w, chunk)
+        ]
 
         def read(box):
             left, top, w, h = box
@@ -184,8 +203,12 @@ class Slide:
             "vendor": self.vendor or osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
             "dimensions": osr.dimensions,
             "levels": [
-                {"level": i, "dimensions": osr.level_dimensions[i], "downsample": osr.level_downsamples[i],
-                 "mpp": self.mpp * osr.level_downsamples[i] if self.mpp else None}
+                {
+                    "level": i,
+                    "dimensions": osr.level_dimensions[i],
+                    "downsample": osr.level_downsamples[i],
+                    "mpp": self.mpp * osr.level_downsamples[i] if self.mpp else None,
+                }
                 for i in range(osr.level_count)
             ],
             "mpp": self.mpp,
@@ -214,8 +237,10 @@ def _dicom_in_folder(folder: Path) -> Path:
     wsidicomizer writes it): the largest .dcm file, which OpenSlide opens with its siblings."""
     files = [p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file()]
     if not files:
-        raise SlideError(f"{folder}: a folder, not a slide file, and it holds no .dcm files (a DICOM WSI); "
-                         "give the slide file itself")
+        raise SlideError(
+            f"{folder}: a folder, not a slide file, and it holds no .dcm files (a DICOM WSI); "
+            "give the slide file itself"
+        )
     return max(files, key=lambda p: (p.stat().st_size, p.name))
 
 
@@ -232,8 +257,10 @@ def _dicom_problem(path: Path, err: Exception) -> str:
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
     if sop_class and sop_class != WSI_SOP_CLASS:
         name = getattr(pydicom.uid.UID(sop_class), "name", sop_class)
-        return (f"{start}; its SOPClassUID is {sop_class} ({name}), not VL Whole Slide Microscopy Image Storage "
-                f"{WSI_SOP_CLASS}: only DICOM whole-slide images are slides; convert the scan with wsidicomizer")
+        return (
+            f"{start}; its SOPClassUID is {sop_class} ({name}), not VL Whole Slide Microscopy Image Storage "
+            f"{WSI_SOP_CLASS}: only DICOM whole-slide images are slides; convert the scan with wsidicomizer"
+        )
     missing = [key for key in DICOM_WSI_REQUIRED if key not in ds and not (key == "SOPClassUID" and sop_class)]
     samples = ds.get("SamplesPerPixel", 1)
     if samples and int(samples) > 1 and "PlanarConfiguration" not in ds:
@@ -245,8 +272,10 @@ def _dicom_problem(path: Path, err: Exception) -> str:
     if image_type and (len(image_type) < 3 or image_type[2] not in ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL")):
         problems.append(f"its ImageType {image_type} has no third value VOLUME, LABEL, OVERVIEW or THUMBNAIL")
     if not problems:
-        return (f"{start}; its header has every required WSI attribute, so the pixel data or a sibling instance is "
-                "probably damaged: convert the slide again (e.g. with wsidicomizer) or validate it with dciodvfy")
+        return (
+            f"{start}; its header has every required WSI attribute, so the pixel data or a sibling instance is "
+            "probably damaged: convert the slide again (e.g. with wsidicomizer) or validate it with dciodvfy"
+        )
     return f"{start}; {'; '.join(problems)}: write it with a DICOM WSI converter (e.g. wsidicomizer)"
 
 
@@ -275,8 +304,9 @@ def _open_plain(path: Path, mpp: float | None, openslide_err: Exception, need_mp
             "and plain PNG/JPEG/TIFF images (with their mpp)"
         )
     if need_mpp and not mpp:
-        raise SlideError(f"{path}: a plain {kind} image (not a whole-slide format) records no trustworthy resolution; "
-                         f"{MPP_FIX}")
+        raise SlideError(
+            f"{path}: a plain {kind} image (not a whole-slide format) records no trustworthy resolution; {MPP_FIX}"
+        )
     return _read_tiff(path) if is_tiff else _read_pillow(path)
 
 
@@ -295,13 +325,17 @@ def _read_pillow(path: Path) -> tuple[Image.Image, str]:
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as err:
-            raise SlideError(f"{path}: a {kind} image Pillow cannot decode ({err}); the file looks truncated or "
-                             "corrupt: copy it again") from err
+            raise SlideError(
+                f"{path}: a {kind} image Pillow cannot decode ({err}); the file looks truncated or "
+                "corrupt: copy it again"
+            ) from err
         if image.mode.startswith("I;16") or image.mode == "I":
             grey = np.asarray(image)
             if grey.min() < 0 or grey.max() > 65535:
                 raise SlideError(f"{path}: 32-bit integer samples outside 0..65535; convert it to 8-bit RGB")
-            return Image.fromarray(_to_uint8(grey.astype(np.uint16), 16, None, path)).convert("RGB"), f"plain image ({kind})"
+            return Image.fromarray(_to_uint8(grey.astype(np.uint16), 16, None, path)).convert(
+                "RGB"
+            ), f"plain image ({kind})"
         if image.mode == "F":
             return Image.fromarray(_to_uint8(np.asarray(image), 32, None, path)).convert("RGB"), f"plain image ({kind})"
         if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
@@ -321,15 +355,24 @@ def _read_tiff(path: Path) -> tuple[Image.Image, str]:
             page = pages[chosen]
             if len(pages) > 1:
                 ignored = [i for i in range(len(pages)) if i != chosen]
-                log.info("%s: %d pages; using page %d (%d x %d px), ignoring page(s) %s", path, len(pages), chosen,
-                         page.imagewidth, page.imagelength, ", ".join(map(str, ignored)))
+                log.info(
+                    "%s: %d pages; using page %d (%d x %d px), ignoring page(s) %s",
+                    path,
+                    len(pages),
+                    chosen,
+                    page.imagewidth,
+                    page.imagelength,
+                    ", ".join(map(str, ignored)),
+                )
             array = page.asarray()
             rgb = _tiff_page_rgb(array, page, path)
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001 - tifffile/imagecodecs raise many types for undecodable data
-        raise SlideError(f"{path}: a plain TIFF tifffile cannot decode ({err}); convert it to 8-bit RGB "
-                         "(e.g. a tiled pyramidal TIFF with vips tiffsave --tile --pyramid)") from err
+        raise SlideError(
+            f"{path}: a plain TIFF tifffile cannot decode ({err}); convert it to 8-bit RGB "
+            "(e.g. a tiled pyramidal TIFF with vips tiffsave --tile --pyramid)"
+        ) from err
     description = f"plain TIFF ({len(pages)} pages, page {chosen} used)" if len(pages) > 1 else "plain TIFF"
     return Image.fromarray(rgb), description
 
@@ -343,8 +386,10 @@ def _tiff_page_rgb(array: np.ndarray, page, path: Path) -> np.ndarray:
     if axes.startswith("S"):  # planar configuration: samples first
         array, axes = np.moveaxis(array, 0, -1), axes[1:] + "S"
     if axes not in ("YX", "YXS"):
-        raise SlideError(f"{path}: TIFF page with axes {axes!r} (e.g. a z-stack or time series); only 2-D grey or "
-                         "colour images are supported: export one RGB plane")
+        raise SlideError(
+            f"{path}: TIFF page with axes {axes!r} (e.g. a z-stack or time series); only 2-D grey or "
+            "colour images are supported: export one RGB plane"
+        )
     photometric = page.photometric
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
         raise SlideError(f"{path}: a CMYK TIFF; convert it to RGB")
@@ -385,8 +430,10 @@ def _to_uint8(array: np.ndarray, bits: int, max_value: int | None, path: Path) -
         return np.round(np.minimum(array, top).astype(np.float32) * (255 / top)).astype(np.uint8)
     if array.dtype.kind == "f" and array.size and 0 <= np.nanmin(array) and np.nanmax(array) <= 1:
         return np.round(np.nan_to_num(array) * 255).astype(np.uint8)
-    raise SlideError(f"{path}: {array.dtype} samples (range {array.min()}..{array.max()}) have no clear mapping to "
-                     "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey")
+    raise SlideError(
+        f"{path}: {array.dtype} samples (range {array.min()}..{array.max()}) have no clear mapping to "
+        "8-bit colour; convert the image to 8- or 16-bit unsigned RGB or grey"
+    )
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:

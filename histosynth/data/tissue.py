@@ -36,11 +36,15 @@ class Tissue:
     def describe(self, min_glass: float) -> str:
         """One line on how tissue was told from the rest."""
         if self.has_glass:
-            how = f"glass found ({100 * self.glass_share:.0f}% bright and unsaturated >= min_glass={min_glass}): " \
-                  f"tissue is saturation >= {self.threshold:.3f}"
+            how = (
+                f"glass found ({100 * self.glass_share:.0f}% bright and unsaturated >= min_glass={min_glass}): "
+                f"tissue is saturation >= {self.threshold:.3f}"
+            )
         else:
-            how = f"no glass ({100 * self.glass_share:.0f}% bright and unsaturated < min_glass={min_glass}): " \
-                  "tissue is everything but glass-like pixels and ink"
+            how = (
+                f"no glass ({100 * self.glass_share:.0f}% bright and unsaturated < min_glass={min_glass}): "
+                "tissue is everything but glass-like pixels and ink"
+            )
         return f"{how}; ink {100 * self.ink_share:.1f}%"
 
 
@@ -60,8 +64,11 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         saturation = np.where(delta == 0, 0.0, delta / value)
         red, green, blue = np.moveaxis(rgb, -1, 0)
-        hue = np.where(red == value, (green - blue) / delta,
-                       np.where(green == value, 2.0 + (blue - red) / delta, 4.0 + (red - green) / delta))
+        hue = np.where(
+            red == value,
+            (green - blue) / delta,
+            np.where(green == value, 2.0 + (blue - red) / delta, 4.0 + (red - green) / delta),
+        )
     hue = np.where(delta == 0, 0.0, (hue / 6.0) % 1.0)
     return np.stack([hue, saturation, value], axis=-1)
 

@@ -26,13 +26,14 @@ _GLASS_OD = 0.06  # 255 * exp(-0.06) = 240
 _MAX_SUBSAMPLES = 4
 
 
-
 def _mask(geom, x0: int, y0: int, ds: int, n: int) -> np.ndarray:
     """Pixels of the n x n tile at level pixel (x0, y0) (downsample ds) whose centres lie inside geom."""
     if geom.contains(shapely.box(x0 * ds, y0 * ds, (x0 + n) * ds, (y0 + n) * ds)):
         return np.ones((n, n), bool)
     mask = np.zeros((n, n), bool)
-    for part in shapely.get_parts(shapely.clip_by_rect(geom, (x0 - 1) * ds, (y0 - 1) * ds, (x0 + n + 1) * ds, (y0 + n + 1) * ds)):
+    for part in shapely.get_parts(
+        shapely.clip_by_rect(geom, (x0 - 1) * ds, (y0 - 1) * ds, (x0 + n + 1) * ds, (y0 + n + 1) * ds)
+    ):
         if not isinstance(part, Polygon):
             continue
         for k, ring in enumerate((part.exterior, *part.interiors)):
@@ -55,7 +56,7 @@ def _paint_ellipses(nuclei: np.ndarray, x0: int, y0: int, ds: int, n: int) -> np
     w = offsets.size
     step = max(1, 2**19 // (w * w * s * s))
     for start in range(0, len(nuclei), step):
-        e = nuclei[start:start + step]
+        e = nuclei[start : start + step]
         cols = np.floor(e["x"] / ds).astype(np.int64)[:, None] + offsets  # (m, w)
         rows = np.floor(e["y"] / ds).astype(np.int64)[:, None] + offsets
         dx = ((cols[:, :, None] + sub) * ds - e["x"][:, None, None])[:, None, None, :, :]  # (m, 1, 1, w, s)
@@ -128,10 +129,14 @@ class Renderer:
                 fat = _mask(region, x0, y0, ds, n)
                 eosin[fat] = 0.9 * self._membranes(np.broadcast_to(x, (n, n))[fat], np.broadcast_to(y, (n, n))[fat], ds)
                 haem[fat] = 0
-        near = self.nuclei_tree.query_ball_point(((x0 + n / 2) * ds, (y0 + n / 2) * ds), n * ds / 2 + self.reach, p=np.inf)
+        near = self.nuclei_tree.query_ball_point(
+            ((x0 + n / 2) * ds, (y0 + n / 2) * ds), n * ds / 2 + self.reach, p=np.inf
+        )
         nuclei = self.scene.nuclei[np.sort(np.asarray(near, dtype=np.int64))]
         blood = nuclei["cls"] == BLOOD
-        chromatin = 0.75 + 0.5 * self._detail(value_noise(x / (0.8 * um), y / (0.8 * um), scene.salt + 2), 0.8 * um / ds)
+        chromatin = 0.75 + 0.5 * self._detail(
+            value_noise(x / (0.8 * um), y / (0.8 * um), scene.salt + 2), 0.8 * um / ds
+        )
         haem += _paint_ellipses(nuclei[~blood], x0, y0, ds, n) * chromatin
         return eosin, haem, _paint_ellipses(nuclei[blood], x0, y0, ds, n)
 

@@ -22,8 +22,9 @@ _MAX_OVERLAP = 0.2  # largest share of the smaller nucleus that two nuclei may o
 # Smallest area (um^2) of a drawn nucleus or red cell, per class: the nuclei detector's defaults
 # (nuclei settings: min_area_um2, blood_min_area_um2), so every ground-truth object is detectable.
 _MIN_AREA_UM2 = {STROMAL: 8.0, IMMUNE: 8.0, BLOOD: 12.0}
-NUCLEUS = np.dtype([("x", "f8"), ("y", "f8"), ("a", "f8"), ("b", "f8"), ("angle", "f8"), ("stain", "f8"), ("cls", "i1")])
-
+NUCLEUS = np.dtype(
+    [("x", "f8"), ("y", "f8"), ("a", "f8"), ("b", "f8"), ("angle", "f8"), ("stain", "f8"), ("cls", "i1")]
+)
 
 
 @dataclass
@@ -71,7 +72,9 @@ def build_scene(size: int, mpp: float, seed: int) -> Scene:
 
     foci = []
     for _ in range(rng.integers(2, 5)):
-        focus, _ = _place(rng, free, min(rng.uniform(50, 300) * um, 0.06 * size), wobble=0.25, aspect=rng.uniform(1, 1.5))
+        focus, _ = _place(
+            rng, free, min(rng.uniform(50, 300) * um, 0.06 * size), wobble=0.25, aspect=rng.uniform(1, 1.5)
+        )
         foci.append(_snapped(focus))
         free = free.difference(focus.buffer(gap))
         nuclei.append(_immune_nuclei(rng, foci[-1], um))
@@ -82,8 +85,18 @@ def build_scene(size: int, mpp: float, seed: int) -> Scene:
     nuclei.append(_stromal_nuclei(rng, stroma, um, fibre_angle, salt))
     fat_sites = _fat_sites(rng, fat, um)
     nuclei.append(_fat_nuclei(rng, fat, fat_sites, um))
-    return Scene(size=size, px_per_um=um, tissue=tissue, vessels=vessels, inflammation=MultiPolygon(foci), fat=fat,
-                  fat_sites=fat_sites, nuclei=_drop_overlaps(np.concatenate(nuclei)), fibre_angle=fibre_angle, salt=salt)
+    return Scene(
+        size=size,
+        px_per_um=um,
+        tissue=tissue,
+        vessels=vessels,
+        inflammation=MultiPolygon(foci),
+        fat=fat,
+        fat_sites=fat_sites,
+        nuclei=_drop_overlaps(np.concatenate(nuclei)),
+        fibre_angle=fibre_angle,
+        salt=salt,
+    )
 
 
 def _snapped(geom):
@@ -91,8 +104,17 @@ def _snapped(geom):
     return shapely.set_precision(geom, 0.01)
 
 
-def _blob(rng, cx: float, cy: float, radius: float, *, wobble: float, aspect: float = 1.0,
-          harmonics: int = 5, vertices: int = 96) -> Polygon:
+def _blob(
+    rng,
+    cx: float,
+    cy: float,
+    radius: float,
+    *,
+    wobble: float,
+    aspect: float = 1.0,
+    harmonics: int = 5,
+    vertices: int = 96,
+) -> Polygon:
     """A random star-shaped blob around (cx, cy): a circle of `radius` whose radius varies by random
     low-frequency cosines (amplitude ~`wobble`), stretched by `aspect` and randomly rotated."""
     t = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
@@ -165,16 +187,32 @@ def _vessel(rng, free, radius: float, um: float) -> tuple[Polygon, Polygon, np.n
     along = (along + rng.uniform(0, 4 * um, along.size)) % midline.length
     xy = shapely.get_coordinates(shapely.line_interpolate_point(midline, along))
     ahead = shapely.get_coordinates(shapely.line_interpolate_point(midline, (along + 1) % midline.length))
-    wall = _ellipses(xy[:, 0], xy[:, 1], rng.uniform(2.5, 3.5, along.size) * um, rng.uniform(0.25, 0.4, along.size),
-                     np.arctan2(*(ahead - xy)[:, ::-1].T), rng.uniform(1.1, 1.5, along.size), STROMAL, um)
+    wall = _ellipses(
+        xy[:, 0],
+        xy[:, 1],
+        rng.uniform(2.5, 3.5, along.size) * um,
+        rng.uniform(0.25, 0.4, along.size),
+        np.arctan2(*(ahead - xy)[:, ::-1].T),
+        rng.uniform(1.1, 1.5, along.size),
+        STROMAL,
+        um,
+    )
     fits = shapely.contains(outer.difference(lumen), shapely.polygons(outlines(wall)))
 
     # red blood cells: small pale-centred red discs filling 5-30 % of the lumen
     room = lumen.buffer(-3 * um)
     n = int(rng.uniform(0.05, 0.3) * room.area / (np.pi * (2.5 * um) ** 2))
     xy = _sample(rng, room, n)
-    red_cells = _ellipses(xy[:, 0], xy[:, 1], rng.uniform(2.1, 3, len(xy)) * um, rng.uniform(0.8, 1, len(xy)),
-                          rng.uniform(0, np.pi, len(xy)), rng.uniform(0.9, 1.2, len(xy)), BLOOD, um)
+    red_cells = _ellipses(
+        xy[:, 0],
+        xy[:, 1],
+        rng.uniform(2.1, 3, len(xy)) * um,
+        rng.uniform(0.8, 1, len(xy)),
+        rng.uniform(0, np.pi, len(xy)),
+        rng.uniform(0.9, 1.2, len(xy)),
+        BLOOD,
+        um,
+    )
     return outer, lumen, np.concatenate([wall[fits], red_cells])
 
 
@@ -192,8 +230,16 @@ def _immune_nuclei(rng, focus: Polygon, um: float) -> np.ndarray:
     depth = shapely.distance(focus.exterior, shapely.points(x, y)) / um
     keep = rng.random(x.size) < np.clip(0.45 + depth / 15, 0, 0.95)
     x, y, n = x[keep], y[keep], keep.sum()
-    return _ellipses(x, y, rng.uniform(1.65, 2.1, n) * um, rng.uniform(0.85, 1, n), rng.uniform(0, np.pi, n),
-                     rng.uniform(1.3, 1.7, n), IMMUNE, um)
+    return _ellipses(
+        x,
+        y,
+        rng.uniform(1.65, 2.1, n) * um,
+        rng.uniform(0.85, 1, n),
+        rng.uniform(0, np.pi, n),
+        rng.uniform(1.3, 1.7, n),
+        IMMUNE,
+        um,
+    )
 
 
 def _stromal_nuclei(rng, stroma, um: float, fibre_angle: float, salt: int) -> np.ndarray:
@@ -203,8 +249,16 @@ def _stromal_nuclei(rng, stroma, um: float, fibre_angle: float, salt: int) -> np
     density = value_noise(xy[:, 0] / (150 * um), xy[:, 1] / (150 * um), salt + 7)
     xy = xy[rng.random(len(xy)) < 0.1 + 0.9 * density]
     n = len(xy)
-    return _ellipses(xy[:, 0], xy[:, 1], rng.uniform(2.2, 3.5, n) * um, rng.uniform(0.3, 0.75, n),
-                     fibre_angle + rng.normal(0, 0.35, n), rng.uniform(1.2, 1.6, n), STROMAL, um)
+    return _ellipses(
+        xy[:, 0],
+        xy[:, 1],
+        rng.uniform(2.2, 3.5, n) * um,
+        rng.uniform(0.3, 0.75, n),
+        fibre_angle + rng.normal(0, 0.35, n),
+        rng.uniform(1.2, 1.6, n),
+        STROMAL,
+        um,
+    )
 
 
 def _fat_sites(rng, fat: list[Polygon], um: float) -> np.ndarray:
@@ -227,8 +281,16 @@ def _fat_nuclei(rng, fat: list[Polygon], sites: np.ndarray, um: float) -> np.nda
     here, there = sites[chosen], sites[nearest[chosen, 1]]
     xy = (here + there) / 2
     n = len(xy)
-    nuclei = _ellipses(xy[:, 0], xy[:, 1], rng.uniform(2.5, 3.5, n) * um, rng.uniform(0.25, 0.4, n),
-                       np.arctan2(*(there - here)[:, ::-1].T) + np.pi / 2, rng.uniform(1.1, 1.4, n), STROMAL, um)
+    nuclei = _ellipses(
+        xy[:, 0],
+        xy[:, 1],
+        rng.uniform(2.5, 3.5, n) * um,
+        rng.uniform(0.25, 0.4, n),
+        np.arctan2(*(there - here)[:, ::-1].T) + np.pi / 2,
+        rng.uniform(1.1, 1.4, n),
+        STROMAL,
+        um,
+    )
     return nuclei[shapely.contains_xy(shapely.union_all(fat).buffer(-3.5 * um), xy[:, 0], xy[:, 1])]
 
 
@@ -247,8 +309,10 @@ def _drop_overlaps(nuclei: np.ndarray) -> np.ndarray:
     small = np.where(area[i] <= area[j], i, j)
     big = i + j - small
     step = 2**13  # pairs per pass, bounding memory
-    covered = np.concatenate([[]] + [_share_inside(nuclei[small[k:k + step]], nuclei[big[k:k + step]])
-                                     for k in range(0, len(small), step)])
+    covered = np.concatenate(
+        [[]]
+        + [_share_inside(nuclei[small[k : k + step]], nuclei[big[k : k + step]]) for k in range(0, len(small), step)]
+    )
     return np.delete(nuclei, np.unique(j[covered > _MAX_OVERLAP]))
 
 

@@ -71,6 +71,7 @@ PRECISE_BN_IMAGES = 256  # training images the BatchNorm statistics are recomput
 
 # ----------------------------------------------------------------------------- data
 
+
 def class_weights(targets: np.ndarray, n_classes: int) -> torch.Tensor:
     """Cross-entropy class weights n / (k * n_c) for the k classes present among the n training
     targets (inverse frequency, scikit-learn's 'balanced': the mean weight per image is 1); 0 for
@@ -91,8 +92,10 @@ def fold_assignment(rows: pd.DataFrame, k: int, seed: int) -> dict[str, int]:
     slides = rows["slide"].astype(str).to_numpy()
     n_slides = len(set(slides))
     if n_slides < k:
-        raise ClassificationError(f"classification.folds={k} needs at least {k} slides among the train and val slides, "
-                                  f"found {n_slides}; lower classification.folds or give more slides split train or val")
+        raise ClassificationError(
+            f"classification.folds={k} needs at least {k} slides among the train and val slides, "
+            f"found {n_slides}; lower classification.folds or give more slides split train or val"
+        )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % 2**32)
     assignment = {}
     for fold, (_, held) in enumerate(splitter.split(np.zeros(len(rows)), rows["class"].astype(str).to_numpy(), slides)):
@@ -102,14 +105,18 @@ def fold_assignment(rows: pd.DataFrame, k: int, seed: int) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- training
 
+
 def recalibrate_batchnorm(net: torch.nn.Module, loader, device, max_images: int = PRECISE_BN_IMAGES) -> None:
     """Recompute the running statistics of the BatchNorm layers that train (not a frozen
     backbone's) as plain averages over up to max_images training images at the current weights
     ("precise BN"). The running averages training keeps lag behind weights that still change fast:
     a network trained from random init for a few epochs otherwise predicts one class in eval mode."""
     net.train()
-    layers = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-              and m.track_running_stats]
+    layers = [
+        m
+        for m in net.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()
@@ -147,8 +154,17 @@ def _validate(net, loader, weight: torch.Tensor | None, device) -> tuple[float, 
     return total / norm if norm else math.nan, correct / max(count, 1)
 
 
-def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequence[str], out_dir: str | Path, *,
-          settings: Mapping, seed: int, weights_dir: str | Path, progress: bool = True) -> dict:
+def train(
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    *,
+    settings: Mapping,
+    seed: int,
+    weights_dir: str | Path,
+    progress: bool = True,
+) -> dict:
     """Train one classifier on rows with an absolute `image` path and a `class` label name, and
     write the run folder out_dir (model/, loss.csv, summary.json) atomically; return the summary.
     `settings` override the `classification` section's defaults; the ImageNet file is looked up
@@ -158,10 +174,13 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequenc
     if len(names) < 2:
         raise ClassificationError(f"classification needs at least two classes, got {names}")
     if int(s["batch_size"]) < 2:
-        raise ClassificationError(f"classification.batch_size={s['batch_size']}: the head's BatchNorm needs batches of 2 or more")
+        raise ClassificationError(
+            f"classification.batch_size={s['batch_size']}: the head's BatchNorm needs batches of 2 or more"
+        )
     if len(train_rows) < 2:
-        raise ClassificationError(f"{len(train_rows)} training images: the head's BatchNorm needs at least 2; "
-                                  "check rule mix_dataset's output")
+        raise ClassificationError(
+            f"{len(train_rows)} training images: the head's BatchNorm needs at least 2; check rule mix_dataset's output"
+        )
     for table, what in ((train_rows, "training"), (val_rows, "validation")):
         if len(table) and "class" not in table:
             raise ClassificationError(f"the {what} rows have no `class` column (the label names)")
@@ -177,17 +196,31 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequenc
     if (counts == 0).any():
         log.warning("classes without training images: %s", [n for n, c in zip(names, counts, strict=True) if c == 0])
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=float(s["lr"]),
-                                 weight_decay=float(s["weight_decay"]))
-    val_loader = (data_loader(ClassificationDataset(val_rows, names, s["image_size"], mean, std), s["batch_size"], None,
-                              s["num_workers"]) if len(val_rows) else None)
+    optimizer = torch.optim.Adam(
+        [p for p in net.parameters() if p.requires_grad], lr=float(s["lr"]), weight_decay=float(s["weight_decay"])
+    )
+    val_loader = (
+        data_loader(
+            ClassificationDataset(val_rows, names, s["image_size"], mean, std), s["batch_size"], None, s["num_workers"]
+        )
+        if len(val_rows)
+        else None
+    )
     drop_last = len(train_set) % int(s["batch_size"]) == 1  # a batch of one breaks the head's BatchNorm
 
     def batches(epoch: int):
         augment = torch.Generator().manual_seed(derive_seed(seed, "classification", "augment", epoch))
-        for batch in data_loader(train_set, s["batch_size"], derive_seed(seed, "classification", "epoch", epoch),
-                                 s["num_workers"], drop_last=drop_last):
-            yield dihedral(batch["image"], random_ops(len(batch["image"]), augment)) if s["augment"] else batch["image"], batch["target"]
+        for batch in data_loader(
+            train_set,
+            s["batch_size"],
+            derive_seed(seed, "classification", "epoch", epoch),
+            s["num_workers"],
+            drop_last=drop_last,
+        ):
+            yield (
+                dihedral(batch["image"], random_ops(len(batch["image"]), augment)) if s["augment"] else batch["image"],
+                batch["target"],
+            )
 
     def batch_loss(batch) -> tuple[torch.Tensor, int]:
         x, y = batch[0].to(device), batch[1].to(device)
@@ -198,27 +231,55 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequenc
         return loss_fn(logits.float(), y), len(x)
 
     def calibration_batches():
-        loader = data_loader(train_set, s["batch_size"], derive_seed(seed, "classification", "batchnorm"),
-                             s["num_workers"], drop_last=drop_last)
+        loader = data_loader(
+            train_set,
+            s["batch_size"],
+            derive_seed(seed, "classification", "batchnorm"),
+            s["num_workers"],
+            drop_last=drop_last,
+        )
         return ((b["image"], b["target"]) for b in loader)
 
     def validate() -> tuple[float, float]:
         recalibrate_batchnorm(net, calibration_batches(), device)
         return _validate(net, val_loader, weight, device)
 
-    fitted = fit_epochs(net, optimizer, batches, batch_loss, validate if val_loader else None, epochs=s["epochs"],
-                        patience=s["patience"], score="accuracy", section="classification", error=ClassificationError,
-                        progress=progress)
+    fitted = fit_epochs(
+        net,
+        optimizer,
+        batches,
+        batch_loss,
+        validate if val_loader else None,
+        epochs=s["epochs"],
+        patience=s["patience"],
+        score="accuracy",
+        section="classification",
+        error=ClassificationError,
+        progress=progress,
+    )
     if val_loader is None:  # the last epoch's model is kept, with statistics of its own weights
         recalibrate_batchnorm(net, calibration_batches(), device)
-    summary = {"seed": seed, "model": s["model"], "epochs_run": len(fitted.history), "best_epoch": fitted.best_epoch,
-               "best_val_loss": fitted.best_val_loss, "n_train": len(train_rows), "n_val": len(val_rows),
-               "train_class_counts": dict(zip(names, counts.tolist(), strict=True))}
+    summary = {
+        "seed": seed,
+        "model": s["model"],
+        "epochs_run": len(fitted.history),
+        "best_epoch": fitted.best_epoch,
+        "best_val_loss": fitted.best_val_loss,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "train_class_counts": dict(zip(names, counts.tolist(), strict=True)),
+    }
     if "source" in train_rows:
         summary["n_train_real"] = int((train_rows["source"] == "real").sum())
         summary["n_train_synthetic"] = int((train_rows["source"] == "synthetic").sum())
-    summary.update({"seconds": fitted.seconds, "seconds_per_epoch": fitted.seconds / max(len(fitted.history), 1),
-                    "device": str(device), "weights": note})
+    summary.update(
+        {
+            "seconds": fitted.seconds,
+            "seconds_per_epoch": fitted.seconds / max(len(fitted.history), 1),
+            "device": str(device),
+            "weights": note,
+        }
+    )
     with atomic_dir(out_dir) as tmp:
         save_classifier(net, tmp / "model", names, s, {"seed": seed, "best_epoch": fitted.best_epoch})
         write_csv(pd.DataFrame(fitted.history, columns=LOSS_COLUMNS), tmp / "loss.csv")
@@ -228,31 +289,41 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, class_names: Sequenc
 
 # ----------------------------------------------------------------------------- metrics
 
-def evaluate(model: ClassifierModel, rows: pd.DataFrame, class_names: Sequence[str], *,
-             batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+
+def evaluate(
+    model: ClassifierModel, rows: pd.DataFrame, class_names: Sequence[str], *, batch_size: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scores on test rows (absolute `image` paths, `class` label names) pooled over their slides:
     (tidy metrics with columns slide ('all'), class, metric, value; predictions with columns
     patch_id (the image path where rows have none), slide, true and pred (class indices), prob_<i>
     (the probability of class_names[i]))."""
     if list(class_names) != model.class_names:
-        raise ClassificationError(f"the classes {list(class_names)} differ from the model's {model.class_names} "
-                                  "(names or order); retrain with the run's labels")
+        raise ClassificationError(
+            f"the classes {list(class_names)} differ from the model's {model.class_names} "
+            "(names or order); retrain with the run's labels"
+        )
     if rows.empty:
         raise ClassificationError("no test rows: no slide has split 'test'; set one in the slide sheet")
     target = class_targets(rows["class"], class_names)
     probs = model.predict_proba(rows, batch_size)
     metrics = classification_metrics(target, probs, class_names)
     metrics.insert(0, "slide", "all")
-    predictions = pd.DataFrame({
-        "patch_id": rows["patch_id"].astype(str).to_numpy() if "patch_id" in rows else rows["image"].astype(str).to_numpy(),
-        "slide": rows["slide"].astype(str).to_numpy() if "slide" in rows else "all",
-        "true": target, "pred": probs.argmax(1),
-        **{f"prob_{i}": probs[:, i] for i in range(len(class_names))},
-    })
+    predictions = pd.DataFrame(
+        {
+            "patch_id": rows["patch_id"].astype(str).to_numpy()
+            if "patch_id" in rows
+            else rows["image"].astype(str).to_numpy(),
+            "slide": rows["slide"].astype(str).to_numpy() if "slide" in rows else "all",
+            "true": target,
+            "pred": probs.argmax(1),
+            **{f"prob_{i}": probs[:, i] for i in range(len(class_names))},
+        }
+    )
     return metrics, predictions
 
 
 # ----------------------------------------------------------------------------- rule entries
+
 
 def labelled_rows(indexes: Sequence[str | Path], labels: Mapping, splits: Sequence[str]) -> pd.DataFrame:
     """Rows of the given splits of the patch indexes, paths absolute, with `class` (patch_labels)
@@ -263,8 +334,9 @@ def labelled_rows(indexes: Sequence[str | Path], labels: Mapping, splits: Sequen
     return table.assign(**{"class": patch_labels(table, labels) if len(table) else [], "source": "real"})
 
 
-def training_sets(manifest: pd.DataFrame, real: pd.DataFrame, *, folds: int, fold: int,
-                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def training_sets(
+    manifest: pd.DataFrame, real: pd.DataFrame, *, folds: int, fold: int, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, val) rows of one run. folds 1: the manifest trains and the real rows of split val
     validate. folds k >= 2: the real rows (splits train and val) are split by fold_assignment
     (shuffled by seed); fold `fold`'s slides validate and the manifest's synthetic rows plus the
@@ -283,14 +355,19 @@ def training_sets(manifest: pd.DataFrame, real: pd.DataFrame, *, folds: int, fol
     validating = set(real.loc[held, "slide"].astype(str))
     from_validating = synthetic["source_slide"].astype(str).isin(validating)
     if from_validating.any():
-        log.info("fold %d: %d of %d synthetic images come from its validation slides' maps and are left out of training",
-                 fold, int(from_validating.sum()), len(synthetic))
+        log.info(
+            "fold %d: %d of %d synthetic images come from its validation slides' maps and are left out of training",
+            fold,
+            int(from_validating.sum()),
+            len(synthetic),
+        )
     train_rows = pd.concat([real[~held], synthetic[~from_validating]], ignore_index=True)
     return train_rows, real[held].reset_index(drop=True)
 
 
-def train_classifier(manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, config: Mapping,
-                     seed: int, fold: int) -> dict:
+def train_classifier(
+    manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, config: Mapping, seed: int, fold: int
+) -> dict:
     """Entry of rule train_classifier: one run on a ratio's manifest (its `class` column holds the
     label names) and the train/val patch indexes; config holds sections classification, labels
     (resolved, histosynth.data.labels.resolve_labels), seed (the master seed, which fixes the
@@ -302,20 +379,33 @@ def train_classifier(manifest: str | Path, indexes: Sequence[str | Path], out_di
     if "class" not in mixed:
         raise ClassificationError(f"{manifest} has no `class` column (the label of every row); rerun rule mix_dataset")
     real = labelled_rows(indexes, labels, ("train", "val"))
-    train_rows, val_rows = training_sets(mixed, real, folds=int(s["folds"]), fold=int(fold),
-                                         seed=derive_seed(config["seed"], "classification", "folds"))
-    return train(train_rows, val_rows, labels["classes"], out_dir, settings=s, seed=seed, weights_dir=config["weights_dir"])
+    train_rows, val_rows = training_sets(
+        mixed, real, folds=int(s["folds"]), fold=int(fold), seed=derive_seed(config["seed"], "classification", "folds")
+    )
+    return train(
+        train_rows, val_rows, labels["classes"], out_dir, settings=s, seed=seed, weights_dir=config["weights_dir"]
+    )
 
 
-def evaluate_classifier(run_dir: str | Path, indexes: Sequence[str | Path], metrics_out: str | Path,
-                        predictions_out: str | Path, *, config: Mapping, ratio: str, fold: int, seed: int) -> pd.DataFrame:
+def evaluate_classifier(
+    run_dir: str | Path,
+    indexes: Sequence[str | Path],
+    metrics_out: str | Path,
+    predictions_out: str | Path,
+    *,
+    config: Mapping,
+    ratio: str,
+    fold: int,
+    seed: int,
+) -> pd.DataFrame:
     """Entry of rule evaluate_classifier: score one run on the test slides; write the tidy metrics
     (columns task, ratio, seed, fold, slide, class, metric, value) and the predictions (ratio,
     seed, fold and evaluate's columns) as parquet."""
     s, labels = section_defaults("classification", config["classification"]), config["labels"]
     model = load_classifier(run_dir, s["device"])
-    metrics, predictions = evaluate(model, labelled_rows(indexes, labels, ("test",)), labels["classes"],
-                                    batch_size=s["batch_size"])
+    metrics, predictions = evaluate(
+        model, labelled_rows(indexes, labels, ("test",)), labels["classes"], batch_size=s["batch_size"]
+    )
     for table in (metrics, predictions):
         for name, value in (("fold", fold), ("seed", seed), ("ratio", ratio)):
             table.insert(0, name, value)

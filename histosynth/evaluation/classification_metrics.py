@@ -41,12 +41,19 @@ def classification_metrics(target: np.ndarray, probs: np.ndarray, class_names: S
     with warnings.catch_warnings():  # torchmetrics warns of the classes without positives, which are NaN here
         warnings.filterwarnings("ignore", message="No positive samples in targets")
         auroc = torch.where(present & (support < len(t)), multiclass_auroc(p, t, n, average="none"), torch.nan)
-    pooled = {"accuracy": multiclass_accuracy(pred, t, n, average="micro"), "balanced_accuracy": recall.nanmean(),
-              "precision": multiclass_precision(pred, t, n, average="macro"), "recall": recall.nanmean(),
-              "f1": multiclass_f1_score(pred, t, n, average="macro"), "auroc": auroc.nanmean()}
+    pooled = {
+        "accuracy": multiclass_accuracy(pred, t, n, average="micro"),
+        "balanced_accuracy": recall.nanmean(),
+        "precision": multiclass_precision(pred, t, n, average="macro"),
+        "recall": recall.nanmean(),
+        "f1": multiclass_f1_score(pred, t, n, average="macro"),
+        "auroc": auroc.nanmean(),
+    }
     rows = [{"class": "all", "metric": m, "value": float(v)} for m, v in pooled.items()]
     for metric, values in (("f1", f1), ("auroc", auroc)):
-        rows += [{"class": name, "metric": metric, "value": float(v)} for name, v in zip(class_names, values, strict=True)]
+        rows += [
+            {"class": name, "metric": metric, "value": float(v)} for name, v in zip(class_names, values, strict=True)
+        ]
     return pd.DataFrame(rows)
 
 

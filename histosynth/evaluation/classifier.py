@@ -35,8 +35,12 @@ class ClassificationError(RuntimeError):
     """A classification run that cannot start: empty data, unknown labels, bad weights or folds."""
 
 
-def prepare(images: torch.Tensor, image_size: int | None, mean: Sequence[float] = IMAGENET_MEAN,
-            std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def prepare(
+    images: torch.Tensor,
+    image_size: int | None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> the network's float input: normalised (mean/std), resized to
     image_size x image_size (bilinear, antialiased) when set and different."""
     x = normalise(images, mean, std)
@@ -54,8 +58,14 @@ class ClassificationDataset(Dataset):
     """Items {'image': (3, H, W) float32 network input (prepare), 'target': int64 class index (-1
     without a `class` column), 'index': int} of rows with an absolute `image` path."""
 
-    def __init__(self, table: pd.DataFrame, class_names: Sequence[str], image_size: int | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        class_names: Sequence[str],
+        image_size: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         self.images = table["image"].tolist()
         self.targets = class_targets(table["class"], class_names) if "class" in table else np.full(len(table), -1)
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
@@ -65,11 +75,15 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image = torch.from_numpy(read_rgb(self.images[i]).transpose(2, 0, 1).copy())
-        return {"image": prepare(image[None], self.image_size, self.mean, self.std)[0],
-                "target": torch.tensor(int(self.targets[i])), "index": i}
+        return {
+            "image": prepare(image[None], self.image_size, self.mean, self.std)[0],
+            "target": torch.tensor(int(self.targets[i])),
+            "index": i,
+        }
 
 
 # ----------------------------------------------------------------------------- model
+
 
 class Classifier(torch.nn.Module):
     """A timm backbone's pooled features -> BatchNorm1d -> Dropout -> Linear (one logit per class)."""
@@ -83,8 +97,9 @@ class Classifier(torch.nn.Module):
         except RuntimeError as err:
             raise ClassificationError(f"classification.model={model!r} is not a timm model name ({err})") from err
         features = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features  # pooled width
-        self.head = torch.nn.Sequential(torch.nn.BatchNorm1d(features), torch.nn.Dropout(dropout),
-                                        torch.nn.Linear(features, n_classes))
+        self.head = torch.nn.Sequential(
+            torch.nn.BatchNorm1d(features), torch.nn.Dropout(dropout), torch.nn.Linear(features, n_classes)
+        )
         self.frozen = bool(freeze)
         self.backbone.requires_grad_(not self.frozen)
 
@@ -141,18 +156,22 @@ def classifier_weights_file(settings: Mapping, weights_dir: str | Path) -> tuple
         return None, f"classifier {model}: random init (classification.pretrained is false)"
     spec = classifier_spec(model)
     if spec is None:
-        return None, (f"classifier {model}: timm has no ImageNet weights for it on the Hugging Face Hub; random init. "
-                      "To start from pretrained weights, save a state dict of the timm model to a file and set "
-                      "classification.weights_path to it")
+        return None, (
+            f"classifier {model}: timm has no ImageNet weights for it on the Hugging Face Hub; random init. "
+            "To start from pretrained weights, save a state dict of the timm model to a file and set "
+            "classification.weights_path to it"
+        )
     path, note = weights_file(spec, None, weights_dir)
     if path is not None:
         return path, f"classifier {model}: ImageNet {note}"
     cached = hub_cache_file(model)
     if cached is not None:
         return cached, f"classifier {model}: ImageNet weights {cached} (local Hugging Face cache)"
-    return None, (f"{note}, or on a machine with network run `python -c \"import timm; timm.create_model('{model}', "
-                  "pretrained=True)\"` and copy its Hugging Face cache (~/.cache/huggingface/hub) to the same place here; "
-                  "random init")
+    return None, (
+        f"{note}, or on a machine with network run `python -c \"import timm; timm.create_model('{model}', "
+        'pretrained=True)"` and copy its Hugging Face cache (~/.cache/huggingface/hub) to the same place here; '
+        "random init"
+    )
 
 
 def load_backbone_weights(net: Classifier, path: str | Path) -> None:
@@ -164,10 +183,16 @@ def load_backbone_weights(net: Classifier, path: str | Path) -> None:
     except RuntimeError as err:  # a tensor of the wrong shape
         raise ClassificationError(f"{path} does not fit timm model {type(net.backbone).__name__}: {err}") from err
     if missing:
-        raise ClassificationError(f"{path} does not fit the timm backbone {type(net.backbone).__name__}: {len(missing)} "
-                                  f"of its tensors are missing, e.g. {missing[:3]}; it must be that timm model's state dict")
-    log.info("loaded the backbone's %d tensors from %s (%d in the file unused: its classifier head)",
-             len(net.backbone.state_dict()), path, len(unused))
+        raise ClassificationError(
+            f"{path} does not fit the timm backbone {type(net.backbone).__name__}: {len(missing)} "
+            f"of its tensors are missing, e.g. {missing[:3]}; it must be that timm model's state dict"
+        )
+    log.info(
+        "loaded the backbone's %d tensors from %s (%d in the file unused: its classifier head)",
+        len(net.backbone.state_dict()),
+        path,
+        len(unused),
+    )
 
 
 def initial_model(settings: Mapping, n_classes: int, seed: int, weights_dir: str | Path) -> tuple[Classifier, str]:
@@ -202,8 +227,10 @@ class ClassifierModel:
             batches = (b["image"] for b in data_loader(dataset, batch_size, None, 0))
         else:
             images = torch.as_tensor(images)
-            batches = (prepare(images[i:i + batch_size], self.image_size, self.mean, self.std)
-                       for i in range(0, len(images), batch_size))
+            batches = (
+                prepare(images[i : i + batch_size], self.image_size, self.mean, self.std)
+                for i in range(0, len(images), batch_size)
+            )
         out = [self._softmax(x) for x in batches]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), np.float32)
 
@@ -215,16 +242,24 @@ class ClassifierModel:
             return torch.softmax(self.net(x).float(), 1).cpu()
 
 
-def save_classifier(net: Classifier, directory: Path, class_names: Sequence[str], settings: Mapping, extra: Mapping) -> None:
+def save_classifier(
+    net: Classifier, directory: Path, class_names: Sequence[str], settings: Mapping, extra: Mapping
+) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
     net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(directory / "model.safetensors"))
     mean, std = normalisation(net)
-    meta = {"class_names": list(class_names), "model": settings["model"], "image_size": settings["image_size"],
-            "dropout": settings["dropout"], "normalisation": {"mean": mean, "std": std, "input": "RGB uint8 / 255"},
-            "settings": dict(settings), **extra}
+    meta = {
+        "class_names": list(class_names),
+        "model": settings["model"],
+        "image_size": settings["image_size"],
+        "dropout": settings["dropout"],
+        "normalisation": {"mean": mean, "std": std, "input": "RGB uint8 / 255"},
+        "settings": dict(settings),
+        **extra,
+    }
     (directory / MODEL_INFO).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -237,5 +272,12 @@ def load_classifier(directory: str | Path, device: str | torch.device = "auto") 
     net.load_state_dict(load_file(str(directory / "model.safetensors")))
     device = device if isinstance(device, torch.device) else pick_device(device)
     norm = meta["normalisation"]
-    return ClassifierModel(prepare_model(net.eval(), device), list(meta["class_names"]), meta["image_size"],
-                           tuple(norm["mean"]), tuple(norm["std"]), device, directory)
+    return ClassifierModel(
+        prepare_model(net.eval(), device),
+        list(meta["class_names"]),
+        meta["image_size"],
+        tuple(norm["mean"]),
+        tuple(norm["std"]),
+        device,
+        directory,
+    )

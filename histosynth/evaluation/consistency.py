@@ -5,7 +5,6 @@ image; nuclei: the nuclei detector re-detects them against the conditioning map'
 Per image and class the pixel counts are kept (so sets pool by summing), with IoU and Dice.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -43,8 +42,13 @@ def _ids(rows: pd.DataFrame) -> list[str]:
     return rows["id"].astype(str).tolist() if "id" in rows else [str(i) for i in range(len(rows))]
 
 
-def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[[np.ndarray], np.ndarray],
-                  images: Sequence[str | Path] | None = None, outside_painted: bool = False) -> pd.DataFrame:
+def region_scores(
+    rows: pd.DataFrame,
+    classes: Sequence[str],
+    segment: Callable[[np.ndarray], np.ndarray],
+    images: Sequence[str | Path] | None = None,
+    outside_painted: bool = False,
+) -> pd.DataFrame:
     """Per image and region class (kind 'region'): pixel intersection, truth and predicted pixel
     counts, IoU and Dice between the image's `mask` and segment(image) (a label mask of the same
     values). NaN IoU/Dice where the class is neither drawn nor found. `images` segments other
@@ -61,8 +65,16 @@ def region_scores(rows: pd.DataFrame, classes: Sequence[str], segment: Callable[
         for k, name in enumerate(classes, 1):
             if k != target:
                 inter, a, b = _counts((truth == k) & outside, (pred == k) & outside)
-                records.append({"id": image_id, "kind": "region", "class": name, "intersection": inter,
-                                "truth_pixels": a, "predicted_pixels": b})
+                records.append(
+                    {
+                        "id": image_id,
+                        "kind": "region",
+                        "class": name,
+                        "intersection": inter,
+                        "truth_pixels": a,
+                        "predicted_pixels": b,
+                    }
+                )
     return _scores(records)
 
 
@@ -86,8 +98,16 @@ def nuclei_scores(rows: pd.DataFrame, mpp: float, params, model=None) -> pd.Data
         for k, name in enumerate(["nuclei", *NUCLEUS_CLASSES]):
             inter, a, b = _counts(truth > 0, pred > 0) if k == 0 else _counts(truth == k, pred == k)
             if k == 0 or a or b:
-                records.append({"id": image_id, "kind": "nuclei", "class": name, "intersection": inter,
-                                "truth_pixels": a, "predicted_pixels": b})
+                records.append(
+                    {
+                        "id": image_id,
+                        "kind": "nuclei",
+                        "class": name,
+                        "intersection": inter,
+                        "truth_pixels": a,
+                        "predicted_pixels": b,
+                    }
+                )
     return _scores(records)
 
 
@@ -100,12 +120,11 @@ def pooled_consistency(scores: pd.DataFrame) -> list[dict]:
         iou, dice = _iou_dice(inter, a, b)
         prefix = "mask" if kind == "region" else "nuclei"
         note = "class absent from the conditioning masks" if kind == "region" and not a else ""
-        out += [{"metric": f"{prefix}_iou", "class": name, "value": iou, "note": note},
-                {"metric": f"{prefix}_dice", "class": name, "value": dice, "note": note}]
+        out += [
+            {"metric": f"{prefix}_iou", "class": name, "value": iou, "note": note},
+            {"metric": f"{prefix}_dice", "class": name, "value": dice, "note": note},
+        ]
     return out
-
-
-
 
 
 def real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) -> list[dict]:
@@ -119,6 +138,7 @@ def real_reference(table: pd.DataFrame, real: pd.DataFrame, classes, segment) ->
     if sources["image"].isna().any():
         return []
     note = "the real source patches of the same masks (inpainting: outside the painted region)"
-    return [{"metric": f"{r['metric']}_real", "name": r["class"], "value": r["value"], "note": note}
-            for r in pooled_consistency(region_scores(table, classes, segment, sources["image"], outside_painted=True))]
-
+    return [
+        {"metric": f"{r['metric']}_real", "name": r["class"], "value": r["value"], "note": note}
+        for r in pooled_consistency(region_scores(table, classes, segment, sources["image"], outside_painted=True))
+    ]

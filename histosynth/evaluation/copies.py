@@ -39,7 +39,7 @@ CANDIDATE_SIDE = 16  # the cheap candidate search correlates blurred grey images
 TILES = 4  # local similarity: the median NCC over a TILES x TILES grid of tiles
 POOLED = "pooled"  # the calibration of classes with too few held-out patches
 MIN_REGION = 64  # painted regions of fewer pixels are not compared: a correlation over a few pixels is chance
-_CHUNK_PIXELS = 2 ** 24  # pairs x 8 views x pixels whose spectra are held at once (memory, not results)
+_CHUNK_PIXELS = 2**24  # pairs x 8 views x pixels whose spectra are held at once (memory, not results)
 
 
 # The op (histosynth.nets.dihedral) of each view, in the order the curated tables' nearest_view
@@ -58,7 +58,9 @@ def shrink(values: np.ndarray, side: int) -> np.ndarray:
     values = values.astype(np.float32)
     n, h, w = values.shape
     factor = -(-max(h, w) // side)
-    return values[:, :h - h % factor, :w - w % factor].reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+    return (
+        values[:, : h - h % factor, : w - w % factor].reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+    )
 
 
 def grey(images: np.ndarray, side: int) -> np.ndarray:
@@ -79,8 +81,9 @@ def unit(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
 
-def nearest(score: Callable[[slice], np.ndarray], n: int, count: int, exclude: np.ndarray | None = None,
-            block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+    score: Callable[[slice], np.ndarray], n: int, count: int, exclude: np.ndarray | None = None, block: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """(n, count) column indices of the `count` highest scores per row, best first, and those scores
     (-inf where left out); `score(rows)` gives a block of rows' (rows, T) scores (computed block by
     block, so N x T is never held); `exclude` (bool (n, T)) marks pairs left out, NaN scores are too."""
@@ -105,19 +108,22 @@ def coarse_scores(queries: np.ndarray, train: np.ndarray, shift: int, tiled: boo
     px after a blur of shift / 2 px at COMPARE_SIDE (a copy moved by up to `shift` px still scores
     high); tiled: the median of the correlations of TILES x TILES tiles (a copy with a part
     repainted still scores high)."""
+
     def coarse(images: np.ndarray) -> np.ndarray:
         values = grey(images, COMPARE_SIDE)
         values = shrink(ndimage.gaussian_filter(values, (0, shift / 2, shift / 2)) if shift else values, CANDIDATE_SIDE)
         if not tiled:
             return standardised(values)[None]  # (1, N, D)
         n, side = len(values), values.shape[1] // TILES
-        parts = values[:, :side * TILES, :side * TILES].reshape(n, TILES, side, TILES, side).transpose(1, 3, 0, 2, 4)
+        parts = values[:, : side * TILES, : side * TILES].reshape(n, TILES, side, TILES, side).transpose(1, 3, 0, 2, 4)
         return standardised(parts.reshape(-1, side * side)).reshape(TILES * TILES, n, side * side)  # (tiles, N, D)
 
     views, reference = [coarse(view) for view in eight_views(queries)], coarse(train)
 
     def score(rows: slice) -> np.ndarray:
-        return np.max([np.median(np.matmul(view[:, rows], reference.transpose(0, 2, 1)), axis=0) for view in views], axis=0)
+        return np.max(
+            [np.median(np.matmul(view[:, rows], reference.transpose(0, 2, 1)), axis=0) for view in views], axis=0
+        )
 
     return score
 
@@ -134,9 +140,9 @@ class Matches:
     and the view in which it matched the best one (the dihedral index applied to the query; 0 where
     compared as it is)."""
 
-    index: np.ndarray       # (N, K) training positions
+    index: np.ndarray  # (N, K) training positions
     similarity: np.ndarray  # (N, K)
-    view: np.ndarray        # (N,)
+    view: np.ndarray  # (N,)
 
     def relative(self, rank: int) -> np.ndarray:
         """Carlini's ratio: distance to the nearest over distance to the rank-th nearest (d = sqrt(1 - s))."""
@@ -147,11 +153,12 @@ class Matches:
 
 def _window_norms(train: np.ndarray, h: int, w: int) -> np.ndarray:
     """(P, H - h + 1, W - w + 1) the centred norm of every h x w window of each (H, W) grey image."""
+
     def sums(values):
         c = np.pad(values.astype(np.float64), ((0, 0), (1, 0), (1, 0))).cumsum(1).cumsum(2)
         return c[:, h:, w:] - c[:, :-h, w:] - c[:, h:, :-w] + c[:, :-h, :-w]
 
-    return np.sqrt(np.clip(sums(train ** 2) - sums(train) ** 2 / (h * w), 0, None))
+    return np.sqrt(np.clip(sums(train**2) - sums(train) ** 2 / (h * w), 0, None))
 
 
 def tile_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -161,7 +168,7 @@ def tile_ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     t = size // TILES
 
     def tiles(x: np.ndarray) -> np.ndarray:
-        x = x[:, :t * TILES, :t * TILES].reshape(p, TILES, t, TILES, t).transpose(0, 1, 3, 2, 4).reshape(-1, t * t)
+        x = x[:, : t * TILES, : t * TILES].reshape(p, TILES, t, TILES, t).transpose(0, 1, 3, 2, 4).reshape(-1, t * t)
         return standardised(x).reshape(p, TILES * TILES, t * t)
 
     return np.median((tiles(a) * tiles(b)).sum(-1), axis=1)
@@ -179,19 +186,23 @@ def aligned_ncc(queries: np.ndarray, train: np.ndarray, pairs: np.ndarray, shift
     view, offset = np.zeros(n_pairs, int), np.zeros((n_pairs, 2), int)
     step = max(1, _CHUNK_PIXELS // (8 * side * side))
     for start in range(0, n_pairs, step):
-        chunk, done = pairs[start:start + step], slice(start, start + min(step, n_pairs - start))
+        chunk, done = pairs[start : start + step], slice(start, start + min(step, n_pairs - start))
         unique, which = np.unique(chunk[:, 0], return_inverse=True)
-        views = eight_views(queries[unique])[:, :, s:side - s, s:side - s]  # (8, Q, size, size)
+        views = eight_views(queries[unique])[:, :, s : side - s, s : side - s]  # (8, Q, size, size)
         templates = np.conj(fft.rfft2(standardised(views.reshape(-1, size, size)).reshape(views.shape), s=(side, side)))
         target = train[chunk[:, 1]]
         spectrum = templates[:, which] * fft.rfft2(target)[None]
-        ncc = fft.irfft2(spectrum, s=(side, side))[..., :2 * s + 1, :2 * s + 1] / np.maximum(
-            _window_norms(target, size, size), 1e-6)[None]
+        ncc = (
+            fft.irfft2(spectrum, s=(side, side))[..., : 2 * s + 1, : 2 * s + 1]
+            / np.maximum(_window_norms(target, size, size), 1e-6)[None]
+        )
         flat = ncc.transpose(1, 0, 2, 3).reshape(len(chunk), -1)
         where = flat.argmax(axis=1)
         v, rest = np.divmod(where, (2 * s + 1) ** 2)
         dy, dx = np.divmod(rest, 2 * s + 1)
-        windows = np.lib.stride_tricks.sliding_window_view(target, (size, size), axis=(1, 2))[np.arange(len(chunk)), dy, dx]
+        windows = np.lib.stride_tricks.sliding_window_view(target, (size, size), axis=(1, 2))[
+            np.arange(len(chunk)), dy, dx
+        ]
         best[done], local[done] = flat[np.arange(len(chunk)), where], tile_ncc(views[v, which], windows)
         view[done], offset[done] = v, np.stack([dy, dx], 1)
     return np.clip(best, -1, 1), local, view, offset
@@ -212,7 +223,9 @@ def pixel_matches(queries: np.ndarray, train: np.ndarray, candidates: np.ndarray
     return Matches(index, np.where(valid, similarity, np.nan), views[np.arange(n), order[:, 0]])
 
 
-def dense_matches(score: Callable[[slice], np.ndarray], n: int, keep: int, exclude: np.ndarray | None = None) -> Matches:
+def dense_matches(
+    score: Callable[[slice], np.ndarray], n: int, keep: int, exclude: np.ndarray | None = None
+) -> Matches:
     """Matches of n queries by a row-block scorer over every training patch (a descriptor's cosine,
     a painted region's correlation), the best `keep` kept, compared as they are (view 0)."""
     index, best = nearest(score, n, keep, exclude)
@@ -241,8 +254,11 @@ def thresholds(similarity: np.ndarray, relative: np.ndarray, quantile: float) ->
     """(similarity above which, relative distance below which) an image is a copy, from held-out
     real patches' measures: both at the same tail share p, the largest at which the two together
     flag at most `quantile` of the held-out patches (p between quantile / 2 and quantile)."""
+
     def cut(p):
-        return float(np.nanquantile(similarity, 1 - p)), float(np.nanquantile(relative, p)) if np.isfinite(relative).any() else np.nan
+        return float(np.nanquantile(similarity, 1 - p)), float(np.nanquantile(relative, p)) if np.isfinite(
+            relative
+        ).any() else np.nan
 
     def flagged(p):
         t_sim, t_rel = cut(p)
@@ -257,8 +273,9 @@ def thresholds(similarity: np.ndarray, relative: np.ndarray, quantile: float) ->
     return cut(low)
 
 
-def calibrate(similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray, quantile: float,
-              min_patches: int) -> dict[str, tuple[float, float]]:
+def calibrate(
+    similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray, quantile: float, min_patches: int
+) -> dict[str, tuple[float, float]]:
     """{class: (similarity, relative) thresholds} from held-out patches' measures and classes: one
     per named class with at least min_patches held-out patches, and POOLED for the rest."""
     out = {POOLED: thresholds(similarity, relative, quantile)}
@@ -269,15 +286,20 @@ def calibrate(similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray,
     return out
 
 
-def decide(similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray,
-           calibration: Mapping[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+def decide(
+    similarity: np.ndarray, relative: np.ndarray, classes: np.ndarray, calibration: Mapping[str, tuple[float, float]]
+) -> dict[str, np.ndarray]:
     """Per image: the calibration it is judged by (its class's, else POOLED), both thresholds, and
     `copy` (similarity above its threshold or relative distance below its threshold)."""
     used = np.array([str(c) if str(c) in calibration else POOLED for c in classes], dtype=object)
     t_sim = np.array([calibration[c][0] for c in used], float)
     t_rel = np.array([calibration[c][1] for c in used], float)
-    return {"calibration": used, "similarity_threshold": t_sim, "relative_threshold": t_rel,
-            "copy": (similarity > t_sim) | (relative < t_rel)}
+    return {
+        "calibration": used,
+        "similarity_threshold": t_sim,
+        "relative_threshold": t_rel,
+        "copy": (similarity > t_sim) | (relative < t_rel),
+    }
 
 
 @dataclass(frozen=True)
@@ -290,10 +312,19 @@ class Space:
     heldout: np.ndarray
 
 
-def find_copies(images: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, classes: np.ndarray,
-                heldout_classes: np.ndarray, settings: Mapping, features: Space | None = None,
-                descriptor: Space | None = None, sources: np.ndarray | None = None,
-                regions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def find_copies(
+    images: np.ndarray,
+    train: np.ndarray,
+    heldout: np.ndarray,
+    *,
+    classes: np.ndarray,
+    heldout_classes: np.ndarray,
+    settings: Mapping,
+    features: Space | None = None,
+    descriptor: Space | None = None,
+    sources: np.ndarray | None = None,
+    regions: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """The copy test of (N, H, W, 3) uint8 images against training patches, calibrated on held-out
     ones (class names per image and per held-out patch; `settings`: the curation config section).
     Candidates come from `features` (when given) and a coarse grey correlation; a `descriptor`
@@ -316,8 +347,9 @@ def find_copies(images: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, c
             own = sources >= 0
             source_similarity[own] = (descriptor.images[:, own] * descriptor.train[sources[own]][None]).sum(-1).max(0)
     else:
+
         def matches(queries: np.ndarray, space: np.ndarray | None, leave_out: np.ndarray | None) -> Matches:
-            count, block = settings["candidates"], max(1, 2 ** 20 // len(train))
+            count, block = settings["candidates"], max(1, 2**20 // len(train))
             scorers = [coarse_scores(queries, train, shift, tiled) for tiled in (False, True)]
             if space is not None:
                 scorers.append(feature_scores(space, features.train))
@@ -331,9 +363,21 @@ def find_copies(images: np.ndarray, train: np.ndarray, heldout: np.ndarray, *, c
         reference = matches(heldout, None if features is None else features.heldout, None)
         if sources is not None and (sources >= 0).any():
             own = np.nonzero(sources >= 0)[0]
-            source_similarity[own] = aligned_ncc(grey(images, COMPARE_SIDE), train_grey, np.stack([own, sources[own]], 1), shift)[1]
+            source_similarity[own] = aligned_ncc(
+                grey(images, COMPARE_SIDE), train_grey, np.stack([own, sources[own]], 1), shift
+            )[1]
     judged, relative = found.similarity[:, 0], found.relative(rank)
-    calibration = calibrate(reference.similarity[:, 0], reference.relative(rank), heldout_classes, settings["copy_quantile"],
-                            settings["min_class_patches"])
-    return {"matches": found, "similarity": judged, "relative_distance": relative, "source_similarity": source_similarity,
-            **decide(judged, relative, classes, calibration)}
+    calibration = calibrate(
+        reference.similarity[:, 0],
+        reference.relative(rank),
+        heldout_classes,
+        settings["copy_quantile"],
+        settings["min_class_patches"],
+    )
+    return {
+        "matches": found,
+        "similarity": judged,
+        "relative_distance": relative,
+        "source_similarity": source_similarity,
+        **decide(judged, relative, classes, calibration),
+    }

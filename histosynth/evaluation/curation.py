@@ -47,16 +47,34 @@ from histosynth.evaluation.features import FeatureExtractor, pixel_features
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("consistency", "nuclei_consistency", "p_synthetic", "nearest_patch", "nearest_view", "similarity", "second_patch",
-           "second_similarity", "similarity_threshold", "relative_distance", "relative_threshold",
-           "calibration", "source_similarity", "feature_distance", "closer_to_train", "closer_to_train_real", "copy",
-           "copy_of", "keep", "reason")
+COLUMNS = (
+    "consistency",
+    "nuclei_consistency",
+    "p_synthetic",
+    "nearest_patch",
+    "nearest_view",
+    "similarity",
+    "second_patch",
+    "second_similarity",
+    "similarity_threshold",
+    "relative_distance",
+    "relative_threshold",
+    "calibration",
+    "source_similarity",
+    "feature_distance",
+    "closer_to_train",
+    "closer_to_train_real",
+    "copy",
+    "copy_of",
+    "keep",
+    "reason",
+)
 REASON_KINDS = ("nuclei consistency", "consistency", "realism", "copy")  # each reject message starts with its kind
 
 
 def _embed(images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
     """Unit-normalised features of (N, H, W, 3) uint8 images."""
-    chunks = [pixel_features(images[s:s + batch_size], extractor) for s in range(0, len(images), batch_size)]
+    chunks = [pixel_features(images[s : s + batch_size], extractor) for s in range(0, len(images), batch_size)]
     return unit(np.concatenate(chunks) if chunks else np.empty((0, 1)))
 
 
@@ -70,12 +88,17 @@ def image_consistency(scores: pd.DataFrame) -> pd.DataFrame:
     """Per image id: `consistency`, the region Dice pooled over the region classes, and
     `nuclei_consistency`, the nuclei-foreground Dice, from per-image consistency scores
     (histosynth.evaluation.consistency.SCORE_COLUMNS); NaN where mask and prediction are empty."""
+
     def pooled(part: pd.DataFrame) -> float:
         inter, truth, pred = (part[c].sum() for c in ("intersection", "truth_pixels", "predicted_pixels"))
         return 2 * inter / (truth + pred) if truth + pred else np.nan
 
     regions = scores[scores["kind"] == "region"].groupby("id").apply(pooled, include_groups=False).rename("consistency")
-    nuclei = scores[(scores["kind"] == "nuclei") & (scores["class"] == "nuclei")].set_index("id")["dice"].rename("nuclei_consistency")
+    nuclei = (
+        scores[(scores["kind"] == "nuclei") & (scores["class"] == "nuclei")]
+        .set_index("id")["dice"]
+        .rename("nuclei_consistency")
+    )
     return pd.concat([regions, nuclei], axis=1)
 
 
@@ -93,12 +116,19 @@ class Reference:
     descriptor: Space | None = None
 
 
-def load_reference(train: pd.DataFrame, heldout: pd.DataFrame, extractor: FeatureExtractor | None, batch_size: int,
-                   descriptor: FeatureExtractor | None = None) -> Reference:
+def load_reference(
+    train: pd.DataFrame,
+    heldout: pd.DataFrame,
+    extractor: FeatureExtractor | None,
+    batch_size: int,
+    descriptor: FeatureExtractor | None = None,
+) -> Reference:
     """Read the real patches (absolute image paths; held-out rows' `class` names their calibration,
     one class when absent) and embed them in each given space."""
     if train.empty or heldout.empty:
-        raise ValueError(f"curation needs real training and held-out (val) patches; got {len(train)} and {len(heldout)}")
+        raise ValueError(
+            f"curation needs real training and held-out (val) patches; got {len(train)} and {len(heldout)}"
+        )
     train_pixels = np.stack([read_rgb(p) for p in train["image"]])
     heldout_pixels = np.stack([read_rgb(p) for p in heldout["image"]])
     heldout = heldout.reset_index(drop=True)
@@ -110,12 +140,23 @@ def load_reference(train: pd.DataFrame, heldout: pd.DataFrame, extractor: Featur
         views = view_features(heldout_pixels, model, batch_size)
         return Space(_embed(train_pixels, model, batch_size), views[:, :0], views)
 
-    return Reference(train.reset_index(drop=True), train_pixels, heldout, heldout_pixels, space(extractor), space(descriptor))
+    return Reference(
+        train.reset_index(drop=True), train_pixels, heldout, heldout_pixels, space(extractor), space(descriptor)
+    )
 
 
-def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, classes: Sequence[str], *,
-           settings: Mapping, extractor: FeatureExtractor | None, batch_size: int,
-           descriptor: FeatureExtractor | None = None, realism: pd.DataFrame | None = None) -> pd.DataFrame:
+def curate(
+    manifest: pd.DataFrame,
+    scores: pd.DataFrame,
+    reference: Reference,
+    classes: Sequence[str],
+    *,
+    settings: Mapping,
+    extractor: FeatureExtractor | None,
+    batch_size: int,
+    descriptor: FeatureExtractor | None = None,
+    realism: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """The manifest (absolute paths) with COLUMNS added: consistency scores, the nearest and
     second-nearest training patches with their similarity and the view that matched, the copy test's
     two judged measures with the thresholds of the image's calibration (its `class`, else pooled),
@@ -127,7 +168,11 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     out = manifest.reset_index(drop=True).copy()
     if out.empty:
         return out.assign(**{c: pd.Series(dtype=object) for c in COLUMNS})
-    out = out.join(image_consistency(scores), on="id") if len(scores) else out.assign(consistency=np.nan, nuclei_consistency=np.nan)
+    out = (
+        out.join(image_consistency(scores), on="id")
+        if len(scores)
+        else out.assign(consistency=np.nan, nuclei_consistency=np.nan)
+    )
     probability = realism.set_index("id")["p_synthetic"] if realism is not None else pd.Series(dtype=float)
     out["p_synthetic"] = out["id"].astype(str).map(probability).astype(float)
     pixels = np.stack([read_rgb(p) for p in out["image"]])
@@ -139,33 +184,55 @@ def curate(manifest: pd.DataFrame, scores: pd.DataFrame, reference: Reference, c
     if reference.features is not None and painted is None:
         features = dataclasses.replace(reference.features, images=view_features(pixels, extractor, batch_size))
     if reference.descriptor is not None and painted is None:
-        descriptor_space = dataclasses.replace(reference.descriptor, images=view_features(pixels, descriptor, batch_size))
+        descriptor_space = dataclasses.replace(
+            reference.descriptor, images=view_features(pixels, descriptor, batch_size)
+        )
     image_classes = out["class"].astype(str).to_numpy() if "class" in out else np.full(len(out), "")
-    found = find_copies(pixels, reference.train_pixels, reference.heldout_pixels, classes=image_classes,
-                        heldout_classes=reference.heldout["class"].to_numpy(), settings=s, features=features,
-                        descriptor=descriptor_space, sources=None if painted is not None else sources, regions=painted)
+    found = find_copies(
+        pixels,
+        reference.train_pixels,
+        reference.heldout_pixels,
+        classes=image_classes,
+        heldout_classes=reference.heldout["class"].to_numpy(),
+        settings=s,
+        features=features,
+        descriptor=descriptor_space,
+        sources=None if painted is not None else sources,
+        regions=painted,
+    )
     matches = found.pop("matches")
     named = lambda k: np.where(matches.index[:, k] >= 0, ids[np.maximum(matches.index[:, k], 0)], None)  # noqa: E731
-    out = out.assign(nearest_patch=named(0), nearest_view=matches.view, second_patch=named(1),
-                     second_similarity=matches.similarity[:, 1], **found)
+    out = out.assign(
+        nearest_patch=named(0),
+        nearest_view=matches.view,
+        second_patch=named(1),
+        second_similarity=matches.similarity[:, 1],
+        **found,
+    )
     if features is not None:
         distances = (1 - features.images @ features.train.T).min(axis=0)
         distances[sources[:, None] == np.arange(len(ids))[None]] = np.inf
         heldout = (1 - reference.features.heldout @ features.train.T).min(axis=0).min(axis=1)
         out["feature_distance"] = distances.min(axis=1)
         out["closer_to_train"], out["closer_to_train_real"] = _closer_to_train(
-            out["feature_distance"].to_numpy(), features.images[0], heldout, reference.features.heldout[0])
+            out["feature_distance"].to_numpy(), features.images[0], heldout, reference.features.heldout[0]
+        )
     out = out.reindex(columns=[*manifest.columns, *[c for c in COLUMNS if c not in manifest.columns]])
     out["copy_of"] = np.where(out["copy"].astype(bool), out["nearest_patch"], None)
     out["reason"] = [_reason(row, s) for row in out.to_dict("records")]
     out["keep"] = out["reason"].eq("") | (not s["enabled"])
-    log.info("%d of %d images kept (%s)", int(out["keep"].sum()), len(out),
-             ", ".join(f"{n} {r}" for r, n in reason_kinds(out).items()) or "no rejects")
+    log.info(
+        "%d of %d images kept (%s)",
+        int(out["keep"].sum()),
+        len(out),
+        ", ".join(f"{n} {r}" for r, n in reason_kinds(out).items()) or "no rejects",
+    )
     return out
 
 
-def _closer_to_train(train_distance: np.ndarray, features: np.ndarray, heldout_train_distance: np.ndarray,
-                     heldout_features: np.ndarray) -> tuple[np.ndarray, float]:
+def _closer_to_train(
+    train_distance: np.ndarray, features: np.ndarray, heldout_train_distance: np.ndarray, heldout_features: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Per image (its nearest-training distance and unit features), whether it is nearer a training
     patch than any patch of one half of the held-out real patches (the odd ones), and the same share
     for the other half (the even ones): what a real image that was never trained on scores, the
@@ -192,16 +259,22 @@ def _reason(row: Mapping, s: Mapping) -> str:
     if row["consistency"] < s["min_consistency"]:
         reasons.append(f"consistency {row['consistency']:.2f} < curation.min_consistency {s['min_consistency']}")
     if row["nuclei_consistency"] < s["min_nuclei_consistency"]:
-        reasons.append(f"nuclei consistency {row['nuclei_consistency']:.2f} < curation.min_nuclei_consistency "
-                       f"{s['min_nuclei_consistency']}")
+        reasons.append(
+            f"nuclei consistency {row['nuclei_consistency']:.2f} < curation.min_nuclei_consistency "
+            f"{s['min_nuclei_consistency']}"
+        )
     if s["max_synthetic_probability"] is not None and row["p_synthetic"] > s["max_synthetic_probability"]:
-        reasons.append(f"realism: p(synthetic) {row['p_synthetic']:.2f} > curation.max_synthetic_probability "
-                       f"{s['max_synthetic_probability']} (out of fold, rule realism)")
+        reasons.append(
+            f"realism: p(synthetic) {row['p_synthetic']:.2f} > curation.max_synthetic_probability "
+            f"{s['max_synthetic_probability']} (out of fold, rule realism)"
+        )
     if row["copy"]:
-        reasons.append(f"copy of {row['nearest_patch']}: similarity {row['similarity']:.3f} (copy above "
-                       f"{row['similarity_threshold']:.3f}), relative distance {row['relative_distance']:.3f} (copy below "
-                       f"{row['relative_threshold']:.3f}) by the {row['calibration']} thresholds at curation.copy_quantile "
-                       f"{s['copy_quantile']} of held-out real")
+        reasons.append(
+            f"copy of {row['nearest_patch']}: similarity {row['similarity']:.3f} (copy above "
+            f"{row['similarity_threshold']:.3f}), relative distance {row['relative_distance']:.3f} (copy below "
+            f"{row['relative_threshold']:.3f}) by the {row['calibration']} thresholds at curation.copy_quantile "
+            f"{s['copy_quantile']} of held-out real"
+        )
     return "; ".join(reasons)
 
 
@@ -209,7 +282,9 @@ def reason_kinds(curated: pd.DataFrame) -> dict[str, int]:
     """Images rejected for each REASON_KINDS kind; an image may count under several."""
     kinds = dict.fromkeys(REASON_KINDS, 0)
     for reason in curated["reason"]:
-        for kind in {next(k for k in REASON_KINDS if part.startswith(k)) for part in (reason.split("; ") if reason else [])}:
+        for kind in {
+            next(k for k in REASON_KINDS if part.startswith(k)) for part in (reason.split("; ") if reason else [])
+        }:
             kinds[kind] += 1
     return {k: v for k, v in kinds.items() if v}
 
@@ -233,9 +308,19 @@ def _descriptor(settings: Mapping, device: str) -> FeatureExtractor | None:
         raise FeatureError(f"curation.descriptor / curation.descriptor_weights: {err}") from err
 
 
-def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str | Path], *, mode: str,
-                 curated_out: str | Path, audit_out: str | Path, pairs_out: str | Path, config: Mapping,
-                 segmentation_model: str | Path | None = None, realism: str | Path | None = None) -> pd.DataFrame:
+def curate_stage(
+    manifest: str | Path,
+    scores: str | Path,
+    indexes: Sequence[str | Path],
+    *,
+    mode: str,
+    curated_out: str | Path,
+    audit_out: str | Path,
+    pairs_out: str | Path,
+    config: Mapping,
+    segmentation_model: str | Path | None = None,
+    realism: str | Path | None = None,
+) -> pd.DataFrame:
     """Entry of rule curate_synthetic: one synthetic set's manifest against the real training
     (split train) and held-out (split val) patches of `indexes` (labelled as config['labels'] says),
     with the set's per-image consistency `scores` (rule mask_consistency) and the quality stage's
@@ -261,17 +346,29 @@ def curate_stage(manifest: str | Path, scores: str | Path, indexes: Sequence[str
     if extractor is None:
         log.warning("copy candidates come from grey correlation only, and closer_to_train is not measured: %s", why)
     descriptor = _descriptor(s, q["device"])
-    reference = load_reference(real[real["split"] == "train"], real[real["split"] == "val"], extractor,
-                               q["batch_size"], descriptor)
+    reference = load_reference(
+        real[real["split"] == "train"], real[real["split"] == "val"], extractor, q["batch_size"], descriptor
+    )
     if s["max_synthetic_probability"] is not None and realism is None:
-        raise ValueError("curation.max_synthetic_probability needs each image's p_synthetic from rule realism "
-                         "(realism.enabled: true)")
+        raise ValueError(
+            "curation.max_synthetic_probability needs each image's p_synthetic from rule realism "
+            "(realism.enabled: true)"
+        )
     realistic = None
     if realism is not None:
         realistic = pd.read_parquet(realism)
         realistic = realistic[realistic["kind"] == "synthetic"]
-    curated = curate(table, per_image, reference, config["classes"], settings=s, extractor=extractor,
-                     batch_size=q["batch_size"], descriptor=descriptor, realism=realistic)
+    curated = curate(
+        table,
+        per_image,
+        reference,
+        config["classes"],
+        settings=s,
+        extractor=extractor,
+        batch_size=q["batch_size"],
+        descriptor=descriptor,
+        realism=realistic,
+    )
     log.info("%s: %s", mode, reject_summary(curated) if len(curated) else "empty set")
     write_relative(curated, curated_out, [c for c in FILE_COLUMNS if c in curated])
     write_table(audit(curated, len(reference.train), mode), audit_out)

@@ -36,12 +36,14 @@ def segmentation_encoder(model) -> FeatureExtractor:
         stages = encoder(normalise(images.to(model.device)))[1:]  # [0] is the input itself
         return torch.cat([F.adaptive_avg_pool2d(s.float(), 1).flatten(1) for s in stages], 1).cpu()
 
-    return FeatureExtractor(f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, "
-                            f"{model.source})", embed)
+    return FeatureExtractor(
+        f"segmentation encoder ({getattr(model.net, 'name', type(model.net).__name__)}, {model.source})", embed
+    )
 
 
-def build_extractor(name: str, weights: str | Path | None, segmentation=None,
-                    device: str | torch.device = "auto") -> FeatureExtractor:
+def build_extractor(
+    name: str, weights: str | Path | None, segmentation=None, device: str | torch.device = "auto"
+) -> FeatureExtractor:
     """The configured extractor: 'segmentation' (needs the loaded real-only segmentation model)
     or a timm model name with its weights file."""
     if name == SEGMENTATION:
@@ -67,8 +69,10 @@ def configured_extractor(quality: Mapping, segmentation=None) -> tuple[FeatureEx
 
 def image_features(paths: Sequence[str | Path], extractor: FeatureExtractor, batch_size: int) -> np.ndarray:
     """(N, D) float64 features of the same-sized RGB images at `paths`, read batch by batch."""
-    chunks = [pixel_features(np.stack([read_rgb(p) for p in paths[start:start + batch_size]]), extractor)
-              for start in range(0, len(paths), batch_size)]
+    chunks = [
+        pixel_features(np.stack([read_rgb(p) for p in paths[start : start + batch_size]]), extractor)
+        for start in range(0, len(paths), batch_size)
+    ]
     return np.concatenate(chunks) if chunks else np.empty((0, 0))
 
 

@@ -8,7 +8,6 @@
   images; higher = more diverse. Images under 64 px are upsampled to 64 for AlexNet.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ LPIPS_MIN_SIDE = 64
 
 # ----------------------------------------------------------------------------- image sets
 
+
 def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
     """uint8 (N, 3, H, W) of same-sized RGB images."""
     arrays = [read_rgb(path) for path in paths]
@@ -34,8 +34,10 @@ def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
 def inception_features(paths: Sequence[str | Path], net, batch_size: int, device=None) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) float64 arrays for the images at `paths`."""
     device = device or torch.device("cpu")
-    chunks = [inception_embeddings(read_images(paths[start:start + batch_size]), net, device)
-              for start in range(0, len(paths), batch_size)]
+    chunks = [
+        inception_embeddings(read_images(paths[start : start + batch_size]), net, device)
+        for start in range(0, len(paths), batch_size)
+    ]
     if not chunks:
         return np.empty((0, 0)), np.empty((0, 0))
     return np.concatenate([f for f, _ in chunks]), np.concatenate([lg for _, lg in chunks])
@@ -61,16 +63,16 @@ def lpips_diversity(paths: Sequence[str | Path], net, pairs: int, seed: int, bat
         if i not in cache:
             x = read_images([paths[i]]).float() / 127.5 - 1
             if min(x.shape[-2:]) < LPIPS_MIN_SIDE:
-                x = torch.nn.functional.interpolate(x, size=(LPIPS_MIN_SIDE, LPIPS_MIN_SIDE), mode="bilinear", align_corners=False)
+                x = torch.nn.functional.interpolate(
+                    x, size=(LPIPS_MIN_SIDE, LPIPS_MIN_SIDE), mode="bilinear", align_corners=False
+                )
             cache[i] = x[0]
         return cache[i]
 
     scores = []
     for start in range(0, len(every), batch_size):
-        chunk = every[start:start + batch_size]
+        chunk = every[start : start + batch_size]
         a = torch.stack([image(i) for i, _ in chunk]).to(device)
         b = torch.stack([image(j) for _, j in chunk]).to(device)
         scores.append(net(a, b).flatten().cpu())
     return float(torch.cat(scores).mean())
-
-

@@ -19,12 +19,15 @@ PANEL_INCHES = 2.0  # a row's height per image: each is drawn about 180 px wide 
 
 def _rates(curated: pd.DataFrame, n_train: int) -> dict:
     closer = curated["closer_to_train"].dropna().astype(bool)
-    return {"images": len(curated), "kept": int(curated["keep"].sum()),
-            "copies": int(curated["copy"].astype(bool).sum()),
-            "copy_rate": float(curated["copy"].astype(bool).mean()) if len(curated) else np.nan,
-            "train_copied_share": curated["copy_of"].dropna().nunique() / n_train if n_train else np.nan,
-            "closer_to_train_share": float(closer.mean()) if len(closer) else np.nan,
-            **{f"rejected_{k.replace(' ', '_')}": v for k, v in reason_kinds(curated).items()}}
+    return {
+        "images": len(curated),
+        "kept": int(curated["keep"].sum()),
+        "copies": int(curated["copy"].astype(bool).sum()),
+        "copy_rate": float(curated["copy"].astype(bool).mean()) if len(curated) else np.nan,
+        "train_copied_share": curated["copy_of"].dropna().nunique() / n_train if n_train else np.nan,
+        "closer_to_train_share": float(closer.mean()) if len(closer) else np.nan,
+        **{f"rejected_{k.replace(' ', '_')}": v for k, v in reason_kinds(curated).items()},
+    }
 
 
 def audit(curated: pd.DataFrame, n_train: int, name: str) -> pd.DataFrame:
@@ -34,10 +37,18 @@ def audit(curated: pd.DataFrame, n_train: int, name: str) -> pd.DataFrame:
     feature space) with, on the 'all' row, the same share for held-out real patches, and the
     rejects per reason."""
     real = curated["closer_to_train_real"].dropna()
-    rows = [{"set": name, "class": "all", **_rates(curated, n_train),
-             "closer_to_train_share_real": float(real.iloc[0]) if len(real) else np.nan}]
+    rows = [
+        {
+            "set": name,
+            "class": "all",
+            **_rates(curated, n_train),
+            "closer_to_train_share_real": float(real.iloc[0]) if len(real) else np.nan,
+        }
+    ]
     if "class" in curated:
-        rows += [{"set": name, "class": str(label), **_rates(part, n_train)} for label, part in curated.groupby("class")]
+        rows += [
+            {"set": name, "class": str(label), **_rates(part, n_train)} for label, part in curated.groupby("class")
+        ]
     table = pd.DataFrame(rows)
     rejected = sorted(c for c in table if c.startswith("rejected_"))
     return table[[c for c in table if not c.startswith("rejected_")] + rejected].fillna({c: 0 for c in rejected})
@@ -56,9 +67,16 @@ def _caption(row: dict, which: str) -> str:
     """The text under one montage image: the verdict and both measures against their thresholds
     under the synthetic image, the patch and its similarity under a training patch."""
     if which == "image":
-        s, t_s, r, t_r = row["similarity"], row["similarity_threshold"], row["relative_distance"], row["relative_threshold"]
-        return (f"{'COPY' if row['copy'] else 'not a copy'} ({row['calibration']} thresholds)\n"
-                f"similarity {s:.2f} {'>' if s > t_s else '≤'} {t_s:.2f}\nrelative dist. {r:.2f} {'<' if r < t_r else '≥'} {t_r:.2f}")
+        s, t_s, r, t_r = (
+            row["similarity"],
+            row["similarity_threshold"],
+            row["relative_distance"],
+            row["relative_threshold"],
+        )
+        return (
+            f"{'COPY' if row['copy'] else 'not a copy'} ({row['calibration']} thresholds)\n"
+            f"similarity {s:.2f} {'>' if s > t_s else '≤'} {t_s:.2f}\nrelative dist. {r:.2f} {'<' if r < t_r else '≥'} {t_r:.2f}"
+        )
     patch, label = row[f"{which}_patch"], "nearest" if which == "nearest" else "2nd nearest"
     similarity = row["similarity"] if which == "nearest" else row["second_similarity"]
     return f"{label}: {patch}\nsimilarity {similarity:.2f}" if patch is not None else f"{label}: none"
@@ -72,8 +90,9 @@ def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
 
     rows = montage_rows(curated, n)
     index = {pid: i for i, pid in enumerate(reference.train["patch_id"].astype(str))}
-    figure, axes = plt.subplots(max(len(rows), 1), 3, figsize=(3 * PANEL_INCHES + 0.4, max(len(rows), 1) * (PANEL_INCHES + 0.7)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        max(len(rows), 1), 3, figsize=(3 * PANEL_INCHES + 0.4, max(len(rows), 1) * (PANEL_INCHES + 0.7)), squeeze=False
+    )
     for ax in axes.flat:
         ax.set_axis_off()
     if rows.empty:
@@ -90,8 +109,16 @@ def montage(curated: pd.DataFrame, reference: Reference, n: int = MONTAGE_ROWS):
         for axis, (pixels, title, text) in zip(ax, panels, strict=True):
             axis.imshow(pixels, interpolation="nearest")
             axis.set_title(title, fontsize=8, color="#c81e1e" if row["copy"] else "black")
-            axis.text(0.5, -0.03, text, transform=axis.transAxes, ha="center", va="top", fontsize=8,
-                      color="#c81e1e" if row["copy"] and title else "black")
+            axis.text(
+                0.5,
+                -0.03,
+                text,
+                transform=axis.transAxes,
+                ha="center",
+                va="top",
+                fontsize=8,
+                color="#c81e1e" if row["copy"] and title else "black",
+            )
     figure.suptitle("synthetic image (in the view that matched) | nearest training patch | 2nd nearest", fontsize=9)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.25 / figure.get_figheight()))
     return figure

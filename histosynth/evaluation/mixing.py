@@ -48,7 +48,9 @@ def synthetic_count(ratio: Mapping, n_real: int) -> int:
     """Synthetic images a ratio asks for: an int is a count, a float a fraction of n_real (rounded)."""
     amount = ratio["synthetic"]
     if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
-        raise MixingError(f"ratio {ratio.get('name')!r}: synthetic must be a count (int) or a fraction (float) >= 0, got {amount!r}")
+        raise MixingError(
+            f"ratio {ratio.get('name')!r}: synthetic must be a count (int) or a fraction (float) >= 0, got {amount!r}"
+        )
     return int(amount) if isinstance(amount, int) else int(math.floor(amount * n_real + 0.5))
 
 
@@ -65,8 +67,18 @@ def read_synthetic(curated: Mapping[str, str | Path]) -> tuple[pd.DataFrame, str
     return pool, "; ".join(lines)
 
 
-def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, *, on_shortfall: str, labels: Mapping,
-        classes: Sequence[str] = (), sources: Sequence[str] | None = None, kept: str = "") -> pd.DataFrame:
+def mix(
+    real: pd.DataFrame,
+    synthetic: pd.DataFrame,
+    ratio: Mapping,
+    seed: int,
+    *,
+    on_shortfall: str,
+    labels: Mapping,
+    classes: Sequence[str] = (),
+    sources: Sequence[str] | None = None,
+    kept: str = "",
+) -> pd.DataFrame:
     """The training manifest of one ratio: columns source (real|synthetic), mode (real|synth|
     inpaint), image, mask, split ("train"), origin_id (patch_id or synthetic id), slide (None for
     synthetic rows), source_slide (the slide the image or its conditioning map comes from), class (the image's label under resolved `labels`, histosynth.data.labels:
@@ -87,12 +99,32 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
     picked = _pick_synthetic(synthetic, wanted, seed, name, sources, on_shortfall, kept)
     frames = []
     if use_real:
-        frames.append(_rows(train, "real", train["patch_id"], train["slide"], train["slide"], ["real"] * len(train),
-                            patch_labels(train, labels), classes))
+        frames.append(
+            _rows(
+                train,
+                "real",
+                train["patch_id"],
+                train["slide"],
+                train["slide"],
+                ["real"] * len(train),
+                patch_labels(train, labels),
+                classes,
+            )
+        )
     if len(picked):
         modes = picked["mode"] if "mode" in picked else ["synthetic"] * len(picked)
-        frames.append(_rows(picked, "synthetic", picked["id"], [None] * len(picked), picked["source_slide"], modes,
-                            picked["class"], classes))
+        frames.append(
+            _rows(
+                picked,
+                "synthetic",
+                picked["id"],
+                [None] * len(picked),
+                picked["source_slide"],
+                modes,
+                picked["class"],
+                classes,
+            )
+        )
     if not frames:
         raise MixingError(f"ratio {name!r}: real is false and synthetic is 0, so the training set would be empty")
     manifest = pd.concat(frames, ignore_index=True)
@@ -100,8 +132,9 @@ def mix(real: pd.DataFrame, synthetic: pd.DataFrame, ratio: Mapping, seed: int, 
     return manifest
 
 
-def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sources: Sequence[str] | None,
-                    on_shortfall: str, kept: str) -> pd.DataFrame:
+def _pick_synthetic(
+    pool: pd.DataFrame, wanted: int, seed: int, name: str, sources: Sequence[str] | None, on_shortfall: str, kept: str
+) -> pd.DataFrame:
     if wanted == 0:
         return pool.iloc[:0]
     if pool.empty:
@@ -112,22 +145,35 @@ def _pick_synthetic(pool: pd.DataFrame, wanted: int, seed: int, name: str, sourc
             f"{f' ({kept})' if kept else ''}; check that stage's log and its manifest, or set this ratio's synthetic to 0"
         )
     if wanted > len(pool):
-        message = (f"ratio {name!r} asks for {wanted} synthetic images but only {len(pool)} are available ({kept or 'all'})")
+        message = (
+            f"ratio {name!r} asks for {wanted} synthetic images but only {len(pool)} are available ({kept or 'all'})"
+        )
         if on_shortfall != "use_available":
-            raise MixingError(f"{message}; lower the ratio, generate more (synthesis.*.n), loosen curation "
-                              "(curation.min_consistency, curation.copy_quantile) or set mixing.on_shortfall: use_available")
+            raise MixingError(
+                f"{message}; lower the ratio, generate more (synthesis.*.n), loosen curation "
+                "(curation.min_consistency, curation.copy_quantile) or set mixing.on_shortfall: use_available"
+            )
         log.warning("%s: using all %d (mixing.on_shortfall: use_available)", message, len(pool))
     order = np.random.default_rng(derive_seed(seed, "mixing")).permutation(len(pool))
     return pool.iloc[order[:wanted]].reset_index(drop=True)
 
 
-def _rows(table: pd.DataFrame, source: str, origin, slide, source_slide, mode, label, classes: Sequence[str]) -> pd.DataFrame:
-    rows = pd.DataFrame({
-        "source": source, "mode": list(mode), "image": table["image"].to_numpy(),
-        "mask": table["mask"].to_numpy() if "mask" in table else None,  # a GAN set has none
-        "split": "train", "origin_id": list(origin), "slide": list(slide), "source_slide": list(source_slide),
-        "class": list(label),
-    })
+def _rows(
+    table: pd.DataFrame, source: str, origin, slide, source_slide, mode, label, classes: Sequence[str]
+) -> pd.DataFrame:
+    rows = pd.DataFrame(
+        {
+            "source": source,
+            "mode": list(mode),
+            "image": table["image"].to_numpy(),
+            "mask": table["mask"].to_numpy() if "mask" in table else None,  # a GAN set has none
+            "split": "train",
+            "origin_id": list(origin),
+            "slide": list(slide),
+            "source_slide": list(source_slide),
+            "class": list(label),
+        }
+    )
     for name in classes:
         column = fraction_column(name)
         rows[column] = table[column].to_numpy(float) if column in table else np.nan
@@ -141,8 +187,10 @@ def _check_leakage(real: pd.DataFrame, synthetic: pd.DataFrame) -> None:
     test_ids = set(real.loc[real["split"] == "test", "patch_id"])
     leaked = synthetic["source_patch_id"].isin(test_ids)
     if leaked.any():
-        raise MixingError(f"{int(leaked.sum())} synthetic images were made from test-slide patches "
-                          f"(e.g. {synthetic.loc[leaked, 'source_patch_id'].iloc[0]}); test slides must feed no training")
+        raise MixingError(
+            f"{int(leaked.sum())} synthetic images were made from test-slide patches "
+            f"(e.g. {synthetic.loc[leaked, 'source_patch_id'].iloc[0]}); test slides must feed no training"
+        )
 
 
 def class_share(manifest: pd.DataFrame, classes: Sequence[str], ratio: str) -> pd.DataFrame:
@@ -185,15 +233,33 @@ def read_mix(path: str | Path) -> pd.DataFrame:
     return read_patch_index(path, columns=("image", "mask"))
 
 
-def mix_dataset(real_indexes: Sequence[str | Path], curated_sets: Mapping[str, str | Path], ratio: Mapping,
-                seed: int, classes: Sequence[str], labels: Mapping, manifest_out: str | Path, share_out: str | Path, *,
-                on_shortfall: str) -> pd.DataFrame:
+def mix_dataset(
+    real_indexes: Sequence[str | Path],
+    curated_sets: Mapping[str, str | Path],
+    ratio: Mapping,
+    seed: int,
+    classes: Sequence[str],
+    labels: Mapping,
+    manifest_out: str | Path,
+    share_out: str | Path,
+    *,
+    on_shortfall: str,
+) -> pd.DataFrame:
     """Entry of rule mix_dataset: read the patch indexes and the configured curated synthetic sets
     ({mode: path}), mix one ratio and write its manifest and class-share table; return the manifest."""
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     pool, kept = read_synthetic(curated_sets)
-    manifest = mix(real, pool, ratio, seed, on_shortfall=on_shortfall, labels=labels, classes=classes,
-                   sources=list(curated_sets), kept=kept)
+    manifest = mix(
+        real,
+        pool,
+        ratio,
+        seed,
+        on_shortfall=on_shortfall,
+        labels=labels,
+        classes=classes,
+        sources=list(curated_sets),
+        kept=kept,
+    )
     write_mix(manifest, manifest_out)
     write_table(class_share(manifest, classes, ratio["name"]), share_out)
     return manifest

@@ -51,6 +51,8 @@ from histosynth.weights import WEIGHTS, weights_file
 log = logging.getLogger(__name__)
 
 COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note", "extractor")
+
+
 def image_classes(table: pd.DataFrame, labels: Mapping) -> np.ndarray:
     """Label per row (histosynth.data.labels): a synthetic manifest's `class`, else the patch's
     label (the sheet's, or its dominant region class)."""
@@ -64,10 +66,21 @@ def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return table.iloc[keep].reset_index(drop=True)
 
 
-def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], classes: Sequence[str], *,
-                  labels: Mapping, weights_dir: str | Path, settings: Mapping | None = None, segment: Callable[[np.ndarray], np.ndarray] | None = None,
-                  nuclei_settings=None, nuclei_model=None, mpp: float | None = None,
-                  extractor: FeatureExtractor | None = None, extractor_note: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+def image_quality(
+    real: pd.DataFrame,
+    synthetic: Mapping[str, pd.DataFrame],
+    classes: Sequence[str],
+    *,
+    labels: Mapping,
+    weights_dir: str | Path,
+    settings: Mapping | None = None,
+    segment: Callable[[np.ndarray], np.ndarray] | None = None,
+    nuclei_settings=None,
+    nuclei_model=None,
+    mpp: float | None = None,
+    extractor: FeatureExtractor | None = None,
+    extractor_note: str = "",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
     the real training rows (weights from weights_dir, histosynth.weights), and the per-image consistency scores (set, id, kind, class, counts,
     IoU, Dice). Fréchet distances, KID, IS and diversity come per label (resolved `labels`) and
@@ -79,7 +92,9 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
     s = section_defaults("quality", settings)
     device = pick_device(s["device"])
     all_real = real
-    real = _sample(real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real"))
+    real = _sample(
+        real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real")
+    )
     real_classes = image_classes(real, labels)
     rows: list[dict] = []
     scores: list[pd.DataFrame] = []
@@ -104,8 +119,19 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
         groups = ["all", *[c for c in labels["classes"] if (syn_classes == c).any() or (real_classes == c).any()]]
 
         def add(metric, name, value, n_real, n_syn, status="ok", note="", used="", mode=mode):
-            rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
-                         "n_synthetic": n_syn, "status": status, "note": note, "extractor": used})
+            rows.append(
+                {
+                    "set": mode,
+                    "metric": metric,
+                    "class": name,
+                    "value": value,
+                    "n_real": n_real,
+                    "n_synthetic": n_syn,
+                    "status": status,
+                    "note": note,
+                    "extractor": used,
+                }
+            )
 
         if table.empty:
             add("images", "all", 0.0, len(real), 0, "skipped", f"synthetic set {mode} is empty")
@@ -121,15 +147,27 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
             g = np.ones(len(table), bool) if group == "all" else syn_classes == group
             n_r, n_g = int(r.sum()), int(g.sum())
             few = n_r < s["min_images"] or n_g < s["min_images"]
-            few_note = (f"{mode}, class {group}: {n_r} real and {n_g} synthetic images, fewer than "
-                        f"quality.min_images={s['min_images']}")
+            few_note = (
+                f"{mode}, class {group}: {n_r} real and {n_g} synthetic images, fewer than "
+                f"quality.min_images={s['min_images']}"
+            )
             if features is None or few:
                 for metric in ("fid", "kid", "kid_std", "is", "is_std"):
-                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note if features is not None else inception_note,
-                        inception_name)
+                    add(
+                        metric,
+                        group,
+                        math.nan,
+                        n_r,
+                        n_g,
+                        "skipped",
+                        few_note if features is not None else inception_note,
+                        inception_name,
+                    )
             else:
                 add("fid", group, fid(real_features[r], features[g]), n_r, n_g, used=inception_name)
-                kid_mean, kid_std = kid(real_features[r], features[g], s["kid_subsets"], s["kid_subset_size"], s["seed"])
+                kid_mean, kid_std = kid(
+                    real_features[r], features[g], s["kid_subsets"], s["kid_subset_size"], s["seed"]
+                )
                 add("kid", group, kid_mean, n_r, n_g, used=inception_name)
                 add("kid_std", group, kid_std, n_r, n_g, used=inception_name)
                 is_mean, is_std = inception_score(logits[g], s["is_splits"], s["seed"])
@@ -137,26 +175,63 @@ def image_quality(real: pd.DataFrame, synthetic: Mapping[str, pd.DataFrame], cla
                 add("is_std", group, is_std, n_r, n_g, used=inception_name)
             if embedded is None or few:
                 for metric in ("fd", "kd", "kd_std", "feature_diversity"):
-                    add(metric, group, math.nan, n_r, n_g, "skipped", few_note if embedded is not None else extractor_note,
-                        extractor.name if extractor is not None else "")
+                    add(
+                        metric,
+                        group,
+                        math.nan,
+                        n_r,
+                        n_g,
+                        "skipped",
+                        few_note if embedded is not None else extractor_note,
+                        extractor.name if extractor is not None else "",
+                    )
             else:
                 add("fd", group, fid(real_embedded[r], embedded[g]), n_r, n_g, used=extractor.name)
                 kd_mean, kd_std = kid(real_embedded[r], embedded[g], s["kid_subsets"], s["kid_subset_size"], s["seed"])
                 add("kd", group, kd_mean, n_r, n_g, used=extractor.name)
                 add("kd_std", group, kd_std, n_r, n_g, used=extractor.name)
                 real_diversity = pairwise_diversity(real_embedded[r], s["lpips_pairs"], s["seed"])
-                add("feature_diversity", group, pairwise_diversity(embedded[g], s["lpips_pairs"], s["seed"]), n_r, n_g,
-                    note=f"real images: {real_diversity:.4f}", used=extractor.name)
+                add(
+                    "feature_diversity",
+                    group,
+                    pairwise_diversity(embedded[g], s["lpips_pairs"], s["seed"]),
+                    n_r,
+                    n_g,
+                    note=f"real images: {real_diversity:.4f}",
+                    used=extractor.name,
+                )
             if lpips_net is None or n_g < max(2, s["min_images"]):
-                add("lpips_diversity", group, math.nan, n_r, n_g, "skipped", lpips_note if lpips_net is None else few_note,
-                    lpips_name)
+                add(
+                    "lpips_diversity",
+                    group,
+                    math.nan,
+                    n_r,
+                    n_g,
+                    "skipped",
+                    lpips_note if lpips_net is None else few_note,
+                    lpips_name,
+                )
             else:
                 paths = table.loc[g, "image"].tolist()
-                add("lpips_diversity", group, lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device),
-                    n_r, n_g, used=lpips_name)
+                add(
+                    "lpips_diversity",
+                    group,
+                    lpips_diversity(paths, lpips_net, s["lpips_pairs"], s["seed"], s["batch_size"], device),
+                    n_r,
+                    n_g,
+                    used=lpips_name,
+                )
         if s["consistency"]:
-            found, per_image = set_consistency(table, mode, all_real, classes, segment=segment,
-                                               nuclei_settings=nuclei_settings, nuclei_model=nuclei_model, mpp=mpp)
+            found, per_image = set_consistency(
+                table,
+                mode,
+                all_real,
+                classes,
+                segment=segment,
+                nuclei_settings=nuclei_settings,
+                nuclei_model=nuclei_model,
+                mpp=mpp,
+            )
             rows.extend(found)
             scores.append(per_image)
     return pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
@@ -167,25 +242,49 @@ def _per_image(scores: list[pd.DataFrame]) -> pd.DataFrame:
     return per_image.reindex(columns=["set", *SCORE_COLUMNS])
 
 
-def set_consistency(table: pd.DataFrame, mode: str, real: pd.DataFrame, classes: Sequence[str], *,
-                    segment: Callable[[np.ndarray], np.ndarray] | None, nuclei_settings=None, nuclei_model=None,
-                    mpp: float | None = None) -> tuple[list[dict], pd.DataFrame]:
+def set_consistency(
+    table: pd.DataFrame,
+    mode: str,
+    real: pd.DataFrame,
+    classes: Sequence[str],
+    *,
+    segment: Callable[[np.ndarray], np.ndarray] | None,
+    nuclei_settings=None,
+    nuclei_model=None,
+    mpp: float | None = None,
+) -> tuple[list[dict], pd.DataFrame]:
     """Mask consistency of one synthetic set (manifest rows, absolute paths): quality rows (COLUMNS;
     pooled per class, skip rows saying why, the real source patches' own agreement) and the
     per-image scores (set, SCORE_COLUMNS) that curation reads. Arguments as image_quality's."""
     rows: list[dict] = []
 
     def add(metric, name, value, n_real=0, status="ok", note="", used=""):
-        rows.append({"set": mode, "metric": metric, "class": name, "value": value, "n_real": n_real,
-                     "n_synthetic": len(table), "status": status, "note": note, "extractor": used})
+        rows.append(
+            {
+                "set": mode,
+                "metric": metric,
+                "class": name,
+                "value": value,
+                "n_real": n_real,
+                "n_synthetic": len(table),
+                "status": status,
+                "note": note,
+                "extractor": used,
+            }
+        )
 
     if "mask" not in table:
         add("mask_iou", "all", math.nan, status="skipped", note=f"synthetic set {mode} has no masks (a GAN set)")
         return rows, _per_image([])
     found = []
     if segment is None:
-        add("mask_iou", "all", math.nan, status="skipped",
-            note="no segmentation model given (the ratio-0 model of rule train_segmentation)")
+        add(
+            "mask_iou",
+            "all",
+            math.nan,
+            status="skipped",
+            note="no segmentation model given (the ratio-0 model of rule train_segmentation)",
+        )
     else:
         found.append(region_scores(table, classes, segment))
     if nuclei_settings is None or mpp is None or "conditioning" not in table:
@@ -196,17 +295,34 @@ def set_consistency(table: pd.DataFrame, mode: str, real: pd.DataFrame, classes:
     scores = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=SCORE_COLUMNS)
     detector = "nuclei detector " + (str(nuclei_model.path) if nuclei_model is not None else "(classical)")
     for row in pooled_consistency(scores):
-        add(row["metric"], row["class"], row["value"], note=row["note"],
-            used="segmentation model" if row["metric"].startswith("mask") else detector)
+        add(
+            row["metric"],
+            row["class"],
+            row["value"],
+            note=row["note"],
+            used="segmentation model" if row["metric"].startswith("mask") else detector,
+        )
     if segment is not None:
         for row in real_reference(table, real, classes, segment):
-            add(row["metric"], row["name"], row["value"], n_real=int(table["source_patch_id"].nunique()), note=row["note"],
-                used="segmentation model")
+            add(
+                row["metric"],
+                row["name"],
+                row["value"],
+                n_real=int(table["source_patch_id"].nunique()),
+                note=row["note"],
+                used="segmentation model",
+            )
     return rows, _per_image([scores.assign(set=mode)])
 
 
-def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], out: str | Path, *,
-                        config: Mapping, segmentation_model: str | Path | None = None) -> pd.DataFrame:
+def image_quality_stage(
+    real_indexes: Sequence[str | Path],
+    manifests: Mapping[str, str | Path],
+    out: str | Path,
+    *,
+    config: Mapping,
+    segmentation_model: str | Path | None = None,
+) -> pd.DataFrame:
     """Entry of rule image_quality: the report's distribution scores of each synthetic manifest
     ({mode: path}) against the real training patches; the segmentation run folder (ratio 0) is the
     offline feature space when quality.extractor is 'segmentation'. Writes `out` (the quality table).
@@ -223,15 +339,29 @@ def image_quality_stage(real_indexes: Sequence[str | Path], manifests: Mapping[s
     extractor_note = f"offline FD/KD skipped: {why}" if extractor is None else ""
     if extractor is None:
         log.warning("%s", extractor_note)
-    table, _ = image_quality(real, synthetic, config["classes"], labels=config["labels"], weights_dir=config["weights_dir"],
-                             settings=s, extractor=extractor, extractor_note=extractor_note)
+    table, _ = image_quality(
+        real,
+        synthetic,
+        config["classes"],
+        labels=config["labels"],
+        weights_dir=config["weights_dir"],
+        settings=s,
+        extractor=extractor,
+        extractor_note=extractor_note,
+    )
     write_table(table, out)
     return table
 
 
-def consistency_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str, str | Path], table_out: str | Path,
-                      scores_out: str | Path, *, config: Mapping,
-                      segmentation_model: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def consistency_stage(
+    real_indexes: Sequence[str | Path],
+    manifests: Mapping[str, str | Path],
+    table_out: str | Path,
+    scores_out: str | Path,
+    *,
+    config: Mapping,
+    segmentation_model: str | Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Entry of rule mask_consistency: each synthetic manifest's ({mode: path}) images, sampled as
     image_quality samples them, against their masks (the segmentation run folder of ratio 0) and
     nuclei (config `nuclei`). Writes the pooled quality rows for the report (`table_out`) and the
@@ -253,8 +383,16 @@ def consistency_stage(real_indexes: Sequence[str | Path], manifests: Mapping[str
             table = _sample(read_file_table(path), s["max_images"], derive_seed(s["seed"], "synthetic", mode))
             if table.empty:
                 continue
-            found, per_image = set_consistency(table, mode, real, config["classes"], segment=segment, nuclei_settings=nuclei,
-                                               nuclei_model=nuclei_model, mpp=config["patches"]["mpp"])
+            found, per_image = set_consistency(
+                table,
+                mode,
+                real,
+                config["classes"],
+                segment=segment,
+                nuclei_settings=nuclei,
+                nuclei_model=nuclei_model,
+                mpp=config["patches"]["mpp"],
+            )
             rows += found
             scores.append(per_image)
     quality, per_image = pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)

@@ -12,7 +12,14 @@ import pandas as pd
 from histosynth.evaluation.figures import GROUP_WIDTH, bar_offset, plt, save_figure, wrap
 from histosynth.evaluation.report_tables import QUALITY_METRICS
 
-PER_CLASS_METRICS = ("c2st_auc", "fd", "kd", "fid", "kid", "is")  # the seeds' per-class table (000 Table 5: FID and IS per class)
+PER_CLASS_METRICS = (
+    "c2st_auc",
+    "fd",
+    "kd",
+    "fid",
+    "kid",
+    "is",
+)  # the seeds' per-class table (000 Table 5: FID and IS per class)
 
 
 def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
@@ -23,23 +30,41 @@ def plot_quality_per_class(quality: pd.DataFrame, out: str | Path) -> Path:
     ok = quality[(quality["status"] == "ok") & quality["metric"].isin(PER_CLASS_METRICS)]
     metrics = [m for m in PER_CLASS_METRICS if m in set(ok["metric"])]
     classes = ["all", *[c for c in dict.fromkeys(ok["class"]) if c != "all"]]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(max(6.0, 0.9 * len(classes) * max(1, len(metrics)) + 2), 3.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(max(6.0, 0.9 * len(classes) * max(1, len(metrics)) + 2), 3.6), squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics):
-        wide = ok[ok["metric"] == metric].pivot_table(index="class", columns="set", values="value", sort=False).reindex(classes)
+        wide = (
+            ok[ok["metric"] == metric]
+            .pivot_table(index="class", columns="set", values="value", sort=False)
+            .reindex(classes)
+        )
         x = np.arange(len(wide))
         for k, name in enumerate(wide.columns):
-            ax.bar(x + bar_offset(k, len(wide.columns)), wide[name], GROUP_WIDTH / len(wide.columns), label=name, color=f"C{k}")
+            ax.bar(
+                x + bar_offset(k, len(wide.columns)),
+                wide[name],
+                GROUP_WIDTH / len(wide.columns),
+                label=name,
+                color=f"C{k}",
+            )
         better = "higher" if metric == "is" else "nearer 0.5" if metric == "c2st_auc" else "lower"
         space = ok.loc[ok["metric"] == metric, "extractor"].iloc[0] if "extractor" in ok else ""
-        ax.set_title(f"{metric} ({better} is better)" + (f"\n{wrap(_short_extractor(space), 32)}" if space else ""), fontsize=9)
+        ax.set_title(
+            f"{metric} ({better} is better)" + (f"\n{wrap(_short_extractor(space), 32)}" if space else ""), fontsize=9
+        )
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
         ax.legend(fontsize=8)
     if not metrics:
         axes[0][0].axis("off")
         notes = sorted(set(quality.loc[quality["metric"].isin(PER_CLASS_METRICS), "note"].dropna()))
-        axes[0][0].text(0, 0.5, "no per-class distribution metric computed:\n" + "\n".join(wrap(n, 90) for n in notes),
-                        fontsize=8, va="center")
+        axes[0][0].text(
+            0,
+            0.5,
+            "no per-class distribution metric computed:\n" + "\n".join(wrap(n, 90) for n in notes),
+            fontsize=8,
+            va="center",
+        )
     fig.suptitle("Synthetic sets per class against the real training patches", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)
@@ -60,7 +85,9 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
     c2st = c2st.pivot_table(index="set", columns="metric", values="value", sort=False) if len(c2st) else None
     per_image = scores.dropna(subset=["dice"]) if scores is not None and len(scores) else None
     panels = (1 if c2st is not None else 0) + len(metrics) + (1 if len(consistency) else 0)
-    width = 2.8 * (len(metrics) + (c2st is not None)) + (1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0)
+    width = 2.8 * (len(metrics) + (c2st is not None)) + (
+        1.2 + 0.5 * consistency["class"].nunique() if len(consistency) else 0
+    )
     rows = 2 if per_image is not None and len(per_image) else 1
     fig, grid = plt.subplots(rows, max(1, panels), figsize=(max(6.0, width), 3.4 * rows), squeeze=False)
     axes = grid
@@ -68,8 +95,14 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         ax, axes = axes[0][0], axes[:, 1:]
         x = np.arange(len(c2st))
         ax.bar(x, c2st["c2st_auc"] - 0.5, bottom=0.5, color="C1")
-        ax.errorbar(x, c2st["c2st_auc"], yerr=[c2st["c2st_auc"] - c2st["c2st_low"], c2st["c2st_high"] - c2st["c2st_auc"]],
-                    fmt="none", color="black", capsize=4)
+        ax.errorbar(
+            x,
+            c2st["c2st_auc"],
+            yerr=[c2st["c2st_auc"] - c2st["c2st_low"], c2st["c2st_high"] - c2st["c2st_auc"]],
+            fmt="none",
+            color="black",
+            capsize=4,
+        )
         ax.axhline(0.5, color="0.3", ls="--", lw=1)
         ax.set_xticks(x, c2st.index.astype(str))
         ax.set_ylim(0.3, 1.02)
@@ -85,11 +118,21 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         x = np.arange(len(wide))
         for k, name in enumerate(wide.columns):
             ax.bar(x + bar_offset(k, len(wide.columns)), wide[name], GROUP_WIDTH / len(wide.columns), label=name)
-        reference = ok[ok["metric"] == "mask_dice_real"].pivot_table(index="class", columns="set", values="value", sort=False)
+        reference = ok[ok["metric"] == "mask_dice_real"].pivot_table(
+            index="class", columns="set", values="value", sort=False
+        )
         label = "same maps, real patches"
         for k, name in enumerate(wide.columns):
             if name in reference:
-                ax.scatter(x + bar_offset(k, len(wide.columns)), reference[name].reindex(wide.index), marker="_", s=200, color="black", zorder=3, label=label)
+                ax.scatter(
+                    x + bar_offset(k, len(wide.columns)),
+                    reference[name].reindex(wide.index),
+                    marker="_",
+                    s=200,
+                    color="black",
+                    zorder=3,
+                    label=label,
+                )
                 label = None
         ax.set_xticks(x, wide.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
@@ -104,11 +147,18 @@ def plot_quality(quality: pd.DataFrame, out: str | Path, scores: pd.DataFrame | 
         classes = list(dict.fromkeys(per_image["class"]))
         sets = list(dict.fromkeys(per_image["set"]))
         for k, name in enumerate(sets):
-            data = [per_image[(per_image["class"] == c) & (per_image["set"] == name)]["dice"].to_numpy() for c in classes]
+            data = [
+                per_image[(per_image["class"] == c) & (per_image["set"] == name)]["dice"].to_numpy() for c in classes
+            ]
             where = np.arange(len(classes)) + bar_offset(k, len(sets))
             keep = [i for i, d in enumerate(data) if len(d)]
-            box = ax.boxplot([data[i] for i in keep], positions=where[keep], widths=0.9 * GROUP_WIDTH / len(sets),
-                             patch_artist=True, manage_ticks=False)
+            box = ax.boxplot(
+                [data[i] for i in keep],
+                positions=where[keep],
+                widths=0.9 * GROUP_WIDTH / len(sets),
+                patch_artist=True,
+                manage_ticks=False,
+            )
             for patch in box["boxes"]:
                 patch.set_facecolor(f"C{k}")
             ax.plot([], [], color=f"C{k}", lw=6, label=name)

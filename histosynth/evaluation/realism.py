@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HIGH_FREQUENCY = 0.25   # cycles per pixel: a quarter of the sampling frequency
-SPECTRUM_BINS = 16      # radial frequency bins from 0 to the Nyquist frequency (0.5 cycles/pixel)
+HIGH_FREQUENCY = 0.25  # cycles per pixel: a quarter of the sampling frequency
+SPECTRUM_BINS = 16  # radial frequency bins from 0 to the Nyquist frequency (0.5 cycles/pixel)
 
 
 def grey(images: np.ndarray) -> np.ndarray:
@@ -89,8 +89,12 @@ def image_measures(images: np.ndarray) -> dict[str, np.ndarray]:
     (N, SPECTRUM_BINS), and the bins' frequencies."""
     power, radius = _power(images)
     frequencies, spectrum = _radial(power, radius)
-    return {"laplacian_variance": laplacian_variance(images), "high_frequency_share": _share(power, radius),
-            "spectrum": spectrum, "frequencies": frequencies}
+    return {
+        "laplacian_variance": laplacian_variance(images),
+        "high_frequency_share": _share(power, radius),
+        "spectrum": spectrum,
+        "frequencies": frequencies,
+    }
 
 
 def texture_statistics(images: np.ndarray, measures: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
@@ -103,12 +107,20 @@ def texture_statistics(images: np.ndarray, measures: Mapping[str, np.ndarray] | 
     spectrum = m["spectrum"]
     shape = spectrum / np.maximum(spectrum.sum(axis=1, keepdims=True), 1e-12)
     rgb = images.astype(np.float32) / 255
-    return np.column_stack([
-        np.log1p(m["laplacian_variance"]), np.log(m["high_frequency_share"] + 1e-9), np.log1p(gradient),
-        rgb.mean(axis=(1, 2)), rgb.std(axis=(1, 2)), np.log(shape + 1e-9)])
+    return np.column_stack(
+        [
+            np.log1p(m["laplacian_variance"]),
+            np.log(m["high_frequency_share"] + 1e-9),
+            np.log1p(gradient),
+            rgb.mean(axis=(1, 2)),
+            rgb.std(axis=(1, 2)),
+            np.log(shape + 1e-9),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- the two-sample test
+
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC of scores for bool labels (True = positive) from ranks (ties share their rank); NaN
@@ -125,17 +137,20 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 class TwoSampleTest:
     """Out-of-fold probabilities of 'synthetic' for every image, which were synthetic, and the fold
     that scored each."""
-    synthetic: np.ndarray      # bool (N,)
-    probability: np.ndarray    # (N,) mean of the two learners' out-of-fold probabilities
-    linear: np.ndarray         # (N,) the texture-statistics learner's
-    cnn: np.ndarray            # (N,) the pixel CNN's
-    fold: np.ndarray           # (N,) fold index
+
+    synthetic: np.ndarray  # bool (N,)
+    probability: np.ndarray  # (N,) mean of the two learners' out-of-fold probabilities
+    linear: np.ndarray  # (N,) the texture-statistics learner's
+    cnn: np.ndarray  # (N,) the pixel CNN's
+    fold: np.ndarray  # (N,) fold index
 
     def fold_aucs(self, subset: np.ndarray | None = None, scores: np.ndarray | None = None) -> np.ndarray:
         """AUC within each fold (its own models) among `subset`; folds without both kinds left out."""
         keep = np.ones(len(self.synthetic), bool) if subset is None else subset
         scores = self.probability if scores is None else scores
-        values = [auc(self.synthetic[keep & (self.fold == k)], scores[keep & (self.fold == k)]) for k in np.unique(self.fold)]
+        values = [
+            auc(self.synthetic[keep & (self.fold == k)], scores[keep & (self.fold == k)]) for k in np.unique(self.fold)
+        ]
         return np.array([v for v in values if not math.isnan(v)])
 
     def auc(self, subset: np.ndarray | None = None, scores: np.ndarray | None = None) -> float:
@@ -175,12 +190,19 @@ def critic(width: int):
     def conv(cin, cout):
         return [nn.Conv2d(cin, cout, 3, 2, 1), nn.LeakyReLU(0.2)]
 
-    return nn.Sequential(*conv(3, width), *conv(width, 2 * width), *conv(2 * width, 4 * width),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 1))
+    return nn.Sequential(
+        *conv(3, width),
+        *conv(width, 2 * width),
+        *conv(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, 1),
+    )
 
 
-def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, s: Mapping,
-                       seed: int, device) -> np.ndarray:
+def _cnn_probabilities(
+    images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, s: Mapping, seed: int, device
+) -> np.ndarray:
     import torch
 
     from histosynth.nets import dihedral, random_ops
@@ -201,7 +223,7 @@ def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray
     for _ in range(s["epochs"]):
         order = train[torch.randperm(len(train), generator=generator).numpy()]
         for start in range(0, len(order), s["batch_size"]):
-            idx = order[start:start + s["batch_size"]]
+            idx = order[start : start + s["batch_size"]]
             batch = dihedral(x[idx], random_ops(len(idx), generator))
             loss = loss_fn(net(prepared(batch))[:, 0], y[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
@@ -209,12 +231,19 @@ def _cnn_probabilities(images: np.ndarray, labels: np.ndarray, train: np.ndarray
             optimiser.step()
     net.eval()
     with torch.no_grad():
-        logits = torch.cat([net(prepared(x[test[i:i + 256]]))[:, 0].float().cpu() for i in range(0, len(test), 256)])
+        logits = torch.cat([net(prepared(x[test[i : i + 256]]))[:, 0].float().cpu() for i in range(0, len(test), 256)])
     return torch.sigmoid(logits).numpy()
 
 
-def two_sample_test(real: np.ndarray, synthetic: np.ndarray, settings: Mapping, *, seed: int,
-                    device="cpu", features: np.ndarray | None = None) -> TwoSampleTest:
+def two_sample_test(
+    real: np.ndarray,
+    synthetic: np.ndarray,
+    settings: Mapping,
+    *,
+    seed: int,
+    device="cpu",
+    features: np.ndarray | None = None,
+) -> TwoSampleTest:
     """The C2ST's out-of-fold probabilities for (N, H, W, 3) uint8 real and synthetic images of one
     size (settings: folds, epochs, width, batch_size, lr); folds are stratified by kind. `features`:
     the texture_statistics of real then synthetic images, where already computed."""
@@ -224,7 +253,9 @@ def two_sample_test(real: np.ndarray, synthetic: np.ndarray, settings: Mapping, 
     labels = np.r_[np.zeros(len(real), bool), np.ones(len(synthetic), bool)]
     folds = min(settings["folds"], len(real), len(synthetic))
     if folds < 2:
-        raise ValueError(f"a two-sample test needs at least 2 real and 2 synthetic images, got {len(real)} and {len(synthetic)}")
+        raise ValueError(
+            f"a two-sample test needs at least 2 real and 2 synthetic images, got {len(real)} and {len(synthetic)}"
+        )
     features = texture_statistics(images) if features is None else features
     linear, cnn, fold = np.zeros(len(images)), np.zeros(len(images)), np.zeros(len(images), int)
     split = StratifiedKFold(folds, shuffle=True, random_state=derive_seed(seed, "folds") % 2**32)
@@ -232,16 +263,31 @@ def two_sample_test(real: np.ndarray, synthetic: np.ndarray, settings: Mapping, 
         fold[test] = k
         linear[test] = _linear_probabilities(features, labels, train, test)
         cnn[test] = _cnn_probabilities(images, labels, train, test, settings, derive_seed(seed, "cnn", k), device)
-        log.info("C2ST fold %d/%d: held-out AUC linear %.3f, cnn %.3f", k + 1, folds,
-                 auc(labels[test], linear[test]), auc(labels[test], cnn[test]))
+        log.info(
+            "C2ST fold %d/%d: held-out AUC linear %.3f, cnn %.3f",
+            k + 1,
+            folds,
+            auc(labels[test], linear[test]),
+            auc(labels[test], cnn[test]),
+        )
     return TwoSampleTest(labels, (linear + cnn) / 2, linear, cnn, fold)
 
 
 # ----------------------------------------------------------------------------- per set and class
 
 ROW_METRICS = ("c2st_auc", "c2st_low", "c2st_high", "laplacian_ratio", "high_frequency_ratio")
-IMAGE_COLUMNS = ("set", "kind", "id", "class", "laplacian_variance", "high_frequency_share", "p_synthetic",
-                 "p_linear", "p_cnn", "spectrum")
+IMAGE_COLUMNS = (
+    "set",
+    "kind",
+    "id",
+    "class",
+    "laplacian_variance",
+    "high_frequency_share",
+    "p_synthetic",
+    "p_linear",
+    "p_cnn",
+    "spectrum",
+)
 
 
 def matched_real(real_classes: np.ndarray, synthetic_classes: np.ndarray, per_synthetic: int, seed: int) -> np.ndarray:
@@ -255,8 +301,17 @@ def matched_real(real_classes: np.ndarray, synthetic_classes: np.ndarray, per_sy
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, int)
 
 
-def realism(real: np.ndarray, real_classes: np.ndarray, synthetic: np.ndarray, synthetic_classes: np.ndarray,
-            settings: Mapping, *, groups: Sequence[str], min_images: int, device="cpu") -> tuple[list[dict], dict]:
+def realism(
+    real: np.ndarray,
+    real_classes: np.ndarray,
+    synthetic: np.ndarray,
+    synthetic_classes: np.ndarray,
+    settings: Mapping,
+    *,
+    groups: Sequence[str],
+    min_images: int,
+    device="cpu",
+) -> tuple[list[dict], dict]:
     """Quality rows (metric, class, value, n_real, n_synthetic, status, note) of one synthetic set
     against real images drawn for it (matched_real already applied), for 'all' and each of
     `groups`, and the per-image measures {laplacian_variance, high_frequency_share, spectrum,
@@ -265,7 +320,9 @@ def realism(real: np.ndarray, real_classes: np.ndarray, synthetic: np.ndarray, s
     images = np.concatenate([real, synthetic])
     classes = np.concatenate([real_classes, synthetic_classes])
     measures = image_measures(images)
-    test = two_sample_test(real, synthetic, s, seed=s["seed"], device=device, features=texture_statistics(images, measures))
+    test = two_sample_test(
+        real, synthetic, s, seed=s["seed"], device=device, features=texture_statistics(images, measures)
+    )
     sharpness, share = measures["laplacian_variance"], measures["high_frequency_share"]
     frequencies, spectrum = measures["frequencies"], measures["spectrum"]
     rows = []
@@ -273,32 +330,60 @@ def realism(real: np.ndarray, real_classes: np.ndarray, synthetic: np.ndarray, s
         members = np.ones(len(images), bool) if group == "all" else classes == group
         is_real, is_syn = members & ~test.synthetic, members & test.synthetic
         n_r, n_s = int(is_real.sum()), int(is_syn.sum())
-        row = {"class": group, "n_real": n_r, "n_synthetic": n_s, "status": "ok", "note": "",
-               "extractor": "C2ST: texture statistics + pixel CNN, out of fold"}
+        row = {
+            "class": group,
+            "n_real": n_r,
+            "n_synthetic": n_s,
+            "status": "ok",
+            "note": "",
+            "extractor": "C2ST: texture statistics + pixel CNN, out of fold",
+        }
         if min(n_r, n_s) < min_images:
             note = f"class {group}: {n_r} real and {n_s} synthetic images, fewer than realism.min_images={min_images}"
             rows += [row | {"metric": m, "value": math.nan, "status": "skipped", "note": note} for m in ROW_METRICS]
             continue
         value = test.auc(members)
         low, high = test.interval(s["confidence"], members)
-        note = (f"{s['confidence']:.0%} interval [{low:.3f}, {high:.3f}] over {len(test.fold_aucs(members))} folds; "
-                f"texture-statistics learner alone {test.auc(members, test.linear):.3f}, pixel CNN alone "
-                f"{test.auc(members, test.cnn):.3f}")
-        rows += [row | {"metric": "c2st_auc", "value": value, "note": note},
-                 row | {"metric": "c2st_low", "value": low}, row | {"metric": "c2st_high", "value": high},
-                 row | {"metric": "laplacian_ratio", "value": float(np.median(sharpness[is_syn]) / max(np.median(sharpness[is_real]), 1e-12)),
-                        "note": f"median Laplacian variance synthetic {np.median(sharpness[is_syn]):.0f}, real {np.median(sharpness[is_real]):.0f}",
-                        "extractor": "grey 3x3 Laplacian"},
-                 row | {"metric": "high_frequency_ratio", "value": float(np.median(share[is_syn]) / max(np.median(share[is_real]), 1e-12)),
-                        "note": f"median share of power above {HIGH_FREQUENCY} cycles/px: synthetic {np.median(share[is_syn]):.4f}, "
-                                f"real {np.median(share[is_real]):.4f}", "extractor": "radially averaged power spectrum"}]
-    per_image = {"laplacian_variance": sharpness, "high_frequency_share": share, "spectrum": list(spectrum),
-                 "p_synthetic": test.probability, "p_linear": test.linear, "p_cnn": test.cnn, "frequencies": frequencies}
+        note = (
+            f"{s['confidence']:.0%} interval [{low:.3f}, {high:.3f}] over {len(test.fold_aucs(members))} folds; "
+            f"texture-statistics learner alone {test.auc(members, test.linear):.3f}, pixel CNN alone "
+            f"{test.auc(members, test.cnn):.3f}"
+        )
+        rows += [
+            row | {"metric": "c2st_auc", "value": value, "note": note},
+            row | {"metric": "c2st_low", "value": low},
+            row | {"metric": "c2st_high", "value": high},
+            row
+            | {
+                "metric": "laplacian_ratio",
+                "value": float(np.median(sharpness[is_syn]) / max(np.median(sharpness[is_real]), 1e-12)),
+                "note": f"median Laplacian variance synthetic {np.median(sharpness[is_syn]):.0f}, real {np.median(sharpness[is_real]):.0f}",
+                "extractor": "grey 3x3 Laplacian",
+            },
+            row
+            | {
+                "metric": "high_frequency_ratio",
+                "value": float(np.median(share[is_syn]) / max(np.median(share[is_real]), 1e-12)),
+                "note": f"median share of power above {HIGH_FREQUENCY} cycles/px: synthetic {np.median(share[is_syn]):.4f}, "
+                f"real {np.median(share[is_real]):.4f}",
+                "extractor": "radially averaged power spectrum",
+            },
+        ]
+    per_image = {
+        "laplacian_variance": sharpness,
+        "high_frequency_share": share,
+        "spectrum": list(spectrum),
+        "p_synthetic": test.probability,
+        "p_linear": test.linear,
+        "p_cnn": test.cnn,
+        "frequencies": frequencies,
+    }
     return rows, per_image
 
 
-def realism_stage(real_indexes: Sequence, manifest, *, mode: str, table_out, images_out, figure_out,
-                  config: Mapping) -> pd.DataFrame:
+def realism_stage(
+    real_indexes: Sequence, manifest, *, mode: str, table_out, images_out, figure_out, config: Mapping
+) -> pd.DataFrame:
     """Entry of rule realism: one synthetic set (manifest path) against the real training patches
     (patch indexes). Writes the quality rows (histosynth.evaluation.quality.COLUMNS) to
     `table_out`, the per-image measures (IMAGE_COLUMNS, real and synthetic) to `images_out` and the
@@ -318,33 +403,68 @@ def realism_stage(real_indexes: Sequence, manifest, *, mode: str, table_out, ima
         synthetic = synthetic.sample(s["max_images"], random_state=derive_seed(s["seed"], "synthetic", mode) % 2**32)
     synthetic = synthetic.reset_index(drop=True)
     real_classes, syn_classes = image_classes(real, config["labels"]), image_classes(synthetic, config["labels"])
-    real = real.iloc[matched_real(real_classes, syn_classes, s["real_per_synthetic"], derive_seed(s["seed"], "real", mode))]
+    real = real.iloc[
+        matched_real(real_classes, syn_classes, s["real_per_synthetic"], derive_seed(s["seed"], "real", mode))
+    ]
     real_classes = image_classes(real, config["labels"])
-    log.info("%s: %d synthetic images against %d real training patches of the same classes", mode, len(synthetic), len(real))
+    log.info(
+        "%s: %d synthetic images against %d real training patches of the same classes", mode, len(synthetic), len(real)
+    )
     real_images = np.stack([read_rgb(p) for p in real["image"]]) if len(real) else np.empty((0, 1, 1, 3), np.uint8)
-    syn_images = np.stack([read_rgb(p) for p in synthetic["image"]]) if len(synthetic) else np.empty((0, 1, 1, 3), np.uint8)
+    syn_images = (
+        np.stack([read_rgb(p) for p in synthetic["image"]]) if len(synthetic) else np.empty((0, 1, 1, 3), np.uint8)
+    )
     base = {"set": mode, "status": "ok", "note": ""}
     if min(len(real), len(synthetic)) < max(2, s["folds"]) or real_images.shape[1:] != syn_images.shape[1:]:
-        why = (f"synthetic images are {syn_images.shape[1:3]} px, real patches {real_images.shape[1:3]}: no comparison "
-               "of images of different sizes" if min(len(real), len(synthetic)) >= 2 else
-               f"{len(real)} real and {len(synthetic)} synthetic images, fewer than realism.folds={s['folds']}")
+        why = (
+            f"synthetic images are {syn_images.shape[1:3]} px, real patches {real_images.shape[1:3]}: no comparison "
+            "of images of different sizes"
+            if min(len(real), len(synthetic)) >= 2
+            else f"{len(real)} real and {len(synthetic)} synthetic images, fewer than realism.folds={s['folds']}"
+        )
         log.warning("%s: realism skipped: %s", mode, why)
-        rows = [base | {"metric": m, "class": "all", "value": math.nan, "n_real": len(real), "n_synthetic": len(synthetic),
-                        "status": "skipped", "note": why, "extractor": ""} for m in ROW_METRICS]
+        rows = [
+            base
+            | {
+                "metric": m,
+                "class": "all",
+                "value": math.nan,
+                "n_real": len(real),
+                "n_synthetic": len(synthetic),
+                "status": "skipped",
+                "note": why,
+                "extractor": "",
+            }
+            for m in ROW_METRICS
+        ]
         table = pd.DataFrame(rows, columns=COLUMNS)
         write_table(table, table_out)
         write_table(pd.DataFrame(columns=IMAGE_COLUMNS), images_out)
         plot_realism(pd.DataFrame(columns=IMAGE_COLUMNS), table, [], figure_out, images={})
         return table
     groups = [c for c in config["labels"]["classes"] if (syn_classes == c).any()]
-    rows, measures = realism(real_images, real_classes, syn_images, syn_classes, s, groups=groups,
-                             min_images=s["min_images"], device=pick_device(s["device"]))
+    rows, measures = realism(
+        real_images,
+        real_classes,
+        syn_images,
+        syn_classes,
+        s,
+        groups=groups,
+        min_images=s["min_images"],
+        device=pick_device(s["device"]),
+    )
     table = pd.DataFrame([base | row for row in rows], columns=COLUMNS)
     write_table(table, table_out)
     frequencies = measures.pop("frequencies")
-    per_image = pd.DataFrame({"set": mode, "kind": ["real"] * len(real) + ["synthetic"] * len(synthetic),
-                              "id": [*real["patch_id"].astype(str), *synthetic["id"].astype(str)],
-                              "class": [*real_classes, *syn_classes], **measures}).reindex(columns=IMAGE_COLUMNS)
+    per_image = pd.DataFrame(
+        {
+            "set": mode,
+            "kind": ["real"] * len(real) + ["synthetic"] * len(synthetic),
+            "id": [*real["patch_id"].astype(str), *synthetic["id"].astype(str)],
+            "class": [*real_classes, *syn_classes],
+            **measures,
+        }
+    ).reindex(columns=IMAGE_COLUMNS)
     write_table(per_image, images_out)
     shown = per_image[per_image["kind"] == "synthetic"].sort_values("p_synthetic")
     picks = pd.concat([shown.head(FIGURE_IMAGES), shown.tail(FIGURE_IMAGES)]).drop_duplicates("id")

@@ -88,8 +88,12 @@ def classification_scores(true: np.ndarray, probs: np.ndarray) -> dict[tuple[str
         recall = np.where(present, tp / np.maximum(support, 1), np.nan)
         f1 = np.where(either, 2 * tp / np.maximum(support + predicted, 1), np.nan)
     roc = auroc(true, probs)
-    out = {("all", "accuracy"): float(tp.sum() / max(len(true), 1)), ("all", "balanced_accuracy"): _nanmean(recall),
-           ("all", "f1"): _nanmean(f1), ("all", "auroc"): _nanmean(roc)}
+    out = {
+        ("all", "accuracy"): float(tp.sum() / max(len(true), 1)),
+        ("all", "balanced_accuracy"): _nanmean(recall),
+        ("all", "f1"): _nanmean(f1),
+        ("all", "auroc"): _nanmean(roc),
+    }
     for c in range(n_classes):
         out[(c, "f1")], out[(c, "auroc")] = float(f1[c]), float(roc[c])
     return out
@@ -99,8 +103,9 @@ def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def classification_replicates(predictions: pd.DataFrame, unit: pd.Series, n_classes: int,
-                              keys: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+def classification_replicates(
+    predictions: pd.DataFrame, unit: pd.Series, n_classes: int, keys: Sequence[tuple]
+) -> tuple[np.ndarray, np.ndarray]:
     """(full (K,), replicates (K, G)) of one run's predictions (columns patch_id, true, prob_<i>) for
     the (class index or 'all', metric) keys: on every image and with each unit left out."""
     true = predictions["true"].to_numpy(int)

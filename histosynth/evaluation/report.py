@@ -37,13 +37,27 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- rule entry
 
-def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, str | Path], *, ratios: Sequence[Mapping],
-              seed: int, quality_paths: Sequence[str | Path] = (), scores_paths: Sequence[str | Path] = (),
-              share_paths: Sequence[str | Path] = (), audit_paths: Sequence[str | Path] = (),
-              loss_csvs: Sequence[str | Path] = (), loss_names: Sequence[str] | None = None,
-              baseline: str | None = None, classification_paths: Sequence[str | Path] = (),
-              prediction_paths: Sequence[str | Path] = (), class_names: Sequence[str] = (),
-              image_paths: Sequence[str | Path] = (), verdict_settings: Mapping, primary: Mapping) -> dict:
+
+def summarize(
+    segmentation_paths: Sequence[str | Path],
+    outputs: Mapping[str, str | Path],
+    *,
+    ratios: Sequence[Mapping],
+    seed: int,
+    quality_paths: Sequence[str | Path] = (),
+    scores_paths: Sequence[str | Path] = (),
+    share_paths: Sequence[str | Path] = (),
+    audit_paths: Sequence[str | Path] = (),
+    loss_csvs: Sequence[str | Path] = (),
+    loss_names: Sequence[str] | None = None,
+    baseline: str | None = None,
+    classification_paths: Sequence[str | Path] = (),
+    prediction_paths: Sequence[str | Path] = (),
+    class_names: Sequence[str] = (),
+    image_paths: Sequence[str | Path] = (),
+    verdict_settings: Mapping,
+    primary: Mapping,
+) -> dict:
     """Entry of rule summarize: write the files `outputs` names (the rule's output names): verdict
     (CSV) and verdict_plot over both tasks; parquet and table (CSV) of all metrics, seed_summary and
     metrics_plot; with classification results classification_plot (accuracy, balanced accuracy, F1,
@@ -64,29 +78,46 @@ def summarize(segmentation_paths: Sequence[str | Path], outputs: Mapping[str, st
     seg = read_tables(segmentation_paths)
     quality = read_tables(quality_paths) if quality_paths else None
     shares = read_tables(share_paths) if share_paths else None
-    amounts = (dict(shares.groupby("ratio")["n_synthetic"].first()) if shares is not None and len(shares)
-               else {r["name"]: r["synthetic"] for r in ratios})
+    amounts = (
+        dict(shares.groupby("ratio")["n_synthetic"].first())
+        if shares is not None and len(shares)
+        else {r["name"]: r["synthetic"] for r in ratios}
+    )
     cls = read_tables(classification_paths)
     table = metrics_table(seg, quality, cls)
     write_table(table, out["parquet"])
     predictions = read_tables(prediction_paths)
     sources = {r["name"]: "+".join(r.get("sources") or []) for r in ratios}
-    decided = verdict_table(images=read_tables(image_paths), predictions=predictions, class_names=class_names,
-                            segmentation_metrics=SEGMENTATION_METRICS, classification_metrics=CLASSIFICATION_METRICS,
-                            baseline=baseline, order=order, settings=verdict_settings, primary=primary, seed=seed,
-                            sources=sources)
+    decided = verdict_table(
+        images=read_tables(image_paths),
+        predictions=predictions,
+        class_names=class_names,
+        segmentation_metrics=SEGMENTATION_METRICS,
+        classification_metrics=CLASSIFICATION_METRICS,
+        baseline=baseline,
+        order=order,
+        settings=verdict_settings,
+        primary=primary,
+        seed=seed,
+        sources=sources,
+    )
     said = answer(decided)
     log.info("verdict: %s", said)
     for row in decided.to_dict("records"):
         log.info("verdict: %s", sentence(row))
-    written = {"verdict": write_csv(decided, out["verdict"]),
-               "verdict_plot": plot_verdict(decided, out["verdict_plot"], said, verdict_settings["adjustment"]),
-               "parquet": out["parquet"], "table": write_csv(table, out["table"]),
-               "seed_summary": write_csv(seed_summary(pd.concat([seg, cls], ignore_index=True), order), out["seed_summary"])}
+    written = {
+        "verdict": write_csv(decided, out["verdict"]),
+        "verdict_plot": plot_verdict(decided, out["verdict_plot"], said, verdict_settings["adjustment"]),
+        "parquet": out["parquet"],
+        "table": write_csv(table, out["table"]),
+        "seed_summary": write_csv(seed_summary(pd.concat([seg, cls], ignore_index=True), order), out["seed_summary"]),
+    }
     if len(seg):
         written["metrics_plot"] = plot_metrics(seg, out["metrics_plot"], order, amounts)
     if len(cls):
-        written["classification_plot"] = plot_metrics(cls, out["classification_plot"], order, amounts, CLASSIFICATION_METRICS)
+        written["classification_plot"] = plot_metrics(
+            cls, out["classification_plot"], order, amounts, CLASSIFICATION_METRICS
+        )
         written["confusion"] = plot_confusions(predictions, class_names, out["confusion"], order)
     if shares is not None:
         written["class_share"] = write_csv(shares, out["class_share"])

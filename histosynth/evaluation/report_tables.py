@@ -14,7 +14,20 @@ from histosynth.evaluation.figures import ratio_order
 SEGMENTATION_METRICS = ("dice", "precision", "recall")
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")  # the verdict's and the plot's
 QUALITY_METRICS = ("fd", "kd", "feature_diversity", "fid", "kid", "is", "lpips_diversity")
-TABLE_COLUMNS = ("kind", "ratio", "fold", "seed", "slide", "set", "class", "metric", "value", "status", "note", "extractor")
+TABLE_COLUMNS = (
+    "kind",
+    "ratio",
+    "fold",
+    "seed",
+    "slide",
+    "set",
+    "class",
+    "metric",
+    "value",
+    "status",
+    "note",
+    "extractor",
+)
 
 
 def read_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
@@ -22,8 +35,9 @@ def read_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
-def metrics_table(segmentation: pd.DataFrame, quality: pd.DataFrame | None = None,
-                  classification: pd.DataFrame | None = None) -> pd.DataFrame:
+def metrics_table(
+    segmentation: pd.DataFrame, quality: pd.DataFrame | None = None, classification: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One tidy table: task rows (kind 'segmentation' or 'classification': ratio, fold, seed,
     slide or 'all', class, metric, value) and image-quality rows (kind 'quality': set, class,
     metric, value, status, note)."""
@@ -44,8 +58,11 @@ def seed_summary(scores: pd.DataFrame, order: Sequence[str] | None = None) -> pd
     pooled = scores[scores["slide"] == "all"]
     if "task" not in pooled:
         pooled = pooled.assign(task="segmentation")
-    out = (pooled.groupby(["task", "ratio", "class", "metric"], sort=False)["value"]
-           .agg(mean="mean", sd=lambda v: v.std(ddof=1) if v.notna().sum() > 1 else math.nan, n="count").reset_index())
+    out = (
+        pooled.groupby(["task", "ratio", "class", "metric"], sort=False)["value"]
+        .agg(mean="mean", sd=lambda v: v.std(ddof=1) if v.notna().sum() > 1 else math.nan, n="count")
+        .reset_index()
+    )
     if order:
         out["ratio"] = pd.Categorical(out["ratio"], categories=ratio_order(out["ratio"], order), ordered=True)
         out = out.sort_values(["task", "ratio", "class", "metric"], kind="stable").reset_index(drop=True)

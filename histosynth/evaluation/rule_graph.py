@@ -59,21 +59,38 @@ def plot_rule_graph(dot_path: str | Path, out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.0, 2.3 * width), 0.8 * len(layers) + 1))
     forward = [edge for edge in graph.edges if edge not in back]
     for edges, style in ((forward, "solid"), (sorted(back), "dashed")):
-        nx.draw_networkx_edges(graph, positions, edgelist=edges, ax=ax, arrowsize=10, edge_color="#777777", node_size=0,
-                               style=style, min_source_margin=9, min_target_margin=14)
+        nx.draw_networkx_edges(
+            graph,
+            positions,
+            edgelist=edges,
+            ax=ax,
+            arrowsize=10,
+            edge_color="#777777",
+            node_size=0,
+            style=style,
+            min_source_margin=9,
+            min_target_margin=14,
+        )
     for node, (x, y) in positions.items():
-        ax.text(x, y, node, ha="center", va="center", fontsize=8,
-                bbox={"boxstyle": "round,pad=0.35", "facecolor": "#dbe9f6", "edgecolor": "#3b6ea5"})
+        ax.text(
+            x,
+            y,
+            node,
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox={"boxstyle": "round,pad=0.35", "facecolor": "#dbe9f6", "edgecolor": "#3b6ea5"},
+        )
     ax.axis("off")
     return save_figure(fig, out)
-
-
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m histosynth.evaluation.rule_graph", description="Report figures outside rule summarize.")
+    parser = argparse.ArgumentParser(
+        prog="python -m histosynth.evaluation.rule_graph", description="Report figures outside rule summarize."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     rulegraph = commands.add_parser("rulegraph", help="draw `snakemake --rulegraph` output as a PNG")
     rulegraph.add_argument("dot", help="dot file written by snakemake --rulegraph")

@@ -55,6 +55,7 @@ class SegmentationError(RuntimeError):
 
 # ----------------------------------------------------------------------------- data
 
+
 def target_classes(all_classes: Sequence[str], selected: Sequence[str] | None) -> dict[str, int]:
     """{class: mask value} of the segmented classes (config `segmentation.classes`, default all)."""
     values = class_indices(list(all_classes))
@@ -87,11 +88,15 @@ class SegmentationDataset(Dataset):
         mask = read_mask(self.masks[i])
         if mask.shape != image.shape[:2]:
             raise SegmentationError(f"{self.masks[i]}: mask {mask.shape} and image {image.shape[:2]} differ in size")
-        return {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
-                "target": torch.from_numpy(one_hot(mask, self.values)), "index": i}
+        return {
+            "image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
+            "target": torch.from_numpy(one_hot(mask, self.values)),
+            "index": i,
+        }
 
 
 # ----------------------------------------------------------------------------- model
+
 
 def build_model(settings: Mapping, n_classes: int):
     """The U-Net of the segmentation settings (see unet), its decoder checked against them."""
@@ -100,7 +105,9 @@ def build_model(settings: Mapping, n_classes: int):
     if len(channels) != depth:
         raise SegmentationError(f"segmentation.decoder_channels needs encoder_depth={depth} entries, got {channels}")
     if settings["attention"] == "scse" and min(channels) < 16:
-        raise SegmentationError(f"segmentation.attention 'scse' needs decoder_channels >= 16 (its squeeze divides by 16), got {channels}")
+        raise SegmentationError(
+            f"segmentation.attention 'scse' needs decoder_channels >= 16 (its squeeze divides by 16), got {channels}"
+        )
     return unet(settings["encoder"], depth, channels, n_classes, settings["attention"])
 
 
@@ -118,24 +125,37 @@ def encoder_weights_file(settings: Mapping, weights_dir: str | Path) -> tuple[Pa
         return None, f"encoder {encoder}: random init (segmentation.encoder_weights is {settings['encoder_weights']!r})"
     spec = encoder_spec(encoder)
     if spec is None:
-        return None, (f"encoder {encoder}: smp has no ImageNet weights file for it; random init. To start from "
-                      "pretrained weights, save smp's encoder state dict (model.encoder.state_dict()) to a file and "
-                      "set segmentation.encoder_weights_path to it")
+        return None, (
+            f"encoder {encoder}: smp has no ImageNet weights file for it; random init. To start from "
+            "pretrained weights, save smp's encoder state dict (model.encoder.state_dict()) to a file and "
+            "set segmentation.encoder_weights_path to it"
+        )
     path, note = weights_file(spec, None, weights_dir)
     return path, (f"encoder {encoder}: ImageNet {note}" if path else f"{note}; random init")
 
 
 def load_encoder_weights(model, path: Path) -> None:
-    state = {k.removeprefix("encoder."): v for k, v in read_state_dict(path).items() if not k.startswith(("fc.", "classifier."))}
+    state = {
+        k.removeprefix("encoder."): v
+        for k, v in read_state_dict(path).items()
+        if not k.startswith(("fc.", "classifier."))
+    }
     own = model.encoder.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
-        raise SegmentationError(f"{path}: none of its tensors match encoder {type(model.encoder).__name__}; "
-                                "it must be an smp encoder state dict (model.encoder.state_dict())")
+        raise SegmentationError(
+            f"{path}: none of its tensors match encoder {type(model.encoder).__name__}; "
+            "it must be an smp encoder state dict (model.encoder.state_dict())"
+        )
     # smp encoders override load_state_dict (and some return None), so match keys here.
     torch.nn.Module.load_state_dict(model.encoder, matching, strict=False)
-    log.info("loaded %d of the encoder's %d tensors from %s (%d in the file unused)",
-             len(matching), len(own), path, len(state) - len(matching))
+    log.info(
+        "loaded %d of the encoder's %d tensors from %s (%d in the file unused)",
+        len(matching),
+        len(own),
+        path,
+        len(state) - len(matching),
+    )
 
 
 class BceDiceLoss(torch.nn.Module):
@@ -184,8 +204,13 @@ class SegmentationModel:
 def save_model(net, directory: Path, classes: Mapping[str, int], settings: Mapping, extra: Mapping) -> None:
     net = copy.deepcopy(net).cpu().to(memory_format=torch.contiguous_format)
     net.save_pretrained(str(directory))
-    meta = {"classes": dict(classes), "threshold": settings["threshold"], "normalisation":
-            {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input": "RGB uint8 / 255"}, "settings": dict(settings), **extra}
+    meta = {
+        "classes": dict(classes),
+        "threshold": settings["threshold"],
+        "normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input": "RGB uint8 / 255"},
+        "settings": dict(settings),
+        **extra,
+    }
     (directory / MODEL_INFO).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -200,6 +225,7 @@ def load_model(directory: str | Path, device: str | torch.device = "auto") -> Se
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def _evaluate_loss(net, loader, loss_fn, device, threshold: float) -> tuple[float, float]:
     """Mean loss and mean per-class Dice (pooled counts, pixels with probability >= threshold) over a loader."""
@@ -221,8 +247,17 @@ def _evaluate_loss(net, loader, loss_fn, device, threshold: float) -> tuple[floa
     return total / max(count, 1), float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
 
 
-def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequence[str], out_dir: str | Path, *,
-          settings: Mapping, seed: int, weights_dir: str | Path, progress: bool = True) -> dict:
+def train(
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    all_classes: Sequence[str],
+    out_dir: str | Path,
+    *,
+    settings: Mapping,
+    seed: int,
+    weights_dir: str | Path,
+    progress: bool = True,
+) -> dict:
     """Train one model on manifest rows (absolute image/mask paths) and write the run folder
     out_dir (model/, loss.csv, summary.json) atomically; return the summary. `settings` override
     the `segmentation` section's defaults; the ImageNet encoder file is looked up in weights_dir."""
@@ -243,11 +278,17 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(s["lr_decay"]))
     values = list(classes.values())
     train_set = SegmentationDataset(train_rows, values)
-    val_loader = data_loader(SegmentationDataset(val_rows, values), s["batch_size"], None, s["num_workers"]) if len(val_rows) else None
+    val_loader = (
+        data_loader(SegmentationDataset(val_rows, values), s["batch_size"], None, s["num_workers"])
+        if len(val_rows)
+        else None
+    )
     augment = torch.Generator().manual_seed(derive_seed(seed, "segmentation", "augment"))
 
     def batches(epoch: int):
-        return data_loader(train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"])
+        return data_loader(
+            train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"]
+        )
 
     def batch_loss(batch: dict) -> tuple[torch.Tensor, int]:
         images, targets = batch["image"], batch["target"]
@@ -264,13 +305,34 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
     def validate() -> tuple[float, float]:
         return _evaluate_loss(net, val_loader, loss_fn, device, float(s["threshold"]))
 
-    fitted = fit_epochs(net, optimizer, batches, batch_loss, validate if val_loader else None, epochs=s["epochs"],
-                        patience=s["patience"], min_delta=s["min_delta"], schedule=schedule, score="dice",
-                        section="segmentation", error=SegmentationError, progress=progress)
+    fitted = fit_epochs(
+        net,
+        optimizer,
+        batches,
+        batch_loss,
+        validate if val_loader else None,
+        epochs=s["epochs"],
+        patience=s["patience"],
+        min_delta=s["min_delta"],
+        schedule=schedule,
+        score="dice",
+        section="segmentation",
+        error=SegmentationError,
+        progress=progress,
+    )
     history, seconds = fitted.history, fitted.seconds
-    summary = {"seed": seed, "epochs_run": len(history), "best_epoch": fitted.best_epoch, "best_val_loss": fitted.best_val_loss,
-               "n_train": len(train_rows), "n_val": len(val_rows), "seconds": seconds,
-               "seconds_per_epoch": seconds / max(len(history), 1), "device": str(device), "encoder_weights": note}
+    summary = {
+        "seed": seed,
+        "epochs_run": len(history),
+        "best_epoch": fitted.best_epoch,
+        "best_val_loss": fitted.best_val_loss,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "seconds": seconds,
+        "seconds_per_epoch": seconds / max(len(history), 1),
+        "device": str(device),
+        "encoder_weights": note,
+    }
     with atomic_dir(out_dir) as tmp:
         save_model(net, tmp / "model", classes, s, {"seed": seed, "best_epoch": fitted.best_epoch})
         write_csv(pd.DataFrame(history, columns=LOSS_COLUMNS), tmp / "loss.csv")
@@ -280,6 +342,7 @@ def train(train_rows: pd.DataFrame, val_rows: pd.DataFrame, all_classes: Sequenc
 
 # ----------------------------------------------------------------------------- rule entries
 
+
 def split_rows(indexes: Sequence[str | Path], split: str) -> pd.DataFrame:
     """Rows of one split of the patch indexes, paths absolute."""
     tables = [read_patch_index(p) for p in indexes]
@@ -287,16 +350,26 @@ def split_rows(indexes: Sequence[str | Path], split: str) -> pd.DataFrame:
     return table[table["split"] == split].reset_index(drop=True) if len(table) else table
 
 
-def train_segmentation(manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
-                       config: Mapping, seed: int) -> dict:
+def train_segmentation(
+    manifest: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, config: Mapping, seed: int
+) -> dict:
     """Entry of rule train_segmentation: the mixed manifest's rows, validation rows from the patch
     indexes. A manifest with rows without a label mask (a GAN set's images) is refused."""
     from histosynth.evaluation.mixing import read_mix, without_masks
 
     rows = read_mix(manifest)
     if without_masks(rows):
-        raise SegmentationError(f"{manifest}: {without_masks(rows)} synthetic images have no label mask (the GAN set draws "
-                                "images only); segmentation cannot train on them. Ratios drawing from gan feed "
-                                "classification only: give segmentation's ratios the sources synth or inpaint")
-    return train(rows, split_rows(indexes, "val"), config["classes"], out_dir,
-                 settings=config["segmentation"], seed=seed, weights_dir=config["weights_dir"])
+        raise SegmentationError(
+            f"{manifest}: {without_masks(rows)} synthetic images have no label mask (the GAN set draws "
+            "images only); segmentation cannot train on them. Ratios drawing from gan feed "
+            "classification only: give segmentation's ratios the sources synth or inpaint"
+        )
+    return train(
+        rows,
+        split_rows(indexes, "val"),
+        config["classes"],
+        out_dir,
+        settings=config["segmentation"],
+        seed=seed,
+        weights_dir=config["weights_dir"],
+    )

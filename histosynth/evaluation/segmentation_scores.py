@@ -32,8 +32,15 @@ OVERLAY_MIN_SIDE = 256  # overlays of small patches are enlarged (nearest) to at
 SCORED = ("dice", "precision", "recall")  # the test metrics of every class
 
 
-def image_counts(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
-                 batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
+def image_counts(
+    model: SegmentationModel,
+    rows: pd.DataFrame,
+    classes: Sequence[str] | None = None,
+    *,
+    batch_size: int,
+    overlays_dir: str | Path | None = None,
+    n_overlays: int = 0,
+) -> pd.DataFrame:
     """TP, FP and FN pixels per test image and class on test rows (absolute image/mask paths, a
     slide column): columns patch_id (patch{i} where rows have none), slide, class, tp, fp, fn.
     With overlays_dir, writes TP/FP/FN overlays (TP green, FP red, FN blue over the image) of the
@@ -58,12 +65,24 @@ def image_counts(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence
         counts[batch["index"].numpy()] = stats.numpy()
         if overlays_dir is not None and n_overlays > 0:
             for k, i in enumerate(batch["index"].tolist()):
-                item = (float(target[k].sum()), -i, batch["image"][k].numpy(), target[k].numpy(), (probs[k] >= model.threshold).numpy())
+                item = (
+                    float(target[k].sum()),
+                    -i,
+                    batch["image"][k].numpy(),
+                    target[k].numpy(),
+                    (probs[k] >= model.threshold).numpy(),
+                )
                 (heapq.heappush if len(candidates) < n_overlays else heapq.heappushpop)(candidates, item)
     if overlays_dir is not None:
         write_overlays(sorted(candidates, reverse=True), ids, names, Path(overlays_dir))
-    return pd.DataFrame({"patch_id": np.repeat(ids, len(names)), "slide": np.repeat(slides, len(names)),
-                         "class": np.tile(names, len(rows)), **{k: counts[..., j].ravel() for j, k in enumerate(("tp", "fp", "fn"))}})
+    return pd.DataFrame(
+        {
+            "patch_id": np.repeat(ids, len(names)),
+            "slide": np.repeat(slides, len(names)),
+            "class": np.tile(names, len(rows)),
+            **{k: counts[..., j].ravel() for j, k in enumerate(("tp", "fp", "fn"))},
+        }
+    )
 
 
 def slide_scores(images: pd.DataFrame) -> pd.DataFrame:
@@ -79,19 +98,41 @@ def slide_scores(images: pd.DataFrame) -> pd.DataFrame:
         for name in names:
             tp, fp, fn = (float(v) for v in sums.loc[name])
             if tp + fn == 0:
-                warnings.warn(f"class {name!r} has no pixels in the test patches of {'all slides' if slide == 'all' else slide}: "
-                              "Dice and recall are NaN", stacklevel=2)
+                warnings.warn(
+                    f"class {name!r} has no pixels in the test patches of {'all slides' if slide == 'all' else slide}: "
+                    "Dice and recall are NaN",
+                    stacklevel=2,
+                )
             scores = overlap_scores(tp, fp, fn)
             for metric in SCORED:
-                rows.append({"slide": slide, "class": name, "metric": metric, "value": scores[metric],
-                             "tp": int(tp), "fp": int(fp), "fn": int(fn), "n_patches": part["patch_id"].nunique()})
+                rows.append(
+                    {
+                        "slide": slide,
+                        "class": name,
+                        "metric": metric,
+                        "value": scores[metric],
+                        "tp": int(tp),
+                        "fp": int(fp),
+                        "fn": int(fn),
+                        "n_patches": part["patch_id"].nunique(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def evaluate(model: SegmentationModel, rows: pd.DataFrame, classes: Sequence[str] | None = None, *,
-             batch_size: int, overlays_dir: str | Path | None = None, n_overlays: int = 0) -> pd.DataFrame:
+def evaluate(
+    model: SegmentationModel,
+    rows: pd.DataFrame,
+    classes: Sequence[str] | None = None,
+    *,
+    batch_size: int,
+    overlays_dir: str | Path | None = None,
+    n_overlays: int = 0,
+) -> pd.DataFrame:
     """Dice, precision and recall per class on test rows, per slide and pooled (slide_scores of image_counts)."""
-    return slide_scores(image_counts(model, rows, classes, batch_size=batch_size, overlays_dir=overlays_dir, n_overlays=n_overlays))
+    return slide_scores(
+        image_counts(model, rows, classes, batch_size=batch_size, overlays_dir=overlays_dir, n_overlays=n_overlays)
+    )
 
 
 def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -112,21 +153,33 @@ def write_overlays(items, ids: Sequence[str], names: Sequence[str], out_dir: Pat
         strip = np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], axis=1)
         scale = max(1, math.ceil(OVERLAY_MIN_SIDE / rgb.shape[0]))
         path = out_dir / f"{ids[-neg_i]}.png"
-        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+        Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.Resampling.NEAREST).save(
+            path
+        )
         paths.append(path)
     return paths
 
 
-def evaluate_segmentation(run_dir: str | Path, indexes: Sequence[str | Path], out: str | Path, images_out: str | Path,
-                          overlays_dir: str | Path, *, config: Mapping, ratio: str, seed: int) -> pd.DataFrame:
+def evaluate_segmentation(
+    run_dir: str | Path,
+    indexes: Sequence[str | Path],
+    out: str | Path,
+    images_out: str | Path,
+    overlays_dir: str | Path,
+    *,
+    config: Mapping,
+    ratio: str,
+    seed: int,
+) -> pd.DataFrame:
     """Entry of rule evaluate_segmentation: score one run on the test slides; write the per-image
     counts (image_counts' columns plus ratio and seed) to images_out, the tidy per-slide and pooled
     scores derived from them (slide_scores' columns plus ratio and seed) to out, and the overlays folder."""
     s = config["segmentation"]
     model = load_model(run_dir, s["device"])
     with atomic_dir(overlays_dir) as tmp:
-        images = image_counts(model, split_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp,
-                              n_overlays=s["overlays"])
+        images = image_counts(
+            model, split_rows(indexes, "test"), batch_size=s["batch_size"], overlays_dir=tmp, n_overlays=s["overlays"]
+        )
     table = slide_scores(images)
     for frame in (table, images):
         frame.insert(0, "seed", seed)

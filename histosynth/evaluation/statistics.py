@@ -75,13 +75,18 @@ def p_value(estimate: np.ndarray, seed_term: np.ndarray, shared: np.ndarray, see
     return np.where(estimate > 0, np.exp(high), 1.0)
 
 
-def mde(seed_term: np.ndarray, shared: np.ndarray, seeds: int, units: int, confidence: float, power: float) -> np.ndarray:
+def mde(
+    seed_term: np.ndarray, shared: np.ndarray, seeds: int, units: int, confidence: float, power: float
+) -> np.ndarray:
     """Minimal detectable effect at `power`: half_width at the test's quantile plus half_width at the power's."""
-    return (half_width(seed_term, shared, seeds, units, 0.5 + confidence / 2)
-            + half_width(seed_term, shared, seeds, units, power))
+    return half_width(seed_term, shared, seeds, units, 0.5 + confidence / 2) + half_width(
+        seed_term, shared, seeds, units, power
+    )
 
 
-def paired_effect(differences: np.ndarray, replicates: np.ndarray, *, confidence: float, power: float) -> dict[str, np.ndarray]:
+def paired_effect(
+    differences: np.ndarray, replicates: np.ndarray, *, confidence: float, power: float
+) -> dict[str, np.ndarray]:
     """The effect of paired differences (..., S) over seeds and test units, their jackknife replicates
     (..., S, G): estimate, se, ci_low/ci_high, p, mde; the seed-only t interval (t_low, t_high, p_t:
     the same S differences, S - 1 df, no test-set term) and the variance components (var_*).
@@ -97,29 +102,56 @@ def paired_effect(differences: np.ndarray, replicates: np.ndarray, *, confidence
     out = {"estimate": estimate, "se": np.sqrt(seed_term + shared)}
     if n < 2:
         nan = np.full(estimate.shape, np.nan)
-        return out | {k: nan for k in ("ci_low", "ci_high", "p", "t_low", "t_high", "p_t", "mde")} | {"var_" + k: v for k, v in parts.items()}
+        return (
+            out
+            | {k: nan for k in ("ci_low", "ci_high", "p", "t_low", "t_high", "p_t", "mde")}
+            | {"var_" + k: v for k, v in parts.items()}
+        )
     half = half_width(seed_term, shared, seed_df, units, 0.5 + confidence / 2)
     seed_only = parts["seed_var"] / n
     t_half = stats.t.ppf(0.5 + confidence / 2, n - 1) * np.sqrt(seed_only)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p_t = np.where(seed_only > 0, 2 * stats.t.sf(np.abs(estimate) / np.sqrt(seed_only), n - 1), np.where(estimate == 0, 1.0, 0.0))
-    out |= {"ci_low": estimate - half, "ci_high": estimate + half, "p": p_value(estimate, seed_term, shared, seed_df, units),
-            "t_low": estimate - t_half, "t_high": estimate + t_half, "p_t": p_t,
-            "mde": mde(seed_term, shared, seed_df, units, confidence, power)}
+        p_t = np.where(
+            seed_only > 0,
+            2 * stats.t.sf(np.abs(estimate) / np.sqrt(seed_only), n - 1),
+            np.where(estimate == 0, 1.0, 0.0),
+        )
+    out |= {
+        "ci_low": estimate - half,
+        "ci_high": estimate + half,
+        "p": p_value(estimate, seed_term, shared, seed_df, units),
+        "t_low": estimate - t_half,
+        "t_high": estimate + t_half,
+        "p_t": p_t,
+        "mde": mde(seed_term, shared, seed_df, units, confidence, power),
+    }
     return out | {"var_" + k: v for k, v in parts.items()}
 
 
 def design_terms(components: Mapping[str, float], seeds: int, units_factor: float = 1.0) -> tuple[float, float]:
     """(seed_term, shared) of a design with `seeds` paired runs and units_factor times this run's
     test units, from one run's variance components (seed, shared, within: the latter two scale with 1/units)."""
-    return ((components["seed"] + components["within"] / units_factor) / seeds, max(components["shared"], 0.0) / units_factor)
+    return (
+        (components["seed"] + components["within"] / units_factor) / seeds,
+        max(components["shared"], 0.0) / units_factor,
+    )
 
 
-def needed(components: Mapping[str, float], target: float, *, seeds: int, units: int, confidence: float, power: float,
-           max_seeds: int, max_factor: float) -> tuple[float, float]:
+def needed(
+    components: Mapping[str, float],
+    target: float,
+    *,
+    seeds: int,
+    units: int,
+    confidence: float,
+    power: float,
+    max_seeds: int,
+    max_factor: float,
+) -> tuple[float, float]:
     """(seeds, test-unit factor) that would detect an effect of `target` with `power`: the fewest
     seeds at this run's test units (NaN beyond max_seeds), and the smallest power-of-2 multiple of
     the test units at this run's seeds (NaN beyond max_factor)."""
+
     def detects(s: int, factor: float) -> bool:
         seed_term, shared = design_terms(components, s, factor)
         return bool(mde(seed_term, shared, s, int(units * factor), confidence, power) <= abs(target))

@@ -36,6 +36,7 @@ log = logging.getLogger("histosynth.generators.autoencoder")  # not __main__ und
 
 # ----------------------------------------------------------------------------- model
 
+
 def build_autoencoder(config: Mapping, image_channels: int = 3, sample_size: int = 64) -> nn.Module:
     """VQModel or AutoencoderKL from the `autoencoder` config section."""
     from diffusers import AutoencoderKL, VQModel
@@ -46,15 +47,25 @@ def build_autoencoder(config: Mapping, image_channels: int = 3, sample_size: int
         raise TrainingError(f"autoencoder.factor must be a power of two (4 or 8), got {factor}")
     blocks = int(math.log2(factor)) + 1
     if len(channels) != blocks:
-        raise TrainingError(f"autoencoder.channels needs log2(factor) + 1 = {blocks} widths for factor {factor}, "
-                            f"got {len(channels)}: {channels}")
+        raise TrainingError(
+            f"autoencoder.channels needs log2(factor) + 1 = {blocks} widths for factor {factor}, "
+            f"got {len(channels)}: {channels}"
+        )
     bad = [w for w in channels if w % c["norm_groups"]]
     if bad:
         raise TrainingError(f"autoencoder.norm_groups={c['norm_groups']} must divide every width; {bad} do not")
-    common = dict(in_channels=image_channels, out_channels=image_channels, block_out_channels=tuple(channels),
-                  down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                  layers_per_block=c["layers_per_block"], latent_channels=c["latent_channels"],
-                  norm_num_groups=c["norm_groups"], sample_size=sample_size, mid_block_add_attention=c["mid_attention"])
+    common = dict(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=c["layers_per_block"],
+        latent_channels=c["latent_channels"],
+        norm_num_groups=c["norm_groups"],
+        sample_size=sample_size,
+        mid_block_add_attention=c["mid_attention"],
+    )
     if c["kind"] == "vq":
         return VQModel(**common, num_vq_embeddings=c["codebook_size"], scaling_factor=1.0)
     if c["kind"] == "kl":
@@ -106,6 +117,7 @@ def load_autoencoder(path: str | Path):
 
 # ----------------------------------------------------------------------------- training
 
+
 class _Posterior:
     """Captures the KL autoencoder's posterior moments (quant_conv output) during forward, so the
     loss goes through model.forward (required for DDP) and still sees the posterior."""
@@ -139,7 +151,10 @@ def evaluate(autoencoder, dataset, device, n: int, batch_size: int) -> tuple[dic
     returns the first batch of real images and reconstructions for the grid."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-    psnr, ssim = PeakSignalNoiseRatio(data_range=1.0).to(device), StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    psnr, ssim = (
+        PeakSignalNoiseRatio(data_range=1.0).to(device),
+        StructuralSimilarityIndexMeasure(data_range=1.0).to(device),
+    )
     first = None
     count = min(n, len(dataset))
     with torch.no_grad():
@@ -153,8 +168,16 @@ def evaluate(autoencoder, dataset, device, n: int, batch_size: int) -> tuple[dic
     return {"psnr": psnr.compute().item(), "ssim": ssim.compute().item(), "n_images": count}, *first
 
 
-def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *, seed: int = 0, val_dataset=None,
-                      checkpoint_dir: str | Path | None = None, accelerator=None) -> dict:
+def train_autoencoder(
+    dataset,
+    out: str | Path,
+    config: Mapping | None = None,
+    *,
+    seed: int = 0,
+    val_dataset=None,
+    checkpoint_dir: str | Path | None = None,
+    accelerator=None,
+) -> dict:
     """Train the autoencoder of the `autoencoder` config section on `dataset` (items with 'image'
     in [-1, 1]); write out/model, out/loss.csv, out/metrics.json, out/reconstructions.png."""
     c = section_defaults("autoencoder", config)
@@ -166,8 +189,14 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
 
     seed_everything(seed)
     model = build_autoencoder(c, channels, height)
-    log.info("autoencoder %s: %.2fM parameters, latents %dx%dx%d", c["kind"], sum(p.numel() for p in model.parameters()) / 1e6,
-             c["latent_channels"], height // c["factor"], width // c["factor"])
+    log.info(
+        "autoencoder %s: %.2fM parameters, latents %dx%dx%d",
+        c["kind"],
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        c["latent_channels"],
+        height // c["factor"],
+        width // c["factor"],
+    )
     accelerator = accelerator or make_accelerator(c["train"])
     lpips = None
     if c["lpips_weights"]:
@@ -177,8 +206,11 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
             raise TrainingError(f"autoencoder.lpips_weights: {err}") from err
         log.info("perceptual loss: LPIPS/%s from %s, weight %g", c["lpips_net"], c["lpips_weights"], c["lpips_weight"])
     else:
-        log.info("perceptual loss skipped: autoencoder.lpips_weights is not set (no pretrained weights are "
-                 "downloaded); training on the reconstruction and %s losses only", c["kind"])
+        log.info(
+            "perceptual loss skipped: autoencoder.lpips_weights is not set (no pretrained weights are "
+            "downloaded); training on the reconstruction and %s losses only",
+            c["kind"],
+        )
     posterior = _Posterior(model) if c["kind"] == "kl" else None
     reconstruction = F.l1_loss if c["loss"] == "l1" else F.mse_loss
 
@@ -201,8 +233,19 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
 
     run_config = {**c, "seed": seed, "data": {"items": len(dataset), "image": list(shapes["image"])}}
     extra_columns = ["recon", "vq" if c["kind"] == "vq" else "kl", *(["lpips"] if lpips is not None else [])]
-    result = fit(model, loss_fn, dataset, out, settings=c["train"], run_config=run_config, seed=seed,
-                 accelerator=accelerator, checkpoint_dir=checkpoint_dir, extra_columns=extra_columns, desc="autoencoder")
+    result = fit(
+        model,
+        loss_fn,
+        dataset,
+        out,
+        settings=c["train"],
+        run_config=run_config,
+        seed=seed,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoint_dir,
+        extra_columns=extra_columns,
+        desc="autoencoder",
+    )
     if not accelerator.is_main_process:
         return {}
 
@@ -221,8 +264,14 @@ def train_autoencoder(dataset, out: str | Path, config: Mapping | None = None, *
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
     save_grid([real, recon], out / "reconstructions.png")
-    log.info("autoencoder: PSNR %.2f dB, SSIM %.3f on %d %s patches; scaling factor %.4g",
-             metrics["psnr"], metrics["ssim"], metrics["n_images"], split, scale)
+    log.info(
+        "autoencoder: PSNR %.2f dB, SSIM %.3f on %d %s patches; scaling factor %.4g",
+        metrics["psnr"],
+        metrics["ssim"],
+        metrics["n_images"],
+        split,
+        scale,
+    )
     return {"model": str(out / "model"), "loss_csv": str(result.loss_csv), **metrics}
 
 

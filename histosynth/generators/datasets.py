@@ -34,11 +34,18 @@ class PatchDataset(Dataset):
         self.table = table.reset_index(drop=True)
         self.n_regions = len(classes)
         if "conditioning" in self.table and conditioning is None:
-            raise ValueError("these indexes hold conditioning maps, but the job's config has no `conditioning` section "
-                             "to select their channels; pass it (the workflow's training_params gives it to diffusion)")
-        self.channels = {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")} \
-            if conditioning is not None else {}
-        self.labels = label_index(patch_labels(self.table, labels), labels) if len(self.table) else np.empty(0, np.int64)
+            raise ValueError(
+                "these indexes hold conditioning maps, but the job's config has no `conditioning` section "
+                "to select their channels; pass it (the workflow's training_params gives it to diffusion)"
+            )
+        self.channels = (
+            {f"use_{key}": bool(conditioning[key]) for key in ("regions", "nuclei", "boundaries")}
+            if conditioning is not None
+            else {}
+        )
+        self.labels = (
+            label_index(patch_labels(self.table, labels), labels) if len(self.table) else np.empty(0, np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.table)

@@ -36,15 +36,27 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the SPADE U-Net
 
+
 class SpadeUNet(ModelMixin, ConfigMixin):
     """Noise-predicting U-Net: ResnetBlock2D encoder, ResnetBlock2D + self-attention bottleneck,
     SPADEResBlock decoder conditioned on the mask, SPADE output norm. forward(x_t, t, cond, labels)."""
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, out_channels: int | None = None, cond_channels: int = 1,
-                 sample_size: int = 64, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
-                 attention: bool = True, attention_head_dim: int = 32, norm_num_groups: int = 32,
-                 spade_hidden: int = 64, dropout: float = 0.0, num_classes: int = 0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        cond_channels: int = 1,
+        sample_size: int = 64,
+        block_out_channels: tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1,
+        attention: bool = True,
+        attention_head_dim: int = 32,
+        norm_num_groups: int = 32,
+        spade_hidden: int = 64,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+    ):
         super().__init__()
         if out_channels is None:
             out_channels = in_channels
@@ -63,8 +75,16 @@ class SpadeUNet(ModelMixin, ConfigMixin):
         for level, out in enumerate(widths):
             blocks = nn.ModuleList()
             for _ in range(layers_per_block):
-                blocks.append(ResnetBlock2D(in_channels=width, out_channels=out, temb_channels=temb,
-                                            groups=groups(width, out), dropout=dropout, eps=1e-6))
+                blocks.append(
+                    ResnetBlock2D(
+                        in_channels=width,
+                        out_channels=out,
+                        temb_channels=temb,
+                        groups=groups(width, out),
+                        dropout=dropout,
+                        eps=1e-6,
+                    )
+                )
                 width = out
                 skips.append(width)
             if level < len(widths) - 1:
@@ -72,19 +92,38 @@ class SpadeUNet(ModelMixin, ConfigMixin):
                 skips.append(width)
             self.down.append(blocks)
 
-        self.mid1 = ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=temb, groups=groups(width), eps=1e-6)
-        self.mid_attention = Attention(width, heads=max(1, width // attention_head_dim), dim_head=min(attention_head_dim, width),
-                                       norm_num_groups=groups(width), residual_connection=True, bias=True,
-                                       upcast_softmax=True, eps=1e-6, _from_deprecated_attn_block=True) if attention else None
-        self.mid2 = ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=temb, groups=groups(width), eps=1e-6)
+        self.mid1 = ResnetBlock2D(
+            in_channels=width, out_channels=width, temb_channels=temb, groups=groups(width), eps=1e-6
+        )
+        self.mid_attention = (
+            Attention(
+                width,
+                heads=max(1, width // attention_head_dim),
+                dim_head=min(attention_head_dim, width),
+                norm_num_groups=groups(width),
+                residual_connection=True,
+                bias=True,
+                upcast_softmax=True,
+                eps=1e-6,
+                _from_deprecated_attn_block=True,
+            )
+            if attention
+            else None
+        )
+        self.mid2 = ResnetBlock2D(
+            in_channels=width, out_channels=width, temb_channels=temb, groups=groups(width), eps=1e-6
+        )
 
         self.up = nn.ModuleList()
         for level, out in reversed(list(enumerate(widths))):
             blocks = nn.ModuleList()
             for _ in range(layers_per_block + 1):
                 skip = skips.pop()
-                blocks.append(SPADEResBlock(width + skip, out, temb, cond_channels, spade_hidden,
-                                            groups(width + skip, out), dropout))
+                blocks.append(
+                    SPADEResBlock(
+                        width + skip, out, temb, cond_channels, spade_hidden, groups(width + skip, out), dropout
+                    )
+                )
                 width = out
             if level > 0:
                 blocks.append(Upsample2D(width, use_conv=True, out_channels=width))
@@ -122,6 +161,7 @@ class SpadeUNet(ModelMixin, ConfigMixin):
 
 # ----------------------------------------------------------------------------- one interface for both
 
+
 def _core(model):
     return getattr(model, "module", model)  # under DDP
 
@@ -146,6 +186,7 @@ def model_output(model, x_t: torch.Tensor, t, cond: torch.Tensor, labels: torch.
 
 # ----------------------------------------------------------------------------- building and loading
 
+
 def build_model(config: Mapping, image_channels: int, cond_channels: int, sample_size: int):
     """SpadeUNet or UNet2DModel (concat) from the `diffusion` config section."""
     from diffusers import UNet2DModel
@@ -153,20 +194,37 @@ def build_model(config: Mapping, image_channels: int, cond_channels: int, sample
     c = section_defaults("diffusion", config)
     widths = tuple(int(c["channels"] * m) for m in c["multipliers"])
     if c["conditioning"] == "spade":
-        return SpadeUNet(in_channels=image_channels, cond_channels=cond_channels, sample_size=sample_size,
-                         block_out_channels=widths, layers_per_block=c["layers_per_block"], attention=c["attention"],
-                         attention_head_dim=c["attention_head_dim"], norm_num_groups=c["norm_groups"],
-                         spade_hidden=c["spade_hidden"], dropout=c["dropout"], num_classes=c["num_classes"])
+        return SpadeUNet(
+            in_channels=image_channels,
+            cond_channels=cond_channels,
+            sample_size=sample_size,
+            block_out_channels=widths,
+            layers_per_block=c["layers_per_block"],
+            attention=c["attention"],
+            attention_head_dim=c["attention_head_dim"],
+            norm_num_groups=c["norm_groups"],
+            spade_hidden=c["spade_hidden"],
+            dropout=c["dropout"],
+            num_classes=c["num_classes"],
+        )
     if c["conditioning"] == "concat":
         bad = [w for w in widths if w % c["norm_groups"]]
         if bad:
             raise TrainingError(f"diffusion.norm_groups={c['norm_groups']} must divide every width; {bad} do not")
-        return UNet2DModel(sample_size=sample_size, in_channels=image_channels + cond_channels, out_channels=image_channels,
-                           block_out_channels=widths, layers_per_block=c["layers_per_block"],
-                           down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
-                           add_attention=c["attention"], attention_head_dim=c["attention_head_dim"],
-                           norm_num_groups=c["norm_groups"], dropout=c["dropout"],
-                           num_class_embeds=c["num_classes"] + 1 if c["num_classes"] else None)
+        return UNet2DModel(
+            sample_size=sample_size,
+            in_channels=image_channels + cond_channels,
+            out_channels=image_channels,
+            block_out_channels=widths,
+            layers_per_block=c["layers_per_block"],
+            down_block_types=("DownBlock2D",) * len(widths),
+            up_block_types=("UpBlock2D",) * len(widths),
+            add_attention=c["attention"],
+            attention_head_dim=c["attention_head_dim"],
+            norm_num_groups=c["norm_groups"],
+            dropout=c["dropout"],
+            num_class_embeds=c["num_classes"] + 1 if c["num_classes"] else None,
+        )
     raise TrainingError(f"diffusion.conditioning must be 'spade' or 'concat', got {c['conditioning']!r}")
 
 
@@ -182,8 +240,14 @@ def train_scheduler(config: Mapping):
     s = c["scheduler"]
     if c["prediction"] not in PREDICTIONS:
         raise TrainingError(f"diffusion.prediction must be one of {PREDICTIONS}, got {c['prediction']!r}")
-    return DDPMScheduler(num_train_timesteps=s["timesteps"], beta_start=s["beta_start"], beta_end=s["beta_end"],
-                         beta_schedule=s["beta_schedule"], prediction_type=c["prediction"], clip_sample=c["space"] == "pixel")
+    return DDPMScheduler(
+        num_train_timesteps=s["timesteps"],
+        beta_start=s["beta_start"],
+        beta_end=s["beta_end"],
+        beta_schedule=s["beta_schedule"],
+        prediction_type=c["prediction"],
+        clip_sample=c["space"] == "pixel",
+    )
 
 
 def parameter_count(model) -> int:
@@ -194,6 +258,7 @@ def parameter_count(model) -> int:
 class Diffusion:
     """A trained diffusion model ready to sample: model (eval), its training scheduler, the
     autoencoder (latent space) or None, and histosynth.json's metadata."""
+
     model: nn.Module
     scheduler: object
     autoencoder: nn.Module | None
@@ -218,12 +283,16 @@ def load_diffusion(path: str | Path, autoencoder: str | Path | None = None, devi
         recorded = meta["autoencoder"]
         ae_path = Path(autoencoder or recorded["path"])
         if not (ae_path / "config.json").is_file():
-            raise TrainingError(f"{path} is a latent-space model trained on the autoencoder {recorded['path']} "
-                                f"(sha256 {recorded['sha256'][:12]}…), which is not at {ae_path}; pass its folder")
+            raise TrainingError(
+                f"{path} is a latent-space model trained on the autoencoder {recorded['path']} "
+                f"(sha256 {recorded['sha256'][:12]}…), which is not at {ae_path}; pass its folder"
+            )
         found = content_hash(ae_path)
         if found != recorded["sha256"]:
-            raise TrainingError(f"{path} was trained on autoencoder sha256 {recorded['sha256'][:12]}…, but {ae_path} "
-                                f"has sha256 {found[:12]}…; use the autoencoder it was trained with")
+            raise TrainingError(
+                f"{path} was trained on autoencoder sha256 {recorded['sha256'][:12]}…, but {ae_path} "
+                f"has sha256 {found[:12]}…; use the autoencoder it was trained with"
+            )
         ae = load_autoencoder(ae_path)
     if device is not None:
         model = model.to(device)

@@ -45,6 +45,7 @@ DIFFAUGMENT = ("colour", "translation", "cutout")
 
 # ----------------------------------------------------------------------------- losses and augmentation
 
+
 def hinge_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """The discriminator's hinge loss: mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))."""
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
@@ -119,6 +120,7 @@ def diff_augment(images: torch.Tensor, policy: Sequence[str]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- sampling
 
+
 def noise(z_dim: int, seed: int, truncation: float | None = None) -> torch.Tensor:
     """The latent of one image: N(0, I) from its own seed; with `truncation` t, entries with
     |z| > t are redrawn until none is (the truncation trick)."""
@@ -132,8 +134,9 @@ def noise(z_dim: int, seed: int, truncation: float | None = None) -> torch.Tenso
 
 
 @torch.no_grad()
-def generate(model, labels: torch.Tensor, seeds: Sequence[int], truncation: float | None = None,
-             batch_size: int = 64) -> np.ndarray:
+def generate(
+    model, labels: torch.Tensor, seeds: Sequence[int], truncation: float | None = None, batch_size: int = 64
+) -> np.ndarray:
     """Images (N, size, size, 3) uint8 of class labels[i] from noise(seeds[i], truncation), by the
     generator in eval mode (BatchNorm with its running statistics, so that image i depends on its
     seed and label alone, not on the rest of the batch). model: a GAN or its Generator."""
@@ -142,13 +145,17 @@ def generate(model, labels: torch.Tensor, seeds: Sequence[int], truncation: floa
     if len(labels) != len(seeds):
         raise TrainingError(f"generate: {len(labels)} labels for {len(seeds)} seeds")
     device = next(generator.parameters()).device
-    z = torch.stack([noise(generator.z_dim, s, truncation) for s in seeds]) if len(seeds) else torch.zeros(0, generator.z_dim)
+    z = (
+        torch.stack([noise(generator.z_dim, s, truncation) for s in seeds])
+        if len(seeds)
+        else torch.zeros(0, generator.z_dim)
+    )
     was_training = generator.training
     generator.eval()
     images = []
     for start in range(0, len(z), batch_size):
         with autocast(device):
-            batch = generator(z[start:start + batch_size].to(device), labels[start:start + batch_size].to(device))
+            batch = generator(z[start : start + batch_size].to(device), labels[start : start + batch_size].to(device))
         images.append(to_uint8(batch.float()))
     generator.train(was_training)
     return np.concatenate(images) if images else np.zeros((0, generator.size, generator.size, 3), np.uint8)
@@ -159,7 +166,9 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     drawing another size than the patches; unchanged when they already are."""
     if images.shape[1:3] == (size, size):
         return images
-    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)) for image in images])
+    return np.stack(
+        [np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)) for image in images]
+    )
 
 
 def load_gan(folder: str | Path, device=None) -> GAN:
@@ -167,7 +176,9 @@ def load_gan(folder: str | Path, device=None) -> GAN:
     size, z_dim and labels (also in histosynth.json)."""
     folder = Path(folder)
     if not (folder / MODEL_INFO).is_file() or not (folder / "config.json").is_file():
-        raise TrainingError(f"{folder} is not a histosynth GAN (no {MODEL_INFO} or config.json); train it first (rule train_gan)")
+        raise TrainingError(
+            f"{folder} is not a histosynth GAN (no {MODEL_INFO} or config.json); train it first (rule train_gan)"
+        )
     name = json.loads((folder / "config.json").read_text()).get("_class_name")
     if name != GAN.__name__:
         raise TrainingError(f"{folder} holds a {name}, not a {GAN.__name__}")
@@ -183,6 +194,7 @@ def load_gan(folder: str | Path, device=None) -> GAN:
 
 # ----------------------------------------------------------------------------- training
 
+
 def _monitor(dataset, spaces, count: int, quality: Mapping | None, seed: int) -> tuple[FidelityMonitor, np.ndarray]:
     """The fidelity monitor on a fixed sample of `count` training images, and their labels (the
     fakes it is shown take the same labels, so class frequencies match)."""
@@ -191,14 +203,30 @@ def _monitor(dataset, spaces, count: int, quality: Mapping | None, seed: int) ->
     picked = np.sort(np.random.default_rng(derive_seed(seed, "monitor")).choice(len(dataset), n, replace=False))
     items = [dataset[int(i)] for i in picked]
     real = torch.stack([((item["image"].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for item in items])
-    monitor = FidelityMonitor(real, spaces, batch_size=q["batch_size"], kid_subsets=q["kid_subsets"],
-                              kid_subset_size=q["kid_subset_size"], seed=q["seed"])
+    monitor = FidelityMonitor(
+        real,
+        spaces,
+        batch_size=q["batch_size"],
+        kid_subsets=q["kid_subsets"],
+        kid_subset_size=q["kid_subset_size"],
+        seed=q["seed"],
+    )
     return monitor, np.array([int(item["label"]) for item in items])
 
 
-def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: int = 0, val_dataset=None,
-          checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None,
-          feature_spaces: Sequence[FeatureSpace] = (), quality: Mapping | None = None) -> dict:
+def train(
+    dataset,
+    out: str | Path,
+    settings: Mapping | None = None,
+    *,
+    seed: int = 0,
+    val_dataset=None,
+    checkpoint_dir: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    accelerator=None,
+    feature_spaces: Sequence[FeatureSpace] = (),
+    quality: Mapping | None = None,
+) -> dict:
     """Train the `gan` config section's GAN on `dataset` (items: 'image' (3, H, W) in [-1, 1],
     resized to gan.size, and 'label', the class index); writes out/model, out/loss.csv and
     out/samples/step-<n>.png. labels: the class names in index order (histosynth.json; default
@@ -218,16 +246,26 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     item_labels = dataset_labels(dataset) if not c["num_classes"] and labels is None else None
     num_classes = c["num_classes"] or (len(labels) if labels is not None else int(item_labels.max()) + 1)
     if labels is not None and len(labels) != num_classes:
-        raise TrainingError(f"gan.num_classes={num_classes} but the run has {len(labels)} classes {list(labels)}; "
-                            f"set gan.num_classes: 0 (their number) or {len(labels)}")
+        raise TrainingError(
+            f"gan.num_classes={num_classes} but the run has {len(labels)} classes {list(labels)}; "
+            f"set gan.num_classes: 0 (their number) or {len(labels)}"
+        )
     names = [str(name) for name in labels] if labels is not None else [str(i) for i in range(num_classes)]
     size, z_dim, policy = c["size"], c["z_dim"], diffaugment_policy(t["diffaugment"])
 
     seed_everything(seed)
     model = build_gan(c, num_classes, names)
-    log.info("GAN %dx%d, %d classes: generator %.2fM, discriminator %.2fM parameters; DiffAugment %s, real-image "
-             "flips/rotations %s", size, size, num_classes, parameter_count(model.generator) / 1e6,
-             parameter_count(model.discriminator) / 1e6, list(policy) or "off", "on" if t["augment"] else "off")
+    log.info(
+        "GAN %dx%d, %d classes: generator %.2fM, discriminator %.2fM parameters; DiffAugment %s, real-image "
+        "flips/rotations %s",
+        size,
+        size,
+        num_classes,
+        parameter_count(model.generator) / 1e6,
+        parameter_count(model.discriminator) / 1e6,
+        list(policy) or "off",
+        "on" if t["augment"] else "off",
+    )
     accelerator = accelerator or make_accelerator(t, find_unused_parameters=True)
     device = accelerator.device
     transform = (lambda x: diff_augment(x, policy)) if policy else None
@@ -235,8 +273,10 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     def class_labels(batch) -> torch.Tensor:
         y = batch["label"].long().reshape(-1)
         if bool(((y < 0) | (y >= num_classes)).any()):
-            raise TrainingError(f"training labels {sorted(set(y.tolist()))} outside 0..{num_classes - 1} "
-                                f"(gan.num_classes={c['num_classes']}, classes {names})")
+            raise TrainingError(
+                f"training labels {sorted(set(y.tolist()))} outside 0..{num_classes - 1} "
+                f"(gan.num_classes={c['num_classes']}, classes {names})"
+            )
         return y
 
     def d_loss(model, batch):
@@ -255,10 +295,14 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         z = batch_draw(lambda m: torch.randn(m, z_dim, device=y.device), len(y))
         return hinge_g_loss(model(z, y, transform=transform).float()), {}
 
-    updates = [Update("d", d_loss, params=lambda m: m.discriminator.parameters(), lr=t["lr_d"]),
-               Update("g", g_loss, params=lambda m: m.generator.parameters(), lr=t["lr_g"], every=t["n_critic"])]
+    updates = [
+        Update("d", d_loss, params=lambda m: m.discriminator.parameters(), lr=t["lr_d"]),
+        Update("g", g_loss, params=lambda m: m.generator.parameters(), lr=t["lr_g"], every=t["n_critic"]),
+    ]
 
-    preview_z = torch.randn(t["sample_count"], z_dim, generator=torch.Generator().manual_seed(derive_seed(seed, "preview")))
+    preview_z = torch.randn(
+        t["sample_count"], z_dim, generator=torch.Generator().manual_seed(derive_seed(seed, "preview"))
+    )
 
     monitor = None
     if t["eval_every"] and feature_spaces and accelerator.is_main_process:
@@ -279,14 +323,28 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         was_training = generator.training
         generator.eval()
         with torch.no_grad(), autocast(device):
-            rows = [generator(preview_z.to(device), torch.full((n,), k, device=device)).float().cpu() for k in range(num_classes)]
+            rows = [
+                generator(preview_z.to(device), torch.full((n,), k, device=device)).float().cpu()
+                for k in range(num_classes)
+            ]
         generator.train(was_training)
         save_grid(rows, out / "samples" / f"step-{step}.png")
 
     run_config = {**c, "seed": seed, "classes": names, "data": {"items": len(dataset), "image": list(shapes["image"])}}
-    result = fit(model, updates, dataset, out, settings=t, run_config=run_config, seed=seed, accelerator=accelerator,
-                 checkpoint_dir=checkpoint_dir, extra_columns=["d_loss", "g_loss", "d_real", "d_fake", *MONITOR_COLUMNS], on_step=on_step,
-                 desc="gan")
+    result = fit(
+        model,
+        updates,
+        dataset,
+        out,
+        settings=t,
+        run_config=run_config,
+        seed=seed,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoint_dir,
+        extra_columns=["d_loss", "g_loss", "d_real", "d_fake", *MONITOR_COLUMNS],
+        on_step=on_step,
+        desc="gan",
+    )
     if not accelerator.is_main_process:
         return {}
 
@@ -295,9 +353,16 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         trained = result.ema.model
         trained.discriminator.load_state_dict(result.model.discriminator.state_dict())
     counts = {"generator": parameter_count(trained.generator), "discriminator": parameter_count(trained.discriminator)}
-    meta = {"num_classes": num_classes, "size": size, "z_dim": z_dim, "labels": names, "steps": result.step,
-            "generator_weights": "ema" if result.ema is not None else "raw", "parameters": counts,
-            "training": json.loads(json.dumps(run_config, default=str))}
+    meta = {
+        "num_classes": num_classes,
+        "size": size,
+        "z_dim": z_dim,
+        "labels": names,
+        "steps": result.step,
+        "generator_weights": "ema" if result.ema is not None else "raw",
+        "parameters": counts,
+        "training": json.loads(json.dumps(run_config, default=str)),
+    }
     with atomic_dir(out / "model") as tmp:
         trained.save_pretrained(tmp)
         (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))

@@ -27,6 +27,7 @@ SIZES = (16, 32, 64, 128, 256, 512)
 
 # ----------------------------------------------------------------------------- layers
 
+
 def conv(cin: int, cout: int, kernel: int) -> nn.Module:
     """A spectrally normalised 'same' convolution: seed 000 section 8.1 puts spectral norm on
     "all convolutional, deconvolutional, and linear layers ... in both models"."""
@@ -89,7 +90,11 @@ class CellG(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv1, self.norm1 = conv(channels, channels, 3), nn.BatchNorm2d(channels)
-        self.conv2a, self.conv2b, self.norm2 = conv(channels, channels, 3), conv(channels, channels, 1), nn.BatchNorm2d(channels)
+        self.conv2a, self.conv2b, self.norm2 = (
+            conv(channels, channels, 3),
+            conv(channels, channels, 1),
+            nn.BatchNorm2d(channels),
+        )
         self.conv3_from1, self.conv3_from0 = conv(channels, channels, 3), conv(channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +117,11 @@ class CellD(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv1, self.norm1 = conv(channels, channels, 3), nn.BatchNorm2d(channels)
-        self.conv2a, self.conv2b, self.norm2 = conv(channels, channels, 3), conv(channels, channels, 1), nn.BatchNorm2d(channels)
+        self.conv2a, self.conv2b, self.norm2 = (
+            conv(channels, channels, 3),
+            conv(channels, channels, 1),
+            nn.BatchNorm2d(channels),
+        )
         self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +178,7 @@ def _resolutions(size: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- the networks
 
+
 class Generator(nn.Module):
     """T1: z (z_dim) -> transposed conv 4x4 + ELU (L2) -> [CELLG, residual] at 4x4 (L3-L4) ->
     per resolution 8 .. size/2: upsample block, CELLG, self-attention where `attention` lists the
@@ -179,8 +189,15 @@ class Generator(nn.Module):
     output "64x64x3" must be an image in [-1, 1], like the training images). The class enters
     through the upsample blocks' conditional BatchNorm only, as in T2."""
 
-    def __init__(self, num_classes: int, size: int = 64, z_dim: int = 128, ch_max: int = 1024, width: int = 64,
-                 attention: Sequence[int] = (16, 32)):
+    def __init__(
+        self,
+        num_classes: int,
+        size: int = 64,
+        z_dim: int = 128,
+        ch_max: int = 1024,
+        width: int = 64,
+        attention: Sequence[int] = (16, 32),
+    ):
         super().__init__()
         ch = generator_widths(size, ch_max, width)
         self.z_dim, self.size = z_dim, size
@@ -213,8 +230,9 @@ class Discriminator(nn.Module):
     T3 gives L8's self-attention "input channels = 64" in a 32x32x128 layer; it runs on the layer's
     128. The projection embedding is spectrally normalised too, as in the projection discriminator."""
 
-    def __init__(self, num_classes: int, size: int = 64, ch_max: int = 1024, width: int = 64,
-                 attention: Sequence[int] = (32, 64)):
+    def __init__(
+        self, num_classes: int, size: int = 64, ch_max: int = 1024, width: int = 64, attention: Sequence[int] = (32, 64)
+    ):
         super().__init__()
         ch = discriminator_widths(size, ch_max, width)
         self.resolutions = [r for r in sorted(ch, reverse=True) if r > 4]  # size .. 8
@@ -243,13 +261,23 @@ class GAN(ModelMixin, ConfigMixin):
     them apart); T = `transform` (DiffAugment) or none. Generate with `.generator`."""
 
     @register_to_config
-    def __init__(self, num_classes: int = 4, size: int = 64, z_dim: int = 128, ch_max: int = 1024, width: int = 64,
-                 attention_g: tuple[int, ...] = (16, 32), attention_d: tuple[int, ...] = (32, 64),
-                 labels: list[str] | None = None):
+    def __init__(
+        self,
+        num_classes: int = 4,
+        size: int = 64,
+        z_dim: int = 128,
+        ch_max: int = 1024,
+        width: int = 64,
+        attention_g: tuple[int, ...] = (16, 32),
+        attention_d: tuple[int, ...] = (32, 64),
+        labels: list[str] | None = None,
+    ):
         super().__init__()
         if num_classes < 1 or z_dim < 1 or not 1 <= width <= ch_max:
-            raise TrainingError(f"GAN needs num_classes >= 1, z_dim >= 1 and 1 <= width <= ch_max; got num_classes="
-                                f"{num_classes}, z_dim={z_dim}, width={width}, ch_max={ch_max}")
+            raise TrainingError(
+                f"GAN needs num_classes >= 1, z_dim >= 1 and 1 <= width <= ch_max; got num_classes="
+                f"{num_classes}, z_dim={z_dim}, width={width}, ch_max={ch_max}"
+            )
         if labels is not None and len(labels) != num_classes:
             raise TrainingError(f"{len(labels)} label names {labels} for num_classes={num_classes}")
         self.generator = Generator(num_classes, size, z_dim, ch_max, width, attention_g)
@@ -267,9 +295,16 @@ class GAN(ModelMixin, ConfigMixin):
 def build_gan(config: Mapping, num_classes: int, labels: Sequence[str] | None = None) -> GAN:
     """The GAN of the `gan` config section for `num_classes` classes."""
     c = section_defaults("gan", config)
-    return GAN(num_classes=num_classes, size=c["size"], z_dim=c["z_dim"], ch_max=c["ch_max"], width=c["width"],
-               attention_g=tuple(c["attention_g"]), attention_d=tuple(c["attention_d"]),
-               labels=list(labels) if labels is not None else None)
+    return GAN(
+        num_classes=num_classes,
+        size=c["size"],
+        z_dim=c["z_dim"],
+        ch_max=c["ch_max"],
+        width=c["width"],
+        attention_g=tuple(c["attention_g"]),
+        attention_d=tuple(c["attention_d"]),
+        labels=list(labels) if labels is not None else None,
+    )
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -10,15 +10,18 @@ import torch.nn.functional as F
 from histosynth.generators.set_files import SynthesisError
 
 
-def paste_region(clean_mask: np.ndarray, clean_encoded: np.ndarray, donor_mask: np.ndarray,
-                 target_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paste_region(
+    clean_mask: np.ndarray, clean_encoded: np.ndarray, donor_mask: np.ndarray, target_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The donor's target-class region pasted at the same location: (label mask, encoded map,
     region bool mask). In the map the region channel is the class inside the region and the
     nucleus class and boundary channels are cleared there (pixel-wise), for the model to draw
     new nuclei."""
     if clean_mask.shape != donor_mask.shape or clean_encoded.shape[:2] != clean_mask.shape:
-        raise SynthesisError(f"patch sizes differ: clean mask {clean_mask.shape}, its map {clean_encoded.shape[:2]}, "
-                             f"donor mask {donor_mask.shape}")
+        raise SynthesisError(
+            f"patch sizes differ: clean mask {clean_mask.shape}, its map {clean_encoded.shape[:2]}, "
+            f"donor mask {donor_mask.shape}"
+        )
     region = donor_mask == target_index
     mask = np.where(region, np.uint8(target_index), clean_mask).astype(np.uint8)
     encoded = clean_encoded.copy()

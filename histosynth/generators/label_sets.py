@@ -40,9 +40,21 @@ def class_counts(n: int, per_class: Mapping[str, int] | None, labels: Mapping) -
     return {name: n // len(names) + (i < n % len(names)) for i, name in enumerate(names)}
 
 
-def write_label_set(out_dir: str | Path, mode: str, names: Sequence[str], seeds: Sequence[int], draw, *, labels: Mapping,
-                    real: pd.DataFrame, size: int, batch_size: int, grid_per_class: int, record: Mapping,
-                    per_label: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
+def write_label_set(
+    out_dir: str | Path,
+    mode: str,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    draw,
+    *,
+    labels: Mapping,
+    real: pd.DataFrame,
+    size: int,
+    batch_size: int,
+    grid_per_class: int,
+    record: Mapping,
+    per_label: Mapping[str, Mapping] | None = None,
+) -> pd.DataFrame:
     """A synthetic set of labelled images without masks (a GAN's, Stable Diffusion's): image i of
     label names[i] from seed seeds[i], drawn batch by batch by draw(names, seeds) -> uint8 (N, h, w,
     3) and resized to the patch size `size` (Lanczos). Writes out_dir (atomically): images/,
@@ -60,9 +72,20 @@ def write_label_set(out_dir: str | Path, mode: str, names: Sequence[str], seeds:
                 image_id = f"{mode}-{i:06d}"
                 write_png(image, tmp / "images" / f"{image_id}.png")
                 grids.setdefault(name, []).append(image)
-                rows.append({"id": image_id, "image": f"images/{image_id}.png", "mode": mode, "class": name, **record,
-                             **(per_label or {}).get(name, {}), "seed": int(image_seed), "source_patch_id": None,
-                             "source_slide": None, "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
+                rows.append(
+                    {
+                        "id": image_id,
+                        "image": f"images/{image_id}.png",
+                        "mode": mode,
+                        "class": name,
+                        **record,
+                        **(per_label or {}).get(name, {}),
+                        "seed": int(image_seed),
+                        "source_patch_id": None,
+                        "source_slide": None,
+                        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
+                )
             log.info("%s: %d/%d images", mode, len(rows), len(names))
         manifest = pd.DataFrame(rows)
         manifest.insert(manifest.columns.get_loc("created_at"), "label", label_index(manifest["class"], labels))
@@ -75,8 +98,17 @@ def write_label_set(out_dir: str | Path, mode: str, names: Sequence[str], seeds:
     return manifest
 
 
-def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, settings: Mapping,
-              labels: Mapping, size: int, seed: int, device: str = "auto") -> pd.DataFrame:
+def gan_stage(
+    model_path: str | Path,
+    indexes: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    settings: Mapping,
+    labels: Mapping,
+    size: int,
+    seed: int,
+    device: str = "auto",
+) -> pd.DataFrame:
     """Rule gan_synthesize: images per label from the trained GAN (histosynth.generators.gan),
     image i from its own noise seed derive_seed(seed, 'gan', i), at the patch size `size`; no
     masks (write_label_set; the manifest records model path and hash and the truncation).
@@ -84,8 +116,10 @@ def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: st
     `indexes` the training slides' patch indexes."""
     model = load_gan(model_path, pick_device(device))
     if list(model.config.labels or []) != list(labels["classes"]):
-        raise SynthesisError(f"the GAN at {model_path} was trained on the labels {model.config.labels}, this run's are "
-                             f"{labels['classes']}; retrain it (rule train_gan)")
+        raise SynthesisError(
+            f"the GAN at {model_path} was trained on the labels {model.config.labels}, this run's are "
+            f"{labels['classes']}; retrain it (rule train_gan)"
+        )
     s = section_defaults("synthesis", settings)
     gan = s["gan"]
     counts = class_counts(gan["n"], gan["per_class"], labels)
@@ -98,13 +132,33 @@ def gan_stage(model_path: str | Path, indexes: Sequence[str | Path], out_dir: st
     def draw(batch_names, batch_seeds):
         return generate(model, torch.as_tensor(label_index(batch_names, labels)), batch_seeds, gan["truncation"])
 
-    return write_label_set(out_dir, "gan", names, seeds, draw, labels=labels, real=read_indexes(indexes, "train"),
-                           size=size, batch_size=s["batch_size"], grid_per_class=s["grid_per_class"],
-                           record={"model_path": path, "model_hash": digest, "truncation": gan["truncation"]})
+    return write_label_set(
+        out_dir,
+        "gan",
+        names,
+        seeds,
+        draw,
+        labels=labels,
+        real=read_indexes(indexes, "train"),
+        size=size,
+        batch_size=s["batch_size"],
+        grid_per_class=s["grid_per_class"],
+        record={"model_path": path, "model_hash": digest, "truncation": gan["truncation"]},
+    )
 
 
-def lora_stage(adapter: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *, settings: Mapping,
-               labels: Mapping, size: int, seed: int, scale: float, device: str = "auto") -> pd.DataFrame:
+def lora_stage(
+    adapter: str | Path,
+    indexes: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    settings: Mapping,
+    labels: Mapping,
+    size: int,
+    seed: int,
+    scale: float,
+    device: str = "auto",
+) -> pd.DataFrame:
     """Rule lora_synthesize: images per label from Stable Diffusion with the trained LoRA adapter
     (histosynth.generators.lora) at LoRA weight `scale`, prompt per label, Euler ancestral
     sampling; image i from seed derive_seed(seed, 'lora', i), the same at every scale so the sets
@@ -115,24 +169,59 @@ def lora_stage(adapter: str | Path, indexes: Sequence[str | Path], out_dir: str 
     draw_settings = s["lora"]
     pipe, meta = load_pipeline(adapter, pick_device(device))
     if list(meta["labels"]) != list(labels["classes"]):
-        raise SynthesisError(f"the LoRA adapter at {adapter} was trained on the labels {meta['labels']}, this run's are "
-                             f"{labels['classes']}; retrain it (rule train_lora)")
+        raise SynthesisError(
+            f"the LoRA adapter at {adapter} was trained on the labels {meta['labels']}, this run's are "
+            f"{labels['classes']}; retrain it (rule train_lora)"
+        )
     prompts = meta["prompts"]
     counts = class_counts(draw_settings["n"], draw_settings["per_class"], labels)
     names = [name for name, count in counts.items() for _ in range(count)]
     seeds = [derive_seed(seed, "lora", i) for i in range(len(names))]
     path, digest = model_record(adapter)
-    log.info("lora_synthesize: %d images at LoRA scale %s, %d px resized to %d px, %d Euler ancestral steps, guidance %s",
-             len(names), scale, meta["resolution"], size, draw_settings["steps"], draw_settings["guidance"])
+    log.info(
+        "lora_synthesize: %d images at LoRA scale %s, %d px resized to %d px, %d Euler ancestral steps, guidance %s",
+        len(names),
+        scale,
+        meta["resolution"],
+        size,
+        draw_settings["steps"],
+        draw_settings["guidance"],
+    )
 
     def draw(batch_names, batch_seeds):
-        return sample(pipe, [prompts[name] for name in batch_names], batch_seeds, size=meta["resolution"],
-                      steps=draw_settings["steps"], guidance=draw_settings["guidance"],
-                      negative_prompt=draw_settings["negative_prompt"], scale=scale)
+        return sample(
+            pipe,
+            [prompts[name] for name in batch_names],
+            batch_seeds,
+            size=meta["resolution"],
+            steps=draw_settings["steps"],
+            guidance=draw_settings["guidance"],
+            negative_prompt=draw_settings["negative_prompt"],
+            scale=scale,
+        )
 
-    record = {"model_path": path, "model_hash": digest, "base_model": meta["base_model"], "base_hash": meta["base_hash"],
-              "lora_scale": float(scale), "sampler": "euler_ancestral", "steps": draw_settings["steps"],
-              "guidance": draw_settings["guidance"], "negative_prompt": draw_settings["negative_prompt"]}
-    return write_label_set(out_dir, lora_set(scale), names, seeds, draw, labels=labels, real=read_indexes(indexes, "train"),
-                           size=size, batch_size=s["batch_size"], grid_per_class=s["grid_per_class"], record=record,
-                           per_label={name: {"prompt": prompts[name]} for name in counts})
+    record = {
+        "model_path": path,
+        "model_hash": digest,
+        "base_model": meta["base_model"],
+        "base_hash": meta["base_hash"],
+        "lora_scale": float(scale),
+        "sampler": "euler_ancestral",
+        "steps": draw_settings["steps"],
+        "guidance": draw_settings["guidance"],
+        "negative_prompt": draw_settings["negative_prompt"],
+    }
+    return write_label_set(
+        out_dir,
+        lora_set(scale),
+        names,
+        seeds,
+        draw,
+        labels=labels,
+        real=read_indexes(indexes, "train"),
+        size=size,
+        batch_size=s["batch_size"],
+        grid_per_class=s["grid_per_class"],
+        record=record,
+        per_label={name: {"prompt": prompts[name]} for name in counts},
+    )

@@ -51,8 +51,11 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder: model/, loss.csv and the stage's reports")
     p.add_argument("--dataset", required=True, help="MODULE:FUNCTION building a Dataset from (indexes, split, config)")
     p.add_argument("--index", nargs="+", required=True, help="patch index parquet files")
-    p.add_argument("--checkpoints", help="checkpoint folder (default OUT/checkpoints); keep it outside "
-                                         "Snakemake outputs so that a rerun can resume")
+    p.add_argument(
+        "--checkpoints",
+        help="checkpoint folder (default OUT/checkpoints); keep it outside "
+        "Snakemake outputs so that a rerun can resume",
+    )
     p.add_argument("--log", help="log file (default: stderr)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (e.g. the rule's threads)")
     if made.builds_on:
@@ -71,20 +74,31 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     data = factory(args.index, "train", config)
     val = factory(args.index, "val", config)
     extra = {made.builds_on: getattr(args, made.builds_on)} if made.builds_on else {}
-    if made.draws_on == "labels":  # class names in index order, where the job's labels are resolved (the workflow's are)
+    if (
+        made.draws_on == "labels"
+    ):  # class names in index order, where the job's labels are resolved (the workflow's are)
         labels = config.get("labels") or {}
         extra["labels"] = list(labels["classes"]) if "regions" in labels else None
     if made.monitors:  # fidelity during training in the quality stage's feature spaces
         quality = section_defaults("quality", config.get("quality"))
-        spaces = feature_spaces(quality, config.get("weights_dir") or default("weights_dir")) \
-            if section_defaults(stage, config.get(stage))["train"]["eval_every"] else []
+        spaces = (
+            feature_spaces(quality, config.get("weights_dir") or default("weights_dir"))
+            if section_defaults(stage, config.get(stage))["train"]["eval_every"]
+            else []
+        )
         extra.update(feature_spaces=spaces, quality=quality)
     if made.previews:  # the preview grids sample as its synthetic sets do
         extra["synthesis"] = config.get("synthesis")
     try:
-        summary = train(data, args.out, config.get(stage, {}), seed=int(config.get("seed", 0)),
-                        val_dataset=val if val is not None and len(val) else None,
-                        checkpoint_dir=args.checkpoints, **extra)
+        summary = train(
+            data,
+            args.out,
+            config.get(stage, {}),
+            seed=int(config.get("seed", 0)),
+            val_dataset=val if val is not None and len(val) else None,
+            checkpoint_dir=args.checkpoints,
+            **extra,
+        )
     except TrainingError as err:
         print(f"{trainer} train: error: {err}", file=sys.stderr)
         return 2
@@ -92,8 +106,18 @@ def cli(stage: str, train: Callable, argv: list[str] | None = None) -> int:
     return 0
 
 
-def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path, *, checkpoints: str | Path,
-           log: str | Path, gpus: int = 0, threads: int = 1, autoencoder: str | None = None) -> None:
+def launch(
+    stage: str,
+    config: Mapping,
+    indexes: Sequence[str],
+    out: str | Path,
+    *,
+    checkpoints: str | Path,
+    log: str | Path,
+    gpus: int = 0,
+    threads: int = 1,
+    autoencoder: str | None = None,
+) -> None:
     """Run the stage's trainer (`python -m <its table row's trainer> train`) for a Snakemake job: in this process on one device,
     under `accelerate launch` with one process per GPU when the job was given gpus > 1 (`multi_process_command`).
 
@@ -107,15 +131,31 @@ def launch(stage: str, config: Mapping, indexes: Sequence[str], out: str | Path,
     run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(json.dumps(config, indent=1, default=str))
     processes = max(1, int(gpus))
-    argv = ["train", "--config", str(run_config), "--out", str(out), "--dataset", "histosynth.generators.datasets:patch_dataset",
-            "--index", *map(str, indexes), "--checkpoints", str(checkpoints), "--log", str(log),
-            "--threads", str(max(1, int(threads) // processes))]
+    argv = [
+        "train",
+        "--config",
+        str(run_config),
+        "--out",
+        str(out),
+        "--dataset",
+        "histosynth.generators.datasets:patch_dataset",
+        "--index",
+        *map(str, indexes),
+        "--checkpoints",
+        str(checkpoints),
+        "--log",
+        str(log),
+        "--threads",
+        str(max(1, int(threads) // processes)),
+    ]
     if autoencoder:
         argv += ["--autoencoder", str(autoencoder)]
     if processes > 1:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as stream:  # the launcher's own messages (a worker's failure) join the workers' log
-            code = subprocess.run(multi_process_command(stage, processes, argv), stdout=stream, stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(
+                multi_process_command(stage, processes, argv), stdout=stream, stderr=subprocess.STDOUT
+            ).returncode
     else:
         code = importlib.import_module(generator(stage).trainer).main(argv)
     if code:
@@ -129,6 +169,22 @@ def multi_process_command(stage: str, processes: int, argv: Sequence[str]) -> li
     CUDA device, the CPU with gloo (accelerate's MULTI_CPU). accelerate's own --cpu flag is no use here: it starts
     several processes through mpirun and a host file only, one process otherwise. --main_process_port 0: a free
     port, so that jobs on one machine do not collide on the default 29500."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", generator(stage).trainer, *argv]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        generator(stage).trainer,
+        *argv,
+    ]

@@ -42,7 +42,7 @@ from histosynth.training.grids import save_grid
 from histosynth.training.loop import Update, fit, make_accelerator
 
 log = logging.getLogger("histosynth.generators.lora")  # not __main__ under python -m
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]      # diffusers' train_text_to_image_lora.py
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's attention projections
 
 
@@ -50,8 +50,10 @@ def class_prompts(setting: str | Mapping[str, str], classes: Sequence[str]) -> d
     """{label: prompt}: a template with {class} filled per label, or a mapping naming every label."""
     if isinstance(setting, str):
         if "{class}" not in setting:
-            raise LoraError(f"lora.prompt={setting!r} has no {{class}}: every label would get the same prompt; "
-                            "add {class} or give a mapping {label: prompt}")
+            raise LoraError(
+                f"lora.prompt={setting!r} has no {{class}}: every label would get the same prompt; "
+                "add {class} or give a mapping {label: prompt}"
+            )
         return {name: setting.replace("{class}", name) for name in classes}
     missing = [name for name in classes if name not in setting]
     if missing:
@@ -64,19 +66,25 @@ def _load_parts(folder: Path) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    return {"unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
-            "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
-            "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
-            "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-            "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)}
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        "scheduler": DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+    }
 
 
 def _randn_rows(like: torch.Tensor) -> Callable[[int], torch.Tensor]:
     """draw(m) for batch_draw: m items of N(0, 1) noise shaped and laid out in memory as `like`'s (the VAE's latents
     may come channels_last): torch.randn_like(like)'s values for m = len(like)."""
-    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    channels_last = (
+        like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    )
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return lambda m: torch.randn_like(torch.empty((m, *like.shape[1:]), dtype=like.dtype, device=like.device, memory_format=layout))
+    return lambda m: torch.randn_like(
+        torch.empty((m, *like.shape[1:]), dtype=like.dtype, device=like.device, memory_format=layout)
+    )
 
 
 class LoraStableDiffusion(ModelMixin, ConfigMixin):
@@ -85,8 +93,15 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
     checkpoint loads onto a freshly built base model."""
 
     @register_to_config
-    def __init__(self, base_model: str, rank: int = 4, alpha: float | None = None, text_encoder_lora: bool = True,
-                 prompts: dict | None = None, labels: list | None = None):
+    def __init__(
+        self,
+        base_model: str,
+        rank: int = 4,
+        alpha: float | None = None,
+        text_encoder_lora: bool = True,
+        prompts: dict | None = None,
+        labels: list | None = None,
+    ):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -96,13 +111,22 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
         alpha = rank if alpha is None else alpha
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+        self.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS)
+        )
         if text_encoder_lora:  # peft directly: transformers' add_adapter wants a newer peft than diffusers needs
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                               target_modules=TEXT_TARGETS), self.text_encoder)
+            inject_adapter_in_model(
+                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_TARGETS),
+                self.text_encoder,
+            )
         names = list(labels or [])
-        ids = self.tokenizer([prompts[name] for name in names], padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            [prompts[name] for name in names],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
         self.register_buffer("prompt_ids", ids, persistent=False)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -110,13 +134,17 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
         U-Net's noise (or v) prediction against the truth at random timesteps, in latent space.
         A forward, so that DistributedDataParallel sees the whole step."""
         n = len(images)
-        with torch.no_grad():  # the posterior's sample, the noise and the timesteps per item of the global batch (batch_draw)
+        with (
+            torch.no_grad()
+        ):  # the posterior's sample, the noise and the timesteps per item of the global batch (batch_draw)
             posterior = self.vae.encode(images).latent_dist
             shape, device, dtype = posterior.mean.shape[1:], posterior.mean.device, posterior.mean.dtype
             eps = batch_draw(lambda m: torch.randn(m, *shape, device=device, dtype=dtype), n)
             latents = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor
         noise = batch_draw(_randn_rows(latents), n)
-        steps = batch_draw(lambda m: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (m,), device=latents.device), n)
+        steps = batch_draw(
+            lambda m: torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (m,), device=latents.device), n
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
         with torch.set_grad_enabled(self.config.text_encoder_lora and torch.is_grad_enabled()):
             states = self.text_encoder(self.prompt_ids[labels])[0]
@@ -138,8 +166,10 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         expected = set(self.state_dict())
         if strict and set(state_dict) != expected:
-            raise LoraError(f"LoRA weights do not fit this adapter (rank, targets or text encoder differ): "
-                            f"{len(expected - set(state_dict))} missing, {len(set(state_dict) - expected)} unexpected")
+            raise LoraError(
+                f"LoRA weights do not fit this adapter (rank, targets or text encoder differ): "
+                f"{len(expected - set(state_dict))} missing, {len(set(state_dict) - expected)} unexpected"
+            )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     def pipeline(self, scheduler=None):
@@ -147,28 +177,60 @@ class LoraStableDiffusion(ModelMixin, ConfigMixin):
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
         scheduler = scheduler or EulerAncestralDiscreteScheduler.from_config(self.noise_scheduler.config)
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
 
-def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], *, size: int, steps: int, guidance: float,
-           negative_prompt: str = "", scale: float | None = None) -> np.ndarray:
+def sample(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    size: int,
+    steps: int,
+    guidance: float,
+    negative_prompt: str = "",
+    scale: float | None = None,
+) -> np.ndarray:
     """uint8 (N, size, size, 3): image i from prompt i and its own generator seeded seeds[i] (so it
     does not depend on the batch), at LoRA weight `scale` (None: as loaded)."""
     device = pipe.unet.device
     kwargs = {"cross_attention_kwargs": {"scale": scale}} if scale is not None else {}
     with torch.no_grad():
-        images = pipe(list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                      height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds], output_type="np",
-                      **kwargs).images
+        images = pipe(
+            list(prompts),
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds],
+            output_type="np",
+            **kwargs,
+        ).images
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: int = 0, val_dataset=None,
-          checkpoint_dir: str | Path | None = None, labels: Sequence[str] | None = None, accelerator=None,
-          synthesis: Mapping | None = None) -> dict:
+def train(
+    dataset,
+    out: str | Path,
+    settings: Mapping | None = None,
+    *,
+    seed: int = 0,
+    val_dataset=None,
+    checkpoint_dir: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    accelerator=None,
+    synthesis: Mapping | None = None,
+) -> dict:
     """Fine-tune the `lora` config section's adapters on `dataset` (items: 'image' (3, H, W) in
     [-1, 1], resized to the training resolution, and 'label', the class index); labels: the class
     names in index order (default their indices), which the prompts name. Writes out/adapter,
@@ -183,7 +245,11 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     shapes = check_dataset(dataset)
     if "label" not in dataset[0]:
         raise TrainingError("LoRA training items need a 'label' (the class index)")
-    names = [str(n) for n in labels] if labels is not None else [str(i) for i in range(int(dataset_labels(dataset).max()) + 1)]
+    names = (
+        [str(n) for n in labels]
+        if labels is not None
+        else [str(i) for i in range(int(dataset_labels(dataset).max()) + 1)]
+    )
     prompts = class_prompts(c["prompt"], names)
     log.info("prompts per label: %s", prompts)
 
@@ -194,9 +260,16 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
     if c["text_encoder"]:
         groups.append({"params": model.lora_parameters("text_encoder"), "lr": t["lr_text"]})
     trainable = sum(p.numel() for g in groups for p in g["params"])
-    log.info("Stable Diffusion %s at %d px: %.2fM LoRA weights (rank %d, alpha %s, text encoder %s) of %.0fM",
-             base, size, trainable / 1e6, c["rank"], c["alpha"] or c["rank"], "adapted" if c["text_encoder"] else "frozen",
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info(
+        "Stable Diffusion %s at %d px: %.2fM LoRA weights (rank %d, alpha %s, text encoder %s) of %.0fM",
+        base,
+        size,
+        trainable / 1e6,
+        c["rank"],
+        c["alpha"] or c["rank"],
+        "adapted" if c["text_encoder"] else "frozen",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     accelerator = accelerator or make_accelerator(t)
     device = accelerator.device
 
@@ -217,23 +290,54 @@ def train(dataset, out: str | Path, settings: Mapping | None = None, *, seed: in
         eval_model.eval()
         pipe = eval_model.pipeline()
         pipe.set_progress_bar_config(disable=True)
-        rows = [sample(pipe, [prompts[name]] * len(preview_seeds), preview_seeds, size=size, steps=draw["steps"],
-                       guidance=draw["guidance"], negative_prompt=draw["negative_prompt"]) for name in names]
+        rows = [
+            sample(
+                pipe,
+                [prompts[name]] * len(preview_seeds),
+                preview_seeds,
+                size=size,
+                steps=draw["steps"],
+                guidance=draw["guidance"],
+                negative_prompt=draw["negative_prompt"],
+            )
+            for name in names
+        ]
         eval_model.train(was_training)
-        save_grid([torch.from_numpy(r).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows], out / "samples" / f"step-{step}.png")
+        save_grid(
+            [torch.from_numpy(r).permute(0, 3, 1, 2).float() / 127.5 - 1 for r in rows],
+            out / "samples" / f"step-{step}.png",
+        )
         return None
 
     run_config = {**c, "seed": seed, "classes": names, "data": {"items": len(dataset), "image": list(shapes["image"])}}
-    result = fit(model, [Update("lora", loss, params=lambda m: groups)], dataset, out, settings=t, run_config=run_config,
-                 seed=seed, accelerator=accelerator, checkpoint_dir=checkpoint_dir, on_step=on_step, desc="lora")
+    result = fit(
+        model,
+        [Update("lora", loss, params=lambda m: groups)],
+        dataset,
+        out,
+        settings=t,
+        run_config=run_config,
+        seed=seed,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+        desc="lora",
+    )
     if not accelerator.is_main_process:
         return {}
     adapter = save_adapter(result.model, out / "adapter", base=base, size=size, settings=c, steps=result.step)
-    return {"adapter": str(adapter), "loss_csv": str(result.loss_csv), "steps": result.step, "lora_weights": trainable,
-            "device": str(device)}
+    return {
+        "adapter": str(adapter),
+        "loss_csv": str(result.loss_csv),
+        "steps": result.step,
+        "lora_weights": trainable,
+        "device": str(device),
+    }
 
 
-def save_adapter(model: LoraStableDiffusion, folder: Path, *, base: Path, size: int, settings: Mapping, steps: int) -> Path:
+def save_adapter(
+    model: LoraStableDiffusion, folder: Path, *, base: Path, size: int, settings: Mapping, steps: int
+) -> Path:
     """The LoRA weights in diffusers' format (StableDiffusionPipeline.save_lora_weights) and
     histosynth.json: base model path and hash, labels, prompts, rank, alpha, resolution, steps."""
     from diffusers import StableDiffusionPipeline
@@ -242,11 +346,21 @@ def save_adapter(model: LoraStableDiffusion, folder: Path, *, base: Path, size: 
 
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))}
     if model.config.text_encoder_lora:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.text_encoder))
-    meta = {"base_model": str(base), "base_hash": base_model_hash(base), "labels": model.config.labels,
-            "prompts": model.config.prompts, "rank": settings["rank"], "alpha": settings["alpha"] or settings["rank"],
-            "text_encoder": settings["text_encoder"], "resolution": size, "steps": steps,
-            "training": json.loads(json.dumps(settings, default=str))}
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(model.text_encoder)
+        )
+    meta = {
+        "base_model": str(base),
+        "base_hash": base_model_hash(base),
+        "labels": model.config.labels,
+        "prompts": model.config.prompts,
+        "rank": settings["rank"],
+        "alpha": settings["alpha"] or settings["rank"],
+        "text_encoder": settings["text_encoder"],
+        "resolution": size,
+        "steps": steps,
+        "training": json.loads(json.dumps(settings, default=str)),
+    }
     with atomic_dir(folder) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
         (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))
@@ -266,11 +380,14 @@ def load_pipeline(adapter: str | Path, device=None):
     meta = json.loads((adapter / MODEL_INFO).read_text())
     base = check_base_model(meta["base_model"])
     if base_model_hash(base) != meta["base_hash"]:
-        raise LoraError(f"the base model {base} changed since the adapter {adapter} was trained on it (its hash "
-                        "differs); restore it or retrain (rule train_lora)")
+        raise LoraError(
+            f"the base model {base} changed since the adapter {adapter} was trained on it (its hash "
+            "differs); restore it or retrain (rule train_lora)"
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"
-    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(adapter)
     pipe.set_progress_bar_config(disable=True)

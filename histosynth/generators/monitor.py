@@ -32,10 +32,10 @@ COLUMNS = ("fd", "kd", "fid", "kid")
 
 @dataclass(frozen=True)
 class FeatureSpace:
-    name: str                                         # logged once when the monitor starts
-    distance: str                                     # loss-table column of the Fréchet distance (fd | fid)
-    kernel: str                                       # loss-table column of KID (kd | kid)
-    embed: Callable[[torch.Tensor], np.ndarray]       # uint8 (N, 3, H, W) -> float64 (N, D)
+    name: str  # logged once when the monitor starts
+    distance: str  # loss-table column of the Fréchet distance (fd | fid)
+    kernel: str  # loss-table column of KID (kd | kid)
+    embed: Callable[[torch.Tensor], np.ndarray]  # uint8 (N, 3, H, W) -> float64 (N, D)
 
 
 def feature_spaces(quality: Mapping, weights_dir: str | Path) -> list[FeatureSpace]:
@@ -43,9 +43,11 @@ def feature_spaces(quality: Mapping, weights_dir: str | Path) -> list[FeatureSpa
     each one that cannot is logged with how to enable it."""
     spaces = []
     if quality["extractor"] == SEGMENTATION:
-        log.info("fidelity during training: no fd/kd (quality.extractor 'segmentation' is the downstream segmenter's "
-                 "space, measured after training by rule image_quality; a timm extractor with local weights gives "
-                 "fd/kd during training)")
+        log.info(
+            "fidelity during training: no fd/kd (quality.extractor 'segmentation' is the downstream segmenter's "
+            "space, measured after training by rule image_quality; a timm extractor with local weights gives "
+            "fd/kd during training)"
+        )
     else:
         try:
             extractor = timm_encoder(quality["extractor"], quality["extractor_weights"], quality["device"])
@@ -57,8 +59,11 @@ def feature_spaces(quality: Mapping, weights_dir: str | Path) -> list[FeatureSpa
         log.info("fidelity during training: no fid/kid (%s)", note)
     else:
         net = load_inception(inception_path, quality["feature"])
-        spaces.append(FeatureSpace(f"inception-v3 pool {quality['feature']}", "fid", "kid",
-                                   lambda x: inception_embeddings(x, net)[0]))
+        spaces.append(
+            FeatureSpace(
+                f"inception-v3 pool {quality['feature']}", "fid", "kid", lambda x: inception_embeddings(x, net)[0]
+            )
+        )
     return spaces
 
 
@@ -66,17 +71,32 @@ class FidelityMonitor:
     """FD and KID of generated images against `real` (uint8 (N, 3, H, W)) in each space, the real
     features computed once; KID over `kid_subsets` subsets of min(kid_subset_size, N) images."""
 
-    def __init__(self, real: torch.Tensor, spaces: Sequence[FeatureSpace], *, batch_size: int, kid_subsets: int,
-                 kid_subset_size: int, seed: int):
+    def __init__(
+        self,
+        real: torch.Tensor,
+        spaces: Sequence[FeatureSpace],
+        *,
+        batch_size: int,
+        kid_subsets: int,
+        kid_subset_size: int,
+        seed: int,
+    ):
         self.spaces, self.batch_size, self.seed = list(spaces), batch_size, seed
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.real = [self._features(space, real) for space in self.spaces]
         for space in self.spaces:
-            log.info("fidelity during training: %s and %s of %d images in %s", space.distance, space.kernel, len(real), space.name)
+            log.info(
+                "fidelity during training: %s and %s of %d images in %s",
+                space.distance,
+                space.kernel,
+                len(real),
+                space.name,
+            )
 
     def _features(self, space: FeatureSpace, images: torch.Tensor) -> np.ndarray:
-        return np.concatenate([space.embed(images[start:start + self.batch_size])
-                               for start in range(0, len(images), self.batch_size)])
+        return np.concatenate(
+            [space.embed(images[start : start + self.batch_size]) for start in range(0, len(images), self.batch_size)]
+        )
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
         """{fd, kd, fid, kid: value} of the generated uint8 (N, 3, H, W) images, for the spaces present."""

@@ -23,13 +23,20 @@ def guided_output(model, x_t, t, cond, labels=None, guidance: float = 1.0) -> to
         labels = null if labels is None else labels
     t = torch.as_tensor(t, device=x_t.device)
     t = t.repeat(2) if t.numel() > 1 else t
-    out = model_output(model, torch.cat([x_t, x_t]), t, torch.cat([cond, torch.zeros_like(cond)]),
-                       None if null is None else torch.cat([labels, null]))
+    out = model_output(
+        model,
+        torch.cat([x_t, x_t]),
+        t,
+        torch.cat([cond, torch.zeros_like(cond)]),
+        None if null is None else torch.cat([labels, null]),
+    )
     conditional, unconditional = out.chunk(2)
     return unconditional + guidance * (conditional - unconditional)
 
 
-def noise_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor, prediction: str) -> torch.Tensor:
+def noise_from_output(
+    output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: torch.Tensor, prediction: str
+) -> torch.Tensor:
     """The noise estimate behind a model output: the output itself for epsilon prediction, and
     sqrt(a) v + sqrt(1 - a) x_t for v-prediction (a = alpha_cumprod at the step)."""
     if prediction == "epsilon":
@@ -45,9 +52,19 @@ def resize_cond(cond: torch.Tensor, size) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, scheduler, cond: torch.Tensor, labels: torch.Tensor | None = None, *, steps: int = 50,
-           guidance: float = 1.0, generator: torch.Generator | None = None, autoencoder=None,
-           init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+def sample(
+    model,
+    scheduler,
+    cond: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    steps: int = 50,
+    guidance: float = 1.0,
+    generator: torch.Generator | None = None,
+    autoencoder=None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> torch.Tensor:
     """Images in [-1, 1] for the masks `cond` (N, C, H, W) with any diffusers scheduler (DDPM,
     DDIM, DPMSolverMultistep); in latent space pass the autoencoder: cond is resized to the latent
     size and the result decoded. With `init` (N, 3, H, W images in [-1, 1]) and strength < 1 the
@@ -93,13 +110,25 @@ def make_sampler(name: str, scheduler_config):
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
 
 
-
 # ----------------------------------------------------------------------------- RePaint
 
+
 @torch.no_grad()
-def repaint(model, scheduler, known: torch.Tensor, keep: torch.Tensor, cond: torch.Tensor,
-            labels: torch.Tensor | None = None, *, steps: int, jump_length: int, jump_n_sample: int,
-            guidance: float = 1.0, generator=None, prediction: str = "epsilon") -> torch.Tensor:
+def repaint(
+    model,
+    scheduler,
+    known: torch.Tensor,
+    keep: torch.Tensor,
+    cond: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    steps: int,
+    jump_length: int,
+    jump_n_sample: int,
+    guidance: float = 1.0,
+    generator=None,
+    prediction: str = "epsilon",
+) -> torch.Tensor:
     """RePaint sampling with diffusers' RePaintScheduler, in pixel or latent space alike: `known`
     (N, C, h, w) is kept where `keep` (N, 1, h, w) is 1, regenerated where it is 0; `cond` has
     the size of `known`; `prediction` is what the model predicts (RePaint steps on the noise
@@ -126,5 +155,3 @@ def repaint_scheduler(scheduler_config, eta: float):
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample")
     return RePaintScheduler(**{key: scheduler_config[key] for key in keys if key in scheduler_config}, eta=eta)
-
-

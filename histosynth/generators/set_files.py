@@ -46,8 +46,11 @@ def write_images(root: Path, image_id: str, image: np.ndarray, mask: np.ndarray,
     write_png(image, root / "images" / f"{image_id}.png")
     write_png(mask, root / "masks" / f"{image_id}.png")
     write_conditioning(encoded, root / "conditioning" / f"{image_id}.png")
-    return {"image": f"images/{image_id}.png", "mask": f"masks/{image_id}.png",
-            "conditioning": f"conditioning/{image_id}.png"}
+    return {
+        "image": f"images/{image_id}.png",
+        "mask": f"masks/{image_id}.png",
+        "conditioning": f"conditioning/{image_id}.png",
+    }
 
 
 def _manifest(rows: list[dict], labels: Mapping) -> pd.DataFrame:
@@ -59,18 +62,49 @@ def _manifest(rows: list[dict], labels: Mapping) -> pd.DataFrame:
     return manifest
 
 
-def manifest_row(image_id: str, mode: str, paths: dict, record: tuple[str, str], runner, sampler: str, steps: int,
-                 guidance: float, strength: float, seed: int, source: pd.Series, donor_id: str | None,
-                 target_class: str | None, jumps: tuple[int | None, int | None], mask: np.ndarray, classes: Sequence[str],
-                 class_name: str) -> dict:
+def manifest_row(
+    image_id: str,
+    mode: str,
+    paths: dict,
+    record: tuple[str, str],
+    runner,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    strength: float,
+    seed: int,
+    source: pd.Series,
+    donor_id: str | None,
+    target_class: str | None,
+    jumps: tuple[int | None, int | None],
+    mask: np.ndarray,
+    classes: Sequence[str],
+    class_name: str,
+) -> dict:
     """One manifest row of the diffusion model's sets; `runner` the sampling model (its space and autoencoder hash)."""
-    return {"id": image_id, **paths, "mode": mode, "class": class_name, "model_path": record[0], "model_hash": record[1],
-            "space": runner.space, "sampler": sampler, "steps": int(steps), "guidance": float(guidance),
-            "strength": float(strength),
-            "seed": int(seed), "source_patch_id": str(source["patch_id"]), "donor_patch_id": donor_id,
-            "target_class": target_class, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **fraction_columns(mask, class_indices(classes)), "source_slide": str(source.get("slide", "")),
-            "jump_length": jumps[0], "jump_n_sample": jumps[1], "autoencoder_hash": runner.autoencoder_hash}
+    return {
+        "id": image_id,
+        **paths,
+        "mode": mode,
+        "class": class_name,
+        "model_path": record[0],
+        "model_hash": record[1],
+        "space": runner.space,
+        "sampler": sampler,
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "strength": float(strength),
+        "seed": int(seed),
+        "source_patch_id": str(source["patch_id"]),
+        "donor_patch_id": donor_id,
+        "target_class": target_class,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fraction_columns(mask, class_indices(classes)),
+        "source_slide": str(source.get("slide", "")),
+        "jump_length": jumps[0],
+        "jump_n_sample": jumps[1],
+        "autoencoder_hash": runner.autoencoder_hash,
+    }
 
 
 def finish(tmp: Path, rows: list[dict], labels: Mapping, sources: pd.DataFrame, grid_per_class: int) -> pd.DataFrame:
@@ -97,10 +131,13 @@ def grid_name(class_name: str) -> str:
     return f"grid_{fraction_column(class_name)[5:]}.png"
 
 
-def class_grids(manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, out_dir: str | Path,
-                per_class: int = 8) -> list[Path]:
+def class_grids(
+    manifest: pd.DataFrame, root: str | Path, sources: pd.DataFrame, out_dir: str | Path, per_class: int = 8
+) -> list[Path]:
     """grid_<class>.png per class (the inpainting target class, else the image's `class`), each
     with the first `per_class` images."""
     key = manifest["target_class"].where(manifest["target_class"].notna(), manifest["class"])
-    return [comparison_grid(manifest[key == name].head(per_class), root, sources, Path(out_dir) / grid_name(name))
-            for name in dict.fromkeys(key)]
+    return [
+        comparison_grid(manifest[key == name].head(per_class), root, sources, Path(out_dir) / grid_name(name))
+        for name in dict.fromkeys(key)
+    ]

@@ -41,8 +41,16 @@ class SPADEResBlock(nn.Module):
     """SPADE -> SiLU -> conv, + timestep embedding, SPADE -> SiLU -> dropout -> conv, + skip
     (a 1x1 conv when the channel count changes)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, cond_channels: int,
-                 hidden: int = 128, groups: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        cond_channels: int,
+        hidden: int = 128,
+        groups: int = 32,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = SPADE(in_channels, cond_channels, hidden, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)

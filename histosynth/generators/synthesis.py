@@ -57,6 +57,7 @@ DONORS = ("random",)
 
 # ----------------------------------------------------------------------------- sources
 
+
 def classes_present(sources: pd.DataFrame, classes: Sequence[str]) -> list[str]:
     """The classes with pixels in at least one source mask."""
     return [name for name in classes if fraction_column(name) in sources and (sources[fraction_column(name)] > 0).any()]
@@ -67,12 +68,16 @@ def _class_index(sources: pd.DataFrame, classes: Sequence[str], target_class: st
     if target_class not in classes:
         raise SynthesisError(f"target class {target_class!r} is not one of the configured classes {list(classes)}")
     if not classes_present(sources, [target_class]):
-        raise SynthesisError(f"target class {target_class!r} is absent from all {len(sources)} training masks; "
-                             f"classes present: {classes_present(sources, classes) or 'none'}")
+        raise SynthesisError(
+            f"target class {target_class!r} is absent from all {len(sources)} training masks; "
+            f"classes present: {classes_present(sources, classes) or 'none'}"
+        )
     return list(classes).index(target_class) + 1
 
 
-def _choose(rng: np.random.Generator, n: int, available: int, what: str, weights: np.ndarray | None = None) -> np.ndarray:
+def _choose(
+    rng: np.random.Generator, n: int, available: int, what: str, weights: np.ndarray | None = None
+) -> np.ndarray:
     """n row positions, in proportion to `weights` when given: without replacement when there are
     enough, else with (and a warning)."""
     if n < 1:
@@ -90,11 +95,14 @@ def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
     needed = ["patch_id", "image", "mask", "conditioning", *map(fraction_column, classes)]
     missing = [c for c in needed if c not in sources]
     if missing:
-        raise SynthesisError(f"the source table lacks columns {missing}; pass conditioning index rows "
-                             "(histosynth.generators.datasets.read_indexes)")
+        raise SynthesisError(
+            f"the source table lacks columns {missing}; pass conditioning index rows "
+            "(histosynth.generators.datasets.read_indexes)"
+        )
 
 
 # ----------------------------------------------------------------------------- model
+
 
 class _Runner:
     """What both modes need from a loaded model: device, space, conditioning channels, labels."""
@@ -103,11 +111,15 @@ class _Runner:
         self.model, self.autoencoder, meta = diffusion.model, diffusion.autoencoder, diffusion.meta
         self.space = meta.get("space", "pixel")
         if self.space == "latent" and self.autoencoder is None:
-            raise SynthesisError("this is a latent-space diffusion model but no autoencoder was loaded with it; "
-                                 "load it with histosynth.generators.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)")
+            raise SynthesisError(
+                "this is a latent-space diffusion model but no autoencoder was loaded with it; "
+                "load it with histosynth.generators.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)"
+            )
         self.device = next(self.model.parameters()).device
         self.n_regions = len(classes)
-        self.channels = {f"use_{key}": bool(conditioning_cfg.get(key, True)) for key in ("regions", "nuclei", "boundaries")}
+        self.channels = {
+            f"use_{key}": bool(conditioning_cfg.get(key, True)) for key in ("regions", "nuclei", "boundaries")
+        }
         self.expected = meta.get("cond_channels")
         self.size = meta.get("image_size")
         self.num_classes = num_classes(self.model)
@@ -117,20 +129,26 @@ class _Runner:
     def cond(self, encoded: list[np.ndarray]) -> torch.Tensor:
         cond = torch.from_numpy(conditioning_channels(np.stack(encoded), self.n_regions, **self.channels))
         if self.expected is not None and cond.shape[1] != self.expected:
-            raise SynthesisError(f"the conditioning settings give {cond.shape[1]} channels {self.channels} for "
-                                 f"{self.n_regions} region classes, but the model was trained on {self.expected}; "
-                                 "use the classes and conditioning settings the model was trained with")
+            raise SynthesisError(
+                f"the conditioning settings give {cond.shape[1]} channels {self.channels} for "
+                f"{self.n_regions} region classes, but the model was trained on {self.expected}; "
+                "use the classes and conditioning settings the model was trained with"
+            )
         if self.size is not None and list(cond.shape[-2:]) != list(self.size):
-            raise SynthesisError(f"source patches are {tuple(cond.shape[-2:])} px but the model was trained on "
-                                 f"{tuple(self.size)} px patches")
+            raise SynthesisError(
+                f"source patches are {tuple(cond.shape[-2:])} px but the model was trained on "
+                f"{tuple(self.size)} px patches"
+            )
         return cond.to(self.device)
 
     def labels(self, labels: np.ndarray) -> torch.Tensor | None:
         if not self.num_classes:
             return None
         if labels.max(initial=0) >= self.num_classes:
-            raise SynthesisError(f"class index {int(labels.max())} is outside the model's class embedding "
-                                 f"(num_classes={self.num_classes}); the model was trained with other labels")
+            raise SynthesisError(
+                f"class index {int(labels.max())} is outside the model's class embedding "
+                f"(num_classes={self.num_classes}); the model was trained with other labels"
+            )
         return torch.as_tensor(labels, dtype=torch.long, device=self.device)
 
 
@@ -143,20 +161,25 @@ def image_classes(masks: Sequence[np.ndarray], sources: pd.DataFrame, labels: Ma
     return patch_labels(fractions, labels)
 
 
-def per_class_picks(rng: np.random.Generator, pool_classes: np.ndarray, per_class: Mapping[str, int],
-                    labels: Mapping) -> np.ndarray:
+def per_class_picks(
+    rng: np.random.Generator, pool_classes: np.ndarray, per_class: Mapping[str, int], labels: Mapping
+) -> np.ndarray:
     """Row positions of the source maps for class-conditioned synthesis: per_class[name] of the
     rows labelled name, classes in the labels' order (with replacement, logged, when a class has fewer)."""
     unknown = [name for name in per_class if name not in labels["classes"]]
     if unknown:
-        raise SynthesisError(f"synthesize.per_class names {unknown}, which are not among the labels {labels['classes']}")
+        raise SynthesisError(
+            f"synthesize.per_class names {unknown}, which are not among the labels {labels['classes']}"
+        )
     picks = []
     for name in [name for name in labels["classes"] if name in per_class]:
         count, rows = per_class[name], np.flatnonzero(pool_classes == name)
         if not len(rows):
             present = pd.Series(pool_classes).value_counts().to_dict()
-            raise SynthesisError(f"synthesize.per_class asks for {count} images of class {name!r} but no training patch "
-                                 f"has that label (training patches per label: {present})")
+            raise SynthesisError(
+                f"synthesize.per_class asks for {count} images of class {name!r} but no training patch "
+                f"has that label (training patches per label: {present})"
+            )
         picks.append(rows[_choose(rng, count, len(rows), f"training patches of class {name!r}")])
     return np.concatenate(picks)
 
@@ -166,9 +189,22 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndarray], encoded: list[np.ndarray],
-           labels: np.ndarray, generators, *, steps: int, jump_length: int, jump_n_sample: int, guidance: float,
-           grow: int, latent_dilation: int) -> np.ndarray:
+def _paint(
+    runner: _Runner,
+    scheduler,
+    pixels: np.ndarray,
+    regions: list[np.ndarray],
+    encoded: list[np.ndarray],
+    labels: np.ndarray,
+    generators,
+    *,
+    steps: int,
+    jump_length: int,
+    jump_n_sample: int,
+    guidance: float,
+    grow: int,
+    latent_dilation: int,
+) -> np.ndarray:
     """RePaint one batch of sources (N, H, W, 3) uint8 inside their regions (grown by `grow` px)
     under the edited maps, in the model's space; (N, H, W, 3) uint8 with the source's bytes outside."""
     region = dilate(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
@@ -177,13 +213,26 @@ def _paint(runner: _Runner, scheduler, pixels: np.ndarray, regions: list[np.ndar
         known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
         cond = resize_cond(cond, known.shape[-2:])
     with autocast(runner.device):
-        x = repaint(runner.model, scheduler, known, keep, cond, runner.labels(labels), steps=steps, jump_length=jump_length,
-                    jump_n_sample=jump_n_sample, guidance=guidance, generator=generators, prediction=runner.prediction)
+        x = repaint(
+            runner.model,
+            scheduler,
+            known,
+            keep,
+            cond,
+            runner.labels(labels),
+            steps=steps,
+            jump_length=jump_length,
+            jump_n_sample=jump_n_sample,
+            guidance=guidance,
+            generator=generators,
+            prediction=runner.prediction,
+        )
         x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
     return np.where(region[:, 0].bool().cpu().numpy()[..., None], to_uint8(x), pixels)
 
 
 # ----------------------------------------------------------------------------- the two modes
+
 
 @contextmanager
 def _output_dir(out_dir: str | Path) -> Iterator[Path]:
@@ -201,11 +250,27 @@ def _batches(n: int, batch_size: int, seed: int, mode: str) -> Iterator[tuple[sl
         yield slice(start, start + batch_size), ids, [derive_seed(seed, mode, i) for i in ids]
 
 
-def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, classes: Sequence[str],
-               labels: Mapping, conditioning_cfg: Mapping, target_class: str | None = None,
-               per_class: Mapping[str, int] | None = None, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
-               strength: float = 1.0, class_balance: float = 0.0, batch_size: int = 8, seed: int = 0,
-               model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
+def synthesize(
+    diffusion: Diffusion,
+    sources: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    n: int,
+    classes: Sequence[str],
+    labels: Mapping,
+    conditioning_cfg: Mapping,
+    target_class: str | None = None,
+    per_class: Mapping[str, int] | None = None,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float = 1.0,
+    strength: float = 1.0,
+    class_balance: float = 0.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    model_path: str | Path | None = None,
+    grid_per_class: int = 8,
+) -> pd.DataFrame:
     """Generate images from the conditioning maps of `sources` (conditioning index rows of the
     training split, absolute paths), each sampled with its source's class embedding (resolved
     `labels`, histosynth.data.labels). per_class {label: k}: k images from maps of patches of
@@ -226,8 +291,14 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
         if target_class is not None:
             _class_index(pool, classes, target_class)
             pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
-        weights = balance_weights(label_index(patch_labels(pool, labels), labels), class_balance).numpy() if class_balance else None
-        picks = _choose(rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights)
+        weights = (
+            balance_weights(label_index(patch_labels(pool, labels), labels), class_balance).numpy()
+            if class_balance
+            else None
+        )
+        picks = _choose(
+            rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights
+        )
     n = len(picks)
     scheduler = make_sampler(sampler, diffusion.scheduler.config)
     record = model_record(model_path)
@@ -240,24 +311,72 @@ def synthesize(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path,
             names = image_classes(masks, batch, labels)
             init = to_model(np.stack([read_rgb(p) for p in batch["image"]]), runner.device) if strength < 1 else None
             with autocast(runner.device):
-                images = sample(runner.model, scheduler, runner.cond(encoded), runner.labels(label_index(names, labels)),
-                                steps=steps, guidance=guidance, generator=_generators(seeds), autoencoder=runner.autoencoder,
-                                init=init, strength=strength)
-            for i, s, (_, source), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), to_uint8(images), masks,
-                                                                 encoded, names):
+                images = sample(
+                    runner.model,
+                    scheduler,
+                    runner.cond(encoded),
+                    runner.labels(label_index(names, labels)),
+                    steps=steps,
+                    guidance=guidance,
+                    generator=_generators(seeds),
+                    autoencoder=runner.autoencoder,
+                    init=init,
+                    strength=strength,
+                )
+            for i, s, (_, source), image, mask, enc, name in zip(
+                ids, seeds, batch.iterrows(), to_uint8(images), masks, encoded, names
+            ):
                 image_id = f"synth-{i:06d}"
                 paths = write_images(tmp, image_id, image, mask, enc)
-                rows.append(manifest_row(image_id, "synth", paths, record, runner, sampler, steps, guidance, strength, s, source, None,
-                                 target_class, (None, None), mask, classes, name))
+                rows.append(
+                    manifest_row(
+                        image_id,
+                        "synth",
+                        paths,
+                        record,
+                        runner,
+                        sampler,
+                        steps,
+                        guidance,
+                        strength,
+                        s,
+                        source,
+                        None,
+                        target_class,
+                        (None, None),
+                        mask,
+                        classes,
+                        name,
+                    )
+                )
             log.info("synthesize: %d/%d images", len(rows), n)
         return finish(tmp, rows, labels, sources, grid_per_class)
 
 
-def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *, n: int, target_class: str,
-            classes: Sequence[str], labels: Mapping, conditioning_cfg: Mapping, steps: int = 50, jump_length: int = 10,
-            jump_n_sample: int = 5, eta: float = 1.0, guidance: float = 1.0, donor: str = "random",
-            donor_min_fraction: float = 0.0, grow: int = 0, latent_dilation: int = 1, batch_size: int = 8,
-            seed: int = 0, model_path: str | Path | None = None, grid_per_class: int = 8) -> pd.DataFrame:
+def inpaint(
+    diffusion: Diffusion,
+    sources: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    n: int,
+    target_class: str,
+    classes: Sequence[str],
+    labels: Mapping,
+    conditioning_cfg: Mapping,
+    steps: int = 50,
+    jump_length: int = 10,
+    jump_n_sample: int = 5,
+    eta: float = 1.0,
+    guidance: float = 1.0,
+    donor: str = "random",
+    donor_min_fraction: float = 0.0,
+    grow: int = 0,
+    latent_dilation: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    model_path: str | Path | None = None,
+    grid_per_class: int = 8,
+) -> pd.DataFrame:
     """Paint a donor's target_class region into n clean-tissue patches (frac_<target_class> == 0)
     with RePaint, in the model's space; pixels outside the region keep the source's bytes.
     Writes out_dir (atomically) and returns the manifest."""
@@ -266,18 +385,24 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
     if donor not in DONORS:
         raise SynthesisError(f"donor must be one of {DONORS}, got {donor!r}")
     if jump_length < 1 or jump_n_sample < 1 or steps < 1:
-        raise SynthesisError(f"steps, jump_length and jump_n_sample must be >= 1, got {steps}, {jump_length}, {jump_n_sample}")
+        raise SynthesisError(
+            f"steps, jump_length and jump_n_sample must be >= 1, got {steps}, {jump_length}, {jump_n_sample}"
+        )
     _check_sources(sources, classes)
     runner = _Runner(diffusion, classes, conditioning_cfg)
     if not runner.channels["use_regions"]:
-        log.warning("conditioning.regions is off: the model cannot see the pasted %r region; it is only redrawn", target_class)
+        log.warning(
+            "conditioning.regions is off: the model cannot see the pasted %r region; it is only redrawn", target_class
+        )
     target = _class_index(sources, classes, target_class)
     column = fraction_column(target_class)
     clean = sources[sources[column] == 0].reset_index(drop=True)
     donors = sources[sources[column] > donor_min_fraction].reset_index(drop=True)
     if donors.empty:
-        raise SynthesisError(f"no donor patch has {column} > {donor_min_fraction} (max {sources[column].max():.3f}); "
-                             "lower donor_min_fraction")
+        raise SynthesisError(
+            f"no donor patch has {column} > {donor_min_fraction} (max {sources[column].max():.3f}); "
+            "lower donor_min_fraction"
+        )
     if clean.empty:
         raise SynthesisError(f"every training patch contains {target_class!r}: no clean-tissue patch to paint into")
     rng = np.random.default_rng(derive_seed(seed, "inpaint", "sources"))
@@ -290,26 +415,72 @@ def inpaint(diffusion: Diffusion, sources: pd.DataFrame, out_dir: str | Path, *,
         for chunk, ids, seeds in _batches(n, batch_size, seed, "inpaint"):
             batch, donor_rows = clean.iloc[picks[chunk]], donors.iloc[donor_picks[chunk]]
             pixels = np.stack([read_rgb(p) for p in batch["image"]])
-            edits = [paste_region(read_mask(m).astype(np.uint8), read_conditioning(c), read_mask(d), target)
-                     for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])]
+            edits = [
+                paste_region(read_mask(m).astype(np.uint8), read_conditioning(c), read_mask(d), target)
+                for m, c, d in zip(batch["mask"], batch["conditioning"], donor_rows["mask"])
+            ]
             masks, encoded, regions = map(list, zip(*edits))
             names = image_classes(masks, batch, labels)
-            images = _paint(runner, scheduler, pixels, regions, encoded, label_index(names, labels), _generators(seeds), steps=steps,
-                            jump_length=jump_length, jump_n_sample=jump_n_sample, guidance=guidance, grow=grow,
-                            latent_dilation=latent_dilation)
-            for i, s, (_, source), (_, d), image, mask, enc, name in zip(ids, seeds, batch.iterrows(), donor_rows.iterrows(),
-                                                                          images, masks, encoded, names):
+            images = _paint(
+                runner,
+                scheduler,
+                pixels,
+                regions,
+                encoded,
+                label_index(names, labels),
+                _generators(seeds),
+                steps=steps,
+                jump_length=jump_length,
+                jump_n_sample=jump_n_sample,
+                guidance=guidance,
+                grow=grow,
+                latent_dilation=latent_dilation,
+            )
+            for i, s, (_, source), (_, d), image, mask, enc, name in zip(
+                ids, seeds, batch.iterrows(), donor_rows.iterrows(), images, masks, encoded, names
+            ):
                 image_id = f"inpaint-{i:06d}"
                 paths = write_images(tmp, image_id, image, mask, enc)
-                rows.append(manifest_row(image_id, "inpaint", paths, record, runner, "repaint", steps, guidance, 1.0, s, source,
-                                 str(d["patch_id"]), target_class, (jump_length, jump_n_sample), mask, classes, name))
+                rows.append(
+                    manifest_row(
+                        image_id,
+                        "inpaint",
+                        paths,
+                        record,
+                        runner,
+                        "repaint",
+                        steps,
+                        guidance,
+                        1.0,
+                        s,
+                        source,
+                        str(d["patch_id"]),
+                        target_class,
+                        (jump_length, jump_n_sample),
+                        mask,
+                        classes,
+                        name,
+                    )
+                )
             log.info("inpaint: %d/%d images", len(rows), n)
         return finish(tmp, rows, labels, sources, grid_per_class)
 
 
-def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], out_dir: str | Path, *,
-              settings: Mapping, classes: Sequence[str], labels: Mapping, conditioning_cfg: Mapping, seed: int,
-              autoencoder: str | Path | None = None, device: str = "auto", split: str = "train") -> pd.DataFrame:
+def run_stage(
+    mode: str,
+    model_path: str | Path,
+    indexes: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    settings: Mapping,
+    classes: Sequence[str],
+    labels: Mapping,
+    conditioning_cfg: Mapping,
+    seed: int,
+    autoencoder: str | Path | None = None,
+    device: str = "auto",
+    split: str = "train",
+) -> pd.DataFrame:
     """The rules' entry: load the model, read the `split` rows of the conditioning indexes and run
     `mode` ('synth' | 'inpaint') with the `synthesis` config section `settings` and the resolved
     `labels` (histosynth.data.labels.resolve_labels)."""
@@ -320,8 +491,15 @@ def run_stage(mode: str, model_path: str | Path, indexes: Sequence[str | Path], 
     sources = read_indexes(indexes, split)
     if sources.empty:
         raise SynthesisError(f"no {split!r} patches in the conditioning indexes {[str(p) for p in indexes]}")
-    common = dict(classes=classes, labels=labels, conditioning_cfg=conditioning_cfg, batch_size=s["batch_size"], seed=seed,
-                  model_path=model_path, grid_per_class=s["grid_per_class"])
+    common = dict(
+        classes=classes,
+        labels=labels,
+        conditioning_cfg=conditioning_cfg,
+        batch_size=s["batch_size"],
+        seed=seed,
+        model_path=model_path,
+        grid_per_class=s["grid_per_class"],
+    )
     if mode == "synth":
         return synthesize(diffusion, sources, out_dir, **s["synthesize"], **common)
     return inpaint(diffusion, sources, out_dir, **s["inpaint"], **common)

@@ -42,9 +42,13 @@ class Generator:
     reads: tuple[str, ...]  # top-level config keys its training reads besides its own section
     draws_on: str | None  # what sampling is conditioned on: "maps" (conditioning maps), "labels", None (makes no set)
     sets: tuple[SetFamily, ...] = ()
-    trained_when: tuple[str, str, object] | None = None  # (section, key, value) of the config that turns it on; None: always
+    trained_when: tuple[str, str, object] | None = (
+        None  # (section, key, value) of the config that turns it on; None: always
+    )
     builds_on: str | None = None  # a model it trains on top of (the latent diffusion model's autoencoder)
-    monitors: bool = False  # measures fidelity while it trains (histosynth.generators.monitor; <section>.train.eval_every)
+    monitors: bool = (
+        False  # measures fidelity while it trains (histosynth.generators.monitor; <section>.train.eval_every)
+    )
     previews: str | None = None  # the set family whose sampling settings its preview grids use
 
     @property
@@ -57,20 +61,61 @@ class Generator:
 DATA_KEYS = ("seed", "classes", "labels")
 
 GENERATORS = (
-    Generator("autoencoder", "train_autoencoder", "histosynth.generators.autoencoder", "results/autoencoder/model",
-              DATA_KEYS, None, trained_when=("diffusion", "space", "latent")),
-    Generator("diffusion", "train_diffusion", "histosynth.generators.train_diffusion", "results/diffusion/model",
-              ("seed", "classes", "conditioning", "labels"), "maps",
-              (SetFamily("synth", "synthesize", "synthesize", True, "histosynth.generators.synthesis:run_stage"),
-               SetFamily("inpaint", "inpaint", "inpaint", True, "histosynth.generators.synthesis:run_stage",
-                         requires="target_class")), builds_on="autoencoder"),
-    Generator("gan", "train_gan", "histosynth.generators.gan", "results/gan/model", DATA_KEYS, "labels",
-              (SetFamily("gan", "gan_synthesize", "gan", False, "histosynth.generators.label_sets:gan_stage"),),
-              trained_when=("gan", "enabled", True), monitors=True),
-    Generator("lora", "train_lora", "histosynth.generators.lora", "results/lora/adapter", DATA_KEYS, "labels",
-              (SetFamily("lora", "lora_synthesize", "lora", False, "histosynth.generators.label_sets:lora_stage",
-                         per_scale=True),),
-              trained_when=("lora", "enabled", True), previews="lora"),
+    Generator(
+        "autoencoder",
+        "train_autoencoder",
+        "histosynth.generators.autoencoder",
+        "results/autoencoder/model",
+        DATA_KEYS,
+        None,
+        trained_when=("diffusion", "space", "latent"),
+    ),
+    Generator(
+        "diffusion",
+        "train_diffusion",
+        "histosynth.generators.train_diffusion",
+        "results/diffusion/model",
+        ("seed", "classes", "conditioning", "labels"),
+        "maps",
+        (
+            SetFamily("synth", "synthesize", "synthesize", True, "histosynth.generators.synthesis:run_stage"),
+            SetFamily(
+                "inpaint",
+                "inpaint",
+                "inpaint",
+                True,
+                "histosynth.generators.synthesis:run_stage",
+                requires="target_class",
+            ),
+        ),
+        builds_on="autoencoder",
+    ),
+    Generator(
+        "gan",
+        "train_gan",
+        "histosynth.generators.gan",
+        "results/gan/model",
+        DATA_KEYS,
+        "labels",
+        (SetFamily("gan", "gan_synthesize", "gan", False, "histosynth.generators.label_sets:gan_stage"),),
+        trained_when=("gan", "enabled", True),
+        monitors=True,
+    ),
+    Generator(
+        "lora",
+        "train_lora",
+        "histosynth.generators.lora",
+        "results/lora/adapter",
+        DATA_KEYS,
+        "labels",
+        (
+            SetFamily(
+                "lora", "lora_synthesize", "lora", False, "histosynth.generators.label_sets:lora_stage", per_scale=True
+            ),
+        ),
+        trained_when=("lora", "enabled", True),
+        previews="lora",
+    ),
 )
 BY_NAME = {generator.name: generator for generator in GENERATORS}
 FAMILIES = tuple(family for generator in GENERATORS for family in generator.sets)
@@ -90,11 +135,14 @@ def generator(name: str) -> Generator:
 def family(set_name: str) -> SetFamily:
     """The family of synthetic set `set_name` (lora150 is a set of family lora)."""
     for candidate in FAMILIES:
-        if set_name == candidate.name or (candidate.per_scale and set_name.startswith(candidate.name)
-                                          and set_name[len(candidate.name):].isdigit()):
+        if set_name == candidate.name or (
+            candidate.per_scale and set_name.startswith(candidate.name) and set_name[len(candidate.name) :].isdigit()
+        ):
             return candidate
-    raise UnknownGeneratorError(f"no generator makes a synthetic set named {set_name!r}; the sets are "
-                                f"{[f.name + ('<scale x 100>' if f.per_scale else '') for f in FAMILIES]}")
+    raise UnknownGeneratorError(
+        f"no generator makes a synthetic set named {set_name!r}; the sets are "
+        f"{[f.name + ('<scale x 100>' if f.per_scale else '') for f in FAMILIES]}"
+    )
 
 
 def maker(set_name: str) -> Generator:

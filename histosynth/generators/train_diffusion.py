@@ -36,6 +36,7 @@ log = logging.getLogger("histosynth.generators.train_diffusion")  # not __main__
 
 # ----------------------------------------------------------------------------- training
 
+
 def _preview_batch(dataset, n: int) -> dict:
     return collate([dataset[i] for i in range(min(max(n, 1), len(dataset)))])
 
@@ -80,9 +81,17 @@ def denoising_loss(c: Mapping, scheduler, alphas: torch.Tensor, ae=None):
     return loss_fn
 
 
-def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, seed: int = 0, val_dataset=None,
-                    checkpoint_dir: str | Path | None = None, autoencoder: str | Path | None = None,
-                    accelerator=None) -> dict:
+def train_diffusion(
+    dataset,
+    out: str | Path,
+    config: Mapping | None = None,
+    *,
+    seed: int = 0,
+    val_dataset=None,
+    checkpoint_dir: str | Path | None = None,
+    autoencoder: str | Path | None = None,
+    accelerator=None,
+) -> dict:
     """Train the `diffusion` config section's model on `dataset` (items: image in [-1, 1], cond,
     label); in latent space on the frozen autoencoder at `autoencoder`. Writes out/model,
     out/loss.csv and out/samples/step-<n>.png."""
@@ -100,20 +109,32 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     ae, ae_record = None, None
     if c["space"] == "latent":
         if autoencoder is None:
-            raise TrainingError("diffusion.space is 'latent' but no autoencoder was given (--autoencoder / autoencoder=)")
+            raise TrainingError(
+                "diffusion.space is 'latent' but no autoencoder was given (--autoencoder / autoencoder=)"
+            )
         ae = load_autoencoder(autoencoder)
         ae_record = {"path": str(Path(autoencoder).resolve()), "sha256": content_hash(autoencoder)}
         channels, height, width = ae.config.latent_channels, height // latent_factor(ae), width // latent_factor(ae)
     multiple = 2 ** (len(c["multipliers"]) - 1)
     if height % multiple or width % multiple:
-        raise TrainingError(f"{c['space']} size {height}x{width} must be divisible by 2^(levels-1) = {multiple} "
-                            f"(diffusion.multipliers has {len(c['multipliers'])} levels)")
+        raise TrainingError(
+            f"{c['space']} size {height}x{width} must be divisible by 2^(levels-1) = {multiple} "
+            f"(diffusion.multipliers has {len(c['multipliers'])} levels)"
+        )
 
     seed_everything(seed)
     model = build_model(c, channels, cond_channels, height)
     scheduler = train_scheduler(c)
-    log.info("diffusion model (%s, %s space): %.2fM parameters, input %dx%dx%d, cond %d channels",
-             c["conditioning"], c["space"], parameter_count(model) / 1e6, channels, height, width, cond_channels)
+    log.info(
+        "diffusion model (%s, %s space): %.2fM parameters, input %dx%dx%d, cond %d channels",
+        c["conditioning"],
+        c["space"],
+        parameter_count(model) / 1e6,
+        channels,
+        height,
+        width,
+        cond_channels,
+    )
     accelerator = accelerator or make_accelerator(c["train"])
     device = accelerator.device
     if ae is not None:
@@ -122,7 +143,9 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
     null_class = c["num_classes"]
 
     loss_fn = denoising_loss(c, scheduler, alphas, ae)
-    preview = _preview_batch(val_dataset if val_dataset is not None and len(val_dataset) else dataset, c["train"]["sample_count"])
+    preview = _preview_batch(
+        val_dataset if val_dataset is not None and len(val_dataset) else dataset, c["train"]["sample_count"]
+    )
     preview_sampler = make_sampler(c["train"]["sample_sampler"], scheduler.config)
 
     def on_step(step, eval_model):
@@ -134,29 +157,65 @@ def train_diffusion(dataset, out: str | Path, config: Mapping | None = None, *, 
         generator = torch.Generator(device).manual_seed(derive_seed(seed, "preview"))
         labels = preview["label"].to(device) if null_class else None
         with autocast(device):
-            images = sample(eval_model, preview_sampler, preview["cond"].to(device), labels, steps=c["train"]["sample_steps"],
-                            guidance=c["train"]["sample_guidance"], generator=generator, autoencoder=ae)
+            images = sample(
+                eval_model,
+                preview_sampler,
+                preview["cond"].to(device),
+                labels,
+                steps=c["train"]["sample_steps"],
+                guidance=c["train"]["sample_guidance"],
+                generator=generator,
+                autoencoder=ae,
+            )
         eval_model.train(was_training)
         save_grid([preview["image"], images.float().cpu()], out / "samples" / f"step-{step}.png")
 
-    run_config = {**c, "seed": seed, "autoencoder": ae_record,
-                  "data": {"items": len(dataset), "image": list(shapes["image"]), "cond": list(shapes["cond"])}}
-    result = fit(model, loss_fn, dataset, out, settings=c["train"], run_config=run_config, seed=seed,
-                 accelerator=accelerator, checkpoint_dir=checkpoint_dir, on_step=on_step, desc="diffusion")
+    run_config = {
+        **c,
+        "seed": seed,
+        "autoencoder": ae_record,
+        "data": {"items": len(dataset), "image": list(shapes["image"]), "cond": list(shapes["cond"])},
+    }
+    result = fit(
+        model,
+        loss_fn,
+        dataset,
+        out,
+        settings=c["train"],
+        run_config=run_config,
+        seed=seed,
+        accelerator=accelerator,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+        desc="diffusion",
+    )
     if not accelerator.is_main_process:
         return {}
 
     trained = result.ema.model if result.ema is not None else result.model
-    meta = {"conditioning": c["conditioning"], "space": c["space"], "image_channels": shapes["image"][0],
-            "image_size": list(shapes["image"][1:]), "cond_channels": cond_channels, "num_classes": c["num_classes"],
-            "autoencoder": ae_record, "weights": "ema" if result.ema is not None else "raw", "steps": result.step,
-            "parameters": parameter_count(trained), "training": json.loads(json.dumps(run_config, default=str))}
+    meta = {
+        "conditioning": c["conditioning"],
+        "space": c["space"],
+        "image_channels": shapes["image"][0],
+        "image_size": list(shapes["image"][1:]),
+        "cond_channels": cond_channels,
+        "num_classes": c["num_classes"],
+        "autoencoder": ae_record,
+        "weights": "ema" if result.ema is not None else "raw",
+        "steps": result.step,
+        "parameters": parameter_count(trained),
+        "training": json.loads(json.dumps(run_config, default=str)),
+    }
     with atomic_dir(out / "model") as tmp:
         trained.save_pretrained(tmp)
         scheduler.save_pretrained(tmp)
         (tmp / MODEL_INFO).write_text(json.dumps(meta, indent=2))
-    return {"model": str(out / "model"), "loss_csv": str(result.loss_csv), "steps": result.step,
-            "parameters": meta["parameters"]}
+    return {
+        "model": str(out / "model"),
+        "loss_csv": str(result.loss_csv),
+        "steps": result.step,
+        "parameters": meta["parameters"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,11 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
             regions = [r for r in aperio_regions(path, aperio_class) if not r.negative]
             return [_feature(mapping(r.geometry), r.class_name) for r in regions]
         if kind == "asap":
-            return [_feature({"type": "Polygon", "coordinates": [np.vstack([p, p[:1]]).tolist()]}, group)
-                    for group, p, _ in asap_polygons(path, need_group=False) if len(p) >= 3]
+            return [
+                _feature({"type": "Polygon", "coordinates": [np.vstack([p, p[:1]]).tolist()]}, group)
+                for group, p, _ in asap_polygons(path, need_group=False)
+                if len(p) >= 3
+            ]
         return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
     except AnnotationError as err:
         raise NucleiError(f"nuclei annotations: {err}") from None
@@ -83,7 +86,9 @@ def annotation_files(folder: str | Path) -> dict[str, Path]:
         if path.suffix.lower() not in SUFFIXES:
             continue
         if path.stem in files:
-            raise NucleiError(f"{folder}: {files[path.stem].name} and {path.name} both annotate {path.stem!r}; keep one")
+            raise NucleiError(
+                f"{folder}: {files[path.stem].name} and {path.name} both annotate {path.stem!r}; keep one"
+            )
         files[path.stem] = path
     return files
 
@@ -143,7 +148,9 @@ def image_shape(folder: str | Path, stem: str) -> tuple[int, int]:
     raise NucleiError(f"{folder}: no image named {stem}.png/.tif/.jpg for the annotation of {stem}")
 
 
-def read_annotated_folder(images_dir: str | Path, annotations_dir: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def read_annotated_folder(
+    images_dir: str | Path, annotations_dir: str | Path
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(stem, RGB uint8, instances) of every image in images_dir (PNG/TIFF/JPEG) that has an
     annotation of the same stem in annotations_dir; images without one are an error naming them."""
     images = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -152,14 +159,18 @@ def read_annotated_folder(images_dir: str | Path, annotations_dir: str | Path) -
     annotations = annotation_files(annotations_dir)
     missing = [p.name for p in images if p.stem not in annotations]
     if missing:
-        raise NucleiError(f"{annotations_dir}: no annotation (<stem>.xml/.png/.tif/.geojson) for {', '.join(missing[:10])}")
+        raise NucleiError(
+            f"{annotations_dir}: no annotation (<stem>.xml/.png/.tif/.geojson) for {', '.join(missing[:10])}"
+        )
     out = []
     for path in images:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))
         instances = read_annotation(annotations[path.stem], rgb.shape[:2])
         if instances.shape != rgb.shape[:2]:
-            raise NucleiError(f"{annotations[path.stem]}: {instances.shape[1]}x{instances.shape[0]} px but its image "
-                              f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}")
+            raise NucleiError(
+                f"{annotations[path.stem]}: {instances.shape[1]}x{instances.shape[0]} px but its image "
+                f"{path.name} is {rgb.shape[1]}x{rgb.shape[0]}"
+            )
         out.append((path.stem, rgb, instances))
     return out

@@ -71,8 +71,13 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
     red = _fill_holes(red, mpp, params)
 
     nuclei = _split_nuclei(nuclear, dark, smooth, hematoxylin, mpp, params)
-    blood = _split(red, _distance_markers(red, mpp, params["marker_h_um"]), mpp,
-                   params["blood_min_area_um2"], params["blood_max_area_um2"])
+    blood = _split(
+        red,
+        _distance_markers(red, mpp, params["marker_h_um"]),
+        mpp,
+        params["blood_min_area_um2"],
+        params["blood_max_area_um2"],
+    )
     n_nuclei = int(nuclei.max())
     # Nuclei keep ids 1..n_nuclei (they win pixels both claim); red cells follow.
     instances = np.where(nuclei > 0, nuclei, np.where(blood > 0, blood + n_nuclei, 0))
@@ -81,12 +86,15 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: Mapping) -> tuple[np.ndar
     if table.empty:
         return np.zeros(instances.shape, np.uint16), empty_table()
     table = table.assign(score=1.0, hematoxylin=mean_per_instance(instances, hematoxylin, table["instance_id"]))
-    table = table.assign(**{"class": _heuristic_classes(table, table["instance_id"].to_numpy() > n_nuclei, mpp, params)})
+    table = table.assign(
+        **{"class": _heuristic_classes(table, table["instance_id"].to_numpy() > n_nuclei, mpp, params)}
+    )
     return renumber(instances, table)
 
 
-def _split_nuclei(nuclear: np.ndarray, dark: np.ndarray, smooth: np.ndarray, hematoxylin: np.ndarray,
-                  mpp: float, params: Mapping) -> np.ndarray:
+def _split_nuclei(
+    nuclear: np.ndarray, dark: np.ndarray, smooth: np.ndarray, hematoxylin: np.ndarray, mpp: float, params: Mapping
+) -> np.ndarray:
     """Nuclei instances of the nuclear mask: clusters re-thresholded, then split (detect_nuclei)."""
     for _ in range(params["refine_rounds"]):
         objects, _ = ndi.label(nuclear)
@@ -119,8 +127,10 @@ def _merge_without_neck(labels: np.ndarray, distance: np.ndarray, ratio: float) 
         return labels
     radius = ndi.maximum(distance, labels, np.arange(n + 1))
     pairs = []
-    for a, b, da, db in ((labels[:, :-1], labels[:, 1:], distance[:, :-1], distance[:, 1:]),
-                         (labels[:-1], labels[1:], distance[:-1], distance[1:])):
+    for a, b, da, db in (
+        (labels[:, :-1], labels[:, 1:], distance[:, :-1], distance[:, 1:]),
+        (labels[:-1], labels[1:], distance[:-1], distance[1:]),
+    ):
         border = (a != b) & (a > 0) & (b > 0)
         pairs.append(np.stack([a[border], b[border], np.minimum(da[border], db[border])], 1))
     pairs = np.concatenate(pairs)
@@ -162,8 +172,12 @@ def _centre_markers(hematoxylin: np.ndarray, foreground: np.ndarray, mpp: float,
     blob = np.max([-ndi.gaussian_laplace(hematoxylin, s) * s**2 for s in sigmas], axis=0)
     blob /= max(float(np.quantile(blob[foreground], 0.95)), 1e-6)
     score = blob + params["marker_distance_weight"] * ndi.distance_transform_edt(foreground) * mpp
-    peaks = peak_local_max(score, min_distance=max(1, round(params["marker_spacing_um"] / mpp)),
-                           labels=foreground.astype(np.int32), exclude_border=False)
+    peaks = peak_local_max(
+        score,
+        min_distance=max(1, round(params["marker_spacing_um"] / mpp)),
+        labels=foreground.astype(np.int32),
+        exclude_border=False,
+    )
     markers = np.zeros(foreground.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return markers

@@ -34,7 +34,9 @@ PREVIEW_BOUNDARY = (40, 40, 40)
 REGION_TINT = 0.35  # weight of the region colour over the preview background
 
 
-def encode_conditioning(region_mask: np.ndarray | None, instances: np.ndarray, instance_classes: dict[int, int]) -> np.ndarray:
+def encode_conditioning(
+    region_mask: np.ndarray | None, instances: np.ndarray, instance_classes: dict[int, int]
+) -> np.ndarray:
     """The encoded (H, W, 3) uint8 map of a patch from its region mask (None: no region
     annotations, channel 0 stays 0), its instance mask and {instance_id: nucleus class index}."""
     instances = np.asarray(instances)
@@ -56,8 +58,14 @@ def encode_conditioning(region_mask: np.ndarray | None, instances: np.ndarray, i
     return encoded
 
 
-def channel_names(region_classes: Sequence[str], nucleus_classes: Sequence[str] = NUCLEUS_CLASSES, *,
-                  use_regions: bool = True, use_nuclei: bool = True, use_boundaries: bool = True) -> list[str]:
+def channel_names(
+    region_classes: Sequence[str],
+    nucleus_classes: Sequence[str] = NUCLEUS_CLASSES,
+    *,
+    use_regions: bool = True,
+    use_nuclei: bool = True,
+    use_boundaries: bool = True,
+) -> list[str]:
     """Names of the channels conditioning_channels makes, in order: region:background and
     region:<class> per region class, nucleus:<class> per nucleus class, then nucleus_boundary."""
     names = []
@@ -70,8 +78,15 @@ def channel_names(region_classes: Sequence[str], nucleus_classes: Sequence[str] 
     return names
 
 
-def conditioning_channels(encoded: np.ndarray, n_region_classes: int, n_nucleus_classes: int = len(NUCLEUS_CLASSES), *,
-                          use_regions: bool = True, use_nuclei: bool = True, use_boundaries: bool = True) -> np.ndarray:
+def conditioning_channels(
+    encoded: np.ndarray,
+    n_region_classes: int,
+    n_nucleus_classes: int = len(NUCLEUS_CLASSES),
+    *,
+    use_regions: bool = True,
+    use_nuclei: bool = True,
+    use_boundaries: bool = True,
+) -> np.ndarray:
     """Float32 channels of an encoded map (H, W, 3) -> (C, H, W), or a batch (N, H, W, 3) ->
     (N, C, H, W): one-hot regions including background (n_region_classes + 1), one-hot nucleus
     classes without background (n_nucleus_classes), and the boundary (1), each when enabled;
@@ -81,9 +96,15 @@ def conditioning_channels(encoded: np.ndarray, n_region_classes: int, n_nucleus_
         raise ValueError(f"expected an encoded map (H, W, 3) or a batch (N, H, W, 3), got shape {encoded.shape}")
     parts = []
     if use_regions:
-        parts.append(_one_hot(encoded[..., 0], 0, n_region_classes, f"a region class above n_region_classes={n_region_classes}"))
+        parts.append(
+            _one_hot(encoded[..., 0], 0, n_region_classes, f"a region class above n_region_classes={n_region_classes}")
+        )
     if use_nuclei:
-        parts.append(_one_hot(encoded[..., 1], 1, n_nucleus_classes, f"a nucleus class above n_nucleus_classes={n_nucleus_classes}"))
+        parts.append(
+            _one_hot(
+                encoded[..., 1], 1, n_nucleus_classes, f"a nucleus class above n_nucleus_classes={n_nucleus_classes}"
+            )
+        )
     if use_boundaries:
         parts.append((encoded[..., None, :, :, 2] > 0).astype(np.float32))
     if not parts:
@@ -108,7 +129,9 @@ def read_conditioning(path: str | Path) -> np.ndarray:
     """Read an encoded map (H, W, 3) uint8."""
     with Image.open(path) as image:
         if image.mode != "RGB":
-            raise ValueError(f"{path}: a conditioning map is an RGB PNG, found mode {image.mode}; rebuild it (rule conditioning)")
+            raise ValueError(
+                f"{path}: a conditioning map is an RGB PNG, found mode {image.mode}; rebuild it (rule conditioning)"
+            )
         return np.asarray(image)
 
 
@@ -126,8 +149,16 @@ def preview(encoded: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei_table: pd.DataFrame, out_dir: str | Path, *,
-                             use_regions: bool = True, progress: bool = True, workers: int = 1) -> int:
+def build_slide_conditioning(
+    index: pd.DataFrame,
+    nuclei_dir: str | Path,
+    nuclei_table: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    use_regions: bool = True,
+    progress: bool = True,
+    workers: int = 1,
+) -> int:
     """Write out_dir/<patch_id>.png, the encoded map of every patch in a slide's index
     (histosynth.data.io.read_patch_index), from its label mask (when use_regions) and its nuclei
     (nuclei_dir/<patch_id>.png and the nuclei table of the slide), on `workers` processes (the
@@ -143,7 +174,9 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
                 row = rows[position]
                 path = nuclei_dir / f"{row.patch_id}.png"
                 if not path.is_file():
-                    raise FileNotFoundError(f"{path}: no nuclei mask for patch {row.patch_id}; rerun the nuclei stage for this slide")
+                    raise FileNotFoundError(
+                        f"{path}: no nuclei mask for patch {row.patch_id}; rerun the nuclei stage for this slide"
+                    )
                 instances = read_instances(path)
                 nuclei = by_patch.get(row.patch_id)
                 classes = instance_class_indices(nuclei) if nuclei is not None else {}
@@ -156,7 +189,13 @@ def build_slide_conditioning(index: pd.DataFrame, nuclei_dir: str | Path, nuclei
         for _ in map_chunks(encode, len(rows), workers, desc="conditioning", progress=progress):
             pass
     seconds = time.perf_counter() - started
-    log.info("%d conditioning maps in %.1f s (%.1f patches/s, %d processes)", len(index), seconds, len(index) / seconds, workers)
+    log.info(
+        "%d conditioning maps in %.1f s (%.1f patches/s, %d processes)",
+        len(index),
+        seconds,
+        len(index) / seconds,
+        workers,
+    )
     return len(index)
 
 

@@ -21,8 +21,14 @@ from histosynth.nuclei.instances import NUCLEUS_COLOURS
 log = logging.getLogger(__name__)
 
 
-def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0, y: float = 0.0,
-                     scale: float = 1.0, mpp: float | None = None) -> list[dict]:
+def nucleus_features(
+    instances: np.ndarray,
+    table: pd.DataFrame,
+    x: float = 0.0,
+    y: float = 0.0,
+    scale: float = 1.0,
+    mpp: float | None = None,
+) -> list[dict]:
     """QuPath detection features (level-0 polygons) for the instances listed in `table`.
     The mask's pixel (r, c) covers level-0 [x + c*scale, x + (c+1)*scale) x [y + r*scale, ...);
     outlines run halfway between inside and outside pixel centres, so NucleusRasterizer with the
@@ -37,21 +43,23 @@ def nucleus_features(instances: np.ndarray, table: pd.DataFrame, x: float = 0.0,
         if geometry is None:
             continue
         name = row["class"]
-        features.append(geojson.Feature(
-            geometry=geometry,
-            properties={
-                "objectType": "detection",
-                "classification": {"name": name, "color": list(NUCLEUS_COLOURS.get(name, (128, 128, 128)))},
-                "measurements": {
-                    "Score": float(row["score"]),
-                    "Hematoxylin OD mean": float(row["hematoxylin"]),
-                    f"Area {unit}^2": float(row["area"]) * factor**2,
-                    f"Perimeter {unit}": float(row["perimeter"]) * factor,
-                    "Eccentricity": float(row["eccentricity"]),
-                    "Solidity": float(row["solidity"]),
+        features.append(
+            geojson.Feature(
+                geometry=geometry,
+                properties={
+                    "objectType": "detection",
+                    "classification": {"name": name, "color": list(NUCLEUS_COLOURS.get(name, (128, 128, 128)))},
+                    "measurements": {
+                        "Score": float(row["score"]),
+                        "Hematoxylin OD mean": float(row["hematoxylin"]),
+                        f"Area {unit}^2": float(row["area"]) * factor**2,
+                        f"Perimeter {unit}": float(row["perimeter"]) * factor,
+                        "Eccentricity": float(row["eccentricity"]),
+                        "Solidity": float(row["solidity"]),
+                    },
                 },
-            },
-        ))
+            )
+        )
     return features
 
 
@@ -109,8 +117,9 @@ class NucleusRasterizer:
         shapely.prepare(self._shapes)
         self._tree = shapely.STRtree(self._shapes)
 
-    def rasterize(self, x: float, y: float, width: float, height: float,
-                  out_shape: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    def rasterize(
+        self, x: float, y: float, width: float, height: float, out_shape: tuple[int, int]
+    ) -> tuple[np.ndarray, list[str]]:
         """uint16 instances of shape out_shape = (rows, cols) for the level-0 window
         [x, x+width) x [y, y+height), and the class name of each instance id (position id - 1).
         Pixel (r, c) belongs to the polygon containing its centre (as in RegionRasterizer); the
@@ -130,5 +139,3 @@ class NucleusRasterizer:
             inside = shapely.contains_xy(self._shapes[hit], x + (cc + 0.5) * sx, y + (rr + 0.5) * sy)
             instances[r0:r1, c0:c1][inside] = instance_id
         return instances, [self.classes[i] for i in hits]
-
-

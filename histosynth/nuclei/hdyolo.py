@@ -26,8 +26,14 @@ HD_WSI_NMS_PARAMS = {"conf_thres": 0.15, "iou_thres": 0.45, "max_det": 1000.0}
 # HD-Yolo label -> (histosynth nucleus class, hd_wsi's display colour). -100 marks a detection
 # below the class threshold: a nucleus of no known class, which histosynth calls "other".
 HDYOLO_LABELS = {
-    1: ("tumor", "#00ff00"), 2: ("stromal", "#ff0000"), 3: ("immune", "#0000ff"), 4: ("blood", "#ff00ff"),
-    5: ("macrophage", "#ffff00"), 6: ("dead", "#0094e1"), 7: ("other", "#646464"), -100: ("other", "#949494"),
+    1: ("tumor", "#00ff00"),
+    2: ("stromal", "#ff0000"),
+    3: ("immune", "#0000ff"),
+    4: ("blood", "#ff00ff"),
+    5: ("macrophage", "#ffff00"),
+    6: ("dead", "#0094e1"),
+    7: ("other", "#646464"),
+    -100: ("other", "#949494"),
 }
 
 log = logging.getLogger(__name__)
@@ -94,14 +100,21 @@ def tile_detections(rgb: np.ndarray, module, params: Mapping, source: Path, comp
             boxes = det.boxes + np.float32([left - pad, top - pad] * 2)
             cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
             keep = (cx >= left) & (cx < min(left + core_w, w)) & (cy >= top) & (cy < min(top + core_h, h))
-            found.append(Detections(boxes[keep], det.scores[keep], det.labels[keep],
-                                    None if det.masks is None else det.masks[keep]))
+            found.append(
+                Detections(
+                    boxes[keep], det.scores[keep], det.labels[keep], None if det.masks is None else det.masks[keep]
+                )
+            )
     with_boxes = [d for d in found if len(d.boxes)]
     masks = None
     if with_boxes and all(d.masks is not None for d in with_boxes):
         masks = np.concatenate([d.masks for d in with_boxes])
-    return Detections(np.concatenate([d.boxes for d in found]), np.concatenate([d.scores for d in found]),
-                      np.concatenate([d.labels for d in found]), masks)
+    return Detections(
+        np.concatenate([d.boxes for d in found]),
+        np.concatenate([d.scores for d in found]),
+        np.concatenate([d.labels for d in found]),
+        masks,
+    )
 
 
 def paste_instances(detections: Detections, shape: tuple[int, int]) -> np.ndarray:
@@ -128,8 +141,9 @@ def paste_instances(detections: Detections, shape: tuple[int, int]) -> np.ndarra
     return instances
 
 
-def detect_hdyolo(rgb: np.ndarray, module, params: Mapping, source: Path,
-                  compute_masks: bool = True) -> tuple[np.ndarray, pd.DataFrame]:
+def detect_hdyolo(
+    rgb: np.ndarray, module, params: Mapping, source: Path, compute_masks: bool = True
+) -> tuple[np.ndarray, pd.DataFrame]:
     """uint16 instances and their table (TABLE_COLUMNS) for an RGB uint8 image at HDYOLO_MPP:
     tile_detections pasted by paste_instances, classes from HDYOLO_LABELS; compute_masks=False
     asks the model for boxes only."""
@@ -180,8 +194,13 @@ def _run(module, window: np.ndarray, compute_masks: bool, source: Path) -> Detec
 
 @functools.cache
 def _note_resolution(source: Path, mpp: float) -> None:
-    log.warning("%s is an HD-Yolo file, trained at %.2f mpp, but nuclei.model_mpp is %.3f: images are resampled "
-                "to %.3f", source, HDYOLO_MPP, mpp, mpp)
+    log.warning(
+        "%s is an HD-Yolo file, trained at %.2f mpp, but nuclei.model_mpp is %.3f: images are resampled to %.3f",
+        source,
+        HDYOLO_MPP,
+        mpp,
+        mpp,
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -20,12 +20,29 @@ log = logging.getLogger(__name__)
 NUCLEUS_CLASSES = ("tumor", "stromal", "immune", "blood", "macrophage", "dead", "other")
 # Display colours (RGB) per class, shared by the GeoJSON (QuPath) and conditioning previews.
 NUCLEUS_COLOURS = {
-    "tumor": (0, 200, 0), "stromal": (150, 200, 150), "immune": (80, 80, 255), "blood": (255, 0, 0),
-    "macrophage": (0, 94, 255), "dead": (51, 51, 51), "other": (255, 200, 0),
+    "tumor": (0, 200, 0),
+    "stromal": (150, 200, 150),
+    "immune": (80, 80, 255),
+    "blood": (255, 0, 0),
+    "macrophage": (0, 94, 255),
+    "dead": (51, 51, 51),
+    "other": (255, 200, 0),
 }
 TABLE_COLUMNS = (
-    "instance_id", "class", "score", "hematoxylin", "centroid_x", "centroid_y", "area", "perimeter",
-    "eccentricity", "solidity", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+    "instance_id",
+    "class",
+    "score",
+    "hematoxylin",
+    "centroid_x",
+    "centroid_y",
+    "area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "bbox_x0",
+    "bbox_y0",
+    "bbox_x1",
+    "bbox_y1",
 )
 
 
@@ -57,7 +74,6 @@ def renumber(instances: np.ndarray, table: pd.DataFrame) -> tuple[np.ndarray, pd
     return lut[instances], table[list(TABLE_COLUMNS)]
 
 
-
 def shape_table(instances: np.ndarray) -> pd.DataFrame:
     """TABLE_COLUMNS for each instance: geometry in pixel units; class, score and hematoxylin are
     placeholders for the caller to fill."""
@@ -65,22 +81,24 @@ def shape_table(instances: np.ndarray) -> pd.DataFrame:
         return empty_table()
     props = regionprops_table(instances.astype(np.int32), properties=("label", "area", "perimeter", "solidity", "bbox"))
     centroid_y, centroid_x, eccentricity = _moment_shape(instances, props["label"])
-    return pd.DataFrame({
-        "instance_id": props["label"].astype(np.int64),
-        "class": "other",
-        "score": 1.0,
-        "hematoxylin": 0.0,
-        "centroid_x": centroid_x,
-        "centroid_y": centroid_y,
-        "area": props["area"].astype(np.float64),
-        "perimeter": props["perimeter"],
-        "eccentricity": eccentricity,
-        "solidity": props["solidity"],
-        "bbox_x0": props["bbox-1"],
-        "bbox_y0": props["bbox-0"],
-        "bbox_x1": props["bbox-3"],
-        "bbox_y1": props["bbox-2"],
-    })
+    return pd.DataFrame(
+        {
+            "instance_id": props["label"].astype(np.int64),
+            "class": "other",
+            "score": 1.0,
+            "hematoxylin": 0.0,
+            "centroid_x": centroid_x,
+            "centroid_y": centroid_y,
+            "area": props["area"].astype(np.float64),
+            "perimeter": props["perimeter"],
+            "eccentricity": eccentricity,
+            "solidity": props["solidity"],
+            "bbox_x0": props["bbox-1"],
+            "bbox_y0": props["bbox-0"],
+            "bbox_x1": props["bbox-3"],
+            "bbox_y1": props["bbox-2"],
+        }
+    )
 
 
 def _moment_shape(instances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,6 +110,7 @@ def _moment_shape(instances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, n
 
     def mean(values):
         return np.bincount(flat, values.ravel(), size)[ids] / m00
+
     cy, cx = mean(rows), mean(cols)
     mu20, mu02, mu11 = mean(rows * rows) - cy * cy, mean(cols * cols) - cx * cx, mean(rows * cols) - cy * cx
     spread = np.sqrt(4 * mu11**2 + (mu20 - mu02) ** 2)
@@ -108,7 +127,6 @@ def mean_per_instance(instances: np.ndarray, values: np.ndarray, ids) -> np.ndar
     sums = np.bincount(instances.ravel(), weights=values.ravel(), minlength=size)
     counts = np.bincount(instances.ravel(), minlength=size)
     return sums[ids] / np.maximum(counts[ids], 1)
-
 
 
 def write_instances(instances: np.ndarray, path: Path) -> None:

@@ -37,6 +37,7 @@ LOSS_COLUMNS = ("foreground", "boundary", "distance", "class")
 
 # ----------------------------------------------------------------------------- data
 
+
 def training_targets(instances: np.ndarray, classes: Mapping[int, int] | None = None) -> np.ndarray:
     """Per-pixel targets of an instance mask, float32 (4, H, W): foreground, boundary (each
     nucleus' outer pixel ring, where touching nuclei meet), distance to the nucleus' border
@@ -64,12 +65,28 @@ class CropDataset(torch.utils.data.Dataset):
     pads images with white (histosynth.nuclei.model.detect_with_model), and a model that never saw
     such an edge finds nuclei along it."""
 
-    def __init__(self, images: Sequence[np.ndarray], targets: Sequence[np.ndarray], crop: int, length: int,
-                 seed: int, augment: bool = True):
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        crop: int,
+        length: int,
+        seed: int,
+        augment: bool = True,
+    ):
         small = [i for i, image in enumerate(images) if min(image.shape[:2]) < crop]
         if small:
-            raise NucleiError(f"training image(s) {small} are smaller than nuclei.train.crop={crop} px at the model's mpp")
-        self.images, self.targets, self.crop, self.length, self.seed, self.augment = images, targets, crop, length, seed, augment
+            raise NucleiError(
+                f"training image(s) {small} are smaller than nuclei.train.crop={crop} px at the model's mpp"
+            )
+        self.images, self.targets, self.crop, self.length, self.seed, self.augment = (
+            images,
+            targets,
+            crop,
+            length,
+            seed,
+            augment,
+        )
         areas = np.array([image.shape[0] * image.shape[1] for image in images], float)
         self.weights = areas / areas.sum()  # larger images are drawn more often
 
@@ -86,8 +103,10 @@ class CropDataset(torch.utils.data.Dataset):
             image, target = dihedral(image[None], [op], (1, 2))[0], dihedral(target[None], [op], (2, 3))[0]
             # stain jitter: per-channel gain and offset, as between scanners and staining runs
             image = np.clip(image * rng.uniform(0.9, 1.1, 3) + rng.uniform(-0.05, 0.05, 3), 0, 1)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32)),
-                "target": torch.from_numpy(np.ascontiguousarray(target))}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(target)),
+        }
 
     def _crop(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """A crop (float RGB in [0, 1], targets) at a random position, up to crop // 4 beyond the edges."""
@@ -98,22 +117,30 @@ class CropDataset(torch.utils.data.Dataset):
         crop_target = np.zeros((target.shape[0], self.crop, self.crop), np.float32)
         crop_target[len(HEADS)] = -1  # the class channel: none, as off nuclei in training_targets
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + self.crop, h), min(x + self.crop, w)
-        crop[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1] / 255
-        crop_target[:, y0 - y:y1 - y, x0 - x:x1 - x] = target[:, y0:y1, x0:x1]
+        crop[y0 - y : y1 - y, x0 - x : x1 - x] = image[y0:y1, x0:x1] / 255
+        crop_target[:, y0 - y : y1 - y, x0 - x : x1 - x] = target[:, y0:y1, x0:x1]
         return crop, crop_target
 
 
 # ----------------------------------------------------------------------------- network
 
+
 class NucleiNet(nn.Module):
     """smp U-Net with 3 + len(classes) output channels (HEADS, then class logits); input RGB in
     [0, 1], normalised inside."""
 
-    def __init__(self, encoder: str = "resnet18", encoder_depth: int = 4, decoder_channels: Sequence[int] = (64, 32, 16, 16),
-                 classes: Sequence[str] = ("other",)):
+    def __init__(
+        self,
+        encoder: str = "resnet18",
+        encoder_depth: int = 4,
+        decoder_channels: Sequence[int] = (64, 32, 16, 16),
+        classes: Sequence[str] = ("other",),
+    ):
         super().__init__()
         if len(decoder_channels) != encoder_depth:
-            raise NucleiError(f"nuclei.train.decoder_channels needs encoder_depth={encoder_depth} entries, got {list(decoder_channels)}")
+            raise NucleiError(
+                f"nuclei.train.decoder_channels needs encoder_depth={encoder_depth} entries, got {list(decoder_channels)}"
+            )
         self.classes = list(classes)
         self.unet = unet(encoder, encoder_depth, decoder_channels, len(HEADS) + len(classes))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -136,15 +163,23 @@ def training_loss(net: nn.Module, batch: dict, weights: Mapping) -> tuple[torch.
     boundary_loss = F.binary_cross_entropy_with_logits(out[:, 1], boundary)
     inside = fg > 0.5
     distance_loss = F.mse_loss(torch.sigmoid(out[:, 2])[inside], distance[inside]) if inside.any() else out.sum() * 0
-    class_loss = (F.cross_entropy(out[:, 3:].permute(0, 2, 3, 1)[inside], classes[inside].long())
-                  if inside.any() and out.shape[1] > 4 else out.sum() * 0)
-    loss = (fg_loss + weights["boundary_weight"] * boundary_loss + weights["distance_weight"] * distance_loss
-            + weights["class_weight"] * class_loss)
+    class_loss = (
+        F.cross_entropy(out[:, 3:].permute(0, 2, 3, 1)[inside], classes[inside].long())
+        if inside.any() and out.shape[1] > 4
+        else out.sum() * 0
+    )
+    loss = (
+        fg_loss
+        + weights["boundary_weight"] * boundary_loss
+        + weights["distance_weight"] * distance_loss
+        + weights["class_weight"] * class_loss
+    )
     parts = {"foreground": fg_loss, "boundary": boundary_loss, "distance": distance_loss, "class": class_loss}
     return loss, {name: part.detach().item() for name, part in parts.items()}
 
 
 # ----------------------------------------------------------------------------- export: the detector contract
+
 
 class _Detector(nn.Module):
     """The exported detector (histosynth.nuclei.model's contract): (1, 3, H, W) RGB in [0, 1] ->
@@ -204,8 +239,9 @@ class _Detector(nn.Module):
         return instances, names, scores
 
 
-def export_detector(net: NucleiNet, path: str | Path, *, mpp: float, seed_level: float, min_area_um2: float,
-                    meta: Mapping) -> Path:
+def export_detector(
+    net: NucleiNet, path: str | Path, *, mpp: float, seed_level: float, min_area_um2: float, meta: Mapping
+) -> Path:
     """Write `net` as a TorchScript detector of histosynth's contract, with MODEL_INFO (kind, mpp,
     classes and `meta`) inside; returns the path."""
     net = net.cpu().eval()
@@ -218,8 +254,14 @@ def export_detector(net: NucleiNet, path: str | Path, *, mpp: float, seed_level:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(net, example)
         module = torch.jit.script(_Detector(traced, classes, float(seed_level), int(min_area)))
-    info = {"kind": "histosynth-nuclei", "mpp": mpp, "classes": classes, "seed_level": seed_level,
-            "min_area_um2": min_area_um2, **meta}
+    info = {
+        "kind": "histosynth-nuclei",
+        "mpp": mpp,
+        "classes": classes,
+        "seed_level": seed_level,
+        "min_area_um2": min_area_um2,
+        **meta,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -252,9 +294,16 @@ def slide_training_samples(index, slide_path: str | Path, truth: Mapping, mpp: f
     return samples
 
 
-def train_detector(samples: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]], out_dir: str | Path,
-                   settings: Mapping, *, seed: int, min_area_um2: float, meta: Mapping | None = None,
-                   checkpoint_dir: str | Path | None = None) -> Path:
+def train_detector(
+    samples: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+    out_dir: str | Path,
+    settings: Mapping,
+    *,
+    seed: int,
+    min_area_um2: float,
+    meta: Mapping | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> Path:
     """Train a detector on (rgb, instances, class name per instance id 1..N) samples, each at
     settings["mpp"] (nuclei.train), and write out_dir/model.pt (the TorchScript detector) and
     out_dir/loss.csv, with checkpoints in checkpoint_dir (default out_dir/checkpoints), which a
@@ -265,21 +314,43 @@ def train_detector(samples: Sequence[tuple[np.ndarray, np.ndarray, Sequence[str]
     classes = class_names([names for _, _, names in samples])
     index = {name: i for i, name in enumerate(classes)}
     images = [rgb for rgb, _, _ in samples]
-    targets = [training_targets(inst, {k + 1: index[name] for k, name in enumerate(names)}) for _, inst, names in samples]
+    targets = [
+        training_targets(inst, {k + 1: index[name] for k, name in enumerate(names)}) for _, inst, names in samples
+    ]
     n_nuclei = sum(int(len(names)) for _, _, names in samples)
-    log.info("training the nuclei model on %d image(s) with %d nuclei at %.3g mpp; classes %s", len(samples),
-             n_nuclei, s["mpp"], classes)
+    log.info(
+        "training the nuclei model on %d image(s) with %d nuclei at %.3g mpp; classes %s",
+        len(samples),
+        n_nuclei,
+        s["mpp"],
+        classes,
+    )
     dataset = CropDataset(images, targets, s["crop"], CROP_POOL, seed, s["augment"])
     torch.manual_seed(derive_seed(seed, "nuclei", "init"))
     net = NucleiNet(s["encoder"], s["encoder_depth"], list(s["decoder_channels"]), classes)
     # fixed for this trainer: crops carry no image label to balance, and no weight average
     fit_settings = {**s, "class_balance": 0, "ema_decay": None, "ema_warmup": False}
     run_config = {"train": s, "classes": classes, "data": meta.get("data") if meta else None}
-    result = fit(net, lambda model, batch: training_loss(model, batch, s), dataset, out_dir, settings=fit_settings,
-                 run_config=run_config, seed=seed, extra_columns=LOSS_COLUMNS, desc="nuclei", checkpoint_dir=checkpoint_dir)
-    return export_detector(result.model, Path(out_dir) / "model.pt", mpp=s["mpp"], seed_level=s["seed_level"],
-                           min_area_um2=min_area_um2, meta={"seed": seed, "steps": result.step, "nuclei": n_nuclei,
-                                                            **(meta or {})})
+    result = fit(
+        net,
+        lambda model, batch: training_loss(model, batch, s),
+        dataset,
+        out_dir,
+        settings=fit_settings,
+        run_config=run_config,
+        seed=seed,
+        extra_columns=LOSS_COLUMNS,
+        desc="nuclei",
+        checkpoint_dir=checkpoint_dir,
+    )
+    return export_detector(
+        result.model,
+        Path(out_dir) / "model.pt",
+        mpp=s["mpp"],
+        seed_level=s["seed_level"],
+        min_area_um2=min_area_um2,
+        meta={"seed": seed, "steps": result.step, "nuclei": n_nuclei, **(meta or {})},
+    )
 
 
 def class_names(tables: Sequence[Sequence[str]]) -> list[str]:
@@ -288,12 +359,22 @@ def class_names(tables: Sequence[Sequence[str]]) -> list[str]:
     present = {name for names in tables for name in names}
     unknown = sorted(present - set(NUCLEUS_CLASSES))
     if unknown:
-        raise NucleiError(f"nucleus classes {unknown} are not among {list(NUCLEUS_CLASSES)}; rename them in the annotations")
+        raise NucleiError(
+            f"nucleus classes {unknown} are not among {list(NUCLEUS_CLASSES)}; rename them in the annotations"
+        )
     return [c for c in NUCLEUS_CLASSES if c in present] or ["other"]
 
 
-def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: float, out_dir: str | Path,
-                    params: Mapping, *, seed: int, holdout: Sequence[str] = ()) -> pd.DataFrame:
+def train_on_folder(
+    images_dir: str | Path,
+    annotations_dir: str | Path,
+    mpp: float,
+    out_dir: str | Path,
+    params: Mapping,
+    *,
+    seed: int,
+    holdout: Sequence[str] = (),
+) -> pd.DataFrame:
     """`histosynth nuclei-train`: train on a folder of images at `mpp` with instance annotations
     (any format histosynth.nuclei.annotations reads; every nucleus class `other`), leaving the `holdout` stems out, then
     score the exported model on the training and held-out images (out_dir/scores.csv: split,
@@ -316,16 +397,28 @@ def train_on_folder(images_dir: str | Path, annotations_dir: str | Path, mpp: fl
     for _, rgb, inst in train:
         image = rescale(rgb, mpp, s["mpp"])
         samples.append((image, resize_instances(inst, image.shape[:2]), ["other"] * int(inst.max())))
-    meta = {"data": {"images": str(images_dir), "annotations": str(annotations_dir), "mpp": mpp,
-                     "train": [stem for stem, _, _ in train], "holdout": list(holdout)}}
+    meta = {
+        "data": {
+            "images": str(images_dir),
+            "annotations": str(annotations_dir),
+            "mpp": mpp,
+            "train": [stem for stem, _, _ in train],
+            "holdout": list(holdout),
+        }
+    }
     path = train_detector(samples, out_dir, s, seed=seed, min_area_um2=params["min_area_um2"], meta=meta)
     model = load_detector(path)
     rows = []
     for stem, rgb, truth in data:
         pred, _ = segment_patch(rgb, mpp, truth.shape, params, model)
         scores = score_instances([(truth, pred)])
-        rows.append({"split": "holdout" if stem in holdout else "train", "image": stem,
-                     **{k: v for k, v in scores.items() if k != "images"}})
+        rows.append(
+            {
+                "split": "holdout" if stem in holdout else "train",
+                "image": stem,
+                **{k: v for k, v in scores.items() if k != "images"},
+            }
+        )
     table = pd.DataFrame(rows)
     write_csv(table, Path(out_dir) / "scores.csv")
     return table

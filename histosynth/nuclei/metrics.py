@@ -53,12 +53,14 @@ def _overlaps(truth: np.ndarray, pred: np.ndarray) -> _Overlaps:
     pair_truth, pair_pred = np.divmod(keys, len(pred_ids))
     # Drop the background (id 0) from the instance lists and renumber the pairs accordingly.
     t0, p0 = int(truth_ids.size > 0 and truth_ids[0] == 0), int(pred_ids.size > 0 and pred_ids[0] == 0)
-    return _Overlaps(truth_ids[t0:], pred_ids[p0:], truth_area[t0:], pred_area[p0:],
-                     pair_truth - t0, pair_pred - p0, intersection)
+    return _Overlaps(
+        truth_ids[t0:], pred_ids[p0:], truth_area[t0:], pred_area[p0:], pair_truth - t0, pair_pred - p0, intersection
+    )
 
 
-def match_instances(truth: np.ndarray, pred: np.ndarray,
-                    iou_threshold: float = 0.5) -> tuple[int, int, int, list[tuple[int, int, float]]]:
+def match_instances(
+    truth: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5
+) -> tuple[int, int, int, list[tuple[int, int, float]]]:
     """One-to-one matching of truth and predicted instances (integer label images, 0 = none).
 
     Pairs with IoU > iou_threshold are matched greedily from the highest IoU down. For a
@@ -91,7 +93,9 @@ def _detection_scores(tp: int, fp: int, fn: int) -> dict:
         "precision": tp / (tp + fp) if tp + fp else 0.0,
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "f1": 2 * tp / (2 * tp + fp + fn),
-        "tp": tp, "fp": fp, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
     }
 
 
@@ -132,7 +136,9 @@ def _scores(counts: np.ndarray, images: int) -> dict:
     return {
         **detection,
         "aji": aji_c / aji_u if aji_u else 1.0,
-        "pq": detection["f1"] * sq, "dq": detection["f1"], "sq": sq,
+        "pq": detection["f1"] * sq,
+        "dq": detection["f1"],
+        "sq": sq,
         "dice": overlap_scores(*counts[6:].astype(np.int64), empty=1.0)["dice"],
         "images": images,
     }
@@ -152,8 +158,9 @@ def score_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], iou_threshol
     return _scores(counts, images)
 
 
-def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str | Path | None = None,
-                  iou_threshold: float = 0.5) -> pd.DataFrame:
+def score_folders(
+    pred_dir: str | Path, truth_dir: str | Path, images_dir: str | Path | None = None, iou_threshold: float = 0.5
+) -> pd.DataFrame:
     """Benchmark scores of a folder of predicted nuclei against a folder of ground truth, paired
     by file stem (annotations in any format histosynth.nuclei.annotations reads; a polygon file is
     rasterised on its counterpart mask's grid, or on its image's in images_dir when neither is a mask). One
@@ -162,11 +169,17 @@ def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str |
     nothing (logged); predictions without truth are ignored (logged)."""
     truth_files, pred_files = annotation_files(truth_dir), annotation_files(pred_dir)
     if not truth_files:
-        raise NucleiError(f"{truth_dir}: no ground truth (<stem>.png/.tif instance masks, <stem>.xml or <stem>.geojson)")
+        raise NucleiError(
+            f"{truth_dir}: no ground truth (<stem>.png/.tif instance masks, <stem>.xml or <stem>.geojson)"
+        )
     missing = sorted(set(truth_files) - set(pred_files))
     if missing:
-        log.warning("%d truth image(s) without a prediction in %s score as empty: %s", len(missing), pred_dir,
-                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        log.warning(
+            "%d truth image(s) without a prediction in %s score as empty: %s",
+            len(missing),
+            pred_dir,
+            ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
+        )
     extra = sorted(set(pred_files) - set(truth_files))
     if extra:
         log.warning("%d prediction(s) without truth in %s ignored: %s", len(extra), truth_dir, ", ".join(extra[:10]))
@@ -176,13 +189,23 @@ def score_folders(pred_dir: str | Path, truth_dir: str | Path, images_dir: str |
         truth, pred = _read_pair(truth_path, pred_path, images_dir, stem)
         counts = _image_counts(truth, pred, iou_threshold)
         total += counts
-        rows.append({"image": stem, "truth": int(counts[0] + counts[2]), "pred": int(counts[0] + counts[1]),
-                     **_scores(counts, 1)})
+        rows.append(
+            {
+                "image": stem,
+                "truth": int(counts[0] + counts[2]),
+                "pred": int(counts[0] + counts[1]),
+                **_scores(counts, 1),
+            }
+        )
     table = pd.DataFrame(rows).drop(columns="images")
     metrics = [c for c in table.columns if c not in ("image", "truth", "pred", "tp", "fp", "fn")]
     mean = {"image": "mean", **table[metrics].mean().to_dict()}
-    pooled = {"image": "pooled", **{k: v for k, v in _scores(total, len(rows)).items() if k != "images"},
-              "truth": int(total[0] + total[2]), "pred": int(total[0] + total[1])}
+    pooled = {
+        "image": "pooled",
+        **{k: v for k, v in _scores(total, len(rows)).items() if k != "images"},
+        "truth": int(total[0] + total[2]),
+        "pred": int(total[0] + total[1]),
+    }
     table = pd.concat([table, pd.DataFrame([mean, pooled])], ignore_index=True)
     return table.astype({c: "Int64" for c in ("truth", "pred", "tp", "fp", "fn")})
 
@@ -195,13 +218,17 @@ def _read_pair(truth_path: Path, pred_path: Path | None, images_dir, stem: str) 
     elif images_dir is not None:
         shape = image_shape(images_dir, stem)
     else:
-        raise NucleiError(f"{truth_path}: polygons (XML or GeoJSON) on both sides (or no prediction): give the images "
-                          "folder (--images) for its size")
+        raise NucleiError(
+            f"{truth_path}: polygons (XML or GeoJSON) on both sides (or no prediction): give the images "
+            "folder (--images) for its size"
+        )
     truth = read_annotation(truth_path, shape)
     pred = read_annotation(pred_path, shape) if pred_path is not None else np.zeros(shape, np.int64)
     if truth.shape != pred.shape:
-        raise NucleiError(f"{pred_path}: {pred.shape[1]}x{pred.shape[0]} px but its truth {truth_path} is "
-                          f"{truth.shape[1]}x{truth.shape[0]}; predict at the truth's resolution")
+        raise NucleiError(
+            f"{pred_path}: {pred.shape[1]}x{pred.shape[0]} px but its truth {truth_path} is "
+            f"{truth.shape[1]}x{truth.shape[0]}; predict at the truth's resolution"
+        )
     return truth, pred
 
 

@@ -40,7 +40,6 @@ class NucleiModel:
     mpp: float | None = None  # the resolution the file declares (a model trained here), else nuclei.model_mpp
 
 
-
 def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | None = None) -> NucleiModel:
     """Load a TorchScript nuclei detector onto `device`, in either of two forms.
 
@@ -67,7 +66,9 @@ def load_detector(path: str | Path, device: str = "cpu", nms_params: Mapping | N
             f"{path}: no such nuclei model file; set nuclei.model to a TorchScript file, or to null for the classical detector"
         )
     try:
-        with warnings.catch_warnings():  # TorchScript is deprecated upstream but still the format that carries class names
+        with (
+            warnings.catch_warnings()
+        ):  # TorchScript is deprecated upstream but still the format that carries class names
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
             extra = {MODEL_INFO: ""}
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -99,7 +100,9 @@ def _follows_contract(module) -> bool:
     arguments = schema.arguments[1:]  # after self
     returns = schema.returns
     takes_a_tensor = bool(arguments) and isinstance(arguments[0].type, torch.TensorType)
-    returns_three = len(returns) == 1 and isinstance(returns[0].type, torch.TupleType) and len(returns[0].type.elements()) == 3
+    returns_three = (
+        len(returns) == 1 and isinstance(returns[0].type, torch.TupleType) and len(returns[0].type.elements()) == 3
+    )
     return takes_a_tensor and all(a.has_default_value() for a in arguments[1:]) and returns_three
 
 
@@ -197,5 +200,3 @@ def _map_classes(names: Sequence[str], params: Mapping, source: Path) -> list[st
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-

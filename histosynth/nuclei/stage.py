@@ -47,11 +47,14 @@ def detector_settings(nuclei: Mapping) -> dict:
 
 @functools.cache
 def _note_classical_detector() -> None:
-    log.info("nuclei.model is not set: using the classical detector (colour deconvolution + watershed, heuristic classes)")
+    log.info(
+        "nuclei.model is not set: using the classical detector (colour deconvolution + watershed, heuristic classes)"
+    )
 
 
-def detect(rgb: np.ndarray, mpp: float, params: Mapping,
-           model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def detect(
+    rgb: np.ndarray, mpp: float, params: Mapping, model: NucleiModel | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Instances and table for an RGB image at `mpp`: the learned model when given (the image
     should then be at params["model_mpp"]), else the classical detector."""
     if model is None:
@@ -59,8 +62,9 @@ def detect(rgb: np.ndarray, mpp: float, params: Mapping,
         return detect_nuclei(rgb, mpp, params)
     expected = model.mpp or params["model_mpp"]
     if not math.isclose(mpp, expected, rel_tol=0.05):
-        log.warning("%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample",
-                    model.path, expected, mpp)
+        log.warning(
+            "%s expects %.3f mpp but got an image at %.3f mpp; use segment_patch to resample", model.path, expected, mpp
+        )
     return detect_with_model(rgb, model, params)
 
 
@@ -81,8 +85,9 @@ def resize_instances(instances: np.ndarray, out_shape: tuple[int, int]) -> np.nd
     return instances[np.ix_(r, c)]
 
 
-def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], params: Mapping,
-                  model: NucleiModel | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+def segment_patch(
+    rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], params: Mapping, model: NucleiModel | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Detect nuclei in an RGB image at `mpp` (resampled to the detection mpp when it differs) and
     return uint16 instances on the out_shape = (rows, cols) grid with their table measured on that
     grid; ids are kept, and nuclei too small to survive the resize are dropped."""
@@ -100,10 +105,15 @@ def segment_patch(rgb: np.ndarray, mpp: float, out_shape: tuple[int, int], param
     return instances, resized
 
 
-
-def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: str | Path, params: Mapping,
-                          model: NucleiModel | None = None, progress: bool = True,
-                          workers: int = 1) -> tuple[pd.DataFrame, dict]:
+def segment_slide_patches(
+    index: pd.DataFrame,
+    slide_path: str | Path,
+    out_dir: str | Path,
+    params: Mapping,
+    model: NucleiModel | None = None,
+    progress: bool = True,
+    workers: int = 1,
+) -> tuple[pd.DataFrame, dict]:
     """Segment nuclei in every patch of one slide's index (histosynth.data.io.read_patch_index).
 
     Each patch's window is read from the slide at the detection mpp, segmented, and its instances
@@ -146,19 +156,34 @@ def segment_slide_patches(index: pd.DataFrame, slide_path: str | Path, out_dir: 
             return tables, features
 
         tables, features = [], []
-        for part_tables, part_features in map_chunks(segment, len(rows), workers, desc=f"{Path(slide_path).stem}: nuclei",
-                                                     progress=progress):
+        for part_tables, part_features in map_chunks(
+            segment, len(rows), workers, desc=f"{Path(slide_path).stem}: nuclei", progress=progress
+        ):
             tables += part_tables
             features += part_features
     seconds = time.perf_counter() - started
     table = pd.concat(tables, ignore_index=True)
-    log.info("%s: %d nuclei in %d patches at %.3f mpp, %.1f s (%.1f patches/s, %d processes)", slide_path, len(table),
-             len(index), detection_mpp(params, slide_mpp, model), seconds, len(index) / seconds, workers)
+    log.info(
+        "%s: %d nuclei in %d patches at %.3f mpp, %.1f s (%.1f patches/s, %d processes)",
+        slide_path,
+        len(table),
+        len(index),
+        detection_mpp(params, slide_mpp, model),
+        seconds,
+        len(index) / seconds,
+        workers,
+    )
     return table, nuclei_geojson(features)
 
 
-def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path, params: Mapping,
-                   model: NucleiModel | None = None, progress: bool = True) -> pd.DataFrame:
+def segment_images(
+    paths: Iterable[str | Path],
+    mpp: float,
+    out_dir: str | Path,
+    params: Mapping,
+    model: NucleiModel | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Segment nuclei in plain RGB images (PNG, TIFF) at `mpp`; writes out_dir/<stem>.png
     (uint16 instances on each image's grid) and returns the per-nucleus table with an `image`
     column holding the stem."""
@@ -168,7 +193,9 @@ def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path,
     stems = [p.stem for p in paths]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        raise NucleiError(f"image names must be unique without their extension (outputs are <stem>.png); repeated: {repeated}")
+        raise NucleiError(
+            f"image names must be unique without their extension (outputs are <stem>.png); repeated: {repeated}"
+        )
     tables = []
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp_dir:
@@ -185,5 +212,3 @@ def segment_images(paths: Iterable[str | Path], mpp: float, out_dir: str | Path,
     seconds = time.perf_counter() - started
     log.info("%d images segmented in %.1f s (%.1f images/s)", len(paths), seconds, len(paths) / seconds)
     return pd.concat(tables, ignore_index=True)
-
-

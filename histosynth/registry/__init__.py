@@ -29,5 +29,17 @@ from histosynth.registry.results import Run, register_results
 from histosynth.registry.schema import RegistryError, connect, models, now
 from histosynth.registry.writes import register_set
 
-__all__ = ["RegistryError", "Run", "connect", "export", "lineage", "model_by_id", "models", "newest_model", "now",
-           "register_results", "register_set", "table_rows"]
+__all__ = [
+    "RegistryError",
+    "Run",
+    "connect",
+    "export",
+    "lineage",
+    "model_by_id",
+    "models",
+    "newest_model",
+    "now",
+    "register_results",
+    "register_set",
+    "table_rows",
+]

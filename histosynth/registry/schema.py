@@ -33,24 +33,26 @@ metadata = MetaData()
 
 info = Table("histosynth_registry", metadata, Column("key", String(64), primary_key=True), Column("value", String(256)))
 models = Table(
-    "models", metadata,
+    "models",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("kind", String(32), nullable=False),
-    Column("name", String(256), nullable=False),        # diffusion, segmentation/real/seed0, ...
+    Column("name", String(256), nullable=False),  # diffusion, segmentation/real/seed0, ...
     Column("path", Text, nullable=False),
     Column("content_hash", String(64), nullable=False, unique=True),
     Column("config", JSON),
-    Column("data", JSON),                               # what it was trained on
+    Column("data", JSON),  # what it was trained on
     Column("parent_id", Integer, ForeignKey("models.id")),
     Column("steps", Integer),
     Column("current", Boolean, nullable=False, default=True),
     Column("registered_at", String(32), nullable=False),
 )
 sets = Table(
-    "sets", metadata,
+    "sets",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("name", String(64), nullable=False),         # synth, inpaint, gan, lora100, ...
-    Column("kind", String(16), nullable=False),         # synthetic | curated
+    Column("name", String(64), nullable=False),  # synth, inpaint, gan, lora100, ...
+    Column("kind", String(16), nullable=False),  # synthetic | curated
     Column("path", Text, nullable=False),
     Column("content_hash", String(64), nullable=False),
     Column("model_id", Integer, ForeignKey("models.id")),
@@ -60,10 +62,11 @@ sets = Table(
     Column("registered_at", String(32), nullable=False),
 )
 images = Table(
-    "images", metadata,
+    "images",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("set_id", Integer, ForeignKey("sets.id"), nullable=False),
-    Column("image_id", String(128), nullable=False),    # the manifest's id
+    Column("image_id", String(128), nullable=False),  # the manifest's id
     Column("path", Text, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("model_id", Integer, ForeignKey("models.id")),
@@ -79,7 +82,8 @@ images = Table(
     Column("reason", Text),
 )
 datasets = Table(
-    "datasets", metadata,
+    "datasets",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("ratio", String(128), nullable=False),
     Column("path", Text, nullable=False),
@@ -90,14 +94,16 @@ datasets = Table(
     Column("registered_at", String(32), nullable=False),
 )
 dataset_images = Table(
-    "dataset_images", metadata,
+    "dataset_images",
+    metadata,
     Column("dataset_id", Integer, ForeignKey("datasets.id"), primary_key=True),
     Column("image_id", Integer, ForeignKey("images.id"), primary_key=True),
 )
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("task", String(32), nullable=False),         # segmentation | classification
+    Column("task", String(32), nullable=False),  # segmentation | classification
     Column("ratio", String(128), nullable=False),
     Column("fold", Integer),
     Column("seed", Integer, nullable=False),
@@ -106,9 +112,10 @@ runs = Table(
     Column("current", Boolean, nullable=False, default=True),
 )
 metrics = Table(
-    "metrics", metadata,
+    "metrics",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("kind", String(32), nullable=False),         # segmentation | classification | quality | verdict
+    Column("kind", String(32), nullable=False),  # segmentation | classification | quality | verdict
     Column("run_id", Integer, ForeignKey("runs.id")),
     Column("set_id", Integer, ForeignKey("sets.id")),
     Column("ratio", String(128)),
@@ -153,8 +160,10 @@ def connect(url: str, create: bool = True) -> Engine:
     try:
         tables = set(inspect(engine).get_table_names())
         if tables and info.name not in tables:
-            raise RegistryError(f"{url} holds a database that is not a histosynth registry (tables {sorted(tables)[:5]}); "
-                                "point registry.url at another file or database")
+            raise RegistryError(
+                f"{url} holds a database that is not a histosynth registry (tables {sorted(tables)[:5]}); "
+                "point registry.url at another file or database"
+            )
         if create:
             if engine.dialect.name == "sqlite":  # readers do not block the writer, nor it them (a property of the file)
                 with engine.connect() as db:
@@ -165,10 +174,14 @@ def connect(url: str, create: bool = True) -> Engine:
                 if found is None:
                     db.execute(info.insert().values(key="schema_version", value=SCHEMA_VERSION))
                 elif found != SCHEMA_VERSION:
-                    raise RegistryError(f"{url} is a histosynth registry of schema version {found}, this histosynth "
-                                        f"writes {SCHEMA_VERSION}; export it and start a new one")
+                    raise RegistryError(
+                        f"{url} is a histosynth registry of schema version {found}, this histosynth "
+                        f"writes {SCHEMA_VERSION}; export it and start a new one"
+                    )
     except (DatabaseError, OperationalError) as err:
         engine.dispose()
-        raise RegistryError(f"{url} cannot be opened as a registry database ({err.orig}); it was left unchanged: move it "
-                            "away or point registry.url elsewhere") from None
+        raise RegistryError(
+            f"{url} cannot be opened as a registry database ({err.orig}); it was left unchanged: move it "
+            "away or point registry.url elsewhere"
+        ) from None
     return engine

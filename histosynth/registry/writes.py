@@ -57,14 +57,38 @@ def _text(value):
     return None if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
 
 
-def register_model(db, kind: str, name: str, path: str | Path, *, root: Path, content_hash: str, config=None,
-                   data=None, parent_id: int | None = None, steps: int | None = None) -> int:
+def register_model(
+    db,
+    kind: str,
+    name: str,
+    path: str | Path,
+    *,
+    root: Path,
+    content_hash: str,
+    config=None,
+    data=None,
+    parent_id: int | None = None,
+    steps: int | None = None,
+) -> int:
     if kind not in MODEL_KINDS:
         raise RegistryError(f"model kind {kind!r} is not one of {MODEL_KINDS}")
     rel = _relative(path, root)
-    model_id = upsert(db, models, {"content_hash": content_hash},
-                       {"kind": kind, "name": name, "path": rel, "config": _json(config), "data": _json(data),
-                        "parent_id": parent_id, "steps": steps, "current": True, "registered_at": now()})
+    model_id = upsert(
+        db,
+        models,
+        {"content_hash": content_hash},
+        {
+            "kind": kind,
+            "name": name,
+            "path": rel,
+            "config": _json(config),
+            "data": _json(data),
+            "parent_id": parent_id,
+            "steps": steps,
+            "current": True,
+            "registered_at": now(),
+        },
+    )
     _supersede(db, models, rel, model_id)
     return model_id
 
@@ -79,35 +103,82 @@ def _relative(path: str | Path, root: Path) -> str:
         return str(path)
 
 
-def register_set(db, name: str, kind: str, manifest: pd.DataFrame, manifest_path: str | Path, *, root: Path,
-                 model_ids: Mapping[str, int]) -> int:
+def register_set(
+    db,
+    name: str,
+    kind: str,
+    manifest: pd.DataFrame,
+    manifest_path: str | Path,
+    *,
+    root: Path,
+    model_ids: Mapping[str, int],
+) -> int:
     """A synthetic set (its manifest rows, image paths absolute) and its images; model_ids maps
     a model content hash to its registry id (the manifest's model_hash). Curation's verdicts
     arrive later (register_curation)."""
     rel = _relative(manifest_path, root)
     model_hash = manifest["model_hash"].dropna().iloc[0] if "model_hash" in manifest and len(manifest) else None
-    set_id = upsert(db, sets, {"kind": kind, "content_hash": file_hash(manifest_path)},
-                     {"name": name, "path": rel, "model_id": model_ids.get(model_hash), "n_images": len(manifest),
-                      "current": True, "registered_at": now()})
+    set_id = upsert(
+        db,
+        sets,
+        {"kind": kind, "content_hash": file_hash(manifest_path)},
+        {
+            "name": name,
+            "path": rel,
+            "model_id": model_ids.get(model_hash),
+            "n_images": len(manifest),
+            "current": True,
+            "registered_at": now(),
+        },
+    )
     _supersede(db, sets, rel, set_id)
     for row in manifest.to_dict("records"):
-        upsert(db, images, {"set_id": set_id, "image_id": str(row["id"])}, {
-            "path": _relative(row["image"], root), "sha256": file_hash(row["image"]),
-            "model_id": model_ids.get(row.get("model_hash")), "class": _text(row.get("class")), "seed": _int(row.get("seed")),
-            "sampler": _text(row.get("sampler")), "steps": _int(row.get("steps")), "guidance": _float(row.get("guidance")),
-            "source_patch_id": _text(row.get("source_patch_id")), "donor_patch_id": _text(row.get("donor_patch_id")),
-            "source_slide": _text(row.get("source_slide"))})
+        upsert(
+            db,
+            images,
+            {"set_id": set_id, "image_id": str(row["id"])},
+            {
+                "path": _relative(row["image"], root),
+                "sha256": file_hash(row["image"]),
+                "model_id": model_ids.get(row.get("model_hash")),
+                "class": _text(row.get("class")),
+                "seed": _int(row.get("seed")),
+                "sampler": _text(row.get("sampler")),
+                "steps": _int(row.get("steps")),
+                "guidance": _float(row.get("guidance")),
+                "source_patch_id": _text(row.get("source_patch_id")),
+                "donor_patch_id": _text(row.get("donor_patch_id")),
+                "source_slide": _text(row.get("source_slide")),
+            },
+        )
     return set_id
 
 
-def register_dataset(db, ratio: str, manifest: pd.DataFrame, manifest_path: str | Path, *, root: Path,
-                     image_ids: Mapping[tuple[str, str], int]) -> int:
+def register_dataset(
+    db,
+    ratio: str,
+    manifest: pd.DataFrame,
+    manifest_path: str | Path,
+    *,
+    root: Path,
+    image_ids: Mapping[tuple[str, str], int],
+) -> int:
     """A ratio's mixed manifest; image_ids maps (mode, image path relative to root) to an image id."""
     rel = _relative(manifest_path, root)
     synthetic = manifest[manifest["source"] == "synthetic"]
-    dataset_id = upsert(db, datasets, {"content_hash": file_hash(manifest_path)},
-                         {"ratio": ratio, "path": rel, "n_real": int((manifest["source"] == "real").sum()),
-                          "n_synthetic": len(synthetic), "current": True, "registered_at": now()})
+    dataset_id = upsert(
+        db,
+        datasets,
+        {"content_hash": file_hash(manifest_path)},
+        {
+            "ratio": ratio,
+            "path": rel,
+            "n_real": int((manifest["source"] == "real").sum()),
+            "n_synthetic": len(synthetic),
+            "current": True,
+            "registered_at": now(),
+        },
+    )
     _supersede(db, datasets, rel, dataset_id)
     db.execute(dataset_images.delete().where(dataset_images.c.dataset_id == dataset_id))
     held = {image_ids.get((row.mode, _relative(row.image, root))) for row in synthetic.itertuples()} - {None}
@@ -122,10 +193,22 @@ def register_metrics(db, table: pd.DataFrame, *, run_ids: Mapping[tuple, int], s
     rows = []
     for row in table.to_dict("records"):
         key = (row.get("kind"), row.get("ratio"), _int(row.get("fold")), _int(row.get("seed")))
-        rows.append({"kind": row["kind"], "run_id": run_ids.get(key), "set_id": set_ids.get(_text(row.get("set"))),
-                     "ratio": _text(row.get("ratio")), "fold": _int(row.get("fold")), "seed": _int(row.get("seed")),
-                     "set": _text(row.get("set")), "class": _text(row.get("class")), "metric": row["metric"],
-                     "value": _float(row.get("value")), "status": _text(row.get("status")), "note": _text(row.get("note"))})
+        rows.append(
+            {
+                "kind": row["kind"],
+                "run_id": run_ids.get(key),
+                "set_id": set_ids.get(_text(row.get("set"))),
+                "ratio": _text(row.get("ratio")),
+                "fold": _int(row.get("fold")),
+                "seed": _int(row.get("seed")),
+                "set": _text(row.get("set")),
+                "class": _text(row.get("class")),
+                "metric": row["metric"],
+                "value": _float(row.get("value")),
+                "status": _text(row.get("status")),
+                "note": _text(row.get("note")),
+            }
+        )
     if rows:
         db.execute(metrics.insert(), rows)
     return len(rows)
@@ -134,11 +217,25 @@ def register_metrics(db, table: pd.DataFrame, *, run_ids: Mapping[tuple, int], s
 def register_curation(db, name: str, curated: pd.DataFrame, path: str | Path, *, root: Path, set_id: int) -> int:
     """A curated set (the set's rows with keep and reason) and each image's verdict on its synthetic row."""
     rel = _relative(path, root)
-    curated_id = upsert(db, sets, {"kind": "curated", "content_hash": file_hash(path)},
-                         {"name": name, "path": rel, "model_id": db.execute(select(sets.c.model_id).where(sets.c.id == set_id)).scalar(),
-                          "n_images": len(curated), "n_kept": int(curated["keep"].sum()), "current": True, "registered_at": now()})
+    curated_id = upsert(
+        db,
+        sets,
+        {"kind": "curated", "content_hash": file_hash(path)},
+        {
+            "name": name,
+            "path": rel,
+            "model_id": db.execute(select(sets.c.model_id).where(sets.c.id == set_id)).scalar(),
+            "n_images": len(curated),
+            "n_kept": int(curated["keep"].sum()),
+            "current": True,
+            "registered_at": now(),
+        },
+    )
     _supersede(db, sets, rel, curated_id)
     for row in curated[["id", "keep", "reason"]].itertuples():
-        db.execute(images.update().where(images.c.set_id == set_id, images.c.image_id == str(row.id))
-                   .values(kept=bool(row.keep), reason=_text(row.reason)))
+        db.execute(
+            images.update()
+            .where(images.c.set_id == set_id, images.c.image_id == str(row.id))
+            .values(kept=bool(row.keep), reason=_text(row.reason))
+        )
     return curated_id

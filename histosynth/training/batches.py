@@ -17,11 +17,15 @@ from histosynth.training.errors import DatasetError
 def check_dataset(dataset: Dataset, name: str = "training") -> dict:
     """Fail clearly on an empty dataset or items without an image; return the first item's shapes."""
     if dataset is None or len(dataset) == 0:
-        raise DatasetError(f"the {name} dataset is empty (0 items): no patches reached this split; check the "
-                           "patch index, the split assignment and the patch filters (min_tissue, min_label)")
+        raise DatasetError(
+            f"the {name} dataset is empty (0 items): no patches reached this split; check the "
+            "patch index, the split assignment and the patch filters (min_tissue, min_label)"
+        )
     item = dataset[0]
     if not isinstance(item, Mapping) or "image" not in item:
-        raise DatasetError(f"{name} dataset items must be dicts with 'image' (and 'cond', 'label'); got {type(item).__name__}")
+        raise DatasetError(
+            f"{name} dataset items must be dicts with 'image' (and 'cond', 'label'); got {type(item).__name__}"
+        )
     return {key: tuple(value.shape) for key, value in item.items() if torch.is_tensor(value) and value.ndim}
 
 
@@ -44,12 +48,16 @@ def collate(items: list[dict]) -> dict:
             first = items[0][key]
             for item in items[1:]:
                 if item[key].shape != first.shape:
-                    raise DatasetError(f"training {key}s of different sizes: {shape_text(first)} and {shape_text(item[key])}; "
-                                       "all patches must share one size (config patches.size)")
+                    raise DatasetError(
+                        f"training {key}s of different sizes: {shape_text(first)} and {shape_text(item[key])}; "
+                        "all patches must share one size (config patches.size)"
+                    )
     return default_collate(items)
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None) -> list[int]:
+def epoch_order(
+    n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, weights: torch.Tensor | None = None
+) -> list[int]:
     """This process's item order for one epoch: a permutation fixed by (seed, epoch) or, with
     `weights`, n draws with replacement in proportion to them; padded by wrap-around to a multiple
     of the process count and dealt out round-robin."""
@@ -73,7 +81,7 @@ def batch_draw(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return draw(n)
     world = dist.get_world_size()
-    return draw(n * world)[dist.get_rank()::world]
+    return draw(n * world)[dist.get_rank() :: world]
 
 
 def random_dihedral(images: torch.Tensor) -> torch.Tensor:
@@ -95,5 +103,13 @@ def balance_weights(labels, strength: float) -> torch.Tensor:
 def loader(dataset, order: list[int], batch_size: int, num_workers: int, seed: int, epoch: int) -> DataLoader:
     # The explicit generator keeps the worker base seed off the global RNG (resumes stay identical).
     generator = torch.Generator().manual_seed(derive_seed(seed, "loader", epoch))
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate, num_workers=num_workers,
-                      generator=generator, pin_memory=torch.cuda.is_available(), drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )

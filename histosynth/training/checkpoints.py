@@ -37,7 +37,9 @@ def set_rng_state(state: dict) -> None:
 def checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest first."""
     directory = Path(directory)
-    found = [p for p in directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer.pt").is_file()]
+    found = [
+        p for p in directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / "trainer.pt").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -87,14 +89,27 @@ def _states(objects: dict, key: str) -> dict:
 def _load_states(objects: dict, state: dict, key: str, path: Path) -> None:
     saved = state[f"{key}s"] if f"{key}s" in state else {next(iter(objects)): state[key]} if len(objects) == 1 else {}
     if set(saved) != set(objects):
-        raise TrainingError(f"{path} holds the {key} states of {sorted(saved) or 'one unnamed ' + key}, this training "
-                            f"has {sorted(objects)}; delete {path.parent} to start over")
+        raise TrainingError(
+            f"{path} holds the {key} states of {sorted(saved) or 'one unnamed ' + key}, this training "
+            f"has {sorted(objects)}; delete {path.parent} to start over"
+        )
     for name, obj in objects.items():
         obj.load_state_dict(saved[name])
 
 
-def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizers: dict, lr_schedules: dict, run_config,
-                    rngs, loss_csv, keep, save_model: Callable[[nn.Module, Path], None] = save_weights):
+def save_checkpoint(
+    directory: Path,
+    progress: Progress,
+    model,
+    ema,
+    optimizers: dict,
+    lr_schedules: dict,
+    run_config,
+    rngs,
+    loss_csv,
+    keep,
+    save_model: Callable[[nn.Module, Path], None] = save_weights,
+):
     """Write `directory/step-<n>/` atomically (model/ and ema/ by `save_model`, trainer.pt, config.json,
     loss.csv); then drop all but the newest `keep`. optimizers, lr_schedules: {update name: object}."""
     if not all_finite(model):
@@ -103,9 +118,17 @@ def save_checkpoint(directory: Path, progress: Progress, model, ema, optimizers:
         save_model(model, tmp / "model")
         if ema is not None:
             save_model(ema.model, tmp / "ema")
-        torch.save({"step": progress.step, "seconds": progress.seconds, **_states(optimizers, "optimizer"),
-                    **_states(lr_schedules, "lr_schedule"), "ema_updates": ema.updates if ema else 0, "rng": rngs},
-                   tmp / "trainer.pt")
+        torch.save(
+            {
+                "step": progress.step,
+                "seconds": progress.seconds,
+                **_states(optimizers, "optimizer"),
+                **_states(lr_schedules, "lr_schedule"),
+                "ema_updates": ema.updates if ema else 0,
+                "rng": rngs,
+            },
+            tmp / "trainer.pt",
+        )
         (tmp / "config.json").write_text(json.dumps(plain(run_config), indent=2, sort_keys=True))
         if Path(loss_csv).is_file():
             shutil.copy2(loss_csv, tmp / "loss.csv")
@@ -119,11 +142,15 @@ def load_checkpoint(path: Path, run_config, model, ema, optimizers: dict, lr_sch
     saved = json.loads((path / "config.json").read_text())
     differing = config_differences(saved, run_config)
     if differing:
-        details = "; ".join(f"{k}: {flatten(saved).get(k, '<absent>')!r} -> {flatten(plain(run_config)).get(k, '<absent>')!r}"
-                            for k in differing)
-        raise ConfigMismatchError(f"checkpoint {path} was made with a different config; differing keys: "
-                                  f"{', '.join(differing)} ({details}). Restore those values, or delete "
-                                  f"{path.parent} to start over.")
+        details = "; ".join(
+            f"{k}: {flatten(saved).get(k, '<absent>')!r} -> {flatten(plain(run_config)).get(k, '<absent>')!r}"
+            for k in differing
+        )
+        raise ConfigMismatchError(
+            f"checkpoint {path} was made with a different config; differing keys: "
+            f"{', '.join(differing)} ({details}). Restore those values, or delete "
+            f"{path.parent} to start over."
+        )
     state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     load_weights(model, path / "model")
     if ema is not None:
@@ -133,7 +160,9 @@ def load_checkpoint(path: Path, run_config, model, ema, optimizers: dict, lr_sch
     _load_states(lr_schedules, state, "lr_schedule", path)
     rngs = state["rng"]
     if rank >= len(rngs):
-        raise TrainingError(f"{path} holds RNG states of {len(rngs)} processes; cannot resume process {rank} "
-                            "(resume with the same number of processes)")
+        raise TrainingError(
+            f"{path} holds RNG states of {len(rngs)} processes; cannot resume process {rank} "
+            "(resume with the same number of processes)"
+        )
     set_rng_state(rngs[rank])
     return Progress(step=state["step"], seconds=state["seconds"])

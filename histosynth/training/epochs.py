@@ -45,18 +45,38 @@ class Fitted:
     seconds: float
 
 
-def data_loader(dataset: Dataset, batch_size: int, shuffle_seed: int | None, num_workers: int,
-                drop_last: bool = False) -> DataLoader:
+def data_loader(
+    dataset: Dataset, batch_size: int, shuffle_seed: int | None, num_workers: int, drop_last: bool = False
+) -> DataLoader:
     """A loader in the dataset's order (shuffle_seed None), or shuffled by a generator seeded with shuffle_seed."""
     generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=generator,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle_seed is not None,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+    )
 
 
-def fit_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable],
-               loss: Callable[[Any], tuple[torch.Tensor, int]], validate: Callable[[], tuple[float, float]] | None, *,
-               epochs: int, patience: int, min_delta: float = 0.0, schedule=None, score: str, section: str,
-               error: type[Exception] = RuntimeError, progress: bool = True) -> Fitted:
+def fit_epochs(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], Iterable],
+    loss: Callable[[Any], tuple[torch.Tensor, int]],
+    validate: Callable[[], tuple[float, float]] | None,
+    *,
+    epochs: int,
+    patience: int,
+    min_delta: float = 0.0,
+    schedule=None,
+    score: str,
+    section: str,
+    error: type[Exception] = RuntimeError,
+    progress: bool = True,
+) -> Fitted:
     """Train `net` for up to `epochs` epochs with early stopping; leave it holding the best epoch's weights.
 
     batches(epoch) yields the training batches of epoch 1, 2, ...; loss(batch) returns the batch's
@@ -86,20 +106,38 @@ def fit_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
         if schedule is not None:
             schedule.step()
         val_loss, val_score = validate() if validate is not None else (math.nan, math.nan)
-        row = {"step": step, "epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
-               f"val_{score}": val_score, "lr": lr, "seconds": time.perf_counter() - t0}
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": total / max(count, 1),
+            "val_loss": val_loss,
+            f"val_{score}": val_score,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
         bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}")
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val %s %.3f (%.1f s)", epoch, row["train_loss"], val_loss,
-                 score, val_score, row["seconds"])
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val %s %.3f (%.1f s)",
+            epoch,
+            row["train_loss"],
+            val_loss,
+            score,
+            val_score,
+            row["seconds"],
+        )
         if validate is None or val_loss < best["val_loss"] - float(min_delta):
             best = {"val_loss": val_loss, "epoch": epoch, "state": copy.deepcopy(net.state_dict())}
             waited = 0
         else:
             waited += 1
             if waited >= int(patience):
-                log.info("early stop after epoch %d: no better validation loss for %d epochs (best epoch %d)",
-                         epoch, waited, best["epoch"])
+                log.info(
+                    "early stop after epoch %d: no better validation loss for %d epochs (best epoch %d)",
+                    epoch,
+                    waited,
+                    best["epoch"],
+                )
                 break
     if best["state"] is None:  # every validation loss was NaN
         log.warning("no epoch had a finite validation loss; the last epoch's model is kept")
@@ -109,7 +147,9 @@ def fit_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: 
     return Fitted(history, best["epoch"], best["val_loss"], time.perf_counter() - started)
 
 
-def read_model_folder(directory: str | Path, what: str, rule: str, error: type[Exception] = RuntimeError) -> tuple[Path, dict]:
+def read_model_folder(
+    directory: str | Path, what: str, rule: str, error: type[Exception] = RuntimeError
+) -> tuple[Path, dict]:
     """A task run's model/ folder (given it or the run folder holding it) and its histosynth.json;
     `error` naming `what` it should be and the `rule` that writes it when there is none."""
     directory = Path(directory)

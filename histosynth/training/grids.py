@@ -26,7 +26,7 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, pad: int = 2) -> Path:
     for i, row in enumerate(rows):
         for j, image in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[y:y + h, x:x + w] = image
+            canvas[y : y + h, x : x + w] = image
     with atomic_file(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
     return Path(path)

@@ -72,16 +72,21 @@ def make_accelerator(settings: Mapping, find_unused_parameters: bool = False):
             log.info("mixed_precision bf16 needs CUDA; training in fp32 on %s", device)
         precision = "bf16" if device.type == "cuda" else "no"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=handlers)
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
 
 
 def _optimizer(params, s: Mapping, lr: float | None = None) -> torch.optim.Optimizer:
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if s["optimizer"] not in kinds:
         raise TrainingError(f"train.optimizer must be one of {sorted(kinds)}, got {s['optimizer']!r}")
-    return kinds[s["optimizer"]](params, lr=s["lr"] if lr is None else lr, betas=tuple(s["betas"]),
-                                 weight_decay=s["weight_decay"])
+    return kinds[s["optimizer"]](
+        params, lr=s["lr"] if lr is None else lr, betas=tuple(s["betas"]), weight_decay=s["weight_decay"]
+    )
 
 
 def _tensors(params: list | None) -> list | None:
@@ -100,6 +105,7 @@ class Update:
     its updates in order on the same batch, each with its own forward, NaN check, backward,
     clipping and optimiser step; an update with every=k runs on the steps divisible by k only (a
     GAN generator's step after every n_critic discriminator steps)."""
+
     name: str
     loss_fn: Callable
     params: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
@@ -109,17 +115,29 @@ class Update:
 
 @dataclass
 class FitResult:
-    model: nn.Module          # the trained model (unwrapped, on the training device)
+    model: nn.Module  # the trained model (unwrapped, on the training device)
     ema: EMA | None
     step: int
-    checkpoint: Path | None   # the last checkpoint written or loaded
+    checkpoint: Path | None  # the last checkpoint written or loaded
     loss_csv: Path
 
 
-def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset, out: str | Path, *, settings: Mapping,
-        run_config: Mapping, seed: int, accelerator=None, checkpoint_dir: str | Path | None = None,
-        extra_columns=(), on_step: Callable | None = None, desc: str = "train",
-        save_model: Callable[[nn.Module, Path], None] = save_weights) -> FitResult:
+def fit(
+    model: nn.Module,
+    loss_fn: Callable | Sequence[Update],
+    dataset: Dataset,
+    out: str | Path,
+    *,
+    settings: Mapping,
+    run_config: Mapping,
+    seed: int,
+    accelerator=None,
+    checkpoint_dir: str | Path | None = None,
+    extra_columns=(),
+    on_step: Callable | None = None,
+    desc: str = "train",
+    save_model: Callable[[nn.Module, Path], None] = save_weights,
+) -> FitResult:
     """Train `model` on `dataset`; checkpoints hold its weights as save_model(model, folder) writes
     them (default: save_pretrained where the model has it, else its state dict in safetensors).
 
@@ -152,15 +170,26 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
         labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
         weights = balance_weights(labels, s["class_balance"])
         shares = torch.bincount(labels, weights=weights) / weights.sum()
-        log.info("class-balanced sampling (class_balance=%s): share of draws per label %s", s["class_balance"],
-                 {k: round(float(v), 3) for k, v in enumerate(shares) if v > 0})
+        log.info(
+            "class-balanced sampling (class_balance=%s): share of draws per label %s",
+            s["class_balance"],
+            {k: round(float(v), 3) for k, v in enumerate(shares) if v > 0},
+        )
     if s["batch_size"] % world:
-        raise TrainingError(f"train.batch_size={s['batch_size']} is the global batch of a step; it must divide evenly "
-                            f"among the {world} processes")
+        raise TrainingError(
+            f"train.batch_size={s['batch_size']} is the global batch of a step; it must divide evenly "
+            f"among the {world} processes"
+        )
     per_process = s["batch_size"] // world
     if world > 1 and main:
-        log.info("%d processes (%s backend, %s): each step's batch of %d is %d items per process", world,
-                 torch.distributed.get_backend(), accelerator.device.type, s["batch_size"], per_process)
+        log.info(
+            "%d processes (%s backend, %s): each step's batch of %d is %d items per process",
+            world,
+            torch.distributed.get_backend(),
+            accelerator.device.type,
+            s["batch_size"],
+            per_process,
+        )
     steps_per_epoch = math.ceil(len(epoch_order(len(dataset), seed, 0, rank, world)) / per_process)
 
     # model, one optimiser and LR schedule per update (stepped here, once per step of its optimiser
@@ -174,8 +203,10 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
     params = {u.name: list(u.params(model)) if u.params else None for u in updates}
     optimizers = {u.name: _optimizer(params[u.name] or model.parameters(), s, u.lr) for u in updates}
     warmup = max(0, int(s["lr_warmup"]))
-    lr_schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
-                    for name, opt in optimizers.items()}
+    lr_schedules = {
+        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+        for name, opt in optimizers.items()
+    }
     ema = EMA(model, s["ema_decay"], s["ema_warmup"]) if s["ema_decay"] else None
     model, *prepared = accelerator.prepare(model, *optimizers.values())
     optimizers = dict(zip(optimizers, prepared, strict=True))
@@ -188,8 +219,10 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
         progress = load_checkpoint(found[-1], run_config, raw, ema, optimizers, lr_schedules, rank)
         log.info("resuming from %s (step %d of %d)", found[-1], progress.step, s["steps"])
         if progress.step > s["steps"]:
-            raise TrainingError(f"checkpoint {found[-1]} is at step {progress.step}, beyond train.steps={s['steps']}; "
-                                f"raise train.steps or delete {checkpoint_dir}")
+            raise TrainingError(
+                f"checkpoint {found[-1]} is at step {progress.step}, beyond train.steps={s['steps']}; "
+                f"raise train.steps or delete {checkpoint_dir}"
+            )
     else:
         progress = Progress()
         torch.manual_seed(derive_seed(seed, "train", 0))
@@ -199,22 +232,33 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
     loss_log = LossLog(out / "loss.csv", extra_columns, resume_step=progress.step if found else None) if main else None
 
     # the loop
-    with tqdm(total=s["steps"], initial=progress.step, desc=desc, disable=not main, dynamic_ncols=True,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:  # a log file: a line every 30 s
+    with tqdm(
+        total=s["steps"],
+        initial=progress.step,
+        desc=desc,
+        disable=not main,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    ) as bar:  # a log file: a line every 30 s
         window: dict[str, list[float]] = {}
         window_start, window_samples, first_size = time.perf_counter(), 0, None
         model.train()
         while progress.step < s["steps"]:
             epoch, done = divmod(progress.step, steps_per_epoch)
-            order = epoch_order(len(dataset), seed, epoch, rank, world, weights)[done * per_process:]
+            order = epoch_order(len(dataset), seed, epoch, rank, world, weights)[done * per_process :]
             for batch in loader(dataset, order, per_process, s["num_workers"], seed, epoch):
                 size = shape_text(batch["image"][0])
                 if first_size is None:
                     first_size = size
                 elif size != first_size:
-                    raise DatasetError(f"training images of different sizes: {first_size} and {size}; "
-                                       "all patches must share one size (config patches.size)")
-                batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    raise DatasetError(
+                        f"training images of different sizes: {first_size} and {size}; "
+                        "all patches must share one size (config patches.size)"
+                    )
+                batch = {
+                    k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
                 step = progress.step + 1
                 values = {}
                 for update in updates:
@@ -224,16 +268,22 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                     loss, extras = update.loss_fn(model, batch)
                     mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
                     if not math.isfinite(mean_loss):
-                        raise NonFiniteLossError(f"non-finite {what}loss ({mean_loss}) at step {step} (epoch {epoch}); training "
-                                                 f"stopped, nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}")
+                        raise NonFiniteLossError(
+                            f"non-finite {what}loss ({mean_loss}) at step {step} (epoch {epoch}); training "
+                            f"stopped, nothing saved for this run. Last good checkpoint: {last_checkpoint or 'none'}"
+                        )
                     optimizer = optimizers[update.name]
                     optimizer.zero_grad(set_to_none=True)
                     accelerator.backward(loss)
                     if s["grad_clip"]:
-                        norm = accelerator.clip_grad_norm_(_tensors(params[update.name]) or model.parameters(), s["grad_clip"])
+                        norm = accelerator.clip_grad_norm_(
+                            _tensors(params[update.name]) or model.parameters(), s["grad_clip"]
+                        )
                         if not math.isfinite(float(norm)):
-                            raise NonFiniteLossError(f"non-finite {what}gradient norm at step {step} (epoch {epoch}); training "
-                                                     f"stopped. Last good checkpoint: {last_checkpoint or 'none'}")
+                            raise NonFiniteLossError(
+                                f"non-finite {what}gradient norm at step {step} (epoch {epoch}); training "
+                                f"stopped. Last good checkpoint: {last_checkpoint or 'none'}"
+                            )
                     optimizer.step()
                     lr_schedules[update.name].step()
                     if update is updates[0]:
@@ -241,7 +291,9 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                     if not single:
                         values[f"{update.name}_loss"] = mean_loss
                     if extras and world > 1:  # this process's values: logged as the mean over the processes
-                        means = accelerator.reduce(torch.tensor([float(v) for v in extras.values()], device=accelerator.device), "mean")
+                        means = accelerator.reduce(
+                            torch.tensor([float(v) for v in extras.values()], device=accelerator.device), "mean"
+                        )
                         extras = dict(zip(extras, means.tolist(), strict=True))
                     values.update(extras)
                 if ema is not None:
@@ -260,8 +312,17 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                     rate = window_samples / max(now - window_start, 1e-9)
                     means = {k: sum(v) / len(v) for k, v in window.items()}
                     if main:
-                        loss_log.write({"step": step, "epoch": epoch, "lr": optimizers[names[0]].param_groups[0]["lr"],
-                                        "seconds": progress.seconds, "samples_per_s": rate, **means, **(hooked or {})})
+                        loss_log.write(
+                            {
+                                "step": step,
+                                "epoch": epoch,
+                                "lr": optimizers[names[0]].param_groups[0]["lr"],
+                                "seconds": progress.seconds,
+                                "samples_per_s": rate,
+                                **means,
+                                **(hooked or {}),
+                            }
+                        )
                     shown = ["loss"] if single else [f"{name}_loss" for name in names]
                     bar.set_postfix({**{k: f"{means[k]:.4g}" for k in shown if k in means}, "samples_s": f"{rate:.1f}"})
                     window, window_start, window_samples = {}, time.perf_counter(), 0
@@ -271,8 +332,19 @@ def fit(model: nn.Module, loss_fn: Callable | Sequence[Update], dataset: Dataset
                 if step % s["checkpoint_every"] == 0 or step == s["steps"]:
                     rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                     if main:
-                        last_checkpoint = save_checkpoint(checkpoint_dir, progress, raw, ema, optimizers, lr_schedules,
-                                                          run_config, rngs, loss_log.path, s["keep_checkpoints"], save_model)
+                        last_checkpoint = save_checkpoint(
+                            checkpoint_dir,
+                            progress,
+                            raw,
+                            ema,
+                            optimizers,
+                            lr_schedules,
+                            run_config,
+                            rngs,
+                            loss_log.path,
+                            s["keep_checkpoints"],
+                            save_model,
+                        )
                     accelerator.wait_for_everyone()
                     last_checkpoint = checkpoint_dir / f"step-{step}"
                 if progress.step >= s["steps"]:

@@ -32,4 +32,5 @@ class LossLog:
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )

@@ -10,12 +10,24 @@ from collections.abc import Mapping
 
 # Dotted keys of the run config that may change between a checkpoint and its resumption: how far
 # to train and how to report it, not what is trained.
-RESUME_IGNORED = frozenset({
-    "train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-    "train.num_workers", "train.device", "train.sample_every", "train.sample_count",
-    "train.sample_steps", "train.sample_sampler", "train.sample_guidance", "autoencoder.path",
-    "scale_items", "val_items",
-})
+RESUME_IGNORED = frozenset(
+    {
+        "train.steps",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        "train.num_workers",
+        "train.device",
+        "train.sample_every",
+        "train.sample_count",
+        "train.sample_steps",
+        "train.sample_sampler",
+        "train.sample_guidance",
+        "autoencoder.path",
+        "scale_items",
+        "val_items",
+    }
+)
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict:

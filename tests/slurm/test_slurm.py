@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slurm
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None, reason="needs root on Debian")
 def test_tiny_workflow_through_sbatch(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(REPO / "tests/slurm/run.sh"), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        ["bash", str(REPO / "tests/slurm/run.sh"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=1800
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK: the tiny workflow ran to completion through sbatch" in result.stdout

@@ -7,5 +7,13 @@ from histosynth.data.annotations.formats import FORMATS, check_sheet_files, dete
 from histosynth.data.annotations.raster import RegionRasterizer, class_fractions
 from histosynth.data.annotations.regions import AnnotationError, Region
 
-__all__ = ["FORMATS", "AnnotationError", "Region", "RegionRasterizer", "check_sheet_files", "class_fractions",
-           "detect_format", "load_regions"]
+__all__ = [
+    "FORMATS",
+    "AnnotationError",
+    "Region",
+    "RegionRasterizer",
+    "check_sheet_files",
+    "class_fractions",
+    "detect_format",
+    "load_regions",
+]

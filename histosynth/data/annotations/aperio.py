@@ -57,7 +57,9 @@ def aperio_regions(path: str | Path, class_attribute: str = "Name") -> Iterator[
             elif len(points) >= 3:
                 geometry = Polygon(points)
             else:
-                raise AnnotationError(f"{where} has {len(points)} vertices; an area needs 3 or more: redraw or delete it")
+                raise AnnotationError(
+                    f"{where} has {len(points)} vertices; an area needs 3 or more: redraw or delete it"
+                )
             geometry, repaired = checked_polygon(geometry, where, "region")
             if repaired:
                 log.warning("%s: repaired an invalid polygon with shapely.make_valid", where)
@@ -92,8 +94,10 @@ def read_aperio(path: str | Path, class_attribute: str = "Name") -> list[Region]
             )
         positive = [p.geometry for p in parts if not p.negative]
         if not positive:
-            raise AnnotationError(f"{parts[0].where}: Annotation[{index}] has only negative regions; "
-                                  "a NegativeROA region cuts a hole in a positive region of the same annotation")
+            raise AnnotationError(
+                f"{parts[0].where}: Annotation[{index}] has only negative regions; "
+                "a NegativeROA region cuts a hole in a positive region of the same annotation"
+            )
         geometry = shapely.union_all(positive)
         holes = [p.geometry for p in parts if p.negative]
         if holes:

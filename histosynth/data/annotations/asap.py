@@ -38,15 +38,19 @@ def asap_polygons(path: str | Path, need_group: bool = True) -> Iterator[tuple[s
             skipped += 1
             continue
         if kind not in AREA_TYPES:
-            raise AnnotationError(f"{where} has Type {kind!r}; ASAP area types are {', '.join(AREA_TYPES)} "
-                                  f"(and {', '.join(POINT_TYPES)}, skipped); redraw it as a polygon")
+            raise AnnotationError(
+                f"{where} has Type {kind!r}; ASAP area types are {', '.join(AREA_TYPES)} "
+                f"(and {', '.join(POINT_TYPES)}, skipped); redraw it as a polygon"
+            )
         group = annotation.get("PartOfGroup") or "None"
         if group == "None" and not need_group:
             group = ""
         elif group == "None" or (groups and group not in groups):
             listed = ", ".join(map(repr, groups)) or "none"
-            raise AnnotationError(f"{where} belongs to group {group!r}, not one the file defines (groups: {listed}); "
-                                  "assign it to a group in ASAP: the group is its class")
+            raise AnnotationError(
+                f"{where} belongs to group {group!r}, not one the file defines (groups: {listed}); "
+                "assign it to a group in ASAP: the group is its class"
+            )
         yield group, vertices(annotation, "Coordinate", where), where
     if skipped:
         log.info("%s: skipped %d dot/point-set annotation(s); only areas are regions", path, skipped)
@@ -57,7 +61,9 @@ def read_asap(path: str | Path) -> list[Region]:
     regions, repaired = [], 0
     for group, points, where in asap_polygons(path):
         if len(points) < 3:
-            raise AnnotationError(f"{where} has {len(points)} coordinate(s); an area needs 3 or more: redraw or delete it")
+            raise AnnotationError(
+                f"{where} has {len(points)} coordinate(s); an area needs 3 or more: redraw or delete it"
+            )
         geometry, fixed = checked_polygon(Polygon(points), f"{where} (group {group!r})", "polygon")
         repaired += fixed
         regions.append(Region(group, geometry))

@@ -34,7 +34,9 @@ def detect_format(path: str | Path) -> str:
         with path.open("rb") as handle:
             head = handle.read(4096)
     except OSError as err:
-        raise AnnotationError(f"{path}: cannot read the annotation file ({err.strerror}); fix the path in the sheet") from None
+        raise AnnotationError(
+            f"{path}: cannot read the annotation file ({err.strerror}); fix the path in the sheet"
+        ) from None
     if head.startswith(b"\x89PNG") or head[:4] in TIFF_MAGIC:
         return "mask"
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 (some Windows tools save XML so)
@@ -56,13 +58,16 @@ def _xml_format(path: Path) -> str:
     except ET.ParseError as err:
         raise AnnotationError(f"{path}: not readable XML ({err})") from None
     if root not in _XML_ROOTS:
-        raise AnnotationError(f"{path}: XML with root <{root}>; accepted are ASAP XML (<ASAP_Annotations>) and "
-                              "Aperio ImageScope XML (<Annotations>)")
+        raise AnnotationError(
+            f"{path}: XML with root <{root}>; accepted are ASAP XML (<ASAP_Annotations>) and "
+            "Aperio ImageScope XML (<Annotations>)"
+        )
     return _XML_ROOTS[root]
 
 
-def load_regions(path: str | Path, settings: Mapping | None = None, *,
-                 slide_size: tuple[int, int] | None = None) -> list[Region]:
+def load_regions(
+    path: str | Path, settings: Mapping | None = None, *, slide_size: tuple[int, int] | None = None
+) -> list[Region]:
     """The regions of an annotation file of any accepted format. `settings` is config
     `annotations` (schema defaults for what it leaves out): class_key (GeoJSON), aperio_class
     (Aperio), mask_values and mask_downsample (label masks, checked against slide_size = (width,
@@ -76,8 +81,9 @@ def load_regions(path: str | Path, settings: Mapping | None = None, *,
     if kind == "aperio":
         return read_aperio(path, s["aperio_class"])
     if not s["mask_values"]:
-        raise AnnotationError(f"{path}: a label-mask image needs annotations.mask_values ({{value: class}}, "
-                              "0 = background) in the config")
+        raise AnnotationError(
+            f"{path}: a label-mask image needs annotations.mask_values ({{value: class}}, 0 = background) in the config"
+        )
     return read_label_mask(path, s["mask_values"], s["mask_downsample"], slide_size)
 
 

@@ -67,10 +67,14 @@ def read_geojson(path: str | Path, class_key: str) -> list[Region]:
 
     if skipped:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(skipped.items()))
-        log.warning("%s: skipped %d features (%s); only polygon annotations are regions", path, sum(skipped.values()), counts)
+        log.warning(
+            "%s: skipped %d features (%s); only polygon annotations are regions", path, sum(skipped.values()), counts
+        )
     if repaired:
         shown = ", ".join(map(str, repaired[:10])) + (", ..." if len(repaired) > 10 else "")
-        log.warning("%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), shown)
+        log.warning(
+            "%s: repaired %d invalid polygon(s) (features %s) with shapely.make_valid", path, len(repaired), shown
+        )
     return regions
 
 
@@ -114,7 +118,11 @@ def _features(data, path: Path) -> list[dict]:
     elif isinstance(data, list):
         features = data
     else:
-        found = f"a JSON object with type {data.get('type')!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        found = (
+            f"a JSON object with type {data.get('type')!r}"
+            if isinstance(data, dict)
+            else f"a JSON {type(data).__name__}"
+        )
         raise AnnotationError(
             f"{path}: expected a GeoJSON FeatureCollection, a list of Features or a Feature, found {found}; {_EXPORT_HINT}"
         )

@@ -31,13 +31,16 @@ def read_mask_image(path: str | Path, what: str = "a label mask") -> np.ndarray:
     except (OSError, ValueError, tifffile.TiffFileError) as err:
         raise AnnotationError(f"{path}: cannot read {what} image ({err})") from None
     if mask.ndim != 2 or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise AnnotationError(f"{path}: {what} must be one channel of integer ids (0 = background), got shape "
-                              f"{mask.shape} of {mask.dtype}; save it as a grey or palette PNG/TIFF")
+        raise AnnotationError(
+            f"{path}: {what} must be one channel of integer ids (0 = background), got shape "
+            f"{mask.shape} of {mask.dtype}; save it as a grey or palette PNG/TIFF"
+        )
     return mask.astype(np.int64)
 
 
-def mask_downsample(path: str | Path, mask_shape: tuple[int, int], slide_size: tuple[int, int] | None,
-                    downsample: float) -> float:
+def mask_downsample(
+    path: str | Path, mask_shape: tuple[int, int], slide_size: tuple[int, int] | None, downsample: float
+) -> float:
     """Check that a (rows, cols) mask covers the slide (width, height) at `downsample` (each mask pixel
     is downsample x downsample level-0 pixels; the last row/column may be partial) and return it."""
     if slide_size is None:
@@ -45,8 +48,11 @@ def mask_downsample(path: str | Path, mask_shape: tuple[int, int], slide_size: t
     width, height = slide_size
     rows, cols = mask_shape
     if abs(cols - width / downsample) >= 1 or abs(rows - height / downsample) >= 1:
-        hint = (f"; it looks like downsample {width / cols:g}: set annotations.mask_downsample: {width / cols:g}"
-                if abs(width / cols - height / rows) < max(width / cols, height / rows) * 0.01 else "")
+        hint = (
+            f"; it looks like downsample {width / cols:g}: set annotations.mask_downsample: {width / cols:g}"
+            if abs(width / cols - height / rows) < max(width / cols, height / rows) * 0.01
+            else ""
+        )
         raise AnnotationError(
             f"{path}: the mask is {cols}x{rows} px but its image is {width}x{height} px at annotations.mask_downsample "
             f"{downsample:g} (expected {width / downsample:.0f}x{height / downsample:.0f}){hint}"
@@ -54,8 +60,9 @@ def mask_downsample(path: str | Path, mask_shape: tuple[int, int], slide_size: t
     return downsample
 
 
-def read_label_mask(path: str | Path, mask_values: Mapping[str, str], downsample: float = 1.0,
-                    slide_size: tuple[int, int] | None = None) -> list[Region]:
+def read_label_mask(
+    path: str | Path, mask_values: Mapping[str, str], downsample: float = 1.0, slide_size: tuple[int, int] | None = None
+) -> list[Region]:
     """Regions of a label mask: one per class, the pixels of its values, in level-0 coordinates
     (mask pixel (r, c) covers [c*d, (c+1)*d) x [r*d, (r+1)*d) for downsample d). Values found but
     not in `mask_values` are an error listing them."""

@@ -57,7 +57,9 @@ class RegionRasterizer:
         parts, ranks = [], []
         for rank, name in enumerate(order):
             geoms = [r.geometry for r in regions if r.class_name == name]
-            pieces = [p for p in shapely.get_parts(shapely.union_all(geoms)) if isinstance(p, Polygon) and not p.is_empty]
+            pieces = [
+                p for p in shapely.get_parts(shapely.union_all(geoms)) if isinstance(p, Polygon) and not p.is_empty
+            ]
             parts.extend(pieces)
             ranks.extend([rank] * len(pieces))
         self._labels = np.array([classes[n] for n in order], np.uint8)
