@@ -50,7 +50,7 @@ def test_every_key_has_a_default_a_description_and_documentation():
     assert defaults["patches"]["tissue"]["mpp"] == 8.0 and defaults["classes"][0] == "Blood vessel"
 
 
-@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "thesis.yaml"])
+@pytest.mark.parametrize("preset", ["config.yaml", "tiny.yaml", "thesis.yaml", "real_cpu.yaml"])
 def test_shipped_presets_validate(preset):
     assert load_config(REPO / "config" / preset)["run_id"]
 
