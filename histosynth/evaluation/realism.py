@@ -60,12 +60,8 @@ def _power(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return power, np.hypot(fy, fx)
 
 
-def radial_spectrum(images: np.ndarray, bins: int = SPECTRUM_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """(bin centres in cycles/pixel, (N, bins) mean power per radial bin) up to the Nyquist frequency."""
-    return _radial(*_power(images), bins)
-
-
 def _radial(power: np.ndarray, radius: np.ndarray, bins: int = SPECTRUM_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """(bin centres in cycles/pixel, (N, bins) mean power per radial bin) up to the Nyquist frequency."""
     edges = np.linspace(0, 0.5, bins + 1)
     which = np.digitize(radius, edges) - 1
     inside = (which >= 0) & (which < bins) & (radius > 0)
@@ -74,12 +70,8 @@ def _radial(power: np.ndarray, radius: np.ndarray, bins: int = SPECTRUM_BINS) ->
     return (edges[:-1] + edges[1:]) / 2, sums / np.maximum(counts, 1)
 
 
-def high_frequency_share(images: np.ndarray, cutoff: float = HIGH_FREQUENCY) -> np.ndarray:
-    """(N,) share of each image's spectral power (DC left out) above `cutoff` cycles per pixel."""
-    return _share(*_power(images), cutoff)
-
-
 def _share(power: np.ndarray, radius: np.ndarray, cutoff: float = HIGH_FREQUENCY) -> np.ndarray:
+    """(N,) share of each image's spectral power (DC left out) above `cutoff` cycles per pixel."""
     total = power[:, radius > 0].sum(axis=1)
     return power[:, radius > cutoff].sum(axis=1) / np.maximum(total, 1e-12)
 

@@ -145,12 +145,6 @@ def family(set_name: str) -> SetFamily:
     )
 
 
-def maker(set_name: str) -> Generator:
-    """The generator that makes synthetic set `set_name`."""
-    wanted = family(set_name)
-    return next(g for g in GENERATORS if wanted in g.sets)
-
-
 def set_rule(set_name: str) -> str:
     """The rule that makes synthetic set `set_name`."""
     return family(set_name).rule

@@ -23,6 +23,8 @@ RESUME_IGNORED = frozenset(
         "train.sample_steps",
         "train.sample_sampler",
         "train.sample_guidance",
+        "train.eval_every",
+        "train.eval_images",
         "autoencoder.path",
         "scale_items",
         "val_items",
