@@ -302,6 +302,14 @@ def test_export_is_atomic_and_the_cli_exports_a_finished_run(run, tmp_path, caps
         == 2
     )
     assert "mixing/nope.parquet: no such manifest; the run's ratios are ['syn2']" in capsys.readouterr().err
+    # without --config the run's own effective config (rule registry's) names the classes
+    (run["results"] / "registry").mkdir(exist_ok=True)
+    (run["results"] / "registry" / "config.yaml").write_text("classes: [Tumor, Stroma]\n")
+    again = tmp_path / "again"
+    assert (
+        main(["export", "syn2", "--format", "segmentation", "--out", str(again), "--results", str(run["results"])]) == 0
+    )
+    assert "Tumor" in (again / "dataset.json").read_text()
 
 
 def test_conditioning_map_gives_back_touching_and_tiny_nuclei():

@@ -223,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["segmentation", "imagefolder", "coco"], help="layout to write")
     p.add_argument("--out", required=True, help="new folder for the dataset (replaced atomically)")
     p.add_argument("--results", default="results", help="the run's results folder (default: results)")
-    p.add_argument("--config", help="the run's config, for classes and labels (default config/config.yaml)")
+    p.add_argument(
+        "--config",
+        help="the run's config, for classes and labels (default: RESULTS/registry/config.yaml, the run's "
+        "effective config, else config/config.yaml)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("registry", help="query the registry of models, sets, images, runs and metrics (rule registry)")

@@ -12,6 +12,9 @@ from histosynth.cli.options import config_for
 def cmd_export(args) -> None:
     from histosynth.export import export_run
 
+    registered = Path(args.results) / "registry" / "config.yaml"
+    if args.config is None and registered.is_file():
+        args.config = registered  # the run's own classes and labels, not today's config/config.yaml
     rows = export_run(args.results, args.ratio, args.format, args.out, config_for(args))
     counts = rows.groupby(["split", "source"]).size()
     print(
