@@ -391,6 +391,15 @@ def test_format_is_told_by_content_and_other_files_are_refused(tmp_path):
     sheet = {"slide": ["s1", "s2"], "annotations": ["", str(tmp_path / "missing.geojson")], "nuclei": ["", str(jpeg)]}
     with pytest.raises(AnnotationError, match=r"slides.tsv, slide s2, column nuclei: .*d.png: a JPEG image"):
         check_sheet_files(sheet, "slides.tsv")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "labels.png")
+    sheet = {"slide": ["s1"], "annotations": [str(tmp_path / "labels.png")], "nuclei": [""]}
+    with pytest.raises(
+        AnnotationError, match=r"slides.tsv, slide s1, column annotations: .*labels.png is a label mask"
+    ):
+        check_sheet_files(sheet, "slides.tsv")
+    check_sheet_files(sheet, "slides.tsv", {1: "Tumor"})
 
 
 def test_sheet_pairs_images_with_annotations_of_any_format_and_with_masks(tmp_path, capsys):

@@ -17,7 +17,7 @@ from histosynth.seeds import derive_seed
 try:
     config.update(validated(config, " + ".join(map(str, workflow.configfiles)) or "config"))
     SLIDES = read_slide_sheet(config_path(config["slides"], ".", workflow.basedir))
-    check_sheet_files(SLIDES, config["slides"])  # an annotation file of the wrong kind fails before any job
+    check_sheet_files(SLIDES, config["slides"], config["annotations"]["mask_values"])  # wrong kinds fail before any job
     LABELS = resolve_labels(config, list(SLIDES["label"]), config["slides"])  # every job numbers the classes alike
 except (ConfigError, LabelError, AnnotationError) as err:
     raise WorkflowError(str(err)) from None

@@ -87,14 +87,21 @@ def load_regions(
     return read_label_mask(path, s["mask_values"], s["mask_downsample"], slide_size)
 
 
-def check_sheet_files(sheet, sheet_path: str | Path) -> None:
-    """Every existing file of the sheet's annotations and nuclei columns is of an accepted format
-    (checked at workflow start: a file of the wrong kind fails before any job)."""
+def check_sheet_files(sheet, sheet_path: str | Path, mask_values=None) -> None:
+    """Every existing file of the sheet's annotations and nuclei columns is of an accepted format, and
+    a label mask in the annotations column has annotations.mask_values to name its values (checked
+    at workflow start: a file of the wrong kind fails before any job)."""
     for column in ("annotations", "nuclei"):
         for slide, path in zip(sheet["slide"], sheet[column] if column in sheet else (), strict=False):
             if not path or not Path(path).exists():  # a missing file: Snakemake names it, or a rule makes it (demo)
                 continue
             try:
-                detect_format(path)
+                kind = detect_format(path)
             except AnnotationError as err:
                 raise AnnotationError(f"{sheet_path}, slide {slide}, column {column}: {err}") from None
+            if column == "annotations" and kind == "mask" and not mask_values:
+                raise AnnotationError(
+                    f"{sheet_path}, slide {slide}, column annotations: {path} is a label mask, but "
+                    "annotations.mask_values is empty; map its values to classes, e.g. "
+                    "annotations: {mask_values: {1: Tumor, 2: Stroma}} (0 is background)"
+                )
