@@ -1,4 +1,4 @@
-"""Tests for histosynth.nuclei.learned: training targets, seeded crops, the exported detector's
+"""Tests for histosynth.nuclei.learned and learned_export: training targets, seeded crops, the exported detector's
 decoding on known output maps, and a tiny model trained on drawn nuclei that then finds them."""
 
 import json
@@ -11,7 +11,8 @@ from skimage.draw import disk
 
 from histosynth.config import section_defaults
 from histosynth.nuclei.instances import NucleiError
-from histosynth.nuclei.learned import CropDataset, _Detector, train_on_folder, training_targets
+from histosynth.nuclei.learned import CropDataset, train_on_folder, training_targets
+from histosynth.nuclei.learned_export import _Detector
 from histosynth.nuclei.metrics import score_instances
 from histosynth.nuclei.model import load_detector
 from histosynth.nuclei.stage import segment_patch

@@ -308,7 +308,7 @@ def test_arrow_table_matches_pyarrow_conversion():
 def test_the_qc_outline_follows_the_tissue_not_its_mask_blocks():
     from scipy import ndimage
 
-    from histosynth.data.patches import _smooth_mask
+    from histosynth.data.qc_thumbnail import _smooth_mask
 
     yy, xx = np.mgrid[:512, :512] + 0.5
     disc = (xx - 256) ** 2 + (yy - 256) ** 2 < 150**2

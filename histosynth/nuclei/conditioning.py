@@ -21,7 +21,7 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from histosynth.data.io import write_png, write_table
-from histosynth.data.patches import QC_COLOURS
+from histosynth.data.qc_thumbnail import QC_COLOURS
 from histosynth.files import atomic_dir
 from histosynth.nuclei.instances import NUCLEUS_CLASSES, NUCLEUS_COLOURS, instance_class_indices, read_instances
 from histosynth.parallel import map_chunks
