@@ -86,7 +86,8 @@ def realism_row(config: dict, real: list[str], manifests: dict, out: Path) -> di
 def evaluate(config: dict, results: Path, real: list[str], manifests: dict, out: Path) -> dict:
     """The quality stage on `manifests` ({set: manifest}) with the real-only segmenter: one flat row
     of pooled mask-consistency Dice per set and class, and offline FD/KD per set."""
-    from histosynth.evaluation.quality import consistency_stage, image_quality_stage
+    from histosynth.evaluation.mask_consistency import consistency_stage
+    from histosynth.evaluation.quality import image_quality_stage
 
     segmenter = results / "segmentation" / "real" / "seed0"
     quality = image_quality_stage(real, manifests, out / "quality.parquet", config=config, segmentation_model=segmenter)

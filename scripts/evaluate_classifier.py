@@ -1,6 +1,6 @@
-"""Rule evaluate_classifier: score one classifier on the test slides (histosynth.evaluation.classification)."""
+"""Rule evaluate_classifier: score one classifier on the test slides (histosynth.evaluation.classification_stage)."""
 
-from histosynth.evaluation.classification import evaluate_classifier
+from histosynth.evaluation.classification_stage import evaluate_classifier
 from histosynth.logs import log_to
 
 log_to(snakemake.log[0])

@@ -1,9 +1,9 @@
 """Rule mask_consistency: one synthetic set's images against their masks and nuclei, per image (what
-curation reads) and pooled (the report) (histosynth.evaluation.quality.consistency_stage)."""
+curation reads) and pooled (the report) (histosynth.evaluation.mask_consistency.consistency_stage)."""
 
 from pathlib import Path
 
-from histosynth.evaluation.quality import consistency_stage
+from histosynth.evaluation.mask_consistency import consistency_stage
 from histosynth.generators.table import MANIFEST
 from histosynth.logs import log_to
 

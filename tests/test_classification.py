@@ -18,15 +18,14 @@ from PIL import Image
 from histosynth.config import section_defaults
 from histosynth.data.io import write_relative
 from histosynth.evaluation import classification
-from histosynth.evaluation.classification import (
-    class_weights,
+from histosynth.evaluation.classification import class_weights, train
+from histosynth.evaluation.classification_metrics import classification_metrics, confusion
+from histosynth.evaluation.classification_stage import (
     evaluate_classifier,
     fold_assignment,
-    train,
     train_classifier,
     training_sets,
 )
-from histosynth.evaluation.classification_metrics import classification_metrics, confusion
 from histosynth.evaluation.classifier import (
     ClassificationDataset,
     ClassificationError,

@@ -16,7 +16,8 @@ from histosynth.config import section_defaults
 from histosynth.distances import fid, fid_from_features, gaussian_stats, inception_score, kid
 from histosynth.evaluation.consistency import nuclei_scores, pooled_consistency, region_scores
 from histosynth.evaluation.fidelity import inception_features
-from histosynth.evaluation.quality import COLUMNS, image_quality
+from histosynth.evaluation.quality import image_quality
+from histosynth.evaluation.quality_table import COLUMNS
 from histosynth.nets import WeightsError, load_inception, load_lpips
 from histosynth.weights import WEIGHTS, weights_file
 

@@ -12,18 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from histosynth.config import section_defaults
 from histosynth.data.io import write_png, write_table
-from histosynth.evaluation.realism import (
-    IMAGE_COLUMNS,
-    TwoSampleTest,
-    _linear_probabilities,
-    auc,
-    image_measures,
-    laplacian_variance,
-    matched_real,
-    realism,
-    realism_stage,
-    two_sample_test,
-)
+from histosynth.evaluation.realism import IMAGE_COLUMNS, matched_real, realism, realism_stage
+from histosynth.evaluation.texture import image_measures, laplacian_variance
+from histosynth.evaluation.two_sample import TwoSampleTest, _linear_probabilities, auc, two_sample_test
 
 TINY = section_defaults("realism", {"epochs": 3, "width": 4, "batch_size": 32})
 

@@ -1,9 +1,9 @@
-"""The image-quality table of the synthetic sets: distribution scores (rule image_quality;
-histosynth.evaluation.fidelity: FID/KID/IS with Inception weights, FD/KD and feature diversity in
-an offline feature space, LPIPS diversity) and mask consistency (rule mask_consistency;
-histosynth.evaluation.consistency), overall and per class, as tidy rows (COLUMNS), plus the
-per-image consistency scores that curation reads. Two rules, so that a setting only the report
-reads reruns no curation, mixing or task model.
+"""Distribution scores of the synthetic sets for the image-quality table, per class, and rule image_quality's entry.
+
+Distribution scores (histosynth.evaluation.fidelity: FID/KID/IS with Inception weights, FD/KD and
+feature diversity in an offline feature space, LPIPS diversity) as tidy rows (COLUMNS); mask
+consistency (rule mask_consistency) is histosynth.evaluation.mask_consistency's. Two rules, so
+that a setting only the report reads reruns no curation, mixing or task model.
 
 Weights come from histosynth.weights and are never downloaded here: when a file is missing, the
 metrics needing it get rows with status "skipped" and a note naming the file, the config key and
@@ -26,16 +26,8 @@ import pandas as pd
 
 from histosynth.config import section_defaults
 from histosynth.data.io import read_file_table, read_patch_index, write_table
-from histosynth.data.labels import patch_labels
 from histosynth.device import pick_device
 from histosynth.distances import fid, inception_score, kid
-from histosynth.evaluation.consistency import (
-    SCORE_COLUMNS,
-    nuclei_scores,
-    pooled_consistency,
-    real_reference,
-    region_scores,
-)
 from histosynth.evaluation.features import (
     SEGMENTATION,
     FeatureExtractor,
@@ -44,26 +36,13 @@ from histosynth.evaluation.features import (
     pairwise_diversity,
 )
 from histosynth.evaluation.fidelity import inception_features, lpips_diversity
+from histosynth.evaluation.mask_consistency import _per_image, set_consistency
+from histosynth.evaluation.quality_table import COLUMNS, _sample, image_classes
 from histosynth.nets import load_inception, load_lpips
 from histosynth.seeds import derive_seed
 from histosynth.weights import WEIGHTS, weights_file
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("set", "metric", "class", "value", "n_real", "n_synthetic", "status", "note", "extractor")
-
-
-def image_classes(table: pd.DataFrame, labels: Mapping) -> np.ndarray:
-    """Label per row (histosynth.data.labels): a synthetic manifest's `class`, else the patch's
-    label (the sheet's, or its dominant region class)."""
-    return table["class"].astype(str).to_numpy() if "class" in table else patch_labels(table, labels)
-
-
-def _sample(table: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    if len(table) <= n:
-        return table.reset_index(drop=True)
-    keep = np.sort(np.random.default_rng(seed).choice(len(table), n, replace=False))
-    return table.iloc[keep].reset_index(drop=True)
 
 
 def image_quality(
@@ -237,84 +216,6 @@ def image_quality(
     return pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
 
 
-def _per_image(scores: list[pd.DataFrame]) -> pd.DataFrame:
-    per_image = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
-    return per_image.reindex(columns=["set", *SCORE_COLUMNS])
-
-
-def set_consistency(
-    table: pd.DataFrame,
-    mode: str,
-    real: pd.DataFrame,
-    classes: Sequence[str],
-    *,
-    segment: Callable[[np.ndarray], np.ndarray] | None,
-    nuclei_settings=None,
-    nuclei_model=None,
-    mpp: float | None = None,
-) -> tuple[list[dict], pd.DataFrame]:
-    """Mask consistency of one synthetic set (manifest rows, absolute paths): quality rows (COLUMNS;
-    pooled per class, skip rows saying why, the real source patches' own agreement) and the
-    per-image scores (set, SCORE_COLUMNS) that curation reads. Arguments as image_quality's."""
-    rows: list[dict] = []
-
-    def add(metric, name, value, n_real=0, status="ok", note="", used=""):
-        rows.append(
-            {
-                "set": mode,
-                "metric": metric,
-                "class": name,
-                "value": value,
-                "n_real": n_real,
-                "n_synthetic": len(table),
-                "status": status,
-                "note": note,
-                "extractor": used,
-            }
-        )
-
-    if "mask" not in table:
-        add("mask_iou", "all", math.nan, status="skipped", note=f"synthetic set {mode} has no masks (a GAN set)")
-        return rows, _per_image([])
-    found = []
-    if segment is None:
-        add(
-            "mask_iou",
-            "all",
-            math.nan,
-            status="skipped",
-            note="no segmentation model given (the ratio-0 model of rule train_segmentation)",
-        )
-    else:
-        found.append(region_scores(table, classes, segment))
-    if nuclei_settings is None or mpp is None or "conditioning" not in table:
-        why = "no conditioning maps in the manifest" if "conditioning" not in table else "nuclei settings not given"
-        add("nuclei_iou", "nuclei", math.nan, status="skipped", note=why)
-    else:
-        found.append(nuclei_scores(table, mpp, nuclei_settings, nuclei_model))
-    scores = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=SCORE_COLUMNS)
-    detector = "nuclei detector " + (str(nuclei_model.path) if nuclei_model is not None else "(classical)")
-    for row in pooled_consistency(scores):
-        add(
-            row["metric"],
-            row["class"],
-            row["value"],
-            note=row["note"],
-            used="segmentation model" if row["metric"].startswith("mask") else detector,
-        )
-    if segment is not None:
-        for row in real_reference(table, real, classes, segment):
-            add(
-                row["metric"],
-                row["name"],
-                row["value"],
-                n_real=int(table["source_patch_id"].nunique()),
-                note=row["note"],
-                used="segmentation model",
-            )
-    return rows, _per_image([scores.assign(set=mode)])
-
-
 def image_quality_stage(
     real_indexes: Sequence[str | Path],
     manifests: Mapping[str, str | Path],
@@ -351,51 +252,3 @@ def image_quality_stage(
     )
     write_table(table, out)
     return table
-
-
-def consistency_stage(
-    real_indexes: Sequence[str | Path],
-    manifests: Mapping[str, str | Path],
-    table_out: str | Path,
-    scores_out: str | Path,
-    *,
-    config: Mapping,
-    segmentation_model: str | Path | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Entry of rule mask_consistency: each synthetic manifest's ({mode: path}) images, sampled as
-    image_quality samples them, against their masks (the segmentation run folder of ratio 0) and
-    nuclei (config `nuclei`). Writes the pooled quality rows for the report (`table_out`) and the
-    per-image scores curation reads (`scores_out`); both empty while quality.consistency is off."""
-    s = section_defaults("quality", config["quality"])
-    rows, scores = [], []
-    if s["consistency"]:
-        from histosynth.nuclei.model import load_detector
-
-        real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
-        segment = None
-        if segmentation_model is not None:
-            from histosynth.evaluation.segmentation import load_model
-
-            segment = load_model(segmentation_model, s["device"]).predict
-        nuclei = config["nuclei"]
-        nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
-        for mode, path in manifests.items():
-            table = _sample(read_file_table(path), s["max_images"], derive_seed(s["seed"], "synthetic", mode))
-            if table.empty:
-                continue
-            found, per_image = set_consistency(
-                table,
-                mode,
-                real,
-                config["classes"],
-                segment=segment,
-                nuclei_settings=nuclei,
-                nuclei_model=nuclei_model,
-                mpp=config["patches"]["mpp"],
-            )
-            rows += found
-            scores.append(per_image)
-    quality, per_image = pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
-    write_table(quality, table_out)
-    write_table(per_image, scores_out)
-    return quality, per_image
