@@ -30,21 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from histosynth.config import section_defaults
 from histosynth.data.io import read_mask, read_rgb
 from histosynth.data.labels import label_index, patch_labels
-from histosynth.data.patches import class_indices, fraction_column, fraction_columns
+from histosynth.data.patches import fraction_column
 from histosynth.device import autocast, pick_device
 from histosynth.files import atomic_dir
-from histosynth.generators.autoencoder import decode, encode, latent_factor
 from histosynth.generators.datasets import read_indexes
-from histosynth.generators.diffusion import Diffusion, load_diffusion, num_classes
-from histosynth.generators.inpaint_regions import dilate, latent_region, paste_region
-from histosynth.generators.sampling import make_sampler, repaint, repaint_scheduler, resize_cond, sample
+from histosynth.generators.diffusion import Diffusion, load_diffusion
+from histosynth.generators.diffusion_runner import Runner, paint, seed_generators
+from histosynth.generators.inpaint_regions import paste_region
+from histosynth.generators.sampling import make_sampler, repaint_scheduler, sample
 from histosynth.generators.set_files import SynthesisError, finish, manifest_row, model_record, to_model, write_images
-from histosynth.nuclei.conditioning import conditioning_channels, read_conditioning
+from histosynth.generators.source_picks import check_sources, choose, class_index, image_classes, per_class_picks
+from histosynth.nuclei.conditioning import read_conditioning
 from histosynth.seeds import derive_seed
 from histosynth.training.batches import balance_weights
 from histosynth.training.grids import to_uint8
@@ -53,185 +53,6 @@ log = logging.getLogger("histosynth.generators.synthesis")
 
 MODES = ("synth", "inpaint")  # the diffusion model's sets (run_stage)
 DONORS = ("random",)
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def classes_present(sources: pd.DataFrame, classes: Sequence[str]) -> list[str]:
-    """The classes with pixels in at least one source mask."""
-    return [name for name in classes if fraction_column(name) in sources and (sources[fraction_column(name)] > 0).any()]
-
-
-def _class_index(sources: pd.DataFrame, classes: Sequence[str], target_class: str) -> int:
-    """1 + the position of target_class; an error when it is not configured or in no source mask."""
-    if target_class not in classes:
-        raise SynthesisError(f"target class {target_class!r} is not one of the configured classes {list(classes)}")
-    if not classes_present(sources, [target_class]):
-        raise SynthesisError(
-            f"target class {target_class!r} is absent from all {len(sources)} training masks; "
-            f"classes present: {classes_present(sources, classes) or 'none'}"
-        )
-    return list(classes).index(target_class) + 1
-
-
-def _choose(
-    rng: np.random.Generator, n: int, available: int, what: str, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """n row positions, in proportion to `weights` when given: without replacement when there are
-    enough, else with (and a warning)."""
-    if n < 1:
-        raise SynthesisError(f"the number of images n must be at least 1, got {n}")
-    if available == 0:
-        raise SynthesisError(f"no {what} to synthesize from")
-    p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
-    if n <= available:
-        return rng.permutation(available)[:n] if p is None else rng.choice(available, n, replace=False, p=p)
-    log.warning("%d images requested but only %d %s: sampling them with replacement", n, available, what)
-    return rng.integers(available, size=n) if p is None else rng.choice(available, n, replace=True, p=p)
-
-
-def _check_sources(sources: pd.DataFrame, classes: Sequence[str]) -> None:
-    needed = ["patch_id", "image", "mask", "conditioning", *map(fraction_column, classes)]
-    missing = [c for c in needed if c not in sources]
-    if missing:
-        raise SynthesisError(
-            f"the source table lacks columns {missing}; pass conditioning index rows "
-            "(histosynth.generators.datasets.read_indexes)"
-        )
-
-
-# ----------------------------------------------------------------------------- model
-
-
-class _Runner:
-    """What both modes need from a loaded model: device, space, conditioning channels, labels."""
-
-    def __init__(self, diffusion: Diffusion, classes: Sequence[str], conditioning_cfg: Mapping):
-        self.model, self.autoencoder, meta = diffusion.model, diffusion.autoencoder, diffusion.meta
-        self.space = meta.get("space", "pixel")
-        if self.space == "latent" and self.autoencoder is None:
-            raise SynthesisError(
-                "this is a latent-space diffusion model but no autoencoder was loaded with it; "
-                "load it with histosynth.generators.diffusion.load_diffusion (its recorded autoencoder, or autoencoder=)"
-            )
-        self.device = next(self.model.parameters()).device
-        self.n_regions = len(classes)
-        self.channels = {
-            f"use_{key}": bool(conditioning_cfg.get(key, True)) for key in ("regions", "nuclei", "boundaries")
-        }
-        self.expected = meta.get("cond_channels")
-        self.size = meta.get("image_size")
-        self.num_classes = num_classes(self.model)
-        self.prediction = diffusion.scheduler.config.get("prediction_type", "epsilon")
-        self.autoencoder_hash = (meta.get("autoencoder") or {}).get("sha256", "") if self.space == "latent" else ""
-
-    def cond(self, encoded: list[np.ndarray]) -> torch.Tensor:
-        cond = torch.from_numpy(conditioning_channels(np.stack(encoded), self.n_regions, **self.channels))
-        if self.expected is not None and cond.shape[1] != self.expected:
-            raise SynthesisError(
-                f"the conditioning settings give {cond.shape[1]} channels {self.channels} for "
-                f"{self.n_regions} region classes, but the model was trained on {self.expected}; "
-                "use the classes and conditioning settings the model was trained with"
-            )
-        if self.size is not None and list(cond.shape[-2:]) != list(self.size):
-            raise SynthesisError(
-                f"source patches are {tuple(cond.shape[-2:])} px but the model was trained on "
-                f"{tuple(self.size)} px patches"
-            )
-        return cond.to(self.device)
-
-    def labels(self, labels: np.ndarray) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        if labels.max(initial=0) >= self.num_classes:
-            raise SynthesisError(
-                f"class index {int(labels.max())} is outside the model's class embedding "
-                f"(num_classes={self.num_classes}); the model was trained with other labels"
-            )
-        return torch.as_tensor(labels, dtype=torch.long, device=self.device)
-
-
-def image_classes(masks: Sequence[np.ndarray], sources: pd.DataFrame, labels: Mapping) -> np.ndarray:
-    """The label of each output image: its source patch's sheet label, or (region labels) the
-    dominant region class of its mask, which inpainting edits."""
-    if labels["source"] == "sheet":
-        return patch_labels(sources, labels)
-    fractions = pd.DataFrame([fraction_columns(m, class_indices(labels["regions"])) for m in masks])
-    return patch_labels(fractions, labels)
-
-
-def per_class_picks(
-    rng: np.random.Generator, pool_classes: np.ndarray, per_class: Mapping[str, int], labels: Mapping
-) -> np.ndarray:
-    """Row positions of the source maps for class-conditioned synthesis: per_class[name] of the
-    rows labelled name, classes in the labels' order (with replacement, logged, when a class has fewer)."""
-    unknown = [name for name in per_class if name not in labels["classes"]]
-    if unknown:
-        raise SynthesisError(
-            f"synthesize.per_class names {unknown}, which are not among the labels {labels['classes']}"
-        )
-    picks = []
-    for name in [name for name in labels["classes"] if name in per_class]:
-        count, rows = per_class[name], np.flatnonzero(pool_classes == name)
-        if not len(rows):
-            present = pd.Series(pool_classes).value_counts().to_dict()
-            raise SynthesisError(
-                f"synthesize.per_class asks for {count} images of class {name!r} but no training patch "
-                f"has that label (training patches per label: {present})"
-            )
-        picks.append(rows[_choose(rng, count, len(rows), f"training patches of class {name!r}")])
-    return np.concatenate(picks)
-
-
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, so image i's noise depends only on its seed (on any device)."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-
-def _paint(
-    runner: _Runner,
-    scheduler,
-    pixels: np.ndarray,
-    regions: list[np.ndarray],
-    encoded: list[np.ndarray],
-    labels: np.ndarray,
-    generators,
-    *,
-    steps: int,
-    jump_length: int,
-    jump_n_sample: int,
-    guidance: float,
-    grow: int,
-    latent_dilation: int,
-) -> np.ndarray:
-    """RePaint one batch of sources (N, H, W, 3) uint8 inside their regions (grown by `grow` px)
-    under the edited maps, in the model's space; (N, H, W, 3) uint8 with the source's bytes outside."""
-    region = dilate(torch.from_numpy(np.stack(regions)[:, None]).float(), grow).to(runner.device)
-    known, keep, cond, ae = to_model(pixels, runner.device), 1 - region, runner.cond(encoded), runner.autoencoder
-    if ae is not None:
-        known, keep = encode(ae, known).float(), 1 - latent_region(region, latent_factor(ae), latent_dilation)
-        cond = resize_cond(cond, known.shape[-2:])
-    with autocast(runner.device):
-        x = repaint(
-            runner.model,
-            scheduler,
-            known,
-            keep,
-            cond,
-            runner.labels(labels),
-            steps=steps,
-            jump_length=jump_length,
-            jump_n_sample=jump_n_sample,
-            guidance=guidance,
-            generator=generators,
-            prediction=runner.prediction,
-        )
-        x = decode(ae, x) if ae is not None else x.clamp(-1, 1)
-    return np.where(region[:, 0].bool().cpu().numpy()[..., None], to_uint8(x), pixels)
-
-
-# ----------------------------------------------------------------------------- the two modes
 
 
 @contextmanager
@@ -281,22 +102,22 @@ def synthesize(
     noise. Writes out_dir (atomically) and returns the manifest (`class`: the image's label)."""
     if not 0 < strength <= 1:
         raise SynthesisError(f"synthesize.strength must be in (0, 1], got {strength}")
-    _check_sources(sources, classes)
-    runner = _Runner(diffusion, classes, conditioning_cfg)
+    check_sources(sources, classes)
+    runner = Runner(diffusion, classes, conditioning_cfg)
     pool = sources.reset_index(drop=True)
     rng = np.random.default_rng(derive_seed(seed, "synth", "sources"))
     if per_class:
         picks = per_class_picks(rng, patch_labels(pool, labels), per_class, labels)
     else:
         if target_class is not None:
-            _class_index(pool, classes, target_class)
+            class_index(pool, classes, target_class)
             pool = pool[pool[fraction_column(target_class)] > 0].reset_index(drop=True)
         weights = (
             balance_weights(label_index(patch_labels(pool, labels), labels), class_balance).numpy()
             if class_balance
             else None
         )
-        picks = _choose(
+        picks = choose(
             rng, n, len(pool), "source maps" + (f" containing {target_class!r}" if target_class else ""), weights
         )
     n = len(picks)
@@ -318,7 +139,7 @@ def synthesize(
                     runner.labels(label_index(names, labels)),
                     steps=steps,
                     guidance=guidance,
-                    generator=_generators(seeds),
+                    generator=seed_generators(seeds),
                     autoencoder=runner.autoencoder,
                     init=init,
                     strength=strength,
@@ -388,13 +209,13 @@ def inpaint(
         raise SynthesisError(
             f"steps, jump_length and jump_n_sample must be >= 1, got {steps}, {jump_length}, {jump_n_sample}"
         )
-    _check_sources(sources, classes)
-    runner = _Runner(diffusion, classes, conditioning_cfg)
+    check_sources(sources, classes)
+    runner = Runner(diffusion, classes, conditioning_cfg)
     if not runner.channels["use_regions"]:
         log.warning(
             "conditioning.regions is off: the model cannot see the pasted %r region; it is only redrawn", target_class
         )
-    target = _class_index(sources, classes, target_class)
+    target = class_index(sources, classes, target_class)
     column = fraction_column(target_class)
     clean = sources[sources[column] == 0].reset_index(drop=True)
     donors = sources[sources[column] > donor_min_fraction].reset_index(drop=True)
@@ -406,7 +227,7 @@ def inpaint(
     if clean.empty:
         raise SynthesisError(f"every training patch contains {target_class!r}: no clean-tissue patch to paint into")
     rng = np.random.default_rng(derive_seed(seed, "inpaint", "sources"))
-    picks = _choose(rng, n, len(clean), f"clean-tissue patches (without {target_class!r})")
+    picks = choose(rng, n, len(clean), f"clean-tissue patches (without {target_class!r})")
     donor_picks = rng.integers(len(donors), size=n)
     scheduler = repaint_scheduler(diffusion.scheduler.config, eta)
     record = model_record(model_path)
@@ -421,14 +242,14 @@ def inpaint(
             ]
             masks, encoded, regions = map(list, zip(*edits))
             names = image_classes(masks, batch, labels)
-            images = _paint(
+            images = paint(
                 runner,
                 scheduler,
                 pixels,
                 regions,
                 encoded,
                 label_index(names, labels),
-                _generators(seeds),
+                seed_generators(seeds),
                 steps=steps,
                 jump_length=jump_length,
                 jump_n_sample=jump_n_sample,
