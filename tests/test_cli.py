@@ -245,7 +245,7 @@ def test_a_read_only_output_folder_is_one_line_naming_it(square_slide, tmp_path,
         "Traceback" not in err
         and "locked/out" in err.splitlines()[-1]
         and "Read-only file system" in err
-        and "write elsewhere" in err
+        and "write to another folder" in err
     )
     assert not list(locked.iterdir())
 

@@ -289,11 +289,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OS_FIXES = {  # what to do about a failed read or write, by errno
-    errno.ENOSPC: "free space on that disk or write elsewhere with --out",
-    errno.EDQUOT: "free space within your quota or write elsewhere with --out",
+    errno.ENOSPC: "free space on that disk or write to another folder",
+    errno.EDQUOT: "free space within your quota or write to another folder",
     errno.EACCES: "make it readable/writable for you or use another folder",
     errno.EPERM: "make it readable/writable for you or use another folder",
-    errno.EROFS: "a read-only file system: write elsewhere with --out",
+    errno.EROFS: "a read-only file system: write to another folder",
     errno.ENOENT: "check the path",
 }
 
