@@ -101,14 +101,13 @@ def test_quality_table_has_offline_rows_without_any_weights(tmp_path, segmentati
     near, far = tissue_images(tmp_path / "near", 12, 5, seed=1), tissue_images(tmp_path / "far", 12, 70, seed=2)
     extractor = build_extractor("segmentation", None, load_model(segmentation_run, "cpu"))
     assert str(segmentation_run / "model") in extractor.name
-    table, _ = image_quality(
+    table = image_quality(
         real,
         {"near": near, "far": far},
-        CLASSES,
         labels=LABELS,
         extractor=extractor,
         weights_dir=tmp_path / "weights",
-        settings={"min_images": 10, "device": "cpu", "consistency": False, "kid_subsets": 5},
+        settings={"min_images": 10, "device": "cpu", "kid_subsets": 5},
     )
     offline = table[table["metric"].isin(["fd", "kd", "feature_diversity"])]
     assert (offline["status"] == "ok").all() and set(offline["class"]) == {"all", "Blood vessel"}

@@ -16,6 +16,7 @@ from histosynth.config import section_defaults
 from histosynth.distances import fid, fid_from_features, gaussian_stats, inception_score, kid
 from histosynth.evaluation.consistency import nuclei_scores, pooled_consistency, region_scores
 from histosynth.evaluation.fidelity import inception_features
+from histosynth.evaluation.mask_consistency import set_consistency
 from histosynth.evaluation.quality import image_quality
 from histosynth.evaluation.quality_table import COLUMNS
 from histosynth.nets import WeightsError, load_inception, load_lpips
@@ -168,16 +169,17 @@ def wrong_segmenter(rgb):
 def test_skipped_metrics_are_recorded_and_the_rest_runs(tmp_path):
     real = write_images(tmp_path / "real", 3, (200, 120, 170))
     syn = write_images(tmp_path / "syn", 3, (200, 120, 170), label=1, seed=1)
-    table, scores = image_quality(
+    table = image_quality(
         real,
         {"inpaint": syn},
-        CLASSES,
         labels=LABELS,
         weights_dir=tmp_path / "weights",
         settings={"min_images": 2, "device": "cpu"},
-        segment=wrong_segmenter,
         extractor_note="offline FD/KD skipped: no extractor",
     )
+    assert list(table.columns) == list(COLUMNS)
+    consistency, scores = set_consistency(syn, "inpaint", real, CLASSES, segment=wrong_segmenter)
+    table = pd.concat([table, pd.DataFrame(consistency, columns=COLUMNS)], ignore_index=True)
     skipped = table[table.status == "skipped"]
     assert {"fid", "kid", "is", "lpips_diversity", "fd", "kd"} <= set(skipped.metric)
     assert (skipped[skipped.metric == "fd"]["note"] == "offline FD/KD skipped: no extractor").all()
@@ -209,9 +211,7 @@ def test_inception_and_lpips_load_from_files(tmp_path, inception_file, alexnet_f
         "device": "cpu",
         "consistency": False,
     }
-    table, _ = image_quality(
-        real, {"synth": syn}, CLASSES, labels=LABELS, weights_dir=tmp_path / "weights", settings=settings
-    )
+    table = image_quality(real, {"synth": syn}, labels=LABELS, weights_dir=tmp_path / "weights", settings=settings)
     ok = table[(table.status == "ok") & (table["class"] == "all")].set_index("metric")["value"]
     assert {"fid", "kid", "is", "lpips_diversity"} <= set(ok.index)
     assert ok["fid"] == pytest.approx(0.0, abs=1e-6) and abs(ok["kid"]) < 0.05
@@ -317,14 +317,13 @@ def test_synthetic_sets_get_their_real_source_patches_as_reference(tmp_path):
         mask = np.asarray(Image.open(path)).copy()
         mask[24:] = 2
         Image.fromarray(mask).save(path)
-    table, _ = image_quality(
-        real,
-        {"synth": syn, "inpaint": painted},
-        CLASSES,
-        labels=LABELS,
-        weights_dir=tmp_path / "weights",
-        settings={"min_images": 2, "device": "cpu"},
-        segment=segment,
+    table = pd.DataFrame(
+        [
+            row
+            for mode, rows in {"synth": syn, "inpaint": painted}.items()
+            for row in set_consistency(rows, mode, real, CLASSES, segment=segment)[0]
+        ],
+        columns=COLUMNS,
     )
     ok = table[table.status == "ok"].set_index(["set", "metric", "class"])["value"]
     assert ok[("synth", "mask_dice", "Blood vessel")] == 0.0 and ok[("synth", "mask_dice_real", "Blood vessel")] == 1.0

@@ -46,7 +46,10 @@ def set_consistency(
 ) -> tuple[list[dict], pd.DataFrame]:
     """Mask consistency of one synthetic set (manifest rows, absolute paths): quality rows (COLUMNS;
     pooled per class, skip rows saying why, the real source patches' own agreement) and the
-    per-image scores (set, SCORE_COLUMNS) that curation reads. Arguments as image_quality's."""
+    per-image scores (set, SCORE_COLUMNS) that curation reads. `real`: the patch rows the sources come
+    from; `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region consistency;
+    nuclei_settings (the `nuclei` section, with nuclei_model for a learned detector) and mpp enable
+    nuclei consistency for sets with a conditioning column."""
     rows: list[dict] = []
 
     def add(metric, name, value, n_real=0, status="ok", note="", used=""):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,6 @@ from histosynth.evaluation.features import (
     pairwise_diversity,
 )
 from histosynth.evaluation.fidelity import inception_features, lpips_diversity
-from histosynth.evaluation.mask_consistency import _per_image, set_consistency
 from histosynth.evaluation.quality_table import COLUMNS, _sample, image_classes
 from histosynth.nets import load_inception, load_lpips
 from histosynth.seeds import derive_seed
@@ -48,35 +47,26 @@ log = logging.getLogger(__name__)
 def image_quality(
     real: pd.DataFrame,
     synthetic: Mapping[str, pd.DataFrame],
-    classes: Sequence[str],
     *,
     labels: Mapping,
     weights_dir: str | Path,
     settings: Mapping | None = None,
-    segment: Callable[[np.ndarray], np.ndarray] | None = None,
-    nuclei_settings=None,
-    nuclei_model=None,
-    mpp: float | None = None,
     extractor: FeatureExtractor | None = None,
     extractor_note: str = "",
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> pd.DataFrame:
     """Tidy quality rows for each synthetic set ({mode: manifest rows, absolute paths}) against
-    the real training rows (weights from weights_dir, histosynth.weights), and the per-image consistency scores (set, id, kind, class, counts,
-    IoU, Dice). Fréchet distances, KID, IS and diversity come per label (resolved `labels`) and
-    pooled ('all'); mask consistency per region class of `classes`. `segment` (rgb -> label mask, e.g. SegmentationModel.predict) enables region mask
-    consistency; nuclei_settings (the `nuclei` config section, with nuclei_model when a learned
-    detector is configured) and mpp enable nuclei consistency for sets with a conditioning
-    column; `extractor` (histosynth.evaluation.features) gives the offline Fréchet distance, KID and
+    the real training rows (weights from weights_dir, histosynth.weights): the report's distribution
+    scores. Fréchet distances, KID, IS and diversity come per label (resolved `labels`) and pooled
+    ('all'); mask consistency is rule mask_consistency's (histosynth.evaluation.mask_consistency).
+    `extractor` (histosynth.evaluation.features) gives the offline Fréchet distance, KID and
     feature diversity (extractor_note says why it is missing when it is None)."""
     s = section_defaults("quality", settings)
     device = pick_device(s["device"])
-    all_real = real
     real = _sample(
         real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real")
     )
     real_classes = image_classes(real, labels)
     rows: list[dict] = []
-    scores: list[pd.DataFrame] = []
 
     inception_path, inception_note = weights_file(WEIGHTS["inception"], s["inception_weights"], weights_dir)
     lpips_path, lpips_note = weights_file(WEIGHTS["lpips"], s["lpips_weights"], weights_dir)
@@ -200,20 +190,7 @@ def image_quality(
                     n_g,
                     used=lpips_name,
                 )
-        if s["consistency"]:
-            found, per_image = set_consistency(
-                table,
-                mode,
-                all_real,
-                classes,
-                segment=segment,
-                nuclei_settings=nuclei_settings,
-                nuclei_model=nuclei_model,
-                mpp=mpp,
-            )
-            rows.extend(found)
-            scores.append(per_image)
-    return pd.DataFrame(rows, columns=COLUMNS), _per_image(scores)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def image_quality_stage(
@@ -230,7 +207,7 @@ def image_quality_stage(
     Mask consistency, which curation reads, is rule mask_consistency's (consistency_stage)."""
     real = pd.concat([read_patch_index(p) for p in real_indexes], ignore_index=True)
     synthetic = {mode: read_file_table(path) for mode, path in manifests.items()}
-    s = section_defaults("quality", config["quality"]) | {"consistency": False}
+    s = section_defaults("quality", config["quality"])
     segmenter = None
     if segmentation_model is not None and s["extractor"] == SEGMENTATION:
         from histosynth.evaluation.segmentation import load_model
@@ -240,10 +217,9 @@ def image_quality_stage(
     extractor_note = f"offline FD/KD skipped: {why}" if extractor is None else ""
     if extractor is None:
         log.warning("%s", extractor_note)
-    table, _ = image_quality(
+    table = image_quality(
         real,
         synthetic,
-        config["classes"],
         labels=config["labels"],
         weights_dir=config["weights_dir"],
         settings=s,
