@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from histosynth.config import section_defaults
 from histosynth.data.io import write_csv
-from histosynth.device import autocast, pick_device, prepare_model
+from histosynth.device import autocast, channels_last, pick_device, prepare_model
 from histosynth.evaluation.classification_metrics import classification_metrics
 from histosynth.evaluation.classifier import (
     ClassificationDataset,
@@ -102,8 +102,7 @@ def recalibrate_batchnorm(net: torch.nn.Module, loader, device, max_images: int 
     with torch.no_grad():
         for images, _ in loader:
             x = images.to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
             with autocast(device):
                 net(x)
             seen += len(x)
@@ -121,8 +120,7 @@ def _validate(net, loader, weight: torch.Tensor | None, device) -> tuple[float, 
     with torch.no_grad():
         for batch in loader:
             x, y = batch["image"].to(device), batch["target"].to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
             with autocast(device):
                 logits = net(x).float()
             total += float(F.cross_entropy(logits, y, weight=weight, reduction="sum"))
@@ -201,8 +199,7 @@ def train(
 
     def batch_loss(batch) -> tuple[torch.Tensor, int]:
         x, y = batch[0].to(device), batch[1].to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with autocast(device):
             logits = net(x)
         return loss_fn(logits.float(), y), len(x)

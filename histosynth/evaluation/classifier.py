@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from histosynth.data.io import read_rgb
 from histosynth.data.labels import label_index
-from histosynth.device import autocast, pick_device, prepare_model
+from histosynth.device import autocast, channels_last, pick_device, prepare_model
 from histosynth.files import MODEL_INFO
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, normalise
 from histosynth.seeds import derive_seed, seed_everything
@@ -236,8 +236,7 @@ class ClassifierModel:
 
     def _softmax(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with autocast(self.device):
             return torch.softmax(self.net(x).float(), 1).cpu()
 

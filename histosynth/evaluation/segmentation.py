@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from histosynth.config import section_defaults
 from histosynth.data.io import read_mask, read_patch_index, read_rgb, write_csv
 from histosynth.data.patches import class_indices
-from histosynth.device import autocast, pick_device, prepare_model
+from histosynth.device import autocast, channels_last, pick_device, prepare_model
 from histosynth.files import MODEL_INFO, atomic_dir
 from histosynth.nets import IMAGENET_MEAN, IMAGENET_STD, dihedral, normalise, random_ops, unet
 from histosynth.overlap import overlap_scores
@@ -187,8 +187,7 @@ class SegmentationModel:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float (N, C, H, W) on the CPU. Sides must be multiples of 2**encoder_depth."""
         x = normalise(images.to(self.device))
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with autocast(self.device):
             return torch.sigmoid(self.net(x).float()).cpu()
 
@@ -296,8 +295,7 @@ def train(
             ops = random_ops(len(images), augment)
             images, targets = dihedral(images, ops), dihedral(targets, ops)
         x, y = normalise(images.to(device)), targets.to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with autocast(device):
             logits = net(x)
         return loss_fn(logits, y), len(x)

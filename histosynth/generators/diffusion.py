@@ -163,7 +163,10 @@ class SpadeUNet(ModelMixin, ConfigMixin):
 
 
 def _core(model):
-    return getattr(model, "module", model)  # under DDP
+    """The model under DDP's `module` and torch.compile's `_orig_mod` wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def num_classes(model) -> int:
