@@ -79,3 +79,31 @@ def test_projection_scales_the_fastest_measured_rates_to_the_preset(gpu):
     hours = gpu.projection(table, config).set_index("work")["hours"]
     assert math.isclose(hours["diffusion training"], 400 / 3600)
     assert math.isclose(hours["synthetic patches"], 180 / 3600)
+
+
+def test_job_times_sums_each_rules_jobs_costliest_first(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("job_times", REPO / "benchmarks/job_times.py")
+    job_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job_times)
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    files = {
+        "train_diffusion.tsv": [(900.0, "812.5")],
+        "train_segmentation/real/seed0.tsv": [(100.0, "1500.1")],
+        "train_segmentation/syn48/seed1.tsv": [(80.0, "-")],  # Snakemake writes '-' for a job too short to sample
+        "summarize.tsv": [(2.5, "300.0")],
+    }
+    for name, rows in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + "".join(f"{s}\t0:00:00\t{rss}\t0\t0\t0\t0\t0\t0\t0\n" for s, rss in rows))
+    table = job_times.main([str(tmp_path)])
+    assert list(table.index) == ["train_diffusion", "train_segmentation", "summarize", "all jobs"]
+    assert table.loc["train_segmentation", "jobs"] == 2 and table.loc["train_segmentation", "total_s"] == 180.0
+    assert (
+        table.loc["train_segmentation", "longest_s"] == 100.0
+        and table.loc["train_segmentation", "max_rss_mb"] == 1500.1
+    )
+    assert table.loc["all jobs", "total_s"] == 1082.5 and table.loc["all jobs", "jobs"] == 4
+    assert "train_diffusion" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no benchmark files"):
+        job_times.main([str(tmp_path / "empty")])
