@@ -163,8 +163,8 @@ def test_presets_layer_on_the_default(preset):
     assert config["priority"] == ["Blood vessel", "Inflammation", "Fat"]  # schema default []
     assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"] and config["diffusion"]["num_classes"] == 4
     expected = {
-        "demo": (64, "v_prediction", 0.5, 800),
-        "tiny": (32, "v_prediction", 0.5, 4),
+        "demo": (64, "v_prediction", 1.0, 800),
+        "tiny": (32, "v_prediction", 1.0, 4),
         "thesis": (256, "epsilon", 0.0, 940000),
     }[preset]
     # tiny's diffusion.train sets steps but not class_balance: the nested dicts merge key by key
