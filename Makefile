@@ -7,6 +7,7 @@ PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do \
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
+PROFILE ?=
 
 .PHONY: venv demo test report dag clean
 
@@ -19,8 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
+# A GPU: profiles/default (one GPU job at a time). None: profiles/cpu (small model jobs one thread each,
+# as many at once as there are cores). Override: make demo PROFILE=profiles/...
 demo: venv
-	$(BIN)/snakemake --cores $(CORES) --resources gpu=1
+	@profile="$(PROFILE)"; if [ -z "$$profile" ]; then \
+		if [ "$$($(BIN)/python -c 'import torch; print(torch.cuda.is_available())')" = True ]; then \
+			profile=profiles/default; else profile=profiles/cpu; fi; fi; \
+	echo "make demo: workflow profile $$profile"; \
+	set -x; $(BIN)/snakemake --workflow-profile $$profile --cores $(CORES)
 
 test: venv
 	$(BIN)/python -m pytest

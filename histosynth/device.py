@@ -41,9 +41,9 @@ def pick_device(requested: str = "auto"):
     else:
         note = f"; CUDA_VISIBLE_DEVICES={visible} but torch sees no CUDA device" if visible else ""
         log.info(
-            "device: cpu (%d threads)%s; channels_last on, fp32 (CPU bf16 autocast is emulated without native "
+            "device: cpu (%s)%s; channels_last on, fp32 (CPU bf16 autocast is emulated without native "
             "bf16 instructions: measured over 15x slower), no torch.compile (slower on CPU; see histosynth.device)",
-            torch.get_num_threads(),
+            "1 thread" if torch.get_num_threads() == 1 else f"{torch.get_num_threads()} threads",
             note,
         )
     return device

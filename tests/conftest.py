@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,16 @@ def feature(class_name: str, geometry: dict) -> dict:
 
 def square(x0, y0, x1, y1) -> dict:
     return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
+def run_snakemake(
+    workdir: Path, configs: list, *args: str, snakefile: Path = REPO / "Snakefile"
+) -> subprocess.CompletedProcess:
+    """The workflow through the snakemake CLI in workdir, on 2 cores with the CPU profile (what
+    `make demo` uses without a GPU: small model jobs side by side, one thread each)."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir)]
+    command += ["--configfile", *map(str, configs), "--cores", "2", "--workflow-profile", str(REPO / "profiles/cpu")]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -481,12 +481,10 @@ def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotatio
     mask), a label mask at downsample 4 (val) and Aperio XML (test), up to the real ratio's
     segmentation export and the nuclei scored against the instance mask; then a sheet naming a
     file of the wrong kind is refused before any job."""
-    import subprocess
-    import sys
 
     from PIL import Image
 
-    from conftest import REPO
+    from conftest import REPO, run_snakemake
 
     rng = np.random.default_rng(0)
     side, down = 512, 4  # level-0 px; 0.5 mpp -> 128 px at the tiny preset's 2.0 mpp: 16 patches of 32 px
@@ -530,25 +528,8 @@ def test_tiny_workflow_on_plain_images_with_asap_aperio_and_label_mask_annotatio
     )
 
     def snakemake(*args):
-        command = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            *args,
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(REPO / "config/config.yaml"),
-            str(REPO / "config/tiny.yaml"),
-            str(tmp_path / "overlay.yaml"),
-            "--cores",
-            "2",
-            "--resources",
-            "gpu=1",
-        ]
-        return subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        configs = [REPO / "config/config.yaml", REPO / "config/tiny.yaml", tmp_path / "overlay.yaml"]
+        return run_snakemake(tmp_path, configs, *args)
 
     result = snakemake("results/export/real/segmentation", "results/nuclei/a.quality.csv")
     assert result.returncode == 0, result.stderr[-4000:]

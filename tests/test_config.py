@@ -163,9 +163,9 @@ def test_presets_layer_on_the_default(preset):
     assert config["priority"] == ["Blood vessel", "Inflammation", "Fat"]  # schema default []
     assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"] and config["diffusion"]["num_classes"] == 4
     expected = {
-        "demo": (64, "v_prediction", 1.0, 800),
-        "tiny": (32, "v_prediction", 1.0, 4),
-        "thesis": (256, "epsilon", 0.0, 940000),
+        "demo": (64, "v_prediction", 1.0, 800, 2.0),
+        "tiny": (32, "v_prediction", 1.0, 4, 2.0),
+        "thesis": (256, "epsilon", 0.0, 940000, 1.0),
     }[preset]
     # tiny's diffusion.train sets steps but not class_balance: the nested dicts merge key by key
     assert (
@@ -173,6 +173,7 @@ def test_presets_layer_on_the_default(preset):
         config["diffusion"]["prediction"],
         config["diffusion"]["train"]["class_balance"],
         config["diffusion"]["train"]["steps"],
+        config["synthesis"]["inpaint"]["guidance"],
     ) == expected
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 from tiny_sd import write_tiny_stable_diffusion
 
 pytestmark = pytest.mark.integration
@@ -68,25 +68,8 @@ def write_tiles(folder, label: str, radius: int, n: int, seed: int) -> None:
 
 
 def snakemake(workdir, *args):
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(REPO / "config/config.yaml"),
-        str(REPO / "config/tiny.yaml"),
-        str(workdir / "overlay.yaml"),
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=1",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    configs = [REPO / "config/config.yaml", REPO / "config/tiny.yaml", workdir / "overlay.yaml"]
+    return run_snakemake(workdir, configs, *args)
 
 
 @pytest.fixture(scope="module")

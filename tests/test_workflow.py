@@ -10,34 +10,18 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 
 pytestmark = pytest.mark.integration
 
 
 def snakemake(workdir, *args, overlay: str | None = None, snakefile=REPO / "Snakefile"):
     """Run the workflow on the tiny preset in workdir; `overlay` is YAML layered on top."""
-    configs = [str(REPO / "config/config.yaml"), str(REPO / "config/tiny.yaml")]
+    configs = [REPO / "config/config.yaml", REPO / "config/tiny.yaml"]
     if overlay:
         (workdir / "overlay.yaml").write_text(overlay)
-        configs.append(str(workdir / "overlay.yaml"))
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(snakefile),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        *configs,
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=1",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        configs.append(workdir / "overlay.yaml")
+    return run_snakemake(workdir, configs, *args, snakefile=snakefile)
 
 
 @pytest.fixture(scope="module")
@@ -568,3 +552,20 @@ def test_every_rule_declares_its_resources():
 def test_workflow_passes_snakemake_lint(tmp_path):
     result = snakemake(tmp_path, "--lint")
     assert result.returncode == 0 and "Congratulations" in result.stdout + result.stderr, result.stdout[-3000:]
+
+
+def test_profiles_name_only_rules_of_the_workflow():
+    """A renamed rule left in a profile would silently lose its threads or partition."""
+    import re
+
+    rules = {
+        name
+        for path in (REPO / "workflow/rules").glob("*.smk")
+        for name in re.findall(r"^rule (\w+):", path.read_text(), flags=re.M)
+    }
+    for profile in ("cpu", "default", "slurm"):
+        settings = yaml.safe_load((REPO / f"profiles/{profile}/config.yaml").read_text())
+        for key in ("set-threads", "set-resources"):
+            assert set(settings.get(key, {})) <= rules, (profile, key, set(settings.get(key, {})) - rules)
+    cpu = yaml.safe_load((REPO / "profiles/cpu/config.yaml").read_text())
+    assert not {"train_diffusion", "train_autoencoder", "train_gan", "train_lora"} & set(cpu["set-threads"])
