@@ -5,7 +5,8 @@ U-Net (one epoch of histosynth.evaluation.segmentation.train, the epoch loop), p
 of a bare PyTorch step (the same model, loss and optimiser, one batch already in memory as
 tensors) beside histosynth's step on the run's patch files, their ratio (histosynth / bare: the
 loop's overhead), and the parts of a step measured alone: data (drawing a batch from the
-dataset: file decoding, collation), augmentation, forward + backward, optimiser (clipping, Adam),
+dataset: file decoding, collation), forward + backward (segmentation: with its dihedral turns,
+through segmentation.batch_loss as train does), optimiser (clipping, Adam),
 EMA, checkpoint (one save's cost shared out over the config's checkpoint_every steps). Bookkeeping
 is what the loop adds beyond those (logging, the NaN guard, progress, the accelerator).
 
@@ -131,16 +132,16 @@ def segmentation(results: Path, config: dict, steps: int, warmup: int, trials: i
     import pandas as pd
 
     from histosynth.config import section_defaults
-    from histosynth.device import autocast, channels_last, pick_device, prepare_model
+    from histosynth.device import pick_device, prepare_model
     from histosynth.evaluation.segmentation import (
         BceDiceLoss,
         SegmentationDataset,
+        batch_loss,
         build_model,
         split_rows,
         target_classes,
         train,
     )
-    from histosynth.nets import dihedral, normalise
     from histosynth.training.epochs import data_loader
 
     s = section_defaults("segmentation", config.get("segmentation"))
@@ -157,22 +158,16 @@ def segmentation(results: Path, config: dict, steps: int, warmup: int, trials: i
     ops = torch.randint(0, 8, (s["batch_size"],))
 
     def bare_epoch() -> dict:
-        """One epoch over the in-memory batches; the seconds of each part, summed."""
-        spent = {"augment": 0.0, "forward_backward": 0.0, "optimiser": 0.0}
+        """One epoch over the in-memory batches (turned as segmentation.train turns them); the seconds of each part, summed."""
+        spent = {"forward_backward": 0.0, "optimiser": 0.0}
         for item in in_memory:
             start = time.perf_counter()
-            n = len(item["image"])
-            images, targets = dihedral(item["image"], ops[:n]), dihedral(item["target"], ops[:n])
-            x, y = channels_last(normalise(images.to(device))), targets.to(device)
-            middle = time.perf_counter()
-            with autocast(device):
-                loss = loss_fn(net(x), y)
+            loss = batch_loss(net, loss_fn, item["image"], item["target"], ops[: len(item["image"])], device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             end = time.perf_counter()
             optimizer.step()
-            spent["augment"] += middle - start
-            spent["forward_backward"] += end - middle
+            spent["forward_backward"] += end - start
             spent["optimiser"] += time.perf_counter() - end
         return spent
 
@@ -203,7 +198,7 @@ def segmentation(results: Path, config: dict, steps: int, warmup: int, trials: i
             fit_epochs.append(float(pd.read_csv(Path(tmp) / "run" / "loss.csv")["seconds"].iloc[-1]))
     fastest = min(bare_epochs, key=lambda spent: sum(spent.values()) - spent["data"])
     parts = {name: seconds / len(in_memory) for name, seconds in fastest.items()}
-    bare = parts["augment"] + parts["forward_backward"] + parts["optimiser"]
+    bare = parts["forward_backward"] + parts["optimiser"]
     step = min(fit_epochs) / len(in_memory)
     return _row("segmentation epoch (fit_epochs)", s["batch_size"], bare, step, parts)
 

@@ -163,7 +163,7 @@ def test_presets_layer_on_the_default(preset):
     assert config["priority"] == ["Blood vessel", "Inflammation", "Fat"]  # schema default []
     assert config["classes"] == ["Blood vessel", "Inflammation", "Fat"] and config["diffusion"]["num_classes"] == 4
     expected = {
-        "demo": (64, "v_prediction", 1.0, 800, 2.0),
+        "demo": (64, "v_prediction", 1.0, 1000, 2.0),
         "tiny": (32, "v_prediction", 1.0, 4, 2.0),
         "thesis": (256, "epsilon", 0.0, 940000, 1.0),
     }[preset]

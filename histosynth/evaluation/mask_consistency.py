@@ -24,7 +24,7 @@ from histosynth.evaluation.consistency import (
     real_reference,
     region_scores,
 )
-from histosynth.evaluation.quality_table import COLUMNS, _sample
+from histosynth.evaluation.quality_table import COLUMNS, quality_row, sample_rows
 from histosynth.seeds import derive_seed
 
 
@@ -53,19 +53,7 @@ def set_consistency(
     rows: list[dict] = []
 
     def add(metric, name, value, n_real=0, status="ok", note="", used=""):
-        rows.append(
-            {
-                "set": mode,
-                "metric": metric,
-                "class": name,
-                "value": value,
-                "n_real": n_real,
-                "n_synthetic": len(table),
-                "status": status,
-                "note": note,
-                "extractor": used,
-            }
-        )
+        rows.append(quality_row(mode, metric, name, value, n_real, len(table), status, note, used))
 
     if "mask" not in table:
         add("mask_iou", "all", math.nan, status="skipped", note=f"synthetic set {mode} has no masks (a GAN set)")
@@ -136,7 +124,7 @@ def consistency_stage(
         nuclei = config["nuclei"]
         nuclei_model = load_detector(nuclei["model"], str(pick_device(s["device"]))) if nuclei["model"] else None
         for mode, path in manifests.items():
-            table = _sample(read_file_table(path), s["max_images"], derive_seed(s["seed"], "synthetic", mode))
+            table = sample_rows(read_file_table(path), s["max_images"], derive_seed(s["seed"], "synthetic", mode))
             if table.empty:
                 continue
             found, per_image = set_consistency(

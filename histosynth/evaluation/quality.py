@@ -36,7 +36,7 @@ from histosynth.evaluation.features import (
     pairwise_diversity,
 )
 from histosynth.evaluation.fidelity import inception_features, lpips_diversity
-from histosynth.evaluation.quality_table import COLUMNS, _sample, image_classes
+from histosynth.evaluation.quality_table import COLUMNS, image_classes, quality_row, sample_rows
 from histosynth.nets import load_inception, load_lpips
 from histosynth.seeds import derive_seed
 from histosynth.weights import WEIGHTS, weights_file
@@ -62,7 +62,7 @@ def image_quality(
     feature diversity (extractor_note says why it is missing when it is None)."""
     s = section_defaults("quality", settings)
     device = pick_device(s["device"])
-    real = _sample(
+    real = sample_rows(
         real[real["split"] == "train"] if "split" in real else real, s["max_images"], derive_seed(s["seed"], "real")
     )
     real_classes = image_classes(real, labels)
@@ -83,24 +83,12 @@ def image_quality(
         real_embedded = image_features(real["image"].tolist(), extractor, s["batch_size"])
 
     for mode, table in synthetic.items():
-        table = _sample(table, s["max_images"], derive_seed(s["seed"], "synthetic", mode))
+        table = sample_rows(table, s["max_images"], derive_seed(s["seed"], "synthetic", mode))
         syn_classes = image_classes(table, labels)
         groups = ["all", *[c for c in labels["classes"] if (syn_classes == c).any() or (real_classes == c).any()]]
 
         def add(metric, name, value, n_real, n_syn, status="ok", note="", used="", mode=mode):
-            rows.append(
-                {
-                    "set": mode,
-                    "metric": metric,
-                    "class": name,
-                    "value": value,
-                    "n_real": n_real,
-                    "n_synthetic": n_syn,
-                    "status": status,
-                    "note": note,
-                    "extractor": used,
-                }
-            )
+            rows.append(quality_row(mode, metric, name, value, n_real, n_syn, status, note, used))
 
         if table.empty:
             add("images", "all", 0.0, len(real), 0, "skipped", f"synthetic set {mode} is empty")

@@ -246,6 +246,17 @@ def _evaluate_loss(net, loader, loss_fn, device, threshold: float) -> tuple[floa
     return total / max(count, 1), float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan
 
 
+def batch_loss(net, loss_fn, images: torch.Tensor, targets: torch.Tensor, ops, device) -> torch.Tensor:
+    """The training loss of one batch (uint8 images, float targets): both turned by the dihedral
+    `ops` (None: as they are), the images normalised, channels_last, the net under the device's autocast."""
+    if ops is not None:
+        images, targets = dihedral(images, ops), dihedral(targets, ops)
+    x, y = channels_last(normalise(images.to(device))), targets.to(device)
+    with autocast(device):
+        logits = net(x)
+    return loss_fn(logits, y)
+
+
 def train(
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
@@ -289,16 +300,10 @@ def train(
             train_set, s["batch_size"], derive_seed(seed, "segmentation", "epoch", epoch), s["num_workers"]
         )
 
-    def batch_loss(batch: dict) -> tuple[torch.Tensor, int]:
-        images, targets = batch["image"], batch["target"]
-        if s["augment"]:
-            ops = random_ops(len(images), augment)
-            images, targets = dihedral(images, ops), dihedral(targets, ops)
-        x, y = normalise(images.to(device)), targets.to(device)
-        x = channels_last(x)
-        with autocast(device):
-            logits = net(x)
-        return loss_fn(logits, y), len(x)
+    def step_loss(batch: dict) -> tuple[torch.Tensor, int]:
+        n = len(batch["image"])
+        ops = random_ops(n, augment) if s["augment"] else None
+        return batch_loss(net, loss_fn, batch["image"], batch["target"], ops, device), n
 
     def validate() -> tuple[float, float]:
         return _evaluate_loss(net, val_loader, loss_fn, device, float(s["threshold"]))
@@ -307,7 +312,7 @@ def train(
         net,
         optimizer,
         batches,
-        batch_loss,
+        step_loss,
         validate if val_loader else None,
         epochs=s["epochs"],
         patience=s["patience"],
