@@ -569,3 +569,22 @@ def test_profiles_name_only_rules_of_the_workflow():
             assert set(settings.get(key, {})) <= rules, (profile, key, set(settings.get(key, {})) - rules)
     cpu = yaml.safe_load((REPO / "profiles/cpu/config.yaml").read_text())
     assert not {"train_diffusion", "train_autoencoder", "train_gan", "train_lora"} & set(cpu["set-threads"])
+
+
+def test_the_cpu_profile_runs_model_jobs_side_by_side(tiny_run):
+    """profiles/cpu lifts the one-gpu limit: its one-thread model jobs overlap on the 2 cores (read
+    from the first run's log: jobs started and not yet finished)."""
+    import re
+
+    one_thread = set(yaml.safe_load((REPO / "profiles/cpu/config.yaml").read_text())["set-threads"])
+    log = sorted((tiny_run / ".snakemake/log").glob("*.snakemake.log"))[0].read_text()
+    running, most, rule = {}, 0, None
+    for line in log.splitlines():
+        if started := re.match(r"(?:local)?rule (\w+):", line):
+            rule = started.group(1)
+        elif (job := re.match(r"\s+jobid: (\d+)", line)) and rule:
+            running[job.group(1)], rule = rule, None
+            most = max(most, sum(name in one_thread for name in running.values()))
+        elif finished := re.match(r"Finished jobid: (\d+)", line):
+            running.pop(finished.group(1), None)
+    assert most >= 2
