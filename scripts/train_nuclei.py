@@ -14,7 +14,7 @@ for index, image, truth in zip(snakemake.input.index, snakemake.input.images, sn
     nuclei = read_nuclei(
         truth, aperio_class=snakemake.params.aperio_class, mask_downsample=snakemake.params.mask_downsample
     )
-    patches = slide_training_samples(read_patch_index(index), image, nuclei, train["mpp"])
+    patches = slide_training_samples(read_patch_index(index), image, nuclei, train["mpp"], source=truth)
     log.info("%s: %d patches with the nuclei of %s", Path(index).stem, len(patches), truth)
     samples += patches
 out = Path(snakemake.output.model).parent

@@ -4,6 +4,7 @@ decoding on known output maps, and a tiny model trained on drawn nuclei that the
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -11,11 +12,13 @@ from skimage.draw import disk
 
 from histosynth.config import section_defaults
 from histosynth.nuclei.instances import NucleiError
-from histosynth.nuclei.learned import CropDataset, train_on_folder, training_targets
+from histosynth.nuclei.learned import CropDataset, slide_training_samples, train_on_folder, training_targets
 from histosynth.nuclei.learned_export import _Detector
 from histosynth.nuclei.metrics import score_instances
 from histosynth.nuclei.model import load_detector
 from histosynth.nuclei.stage import segment_patch
+
+from conftest import write_tiled_tiff
 
 EOSIN, HEMATOXYLIN = (214, 120, 170), (80, 50, 140)
 
@@ -175,3 +178,25 @@ def test_train_on_folder_errors(tmp_path):
         train_on_folder(images, annotations, 0.5, tmp_path / "m", params, seed=0, holdout=["a"])
     with pytest.raises(NucleiError, match=r"--holdout names \['b'\]"):
         train_on_folder(images, annotations, 0.5, tmp_path / "m", params, seed=0, holdout=["b"])
+
+
+def test_slide_samples_read_their_nuclei_and_name_the_file_of_an_unknown_class(tmp_path):
+    rgb = np.full((256, 256, 3), EOSIN, np.uint8)
+    slide = write_tiled_tiff(tmp_path / "s.tiff", rgb, mpp=0.5, levels=1)
+    index = pd.DataFrame({"x": [0], "y": [0], "size": [64], "mpp": [1.0], "slide_mpp": [0.5]})
+
+    def truth(name):
+        ring = [[40, 40], [60, 40], [60, 60], [40, 60], [40, 40]]  # level-0 px: 10 x 10 px at 1.0 mpp
+        properties = {"classification": {"name": name}}
+        return {
+            "type": "FeatureCollection",
+            "features": [
+                {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": properties}
+            ],
+        }
+
+    [(image, instances, names)] = slide_training_samples(index, slide, truth("immune"), 1.0, source="s.geojson")
+    assert image.shape == (64, 64, 3) and names == ["immune"]
+    assert instances.max() == 1 and 80 <= (instances == 1).sum() <= 121
+    with pytest.raises(NucleiError, match=r"s\.geojson: nucleus classes \['Tumour'\] are not among"):
+        slide_training_samples(index, slide, truth("Tumour"), 1.0, source="s.geojson")

@@ -177,10 +177,11 @@ def training_loss(net: nn.Module, batch: dict, weights: Mapping) -> tuple[torch.
     return loss, {name: part.detach().item() for name, part in parts.items()}
 
 
-def slide_training_samples(index, slide_path: str | Path, truth: Mapping, mpp: float) -> list:
+def slide_training_samples(index, slide_path: str | Path, truth: Mapping, mpp: float, source: str = "") -> list:
     """Training samples (rgb, instances, class names) of a slide's patches (a patch index), each
     window read at `mpp` with the ground-truth nuclei (a GeoJSON FeatureCollection in level-0
-    coordinates) rasterised on the same grid; unclassified nuclei are `other`."""
+    coordinates, read from the file `source`) rasterised on the same grid; unclassified nuclei are
+    `other`. A class name outside NUCLEUS_CLASSES is an error naming `source`."""
     from histosynth.data.slides import Slide
     from histosynth.nuclei.geojson import NucleusRasterizer
 
@@ -198,6 +199,10 @@ def slide_training_samples(index, slide_path: str | Path, truth: Mapping, mpp: f
             lut = np.zeros(len(names) + 1, np.int64)
             lut[present] = np.arange(1, len(present) + 1)
             samples.append((rgb, lut[instances], [names[i - 1] for i in present]))
+    try:
+        class_names([names for _, _, names in samples])
+    except NucleiError as error:
+        raise NucleiError(f"{source or slide_path}: {error}") from None
     return samples
 
 
