@@ -9,7 +9,10 @@ from histosynth.nuclei.metrics import score_nuclei_stage
 
 log = log_to(snakemake.log[0])
 truth = read_nuclei(
-    snakemake.input.truth, aperio_class=snakemake.params.aperio_class, mask_downsample=snakemake.params.mask_downsample
+    snakemake.input.truth,
+    aperio_class=snakemake.params.aperio_class,
+    mask_downsample=snakemake.params.mask_downsample,
+    slide=snakemake.input.image,
 )
 scores = score_nuclei_stage(read_patch_index(snakemake.input.index), snakemake.input.masks, truth)
 log.info("%s: %s", snakemake.wildcards.slide, scores)

@@ -12,7 +12,7 @@ train = snakemake.params.train
 samples = []
 for index, image, truth in zip(snakemake.input.index, snakemake.input.images, snakemake.input.truth, strict=True):
     nuclei = read_nuclei(
-        truth, aperio_class=snakemake.params.aperio_class, mask_downsample=snakemake.params.mask_downsample
+        truth, aperio_class=snakemake.params.aperio_class, mask_downsample=snakemake.params.mask_downsample, slide=image
     )
     patches = slide_training_samples(read_patch_index(index), image, nuclei, train["mpp"], source=truth)
     log.info("%s: %d patches with the nuclei of %s", Path(index).stem, len(patches), truth)

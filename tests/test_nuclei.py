@@ -396,6 +396,11 @@ def test_nuclei_annotations_in_every_format_paint_the_same_instances(tmp_path):
     Image.fromarray(small).save(tmp_path / "mask.png")
     features = read_nuclei(tmp_path / "mask.png", mask_downsample=2)
     assert len(features) == 3 and all("classification" not in f["properties"] for f in features)
+    # against its slide (32 x 24 px): covered at downsample 2; at 1 an error saying which it looks like
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "slide.png")
+    assert len(read_nuclei(tmp_path / "mask.png", mask_downsample=2, slide=tmp_path / "slide.png")) == 3
+    with pytest.raises(NucleiError, match=r"mask\.png: the mask is 16x12 px but its image is 32x24 px .* downsample 2"):
+        read_nuclei(tmp_path / "mask.png", mask_downsample=1, slide=tmp_path / "slide.png")
     painted, names = NucleusRasterizer(features).rasterize(0, 0, 32, 24, (12, 16))
     np.testing.assert_array_equal(painted, small)
     assert names == ["other"] * 3

@@ -19,7 +19,9 @@ from histosynth.data.annotations import AnnotationError, detect_format
 from histosynth.data.annotations.aperio import aperio_regions
 from histosynth.data.annotations.asap import asap_polygons
 from histosynth.data.annotations.geojson import read_features
+from histosynth.data.annotations.masks import mask_downsample as check_mask_size
 from histosynth.data.annotations.masks import read_mask_image
+from histosynth.data.slides import Slide
 from histosynth.nuclei.geojson import NucleusRasterizer, instance_outline
 from histosynth.nuclei.instances import NucleiError
 
@@ -30,12 +32,15 @@ IMAGE_SUFFIXES = (*MASK_SUFFIXES, ".jpg", ".jpeg")
 SUFFIXES = (*MASK_SUFFIXES, ".xml", ".geojson", ".json")
 
 
-def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class: str = "Name") -> list[dict]:
+def read_nuclei(
+    path: str | Path, *, mask_downsample: float = 1.0, aperio_class: str = "Name", slide: str | Path | None = None
+) -> list[dict]:
     """Nucleus features (GeoJSON Features with polygon geometry in level-0 pixels and, where the
     file gives one, classification.name) of a nuclei annotation file of any accepted format, for
     NucleusRasterizer. An instance mask's pixel (r, c) covers level-0 [c*d, (c+1)*d) x [r*d, ...)
-    for d = mask_downsample; its nuclei are unclassified (`other`). Aperio regions marked
-    NegativeROA are not nuclei and are skipped."""
+    for d = mask_downsample; its nuclei are unclassified (`other`); given the `slide` file, a mask that
+    does not cover it at that downsample is an error naming both sizes (and the downsample it looks
+    like). Aperio regions marked NegativeROA are not nuclei and are skipped."""
     path = Path(path)
     try:
         kind = detect_format(path)
@@ -50,7 +55,12 @@ def read_nuclei(path: str | Path, *, mask_downsample: float = 1.0, aperio_class:
                 for group, p, _ in asap_polygons(path, need_group=False)
                 if len(p) >= 3
             ]
-        return _mask_features(read_mask_image(path, "an instance mask"), mask_downsample)
+        instances = read_mask_image(path, "an instance mask")
+        size = None
+        if slide is not None:
+            with Slide(slide, need_mpp=False) as opened:
+                size = opened.dimensions
+        return _mask_features(instances, check_mask_size(path, instances.shape, size, mask_downsample))
     except AnnotationError as err:
         raise NucleiError(f"nuclei annotations: {err}") from None
 

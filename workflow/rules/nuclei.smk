@@ -57,6 +57,7 @@ rule nuclei_quality:
         index="results/patches/{slide}.parquet",
         masks="results/nuclei/{slide}",
         truth=lambda wildcards: nuclei_truth(wildcards.slide),
+        image=slide_image,  # an instance mask of nuclei is checked against its size
     output:
         "results/nuclei/{slide}.quality.csv",
     log:
