@@ -302,7 +302,7 @@ def test_nuclei_training_settings_rerun_nothing_while_the_classical_detector_run
 
 def test_trained_nuclei_model_through_the_workflow(tmp_path):
     overlay = (
-        "nuclei: {model: trained, train: {steps: 6, batch_size: 2, crop: 64, encoder_depth: 3,\n"
+        "nuclei: {model: trained, train: {steps: 6, batch_size: 2, crop: 64, encoder_depth: 3, mpp: 1.0,\n"
         "         decoder_channels: [16, 16, 16], checkpoint_every: 3, log_every: 1}}"
     )
     result = snakemake(tmp_path, "--until", "nuclei_quality", overlay=overlay)
