@@ -568,7 +568,9 @@ def test_profiles_name_only_rules_of_the_workflow():
         for key in ("set-threads", "set-resources"):
             assert set(settings.get(key, {})) <= rules, (profile, key, set(settings.get(key, {})) - rules)
     cpu = yaml.safe_load((REPO / "profiles/cpu/config.yaml").read_text())
-    assert not {"train_diffusion", "train_autoencoder", "train_gan", "train_lora"} & set(cpu["set-threads"])
+    assert not {"train_diffusion", "train_autoencoder", "train_gan", "train_lora", "train_nuclei"} & set(
+        cpu["set-threads"]
+    )
 
 
 def test_the_cpu_profile_runs_model_jobs_side_by_side(tiny_run):
